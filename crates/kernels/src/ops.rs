@@ -1,0 +1,116 @@
+//! The paged cache as candle tensors, with the kernels attached as candle custom ops.
+
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, InplaceOp2, Layout, Result, Shape, Tensor};
+
+use crate::{cpu, AttnMetadata, AttnShape};
+
+/// The K and V cache of one attention layer.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    /// Keys, `[num_blocks, block_size, num_kv_heads, head_dim]`, f32.
+    pub key: Tensor,
+    /// Values, same layout.
+    pub value: Tensor,
+    shape: AttnShape,
+}
+
+fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(data) = s else { bail!("{what}: expected an f32 tensor") };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => bail!("{what}: tensor must be contiguous"),
+    }
+}
+
+struct WriteCache<'a> {
+    slots: &'a [i64],
+    kv_width: usize,
+}
+
+impl InplaceOp2 for WriteCache<'_> {
+    fn name(&self) -> &'static str {
+        "reshape_and_cache"
+    }
+
+    fn cpu_fwd(&self, dst: &mut CpuStorage, dst_l: &Layout, src: &CpuStorage, src_l: &Layout) -> Result<()> {
+        let src = contiguous(src, src_l, "new key/value")?;
+        let Some((a, b)) = dst_l.contiguous_offsets() else { bail!("kv cache must be contiguous") };
+        let CpuStorage::F32(cache) = dst else { bail!("kv cache must be f32") };
+        cpu::reshape_and_cache(src, &mut cache[a..b], self.slots, self.kv_width);
+        Ok(())
+    }
+}
+
+struct Attend<'a> {
+    meta: &'a AttnMetadata,
+    shape: AttnShape,
+    scale: f32,
+}
+
+impl CustomOp3 for Attend<'_> {
+    fn name(&self) -> &'static str {
+        "paged_attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        ql: &Layout,
+        k: &CpuStorage,
+        kl: &Layout,
+        v: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let q = contiguous(q, ql, "query")?;
+        let k = contiguous(k, kl, "key cache")?;
+        let v = contiguous(v, vl, "value cache")?;
+        let mut out = vec![0f32; q.len()];
+        cpu::paged_attention(q, k, v, self.meta, self.shape, self.scale, &mut out);
+        Ok((CpuStorage::F32(out), ql.shape().clone()))
+    }
+}
+
+impl KvCache {
+    /// A zeroed cache of `num_blocks` blocks.
+    pub fn new(num_blocks: usize, block_size: usize, shape: AttnShape, device: &Device) -> Result<Self> {
+        let dims = (num_blocks, block_size, shape.num_kv_heads, shape.head_dim);
+        Ok(Self {
+            key: Tensor::zeros(dims, DType::F32, device)?,
+            value: Tensor::zeros(dims, DType::F32, device)?,
+            shape,
+        })
+    }
+
+    /// Bytes the cache holds per token slot (K and V).
+    pub fn bytes_per_token(shape: AttnShape) -> usize {
+        2 * shape.num_kv_heads * shape.head_dim * DType::F32.size_in_bytes()
+    }
+
+    /// Writes this step's keys and values (`[num_tokens, num_kv_heads, head_dim]`) into their
+    /// slots.
+    pub fn write(&self, k: &Tensor, v: &Tensor, meta: &AttnMetadata) -> Result<()> {
+        let kv_width = self.shape.num_kv_heads * self.shape.head_dim;
+        let expect = (meta.num_tokens(), self.shape.num_kv_heads, self.shape.head_dim);
+        for (t, cache) in [(k, &self.key), (v, &self.value)] {
+            if t.dims() != [expect.0, expect.1, expect.2] {
+                bail!("new key/value shape {:?}, expected {expect:?}", t.dims());
+            }
+            let t = t.to_dtype(DType::F32)?.contiguous()?;
+            cache.inplace_op2(&t, &WriteCache { slots: &meta.slot_mapping, kv_width })?;
+        }
+        Ok(())
+    }
+
+    /// Attention of `q` (`[num_tokens, num_heads, head_dim]`) over the cache; returns the same
+    /// shape and dtype as `q`.
+    pub fn attend(&self, q: &Tensor, meta: &AttnMetadata, scale: f32) -> Result<Tensor> {
+        let s = self.shape;
+        if q.dims() != [meta.num_tokens(), s.num_heads, s.head_dim] {
+            bail!("query shape {:?}, expected [{}, {}, {}]", q.dims(), meta.num_tokens(), s.num_heads, s.head_dim);
+        }
+        let dtype = q.dtype();
+        let q32 = q.to_dtype(DType::F32)?.contiguous()?;
+        let out = q32.apply_op3_no_bwd(&self.key, &self.value, &Attend { meta, shape: s, scale })?;
+        out.to_dtype(dtype)
+    }
+}

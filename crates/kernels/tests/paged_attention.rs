@@ -1,0 +1,150 @@
+//! The paged-attention kernel against a naive causal attention on contiguous K/V.
+
+use candle_core::{Device, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use vllm_kernels::{cpu, AttnMetadata, AttnShape, KvCache, SeqAttn};
+
+/// softmax(q k^T * scale) v for one head over keys 0..=pos, on contiguous per-sequence K/V.
+fn naive(q: &[f32], ks: &[Vec<f32>], vs: &[Vec<f32>], pos: usize, scale: f32) -> Vec<f32> {
+    let scores: Vec<f64> =
+        (0..=pos).map(|j| q.iter().zip(&ks[j]).map(|(a, b)| (*a as f64) * (*b as f64)).sum::<f64>() * scale as f64).collect();
+    let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+    let sum: f64 = e.iter().sum();
+    let d = q.len();
+    let mut out = vec![0f64; d];
+    for j in 0..=pos {
+        for i in 0..d {
+            out[i] += e[j] / sum * vs[j][i] as f64;
+        }
+    }
+    out.into_iter().map(|x| x as f32).collect()
+}
+
+struct Case {
+    shape: AttnShape,
+    block_size: usize,
+    /// (tokens already cached, new query tokens) per sequence
+    seqs: Vec<(usize, usize)>,
+}
+
+fn run_case(case: Case, seed: u64) {
+    let AttnShape { num_heads, num_kv_heads, head_dim } = case.shape;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut randv = |n: usize| (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect::<Vec<f32>>();
+    let bs = case.block_size;
+    let total_blocks: usize = case.seqs.iter().map(|(c, q)| (c + q).div_ceil(bs)).sum::<usize>() + 3;
+    // Hand out blocks in a scrambled order so tables are not contiguous.
+    let mut free: Vec<u32> = (0..total_blocks as u32).rev().collect();
+    free.swap(0, total_blocks / 2);
+    let cache = KvCache::new(total_blocks, bs, case.shape, &Device::Cpu).unwrap();
+    let kvw = num_kv_heads * head_dim;
+
+    // Per sequence: full K/V history [len][kv_heads*d].
+    let mut hist_k = Vec::new();
+    let mut hist_v = Vec::new();
+    let mut seqs = Vec::new();
+    for &(cached, new) in &case.seqs {
+        let len = cached + new;
+        let table: Vec<u32> = (0..len.div_ceil(bs)).map(|_| free.pop().unwrap()).collect();
+        hist_k.push((0..len).map(|_| randv(kvw)).collect::<Vec<_>>());
+        hist_v.push((0..len).map(|_| randv(kvw)).collect::<Vec<_>>());
+        seqs.push((cached, table));
+    }
+    // Step 1: write the already-cached part (as a previous step would have).
+    let prev = AttnMetadata::new(
+        bs,
+        seqs.iter().filter(|(c, _)| *c > 0).map(|(c, t)| SeqAttn { query_len: *c, context_len: *c, block_table: t.clone() }).collect(),
+    );
+    let flat = |h: &Vec<Vec<Vec<f32>>>, range: &dyn Fn(usize) -> std::ops::Range<usize>| -> Vec<f32> {
+        h.iter().enumerate().flat_map(|(i, s)| s[range(i)].iter().flatten().copied().collect::<Vec<_>>()).collect()
+    };
+    if prev.num_tokens() > 0 {
+        let kf = flat(&hist_k, &|i| 0..case.seqs[i].0);
+        let vf = flat(&hist_v, &|i| 0..case.seqs[i].0);
+        let n = prev.num_tokens();
+        cache
+            .write(&Tensor::from_vec(kf, (n, num_kv_heads, head_dim), &Device::Cpu).unwrap(),
+                   &Tensor::from_vec(vf, (n, num_kv_heads, head_dim), &Device::Cpu).unwrap(), &prev)
+            .unwrap();
+    }
+    // Step 2: the mixed batch.
+    let meta = AttnMetadata::new(
+        bs,
+        case.seqs.iter().zip(&seqs).map(|(&(c, n), (_, t))| SeqAttn { query_len: n, context_len: c + n, block_table: t.clone() }).collect(),
+    );
+    let n = meta.num_tokens();
+    let kf = flat(&hist_k, &|i| case.seqs[i].0..case.seqs[i].0 + case.seqs[i].1);
+    let vf = flat(&hist_v, &|i| case.seqs[i].0..case.seqs[i].0 + case.seqs[i].1);
+    cache
+        .write(&Tensor::from_vec(kf, (n, num_kv_heads, head_dim), &Device::Cpu).unwrap(),
+               &Tensor::from_vec(vf, (n, num_kv_heads, head_dim), &Device::Cpu).unwrap(), &meta)
+        .unwrap();
+    let q = randv(n * num_heads * head_dim);
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let qt = Tensor::from_vec(q.clone(), (n, num_heads, head_dim), &Device::Cpu).unwrap();
+    let out = cache.attend(&qt, &meta, scale).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+
+    let group = num_heads / num_kv_heads;
+    let mut t = 0;
+    let mut max_err = 0f32;
+    for (si, &(c, nq)) in case.seqs.iter().enumerate() {
+        for i in 0..nq {
+            let pos = c + i;
+            for h in 0..num_heads {
+                let kvh = h / group;
+                let ks: Vec<Vec<f32>> = hist_k[si].iter().map(|r| r[kvh * head_dim..(kvh + 1) * head_dim].to_vec()).collect();
+                let vs: Vec<Vec<f32>> = hist_v[si].iter().map(|r| r[kvh * head_dim..(kvh + 1) * head_dim].to_vec()).collect();
+                let qv = &q[(t * num_heads + h) * head_dim..][..head_dim];
+                let want = naive(qv, &ks, &vs, pos, scale);
+                let got = &out[(t * num_heads + h) * head_dim..][..head_dim];
+                for (a, b) in want.iter().zip(got) {
+                    max_err = max_err.max((a - b).abs());
+                }
+            }
+            t += 1;
+        }
+    }
+    assert!(max_err < 1e-5, "max abs error {max_err}");
+}
+
+#[test]
+fn single_prompt_mha() {
+    run_case(Case { shape: AttnShape { num_heads: 4, num_kv_heads: 4, head_dim: 16 }, block_size: 4, seqs: vec![(0, 11)] }, 1);
+}
+
+#[test]
+fn gqa_mixed_prefill_chunks_and_decodes_with_partial_blocks() {
+    run_case(
+        Case {
+            shape: AttnShape { num_heads: 9, num_kv_heads: 3, head_dim: 64 },
+            block_size: 16,
+            // fresh prompt, a decode token after 37 cached, a prompt chunk after 20, a decode at a block edge
+            seqs: vec![(0, 23), (37, 1), (20, 13), (31, 1), (0, 1)],
+        },
+        2,
+    );
+}
+
+#[test]
+fn odd_head_dim_and_block_size_one() {
+    run_case(Case { shape: AttnShape { num_heads: 2, num_kv_heads: 1, head_dim: 13 }, block_size: 1, seqs: vec![(5, 3), (0, 7)] }, 3);
+}
+
+#[test]
+fn padding_slots_are_skipped() {
+    let mut cache = vec![1f32; 8];
+    cpu::reshape_and_cache(&[5.0, 6.0, 7.0, 8.0], &mut cache, &[-1, 2], 2);
+    assert_eq!(cache, vec![1.0, 1.0, 1.0, 1.0, 7.0, 8.0, 1.0, 1.0]);
+}
+
+#[test]
+fn wrong_shapes_are_errors_not_panics() {
+    let shape = AttnShape { num_heads: 2, num_kv_heads: 1, head_dim: 4 };
+    let cache = KvCache::new(2, 2, shape, &Device::Cpu).unwrap();
+    let meta = AttnMetadata::new(2, vec![SeqAttn { query_len: 1, context_len: 1, block_table: vec![0] }]);
+    let bad = Tensor::zeros((2, 1, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
+    assert!(cache.write(&bad, &bad, &meta).is_err());
+    assert!(cache.attend(&bad, &meta, 1.0).is_err());
+}

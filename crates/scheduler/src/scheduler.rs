@@ -1,0 +1,337 @@
+//! Continuous batching with chunked prefill and preemption by recompute.
+//!
+//! Every request advances `num_computed_tokens` toward `token_ids.len()` within a per-step
+//! token budget. Running requests are served first (oldest first); when the cache runs out of
+//! blocks the newest running request is preempted (its blocks freed, its progress reset) and
+//! re-queued at the head of the waiting queue. Waiting requests join while budget, slots and
+//! blocks last, reusing their longest cached prefix.
+
+use std::collections::{HashMap, VecDeque};
+
+use vllm_block::{BlockId, CacheHit, KvCacheManager, SeqId};
+
+use crate::request::{FinishReason, Request, Status};
+
+/// Scheduler limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SchedulerConfig {
+    /// Most sequences in one step.
+    pub max_num_seqs: usize,
+    /// Most tokens computed in one step (the chunked-prefill budget).
+    pub max_num_batched_tokens: usize,
+    /// Longest sequence (prompt + output) the model accepts.
+    pub max_model_len: usize,
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// Blocks in the KV cache.
+    pub num_blocks: usize,
+    /// Reuse cached prompt prefixes.
+    pub enable_prefix_caching: bool,
+}
+
+/// Why a request cannot be added.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SchedulerError {
+    /// The sequence id is already known.
+    #[error("sequence {0} is already scheduled")]
+    DuplicateId(SeqId),
+    /// The prompt is empty.
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    /// Prompt plus `max_tokens` exceeds the model's context length.
+    #[error(
+        "prompt ({prompt} tokens) plus max_tokens ({max_tokens}) exceeds the maximum model length of {max_model_len} tokens"
+    )]
+    TooLong {
+        /// Prompt tokens.
+        prompt: usize,
+        /// Requested output tokens.
+        max_tokens: usize,
+        /// The limit.
+        max_model_len: usize,
+    },
+    /// The request could never fit into the whole KV cache.
+    #[error("the request needs {needed} tokens of KV cache but the whole cache holds {capacity}")]
+    ExceedsCache {
+        /// Tokens needed (prompt + max_tokens).
+        needed: usize,
+        /// Tokens the cache holds.
+        capacity: usize,
+    },
+}
+
+/// One request's share of a step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScheduledSeq {
+    /// The sequence.
+    pub id: SeqId,
+    /// Token ids to feed this step.
+    pub token_ids: Vec<u32>,
+    /// Position of the first of them (= tokens already in the cache).
+    pub start_pos: usize,
+    /// The full block table.
+    pub block_ids: Vec<BlockId>,
+    /// Whether this step completes the sequence's known tokens, so it produces logits and a
+    /// new token is sampled.
+    pub sample: bool,
+}
+
+/// What to compute in one step: plain data for the model runner.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SchedulerOutput {
+    /// Scheduled sequences, in batch order.
+    pub seqs: Vec<ScheduledSeq>,
+    /// Total tokens this step.
+    pub num_batched_tokens: usize,
+    /// Sequences preempted this step (they lost their cache and will recompute).
+    pub preempted: Vec<SeqId>,
+}
+
+impl SchedulerOutput {
+    /// Whether there is nothing to run.
+    pub fn is_empty(&self) -> bool {
+        self.seqs.is_empty()
+    }
+}
+
+/// A sequence's news after a step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeqUpdate {
+    /// The sequence.
+    pub id: SeqId,
+    /// The token sampled this step.
+    pub new_token: u32,
+    /// Set when the sequence finished (its blocks are already freed).
+    pub finished: Option<FinishReason>,
+}
+
+/// The continuous-batching scheduler.
+#[derive(Debug)]
+pub struct Scheduler {
+    config: SchedulerConfig,
+    kv: KvCacheManager,
+    requests: HashMap<SeqId, Request>,
+    waiting: VecDeque<SeqId>,
+    /// Running sequences, oldest first.
+    running: Vec<SeqId>,
+    num_preemptions: u64,
+}
+
+impl Scheduler {
+    /// A scheduler with an empty cache.
+    pub fn new(config: SchedulerConfig) -> Self {
+        let kv = KvCacheManager::new(config.num_blocks, config.block_size, config.enable_prefix_caching);
+        Self {
+            config,
+            kv,
+            requests: HashMap::new(),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            num_preemptions: 0,
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.config
+    }
+
+    /// The KV-cache manager (read-only: usage, stats, invariants).
+    pub fn kv_cache(&self) -> &KvCacheManager {
+        &self.kv
+    }
+
+    /// Number of queued requests.
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Number of running requests.
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+
+    /// Total preemptions so far.
+    pub fn num_preemptions(&self) -> u64 {
+        self.num_preemptions
+    }
+
+    /// Whether any request is unfinished.
+    pub fn has_unfinished(&self) -> bool {
+        !self.waiting.is_empty() || !self.running.is_empty()
+    }
+
+    /// A tracked request.
+    pub fn request(&self, id: SeqId) -> Option<&Request> {
+        self.requests.get(&id)
+    }
+
+    /// Queues a request, rejecting at once one that could never complete.
+    pub fn add_request(&mut self, mut req: Request) -> Result<(), SchedulerError> {
+        if self.requests.contains_key(&req.id) {
+            return Err(SchedulerError::DuplicateId(req.id));
+        }
+        if req.token_ids.is_empty() {
+            return Err(SchedulerError::EmptyPrompt);
+        }
+        let prompt = req.token_ids.len();
+        let max_tokens = req.stop.max_tokens;
+        if prompt + max_tokens > self.config.max_model_len {
+            return Err(SchedulerError::TooLong { prompt, max_tokens, max_model_len: self.config.max_model_len });
+        }
+        let capacity = self.config.num_blocks * self.config.block_size;
+        // The last sampled token is never fed back, so it needs no slot.
+        let needed = prompt + max_tokens.saturating_sub(1);
+        if needed > capacity {
+            return Err(SchedulerError::ExceedsCache { needed, capacity });
+        }
+        req.status = Status::Waiting;
+        self.waiting.push_back(req.id);
+        self.requests.insert(req.id, req);
+        Ok(())
+    }
+
+    /// Drops a request wherever it is and frees its blocks. Returns false if unknown.
+    pub fn abort(&mut self, id: SeqId) -> bool {
+        if self.requests.remove(&id).is_none() {
+            return false;
+        }
+        self.waiting.retain(|&w| w != id);
+        self.running.retain(|&r| r != id);
+        self.kv.free(id);
+        true
+    }
+
+    /// Ends a running or waiting request for a reason decided outside (a stop string).
+    pub fn finish(&mut self, id: SeqId) -> bool {
+        self.abort(id)
+    }
+
+    fn preempt(&mut self, id: SeqId) {
+        self.kv.free(id);
+        self.running.retain(|&r| r != id);
+        if let Some(r) = self.requests.get_mut(&id) {
+            r.num_computed_tokens = 0;
+            r.status = Status::Waiting;
+            r.num_preemptions += 1;
+        }
+        self.waiting.push_front(id);
+        self.num_preemptions += 1;
+    }
+
+    fn scheduled(&self, id: SeqId, num_new: usize) -> ScheduledSeq {
+        let r = &self.requests[&id];
+        let start = r.num_computed_tokens;
+        ScheduledSeq {
+            id,
+            token_ids: r.token_ids[start..start + num_new].to_vec(),
+            start_pos: start,
+            block_ids: self.kv.block_ids(id).to_vec(),
+            sample: start + num_new == r.token_ids.len(),
+        }
+    }
+
+    /// Plans the next step.
+    pub fn schedule(&mut self) -> SchedulerOutput {
+        let mut out = SchedulerOutput::default();
+        let mut budget = self.config.max_num_batched_tokens;
+
+        // 1. Running requests, oldest first; preempt the newest when blocks run out.
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
+            let id = self.running[i];
+            let (computed, total) = {
+                let r = &self.requests[&id];
+                (r.num_computed_tokens, r.token_ids.len())
+            };
+            let num_new = (total - computed).min(budget);
+            if num_new == 0 {
+                i += 1;
+                continue;
+            }
+            let mut fits = true;
+            while !self.kv.allocate_slots(id, computed + num_new, &CacheHit::default()) {
+                let victim = *self.running.last().expect("running is not empty");
+                out.preempted.push(victim);
+                self.preempt(victim);
+                if victim == id {
+                    fits = false;
+                    break;
+                }
+            }
+            if !fits {
+                break;
+            }
+            out.seqs.push(self.scheduled(id, num_new));
+            budget -= num_new;
+            i += 1;
+        }
+
+        // 2. Waiting requests, unless this step had to preempt.
+        if out.preempted.is_empty() {
+            while budget > 0 && self.running.len() < self.config.max_num_seqs {
+                let Some(&id) = self.waiting.front() else { break };
+                let (hit, total) = {
+                    let r = &self.requests[&id];
+                    let hit = if r.num_computed_tokens == 0 {
+                        let (tokens, extra) = (r.token_ids.clone(), r.cache_extra.clone());
+                        self.kv.find_cached_prefix(&tokens, &extra)
+                    } else {
+                        CacheHit::default()
+                    };
+                    (hit, r.token_ids.len())
+                };
+                let computed = hit.num_tokens;
+                let num_new = (total - computed).min(budget);
+                if !self.kv.allocate_slots(id, computed + num_new, &hit) {
+                    break;
+                }
+                self.waiting.pop_front();
+                let r = self.requests.get_mut(&id).expect("waiting request is tracked");
+                r.num_computed_tokens = computed;
+                if r.num_preemptions == 0 {
+                    r.num_cached_tokens = computed;
+                }
+                r.status = Status::Running;
+                self.running.push(id);
+                out.seqs.push(self.scheduled(id, num_new));
+                budget -= num_new;
+            }
+        }
+        out.num_batched_tokens = self.config.max_num_batched_tokens - budget;
+        out
+    }
+
+    /// Applies a step's results: advances progress, appends sampled tokens (one per sequence
+    /// with `sample`, in `out.seqs` order), checks stop rules and frees finished sequences.
+    pub fn update_from_output(&mut self, out: &SchedulerOutput, sampled: &[u32]) -> Vec<SeqUpdate> {
+        let mut updates = Vec::new();
+        let mut k = 0;
+        for s in &out.seqs {
+            let token = if s.sample {
+                k += 1;
+                sampled.get(k - 1).copied()
+            } else {
+                None
+            };
+            let Some(r) = self.requests.get_mut(&s.id) else { continue };
+            if r.status != Status::Running {
+                continue; // preempted or aborted after scheduling
+            }
+            r.num_computed_tokens = s.start_pos + s.token_ids.len();
+            let (tokens, extra, computed) = (&r.token_ids, &r.cache_extra, r.num_computed_tokens);
+            self.kv.cache_full_blocks(s.id, tokens, computed, extra);
+            let Some(token) = token else { continue };
+            r.token_ids.push(token);
+            let finished = r.check_stop(self.config.max_model_len);
+            if let Some(reason) = finished {
+                r.status = Status::Finished(reason);
+                self.running.retain(|&x| x != s.id);
+                self.kv.free(s.id);
+                self.requests.remove(&s.id);
+            }
+            updates.push(SeqUpdate { id: s.id, new_token: token, finished });
+        }
+        updates
+    }
+}
