@@ -1,1 +1,161 @@
-//! placeholder
+//! # vllm-models
+//!
+//! The model zoo of vllm-rs. A model is a configuration, weights ([`Weights`]: safetensors via
+//! mmap, or GGUF with quantized tensors kept quantized or dequantized) and a forward pass over
+//! a flattened batch ([`StepInput`]) that writes K/V into the paged cache and returns logits
+//! only for the rows that sample. Every architecture shares [`attention::PagedAttention`].
+//!
+//! | architecture | `config.json` | GGUF |
+//! |--------------|---------------|------|
+//! | Llama family (Llama 2/3, SmolLM2) | `LlamaForCausalLM` | `llama` |
+//!
+//! ```no_run
+//! use candle_core::{DType, Device};
+//! use vllm_models::{load_gguf, LoadOptions};
+//!
+//! let opts = LoadOptions { dtype: DType::F32, keep_quantized: false };
+//! let (model, weights) = load_gguf("model.gguf".as_ref(), opts, &Device::Cpu).unwrap();
+//! println!("{} layers", model.num_layers());
+//! # let _ = weights;
+//! ```
+
+pub mod attention;
+pub mod llama;
+mod weights;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use vllm_kernels::{AttnMetadata, AttnShape, KvCache};
+
+pub use weights::{gguf_name, Linear, LoadOptions, Weights};
+
+/// Model errors.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A tensor operation failed.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    /// A file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A file is not in the expected format.
+    #[error("{0}")]
+    Format(String),
+    /// The checkpoint lacks a tensor (named as in the checkpoint).
+    #[error("missing tensor '{0}' in the checkpoint")]
+    MissingTensor(String),
+    /// The configuration is invalid or incomplete.
+    #[error("invalid model configuration: {0}")]
+    Config(String),
+    /// An architecture we do not implement.
+    #[error("unsupported architecture '{name}' (supported: {supported})")]
+    UnsupportedArchitecture {
+        /// The architecture named by the checkpoint.
+        name: String,
+        /// What we support.
+        supported: String,
+    },
+}
+
+/// Crate result type.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// One step's flattened batch, as the model sees it.
+#[derive(Debug, Clone)]
+pub struct StepInput<'a> {
+    /// Token ids of every scheduled token, `[tokens]` u32.
+    pub input_ids: Tensor,
+    /// Their positions, `[tokens]` u32.
+    pub positions: Tensor,
+    /// Rows (into the tokens) that produce logits, `[rows]` u32.
+    pub logits_indices: Tensor,
+    /// Paged-attention metadata.
+    pub attn: &'a AttnMetadata,
+}
+
+/// A causal language model running on the paged cache.
+pub trait CausalLM: Send + Sync {
+    /// Runs one step; returns f32 logits `[rows, vocab]` for `input.logits_indices`.
+    fn forward(&self, input: &StepInput, caches: &[KvCache]) -> Result<Tensor>;
+    /// Attention head layout (for sizing the cache).
+    fn attn_shape(&self) -> AttnShape;
+    /// Decoder layers (one cache each).
+    fn num_layers(&self) -> usize;
+    /// Logit rows' width.
+    fn vocab_size(&self) -> usize;
+    /// Context length the model was trained for.
+    fn max_model_len(&self) -> usize;
+    /// Activation dtype.
+    fn dtype(&self) -> DType;
+}
+
+const SUPPORTED: &str = "LlamaForCausalLM (GGUF: llama)";
+
+/// Loads a GGUF checkpoint; returns the model and the weight handle (for its metadata).
+pub fn load_gguf(path: &Path, opts: LoadOptions, device: &Device) -> Result<(Box<dyn CausalLM>, Weights)> {
+    let w = Weights::from_gguf(path, opts, device)?;
+    let md = w.gguf_metadata().expect("GGUF source has metadata");
+    let arch = md.get("general.architecture").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
+    let model: Box<dyn CausalLM> = match arch.as_str() {
+        "llama" => {
+            let cfg = llama::LlamaConfig::from_gguf(md)?;
+            Box::new(llama::Llama::load(&w, cfg, attention::RopeStyle::Interleaved)?)
+        }
+        other => return Err(Error::UnsupportedArchitecture { name: other.into(), supported: SUPPORTED.into() }),
+    };
+    Ok((model, w))
+}
+
+/// Loads a Hugging Face folder (`config.json` + safetensors, single or sharded).
+pub fn load_hf_dir(dir: &Path, opts: LoadOptions, device: &Device) -> Result<Box<dyn CausalLM>> {
+    let cfg_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::Io { path: cfg_path.display().to_string(), source: e })?;
+    let raw: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", cfg_path.display())))?;
+    let arch = raw
+        .get("architectures")
+        .and_then(|a| a.get(0))
+        .and_then(|a| a.as_str())
+        .unwrap_or_default()
+        .to_string();
+    let files = safetensors_files(dir)?;
+    let w = Weights::from_safetensors(&files, opts, device)?;
+    match arch.as_str() {
+        "LlamaForCausalLM" => {
+            let cfg: llama::LlamaConfig =
+                serde_json::from_value(raw).map_err(|e| Error::Config(format!("{}: {e}", cfg_path.display())))?;
+            Ok(Box::new(llama::Llama::load(&w, cfg, attention::RopeStyle::Halves)?))
+        }
+        other => Err(Error::UnsupportedArchitecture { name: other.into(), supported: SUPPORTED.into() }),
+    }
+}
+
+/// The safetensors files of a folder: the shards listed in `model.safetensors.index.json`, or
+/// every `*.safetensors` file.
+pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if let Ok(text) = std::fs::read_to_string(&index) {
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Format(format!("{}: {e}", index.display())))?;
+        let mut files: Vec<String> = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .map(|m| m.values().filter_map(|f| f.as_str().map(String::from)).collect())
+            .unwrap_or_default();
+        files.sort();
+        files.dedup();
+        return Ok(files.into_iter().map(|f| dir.join(f)).collect());
+    }
+    let rd = std::fs::read_dir(dir).map_err(|e| Error::Io { path: dir.display().to_string(), source: e })?;
+    let mut files: Vec<PathBuf> =
+        rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "safetensors")).collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(Error::Format(format!("no .safetensors files in {}", dir.display())));
+    }
+    Ok(files)
+}

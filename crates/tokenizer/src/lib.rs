@@ -1,1 +1,195 @@
-//! placeholder
+//! # vllm-tokenizer
+//!
+//! Tokenizers for vllm-rs: Hugging Face `tokenizer.json` files through the `tokenizers`
+//! crate, tokenizers rebuilt from GGUF metadata (byte-level BPE with the model's
+//! pre-tokenizer, matching the original ids), special tokens (BOS/EOS), the model's chat
+//! template string, and an [`IncrementalDetokenizer`] for streaming text.
+//!
+//! ```no_run
+//! use vllm_tokenizer::{IncrementalDetokenizer, Tokenizer};
+//!
+//! let tok = Tokenizer::from_hf_dir("path/to/model".as_ref()).unwrap();
+//! let ids = tok.encode("Hello world", true).unwrap();
+//! let mut detok = IncrementalDetokenizer::new(&ids, true);
+//! for &t in &ids {
+//!     print!("{}", detok.push(&tok, t).unwrap());
+//! }
+//! ```
+
+mod detok;
+mod gguf;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::str::FromStr;
+
+use candle_core::quantized::gguf_file::Value;
+
+pub use detok::IncrementalDetokenizer;
+
+/// Tokenizer errors.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The `tokenizers` crate rejected a file or an input.
+    #[error("tokenizer error: {0}")]
+    Tokenizers(#[from] tokenizers::Error),
+    /// A GGUF metadata key is missing.
+    #[error("GGUF metadata has no '{0}'")]
+    MissingMetadata(String),
+    /// A GGUF metadata key has the wrong type.
+    #[error("GGUF metadata '{0}' has an unexpected type")]
+    BadMetadata(String),
+    /// A tokenizer kind we do not implement.
+    #[error("unsupported tokenizer: {0}")]
+    Unsupported(String),
+    /// A token id outside the vocabulary.
+    #[error("token id {id} is outside the vocabulary (size {vocab_size})")]
+    InvalidTokenId {
+        /// The id.
+        id: u32,
+        /// Vocabulary size.
+        vocab_size: usize,
+    },
+}
+
+/// Crate result type.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// A tokenizer with the model's special tokens and chat template.
+#[derive(Debug, Clone)]
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    bos_token_id: Option<u32>,
+    eos_token_ids: Vec<u32>,
+    add_bos: bool,
+    chat_template: Option<String>,
+    vocab_size: usize,
+}
+
+fn read(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.display().to_string(), source })
+}
+
+impl Tokenizer {
+    fn wrap(inner: tokenizers::Tokenizer, bos: Option<u32>, eos: Vec<u32>, add_bos: bool, tpl: Option<String>) -> Self {
+        let vocab_size = inner.get_vocab_size(true);
+        Self { inner, bos_token_id: bos, eos_token_ids: eos, add_bos, chat_template: tpl, vocab_size }
+    }
+
+    /// Loads `tokenizer.json` from a model folder, with `tokenizer_config.json` (BOS/EOS,
+    /// `add_bos_token`, `chat_template`) and `generation_config.json` (EOS ids) when present.
+    pub fn from_hf_dir(dir: &Path) -> Result<Self> {
+        let inner = tokenizers::Tokenizer::from_str(&read(&dir.join("tokenizer.json"))?)?;
+        let config: serde_json::Value =
+            read(&dir.join("tokenizer_config.json")).ok().and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default();
+        let token_id = |key: &str| -> Option<u32> {
+            let v = config.get(key)?;
+            let s = v.as_str().or_else(|| v.get("content").and_then(|c| c.as_str()))?;
+            inner.token_to_id(s)
+        };
+        let bos = token_id("bos_token");
+        let mut eos: Vec<u32> = token_id("eos_token").into_iter().collect();
+        if let Some(gen) =
+            read(&dir.join("generation_config.json")).ok().and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+        {
+            match gen.get("eos_token_id") {
+                Some(serde_json::Value::Number(n)) => eos.extend(n.as_u64().map(|x| x as u32)),
+                Some(serde_json::Value::Array(a)) => eos.extend(a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32)),
+                _ => {}
+            }
+        }
+        eos.sort_unstable();
+        eos.dedup();
+        let add_bos = config.get("add_bos_token").and_then(|v| v.as_bool()).unwrap_or(false);
+        let tpl = config.get("chat_template").and_then(|v| v.as_str()).map(String::from);
+        Ok(Self::wrap(inner, bos, eos, add_bos, tpl))
+    }
+
+    /// Loads a bare `tokenizer.json` with the given special tokens.
+    pub fn from_file(path: &Path, bos: Option<u32>, eos: Vec<u32>) -> Result<Self> {
+        let inner = tokenizers::Tokenizer::from_str(&read(path)?)?;
+        Ok(Self::wrap(inner, bos, eos, false, None))
+    }
+
+    /// Rebuilds the tokenizer from GGUF metadata.
+    pub fn from_gguf(metadata: &HashMap<String, Value>) -> Result<Self> {
+        let (json, sp) = gguf::tokenizer_json(metadata)?;
+        let inner = tokenizers::Tokenizer::from_str(&json)?;
+        Ok(Self::wrap(inner, sp.bos, sp.eos.into_iter().collect(), sp.add_bos, sp.chat_template))
+    }
+
+    /// Encodes text. With `add_special_tokens`, BOS is prepended if the model asks for it.
+    /// Special tokens written in the text (`<|im_start|>`) are always recognised.
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, false)?;
+        let mut ids = Vec::with_capacity(enc.len() + 1);
+        if add_special_tokens && self.add_bos {
+            if let Some(b) = self.bos_token_id {
+                ids.push(b);
+            }
+        }
+        ids.extend_from_slice(enc.get_ids());
+        Ok(ids)
+    }
+
+    /// Decodes ids to text, optionally dropping special tokens.
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        Ok(self.inner.decode(ids, skip_special_tokens)?)
+    }
+
+    /// Checks that every id is inside the vocabulary.
+    pub fn check_ids(&self, ids: &[u32]) -> Result<()> {
+        match ids.iter().find(|&&id| id as usize >= self.vocab_size) {
+            Some(&id) => Err(Error::InvalidTokenId { id, vocab_size: self.vocab_size }),
+            None => Ok(()),
+        }
+    }
+
+    /// The text of one token, as stored in the vocabulary.
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    /// The id of a token string.
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// Vocabulary size including added tokens.
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+
+    /// Beginning-of-sequence token.
+    pub fn bos_token_id(&self) -> Option<u32> {
+        self.bos_token_id
+    }
+
+    /// End-of-sequence tokens (several for some chat models).
+    pub fn eos_token_ids(&self) -> &[u32] {
+        &self.eos_token_ids
+    }
+
+    /// Whether encoding with special tokens prepends BOS.
+    pub fn adds_bos(&self) -> bool {
+        self.add_bos
+    }
+
+    /// The model's Jinja chat template, if it ships one.
+    pub fn chat_template(&self) -> Option<&str> {
+        self.chat_template.as_deref()
+    }
+
+    /// The underlying `tokenizers` tokenizer.
+    pub fn inner(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+}

@@ -1,0 +1,204 @@
+//! Weight sources: safetensors (mmap) and GGUF (quantized tensors kept quantized, or
+//! dequantized to a float dtype), behind one path-based accessor.
+//!
+//! Model files ask for tensors by their Hugging Face checkpoint names
+//! (`model.layers.0.self_attn.q_proj.weight`); a GGUF source maps those names to llama.cpp's
+//! (`blk.0.attn_q.weight`), so one model file serves both formats.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use candle_core::quantized::{gguf_file, QMatMul, QTensor};
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Module, Tensor};
+
+use crate::{Error, Result};
+
+enum Source {
+    Safetensors(MmapedSafetensors),
+    Gguf { content: gguf_file::Content, reader: Mutex<BufReader<File>>, path: PathBuf },
+}
+
+/// How weights are materialised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Dtype of dense weights and activations.
+    pub dtype: DType,
+    /// Keep GGUF matrices quantized (candle's quantized matmul) instead of dequantizing.
+    pub keep_quantized: bool,
+}
+
+/// A handle on a checkpoint with a name prefix, like candle's `VarBuilder`.
+#[derive(Clone)]
+pub struct Weights {
+    src: Arc<Source>,
+    prefix: String,
+    opts: LoadOptions,
+    device: Device,
+}
+
+/// A linear layer's weight: dense (`[out, in]`) or quantized.
+#[derive(Debug, Clone)]
+pub enum Linear {
+    /// A float matrix with an optional bias.
+    Dense {
+        /// `[out_features, in_features]`.
+        weight: Tensor,
+        /// `[out_features]`.
+        bias: Option<Tensor>,
+    },
+    /// A GGUF quantized matrix.
+    Quantized(QMatMul),
+}
+
+impl Linear {
+    /// `x @ W^T (+ b)` for `x` of shape `[tokens, in_features]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Linear::Dense { weight, bias } => {
+                let y = x.matmul(&weight.t()?)?;
+                match bias {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                }
+            }
+            Linear::Quantized(q) => {
+                let dtype = x.dtype();
+                q.forward(&x.to_dtype(DType::F32)?)?.to_dtype(dtype)?
+            }
+        })
+    }
+}
+
+/// Maps a Hugging Face Llama-family tensor name to llama.cpp's GGUF name.
+pub fn gguf_name(hf: &str) -> Option<String> {
+    let simple = match hf {
+        "model.embed_tokens.weight" => Some("token_embd.weight"),
+        "model.norm.weight" => Some("output_norm.weight"),
+        "lm_head.weight" => Some("output.weight"),
+        _ => None,
+    };
+    if let Some(s) = simple {
+        return Some(s.to_string());
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, name) = rest.split_once('.')?;
+    let mapped = match name {
+        "input_layernorm.weight" => "attn_norm.weight",
+        "post_attention_layernorm.weight" => "ffn_norm.weight",
+        "self_attn.q_proj.weight" => "attn_q.weight",
+        "self_attn.k_proj.weight" => "attn_k.weight",
+        "self_attn.v_proj.weight" => "attn_v.weight",
+        "self_attn.o_proj.weight" => "attn_output.weight",
+        "self_attn.q_proj.bias" => "attn_q.bias",
+        "self_attn.k_proj.bias" => "attn_k.bias",
+        "self_attn.v_proj.bias" => "attn_v.bias",
+        "mlp.gate_proj.weight" => "ffn_gate.weight",
+        "mlp.up_proj.weight" => "ffn_up.weight",
+        "mlp.down_proj.weight" => "ffn_down.weight",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{mapped}"))
+}
+
+impl Weights {
+    /// Memory-maps safetensors files (one, or the shards of a sharded checkpoint).
+    pub fn from_safetensors(files: &[PathBuf], opts: LoadOptions, device: &Device) -> Result<Self> {
+        // SAFETY: the files are mapped read-only; like every mmap-based loader (candle,
+        // safetensors, PyTorch) we rely on them not being truncated while the model lives.
+        #[allow(unsafe_code)]
+        let st = unsafe { MmapedSafetensors::multi(files)? };
+        Ok(Self { src: Arc::new(Source::Safetensors(st)), prefix: String::new(), opts, device: device.clone() })
+    }
+
+    /// Opens a GGUF file (metadata is read now, tensors on demand).
+    pub fn from_gguf(path: &Path, opts: LoadOptions, device: &Device) -> Result<Self> {
+        let io = |e| Error::Io { path: path.display().to_string(), source: e };
+        let mut reader = BufReader::new(File::open(path).map_err(io)?);
+        let content = gguf_file::Content::read(&mut reader)
+            .map_err(|e| Error::Format(format!("{} is not a valid GGUF file: {e}", path.display())))?;
+        let src = Source::Gguf { content, reader: Mutex::new(reader), path: path.to_path_buf() };
+        Ok(Self { src: Arc::new(src), prefix: String::new(), opts, device: device.clone() })
+    }
+
+    /// GGUF metadata (empty for safetensors).
+    pub fn gguf_metadata(&self) -> Option<&HashMap<String, gguf_file::Value>> {
+        match &*self.src {
+            Source::Gguf { content, .. } => Some(&content.metadata),
+            Source::Safetensors(_) => None,
+        }
+    }
+
+    /// The load options.
+    pub fn options(&self) -> LoadOptions {
+        self.opts
+    }
+
+    /// The device tensors are loaded on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// A handle whose names are prefixed with `name.`.
+    pub fn pp(&self, name: impl std::fmt::Display) -> Self {
+        let prefix = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) };
+        Self { prefix, ..self.clone() }
+    }
+
+    fn full(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        }
+    }
+
+    fn qtensor(&self, hf: &str) -> Result<Option<QTensor>> {
+        let Source::Gguf { content, reader, path } = &*self.src else { return Ok(None) };
+        let Some(name) = gguf_name(hf) else { return Ok(None) };
+        if !content.tensor_infos.contains_key(&name) {
+            return Ok(None);
+        }
+        let mut r = reader.lock().map_err(|_| Error::Format("GGUF reader poisoned".into()))?;
+        let t = content
+            .tensor(&mut *r, &name, &self.device)
+            .map_err(|e| Error::Format(format!("{}: reading {name}: {e}", path.display())))?;
+        Ok(Some(t))
+    }
+
+    /// Whether the checkpoint has tensor `name` (under the prefix).
+    pub fn contains(&self, name: &str) -> bool {
+        let full = self.full(name);
+        match &*self.src {
+            Source::Safetensors(st) => st.get(&full).is_ok(),
+            Source::Gguf { content, .. } => gguf_name(&full).is_some_and(|n| content.tensor_infos.contains_key(&n)),
+        }
+    }
+
+    /// A dense tensor in the load dtype.
+    pub fn get(&self, name: &str) -> Result<Tensor> {
+        let full = self.full(name);
+        let t = match &*self.src {
+            Source::Safetensors(st) => st.load(&full, &self.device).map_err(|_| Error::MissingTensor(full.clone()))?,
+            Source::Gguf { .. } => self.qtensor(&full)?.ok_or_else(|| Error::MissingTensor(full.clone()))?.dequantize(&self.device)?,
+        };
+        Ok(t.to_dtype(self.opts.dtype)?)
+    }
+
+    /// A linear layer `name.weight` (+ `name.bias` if present).
+    pub fn linear(&self, name: &str) -> Result<Linear> {
+        let w = format!("{name}.weight");
+        let bias = if self.contains(&format!("{name}.bias")) { Some(self.get(&format!("{name}.bias"))?) } else { None };
+        if self.opts.keep_quantized {
+            if let Some(q) = self.qtensor(&self.full(&w))? {
+                if bias.is_none() {
+                    return Ok(Linear::Quantized(QMatMul::from_qtensor(q)?));
+                }
+            }
+        }
+        Ok(Linear::Dense { weight: self.get(&w)?, bias })
+    }
+}
