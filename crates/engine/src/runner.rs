@@ -1,0 +1,67 @@
+//! The model runner: owns the model and its paged KV cache, turns a `SchedulerOutput` into
+//! one flattened batch and returns logits for the rows that sample.
+
+use candle_core::{Device, Tensor};
+use vllm_kernels::{AttnMetadata, KvCache, SeqAttn};
+use vllm_models::{CausalLM, StepInput};
+use vllm_scheduler::SchedulerOutput;
+
+use crate::Result;
+
+/// Runs the model over the paged cache.
+pub struct ModelRunner {
+    model: Box<dyn CausalLM>,
+    caches: Vec<KvCache>,
+    block_size: usize,
+    device: Device,
+}
+
+impl ModelRunner {
+    /// Allocates `num_blocks` blocks of cache for every layer.
+    pub fn new(model: Box<dyn CausalLM>, num_blocks: usize, block_size: usize, device: Device) -> Result<Self> {
+        let shape = model.attn_shape();
+        let caches = (0..model.num_layers())
+            .map(|_| KvCache::new(num_blocks, block_size, shape, &device))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self { model, caches, block_size, device })
+    }
+
+    /// The model.
+    pub fn model(&self) -> &dyn CausalLM {
+        &*self.model
+    }
+
+    /// Runs one step; returns `[rows, vocab]` f32 logits flattened, one row per sequence with
+    /// `sample`, in batch order.
+    pub fn execute(&self, out: &SchedulerOutput) -> Result<Vec<f32>> {
+        let n: usize = out.seqs.iter().map(|s| s.token_ids.len()).sum();
+        let mut ids = Vec::with_capacity(n);
+        let mut positions = Vec::with_capacity(n);
+        let mut rows = Vec::new();
+        let mut seqs = Vec::with_capacity(out.seqs.len());
+        for s in &out.seqs {
+            let len = s.token_ids.len();
+            ids.extend_from_slice(&s.token_ids);
+            positions.extend((s.start_pos..s.start_pos + len).map(|p| p as u32));
+            if s.sample {
+                rows.push((ids.len() - 1) as u32);
+            }
+            seqs.push(SeqAttn { query_len: len, context_len: s.start_pos + len, block_table: s.block_ids.clone() });
+        }
+        if rows.is_empty() {
+            // Still write the K/V of prompt chunks, but no logits are needed: compute one row
+            // anyway (cheap) to keep a single code path.
+            rows.push((ids.len() - 1) as u32);
+        }
+        let meta = AttnMetadata::new(self.block_size, seqs);
+        let num_rows = rows.len();
+        let input = StepInput {
+            input_ids: Tensor::from_vec(ids, n, &self.device)?,
+            positions: Tensor::from_vec(positions, n, &self.device)?,
+            logits_indices: Tensor::from_vec(rows, num_rows, &self.device)?,
+            attn: &meta,
+        };
+        let logits = self.model.forward(&input, &self.caches)?;
+        Ok(logits.flatten_all()?.to_vec1::<f32>()?)
+    }
+}

