@@ -11,7 +11,12 @@ use std::time::Instant;
 use vllm_engine::{EngineArgs, SamplingParams, LLM};
 
 fn main() -> anyhow::Result<()> {
-    let prompts = ["Hello, my name is", "The president of the United States is", "The capital of France is", "The future of AI is"];
+    let prompts = [
+        "Hello, my name is",
+        "The president of the United States is",
+        "The capital of France is",
+        "The future of AI is",
+    ];
     let sampling_params = SamplingParams { temperature: 0.8, top_p: 0.95, ..Default::default() };
 
     let mut args = EngineArgs::default();
@@ -31,6 +36,10 @@ fn main() -> anyhow::Result<()> {
         generated += output.outputs[0].token_ids.len();
         println!("Prompt: {prompt:?}, Generated text: {text:?}");
     }
-    println!("{generated} tokens in {elapsed:.2} s ({:.1} output tokens/s for the batch of {})", generated as f64 / elapsed, outputs.len());
+    println!(
+        "{generated} tokens in {elapsed:.2} s ({:.1} output tokens/s for the batch of {})",
+        generated as f64 / elapsed,
+        outputs.len()
+    );
     Ok(())
 }

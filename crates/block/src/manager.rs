@@ -39,13 +39,7 @@ impl KvCacheManager {
     /// A manager over `num_blocks` blocks of `block_size` tokens.
     pub fn new(num_blocks: usize, block_size: usize, enable_caching: bool) -> Self {
         assert!(block_size > 0, "block_size must be positive");
-        Self {
-            pool: BlockPool::new(num_blocks, enable_caching),
-            block_size,
-            seqs: HashMap::new(),
-            queries: 0,
-            hits: 0,
-        }
+        Self { pool: BlockPool::new(num_blocks, enable_caching), block_size, seqs: HashMap::new(), queries: 0, hits: 0 }
     }
 
     /// Tokens per block.
@@ -141,7 +135,9 @@ impl KvCacheManager {
         if !self.pool.caching_enabled() {
             return;
         }
-        let Some(entry) = self.seqs.get_mut(&seq) else { return };
+        let Some(entry) = self.seqs.get_mut(&seq) else {
+            return;
+        };
         let full = (num_computed.min(tokens.len()) / self.block_size).min(entry.blocks.len());
         while entry.hashes.len() < full {
             let i = entry.hashes.len();

@@ -56,7 +56,12 @@ impl FromStr for Quantization {
         Ok(match s.to_ascii_lowercase().as_str() {
             "none" | "" => Self::None,
             "gguf" => Self::Gguf,
-            _ => return Err(Error::InvalidArgument { param: "quantization", message: format!("'{s}' (choose none, gguf)") }),
+            _ => {
+                return Err(Error::InvalidArgument {
+                    param: "quantization",
+                    message: format!("'{s}' (choose none, gguf)"),
+                })
+            }
         })
     }
 }

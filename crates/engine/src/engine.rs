@@ -103,7 +103,10 @@ impl LLMEngine {
             });
         }
         if args.block_size == 0 || args.max_num_seqs == 0 {
-            return Err(Error::InvalidArgument { param: "block_size", message: "block_size and max_num_seqs must be positive".into() });
+            return Err(Error::InvalidArgument {
+                param: "block_size",
+                message: "block_size and max_num_seqs must be positive".into(),
+            });
         }
         let per_block = KvCache::bytes_per_token(model.attn_shape()) * model.num_layers() * args.block_size;
         let num_blocks = (args.kv_cache_memory / per_block as u64) as usize;
@@ -220,7 +223,17 @@ impl LLMEngine {
             Prompt::Text(t) => Some(t),
             Prompt::TokenIds(_) => None,
         };
-        self.states.insert(seq, ReqState { request_id: request_id.clone(), prompt, prompt_ids, detok, output_ids: Vec::new(), num_cached_tokens: 0 });
+        self.states.insert(
+            seq,
+            ReqState {
+                request_id: request_id.clone(),
+                prompt,
+                prompt_ids,
+                detok,
+                output_ids: Vec::new(),
+                num_cached_tokens: 0,
+            },
+        );
         self.ids.insert(request_id, seq);
         Ok(())
     }
@@ -268,8 +281,10 @@ impl LLMEngine {
             Vec::new()
         } else {
             let vocab = logits.len() / sample_ids.len();
-            let mut taken: Vec<SeqSampler> =
-                sample_ids.iter().map(|id| self.samplers.remove(id).expect("scheduled request has a sampler")).collect();
+            let mut taken: Vec<SeqSampler> = sample_ids
+                .iter()
+                .map(|id| self.samplers.remove(id).expect("scheduled request has a sampler"))
+                .collect();
             let mut refs: Vec<&mut SeqSampler> = taken.iter_mut().collect();
             let tokens = sample_batch(&mut logits, vocab, &mut refs);
             for (id, s) in sample_ids.iter().zip(taken) {
@@ -285,7 +300,9 @@ impl LLMEngine {
         let updates = self.scheduler.update_from_output(&out, &tokens);
         let mut outputs = Vec::with_capacity(updates.len());
         for u in updates {
-            let Some(st) = self.states.get_mut(&u.id) else { continue };
+            let Some(st) = self.states.get_mut(&u.id) else {
+                continue;
+            };
             st.output_ids.push(u.new_token);
             st.detok.push(&self.tokenizer, u.new_token)?;
             let (finish, stop_reason) = match u.finished {

@@ -116,8 +116,10 @@ impl LLM {
             ProgressBar::hidden()
         };
         bar.set_style(
-            ProgressStyle::with_template("Processed prompts: {percent:>3}%|{wide_bar}| {pos}/{len} [{elapsed_precise}<{eta_precise}, {per_sec}]")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            ProgressStyle::with_template(
+                "Processed prompts: {percent:>3}%|{wide_bar}| {pos}/{len} [{elapsed_precise}<{eta_precise}, {per_sec}]",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         let mut results: Vec<Option<RequestOutput>> = vec![None; ids.len()];
         let mut done = 0;

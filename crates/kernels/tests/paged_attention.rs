@@ -7,8 +7,9 @@ use vllm_kernels::{cpu, AttnMetadata, AttnShape, KvCache, SeqAttn};
 
 /// softmax(q k^T * scale) v for one head over keys 0..=pos, on contiguous per-sequence K/V.
 fn naive(q: &[f32], ks: &[Vec<f32>], vs: &[Vec<f32>], pos: usize, scale: f32) -> Vec<f32> {
-    let scores: Vec<f64> =
-        (0..=pos).map(|j| q.iter().zip(&ks[j]).map(|(a, b)| (*a as f64) * (*b as f64)).sum::<f64>() * scale as f64).collect();
+    let scores: Vec<f64> = (0..=pos)
+        .map(|j| q.iter().zip(&ks[j]).map(|(a, b)| (*a as f64) * (*b as f64)).sum::<f64>() * scale as f64)
+        .collect();
     let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
     let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
     let sum: f64 = e.iter().sum();
@@ -55,7 +56,10 @@ fn run_case(case: Case, seed: u64) {
     // Step 1: write the already-cached part (as a previous step would have).
     let prev = AttnMetadata::new(
         bs,
-        seqs.iter().filter(|(c, _)| *c > 0).map(|(c, t)| SeqAttn { query_len: *c, context_len: *c, block_table: t.clone() }).collect(),
+        seqs.iter()
+            .filter(|(c, _)| *c > 0)
+            .map(|(c, t)| SeqAttn { query_len: *c, context_len: *c, block_table: t.clone() })
+            .collect(),
     );
     let flat = |h: &Vec<Vec<Vec<f32>>>, range: &dyn Fn(usize) -> std::ops::Range<usize>| -> Vec<f32> {
         h.iter().enumerate().flat_map(|(i, s)| s[range(i)].iter().flatten().copied().collect::<Vec<_>>()).collect()
@@ -65,21 +69,31 @@ fn run_case(case: Case, seed: u64) {
         let vf = flat(&hist_v, &|i| 0..case.seqs[i].0);
         let n = prev.num_tokens();
         cache
-            .write(&Tensor::from_vec(kf, (n, num_kv_heads, head_dim), &Device::Cpu).unwrap(),
-                   &Tensor::from_vec(vf, (n, num_kv_heads, head_dim), &Device::Cpu).unwrap(), &prev)
+            .write(
+                &Tensor::from_vec(kf, (n, num_kv_heads, head_dim), &Device::Cpu).unwrap(),
+                &Tensor::from_vec(vf, (n, num_kv_heads, head_dim), &Device::Cpu).unwrap(),
+                &prev,
+            )
             .unwrap();
     }
     // Step 2: the mixed batch.
     let meta = AttnMetadata::new(
         bs,
-        case.seqs.iter().zip(&seqs).map(|(&(c, n), (_, t))| SeqAttn { query_len: n, context_len: c + n, block_table: t.clone() }).collect(),
+        case.seqs
+            .iter()
+            .zip(&seqs)
+            .map(|(&(c, n), (_, t))| SeqAttn { query_len: n, context_len: c + n, block_table: t.clone() })
+            .collect(),
     );
     let n = meta.num_tokens();
     let kf = flat(&hist_k, &|i| case.seqs[i].0..case.seqs[i].0 + case.seqs[i].1);
     let vf = flat(&hist_v, &|i| case.seqs[i].0..case.seqs[i].0 + case.seqs[i].1);
     cache
-        .write(&Tensor::from_vec(kf, (n, num_kv_heads, head_dim), &Device::Cpu).unwrap(),
-               &Tensor::from_vec(vf, (n, num_kv_heads, head_dim), &Device::Cpu).unwrap(), &meta)
+        .write(
+            &Tensor::from_vec(kf, (n, num_kv_heads, head_dim), &Device::Cpu).unwrap(),
+            &Tensor::from_vec(vf, (n, num_kv_heads, head_dim), &Device::Cpu).unwrap(),
+            &meta,
+        )
         .unwrap();
     let q = randv(n * num_heads * head_dim);
     let scale = 1.0 / (head_dim as f32).sqrt();
@@ -94,8 +108,10 @@ fn run_case(case: Case, seed: u64) {
             let pos = c + i;
             for h in 0..num_heads {
                 let kvh = h / group;
-                let ks: Vec<Vec<f32>> = hist_k[si].iter().map(|r| r[kvh * head_dim..(kvh + 1) * head_dim].to_vec()).collect();
-                let vs: Vec<Vec<f32>> = hist_v[si].iter().map(|r| r[kvh * head_dim..(kvh + 1) * head_dim].to_vec()).collect();
+                let ks: Vec<Vec<f32>> =
+                    hist_k[si].iter().map(|r| r[kvh * head_dim..(kvh + 1) * head_dim].to_vec()).collect();
+                let vs: Vec<Vec<f32>> =
+                    hist_v[si].iter().map(|r| r[kvh * head_dim..(kvh + 1) * head_dim].to_vec()).collect();
                 let qv = &q[(t * num_heads + h) * head_dim..][..head_dim];
                 let want = naive(qv, &ks, &vs, pos, scale);
                 let got = &out[(t * num_heads + h) * head_dim..][..head_dim];
@@ -111,7 +127,10 @@ fn run_case(case: Case, seed: u64) {
 
 #[test]
 fn single_prompt_mha() {
-    run_case(Case { shape: AttnShape { num_heads: 4, num_kv_heads: 4, head_dim: 16 }, block_size: 4, seqs: vec![(0, 11)] }, 1);
+    run_case(
+        Case { shape: AttnShape { num_heads: 4, num_kv_heads: 4, head_dim: 16 }, block_size: 4, seqs: vec![(0, 11)] },
+        1,
+    );
 }
 
 #[test]
@@ -129,7 +148,14 @@ fn gqa_mixed_prefill_chunks_and_decodes_with_partial_blocks() {
 
 #[test]
 fn odd_head_dim_and_block_size_one() {
-    run_case(Case { shape: AttnShape { num_heads: 2, num_kv_heads: 1, head_dim: 13 }, block_size: 1, seqs: vec![(5, 3), (0, 7)] }, 3);
+    run_case(
+        Case {
+            shape: AttnShape { num_heads: 2, num_kv_heads: 1, head_dim: 13 },
+            block_size: 1,
+            seqs: vec![(5, 3), (0, 7)],
+        },
+        3,
+    );
 }
 
 #[test]

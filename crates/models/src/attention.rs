@@ -25,7 +25,14 @@ pub struct Rotary {
 
 impl Rotary {
     /// Tables for `max_positions` positions of a `head_dim`-sized head.
-    pub fn new(theta: f32, head_dim: usize, max_positions: usize, style: RopeStyle, dtype: DType, dev: &Device) -> Result<Self> {
+    pub fn new(
+        theta: f32,
+        head_dim: usize,
+        max_positions: usize,
+        style: RopeStyle,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Self> {
         let half = head_dim / 2;
         let inv: Vec<f32> = (0..half).map(|i| 1.0 / theta.powf(2.0 * i as f32 / head_dim as f32)).collect();
         let mut cos = Vec::with_capacity(max_positions * half);

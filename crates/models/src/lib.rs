@@ -115,14 +115,11 @@ pub fn load_gguf(path: &Path, opts: LoadOptions, device: &Device) -> Result<(Box
 /// Loads a Hugging Face folder (`config.json` + safetensors, single or sharded).
 pub fn load_hf_dir(dir: &Path, opts: LoadOptions, device: &Device) -> Result<Box<dyn CausalLM>> {
     let cfg_path = dir.join("config.json");
-    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::Io { path: cfg_path.display().to_string(), source: e })?;
-    let raw: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", cfg_path.display())))?;
-    let arch = raw
-        .get("architectures")
-        .and_then(|a| a.get(0))
-        .and_then(|a| a.as_str())
-        .unwrap_or_default()
-        .to_string();
+    let text = std::fs::read_to_string(&cfg_path)
+        .map_err(|e| Error::Io { path: cfg_path.display().to_string(), source: e })?;
+    let raw: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", cfg_path.display())))?;
+    let arch = raw.get("architectures").and_then(|a| a.get(0)).and_then(|a| a.as_str()).unwrap_or_default().to_string();
     let files = safetensors_files(dir)?;
     let w = Weights::from_safetensors(&files, opts, device)?;
     match arch.as_str() {
@@ -140,7 +137,8 @@ pub fn load_hf_dir(dir: &Path, opts: LoadOptions, device: &Device) -> Result<Box
 pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
     if let Ok(text) = std::fs::read_to_string(&index) {
-        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Format(format!("{}: {e}", index.display())))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::Format(format!("{}: {e}", index.display())))?;
         let mut files: Vec<String> = v
             .get("weight_map")
             .and_then(|m| m.as_object())
@@ -151,8 +149,10 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
         return Ok(files.into_iter().map(|f| dir.join(f)).collect());
     }
     let rd = std::fs::read_dir(dir).map_err(|e| Error::Io { path: dir.display().to_string(), source: e })?;
-    let mut files: Vec<PathBuf> =
-        rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "safetensors")).collect();
+    let mut files: Vec<PathBuf> = rd
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
     files.sort();
     if files.is_empty() {
         return Err(Error::Format(format!("no .safetensors files in {}", dir.display())));

@@ -70,14 +70,13 @@ impl LlamaConfig {
 
     /// Reads the configuration from GGUF metadata (`{arch}.*` keys).
     pub fn from_gguf(md: &HashMap<String, Value>) -> Result<Self> {
-        let arch = md
-            .get("general.architecture")
-            .and_then(|v| v.to_string().ok())
-            .cloned()
-            .unwrap_or_else(|| "llama".into());
+        let arch =
+            md.get("general.architecture").and_then(|v| v.to_string().ok()).cloned().unwrap_or_else(|| "llama".into());
         let key = |k: &str| format!("{arch}.{k}");
         let req = |k: &str| -> Result<u32> {
-            md.get(&key(k)).and_then(|v| v.to_u32().ok()).ok_or_else(|| Error::Config(format!("GGUF metadata lacks {}", key(k))))
+            md.get(&key(k))
+                .and_then(|v| v.to_u32().ok())
+                .ok_or_else(|| Error::Config(format!("GGUF metadata lacks {}", key(k))))
         };
         let opt_f32 = |k: &str| md.get(&key(k)).and_then(|v| v.to_f32().ok());
         let hidden = req("embedding_length")? as usize;
@@ -91,7 +90,10 @@ impl LlamaConfig {
             intermediate_size: req("feed_forward_length")? as usize,
             num_hidden_layers: req("block_count")? as usize,
             num_attention_heads: heads,
-            num_key_value_heads: md.get(&key("attention.head_count_kv")).and_then(|v| v.to_u32().ok()).map(|v| v as usize),
+            num_key_value_heads: md
+                .get(&key("attention.head_count_kv"))
+                .and_then(|v| v.to_u32().ok())
+                .map(|v| v as usize),
             head_dim: md.get(&key("rope.dimension_count")).and_then(|v| v.to_u32().ok()).map(|v| v as usize),
             rms_norm_eps: opt_f32("attention.layer_norm_rms_epsilon").map_or(1e-5, |v| v as f64),
             rope_theta: opt_f32("rope.freq_base").unwrap_or(10_000.0),
@@ -149,9 +151,13 @@ pub struct Llama {
 impl Llama {
     /// Loads from a weight source. `rope` is `Interleaved` for GGUF checkpoints.
     pub fn load(w: &Weights, cfg: LlamaConfig, rope: RopeStyle) -> Result<Self> {
-        let shape = AttnShape { num_heads: cfg.num_attention_heads, num_kv_heads: cfg.kv_heads(), head_dim: cfg.head_size() };
+        let shape =
+            AttnShape { num_heads: cfg.num_attention_heads, num_kv_heads: cfg.kv_heads(), head_dim: cfg.head_size() };
         if shape.num_heads % shape.num_kv_heads != 0 {
-            return Err(Error::Config(format!("{} heads not divisible by {} kv heads", shape.num_heads, shape.num_kv_heads)));
+            return Err(Error::Config(format!(
+                "{} heads not divisible by {} kv heads",
+                shape.num_heads, shape.num_kv_heads
+            )));
         }
         let model = w.pp("model");
         let embed = model.get("embed_tokens.weight")?;

@@ -107,7 +107,10 @@ impl SamplingParams {
             }
         }
         if let Some(&bad) = self.stop_token_ids.iter().find(|&&t| t as usize >= vocab_size) {
-            return Err(invalid("stop_token_ids", format!("token id {bad} is outside the vocabulary (size {vocab_size})")));
+            return Err(invalid(
+                "stop_token_ids",
+                format!("token id {bad} is outside the vocabulary (size {vocab_size})"),
+            ));
         }
         Ok(())
     }

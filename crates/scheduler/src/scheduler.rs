@@ -121,14 +121,7 @@ impl Scheduler {
     /// A scheduler with an empty cache.
     pub fn new(config: SchedulerConfig) -> Self {
         let kv = KvCacheManager::new(config.num_blocks, config.block_size, config.enable_prefix_caching);
-        Self {
-            config,
-            kv,
-            requests: HashMap::new(),
-            waiting: VecDeque::new(),
-            running: Vec::new(),
-            num_preemptions: 0,
-        }
+        Self { config, kv, requests: HashMap::new(), waiting: VecDeque::new(), running: Vec::new(), num_preemptions: 0 }
     }
 
     /// The configuration.
@@ -270,7 +263,9 @@ impl Scheduler {
         // 2. Waiting requests, unless this step had to preempt.
         if out.preempted.is_empty() {
             while budget > 0 && self.running.len() < self.config.max_num_seqs {
-                let Some(&id) = self.waiting.front() else { break };
+                let Some(&id) = self.waiting.front() else {
+                    break;
+                };
                 let (hit, total) = {
                     let r = &self.requests[&id];
                     let hit = if r.num_computed_tokens == 0 {
@@ -314,7 +309,9 @@ impl Scheduler {
             } else {
                 None
             };
-            let Some(r) = self.requests.get_mut(&s.id) else { continue };
+            let Some(r) = self.requests.get_mut(&s.id) else {
+                continue;
+            };
             if r.status != Status::Running {
                 continue; // preempted or aborted after scheduling
             }

@@ -129,8 +129,11 @@ enum Op {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        (1usize..30, 1usize..12, any::<bool>())
-            .prop_map(|(len, max_tokens, shared)| Op::Add { len, max_tokens, shared }),
+        (1usize..30, 1usize..12, any::<bool>()).prop_map(|(len, max_tokens, shared)| Op::Add {
+            len,
+            max_tokens,
+            shared
+        }),
         (0usize..64).prop_map(Op::Abort),
         Just(Op::Step),
         Just(Op::Step),

@@ -26,7 +26,8 @@ fn split(pattern: &str) -> Json {
 }
 
 const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_PATTERN: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// The pre-tokenizer for a `tokenizer.ggml.pre` name (the names llama.cpp's converter writes).
 fn pre_tokenizer(pre: &str) -> Result<Json> {
@@ -35,8 +36,10 @@ fn pre_tokenizer(pre: &str) -> Result<Json> {
         "smollm" | "starcoder" | "refact" => json!({"type": "Sequence", "pretokenizers": [
             {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
         "gpt2" | "default" | "gpt-2" | "olmo" | "phi-2" | "jina-v2-code" => byte_level(true),
-        "llama-bpe" | "llama3" | "dbrx" | "smaug-bpe" => json!({"type": "Sequence", "pretokenizers": [
-            split(LLAMA3_PATTERN), byte_level(false)]}),
+        "llama-bpe" | "llama3" | "dbrx" | "smaug-bpe" => {
+            json!({"type": "Sequence", "pretokenizers": [
+            split(LLAMA3_PATTERN), byte_level(false)]})
+        }
         "qwen2" | "deepseek-r1-qwen" => json!({"type": "Sequence", "pretokenizers": [
             split(QWEN2_PATTERN), byte_level(false)]}),
         other => {
@@ -71,7 +74,8 @@ fn opt_u32(md: &HashMap<String, Value>, key: &str) -> Option<u32> {
 
 /// Builds the `tokenizer.json` text and the special-token facts from GGUF metadata.
 pub(crate) fn tokenizer_json(md: &HashMap<String, Value>) -> Result<(String, GgufSpecials)> {
-    let model = get(md, "tokenizer.ggml.model")?.to_string().map_err(|_| Error::BadMetadata("tokenizer.ggml.model".into()))?;
+    let model =
+        get(md, "tokenizer.ggml.model")?.to_string().map_err(|_| Error::BadMetadata("tokenizer.ggml.model".into()))?;
     if model != "gpt2" {
         return Err(Error::Unsupported(format!(
             "GGUF tokenizer model '{model}' (only byte-level BPE, 'gpt2', is supported so far)"

@@ -88,8 +88,10 @@ impl Tokenizer {
     /// `add_bos_token`, `chat_template`) and `generation_config.json` (EOS ids) when present.
     pub fn from_hf_dir(dir: &Path) -> Result<Self> {
         let inner = tokenizers::Tokenizer::from_str(&read(&dir.join("tokenizer.json"))?)?;
-        let config: serde_json::Value =
-            read(&dir.join("tokenizer_config.json")).ok().and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default();
+        let config: serde_json::Value = read(&dir.join("tokenizer_config.json"))
+            .ok()
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .unwrap_or_default();
         let token_id = |key: &str| -> Option<u32> {
             let v = config.get(key)?;
             let s = v.as_str().or_else(|| v.get("content").and_then(|c| c.as_str()))?;
@@ -97,8 +99,9 @@ impl Tokenizer {
         };
         let bos = token_id("bos_token");
         let mut eos: Vec<u32> = token_id("eos_token").into_iter().collect();
-        if let Some(gen) =
-            read(&dir.join("generation_config.json")).ok().and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+        if let Some(gen) = read(&dir.join("generation_config.json"))
+            .ok()
+            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
         {
             match gen.get("eos_token_id") {
                 Some(serde_json::Value::Number(n)) => eos.extend(n.as_u64().map(|x| x as u32)),

@@ -55,8 +55,8 @@ pub fn next_token_logprobs(model: &dyn CausalLM, ids: &[u32]) -> Vec<f32> {
         attn: &meta,
     };
     let logits = model.forward(&input, &caches).unwrap();
-    let lp = candle_nn_log_softmax(&logits.flatten_all().unwrap().to_vec1::<f32>().unwrap());
-    lp
+
+    candle_nn_log_softmax(&logits.flatten_all().unwrap().to_vec1::<f32>().unwrap())
 }
 
 fn candle_nn_log_softmax(row: &[f32]) -> Vec<f32> {
