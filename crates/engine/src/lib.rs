@@ -25,13 +25,16 @@
 //! (`$VLLM_RS_CACHE`).
 
 mod args;
+mod async_engine;
 mod engine;
 mod llm;
+mod metrics;
 mod output;
 mod runner;
 mod source;
 
 pub use args::{parse_bytes, EngineArgs, ModelDtype, Quantization, DEFAULT_MODEL};
+pub use async_engine::{AsyncEngine, EngineInfo, OutputStream};
 pub use engine::{EngineStats, LLMEngine};
 pub use llm::{ParamsList, LLM};
 pub use output::{CompletionOutput, FinishReason, Prompt, RequestOutput};
@@ -87,6 +90,9 @@ pub enum Error {
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// The engine step failed while the request was running.
+    #[error("the engine step failed: {0}")]
+    StepFailed(String),
     /// An engine invariant broke (a bug).
     #[error("internal error: {0}")]
     Internal(&'static str),

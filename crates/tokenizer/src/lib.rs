@@ -16,6 +16,7 @@
 //! }
 //! ```
 
+mod chat;
 mod detok;
 mod gguf;
 
@@ -25,6 +26,7 @@ use std::str::FromStr;
 
 use candle_core::quantized::gguf_file::Value;
 
+pub use chat::{ChatRequest, ChatTemplate};
 pub use detok::IncrementalDetokenizer;
 
 /// Tokenizer errors.
@@ -50,6 +52,9 @@ pub enum Error {
     /// A tokenizer kind we do not implement.
     #[error("unsupported tokenizer: {0}")]
     Unsupported(String),
+    /// The chat template failed to compile or render, or the model has none.
+    #[error("chat template: {0}")]
+    Template(String),
     /// A token id outside the vocabulary.
     #[error("token id {id} is outside the vocabulary (size {vocab_size})")]
     InvalidTokenId {
@@ -189,6 +194,15 @@ impl Tokenizer {
     /// The model's Jinja chat template, if it ships one.
     pub fn chat_template(&self) -> Option<&str> {
         self.chat_template.as_deref()
+    }
+
+    /// Compiles the chat template: `override_template` (a `--chat-template`) or the model's.
+    pub fn chat_template_for(&self, override_template: Option<&str>) -> Result<ChatTemplate> {
+        let src = override_template
+            .or(self.chat_template.as_deref())
+            .ok_or_else(|| Error::Template("the model has no chat template; pass one with --chat-template".into()))?;
+        let tok = |id: Option<u32>| id.and_then(|i| self.inner.id_to_token(i));
+        ChatTemplate::new(src, tok(self.bos_token_id), tok(self.eos_token_ids.first().copied()))
     }
 
     /// The underlying `tokenizers` tokenizer.

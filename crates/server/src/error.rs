@@ -1,0 +1,81 @@
+//! Errors as OpenAI's error shape, mapped to HTTP status in one place.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+/// An error answered as `{"error": {"message", "type", "param", "code"}}`.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub param: Option<String>,
+}
+
+impl ApiError {
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self { status: StatusCode::BAD_REQUEST, message: message.into(), param: None }
+    }
+
+    pub fn invalid_param(param: &str, message: impl Into<String>) -> Self {
+        Self { status: StatusCode::BAD_REQUEST, message: message.into(), param: Some(param.to_string()) }
+    }
+
+    pub fn unsupported(param: &str, what: &str) -> Self {
+        Self::invalid_param(param, format!("'{param}' {what} is not supported by this server yet"))
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self { status: StatusCode::NOT_FOUND, message: message.into(), param: None }
+    }
+
+    pub fn unauthorized() -> Self {
+        Self {
+            status: StatusCode::UNAUTHORIZED,
+            message: "Unauthorized: invalid or missing API key".into(),
+            param: None,
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self.status {
+            StatusCode::UNAUTHORIZED => "AuthenticationError",
+            StatusCode::NOT_FOUND => "NotFoundError",
+            StatusCode::PAYLOAD_TOO_LARGE => "PayloadTooLargeError",
+            s if s.is_client_error() => "BadRequestError",
+            _ => "InternalServerError",
+        }
+    }
+
+    /// The JSON body (also used inside SSE streams).
+    pub fn body(&self) -> serde_json::Value {
+        json!({"error": {"message": self.message, "type": self.kind(), "param": self.param, "code": self.status.as_u16()}})
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.body())).into_response()
+    }
+}
+
+impl From<vllm_engine::Error> for ApiError {
+    fn from(e: vllm_engine::Error) -> Self {
+        use vllm_engine::Error as E;
+        match &e {
+            E::InvalidParams(p) => Self::invalid_param(p.param, e.to_string()),
+            E::InvalidPrompt(_) | E::PromptTooLong { .. } | E::Scheduler(_) | E::Tokenizer(_) => {
+                Self::invalid_param("prompt", e.to_string())
+            }
+            E::DuplicateRequestId(_) | E::InvalidArgument { .. } => Self::bad_request(e.to_string()),
+            _ => Self { status: StatusCode::INTERNAL_SERVER_ERROR, message: e.to_string(), param: None },
+        }
+    }
+}
+
+impl From<vllm_tokenizer::Error> for ApiError {
+    fn from(e: vllm_tokenizer::Error) -> Self {
+        Self::bad_request(e.to_string())
+    }
+}

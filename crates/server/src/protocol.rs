@@ -1,0 +1,254 @@
+//! Wire types of the OpenAI-compatible API, and their conversion ("parse, don't validate")
+//! into engine inputs. Parameters this server cannot honour yet are rejected with a 400 naming
+//! them, never silently ignored.
+
+use serde::Deserialize;
+use serde_json::Value;
+use vllm_engine::SamplingParams;
+
+use crate::error::ApiError;
+
+/// Sampling fields shared by completions, chat and `/generate` (OpenAI's and vLLM's extras).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct SamplingFields {
+    pub max_tokens: Option<usize>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<i32>,
+    pub min_p: Option<f32>,
+    pub n: Option<usize>,
+    pub best_of: Option<usize>,
+    pub seed: Option<u64>,
+    pub stop: Option<Value>,
+    pub stop_token_ids: Option<Vec<u32>>,
+    pub ignore_eos: Option<bool>,
+    pub min_tokens: Option<usize>,
+    pub skip_special_tokens: Option<bool>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    pub logit_bias: Option<Value>,
+    pub include_stop_str_in_output: Option<bool>,
+    pub use_beam_search: Option<bool>,
+    pub length_penalty: Option<f32>,
+    pub guided_json: Option<Value>,
+    pub guided_regex: Option<String>,
+    pub guided_choice: Option<Value>,
+    pub guided_grammar: Option<String>,
+    pub bad_words: Option<Value>,
+    pub allowed_token_ids: Option<Value>,
+    pub prompt_logprobs: Option<Value>,
+    pub truncate_prompt_tokens: Option<Value>,
+    pub priority: Option<i64>,
+}
+
+impl SamplingFields {
+    /// Builds engine parameters; `max_tokens` falls back to `default_max_tokens`.
+    pub fn to_params(&self, default_max_tokens: Option<usize>) -> Result<SamplingParams, ApiError> {
+        let n = self.n.unwrap_or(1);
+        if n != 1 {
+            return Err(ApiError::unsupported("n", "greater than 1"));
+        }
+        if self.best_of.is_some_and(|b| b > 1) {
+            return Err(ApiError::unsupported("best_of", "greater than 1"));
+        }
+        match &self.stop {
+            None | Some(Value::Null) => {}
+            Some(Value::Array(a)) if a.is_empty() => {}
+            Some(_) => return Err(ApiError::unsupported("stop", "(stop strings)")),
+        }
+        let nonzero = |v: Option<f32>, neutral: f32| v.is_some_and(|x| (x - neutral).abs() > f32::EPSILON);
+        for (name, set) in [
+            ("presence_penalty", nonzero(self.presence_penalty, 0.0)),
+            ("frequency_penalty", nonzero(self.frequency_penalty, 0.0)),
+            ("repetition_penalty", nonzero(self.repetition_penalty, 1.0)),
+            ("length_penalty", nonzero(self.length_penalty, 1.0)),
+            ("logit_bias", self.logit_bias.as_ref().is_some_and(|v| v.as_object().is_some_and(|o| !o.is_empty()))),
+            ("use_beam_search", self.use_beam_search == Some(true)),
+            ("guided_json", self.guided_json.is_some()),
+            ("guided_regex", self.guided_regex.is_some()),
+            ("guided_choice", self.guided_choice.is_some()),
+            ("guided_grammar", self.guided_grammar.is_some()),
+            ("bad_words", self.bad_words.as_ref().is_some_and(|v| !v.is_null())),
+            ("allowed_token_ids", self.allowed_token_ids.as_ref().is_some_and(|v| !v.is_null())),
+            ("prompt_logprobs", self.prompt_logprobs.as_ref().is_some_and(|v| !v.is_null())),
+            ("truncate_prompt_tokens", self.truncate_prompt_tokens.as_ref().is_some_and(|v| !v.is_null())),
+            ("include_stop_str_in_output", self.include_stop_str_in_output == Some(true)),
+            ("priority", self.priority.is_some_and(|p| p != 0)),
+        ] {
+            if set {
+                return Err(ApiError::unsupported(name, "(this feature)"));
+            }
+        }
+        let d = SamplingParams::default();
+        Ok(SamplingParams {
+            n: 1,
+            temperature: self.temperature.unwrap_or(d.temperature),
+            top_p: self.top_p.unwrap_or(d.top_p),
+            top_k: self.top_k.unwrap_or(d.top_k),
+            min_p: self.min_p.unwrap_or(d.min_p),
+            seed: self.seed,
+            max_tokens: self.max_tokens.or(default_max_tokens),
+            min_tokens: self.min_tokens.unwrap_or(0),
+            ignore_eos: self.ignore_eos.unwrap_or(false),
+            stop_token_ids: self.stop_token_ids.clone().unwrap_or_default(),
+            skip_special_tokens: self.skip_special_tokens.unwrap_or(true),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// `POST /v1/completions`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CompletionRequest {
+    pub model: Option<String>,
+    pub prompt: Value,
+    #[serde(default)]
+    pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+    pub logprobs: Option<Value>,
+    #[serde(default)]
+    pub echo: bool,
+    pub suffix: Option<String>,
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
+}
+
+/// A prompt as the completions API accepts it.
+#[derive(Debug, Clone)]
+pub enum WirePrompt {
+    Text(String),
+    Ids(Vec<u32>),
+}
+
+/// `prompt`: a string, a list of strings, a list of token ids, or a list of lists of ids.
+pub fn parse_prompts(v: &Value) -> Result<Vec<WirePrompt>, ApiError> {
+    let bad = || {
+        ApiError::invalid_param(
+            "prompt",
+            "prompt must be a string, a list of strings, a list of token ids, or a list of lists of token ids",
+        )
+    };
+    let ids = |a: &Vec<Value>| -> Option<Vec<u32>> {
+        a.iter().map(|x| x.as_u64().and_then(|n| u32::try_from(n).ok())).collect()
+    };
+    let out = match v {
+        Value::String(s) => vec![WirePrompt::Text(s.clone())],
+        Value::Array(a) if a.is_empty() => return Err(ApiError::invalid_param("prompt", "prompt must not be empty")),
+        Value::Array(a) if a.iter().all(|x| x.is_string()) => {
+            a.iter().map(|x| WirePrompt::Text(x.as_str().unwrap_or_default().to_string())).collect()
+        }
+        Value::Array(a) if a.iter().all(|x| x.is_number()) => vec![WirePrompt::Ids(ids(a).ok_or_else(bad)?)],
+        Value::Array(a) if a.iter().all(|x| x.is_array()) => a
+            .iter()
+            .map(|x| x.as_array().and_then(ids).map(WirePrompt::Ids).ok_or_else(bad))
+            .collect::<Result<_, _>>()?,
+        _ => return Err(bad()),
+    };
+    Ok(out)
+}
+
+/// `POST /v1/chat/completions`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChatRequest {
+    pub model: Option<String>,
+    pub messages: Vec<Value>,
+    #[serde(default)]
+    pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+    pub max_completion_tokens: Option<usize>,
+    pub logprobs: Option<bool>,
+    pub top_logprobs: Option<usize>,
+    pub response_format: Option<Value>,
+    pub tools: Option<Value>,
+    pub tool_choice: Option<Value>,
+    pub add_generation_prompt: Option<bool>,
+    #[serde(default)]
+    pub continue_final_message: bool,
+    #[serde(default)]
+    pub echo: bool,
+    pub chat_template: Option<String>,
+    pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
+    pub documents: Option<Value>,
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
+}
+
+/// Messages with list-of-parts content flattened to text (only text parts are accepted).
+pub fn normalize_messages(messages: &[Value]) -> Result<Vec<Value>, ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::invalid_param("messages", "messages must not be empty"));
+    }
+    messages
+        .iter()
+        .map(|m| {
+            let mut m = m.clone();
+            let obj = m
+                .as_object_mut()
+                .ok_or_else(|| ApiError::invalid_param("messages", "each message must be an object"))?;
+            if !obj.get("role").is_some_and(|r| r.is_string()) {
+                return Err(ApiError::invalid_param("messages", "each message needs a string 'role'"));
+            }
+            match obj.get("content") {
+                None | Some(Value::Null) | Some(Value::String(_)) => {}
+                Some(Value::Array(parts)) => {
+                    let mut text = String::new();
+                    for p in parts {
+                        match (p.get("type").and_then(|t| t.as_str()), p.get("text").and_then(|t| t.as_str())) {
+                            (Some("text"), Some(t)) => text.push_str(t),
+                            _ => {
+                                return Err(ApiError::invalid_param(
+                                    "messages",
+                                    "only text content parts are supported",
+                                ))
+                            }
+                        }
+                    }
+                    obj.insert("content".into(), Value::String(text));
+                }
+                Some(_) => {
+                    return Err(ApiError::invalid_param("messages", "content must be a string or a list of parts"))
+                }
+            }
+            Ok(m)
+        })
+        .collect()
+}
+
+/// `POST /generate` (vLLM's simple API).
+#[derive(Debug, Clone, Deserialize)]
+pub struct GenerateRequest {
+    pub prompt: String,
+    #[serde(default)]
+    pub stream: bool,
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
+}
+
+/// `POST /tokenize`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct TokenizeRequest {
+    pub model: Option<String>,
+    pub prompt: Option<String>,
+    pub messages: Option<Vec<Value>>,
+    #[serde(default = "yes")]
+    pub add_special_tokens: bool,
+    #[serde(default = "yes")]
+    pub add_generation_prompt: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `POST /detokenize`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct DetokenizeRequest {
+    pub model: Option<String>,
+    pub tokens: Vec<u32>,
+}

