@@ -1,7 +1,8 @@
 //! `cargo xtask <task>`: project chores.
 //!
 //! - `fetch-model`: make sure the default model is on disk (prints where).
-//! - `test`: fetch what the tests need, then run every test (release profile).
+//! - `test`: fetch what the tests need (the default model, the `openai` Python client in
+//!   `.venv`), then run every test (release profile).
 //! - `ci`: formatting check, clippy with warnings as errors, then `test`.
 
 use std::process::Command;
@@ -50,8 +51,35 @@ fn fetch_model() -> Result<()> {
     Ok(())
 }
 
+/// The Python clients the end-to-end tests drive the server with, in a project-local venv.
+const PY_CLIENTS: &[&str] = &["openai==3.54.0"];
+
+fn python_clients() -> Result<()> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let venv = root.join(".venv");
+    let py = venv.join("bin").join("python");
+    if !py.exists() {
+        eprintln!("xtask: creating {} for the Python test clients", venv.display());
+        let ok = Command::new("python3").args(["-m", "venv"]).arg(&venv).status().context("running python3 -m venv")?;
+        if !ok.success() {
+            bail!("python3 -m venv failed: the end-to-end tests need python3 with venv support");
+        }
+    }
+    eprintln!("xtask: installing {} into {}", PY_CLIENTS.join(" "), venv.display());
+    let ok = Command::new(&py)
+        .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
+        .args(PY_CLIENTS)
+        .status()
+        .context("running pip")?;
+    if !ok.success() {
+        bail!("pip install {} failed", PY_CLIENTS.join(" "));
+    }
+    Ok(())
+}
+
 fn test() -> Result<()> {
     fetch_model()?;
+    python_clients()?;
     cargo(&["test", "--release", "--workspace", "--all-targets"])?;
     cargo(&["test", "--release", "--workspace", "--doc"])
 }

@@ -4,6 +4,7 @@
 //! 127.0.0.1:8000. Flags follow vLLM's (`--model`, `--port`, `--api-key`, ...); `--help`
 //! lists them.
 
+mod batch;
 mod error;
 mod protocol;
 mod routes;
@@ -33,6 +34,20 @@ struct Cli {
 enum Command {
     /// Serve the model over HTTP (the default).
     Serve(ServeArgs),
+    /// Run an OpenAI batch file (JSONL of /v1/completions or /v1/chat/completions requests).
+    RunBatch(BatchArgs),
+}
+
+#[derive(Args, Clone)]
+struct BatchArgs {
+    /// Input JSONL: {"custom_id", "method": "POST", "url", "body"} per line.
+    #[arg(short = 'i', long = "input-file")]
+    input: std::path::PathBuf,
+    /// Output JSONL: {"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}.
+    #[arg(short = 'o', long = "output-file")]
+    output: std::path::PathBuf,
+    #[command(flatten)]
+    serve: ServeArgs,
 }
 
 /// Engine and server flags, named as vLLM's.
@@ -121,7 +136,7 @@ impl ServeArgs {
     }
 }
 
-fn router(state: Arc<AppState>, max_body: usize) -> Router {
+pub(crate) fn router(state: Arc<AppState>, max_body: usize) -> Router {
     Router::new()
         .route("/v1/models", get(routes::models))
         .route("/v1/completions", post(routes::completions))
@@ -156,6 +171,25 @@ async fn shutdown_signal() {
     eprintln!("vllm-server: shutting down (finishing in-flight requests)");
 }
 
+/// Loads the engine and builds the shared state.
+async fn build_state(
+    args: &ServeArgs,
+    metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+) -> Result<Arc<AppState>> {
+    let chat_template = args.chat_template()?;
+    let engine_args = args.engine_args()?;
+    eprintln!("vllm-server: loading {}", engine_args.model);
+    let engine = tokio::task::spawn_blocking(move || AsyncEngine::new(engine_args)).await??;
+    Ok(Arc::new(AppState {
+        engine,
+        model_name: args.served_model_name.clone().unwrap_or_else(|| args.model.clone()),
+        api_key: args.api_key.clone(),
+        chat_template,
+        metrics,
+        next_id: AtomicU64::new(0),
+    }))
+}
+
 async fn serve(args: ServeArgs) -> Result<()> {
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets(&[
@@ -164,18 +198,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
         ])
         .ok()
         .and_then(|b| b.install_recorder().ok());
-    let chat_template = args.chat_template()?;
-    let engine_args = args.engine_args()?;
-    eprintln!("vllm-server: loading {}", engine_args.model);
-    let engine = tokio::task::spawn_blocking(move || AsyncEngine::new(engine_args)).await??;
-    let state = Arc::new(AppState {
-        engine: engine.clone(),
-        model_name: args.served_model_name.clone().unwrap_or_else(|| args.model.clone()),
-        api_key: args.api_key.clone(),
-        chat_template,
-        metrics,
-        next_id: AtomicU64::new(0),
-    });
+    let state = build_state(&args, metrics).await?;
+    let engine = state.engine.clone();
     let addr = format!("{}:{}", args.host, args.port);
     let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("binding {addr}"))?;
     eprintln!("vllm-server: serving {} on http://{addr} (OpenAI-compatible routes under /v1)", state.model_name);
@@ -187,10 +211,18 @@ async fn serve(args: ServeArgs) -> Result<()> {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    let args = match cli.command {
-        Some(Command::Serve(a)) => a,
-        None => cli.serve,
-    };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    rt.block_on(serve(args))
+    match cli.command {
+        Some(Command::Serve(a)) => rt.block_on(serve(a)),
+        None => rt.block_on(serve(cli.serve)),
+        Some(Command::RunBatch(b)) => rt.block_on(async {
+            let mut serve = b.serve.clone();
+            serve.api_key = None;
+            let state = build_state(&serve, None).await?;
+            let engine = state.engine.clone();
+            let r = batch::run(router(state, usize::MAX), &b.input, &b.output).await;
+            tokio::task::spawn_blocking(move || engine.shutdown()).await?;
+            r
+        }),
+    }
 }

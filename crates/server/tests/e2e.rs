@@ -257,9 +257,9 @@ async fn server_end_to_end() {
     drop(r);
     wait_idle(&c, &b).await;
 
-    // Concurrent streaming clients: all complete, nothing leaks.
+    // 64 concurrent streaming clients: all complete, nothing leaks.
     let mut tasks = Vec::new();
-    for i in 0..16 {
+    for i in 0..64 {
         let c = c.clone();
         let b = b.clone();
         tasks.push(tokio::spawn(async move {
@@ -293,7 +293,36 @@ async fn server_end_to_end() {
     ] {
         assert!(text.contains(name), "metric {name} missing");
     }
-    assert!(metric(&c, &b, "vllm:generation_tokens_total").await >= 5.0 * 16.0);
+    assert!(metric(&c, &b, "vllm:generation_tokens_total").await >= 64.0 * 16.0);
+
+    // curl, as in vLLM's quickstart.
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            &format!("{b}/v1/completions"),
+            "-H",
+            "Content-Type: application/json",
+            "-H",
+            &format!("Authorization: Bearer {KEY}"),
+        ])
+        .args(["-d", r#"{"model": "smol", "prompt": "The capital of France is", "max_tokens": 5, "temperature": 0}"#])
+        .output()
+        .expect("curl must be installed for the end-to-end tests");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("curl output {e}: {:?}", out));
+    assert_eq!(v["choices"][0]["text"], full_text.as_str());
+
+    // The official `openai` Python client (installed into .venv by `cargo xtask test`).
+    let python = concat!(env!("CARGO_MANIFEST_DIR"), "/../../.venv/bin/python");
+    assert!(
+        std::path::Path::new(python).exists(),
+        "{python} is missing: run `cargo xtask test`, which creates it with the openai client"
+    );
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/openai_client.py");
+    let out = Command::new(python).args([script, &b, KEY]).output().unwrap();
+    let log = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "openai client checks failed:\n{log}");
+    eprintln!("{}", log.trim());
+    wait_idle(&c, &b).await;
 
     // Graceful shutdown on SIGTERM: exit code 0.
     let mut server = server;
