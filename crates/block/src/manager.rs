@@ -79,7 +79,9 @@ impl KvCacheManager {
 
     /// Finds the longest cached prefix of `tokens`. At least one token is always left to
     /// compute (the last prompt token must run through the model to produce logits).
-    pub fn find_cached_prefix(&mut self, tokens: &[u32], extra: &[u64]) -> CacheHit {
+    /// Pure lookup: statistics are recorded separately ([`Self::record_prefix_lookup`]) once the
+    /// request is admitted, so a request that waits several steps is counted once.
+    pub fn find_cached_prefix(&self, tokens: &[u32], extra: &[u64]) -> CacheHit {
         if !self.pool.caching_enabled() || tokens.is_empty() {
             return CacheHit::default();
         }
@@ -95,9 +97,15 @@ impl KvCacheManager {
             parent = Some(h);
         }
         hit.num_tokens = hit.blocks.len() * self.block_size;
-        self.queries += tokens.len() as u64;
-        self.hits += hit.num_tokens as u64;
         hit
+    }
+
+    /// Counts one admitted request's prefix-cache lookup (queried and hit tokens).
+    pub fn record_prefix_lookup(&mut self, queried: usize, hit: usize) {
+        if self.pool.caching_enabled() {
+            self.queries += queried as u64;
+            self.hits += hit as u64;
+        }
     }
 
     /// Makes room for `seq` to hold `total_tokens` tokens, first adopting `hit` (only for a

@@ -195,11 +195,6 @@ impl Scheduler {
         true
     }
 
-    /// Ends a running or waiting request for a reason decided outside (a stop string).
-    pub fn finish(&mut self, id: SeqId) -> bool {
-        self.abort(id)
-    }
-
     fn preempt(&mut self, id: SeqId) {
         self.kv.free(id);
         self.running.retain(|&r| r != id);
@@ -266,22 +261,16 @@ impl Scheduler {
                 let Some(&id) = self.waiting.front() else {
                     break;
                 };
-                let (hit, total) = {
-                    let r = &self.requests[&id];
-                    let hit = if r.num_computed_tokens == 0 {
-                        let (tokens, extra) = (r.token_ids.clone(), r.cache_extra.clone());
-                        self.kv.find_cached_prefix(&tokens, &extra)
-                    } else {
-                        CacheHit::default()
-                    };
-                    (hit, r.token_ids.len())
-                };
+                let r = &self.requests[&id];
+                let total = r.token_ids.len();
+                let hit = self.kv.find_cached_prefix(&r.token_ids, &r.cache_extra);
                 let computed = hit.num_tokens;
                 let num_new = (total - computed).min(budget);
                 if !self.kv.allocate_slots(id, computed + num_new, &hit) {
                     break;
                 }
                 self.waiting.pop_front();
+                self.kv.record_prefix_lookup(total, computed);
                 let r = self.requests.get_mut(&id).expect("waiting request is tracked");
                 r.num_computed_tokens = computed;
                 if r.num_preemptions == 0 {

@@ -181,6 +181,26 @@ fn finish(o: &RequestOutput) -> (Value, Value) {
     (json!(c.finish_reason.map(|r| r.as_str())), json!(c.stop_reason))
 }
 
+/// A non-streamed response: one choice per output, built by `choice(index, output, reason, stop_reason)`.
+fn full_response(
+    s: &AppState,
+    object: &str,
+    id: &str,
+    outs: &[RequestOutput],
+    choice: impl Fn(usize, &RequestOutput, Value, Value) -> Value,
+) -> Response {
+    let choices: Vec<Value> = outs
+        .iter()
+        .enumerate()
+        .map(|(i, o)| {
+            let (reason, stop_reason) = finish(o);
+            choice(i, o, reason, stop_reason)
+        })
+        .collect();
+    Json(json!({"id": id, "object": object, "created": now(), "model": s.model_name, "choices": choices, "usage": usage(outs)}))
+        .into_response()
+}
+
 /// What a streamed choice looks like for each API.
 #[derive(Clone, Copy, PartialEq)]
 enum Api {
@@ -284,17 +304,13 @@ pub async fn completions(State(s): State<Shared>, body: Result<Bytes, BytesRejec
         return Ok(sse(Api::Completion, id, s.model_name.clone(), streams, usage));
     }
     let outs = collect(streams).await?;
-    let choices: Vec<Value> = outs
-        .iter()
-        .enumerate()
-        .map(|(i, o)| {
-            let (reason, stop_reason) = finish(o);
-            json!({"index": i, "text": o.outputs[0].text, "logprobs": null, "finish_reason": reason, "stop_reason": stop_reason})
-        })
-        .collect();
-    Ok(Json(json!({"id": id, "object": "text_completion", "created": now(), "model": s.model_name,
-        "choices": choices, "usage": usage(&outs)}))
-    .into_response())
+    Ok(full_response(
+        &s,
+        "text_completion",
+        &id,
+        &outs,
+        |i, o, reason, stop_reason| json!({"index": i, "text": o.outputs[0].text, "logprobs": null, "finish_reason": reason, "stop_reason": stop_reason}),
+    ))
 }
 
 pub async fn chat(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
@@ -340,18 +356,10 @@ pub async fn chat(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) 
         return Ok(sse(Api::Chat, id, s.model_name.clone(), streams, usage));
     }
     let outs = collect(streams).await?;
-    let choices: Vec<Value> = outs
-        .iter()
-        .enumerate()
-        .map(|(i, o)| {
-            let (reason, stop_reason) = finish(o);
-            json!({"index": i, "message": {"role": "assistant", "content": o.outputs[0].text, "tool_calls": []},
-                "logprobs": null, "finish_reason": reason, "stop_reason": stop_reason})
-        })
-        .collect();
-    Ok(Json(json!({"id": id, "object": "chat.completion", "created": now(), "model": s.model_name,
-        "choices": choices, "usage": usage(&outs)}))
-    .into_response())
+    Ok(full_response(&s, "chat.completion", &id, &outs, |i, o, reason, stop_reason| {
+        json!({"index": i, "message": {"role": "assistant", "content": o.outputs[0].text, "tool_calls": []},
+            "logprobs": null, "finish_reason": reason, "stop_reason": stop_reason})
+    }))
 }
 
 /// vLLM's simple API: `{"prompt", "stream", ...sampling}` -> `{"text": [prompt + output]}`;
