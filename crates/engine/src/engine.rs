@@ -14,18 +14,76 @@ use vllm_scheduler::{Request, Scheduler, SchedulerConfig, StopConditions};
 use vllm_tokenizer::{IncrementalDetokenizer, Tokenizer};
 
 use crate::args::{EngineArgs, ModelDtype, Quantization};
-use crate::output::{CompletionOutput, FinishReason, Prompt, RequestOutput};
+use crate::output::{CompletionOutput, FinishReason, Logprob, PositionLogprobs, Prompt, RequestOutput};
 use crate::runner::ModelRunner;
 use crate::source::{resolve, ModelFiles};
 use crate::{Error, Result};
 
-struct ReqState {
+/// One generated sequence of a request (a request with `n` or `best_of` > 1 has several).
+struct Child {
+    seq: SeqId,
+    detok: IncrementalDetokenizer,
+    output_ids: Vec<u32>,
+    logprobs: Option<Vec<PositionLogprobs>>,
+    cumulative_logprob: Option<f64>,
+    finish: Option<(FinishReason, Option<u32>)>,
+}
+
+impl Child {
+    fn output(&self, index: usize) -> CompletionOutput {
+        CompletionOutput {
+            index,
+            text: self.detok.text().to_string(),
+            token_ids: self.output_ids.clone(),
+            finish_reason: self.finish.map(|f| f.0),
+            stop_reason: self.finish.and_then(|f| f.1),
+            cumulative_logprob: self.cumulative_logprob,
+            logprobs: self.logprobs.clone(),
+        }
+    }
+}
+
+/// A request: its prompt and its sequences. Parallel samples are separate scheduler requests
+/// sharing the prompt's KV blocks through the prefix cache (vLLM V1's fan-out).
+struct Group {
     request_id: String,
     prompt: Option<String>,
     prompt_ids: Vec<u32>,
-    detok: IncrementalDetokenizer,
-    output_ids: Vec<u32>,
+    /// Sequences returned (the best `n` of `children` when `best_of` > `n`).
+    n: usize,
+    children: Vec<Child>,
     num_cached_tokens: usize,
+}
+
+impl Group {
+    fn finished(&self) -> bool {
+        self.children.iter().all(|c| c.finish.is_some())
+    }
+
+    /// The request's output now; `None` while a `best_of` request is still running (its
+    /// candidates are only ranked once all are done).
+    fn output(&self) -> Option<RequestOutput> {
+        let finished = self.finished();
+        let outputs: Vec<CompletionOutput> = if self.children.len() > self.n {
+            if !finished {
+                return None;
+            }
+            let mut order: Vec<usize> = (0..self.children.len()).collect();
+            let score = |i: usize| self.children[i].cumulative_logprob.unwrap_or(f64::NEG_INFINITY);
+            order.sort_by(|&a, &b| score(b).total_cmp(&score(a)).then(a.cmp(&b)));
+            order.iter().take(self.n).enumerate().map(|(k, &i)| self.children[i].output(k)).collect()
+        } else {
+            self.children.iter().enumerate().map(|(i, c)| c.output(i)).collect()
+        };
+        Some(RequestOutput {
+            request_id: self.request_id.clone(),
+            prompt: self.prompt.clone(),
+            prompt_token_ids: self.prompt_ids.clone(),
+            outputs,
+            finished,
+            num_cached_tokens: self.num_cached_tokens,
+        })
+    }
 }
 
 /// Engine-wide statistics.
@@ -54,9 +112,10 @@ pub struct LLMEngine {
     scheduler: Scheduler,
     runner: ModelRunner,
     tokenizer: Tokenizer,
-    states: HashMap<SeqId, ReqState>,
+    groups: HashMap<String, Group>,
+    /// Each running sequence's request id and child index.
+    owners: HashMap<SeqId, (String, usize)>,
     samplers: HashMap<SeqId, SeqSampler>,
-    ids: HashMap<String, SeqId>,
     next_seq: SeqId,
     seed_rng: ChaCha8Rng,
     max_model_len: usize,
@@ -135,9 +194,9 @@ impl LLMEngine {
             scheduler,
             runner,
             tokenizer,
-            states: HashMap::new(),
+            groups: HashMap::new(),
+            owners: HashMap::new(),
             samplers: HashMap::new(),
-            ids: HashMap::new(),
             next_seq: 0,
             seed_rng: ChaCha8Rng::seed_from_u64(args.seed),
             max_model_len,
@@ -194,10 +253,11 @@ impl LLMEngine {
         Ok(ids)
     }
 
-    /// Queues a request. Everything is validated first: nothing is queued on error.
+    /// Queues a request (with `n` / `best_of` > 1, one sequence per sample, all sharing the
+    /// prompt's blocks). Everything is validated first: nothing is queued on error.
     pub fn add_request(&mut self, request_id: impl Into<String>, prompt: Prompt, params: SamplingParams) -> Result<()> {
         let request_id = request_id.into();
-        if self.ids.contains_key(&request_id) {
+        if self.groups.contains_key(&request_id) {
             return Err(Error::DuplicateRequestId(request_id));
         }
         params.validate(self.runner.model().vocab_size())?;
@@ -213,38 +273,57 @@ impl LLMEngine {
             stop_token_ids: params.stop_token_ids.clone(),
             ignore_eos: params.ignore_eos,
         };
-        let seq = self.next_seq;
-        self.scheduler.add_request(Request::new(seq, prompt_ids.clone(), stop))?;
-        self.next_seq += 1;
-        let fallback_seed = self.seed_rng.next_u64();
-        let detok = IncrementalDetokenizer::new(&prompt_ids, params.skip_special_tokens);
-        self.samplers.insert(seq, SeqSampler::new(params, fallback_seed));
+        let num_seqs = params.num_sequences();
+        // Check that the request can ever fit before queueing any of its sequences.
+        let first = self.next_seq;
+        self.scheduler.add_request(Request::new(first, prompt_ids.clone(), stop.clone()))?;
+        let mut children = Vec::with_capacity(num_seqs);
+        for i in 0..num_seqs {
+            let seq = first + i as SeqId;
+            if i > 0 {
+                self.scheduler.add_request(Request::new(seq, prompt_ids.clone(), stop.clone()))?;
+            }
+            // Sample i of a seeded request uses seed + i (vLLM's parallel sampling).
+            let fallback_seed = self.seed_rng.next_u64();
+            let child_params = SamplingParams { seed: params.seed.map(|s| s.wrapping_add(i as u64)), ..params.clone() };
+            self.samplers.insert(seq, SeqSampler::new(child_params, fallback_seed));
+            self.owners.insert(seq, (request_id.clone(), i));
+            children.push(Child {
+                seq,
+                detok: IncrementalDetokenizer::new(&prompt_ids, params.skip_special_tokens),
+                output_ids: Vec::new(),
+                logprobs: params.logprobs.map(|_| Vec::new()),
+                cumulative_logprob: params.needs_logprobs().then_some(0.0),
+                finish: None,
+            });
+        }
+        self.next_seq += num_seqs as SeqId;
         let prompt = match prompt {
             Prompt::Text(t) => Some(t),
             Prompt::TokenIds(_) => None,
         };
-        self.states.insert(
-            seq,
-            ReqState {
-                request_id: request_id.clone(),
-                prompt,
-                prompt_ids,
-                detok,
-                output_ids: Vec::new(),
-                num_cached_tokens: 0,
-            },
+        self.groups.insert(
+            request_id.clone(),
+            Group { request_id, prompt, prompt_ids, n: params.n, children, num_cached_tokens: 0 },
         );
-        self.ids.insert(request_id, seq);
         Ok(())
     }
 
     /// Aborts a request: its blocks are freed now. Returns its final output, if it was known.
     pub fn abort_request(&mut self, request_id: &str) -> Option<RequestOutput> {
-        let seq = self.ids.remove(request_id)?;
-        self.scheduler.abort(seq);
-        self.samplers.remove(&seq);
-        let st = self.states.remove(&seq)?;
-        Some(Self::output(&st, Some(FinishReason::Abort), None, st.num_cached_tokens))
+        let mut group = self.groups.remove(request_id)?;
+        for c in &mut group.children {
+            if c.finish.is_none() {
+                self.scheduler.abort(c.seq);
+                c.finish = Some((FinishReason::Abort, None));
+            }
+            self.samplers.remove(&c.seq);
+            self.owners.remove(&c.seq);
+        }
+        group.n = group.n.min(group.children.len());
+        // An aborted best_of request returns its first n candidates unranked.
+        group.children.truncate(group.n);
+        group.output()
     }
 
     /// Whether any request is unfinished.
@@ -252,20 +331,21 @@ impl LLMEngine {
         self.scheduler.has_unfinished()
     }
 
-    fn output(st: &ReqState, finish: Option<FinishReason>, stop_reason: Option<u32>, cached: usize) -> RequestOutput {
-        RequestOutput {
-            request_id: st.request_id.clone(),
-            prompt: st.prompt.clone(),
-            prompt_token_ids: st.prompt_ids.clone(),
-            outputs: vec![CompletionOutput {
-                index: 0,
-                text: st.detok.text().to_string(),
-                token_ids: st.output_ids.clone(),
-                finish_reason: finish,
-                stop_reason,
-            }],
-            finished: finish.is_some(),
-            num_cached_tokens: cached,
+    fn position_logprobs(&self, token: u32, lp: &vllm_sampler::TokenLogprobs) -> PositionLogprobs {
+        let decode = |id: u32| self.tokenizer.decode(&[id], false).unwrap_or_default();
+        PositionLogprobs {
+            sampled: Logprob { token_id: token, logprob: lp.logprob, rank: lp.rank, decoded_token: decode(token) },
+            top: lp
+                .top
+                .iter()
+                .enumerate()
+                .map(|(r, &(id, logprob))| Logprob {
+                    token_id: id,
+                    logprob,
+                    rank: r as u32 + 1,
+                    decoded_token: decode(id),
+                })
+                .collect(),
         }
     }
 
@@ -277,7 +357,7 @@ impl LLMEngine {
         }
         let mut logits = self.runner.execute(&out)?;
         let sample_ids: Vec<SeqId> = out.seqs.iter().filter(|s| s.sample).map(|s| s.id).collect();
-        let tokens = if sample_ids.is_empty() {
+        let samples = if sample_ids.is_empty() {
             Vec::new()
         } else {
             let vocab = logits.len() / sample_ids.len();
@@ -286,39 +366,72 @@ impl LLMEngine {
                 .map(|id| self.samplers.remove(id).expect("scheduled request has a sampler"))
                 .collect();
             let mut refs: Vec<&mut SeqSampler> = taken.iter_mut().collect();
-            let tokens = sample_batch(&mut logits, vocab, &mut refs);
+            let samples = sample_batch(&mut logits, vocab, &mut refs);
             for (id, s) in sample_ids.iter().zip(taken) {
                 self.samplers.insert(*id, s);
             }
-            tokens
+            samples
         };
         for s in &out.seqs {
-            if let (Some(st), Some(r)) = (self.states.get_mut(&s.id), self.scheduler.request(s.id)) {
-                st.num_cached_tokens = r.num_cached_tokens;
+            if let (Some((rid, 0)), Some(r)) = (self.owners.get(&s.id), self.scheduler.request(s.id)) {
+                if let Some(g) = self.groups.get_mut(rid) {
+                    g.num_cached_tokens = r.num_cached_tokens;
+                }
             }
         }
-        let updates = self.scheduler.update_from_output(&out, &tokens);
-        let mut outputs = Vec::with_capacity(updates.len());
+        let token_ids: Vec<u32> = samples.iter().map(|s| s.token).collect();
+        let mut sample_of: HashMap<SeqId, vllm_sampler::Sample> = sample_ids.into_iter().zip(samples).collect();
+        let updates = self.scheduler.update_from_output(&out, &token_ids);
+        let mut touched: Vec<String> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         for u in updates {
-            let Some(st) = self.states.get_mut(&u.id) else {
+            let Some((rid, idx)) = self.owners.get(&u.id).cloned() else {
                 continue;
             };
-            st.output_ids.push(u.new_token);
-            st.detok.push(&self.tokenizer, u.new_token)?;
-            let (finish, stop_reason) = match u.finished {
-                None => (None, None),
-                Some(vllm_scheduler::FinishReason::Stop(t)) => {
-                    let eos = self.tokenizer.eos_token_ids().contains(&t);
-                    (Some(FinishReason::Stop), if eos { None } else { Some(t) })
-                }
-                Some(vllm_scheduler::FinishReason::Length) => (Some(FinishReason::Length), None),
-                Some(vllm_scheduler::FinishReason::Abort) => (Some(FinishReason::Abort), None),
+            let lp = sample_of
+                .remove(&u.id)
+                .and_then(|s| s.logprobs)
+                .map(|lp| (lp.logprob, self.position_logprobs(u.new_token, &lp)));
+            let eos = self.tokenizer.eos_token_ids().to_vec();
+            let Some(g) = self.groups.get_mut(&rid) else {
+                continue;
             };
-            outputs.push(Self::output(st, finish, stop_reason, st.num_cached_tokens));
-            if finish.is_some() {
-                self.ids.remove(&st.request_id);
-                self.states.remove(&u.id);
+            let c = &mut g.children[idx];
+            c.output_ids.push(u.new_token);
+            c.detok.push(&self.tokenizer, u.new_token)?;
+            if let Some((logprob, pos)) = lp {
+                if let Some(cum) = c.cumulative_logprob.as_mut() {
+                    *cum += logprob as f64;
+                }
+                if let Some(v) = c.logprobs.as_mut() {
+                    v.push(pos);
+                }
+            }
+            c.finish = match u.finished {
+                None => None,
+                Some(vllm_scheduler::FinishReason::Stop(t)) => {
+                    Some((FinishReason::Stop, if eos.contains(&t) { None } else { Some(t) }))
+                }
+                Some(vllm_scheduler::FinishReason::Length) => Some((FinishReason::Length, None)),
+                Some(vllm_scheduler::FinishReason::Abort) => Some((FinishReason::Abort, None)),
+            };
+            if c.finish.is_some() {
+                self.owners.remove(&u.id);
                 self.samplers.remove(&u.id);
+            }
+            if seen.insert(rid.clone()) {
+                touched.push(rid);
+            }
+        }
+        let mut outputs = Vec::with_capacity(touched.len());
+        for rid in touched {
+            let Some(g) = self.groups.get(&rid) else { continue };
+            let done = g.finished();
+            if let Some(o) = g.output() {
+                outputs.push(o);
+            }
+            if done {
+                self.groups.remove(&rid);
             }
         }
         Ok(outputs)

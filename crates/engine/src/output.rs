@@ -66,6 +66,28 @@ impl std::fmt::Display for FinishReason {
     }
 }
 
+/// A token with its log probability (vLLM's `Logprob`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Logprob {
+    /// The token id.
+    pub token_id: u32,
+    /// Its log probability under the model's raw distribution.
+    pub logprob: f32,
+    /// Its rank among all tokens (1 = most likely).
+    pub rank: u32,
+    /// The token decoded on its own.
+    pub decoded_token: String,
+}
+
+/// Log probabilities at one generated position: the sampled token and the top-k alternatives.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PositionLogprobs {
+    /// The token that was sampled.
+    pub sampled: Logprob,
+    /// The `logprobs` most likely tokens, most likely first (may include the sampled one).
+    pub top: Vec<Logprob>,
+}
+
 /// One generated sequence (vLLM's `CompletionOutput`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CompletionOutput {
@@ -79,6 +101,10 @@ pub struct CompletionOutput {
     pub finish_reason: Option<FinishReason>,
     /// The stop token id that ended the sequence, if one did (vLLM's `stop_reason`).
     pub stop_reason: Option<u32>,
+    /// Sum of the sampled tokens' log probabilities (when log probabilities were computed).
+    pub cumulative_logprob: Option<f64>,
+    /// Per generated token, when `logprobs` was requested.
+    pub logprobs: Option<Vec<PositionLogprobs>>,
 }
 
 impl CompletionOutput {

@@ -11,11 +11,11 @@
 //! let mut seeded = SeqSampler::new(SamplingParams { seed: Some(1), top_p: 0.9, ..Default::default() }, 0);
 //! let mut logits = vec![0.0, 4.0, 1.0, /* row 2 */ 0.5, 0.1, 0.2];
 //! let tokens = sample_batch(&mut logits, 3, &mut [&mut greedy, &mut seeded]);
-//! assert_eq!(tokens[0], 1);
+//! assert_eq!(tokens[0].token, 1);
 //! ```
 
 mod params;
 mod sampler;
 
-pub use params::{InvalidParam, SamplingParams, SAMPLING_EPS};
-pub use sampler::{argmax, sample_batch, SeqSampler};
+pub use params::{InvalidParam, SamplingParams, MAX_LOGPROBS, SAMPLING_EPS};
+pub use sampler::{argmax, log_sum_exp, sample_batch, top_k_indices, Sample, SeqSampler, TokenLogprobs};

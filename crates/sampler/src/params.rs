@@ -20,8 +20,11 @@ fn invalid(param: &'static str, message: impl Into<String>) -> InvalidParam {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct SamplingParams {
-    /// Output sequences per prompt (only 1 is supported so far).
+    /// Output sequences returned per prompt.
     pub n: usize,
+    /// Sequences generated per prompt (`>= n`, default `n`); the `n` with the highest
+    /// cumulative log probability are returned.
+    pub best_of: Option<usize>,
     /// Randomness: 0 is greedy; higher is more random.
     pub temperature: f32,
     /// Nucleus sampling: keep the smallest set of tokens whose probability sums to `top_p`.
@@ -42,12 +45,17 @@ pub struct SamplingParams {
     pub stop_token_ids: Vec<u32>,
     /// Drop special tokens from the output text.
     pub skip_special_tokens: bool,
+    /// Return the sampled token's log probability and the `logprobs` most likely tokens' at
+    /// each step (`Some(0)`: the sampled token's only). Computed from the model's raw
+    /// distribution, before temperature and filtering (vLLM's default `raw_logprobs`).
+    pub logprobs: Option<usize>,
 }
 
 impl Default for SamplingParams {
     fn default() -> Self {
         Self {
             n: 1,
+            best_of: None,
             temperature: 1.0,
             top_p: 1.0,
             top_k: 0,
@@ -58,9 +66,13 @@ impl Default for SamplingParams {
             ignore_eos: false,
             stop_token_ids: Vec::new(),
             skip_special_tokens: true,
+            logprobs: None,
         }
     }
 }
+
+/// The most top log probabilities a request may ask for (vLLM's default `max_logprobs`).
+pub const MAX_LOGPROBS: usize = 20;
 
 /// Below this temperature sampling is greedy (vLLM's `_SAMPLING_EPS`).
 pub const SAMPLING_EPS: f32 = 1e-5;
@@ -69,6 +81,17 @@ impl SamplingParams {
     /// Greedy decoding of up to `max_tokens` tokens.
     pub fn greedy(max_tokens: usize) -> Self {
         Self { temperature: 0.0, max_tokens: Some(max_tokens), ..Self::default() }
+    }
+
+    /// Sequences generated for the prompt (`best_of`, or `n`).
+    pub fn num_sequences(&self) -> usize {
+        self.best_of.unwrap_or(self.n).max(self.n)
+    }
+
+    /// Whether the sampled tokens' log probabilities are needed (asked for, or to rank
+    /// `best_of` candidates).
+    pub fn needs_logprobs(&self) -> bool {
+        self.logprobs.is_some() || self.num_sequences() > self.n
     }
 
     /// Whether the request is decoded greedily.
@@ -83,8 +106,18 @@ impl SamplingParams {
 
     /// Checks every field against its allowed range.
     pub fn validate(&self, vocab_size: usize) -> Result<(), InvalidParam> {
-        if self.n != 1 {
-            return Err(invalid("n", format!("only n = 1 is supported so far, got {}", self.n)));
+        if self.n == 0 {
+            return Err(invalid("n", "must be at least 1, got 0"));
+        }
+        if let Some(b) = self.best_of {
+            if b < self.n {
+                return Err(invalid("best_of", format!("must be >= n ({}), got {b}", self.n)));
+            }
+        }
+        if let Some(k) = self.logprobs {
+            if k > MAX_LOGPROBS {
+                return Err(invalid("logprobs", format!("must be at most {MAX_LOGPROBS}, got {k}")));
+            }
         }
         if !self.temperature.is_finite() || self.temperature < 0.0 {
             return Err(invalid("temperature", format!("must be >= 0, got {}", self.temperature)));
@@ -138,7 +171,9 @@ mod tests {
             (SamplingParams { max_tokens: Some(0), ..Default::default() }, "max_tokens"),
             (SamplingParams { min_tokens: 20, ..Default::default() }, "min_tokens"),
             (SamplingParams { stop_token_ids: vec![99], ..Default::default() }, "stop_token_ids"),
-            (SamplingParams { n: 2, ..Default::default() }, "n"),
+            (SamplingParams { n: 0, ..Default::default() }, "n"),
+            (SamplingParams { n: 3, best_of: Some(2), ..Default::default() }, "best_of"),
+            (SamplingParams { logprobs: Some(21), ..Default::default() }, "logprobs"),
         ];
         for (p, name) in cases {
             assert_eq!(p.validate(50).unwrap_err().param, name);

@@ -26,13 +26,72 @@ impl SeqSampler {
         &self.params
     }
 
-    /// Samples one token from a row of logits (the row is used as scratch space).
-    pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
-        if self.params.is_greedy() {
-            return argmax(logits);
-        }
-        sample_random(logits, &self.params, &mut self.rng)
+    /// Samples one token from a row of logits (the row is used as scratch space), with its
+    /// log probabilities when the parameters ask for them.
+    pub fn sample(&mut self, logits: &mut [f32]) -> Sample {
+        let raw = self.params.needs_logprobs().then(|| logits.to_vec());
+        let token =
+            if self.params.is_greedy() { argmax(logits) } else { sample_random(logits, &self.params, &mut self.rng) };
+        let logprobs = raw.map(|raw| TokenLogprobs::new(&raw, token, self.params.logprobs.unwrap_or(0)));
+        Sample { token, logprobs }
     }
+}
+
+/// One sampled token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    /// The token id.
+    pub token: u32,
+    /// Its log probabilities, when requested.
+    pub logprobs: Option<TokenLogprobs>,
+}
+
+/// Log probabilities at one position, from the raw (unprocessed) distribution.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    /// The chosen token's log probability.
+    pub logprob: f32,
+    /// The chosen token's rank (1 = most likely).
+    pub rank: u32,
+    /// The `k` most likely tokens, most likely first (lower id first on ties).
+    pub top: Vec<(u32, f32)>,
+}
+
+impl TokenLogprobs {
+    /// Log probabilities of `token` and the `k` most likely entries of a raw logits row.
+    pub fn new(raw: &[f32], token: u32, k: usize) -> Self {
+        let lse = log_sum_exp(raw);
+        let chosen = raw[token as usize];
+        let rank = 1 + raw.iter().filter(|&&v| v > chosen).count() as u32;
+        let top = top_k_indices(raw, k).into_iter().map(|i| (i, raw[i as usize] - lse)).collect();
+        Self { logprob: chosen - lse, rank, top }
+    }
+}
+
+/// `log(sum(exp(row)))`, computed stably.
+pub fn log_sum_exp(row: &[f32]) -> f32 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if !max.is_finite() {
+        return max;
+    }
+    let sum: f64 = row.iter().map(|&v| ((v - max) as f64).exp()).sum();
+    max + sum.ln() as f32
+}
+
+/// Indices of the `k` largest values, largest first (lower index first on ties).
+pub fn top_k_indices(row: &[f32], k: usize) -> Vec<u32> {
+    let k = k.min(row.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    let by_desc = |a: &u32, b: &u32| row[*b as usize].total_cmp(&row[*a as usize]).then(a.cmp(b));
+    let mut idx: Vec<u32> = (0..row.len() as u32).collect();
+    if k < idx.len() {
+        idx.select_nth_unstable_by(k - 1, by_desc);
+        idx.truncate(k);
+    }
+    idx.sort_unstable_by(by_desc);
+    idx
 }
 
 /// Index of the largest value (the first one on ties); NaN never wins.
@@ -98,10 +157,10 @@ fn sample_random(logits: &mut [f32], p: &SamplingParams, rng: &mut ChaCha8Rng) -
 
 /// Samples one token per row of `logits` (`[rows, vocab]` flattened), row `i` with `seqs[i]`.
 /// Rows are independent: the result of a row never depends on the others.
-pub fn sample_batch(logits: &mut [f32], vocab: usize, seqs: &mut [&mut SeqSampler]) -> Vec<u32> {
+pub fn sample_batch(logits: &mut [f32], vocab: usize, seqs: &mut [&mut SeqSampler]) -> Vec<Sample> {
     assert_eq!(logits.len(), vocab * seqs.len(), "one logits row per sequence");
-    if seqs.iter().all(|s| s.params.is_greedy()) {
-        return logits.chunks(vocab).map(argmax).collect();
+    if seqs.iter().all(|s| s.params.is_greedy() && !s.params.needs_logprobs()) {
+        return logits.chunks(vocab).map(|r| Sample { token: argmax(r), logprobs: None }).collect();
     }
     logits.par_chunks_mut(vocab).zip(seqs.par_iter_mut()).map(|(row, s)| s.sample(row)).collect()
 }
@@ -117,7 +176,7 @@ mod tests {
     #[test]
     fn greedy_is_argmax() {
         let mut s = SeqSampler::new(SamplingParams::greedy(4), 0);
-        assert_eq!(s.sample(&mut [0.1, 3.0, -1.0, 3.0]), 1);
+        assert_eq!(s.sample(&mut [0.1, 3.0, -1.0, 3.0]).token, 1);
     }
 
     #[test]
@@ -126,14 +185,14 @@ mod tests {
         let p = SamplingParams { seed: Some(7), ..params(1.0) };
         let alone: Vec<u32> = {
             let mut s = SeqSampler::new(p.clone(), 0);
-            (0..20).map(|_| s.sample(&mut row.clone())).collect()
+            (0..20).map(|_| s.sample(&mut row.clone()).token).collect()
         };
         let mut a = SeqSampler::new(p, 0);
         let mut b = SeqSampler::new(params(1.0), 99);
         let mut batched = Vec::new();
         for _ in 0..20 {
             let mut l = [row.clone(), row.clone()].concat();
-            batched.push(sample_batch(&mut l, 100, &mut [&mut a, &mut b])[0]);
+            batched.push(sample_batch(&mut l, 100, &mut [&mut a, &mut b])[0].token);
         }
         assert_eq!(alone, batched);
     }
@@ -144,8 +203,39 @@ mod tests {
         for p in [SamplingParams { top_k: 1, ..params(1.0) }, SamplingParams { top_p: 1e-6, ..params(1.0) }] {
             let mut s = SeqSampler::new(p, 3);
             for _ in 0..50 {
-                assert_eq!(s.sample(&mut row.clone()), 2);
+                assert_eq!(s.sample(&mut row.clone()).token, 2);
             }
+        }
+    }
+
+    #[test]
+    fn logprobs_come_from_the_raw_distribution() {
+        // Raw probabilities 0.5 / 0.25 / 0.125 / 0.125, whatever the temperature.
+        let row = vec![0.125f32.ln(), 0.5f32.ln(), 0.25f32.ln(), 0.125f32.ln()];
+        let p = SamplingParams { temperature: 0.0, logprobs: Some(3), ..Default::default() };
+        let mut s = SeqSampler::new(p, 0);
+        let out = s.sample(&mut row.clone());
+        assert_eq!(out.token, 1);
+        let lp = out.logprobs.expect("logprobs were asked for");
+        assert!((lp.logprob - 0.5f32.ln()).abs() < 1e-6);
+        assert_eq!(lp.rank, 1);
+        let ids: Vec<u32> = lp.top.iter().map(|t| t.0).collect();
+        assert_eq!(ids, vec![1, 2, 0], "most likely first, lower id first on ties");
+        assert!((lp.top[1].1 - 0.25f32.ln()).abs() < 1e-6);
+        // A sampled token's rank counts the strictly more likely tokens.
+        let p = SamplingParams { temperature: 1.0, logprobs: Some(0), seed: Some(3), ..Default::default() };
+        let mut s = SeqSampler::new(p, 0);
+        for _ in 0..50 {
+            let out = s.sample(&mut row.clone());
+            let lp = out.logprobs.unwrap();
+            assert!(lp.top.is_empty());
+            let expected_rank = match out.token {
+                1 => 1,
+                2 => 2,
+                _ => 3,
+            };
+            assert_eq!(lp.rank, expected_rank);
+            assert!((lp.logprob - row[out.token as usize]).abs() < 1e-6);
         }
     }
 
@@ -155,7 +245,7 @@ mod tests {
         let row = vec![3.0, 2.0, 0.0, 0.0];
         let mut s = SeqSampler::new(SamplingParams { min_p: 0.1, ..params(1.0) }, 1);
         for _ in 0..200 {
-            assert!(s.sample(&mut row.clone()) < 2);
+            assert!(s.sample(&mut row.clone()).token < 2);
         }
     }
 
@@ -166,7 +256,7 @@ mod tests {
         let mut s = SeqSampler::new(params(1.0), 5);
         let mut counts = [0usize; 3];
         for _ in 0..20_000 {
-            counts[s.sample(&mut row.clone()) as usize] += 1;
+            counts[s.sample(&mut row.clone()).token as usize] += 1;
         }
         let f0 = counts[0] as f64 / 20_000.0;
         assert!((f0 - 0.5).abs() < 0.02, "token 0 frequency {f0}");

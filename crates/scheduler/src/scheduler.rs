@@ -219,6 +219,15 @@ impl Scheduler {
         }
     }
 
+    /// Registers the blocks this step fills in the prefix cache right away, so that a request
+    /// admitted later in the same step with the same prefix (a parallel sample, a shared system
+    /// prompt) reuses them instead of computing them again. Safe because every layer writes the
+    /// whole batch's K/V before any attention reads it, and a failed step fails every request.
+    fn cache_scheduled_blocks(&mut self, id: SeqId, num_tokens: usize) {
+        let r = &self.requests[&id];
+        self.kv.cache_full_blocks(id, &r.token_ids, num_tokens, &r.cache_extra);
+    }
+
     /// Plans the next step.
     pub fn schedule(&mut self) -> SchedulerOutput {
         let mut out = SchedulerOutput::default();
@@ -250,6 +259,7 @@ impl Scheduler {
             if !fits {
                 break;
             }
+            self.cache_scheduled_blocks(id, computed + num_new);
             out.seqs.push(self.scheduled(id, num_new));
             budget -= num_new;
             i += 1;
@@ -278,6 +288,7 @@ impl Scheduler {
                 }
                 r.status = Status::Running;
                 self.running.push(id);
+                self.cache_scheduled_blocks(id, computed + num_new);
                 out.seqs.push(self.scheduled(id, num_new));
                 budget -= num_new;
             }

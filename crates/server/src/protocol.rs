@@ -43,15 +43,9 @@ pub struct SamplingFields {
 }
 
 impl SamplingFields {
-    /// Builds engine parameters; `max_tokens` falls back to `default_max_tokens`.
+    /// Builds engine parameters; `max_tokens` falls back to `default_max_tokens`. Value ranges
+    /// are checked by the engine (`SamplingParams::validate`), which names the parameter.
     pub fn to_params(&self, default_max_tokens: Option<usize>) -> Result<SamplingParams, ApiError> {
-        let n = self.n.unwrap_or(1);
-        if n != 1 {
-            return Err(ApiError::unsupported("n", "greater than 1"));
-        }
-        if self.best_of.is_some_and(|b| b > 1) {
-            return Err(ApiError::unsupported("best_of", "greater than 1"));
-        }
         match &self.stop {
             None | Some(Value::Null) => {}
             Some(Value::Array(a)) if a.is_empty() => {}
@@ -82,7 +76,9 @@ impl SamplingFields {
         }
         let d = SamplingParams::default();
         Ok(SamplingParams {
-            n: 1,
+            n: self.n.unwrap_or(1),
+            best_of: self.best_of,
+            logprobs: None,
             temperature: self.temperature.unwrap_or(d.temperature),
             top_p: self.top_p.unwrap_or(d.top_p),
             top_k: self.top_k.unwrap_or(d.top_k),
@@ -111,7 +107,7 @@ pub struct CompletionRequest {
     #[serde(default)]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
-    pub logprobs: Option<Value>,
+    pub logprobs: Option<usize>,
     #[serde(default)]
     pub echo: bool,
     pub suffix: Option<String>,

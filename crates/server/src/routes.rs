@@ -18,7 +18,9 @@ use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
-use vllm_engine::{AsyncEngine, OutputStream, Prompt, RequestOutput, SamplingParams};
+use vllm_engine::{
+    AsyncEngine, CompletionOutput, Logprob, OutputStream, PositionLogprobs, Prompt, RequestOutput, SamplingParams,
+};
 use vllm_tokenizer::ChatRequest as TemplateRequest;
 
 use crate::error::ApiError;
@@ -172,49 +174,141 @@ async fn collect(streams: Vec<OutputStream>) -> Result<Vec<RequestOutput>, ApiEr
 
 fn usage(outs: &[RequestOutput]) -> Value {
     let p: usize = outs.iter().map(|o| o.prompt_token_ids.len()).sum();
-    let c: usize = outs.iter().map(|o| o.outputs[0].token_ids.len()).sum();
+    let c: usize = outs.iter().flat_map(|o| &o.outputs).map(|c| c.token_ids.len()).sum();
     json!({"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c})
 }
 
-fn finish(o: &RequestOutput) -> (Value, Value) {
-    let c = &o.outputs[0];
-    (json!(c.finish_reason.map(|r| r.as_str())), json!(c.stop_reason))
-}
-
-/// A non-streamed response: one choice per output, built by `choice(index, output, reason, stop_reason)`.
-fn full_response(
-    s: &AppState,
-    object: &str,
-    id: &str,
-    outs: &[RequestOutput],
-    choice: impl Fn(usize, &RequestOutput, Value, Value) -> Value,
-) -> Response {
-    let choices: Vec<Value> = outs
-        .iter()
-        .enumerate()
-        .map(|(i, o)| {
-            let (reason, stop_reason) = finish(o);
-            choice(i, o, reason, stop_reason)
-        })
-        .collect();
-    Json(json!({"id": id, "object": object, "created": now(), "model": s.model_name, "choices": choices, "usage": usage(outs)}))
-        .into_response()
-}
-
-/// What a streamed choice looks like for each API.
+/// What a choice looks like for each API.
 #[derive(Clone, Copy, PartialEq)]
 enum Api {
     Completion,
     Chat,
 }
 
+/// How choices are rendered: which API, what to echo before each prompt's output, whether
+/// log probabilities are shown (and how many alternatives).
+#[derive(Clone)]
+struct Render {
+    api: Api,
+    /// Per prompt: text put before the generated text (`echo`).
+    echo: Vec<String>,
+    top_logprobs: Option<usize>,
+}
+
+/// OpenAI's completions `logprobs` object for a run of positions; `offset` is the text offset
+/// (in characters) of the first token.
+fn completion_logprobs(positions: &[PositionLogprobs], mut offset: usize) -> Value {
+    let mut tokens = Vec::new();
+    let mut token_logprobs = Vec::new();
+    let mut top = Vec::new();
+    let mut offsets = Vec::new();
+    for p in positions {
+        tokens.push(json!(p.sampled.decoded_token));
+        token_logprobs.push(json!(p.sampled.logprob));
+        let mut m = serde_json::Map::new();
+        for t in &p.top {
+            m.entry(t.decoded_token.clone()).or_insert(json!(t.logprob));
+        }
+        m.entry(p.sampled.decoded_token.clone()).or_insert(json!(p.sampled.logprob));
+        top.push(Value::Object(m));
+        offsets.push(json!(offset));
+        offset += p.sampled.decoded_token.chars().count();
+    }
+    json!({"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets})
+}
+
+/// OpenAI's chat `logprobs` object (`{"content": [...]}`) for a run of positions.
+fn chat_logprobs(positions: &[PositionLogprobs], k: usize) -> Value {
+    let entry =
+        |t: &Logprob| json!({"token": t.decoded_token, "logprob": t.logprob, "bytes": t.decoded_token.as_bytes()});
+    let content: Vec<Value> = positions
+        .iter()
+        .map(|p| {
+            let mut e = entry(&p.sampled);
+            e["top_logprobs"] = Value::Array(p.top.iter().take(k).map(entry).collect());
+            e
+        })
+        .collect();
+    json!({"content": content})
+}
+
+impl Render {
+    /// One choice: `text` and `positions` are the new part (everything for a full response);
+    /// `offset` is the character offset of `text` in the choice's whole text.
+    fn choice(
+        &self,
+        index: usize,
+        c: &CompletionOutput,
+        text: &str,
+        positions: &[PositionLogprobs],
+        offset: usize,
+        stream: bool,
+    ) -> Value {
+        let reason = json!(c.finish_reason.map(|r| r.as_str()));
+        let logprobs = match (self.top_logprobs, c.logprobs.is_some()) {
+            (Some(k), true) => match self.api {
+                Api::Completion => completion_logprobs(positions, offset),
+                Api::Chat => chat_logprobs(positions, k),
+            },
+            _ => Value::Null,
+        };
+        match (self.api, stream) {
+            (Api::Completion, _) => {
+                json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason, "stop_reason": c.stop_reason})
+            }
+            (Api::Chat, false) => {
+                json!({"index": index, "message": {"role": "assistant", "content": text, "tool_calls": []},
+                "logprobs": logprobs, "finish_reason": reason, "stop_reason": c.stop_reason})
+            }
+            (Api::Chat, true) => {
+                let d = if text.is_empty() { json!({}) } else { json!({"content": text}) };
+                json!({"index": index, "delta": d, "logprobs": logprobs, "finish_reason": reason, "stop_reason": c.stop_reason})
+            }
+        }
+    }
+}
+
+/// A non-streamed response: prompt `i`'s output `j` is choice `i * n + j` (vLLM's order).
+fn full_response(s: &AppState, render: &Render, id: &str, outs: &[RequestOutput]) -> Response {
+    let mut choices = Vec::new();
+    for (i, o) in outs.iter().enumerate() {
+        let n = o.outputs.len();
+        for (j, c) in o.outputs.iter().enumerate() {
+            let echo = &render.echo[i];
+            let text = format!("{echo}{}", c.text);
+            let positions = c.logprobs.as_deref().unwrap_or_default();
+            choices.push(render.choice(i * n + j, c, &text, positions, echo.chars().count(), false));
+        }
+    }
+    let object = if render.api == Api::Chat { "chat.completion" } else { "text_completion" };
+    Json(json!({"id": id, "object": object, "created": now(), "model": s.model_name, "choices": choices, "usage": usage(outs)}))
+        .into_response()
+}
+
+/// Per streamed choice: how much text and how many positions were already sent.
+#[derive(Clone, Default)]
+struct Sent {
+    bytes: usize,
+    chars: usize,
+    positions: usize,
+    started: bool,
+}
+
 /// Streams deltas as server-sent events. The producer task ends when the client goes away
 /// (the event channel closes), dropping the engine streams, which aborts their requests.
-fn sse(api: Api, id: String, model: String, streams: Vec<OutputStream>, include_usage: bool) -> Response {
+fn sse(
+    render: Render,
+    id: String,
+    model: String,
+    streams: Vec<OutputStream>,
+    n: usize,
+    include_usage: bool,
+) -> Response {
     let (tx, rx) = tokio::sync::mpsc::channel::<Event>(64);
-    let n = streams.len();
+    let num_prompts = streams.len();
     tokio::spawn(async move {
         let created = now();
+        let api = render.api;
         let object = if api == Api::Chat { "chat.completion.chunk" } else { "text_completion" };
         let chunk = |choices: Value, usage: Option<Value>| {
             let mut v = json!({"id": id, "object": object, "created": created, "model": model, "choices": choices});
@@ -224,7 +318,7 @@ fn sse(api: Api, id: String, model: String, streams: Vec<OutputStream>, include_
             Event::default().data(v.to_string())
         };
         if api == Api::Chat {
-            for i in 0..n {
+            for i in 0..num_prompts * n {
                 let c = json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]);
                 if tx.send(chunk(c, None)).await.is_err() {
                     return;
@@ -234,8 +328,8 @@ fn sse(api: Api, id: String, model: String, streams: Vec<OutputStream>, include_
         let mut merged = select_all(
             streams.into_iter().enumerate().map(|(i, rx)| UnboundedReceiverStream::new(rx).map(move |o| (i, o))),
         );
-        let mut sent = vec![0usize; n];
-        let mut finals: Vec<Option<RequestOutput>> = vec![None; n];
+        let mut sent = vec![Sent::default(); num_prompts * n];
+        let mut finals: Vec<Option<RequestOutput>> = vec![None; num_prompts];
         while let Some((i, res)) = merged.next().await {
             let o = match res {
                 Ok(o) => o,
@@ -244,22 +338,25 @@ fn sse(api: Api, id: String, model: String, streams: Vec<OutputStream>, include_
                     return;
                 }
             };
-            let text = &o.outputs[0].text;
-            let delta = text.get(sent[i]..).unwrap_or_default().to_string();
-            sent[i] = text.len();
-            let (reason, stop_reason) = finish(&o);
-            if !delta.is_empty() || o.finished {
-                let choice = match api {
-                    Api::Completion => {
-                        json!({"index": i, "text": delta, "logprobs": null, "finish_reason": reason, "stop_reason": stop_reason})
+            for (j, c) in o.outputs.iter().enumerate() {
+                let k = i * n + j;
+                let st = &mut sent[k];
+                let mut delta = c.text.get(st.bytes..).unwrap_or_default().to_string();
+                let positions = c.logprobs.as_deref().map_or(&[][..], |p| p.get(st.positions..).unwrap_or_default());
+                let offset = st.chars;
+                if !st.started {
+                    delta.insert_str(0, &render.echo[i]);
+                    st.started = true;
+                }
+                st.bytes = c.text.len();
+                st.chars += delta.chars().count();
+                st.positions += positions.len();
+                if !delta.is_empty() || !positions.is_empty() || c.finished() {
+                    let offset = offset + render.echo[i].chars().count() * usize::from(offset == 0);
+                    let choice = render.choice(k, c, &delta, positions, offset, true);
+                    if tx.send(chunk(json!([choice]), None)).await.is_err() {
+                        return;
                     }
-                    Api::Chat => {
-                        let d = if delta.is_empty() { json!({}) } else { json!({"content": delta}) };
-                        json!({"index": i, "delta": d, "logprobs": null, "finish_reason": reason, "stop_reason": stop_reason})
-                    }
-                };
-                if tx.send(chunk(json!([choice]), None)).await.is_err() {
-                    return;
                 }
             }
             if o.finished {
@@ -277,17 +374,22 @@ fn sse(api: Api, id: String, model: String, streams: Vec<OutputStream>, include_
     Sse::new(ReceiverStream::new(rx).map(Ok::<_, std::convert::Infallible>)).into_response()
 }
 
+/// Streaming sends every sequence as it is generated: `best_of` candidates cannot be ranked.
+fn check_stream(stream: bool, params: &SamplingParams) -> Result<(), ApiError> {
+    if stream && params.num_sequences() > params.n {
+        return Err(ApiError::invalid_param("best_of", "best_of must equal n when streaming"));
+    }
+    Ok(())
+}
+
 pub async fn completions(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let req: CompletionRequest = parse(body)?;
     s.check_model(req.model.as_deref())?;
     if req.suffix.is_some() {
         return Err(ApiError::unsupported("suffix", "(fill-in-the-middle)"));
     }
-    if req.echo {
-        return Err(ApiError::unsupported("echo", "(echoing the prompt)"));
-    }
-    if req.logprobs.as_ref().is_some_and(|v| !v.is_null()) {
-        return Err(ApiError::unsupported("logprobs", "(log probabilities)"));
+    if req.echo && req.logprobs.is_some() {
+        return Err(ApiError::unsupported("echo", "together with logprobs (prompt log probabilities)"));
     }
     let prompts: Vec<Prompt> = parse_prompts(&req.prompt)?
         .into_iter()
@@ -296,31 +398,34 @@ pub async fn completions(State(s): State<Shared>, body: Result<Bytes, BytesRejec
             WirePrompt::Ids(i) => Prompt::TokenIds(i),
         })
         .collect();
-    let params = req.sampling.to_params(Some(16))?;
+    let mut params = req.sampling.to_params(Some(16))?;
+    params.logprobs = req.logprobs;
+    check_stream(req.stream, &params)?;
+    let tok = &s.engine.info().tokenizer;
+    let echo = prompts
+        .iter()
+        .map(|p| match (req.echo, p) {
+            (false, _) => Ok(String::new()),
+            (true, Prompt::Text(t)) => Ok(t.clone()),
+            (true, Prompt::TokenIds(ids)) => tok.decode(ids, false).map_err(ApiError::from),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let render = Render { api: Api::Completion, echo, top_logprobs: req.logprobs };
     let id = s.new_id("cmpl");
     let streams = submit(&s, &id, prompts, &params).await?;
     if req.stream {
         let usage = req.stream_options.is_some_and(|o| o.include_usage);
-        return Ok(sse(Api::Completion, id, s.model_name.clone(), streams, usage));
+        return Ok(sse(render, id, s.model_name.clone(), streams, params.n, usage));
     }
     let outs = collect(streams).await?;
-    Ok(full_response(
-        &s,
-        "text_completion",
-        &id,
-        &outs,
-        |i, o, reason, stop_reason| json!({"index": i, "text": o.outputs[0].text, "logprobs": null, "finish_reason": reason, "stop_reason": stop_reason}),
-    ))
+    Ok(full_response(&s, &render, &id, &outs))
 }
 
 pub async fn chat(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let req: ChatRequest = parse(body)?;
     s.check_model(req.model.as_deref())?;
-    if req.logprobs == Some(true) || req.top_logprobs.is_some_and(|k| k > 0) {
-        return Err(ApiError::unsupported("logprobs", "(log probabilities)"));
-    }
-    if req.echo {
-        return Err(ApiError::unsupported("echo", "(echoing the prompt)"));
+    if req.top_logprobs.is_some() && req.logprobs != Some(true) {
+        return Err(ApiError::invalid_param("top_logprobs", "top_logprobs needs logprobs set to true"));
     }
     match req.response_format.as_ref().and_then(|f| f.get("type")).and_then(|t| t.as_str()) {
         None | Some("text") => {}
@@ -348,18 +453,26 @@ pub async fn chat(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) 
     let ids = tok.encode(&text, false)?;
     let mut sampling = req.sampling.clone();
     sampling.max_tokens = req.max_completion_tokens.or(sampling.max_tokens);
-    let params = sampling.to_params(None)?;
+    let mut params = sampling.to_params(None)?;
+    let top_logprobs = (req.logprobs == Some(true)).then(|| req.top_logprobs.unwrap_or(0));
+    params.logprobs = top_logprobs;
+    check_stream(req.stream, &params)?;
+    // vLLM's `echo`: the new message starts with the last message when it has the same role.
+    let echo = match messages.last() {
+        Some(m) if req.echo && m.get("role").and_then(|r| r.as_str()) == Some("assistant") => {
+            m.get("content").and_then(|c| c.as_str()).unwrap_or_default().to_string()
+        }
+        _ => String::new(),
+    };
+    let render = Render { api: Api::Chat, echo: vec![echo], top_logprobs };
     let id = s.new_id("chatcmpl");
     let streams = submit(&s, &id, vec![Prompt::TokenIds(ids)], &params).await?;
     if req.stream {
         let usage = req.stream_options.is_some_and(|o| o.include_usage);
-        return Ok(sse(Api::Chat, id, s.model_name.clone(), streams, usage));
+        return Ok(sse(render, id, s.model_name.clone(), streams, params.n, usage));
     }
     let outs = collect(streams).await?;
-    Ok(full_response(&s, "chat.completion", &id, &outs, |i, o, reason, stop_reason| {
-        json!({"index": i, "message": {"role": "assistant", "content": o.outputs[0].text, "tool_calls": []},
-            "logprobs": null, "finish_reason": reason, "stop_reason": stop_reason})
-    }))
+    Ok(full_response(&s, &render, &id, &outs))
 }
 
 /// vLLM's simple API: `{"prompt", "stream", ...sampling}` -> `{"text": [prompt + output]}`;
@@ -367,17 +480,19 @@ pub async fn chat(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) 
 pub async fn generate(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let req: GenerateRequest = parse(body)?;
     let params = req.sampling.to_params(Some(16))?;
+    check_stream(req.stream, &params)?;
     let id = s.new_id("gen");
     let mut streams = submit(&s, &id, vec![Prompt::Text(req.prompt.clone())], &params).await?;
     if !req.stream {
         let outs = collect(streams).await?;
-        return Ok(Json(json!({"text": [format!("{}{}", req.prompt, outs[0].outputs[0].text)]})).into_response());
+        let text: Vec<String> = outs[0].outputs.iter().map(|c| format!("{}{}", req.prompt, c.text)).collect();
+        return Ok(Json(json!({"text": text})).into_response());
     }
     let prompt = req.prompt;
     let rx = streams.remove(0);
     let body = UnboundedReceiverStream::new(rx).map(move |o| {
         let v = match o {
-            Ok(o) => json!({"text": [format!("{prompt}{}", o.outputs[0].text)]}),
+            Ok(o) => json!({"text": o.outputs.iter().map(|c| format!("{prompt}{}", c.text)).collect::<Vec<_>>()}),
             Err(e) => ApiError::from(e).body(),
         };
         Ok::<_, std::convert::Infallible>(Bytes::from(format!("{v}\0")))
