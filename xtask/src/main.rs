@@ -4,6 +4,9 @@
 //! - `test`: fetch what the tests need (the default model, the `openai` Python client in
 //!   `.venv`), then run every test (release profile).
 //! - `ci`: formatting check, clippy with warnings as errors, then `test`.
+//! - `bench throughput | serve | latency`: benchmarks, with `--peer llama.cpp` side by side.
+
+mod bench;
 
 use std::process::Command;
 
@@ -18,6 +21,7 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once, at start-up
 enum Task {
     /// Fetch the default model (SmolLM2-135M-Instruct) into the project cache.
     FetchModel,
@@ -25,6 +29,9 @@ enum Task {
     Test,
     /// What CI runs: cargo fmt --check, clippy -D warnings, then the tests.
     Ci,
+    /// Benchmarks: throughput, serve, latency (optionally side by side with llama.cpp).
+    #[command(subcommand)]
+    Bench(bench::Bench),
 }
 
 fn cargo(args: &[&str]) -> Result<()> {
@@ -87,6 +94,7 @@ fn test() -> Result<()> {
 fn main() -> Result<()> {
     match Cli::parse().task {
         Task::FetchModel => fetch_model(),
+        Task::Bench(b) => bench::run(b),
         Task::Test => test(),
         Task::Ci => {
             cargo(&["fmt", "--all", "--check"])?;

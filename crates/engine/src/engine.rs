@@ -141,7 +141,11 @@ impl LLMEngine {
             ModelDtype::Float16 => DType::F16,
             ModelDtype::BFloat16 => DType::BF16,
         };
-        let opts = LoadOptions { dtype, keep_quantized: args.quantization == Quantization::Gguf };
+        let opts = LoadOptions {
+            dtype,
+            keep_quantized: args.quantization == Quantization::Gguf,
+            int8_decode: args.quantization == Quantization::Int8,
+        };
         let (model, tokenizer) = match resolve(&args.model)? {
             ModelFiles::Gguf(path) => {
                 let (model, w) = vllm_models::load_gguf(&path, opts, &dev)?;

@@ -11,8 +11,12 @@ use vllm_models::LoadOptions;
 #[test]
 fn gguf_tokenizer_matches_the_reference_ids() {
     let path = default_gguf();
-    let (_, w) =
-        vllm_models::load_gguf(&path, LoadOptions { dtype: DType::F32, keep_quantized: true }, &Device::Cpu).unwrap();
+    let (_, w) = vllm_models::load_gguf(
+        &path,
+        LoadOptions { dtype: DType::F32, keep_quantized: true, int8_decode: false },
+        &Device::Cpu,
+    )
+    .unwrap();
     let tok = vllm_tokenizer::Tokenizer::from_gguf(w.gguf_metadata().unwrap()).unwrap();
     for case in fixtures().cases {
         assert_eq!(tok.encode(&case.text, true).unwrap(), case.prompt_ids, "prompt {:?}", case.text);
@@ -35,8 +39,12 @@ fn float32_path_reproduces_reference_greedy_and_logprobs() {
     let fx = fixtures();
     let path = default_gguf();
     // Logprobs through the model's paged path.
-    let (model, _) =
-        vllm_models::load_gguf(&path, LoadOptions { dtype: DType::F32, keep_quantized: false }, &Device::Cpu).unwrap();
+    let (model, _) = vllm_models::load_gguf(
+        &path,
+        LoadOptions { dtype: DType::F32, keep_quantized: false, int8_decode: false },
+        &Device::Cpu,
+    )
+    .unwrap();
     let mut max_lp_err = 0f32;
     for case in &fx.cases {
         let lp = next_token_logprobs(&*model, &case.prompt_ids);
@@ -79,8 +87,12 @@ fn float32_path_reproduces_reference_greedy_and_logprobs() {
 fn q4_1_path_stays_close_to_the_reference() {
     let fx = fixtures();
     let path = default_gguf();
-    let (model, _) =
-        vllm_models::load_gguf(&path, LoadOptions { dtype: DType::F32, keep_quantized: true }, &Device::Cpu).unwrap();
+    let (model, _) = vllm_models::load_gguf(
+        &path,
+        LoadOptions { dtype: DType::F32, keep_quantized: true, int8_decode: false },
+        &Device::Cpu,
+    )
+    .unwrap();
     let mut max_err = 0f32;
     for case in &fx.cases {
         let lp = next_token_logprobs(&*model, &case.prompt_ids);
@@ -106,4 +118,38 @@ fn quantized_engine_runs_end_to_end() {
     llm.set_use_tqdm(false);
     let out = llm.generate(["The capital of France is"], SamplingParams::greedy(8)).unwrap();
     assert_eq!(out[0].outputs[0].token_ids.len(), 8);
+}
+
+/// `--quantization int8`: prompts run in float32 (so the first token is the reference's) and
+/// decode steps use int8 weights and activations. Greedy continuations may part from the
+/// reference only where the reference's own top-2 gap is small.
+#[test]
+fn int8_decode_stays_close_to_the_reference() {
+    let fx = fixtures();
+    let mut args = EngineArgs::new(default_gguf().to_string_lossy());
+    args.quantization = Quantization::Int8;
+    args.kv_cache_memory = 64 << 20;
+    let mut llm = LLM::new(args).unwrap();
+    llm.set_use_tqdm(false);
+    let prompts: Vec<Vec<u32>> = fx.cases.iter().map(|c| c.prompt_ids.clone()).collect();
+    let outs = llm.generate(prompts, SamplingParams::greedy(32)).unwrap();
+    let mut identical = 0;
+    for (case, out) in fx.cases.iter().zip(&outs) {
+        let got = &out.outputs[0].token_ids;
+        assert_eq!(got[0], case.greedy_ids[0], "{:?}: the first token comes from the float32 prompt pass", case.text);
+        match got.iter().zip(&case.greedy_ids).position(|(a, b)| a != b) {
+            None => identical += 1,
+            Some(i) => {
+                // Diverging is only acceptable at a near tie of the reference distribution.
+                assert!(
+                    case.top2_gaps[i] < 1.0,
+                    "{:?}: int8 decode diverged at token {i} where the reference's top-2 gap is {}",
+                    case.text,
+                    case.top2_gaps[i]
+                );
+            }
+        }
+    }
+    eprintln!("int8 decode: {identical}/{} greedy continuations identical to the reference", fx.cases.len());
+    assert!(identical * 4 >= fx.cases.len() * 3, "only {identical} of {} identical", fx.cases.len());
 }

@@ -31,6 +31,7 @@
 //! ```
 
 pub mod cpu;
+pub mod int8;
 mod ops;
 
 pub use ops::KvCache;

@@ -153,7 +153,7 @@ impl Llama {
     pub fn load(w: &Weights, cfg: LlamaConfig, rope: RopeStyle) -> Result<Self> {
         let shape =
             AttnShape { num_heads: cfg.num_attention_heads, num_kv_heads: cfg.kv_heads(), head_dim: cfg.head_size() };
-        if shape.num_heads % shape.num_kv_heads != 0 {
+        if !shape.num_heads.is_multiple_of(shape.num_kv_heads) {
             return Err(Error::Config(format!(
                 "{} heads not divisible by {} kv heads",
                 shape.num_heads, shape.num_kv_heads

@@ -15,6 +15,8 @@ use candle_core::quantized::{gguf_file, QMatMul, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Module, Tensor};
 
+use vllm_kernels::int8::Int8Matrix;
+
 use crate::{Error, Result};
 
 enum Source {
@@ -29,7 +31,14 @@ pub struct LoadOptions {
     pub dtype: DType,
     /// Keep GGUF matrices quantized (candle's quantized matmul) instead of dequantizing.
     pub keep_quantized: bool,
+    /// Also keep an int8 copy of each float32 matrix for steps of at most
+    /// [`INT8_MAX_ROWS`] rows (decode), where reading the weights is the cost.
+    pub int8_decode: bool,
 }
+
+/// Steps with at most this many rows use the int8 copy (measured crossover on SmolLM2 shapes:
+/// int8 wins below ~8 rows, the float32 GEMM above).
+pub const INT8_MAX_ROWS: usize = 4;
 
 /// A handle on a checkpoint with a name prefix, like candle's `VarBuilder`.
 #[derive(Clone)]
@@ -50,6 +59,8 @@ pub enum Linear {
         weight_t: Tensor,
         /// `[out_features]`.
         bias: Option<Tensor>,
+        /// The same matrix in int8, for small steps (see [`LoadOptions::int8_decode`]).
+        int8: Option<Arc<Int8Matrix>>,
     },
     /// A GGUF quantized matrix.
     Quantized(QMatMul),
@@ -59,8 +70,15 @@ impl Linear {
     /// `x @ W^T (+ b)` for `x` of shape `[tokens, in_features]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
-            Linear::Dense { weight_t, bias } => {
-                let y = x.matmul(weight_t)?;
+            Linear::Dense { weight_t, bias, int8 } => {
+                let rows = x.dim(0)?;
+                let y = match int8 {
+                    Some(q) if rows <= INT8_MAX_ROWS && x.dtype() == DType::F32 && x.rank() == 2 => {
+                        let host = x.flatten_all()?.to_vec1::<f32>()?;
+                        Tensor::from_vec(q.matmul(&host, rows), (rows, q.rows()), x.device())?
+                    }
+                    _ => x.matmul(weight_t)?,
+                };
                 match bias {
                     Some(b) => y.broadcast_add(b)?,
                     None => y,
@@ -206,6 +224,13 @@ impl Weights {
                 }
             }
         }
-        Ok(Linear::Dense { weight_t: self.get(&w)?.t()?.contiguous()?, bias })
+        let weight = self.get(&w)?;
+        let int8 = if self.opts.int8_decode && weight.dtype() == DType::F32 && weight.device().is_cpu() {
+            let (rows, cols) = weight.dims2()?;
+            Int8Matrix::from_f32(&weight.flatten_all()?.to_vec1::<f32>()?, rows, cols).map(Arc::new)
+        } else {
+            None
+        };
+        Ok(Linear::Dense { weight_t: weight.t()?.contiguous()?, bias, int8 })
     }
 }

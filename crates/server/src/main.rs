@@ -71,7 +71,8 @@ struct ServeArgs {
     /// Weight/activation dtype: auto, float32, float16, bfloat16.
     #[arg(long, default_value = "auto")]
     dtype: String,
-    /// GGUF handling: none (dequantize, the CPU default) or gguf (keep quantized).
+    /// GGUF handling: none (dequantize to float32, the CPU default), gguf (keep quantized), or
+    /// int8 (float32 plus int8 copies for decode steps: faster single-stream decode).
     #[arg(long, default_value = "none")]
     quantization: String,
     /// Context length (prompt + output); defaults to the model's.

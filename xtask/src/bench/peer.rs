@@ -1,0 +1,216 @@
+//! The servers a benchmark runs: ours (the release `vllm-server` binary) and llama.cpp's own
+//! C++ `llama-server`, built once from the llama.cpp sources vendored in the PyPI sdist of
+//! `llama-cpp-python` (cmake and ninja come from PyPI too) into the project cache.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// The llama-cpp-python release whose vendored llama.cpp we build.
+pub const LLAMA_CPP_PYTHON: &str = "0.3.36";
+
+const NO_AMX: &str = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16";
+
+fn run(cmd: &mut Command, what: &str) -> Result<()> {
+    eprintln!("xtask bench: {what}");
+    let status = cmd.status().with_context(|| format!("starting: {what}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+/// `<cache>/peers/llama.cpp-<version>/bin/llama-server`, building it on first use (about ten
+/// minutes on two cores). The build log is kept next to it.
+pub fn llama_server() -> Result<PathBuf> {
+    let root = vllm_engine::cache_dir().join("peers");
+    let out = root.join(format!("llama.cpp-{LLAMA_CPP_PYTHON}"));
+    let bin = out.join("bin").join("llama-server");
+    if bin.exists() {
+        return Ok(bin);
+    }
+    std::fs::create_dir_all(&root)?;
+    eprintln!(
+        "xtask bench: building llama.cpp's llama-server (from the llama-cpp-python=={LLAMA_CPP_PYTHON} sdist) into {}; \
+         this takes about ten minutes once",
+        out.display()
+    );
+    let venv = root.join("buildenv");
+    if !venv.join("bin").join("cmake").exists() {
+        run(Command::new("python3").args(["-m", "venv"]).arg(&venv), "creating a venv for cmake and ninja")?;
+        run(
+            Command::new(venv.join("bin").join("python")).args(["-m", "pip", "install", "-q", "cmake", "ninja"]),
+            "pip install cmake ninja",
+        )?;
+    }
+    let sdist_dir = root.join("sdist");
+    let tarball = sdist_dir.join(format!("llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"));
+    if !tarball.exists() {
+        run(
+            Command::new("python3")
+                .args(["-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python", "-d"])
+                .arg(&sdist_dir)
+                .arg(format!("llama-cpp-python=={LLAMA_CPP_PYTHON}")),
+            "pip download the llama-cpp-python sdist",
+        )?;
+    }
+    let src = root.join("src");
+    std::fs::create_dir_all(&src)?;
+    run(Command::new("tar").arg("xzf").arg(&tarball).arg("-C").arg(&src), "unpacking the sdist")?;
+    let llama = src.join(format!("llama_cpp_python-{LLAMA_CPP_PYTHON}")).join("vendor").join("llama.cpp");
+    let build = root.join(format!("build-{LLAMA_CPP_PYTHON}"));
+    let path = format!("{}:{}", venv.join("bin").display(), std::env::var("PATH").unwrap_or_default());
+    run(
+        Command::new(venv.join("bin").join("cmake"))
+            .env("PATH", &path)
+            .arg("-S")
+            .arg(&llama)
+            .arg("-B")
+            .arg(&build)
+            .args(["-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF"])
+            .args([
+                "-DBUILD_SHARED_LIBS=OFF",
+                "-DLLAMA_BUILD_TESTS=OFF",
+                "-DLLAMA_BUILD_EXAMPLES=OFF",
+                "-DLLAMA_OPENSSL=OFF",
+            ])
+            // Native flags, minus AMX: ggml's AMX matmul crashes (SIGSEGV in
+            // ggml_backend_amx_mul_mat) on this machine's CPU, which reports AMX.
+            .arg(format!("-DCMAKE_C_FLAGS={NO_AMX}"))
+            .arg(format!("-DCMAKE_CXX_FLAGS={NO_AMX}"))
+            .stdout(Stdio::null()),
+        "cmake configure (llama.cpp, Release, CPU)",
+    )?;
+    run(
+        Command::new(venv.join("bin").join("cmake"))
+            .env("PATH", &path)
+            .arg("--build")
+            .arg(&build)
+            .args(["--target", "llama-server", "llama-bench", "-j"])
+            .arg(std::thread::available_parallelism().map_or(2, |n| n.get()).to_string())
+            .stdout(Stdio::null()),
+        "cmake --build (llama-server, llama-bench)",
+    )?;
+    std::fs::create_dir_all(out.join("bin"))?;
+    for b in ["llama-server", "llama-bench"] {
+        std::fs::copy(build.join("bin").join(b), out.join("bin").join(b))?;
+    }
+    Ok(bin)
+}
+
+/// Our release server binary, built if needed.
+pub fn our_server() -> Result<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    run(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["build", "--release", "--quiet", "-p", "vllm-server"])
+            .current_dir(&root),
+        "cargo build --release -p vllm-server",
+    )?;
+    Ok(root.join("target").join("release").join("vllm-server"))
+}
+
+/// A free local port.
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A running server, killed on drop.
+pub struct Server {
+    /// Its label in reports.
+    pub name: String,
+    /// `http://127.0.0.1:<port>`.
+    pub base_url: String,
+    /// Process start to the first streamed token of a first request, seconds.
+    pub cold_start: f64,
+    child: Child,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Which engine to start.
+#[derive(Debug, Clone)]
+pub enum Engine {
+    /// vllm-rs with extra server flags.
+    Ours { extra: Vec<String> },
+    /// llama.cpp's llama-server with `parallel` slots and `ctx` total context.
+    LlamaCpp { parallel: usize, ctx: usize },
+}
+
+/// Starts `engine` on `model` with `threads` threads, then times a first request (process
+/// start to its first token). Fails if it is not serving within `limit`.
+pub async fn start(engine: &Engine, model: &Path, threads: usize, limit: Duration) -> Result<Server> {
+    let port = free_port()?;
+    let base_url = format!("http://127.0.0.1:{port}");
+    let log = vllm_engine::cache_dir().join("peers");
+    std::fs::create_dir_all(&log)?;
+    let (name, mut cmd) = match engine {
+        Engine::Ours { extra } => {
+            let mut c = Command::new(our_server()?);
+            c.arg("--model").arg(model).args(["--port", &port.to_string()]).args(extra);
+            c.env("RAYON_NUM_THREADS", threads.to_string());
+            ("vllm-rs", c)
+        }
+        Engine::LlamaCpp { parallel, ctx } => {
+            let mut c = Command::new(llama_server()?);
+            c.arg("-m").arg(model).args(["--host", "127.0.0.1", "--port", &port.to_string()]);
+            c.args(["-np", &parallel.to_string(), "-c", &ctx.to_string()]);
+            c.args(["-t", &threads.to_string(), "-tb", &threads.to_string()]);
+            ("llama.cpp", c)
+        }
+    };
+    let logfile = std::fs::File::create(log.join(format!("{name}-server.log")))?;
+    let t0 = Instant::now();
+    let child = cmd
+        .stdout(Stdio::from(logfile.try_clone()?))
+        .stderr(Stdio::from(logfile))
+        .spawn()
+        .with_context(|| format!("starting the {name} server"))?;
+    let mut server = Server { name: name.to_string(), base_url, cold_start: 0.0, child };
+    // Time to the first token of a first request, retrying until the server answers.
+    let client = reqwest::Client::new();
+    let body = serde_json::json!({"prompt": "Hello", "max_tokens": 2, "stream": true, "temperature": 0.0});
+    loop {
+        if t0.elapsed() > limit {
+            bail!("the {name} server did not serve a request within {limit:?} (log in {})", log.display());
+        }
+        if let Some(status) = server.child.try_wait()? {
+            bail!("the {name} server exited ({status}); log in {}", log.display());
+        }
+        let sent = client.post(format!("{}/v1/completions", server.base_url)).json(&body).send().await;
+        if let Ok(resp) = sent {
+            if resp.status().is_success() {
+                use futures::StreamExt;
+                let mut s = resp.bytes_stream();
+                while let Some(Ok(chunk)) = s.next().await {
+                    if has_text(&String::from_utf8_lossy(&chunk)) {
+                        server.cold_start = t0.elapsed().as_secs_f64();
+                        break;
+                    }
+                }
+                while s.next().await.is_some() {}
+                if server.cold_start > 0.0 {
+                    return Ok(server);
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Whether an SSE piece carries a completion chunk with non-empty text.
+fn has_text(piece: &str) -> bool {
+    piece.lines().filter_map(|l| l.strip_prefix("data:")).any(|d| {
+        serde_json::from_str::<serde_json::Value>(d.trim())
+            .ok()
+            .and_then(|v| v.pointer("/choices/0/text").and_then(|t| t.as_str()).map(|t| !t.is_empty()))
+            .unwrap_or(false)
+    })
+}
