@@ -144,7 +144,7 @@ impl LLMEngine {
         let opts = LoadOptions {
             dtype,
             keep_quantized: args.quantization == Quantization::Gguf,
-            int8_decode: args.quantization == Quantization::Int8,
+            int8: args.quantization == Quantization::Int8,
         };
         let (model, tokenizer) = match resolve(&args.model)? {
             ModelFiles::Gguf(path) => {

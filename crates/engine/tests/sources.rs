@@ -29,7 +29,7 @@ fn unpermute(w: &Tensor, heads: usize) -> Tensor {
 }
 
 fn write_hf_folder(gguf: &Path, dir: &Path) {
-    let opts = LoadOptions { dtype: DType::F32, keep_quantized: false, int8_decode: false };
+    let opts = LoadOptions { dtype: DType::F32, keep_quantized: false, int8: false };
     let w = vllm_models::Weights::from_gguf(gguf, opts, &Device::Cpu).unwrap();
     let md = w.gguf_metadata().unwrap();
     let cfg = LlamaConfig::from_gguf(md).unwrap();

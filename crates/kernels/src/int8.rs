@@ -1,136 +1,149 @@
-//! Int8 matrix-vector products for decode steps.
+//! Int8 matrix products (weights and activations quantized per block of 32, like GGML's Q8_0).
 //!
 //! A decode step multiplies a handful of activation rows by every weight matrix, so it is
 //! bound by reading the weights: float32 weights cost 4 bytes each, these cost 1 byte plus a
-//! float scale per block of 32. Weights and activations are quantized per block of 32 values
-//! to `i8` with a scale (absmax / 127, like GGML's Q8_0); a block's dot product is an exact
-//! integer sum, scaled once.
+//! float scale per block of 32. Batched steps and prompts are bound by arithmetic instead, and
+//! int8 dot products do four times the work of float32 FMAs per instruction.
 //!
-//! On CPUs with AVX-512 VNNI the block dot products use `vpdpbusd` (detected at run time, no
-//! `target-cpu=native`). Elsewhere a portable loop written so the compiler vectorizes it (16
-//! `i32` lanes of partial sums per block) is compiled by `multiversion` for AVX-512, AVX2 and
-//! NEON, again picked at run time.
+//! Weights are packed once at load for AVX-512 VNNI's `vpdpbusd` (unsigned x signed bytes,
+//! four products summed into each of 16 `i32` lanes): 16 output rows side by side, 4 input
+//! columns per lane, so one instruction advances 16 rows by 4 columns for one activation row,
+//! and one weight load serves every activation row of a tile. Activations are quantized per
+//! call, asymmetrically to `u8` (`x ~ min + scale * q`: twice the resolution of symmetric
+//! `i8`, which matters for the outliers of LLM activations), so the inner loop is nothing but
+//! `vpdpbusd`; each block's integer sum is scaled once, and the minimum's contribution
+//! (`min * sum(w)`, the weight sums precomputed at load) is added once per block.
+//!
+//! The VNNI kernel is picked at run time (no `target-cpu=native`); elsewhere a portable
+//! version over the same packed layout is compiled by `multiversion` for AVX-512, AVX2 and
+//! NEON.
 
 use multiversion::multiversion;
 use rayon::prelude::*;
 
 /// Values per quantization block.
 pub const BLOCK: usize = 32;
+/// Output rows packed side by side (one 512-bit register of `i32` lanes).
+const LANES: usize = 16;
+/// 4-column steps per block.
+const STEPS: usize = BLOCK / 4;
+/// Bytes of one packed (row group, block) tile.
+const TILE: usize = LANES * BLOCK;
 
-/// Quantizes `x` (length a multiple of [`BLOCK`]) to `q` with one scale per block.
-fn quantize_into(x: &[f32], q: &mut [i8], scales: &mut [f32]) {
-    for ((xb, qb), s) in x.chunks_exact(BLOCK).zip(q.chunks_exact_mut(BLOCK)).zip(scales.iter_mut()) {
-        let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let d = amax / 127.0;
+/// Quantizes `x` (length a multiple of [`BLOCK`]) to symmetric `i8` values with one scale per
+/// block (`absmax / 127`).
+fn quantize_block(xb: &[f32], qb: &mut [i8]) -> f32 {
+    let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+    for (o, v) in qb.iter_mut().zip(xb) {
+        *o = (v * inv).round().clamp(-127.0, 127.0) as i8;
+    }
+    d
+}
+
+/// Quantized activations, row-major: per block of 32, `x ~ min + scale * q` with `q` in
+/// `0..=255` (asymmetric, so the whole `u8` range covers the block's spread).
+struct Activations {
+    q: Vec<u8>,
+    scales: Vec<f32>,
+    mins: Vec<f32>,
+}
+
+impl Activations {
+    fn quantize(x: &[f32], cols: usize) -> Self {
+        debug_assert!(cols.is_multiple_of(BLOCK));
+        let mut q = vec![0u8; x.len()];
+        let mut scales = vec![0f32; x.len() / BLOCK];
+        let mut mins = vec![0f32; x.len() / BLOCK];
+        // Rows in parallel when there are many (prompts); one row is not worth a dispatch.
+        let per_task = (16384 / cols).max(1) * cols;
+        q.par_chunks_mut(per_task)
+            .zip(scales.par_chunks_mut(per_task / BLOCK))
+            .zip(mins.par_chunks_mut(per_task / BLOCK))
+            .zip(x.par_chunks(per_task))
+            .for_each(|(((q, s), m), x)| {
+                #[cfg(target_arch = "x86_64")]
+                if vnni::available() {
+                    return vnni::quantize_activations(x, q, s, m);
+                }
+                quantize_activations(x, q, s, m)
+            });
+        Self { q, scales, mins }
+    }
+}
+
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
+fn quantize_activations(x: &[f32], q: &mut [u8], scales: &mut [f32], mins: &mut [f32]) {
+    for (((xb, qb), s), mn) in
+        x.chunks_exact(BLOCK).zip(q.chunks_exact_mut(BLOCK)).zip(scales.iter_mut()).zip(mins.iter_mut())
+    {
+        let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
+        for &v in xb {
+            lo = lo.min(v);
+            hi = hi.max(v);
+        }
+        let d = (hi - lo) / 255.0;
         let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
         for (o, v) in qb.iter_mut().zip(xb) {
-            *o = (v * inv).round().clamp(-127.0, 127.0) as i8;
+            // Non-negative, so adding 0.5 and truncating rounds to nearest (no libm call).
+            *o = ((v - lo) * inv + 0.5).min(255.0) as u8;
         }
         *s = d;
+        *mn = lo;
     }
 }
 
-/// `sum_b scale_w[b] * scale_x[b] * sum_i w[b,i] * x[b,i]` over whole blocks.
-#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
-fn dot_portable(w: &[i8], ws: &[f32], x: &[i8], xs: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    for ((wb, xb), (&sw, &sx)) in w.chunks_exact(BLOCK).zip(x.chunks_exact(BLOCK)).zip(ws.iter().zip(xs)) {
-        let mut p = [0i32; 16];
-        for half in 0..2 {
-            for l in 0..16 {
-                p[l] += wb[half * 16 + l] as i32 * xb[half * 16 + l] as i32;
-            }
-        }
-        let s = sw * sx;
-        for l in 0..16 {
-            acc[l] += p[l] as f32 * s;
-        }
-    }
-    acc.iter().sum()
-}
-
-/// The block dot product with the best kernel this CPU has (checked at run time).
-fn dot(w: &[i8], ws: &[f32], x: &[i8], xs: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if vnni::available() {
-        return vnni::dot(w, ws, x, xs);
-    }
-    dot_portable(w, ws, x, xs)
-}
-
-/// AVX-512 VNNI: 64 int8 products per `vpdpbusd`, two blocks per iteration.
-#[cfg(target_arch = "x86_64")]
-#[allow(unsafe_code)]
-mod vnni {
-    use std::arch::x86_64::*;
-
-    use super::BLOCK;
-
-    pub(super) fn available() -> bool {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512vnni")
-    }
-
-    /// Safe wrapper: the caller checked [`available`].
-    pub(super) fn dot(w: &[i8], ws: &[f32], x: &[i8], xs: &[f32]) -> f32 {
-        assert!(w.len() == x.len() && ws.len() == xs.len() && w.len() == ws.len() * BLOCK);
-        // SAFETY: the CPU features were detected at run time (`available`), and the lengths
-        // checked above keep every 64-byte load inside `w` and `x`.
-        unsafe { dot_vnni(w, ws, x, xs) }
-    }
-
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    unsafe fn dot_vnni(w: &[i8], ws: &[f32], x: &[i8], xs: &[f32]) -> f32 {
-        let nb = ws.len();
-        let zero = _mm512_setzero_si512();
-        let mut acc = _mm512_setzero_ps();
-        let mut b = 0;
-        while b + 2 <= nb {
-            let wv = _mm512_loadu_si512(w.as_ptr().add(b * BLOCK) as *const _);
-            let xv = _mm512_loadu_si512(x.as_ptr().add(b * BLOCK) as *const _);
-            // vpdpbusd multiplies unsigned by signed bytes: use |w| and move w's sign onto x.
-            let neg = _mm512_movepi8_mask(wv);
-            let aw = _mm512_abs_epi8(wv);
-            let sx = _mm512_mask_sub_epi8(xv, neg, zero, xv);
-            let sums = _mm512_dpbusd_epi32(zero, aw, sx); // lanes 0-7: block b, 8-15: block b+1
-            let s0 = _mm256_set1_ps(ws[b] * xs[b]);
-            let s1 = _mm256_set1_ps(ws[b + 1] * xs[b + 1]);
-            let scale = _mm512_insertf32x8::<1>(_mm512_castps256_ps512(s0), s1);
-            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), scale, acc);
-            b += 2;
-        }
-        let mut total = _mm512_reduce_add_ps(acc);
-        if b < nb {
-            total += super::dot_portable(&w[b * BLOCK..], &ws[b..], &x[b * BLOCK..], &xs[b..]);
-        }
-        total
-    }
-}
-
-/// A `[rows, cols]` weight matrix (`y = x W^T`) quantized to int8 per block of 32.
+/// A `[rows, cols]` weight matrix (`y = x W^T`) quantized to int8 per block of 32 and packed
+/// for `vpdpbusd`.
 #[derive(Debug, Clone)]
 pub struct Int8Matrix {
     rows: usize,
     cols: usize,
+    /// `[row_groups][blocks][STEPS][LANES][4]` signed bytes (rows past `rows` are zero).
     q: Vec<i8>,
+    /// `[row_groups][blocks][LANES]` weight scales.
     scales: Vec<f32>,
+    /// `[row_groups][blocks][LANES]`: `scale * sum(q)` over the block (the dequantized
+    /// weights' sum), which the activation minimum multiplies.
+    sums: Vec<f32>,
 }
 
 impl Int8Matrix {
-    /// Quantizes a row-major `[rows, cols]` float matrix; `None` unless `cols` is a multiple
-    /// of [`BLOCK`].
+    /// Quantizes and packs a row-major `[rows, cols]` float matrix; `None` unless `cols` is a
+    /// multiple of [`BLOCK`].
     pub fn from_f32(w: &[f32], rows: usize, cols: usize) -> Option<Self> {
         if cols == 0 || !cols.is_multiple_of(BLOCK) || w.len() != rows * cols {
             return None;
         }
-        let mut q = vec![0i8; rows * cols];
-        let mut scales = vec![0f32; rows * cols / BLOCK];
-        q.par_chunks_mut(cols)
-            .zip(scales.par_chunks_mut(cols / BLOCK))
-            .zip(w.par_chunks(cols))
-            .for_each(|((q, s), w)| quantize_into(w, q, s));
-        Some(Self { rows, cols, q, scales })
+        let nb = cols / BLOCK;
+        let groups = rows.div_ceil(LANES);
+        let mut q = vec![0i8; groups * nb * TILE];
+        let mut scales = vec![0f32; groups * nb * LANES];
+        let mut sums = vec![0f32; groups * nb * LANES];
+        q.par_chunks_mut(nb * TILE)
+            .zip(scales.par_chunks_mut(nb * LANES))
+            .zip(sums.par_chunks_mut(nb * LANES))
+            .enumerate()
+            .for_each(|(g, ((q, scales), sums))| {
+                let mut qb = [0i8; BLOCK];
+                for lane in 0..LANES {
+                    let r = g * LANES + lane;
+                    if r >= rows {
+                        break;
+                    }
+                    for b in 0..nb {
+                        let d = quantize_block(&w[r * cols + b * BLOCK..r * cols + (b + 1) * BLOCK], &mut qb);
+                        scales[b * LANES + lane] = d;
+                        sums[b * LANES + lane] = d * qb.iter().map(|&v| v as i32).sum::<i32>() as f32;
+                        for s in 0..STEPS {
+                            let dst = b * TILE + (s * LANES + lane) * 4;
+                            q[dst..dst + 4].copy_from_slice(&qb[s * 4..s * 4 + 4]);
+                        }
+                    }
+                }
+            });
+        Some(Self { rows, cols, q, scales, sums })
     }
 
     /// Output features.
@@ -146,35 +159,200 @@ impl Int8Matrix {
     /// `x @ W^T` for `m` activation rows (`x` is `[m, cols]` row-major); returns `[m, rows]`.
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         assert_eq!(x.len(), m * self.cols, "activation shape");
-        let nb = self.cols / BLOCK;
-        let mut xq = vec![0i8; x.len()];
-        let mut xs = vec![0f32; m * nb];
-        for ((xr, q), s) in x.chunks_exact(self.cols).zip(xq.chunks_exact_mut(self.cols)).zip(xs.chunks_exact_mut(nb)) {
-            quantize_into(xr, q, s);
-        }
-        // Output columns in chunks across threads; each weight row is read once for all m rows.
-        const CHUNK: usize = 64;
-        let mut out_t = vec![0f32; self.rows * m];
-        out_t.par_chunks_mut(CHUNK * m).enumerate().for_each(|(c, o)| {
-            for (i, o_row) in o.chunks_exact_mut(m).enumerate() {
-                let r = c * CHUNK + i;
-                let w = &self.q[r * self.cols..(r + 1) * self.cols];
-                let ws = &self.scales[r * nb..(r + 1) * nb];
-                for (j, v) in o_row.iter_mut().enumerate() {
-                    *v = dot(w, ws, &xq[j * self.cols..(j + 1) * self.cols], &xs[j * nb..(j + 1) * nb]);
-                }
-            }
+        let a = Activations::quantize(x, self.cols);
+        let groups = self.rows.div_ceil(LANES);
+        // Each task owns `GROUPS_PER_TASK` row groups and writes them as `[group][m][LANES]`.
+        let mut out_g = vec![0f32; groups * m * LANES];
+        out_g.par_chunks_mut(GROUPS_PER_TASK * m * LANES).enumerate().for_each(|(t, out)| {
+            let g0 = t * GROUPS_PER_TASK;
+            let ng = out.len() / (m * LANES);
+            groups_times_activations(self, g0, ng, &a, m, out);
         });
-        if m == 1 {
-            return out_t;
+        if m == 1 && self.rows == groups * LANES {
+            return out_g;
         }
         let mut out = vec![0f32; m * self.rows];
-        for r in 0..self.rows {
-            for j in 0..m {
-                out[j * self.rows + r] = out_t[r * m + j];
+        for (g, og) in out_g.chunks_exact(m * LANES).enumerate() {
+            let width = LANES.min(self.rows - g * LANES);
+            for (i, o) in og.chunks_exact(LANES).enumerate() {
+                out[i * self.rows + g * LANES..][..width].copy_from_slice(&o[..width]);
             }
         }
         out
+    }
+}
+
+/// Row groups per register tile (and per parallel task).
+const GROUPS_PER_TASK: usize = 4;
+/// Activation rows per register tile.
+const MR: usize = 3;
+
+/// Row groups `g0..g0 + ng` (at most [`GROUPS_PER_TASK`]) times every activation row, into
+/// `out` laid out `[ng][m][LANES]`.
+fn groups_times_activations(w: &Int8Matrix, g0: usize, ng: usize, a: &Activations, m: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if vnni::available() {
+        return vnni::groups(w, g0, ng, a, m, out);
+    }
+    groups_portable(w, g0, ng, a, m, out);
+}
+
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
+fn groups_portable(w: &Int8Matrix, g0: usize, ng: usize, a: &Activations, m: usize, out: &mut [f32]) {
+    let nb = w.cols / BLOCK;
+    for gi in 0..ng {
+        let g = g0 + gi;
+        for i in 0..m {
+            let mut acc = [0f32; LANES];
+            for b in 0..nb {
+                let tile = &w.q[(g * nb + b) * TILE..][..TILE];
+                let xq = &a.q[i * w.cols + b * BLOCK..][..BLOCK];
+                let mut sums = [0i32; LANES];
+                for s in 0..STEPS {
+                    for (lane, sum) in sums.iter_mut().enumerate() {
+                        for k in 0..4 {
+                            *sum += xq[s * 4 + k] as i32 * tile[(s * LANES + lane) * 4 + k] as i32;
+                        }
+                    }
+                }
+                let (xs, xmin) = (a.scales[i * nb + b], a.mins[i * nb + b]);
+                let ws = &w.scales[(g * nb + b) * LANES..][..LANES];
+                let wsum = &w.sums[(g * nb + b) * LANES..][..LANES];
+                for lane in 0..LANES {
+                    acc[lane] += sums[lane] as f32 * ws[lane] * xs + wsum[lane] * xmin;
+                }
+            }
+            out[(gi * m + i) * LANES..][..LANES].copy_from_slice(&acc);
+        }
+    }
+}
+
+/// AVX-512 VNNI: `vpdpbusd` on the packed tiles, `NG` row groups x `R` activation rows of
+/// accumulators in registers.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod vnni {
+    use std::arch::x86_64::*;
+
+    use super::{Activations, Int8Matrix, BLOCK, GROUPS_PER_TASK, LANES, MR, STEPS, TILE};
+
+    pub(super) fn available() -> bool {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+    }
+
+    /// Safe entry: checks every bound the kernel relies on. The caller checked [`available`].
+    pub(super) fn groups(w: &Int8Matrix, g0: usize, ng: usize, a: &Activations, m: usize, out: &mut [f32]) {
+        let nb = w.cols / BLOCK;
+        assert!(ng <= GROUPS_PER_TASK && out.len() == ng * m * LANES);
+        assert!(w.q.len() >= (g0 + ng) * nb * TILE && w.scales.len() >= (g0 + ng) * nb * LANES);
+        assert!(w.sums.len() == w.scales.len() && a.q.len() == m * w.cols);
+        assert!(a.scales.len() == m * nb && a.mins.len() == m * nb);
+        let mut i = 0;
+        while i < m {
+            let r = MR.min(m - i);
+            macro_rules! go {
+                ($ng:literal, $r:literal) => {
+                    // SAFETY: CPU features detected at run time; the asserts above bound every
+                    // access: groups g0..g0+ng, activation rows i..i+r < m, blocks < nb.
+                    unsafe { tile::<$ng, $r>(w, g0, a, i, m, out) }
+                };
+            }
+            match (ng, r) {
+                (4, 3) => go!(4, 3),
+                (4, 2) => go!(4, 2),
+                (4, 1) => go!(4, 1),
+                (3, 3) => go!(3, 3),
+                (3, 2) => go!(3, 2),
+                (3, 1) => go!(3, 1),
+                (2, 3) => go!(2, 3),
+                (2, 2) => go!(2, 2),
+                (2, 1) => go!(2, 1),
+                (1, 3) => go!(1, 3),
+                (1, 2) => go!(1, 2),
+                (1, 1) => go!(1, 1),
+                _ => unreachable!("tile sizes are bounded by GROUPS_PER_TASK and MR"),
+            }
+            i += r;
+        }
+    }
+
+    /// [`super::quantize_activations`] with AVX-512: a block is two registers.
+    pub(super) fn quantize_activations(x: &[f32], q: &mut [u8], scales: &mut [f32], mins: &mut [f32]) {
+        let nb = x.len() / BLOCK;
+        assert!(x.len() == nb * BLOCK && q.len() == x.len() && scales.len() == nb && mins.len() == nb);
+        // SAFETY: CPU features detected at run time; every block access is within the lengths
+        // asserted above.
+        unsafe { quantize_avx512(x, q, scales, mins) }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn quantize_avx512(x: &[f32], q: &mut [u8], scales: &mut [f32], mins: &mut [f32]) {
+        for b in 0..scales.len() {
+            let v0 = _mm512_loadu_ps(x.as_ptr().add(b * BLOCK));
+            let v1 = _mm512_loadu_ps(x.as_ptr().add(b * BLOCK + 16));
+            let lo = _mm512_reduce_min_ps(_mm512_min_ps(v0, v1));
+            let hi = _mm512_reduce_max_ps(_mm512_max_ps(v0, v1));
+            let d = (hi - lo) / 255.0;
+            let inv = _mm512_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+            let lov = _mm512_set1_ps(lo);
+            for (h, v) in [v0, v1].into_iter().enumerate() {
+                // Round to nearest (the default MXCSR mode), then saturate to u8.
+                let i = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(v, lov), inv));
+                let bytes = _mm512_cvtusepi32_epi8(_mm512_max_epi32(i, _mm512_setzero_si512()));
+                _mm_storeu_si128(q.as_mut_ptr().add(b * BLOCK + h * 16) as *mut __m128i, bytes);
+            }
+            scales[b] = d;
+            mins[b] = lo;
+        }
+    }
+
+    // The register tile is indexed [group][row] from several loops at once.
+    #[allow(clippy::needless_range_loop)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn tile<const NG: usize, const R: usize>(
+        w: &Int8Matrix,
+        g0: usize,
+        a: &Activations,
+        i0: usize,
+        m: usize,
+        out: &mut [f32],
+    ) {
+        let cols = w.cols;
+        let nb = cols / BLOCK;
+        let mut acc = [[_mm512_setzero_ps(); R]; NG];
+        for b in 0..nb {
+            let mut sums = [[_mm512_setzero_si512(); R]; NG];
+            for s in 0..STEPS {
+                let mut wv = [_mm512_setzero_si512(); NG];
+                for (g, v) in wv.iter_mut().enumerate() {
+                    *v = _mm512_loadu_si512(w.q.as_ptr().add(((g0 + g) * nb + b) * TILE + s * LANES * 4) as *const _);
+                }
+                for r in 0..R {
+                    let x4 = (a.q.as_ptr().add((i0 + r) * cols + b * BLOCK + s * 4) as *const i32).read_unaligned();
+                    let xv = _mm512_set1_epi32(x4);
+                    for g in 0..NG {
+                        sums[g][r] = _mm512_dpbusd_epi32(sums[g][r], xv, wv[g]);
+                    }
+                }
+            }
+            for g in 0..NG {
+                let ws = _mm512_loadu_ps(w.scales.as_ptr().add(((g0 + g) * nb + b) * LANES));
+                let wsum = _mm512_loadu_ps(w.sums.as_ptr().add(((g0 + g) * nb + b) * LANES));
+                for r in 0..R {
+                    let xa = (i0 + r) * nb + b;
+                    let scale = _mm512_mul_ps(ws, _mm512_set1_ps(*a.scales.get_unchecked(xa)));
+                    let t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[g][r]), scale, acc[g][r]);
+                    acc[g][r] = _mm512_fmadd_ps(wsum, _mm512_set1_ps(*a.mins.get_unchecked(xa)), t);
+                }
+            }
+        }
+        for g in 0..NG {
+            for r in 0..R {
+                _mm512_storeu_ps(out.as_mut_ptr().add((g * m + i0 + r) * LANES), acc[g][r]);
+            }
+        }
     }
 }
 
@@ -184,28 +362,86 @@ mod tests {
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
+    fn check(y: &[f32], w: &[f32], x: &[f32], rows: usize, cols: usize, m: usize) {
+        for j in 0..m {
+            for r in 0..rows {
+                let exact: f32 = (0..cols).map(|i| x[j * cols + i] * w[r * cols + i]).sum();
+                let norm: f32 = (0..cols).map(|i| (x[j * cols + i] * w[r * cols + i]).abs()).sum();
+                let got = y[j * rows + r];
+                assert!((got - exact).abs() <= 0.02 * norm, "m={m} row {j} col {r}: {got} vs {exact}");
+            }
+        }
+    }
+
     #[test]
     fn int8_matmul_is_close_to_float() {
         let mut rng = ChaCha8Rng::seed_from_u64(0);
+        // 130 rows: 8 full row groups and a partial one; 3 blocks of columns.
         let (rows, cols) = (130, 96);
         let w: Vec<f32> = (0..rows * cols).map(|_| rng.random::<f32>() - 0.5).collect();
         let q = Int8Matrix::from_f32(&w, rows, cols).unwrap();
-        for m in [1, 3] {
+        for m in [1, 2, 3, 4, 7, 64] {
             let x: Vec<f32> = (0..m * cols).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect();
             let y = q.matmul(&x, m);
-            for j in 0..m {
-                for r in 0..rows {
-                    let exact: f32 = (0..cols).map(|i| x[j * cols + i] * w[r * cols + i]).sum();
-                    let norm: f32 = (0..cols).map(|i| (x[j * cols + i] * w[r * cols + i]).abs()).sum();
-                    assert!((y[j * rows + r] - exact).abs() <= 0.02 * norm, "row {r}: {} vs {exact}", y[j * rows + r]);
-                }
-            }
+            assert_eq!(y.len(), m * rows);
+            check(&y, &w, &x, rows, cols, m);
         }
         assert!(Int8Matrix::from_f32(&w[..rows * 10], rows, 10).is_none(), "cols must be whole blocks");
-        // The dispatched kernel and the portable one agree (odd block count: 3 blocks).
-        let a: Vec<i8> = (0..96).map(|i| ((i * 37) % 255) as i8).collect();
-        let b: Vec<i8> = (0..96).map(|i| ((i * 11) % 253) as i8).collect();
-        let (sa, sb) = ([0.5f32, 0.25, 2.0], [1.0f32, 3.0, 0.125]);
-        assert!((dot(&a, &sa, &b, &sb) - dot_portable(&a, &sa, &b, &sb)).abs() < 1e-3);
+    }
+
+    #[test]
+    fn dispatched_quantization_matches_the_portable_one() {
+        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        let x: Vec<f32> = (0..7 * 96).map(|_| rng.random::<f32>() * 4.0 - 3.0).collect();
+        let a = Activations::quantize(&x, 96);
+        let (mut q, mut s, mut m) = (vec![0u8; x.len()], vec![0f32; x.len() / BLOCK], vec![0f32; x.len() / BLOCK]);
+        quantize_activations(&x, &mut q, &mut s, &mut m);
+        assert_eq!((&a.scales, &a.mins), (&s, &m));
+        // Ties may round either way; nothing else differs.
+        assert!(a.q.iter().zip(&q).all(|(a, b)| a.abs_diff(*b) <= 1));
+        for (b, xb) in x.chunks(BLOCK).enumerate() {
+            for (i, v) in xb.iter().enumerate() {
+                let back = m[b] + s[b] * q[b * BLOCK + i] as f32;
+                assert!((back - v).abs() <= 0.5001 * s[b], "{v} came back as {back}");
+            }
+        }
+    }
+
+    #[test]
+    fn dispatched_kernel_matches_the_portable_one() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let (rows, cols, m) = (64, 64, 5);
+        let w: Vec<f32> = (0..rows * cols).map(|_| rng.random::<f32>() - 0.5).collect();
+        let x: Vec<f32> = (0..m * cols).map(|_| rng.random::<f32>() - 0.5).collect();
+        let q = Int8Matrix::from_f32(&w, rows, cols).unwrap();
+        let a = Activations::quantize(&x, cols);
+        let mut fast = vec![0f32; 4 * m * LANES];
+        let mut portable = vec![0f32; 4 * m * LANES];
+        groups_times_activations(&q, 0, 4, &a, m, &mut fast);
+        groups_portable(&q, 0, 4, &a, m, &mut portable);
+        for (f, p) in fast.iter().zip(&portable) {
+            assert!((f - p).abs() <= 1e-4 * p.abs().max(1.0), "{f} vs {p}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod rows_independent {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    #[test]
+    fn a_row_does_not_depend_on_its_batch() {
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let (rows, cols, m) = (200, 576, 11);
+        let w: Vec<f32> = (0..rows * cols).map(|_| rng.random::<f32>() - 0.5).collect();
+        let x: Vec<f32> = (0..m * cols).map(|_| rng.random::<f32>() - 0.5).collect();
+        let q = Int8Matrix::from_f32(&w, rows, cols).unwrap();
+        let all = q.matmul(&x, m);
+        for j in 0..m {
+            let one = q.matmul(&x[j * cols..(j + 1) * cols], 1);
+            assert_eq!(&all[j * rows..(j + 1) * rows], &one[..], "row {j}");
+        }
     }
 }

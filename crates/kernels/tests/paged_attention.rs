@@ -174,3 +174,16 @@ fn wrong_shapes_are_errors_not_panics() {
     assert!(cache.write(&bad, &bad, &meta).is_err());
     assert!(cache.attend(&bad, &meta, 1.0).is_err());
 }
+
+#[test]
+fn long_chunks_span_several_query_tiles() {
+    // 16-token query tiles: a 40-token prompt, a 35-token chunk after 10 cached, and a decode.
+    run_case(
+        Case {
+            shape: AttnShape { num_heads: 6, num_kv_heads: 2, head_dim: 32 },
+            block_size: 8,
+            seqs: vec![(0, 40), (10, 35), (3, 1)],
+        },
+        4,
+    );
+}

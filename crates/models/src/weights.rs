@@ -31,14 +31,10 @@ pub struct LoadOptions {
     pub dtype: DType,
     /// Keep GGUF matrices quantized (candle's quantized matmul) instead of dequantizing.
     pub keep_quantized: bool,
-    /// Also keep an int8 copy of each float32 matrix for steps of at most
-    /// [`INT8_MAX_ROWS`] rows (decode), where reading the weights is the cost.
-    pub int8_decode: bool,
+    /// Quantize float32 matrices to int8 (per block of 32, like Q8_0) and run every matmul
+    /// with our int8 kernel ([`vllm_kernels::int8`]); the float copies are dropped.
+    pub int8: bool,
 }
-
-/// Steps with at most this many rows use the int8 copy (measured crossover on SmolLM2 shapes:
-/// int8 wins below ~8 rows, the float32 GEMM above).
-pub const INT8_MAX_ROWS: usize = 4;
 
 /// A handle on a checkpoint with a name prefix, like candle's `VarBuilder`.
 #[derive(Clone)]
@@ -49,7 +45,7 @@ pub struct Weights {
     device: Device,
 }
 
-/// A linear layer's weight: dense (`[out, in]`) or quantized.
+/// A linear layer's weight: dense (`[out, in]`), int8, or GGUF-quantized.
 #[derive(Debug, Clone)]
 pub enum Linear {
     /// A float matrix with an optional bias.
@@ -59,8 +55,13 @@ pub enum Linear {
         weight_t: Tensor,
         /// `[out_features]`.
         bias: Option<Tensor>,
-        /// The same matrix in int8, for small steps (see [`LoadOptions::int8_decode`]).
-        int8: Option<Arc<Int8Matrix>>,
+    },
+    /// An int8 matrix (see [`LoadOptions::int8`]) with an optional bias.
+    Int8 {
+        /// The packed weights.
+        matrix: Arc<Int8Matrix>,
+        /// `[out_features]`.
+        bias: Option<Tensor>,
     },
     /// A GGUF quantized matrix.
     Quantized(QMatMul),
@@ -69,25 +70,22 @@ pub enum Linear {
 impl Linear {
     /// `x @ W^T (+ b)` for `x` of shape `[tokens, in_features]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(match self {
-            Linear::Dense { weight_t, bias, int8 } => {
+        let (y, bias) = match self {
+            Linear::Dense { weight_t, bias } => (x.matmul(weight_t)?, bias),
+            Linear::Int8 { matrix, bias } => {
                 let rows = x.dim(0)?;
-                let y = match int8 {
-                    Some(q) if rows <= INT8_MAX_ROWS && x.dtype() == DType::F32 && x.rank() == 2 => {
-                        let host = x.flatten_all()?.to_vec1::<f32>()?;
-                        Tensor::from_vec(q.matmul(&host, rows), (rows, q.rows()), x.device())?
-                    }
-                    _ => x.matmul(weight_t)?,
-                };
-                match bias {
-                    Some(b) => y.broadcast_add(b)?,
-                    None => y,
-                }
+                let host = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let y = Tensor::from_vec(matrix.matmul(&host, rows), (rows, matrix.rows()), x.device())?;
+                (y.to_dtype(x.dtype())?, bias)
             }
             Linear::Quantized(q) => {
                 let dtype = x.dtype();
-                q.forward(&x.to_dtype(DType::F32)?)?.to_dtype(dtype)?
+                return Ok(q.forward(&x.to_dtype(DType::F32)?)?.to_dtype(dtype)?);
             }
+        };
+        Ok(match bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
         })
     }
 }
@@ -203,6 +201,11 @@ impl Weights {
 
     /// A dense tensor in the load dtype.
     pub fn get(&self, name: &str) -> Result<Tensor> {
+        Ok(self.get_raw(name)?.to_dtype(self.opts.dtype)?)
+    }
+
+    /// A tensor in its stored dtype (GGUF tensors dequantized to float32).
+    fn get_raw(&self, name: &str) -> Result<Tensor> {
         let full = self.full(name);
         let t = match &*self.src {
             Source::Safetensors(st) => st.load(&full, &self.device).map_err(|_| Error::MissingTensor(full.clone()))?,
@@ -210,7 +213,7 @@ impl Weights {
                 self.qtensor(&full)?.ok_or_else(|| Error::MissingTensor(full.clone()))?.dequantize(&self.device)?
             }
         };
-        Ok(t.to_dtype(self.opts.dtype)?)
+        Ok(t)
     }
 
     /// A linear layer `name.weight` (+ `name.bias` if present).
@@ -224,13 +227,14 @@ impl Weights {
                 }
             }
         }
-        let weight = self.get(&w)?;
-        let int8 = if self.opts.int8_decode && weight.dtype() == DType::F32 && weight.device().is_cpu() {
+        if self.opts.int8 && self.device.is_cpu() {
+            let weight = self.get_raw(&w)?.to_dtype(DType::F32)?;
             let (rows, cols) = weight.dims2()?;
-            Int8Matrix::from_f32(&weight.flatten_all()?.to_vec1::<f32>()?, rows, cols).map(Arc::new)
-        } else {
-            None
-        };
-        Ok(Linear::Dense { weight_t: weight.t()?.contiguous()?, bias, int8 })
+            if let Some(m) = Int8Matrix::from_f32(&weight.flatten_all()?.to_vec1::<f32>()?, rows, cols) {
+                return Ok(Linear::Int8 { matrix: Arc::new(m), bias });
+            }
+        }
+        let weight = self.get(&w)?;
+        Ok(Linear::Dense { weight_t: weight.t()?.contiguous()?, bias })
     }
 }

@@ -46,7 +46,7 @@ pub struct EngineOpts {
     #[arg(long)]
     model: Option<String>,
     /// Weight format: `none` dequantizes GGUF weights to float32; `gguf` keeps them quantized;
-    /// `int8` adds int8 copies for decode steps.
+    /// `int8` runs every matmul with int8 weights and activations.
     #[arg(long, default_value = "none")]
     quantization: String,
     /// Worker threads (RAYON_NUM_THREADS); llama.cpp gets the same number.
