@@ -6,7 +6,32 @@ use rayon::prelude::*;
 
 use crate::{AttnMetadata, AttnShape};
 
-/// Writes each new token's key/value (`[num_tokens, kv_width]`) into its cache slot
+/// Writes each new token's keys (`[num_tokens, num_kv_heads, head_dim]`) into the key cache,
+/// laid out `[num_blocks, num_kv_heads, head_dim, block_size]`: a block's keys are stored
+/// transposed, so attention scores a whole block with broadcast FMAs and no shuffles.
+/// Slots `< 0` are padding and skipped.
+pub fn reshape_and_cache_keys(
+    src: &[f32],
+    cache: &mut [f32],
+    slot_mapping: &[i64],
+    num_kv_heads: usize,
+    head_dim: usize,
+    block_size: usize,
+) {
+    let width = num_kv_heads * head_dim;
+    debug_assert_eq!(src.len(), slot_mapping.len() * width);
+    for (t, &slot) in slot_mapping.iter().enumerate() {
+        if slot < 0 {
+            continue;
+        }
+        let (block, off) = (slot as usize / block_size, slot as usize % block_size);
+        for (i, &v) in src[t * width..(t + 1) * width].iter().enumerate() {
+            cache[(block * width + i) * block_size + off] = v;
+        }
+    }
+}
+
+/// Writes each new token's value (`[num_tokens, kv_width]`) into its cache slot
 /// (`slot = block_id * block_size + offset`; the cache is `[num_slots, kv_width]`).
 /// Slots `< 0` are padding and skipped.
 pub fn reshape_and_cache(src: &[f32], cache: &mut [f32], slot_mapping: &[i64], kv_width: usize) {
@@ -23,24 +48,6 @@ pub fn reshape_and_cache(src: &[f32], cache: &mut [f32], slot_mapping: &[i64], k
 /// Query tokens of one sequence handled together (they share every key and value load).
 const QUERY_TILE: usize = 16;
 
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Sixteen independent lanes let the compiler vectorise without reassociation flags.
-    let mut acc = [0f32; 16];
-    let mut ca = a.chunks_exact(16);
-    let mut cb = b.chunks_exact(16);
-    for (x, y) in (&mut ca).zip(&mut cb) {
-        for l in 0..16 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    let mut s: f32 = acc.iter().sum();
-    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
-        s += x * y;
-    }
-    s
-}
-
 /// One unit of work: query tokens `first..first + rows / group` of one sequence (positions
 /// `pos0..`) for the `group` query heads sharing KV head `kvh`.
 struct Unit {
@@ -56,14 +63,16 @@ struct Unit {
 
 /// Causal attention for every query token of the batch through the paged cache.
 ///
-/// `q` and `out` are `[num_tokens, num_heads, head_dim]`; the caches are
-/// `[num_blocks, block_size, num_kv_heads, head_dim]` and already hold this step's K/V.
+/// `q` and `out` are `[num_tokens, num_heads, head_dim]`; the key cache is
+/// `[num_blocks, num_kv_heads, head_dim, block_size]` (see [`reshape_and_cache_keys`]), the
+/// value cache `[num_blocks, block_size, num_kv_heads, head_dim]`; both already hold this
+/// step's K/V.
 /// Query `i` of a sequence sits at position `context_len - query_len + i` and attends to
 /// every cached position up to and including its own. The result for a token does not
 /// depend on which other sequences share the batch.
 ///
 /// Work is split into (sequence, KV head, tile of up to 16 query tokens) units, so each key
-/// and value row is loaded once for all the query heads of its group and all the tile's
+/// block and value row is loaded once for all the query heads of its group and all the tile's
 /// tokens; the arithmetic is compiled for AVX-512 / AVX2 / NEON and picked at run time.
 pub fn paged_attention(
     q: &[f32],
@@ -107,11 +116,52 @@ pub fn paged_attention(
     }
 }
 
-/// Keys scored together by the transposed-key path.
-const KEY_CHUNK: usize = 16;
-/// Tiles with at least this many query rows (tokens x heads of a group) transpose each chunk
-/// of keys once and score it with broadcast FMAs; smaller ones (decode) use dot products.
-const TRANSPOSE_MIN_ROWS: usize = 8;
+/// Block size of the register-tiled scoring path (the default block size).
+const KEY_BLOCK: usize = 16;
+
+/// Scores of `NR` query rows (`qs` is `[NR][head_dim]`) against one full 16-key block
+/// (`kt` is `[head_dim][16]`): `NR` independent FMA chains sharing each key load.
+#[inline(always)]
+fn score_block<const NR: usize>(qs: &[f32], kt: &[f32], head_dim: usize) -> [[f32; KEY_BLOCK]; NR] {
+    let mut acc = [[0f32; KEY_BLOCK]; NR];
+    for d in 0..head_dim {
+        let k: &[f32; KEY_BLOCK] = kt[d * KEY_BLOCK..(d + 1) * KEY_BLOCK].try_into().expect("16 keys");
+        for (i, a) in acc.iter_mut().enumerate() {
+            let qd = qs[i * head_dim + d];
+            for c in 0..KEY_BLOCK {
+                a[c] += qd * k[c];
+            }
+        }
+    }
+    acc
+}
+
+/// `out[i] = sum_j p[i][j] * V[j]` for `NR` rows of probabilities (`p` rows are `n` apart,
+/// `keys` of them used) with `D`-wide value rows: the accumulators stay in registers and each
+/// value row is loaded once for all `NR` rows.
+#[inline(always)]
+fn weighted_values<const D: usize, const NR: usize>(
+    p: &[f32],
+    n: usize,
+    keys: usize,
+    offsets: &[usize],
+    value_cache: &[f32],
+    out: &mut [f32],
+) {
+    let mut acc = [[0f32; D]; NR];
+    for (j, &off) in offsets.iter().enumerate().take(keys) {
+        let v: &[f32; D] = value_cache[off..off + D].try_into().expect("D values");
+        for (i, a) in acc.iter_mut().enumerate() {
+            let w = p[i * n + j];
+            for d in 0..D {
+                a[d] += w * v[d];
+            }
+        }
+    }
+    for (o, a) in out.chunks_exact_mut(D).zip(&acc) {
+        o.copy_from_slice(a);
+    }
+}
 
 /// `e^x` for `x <= 0` (softmax inputs after subtracting the max) without a libm call, so
 /// loops over it vectorize: `x = i ln 2 + f` (Cody-Waite split of ln 2 keeps `f` exact),
@@ -147,8 +197,8 @@ fn attend_unit(
     let rows = u.tokens * group;
     // Keys visible to the tile's last token; row (t, g) sees the first pos0 + t + 1 of them.
     let n = u.pos0 + u.tokens;
-    let Scratch { scores, offsets, kt, qs } = scratch;
-    // Cache offset of each key row (block-table lookups once per unit, not per query).
+    let Scratch { scores, offsets, qs } = scratch;
+    // Value-cache offset of each key position (block-table lookups once per unit).
     offsets.clear();
     for (b, &block) in table.iter().enumerate().take(n.div_ceil(bs)) {
         let first = block as usize * bs;
@@ -165,42 +215,44 @@ fn attend_unit(
     let visible = |r: usize| u.pos0 + r / group + 1;
     scores.clear();
     scores.resize(rows * n, 0.0);
-    if rows >= TRANSPOSE_MIN_ROWS {
-        kt.resize(head_dim * KEY_CHUNK, 0.0);
-        for j0 in (0..n).step_by(KEY_CHUNK) {
-            let cnt = KEY_CHUNK.min(n - j0);
-            for (c, &off) in offsets[j0..j0 + cnt].iter().enumerate() {
-                for (d, &k) in key_cache[off..off + head_dim].iter().enumerate() {
-                    kt[d * KEY_CHUNK + c] = k;
+    // Scores a block at a time: keys are stored `[head_dim][block_size]`, so each query
+    // element multiplies a contiguous run of the block's keys.
+    for (b, &block) in table.iter().enumerate().take(n.div_ceil(bs)) {
+        let j0 = b * bs;
+        let cnt = bs.min(n - j0);
+        let kt = &key_cache[(block as usize * num_kv_heads + u.kvh) * head_dim * bs..][..head_dim * bs];
+        // Rows (t, g) with t >= j0 - pos0 see at least one key of this block.
+        let r_min = j0.saturating_sub(u.pos0) * group;
+        if cnt == KEY_BLOCK && bs == KEY_BLOCK {
+            let mut r = r_min;
+            while r < rows {
+                let nr = 4.min(rows - r);
+                let q = &qs[r * head_dim..(r + nr) * head_dim];
+                let mut put = |i: usize, a: &[f32; KEY_BLOCK]| scores[(r + i) * n + j0..][..KEY_BLOCK].copy_from_slice(a);
+                match nr {
+                    4 => score_block::<4>(q, kt, head_dim).iter().enumerate().for_each(|(i, a)| put(i, a)),
+                    3 => score_block::<3>(q, kt, head_dim).iter().enumerate().for_each(|(i, a)| put(i, a)),
+                    2 => score_block::<2>(q, kt, head_dim).iter().enumerate().for_each(|(i, a)| put(i, a)),
+                    _ => score_block::<1>(q, kt, head_dim).iter().enumerate().for_each(|(i, a)| put(i, a)),
                 }
+                r += nr;
             }
-            for r in 0..rows {
-                if visible(r) <= j0 {
-                    continue;
-                }
-                let mut acc = [0f32; KEY_CHUNK];
+        } else {
+            for r in r_min..rows {
+                let srow = &mut scores[r * n + j0..r * n + j0 + cnt];
                 for (d, &qd) in qs[r * head_dim..(r + 1) * head_dim].iter().enumerate() {
-                    let kd = &kt[d * KEY_CHUNK..(d + 1) * KEY_CHUNK];
-                    for c in 0..KEY_CHUNK {
-                        acc[c] += qd * kd[c];
+                    for (s, &k) in srow.iter_mut().zip(&kt[d * bs..d * bs + cnt]) {
+                        *s += qd * k;
                     }
-                }
-                scores[r * n + j0..r * n + j0 + cnt].copy_from_slice(&acc[..cnt]);
-            }
-        }
-    } else {
-        for (j, &off) in offsets.iter().enumerate() {
-            let k = &key_cache[off..off + head_dim];
-            for r in 0..rows {
-                if visible(r) > j {
-                    scores[r * n + j] = dot(&qs[r * head_dim..(r + 1) * head_dim], k);
                 }
             }
         }
     }
-    let mut out = vec![0f32; rows * head_dim];
+    // Softmax of each row over its visible keys; the invisible rest becomes 0 so rows of
+    // different lengths can share the value pass.
     for r in 0..rows {
-        let row = &mut scores[r * n..r * n + visible(r)];
+        let (row, hidden) = scores[r * n..(r + 1) * n].split_at_mut(visible(r));
+        hidden.fill(0.0);
         let max = row.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
         for s in row.iter_mut() {
             *s = exp_nonpositive(*s - max);
@@ -213,13 +265,42 @@ fn attend_unit(
             }
         }
         let inv = 1.0 / (lanes.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>());
-        let o = &mut out[r * head_dim..(r + 1) * head_dim];
-        for (&p, &off) in row.iter().zip(offsets.iter()) {
-            let w = p * inv;
-            for (od, vd) in o.iter_mut().zip(&value_cache[off..off + head_dim]) {
-                *od += w * vd;
+        for s in row.iter_mut() {
+            *s *= inv;
+        }
+    }
+    let mut out = vec![0f32; rows * head_dim];
+    let mut r = 0;
+    while r < rows {
+        let nr = 4.min(rows - r);
+        let keys = visible(r + nr - 1);
+        let p = &scores[r * n..];
+        let o = &mut out[r * head_dim..(r + nr) * head_dim];
+        match (head_dim, nr) {
+            (64, 4) => weighted_values::<64, 4>(p, n, keys, offsets, value_cache, o),
+            (64, 3) => weighted_values::<64, 3>(p, n, keys, offsets, value_cache, o),
+            (64, 2) => weighted_values::<64, 2>(p, n, keys, offsets, value_cache, o),
+            (64, 1) => weighted_values::<64, 1>(p, n, keys, offsets, value_cache, o),
+            (128, 2) => weighted_values::<128, 2>(p, n, keys, offsets, value_cache, o),
+            (128, 1) => weighted_values::<128, 1>(p, n, keys, offsets, value_cache, o),
+            (128, _) => {
+                weighted_values::<128, 2>(p, n, keys, offsets, value_cache, &mut o[..2 * head_dim]);
+                r += 2;
+                continue;
+            }
+            _ => {
+                for i in 0..nr {
+                    let oi = &mut o[i * head_dim..(i + 1) * head_dim];
+                    for (j, &off) in offsets.iter().enumerate().take(keys) {
+                        let w = p[i * n + j];
+                        for (od, vd) in oi.iter_mut().zip(&value_cache[off..off + head_dim]) {
+                            *od += w * vd;
+                        }
+                    }
+                }
             }
         }
+        r += nr;
     }
     out
 }
@@ -229,7 +310,6 @@ fn attend_unit(
 struct Scratch {
     scores: Vec<f32>,
     offsets: Vec<usize>,
-    kt: Vec<f32>,
     qs: Vec<f32>,
 }
 

@@ -2,8 +2,10 @@
 //!
 //! Attention and paged KV-cache operations for vllm-rs.
 //!
-//! The cache of one layer is a pair of tensors laid out
-//! `[num_blocks, block_size, num_kv_heads, head_dim]`. Each step, the new tokens' keys and
+//! The cache of one layer is a pair of tensors: values laid out
+//! `[num_blocks, block_size, num_kv_heads, head_dim]`, keys `[num_blocks, num_kv_heads,
+//! head_dim, block_size]` (each block transposed, so a block of keys is scored with
+//! broadcast FMAs, like vLLM's key-cache layout). Each step, the new tokens' keys and
 //! values are written into their slots ([`KvCache::write`]), then every query token of the
 //! flattened batch attends through its sequence's block table ([`KvCache::attend`]). Prompt
 //! chunks and single decode tokens mix freely in one call.

@@ -7,10 +7,11 @@ use crate::{cpu, AttnMetadata, AttnShape};
 /// The K and V cache of one attention layer.
 #[derive(Debug, Clone)]
 pub struct KvCache {
-    /// Keys, `[num_blocks, block_size, num_kv_heads, head_dim]`, f32.
+    /// Keys, `[num_blocks, num_kv_heads, head_dim, block_size]` (each block transposed), f32.
     pub key: Tensor,
-    /// Values, same layout.
+    /// Values, `[num_blocks, block_size, num_kv_heads, head_dim]`, f32.
     pub value: Tensor,
+    block_size: usize,
     shape: AttnShape,
 }
 
@@ -24,7 +25,9 @@ fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]
 
 struct WriteCache<'a> {
     slots: &'a [i64],
-    kv_width: usize,
+    shape: AttnShape,
+    /// `Some(block_size)` for the (block-transposed) key cache.
+    keys: Option<usize>,
 }
 
 impl InplaceOp2 for WriteCache<'_> {
@@ -36,7 +39,11 @@ impl InplaceOp2 for WriteCache<'_> {
         let src = contiguous(src, src_l, "new key/value")?;
         let Some((a, b)) = dst_l.contiguous_offsets() else { bail!("kv cache must be contiguous") };
         let CpuStorage::F32(cache) = dst else { bail!("kv cache must be f32") };
-        cpu::reshape_and_cache(src, &mut cache[a..b], self.slots, self.kv_width);
+        let AttnShape { num_kv_heads, head_dim, .. } = self.shape;
+        match self.keys {
+            Some(bs) => cpu::reshape_and_cache_keys(src, &mut cache[a..b], self.slots, num_kv_heads, head_dim, bs),
+            None => cpu::reshape_and_cache(src, &mut cache[a..b], self.slots, num_kv_heads * head_dim),
+        }
         Ok(())
     }
 }
@@ -73,10 +80,10 @@ impl CustomOp3 for Attend<'_> {
 impl KvCache {
     /// A zeroed cache of `num_blocks` blocks.
     pub fn new(num_blocks: usize, block_size: usize, shape: AttnShape, device: &Device) -> Result<Self> {
-        let dims = (num_blocks, block_size, shape.num_kv_heads, shape.head_dim);
         Ok(Self {
-            key: Tensor::zeros(dims, DType::F32, device)?,
-            value: Tensor::zeros(dims, DType::F32, device)?,
+            key: Tensor::zeros((num_blocks, shape.num_kv_heads, shape.head_dim, block_size), DType::F32, device)?,
+            value: Tensor::zeros((num_blocks, block_size, shape.num_kv_heads, shape.head_dim), DType::F32, device)?,
+            block_size,
             shape,
         })
     }
@@ -89,14 +96,13 @@ impl KvCache {
     /// Writes this step's keys and values (`[num_tokens, num_kv_heads, head_dim]`) into their
     /// slots.
     pub fn write(&self, k: &Tensor, v: &Tensor, meta: &AttnMetadata) -> Result<()> {
-        let kv_width = self.shape.num_kv_heads * self.shape.head_dim;
         let expect = (meta.num_tokens(), self.shape.num_kv_heads, self.shape.head_dim);
-        for (t, cache) in [(k, &self.key), (v, &self.value)] {
+        for (t, cache, keys) in [(k, &self.key, Some(self.block_size)), (v, &self.value, None)] {
             if t.dims() != [expect.0, expect.1, expect.2] {
                 bail!("new key/value shape {:?}, expected {expect:?}", t.dims());
             }
             let t = t.to_dtype(DType::F32)?.contiguous()?;
-            cache.inplace_op2(&t, &WriteCache { slots: &meta.slot_mapping, kv_width })?;
+            cache.inplace_op2(&t, &WriteCache { slots: &meta.slot_mapping, shape: self.shape, keys })?;
         }
         Ok(())
     }

@@ -187,3 +187,15 @@ fn long_chunks_span_several_query_tiles() {
         4,
     );
 }
+
+#[test]
+fn head_dim_128_with_four_heads_per_kv_head() {
+    run_case(
+        Case {
+            shape: AttnShape { num_heads: 8, num_kv_heads: 2, head_dim: 128 },
+            block_size: 16,
+            seqs: vec![(0, 21), (17, 1), (5, 9)],
+        },
+        5,
+    );
+}
