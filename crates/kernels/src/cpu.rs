@@ -228,7 +228,8 @@ fn attend_unit(
             while r < rows {
                 let nr = 4.min(rows - r);
                 let q = &qs[r * head_dim..(r + nr) * head_dim];
-                let mut put = |i: usize, a: &[f32; KEY_BLOCK]| scores[(r + i) * n + j0..][..KEY_BLOCK].copy_from_slice(a);
+                let mut put =
+                    |i: usize, a: &[f32; KEY_BLOCK]| scores[(r + i) * n + j0..][..KEY_BLOCK].copy_from_slice(a);
                 match nr {
                     4 => score_block::<4>(q, kt, head_dim).iter().enumerate().for_each(|(i, a)| put(i, a)),
                     3 => score_block::<3>(q, kt, head_dim).iter().enumerate().for_each(|(i, a)| put(i, a)),

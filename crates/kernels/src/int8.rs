@@ -30,16 +30,28 @@ const STEPS: usize = BLOCK / 4;
 /// Bytes of one packed (row group, block) tile.
 const TILE: usize = LANES * BLOCK;
 
-/// Quantizes `x` (length a multiple of [`BLOCK`]) to symmetric `i8` values with one scale per
-/// block (`absmax / 127`).
-fn quantize_block(xb: &[f32], qb: &mut [i8]) -> f32 {
-    let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let d = amax / 127.0;
-    let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-    for (o, v) in qb.iter_mut().zip(xb) {
-        *o = (v * inv).round().clamp(-127.0, 127.0) as i8;
+/// Quantizes a row of weights (a whole number of blocks) to symmetric `i8` values with one
+/// scale per block (`absmax / 127`). Compiled per instruction set so rounding and the float to
+/// integer conversion vectorize (this runs over every weight at load).
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma+sse4.1", "aarch64+neon"))]
+fn quantize_row(x: &[f32], q: &mut [i8], scales: &mut [f32]) {
+    for ((xb, qb), s) in x.chunks_exact(BLOCK).zip(q.chunks_exact_mut(BLOCK)).zip(scales.iter_mut()) {
+        // Lane-wise maxima vectorize; a running scalar max would be a serial chain.
+        let mut lanes = [0f32; 16];
+        for ch in xb.chunks_exact(16) {
+            for l in 0..16 {
+                lanes[l] = lanes[l].max(ch[l].abs());
+            }
+        }
+        let amax = lanes.iter().fold(0f32, |m, &v| m.max(v));
+        let d = amax / 127.0;
+        let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+        for (o, v) in qb.iter_mut().zip(xb) {
+            // |v * inv| <= 127 by construction, so the i32 conversion cannot saturate.
+            *o = (v * inv).round_ties_even() as i32 as i8;
+        }
+        *s = d;
     }
-    d
 }
 
 /// Quantized activations, row-major: per block of 32, `x ~ min + scale * q` with `q` in
@@ -78,11 +90,15 @@ fn quantize_activations(x: &[f32], q: &mut [u8], scales: &mut [f32], mins: &mut 
     for (((xb, qb), s), mn) in
         x.chunks_exact(BLOCK).zip(q.chunks_exact_mut(BLOCK)).zip(scales.iter_mut()).zip(mins.iter_mut())
     {
-        let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
-        for &v in xb {
-            lo = lo.min(v);
-            hi = hi.max(v);
+        let (mut los, mut his) = ([f32::INFINITY; 16], [f32::NEG_INFINITY; 16]);
+        for ch in xb.chunks_exact(16) {
+            for l in 0..16 {
+                los[l] = los[l].min(ch[l]);
+                his[l] = his[l].max(ch[l]);
+            }
         }
+        let lo = los.iter().fold(f32::INFINITY, |m, &v| m.min(v));
+        let hi = his.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
         let d = (hi - lo) / 255.0;
         let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
         for (o, v) in qb.iter_mut().zip(xb) {
@@ -126,14 +142,15 @@ impl Int8Matrix {
             .zip(sums.par_chunks_mut(nb * LANES))
             .enumerate()
             .for_each(|(g, ((q, scales), sums))| {
-                let mut qb = [0i8; BLOCK];
+                let mut qrow = vec![0i8; cols];
+                let mut srow = vec![0f32; nb];
                 for lane in 0..LANES {
                     let r = g * LANES + lane;
                     if r >= rows {
                         break;
                     }
-                    for b in 0..nb {
-                        let d = quantize_block(&w[r * cols + b * BLOCK..r * cols + (b + 1) * BLOCK], &mut qb);
+                    quantize_row(&w[r * cols..(r + 1) * cols], &mut qrow, &mut srow);
+                    for (b, (qb, &d)) in qrow.chunks_exact(BLOCK).zip(&srow).enumerate() {
                         scales[b * LANES + lane] = d;
                         sums[b * LANES + lane] = d * qb.iter().map(|&v| v as i32).sum::<i32>() as f32;
                         for s in 0..STEPS {
@@ -144,6 +161,25 @@ impl Int8Matrix {
                 }
             });
         Some(Self { rows, cols, q, scales, sums })
+    }
+
+    /// Stacks matrices with the same input width into one (their rows one after another), so
+    /// projections of the same input (Q/K/V, gate/up) run as one product with one activation
+    /// quantization. `None` if the widths differ or a part's rows are not whole 16-row groups.
+    pub fn concat(parts: &[&Int8Matrix]) -> Option<Self> {
+        let cols = parts.first()?.cols;
+        if parts.iter().any(|p| p.cols != cols || !p.rows.is_multiple_of(LANES)) {
+            return None;
+        }
+        let cat = |f: &dyn Fn(&Int8Matrix) -> usize| parts.iter().map(|p| f(p)).sum::<usize>();
+        let (mut q, mut scales, mut sums) =
+            (Vec::with_capacity(cat(&|p| p.q.len())), Vec::with_capacity(cat(&|p| p.scales.len())), Vec::new());
+        for p in parts {
+            q.extend_from_slice(&p.q);
+            scales.extend_from_slice(&p.scales);
+            sums.extend_from_slice(&p.sums);
+        }
+        Some(Self { rows: cat(&|p| p.rows), cols, q, scales, sums })
     }
 
     /// Output features.
@@ -387,6 +423,19 @@ mod tests {
             check(&y, &w, &x, rows, cols, m);
         }
         assert!(Int8Matrix::from_f32(&w[..rows * 10], rows, 10).is_none(), "cols must be whole blocks");
+        // Stacking equals running the parts one by one.
+        let (a, b) = (
+            Int8Matrix::from_f32(&w[..32 * cols], 32, cols).unwrap(),
+            Int8Matrix::from_f32(&w[32 * cols..96 * cols], 64, cols).unwrap(),
+        );
+        let ab = Int8Matrix::concat(&[&a, &b]).unwrap();
+        let x: Vec<f32> = (0..2 * cols).map(|_| rng.random::<f32>() - 0.5).collect();
+        let (ya, yb, yab) = (a.matmul(&x, 2), b.matmul(&x, 2), ab.matmul(&x, 2));
+        for j in 0..2 {
+            assert_eq!(&yab[j * 96..j * 96 + 32], &ya[j * 32..(j + 1) * 32]);
+            assert_eq!(&yab[j * 96 + 32..(j + 1) * 96], &yb[j * 64..(j + 1) * 64]);
+        }
+        assert!(Int8Matrix::concat(&[&q, &a]).is_none(), "130 rows are not whole groups");
     }
 
     #[test]

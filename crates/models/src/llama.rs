@@ -104,15 +104,53 @@ impl LlamaConfig {
     }
 }
 
+/// Projections of one input (Q/K/V, gate/up): separate layers, or one fused int8 layer whose
+/// output is split (one product and one activation quantization instead of several).
+struct Projections {
+    layers: Vec<Linear>,
+    /// Output widths of the parts when fused.
+    split: Vec<usize>,
+}
+
+impl Projections {
+    fn new(parts: Vec<Linear>) -> Self {
+        let refs: Vec<&Linear> = parts.iter().collect();
+        match Linear::fuse(&refs) {
+            Some(fused) => {
+                let split = parts
+                    .iter()
+                    .map(|p| match p {
+                        Linear::Int8 { matrix, .. } => matrix.rows(),
+                        _ => unreachable!("fuse accepts int8 parts only"),
+                    })
+                    .collect();
+                Self { layers: vec![fused], split }
+            }
+            None => Self { layers: parts, split: Vec::new() },
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        if self.split.is_empty() {
+            return self.layers.iter().map(|l| l.forward(x)).collect();
+        }
+        let y = self.layers[0].forward(x)?;
+        let mut off = 0;
+        let mut out = Vec::with_capacity(self.split.len());
+        for &w in &self.split {
+            out.push(y.narrow(1, off, w)?.contiguous()?);
+            off += w;
+        }
+        Ok(out)
+    }
+}
+
 struct Layer {
     input_norm: Tensor,
     post_norm: Tensor,
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    qkv: Projections,
     o: Linear,
-    gate: Linear,
-    up: Linear,
+    gate_up: Projections,
     down: Linear,
     attn: PagedAttention,
 }
@@ -124,12 +162,9 @@ impl Layer {
         Ok(Self {
             input_norm: w.get("input_layernorm.weight")?,
             post_norm: w.get("post_attention_layernorm.weight")?,
-            q: a.linear("q_proj")?,
-            k: a.linear("k_proj")?,
-            v: a.linear("v_proj")?,
+            qkv: Projections::new(vec![a.linear("q_proj")?, a.linear("k_proj")?, a.linear("v_proj")?]),
             o: a.linear("o_proj")?,
-            gate: m.linear("gate_proj")?,
-            up: m.linear("up_proj")?,
+            gate_up: Projections::new(vec![m.linear("gate_proj")?, m.linear("up_proj")?]),
             down: m.linear("down_proj")?,
             attn: PagedAttention::new(shape, 1.0 / (cfg.head_size() as f32).sqrt()),
         })
@@ -191,12 +226,12 @@ impl CausalLM for Llama {
         let (cos, sin) = self.rotary.for_positions(&input.positions)?;
         for (layer, cache) in self.layers.iter().zip(caches) {
             let h = candle_nn::ops::rms_norm(&x, &layer.input_norm, eps)?;
-            let (q, k, v) = (layer.q.forward(&h)?, layer.k.forward(&h)?, layer.v.forward(&h)?);
-            let a = layer.attn.forward(&q, &k, &v, Some((&self.rotary, &cos, &sin)), cache, input)?;
+            let qkv = layer.qkv.forward(&h)?;
+            let a = layer.attn.forward(&qkv[0], &qkv[1], &qkv[2], Some((&self.rotary, &cos, &sin)), cache, input)?;
             x = (x + layer.o.forward(&a)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.post_norm, eps)?;
-            let g = candle_nn::ops::silu(&layer.gate.forward(&h)?)?;
-            let m = (g * layer.up.forward(&h)?)?;
+            let gu = layer.gate_up.forward(&h)?;
+            let m = (candle_nn::ops::silu(&gu[0])? * &gu[1])?;
             x = (x + layer.down.forward(&m)?)?;
         }
         let x = x.index_select(&input.logits_indices, 0)?;

@@ -68,6 +68,19 @@ pub enum Linear {
 }
 
 impl Linear {
+    /// One layer computing every part's outputs side by side (for projections of the same
+    /// input), when all parts are int8 without bias and stack; `None` otherwise.
+    pub fn fuse(parts: &[&Linear]) -> Option<Linear> {
+        let mats = parts
+            .iter()
+            .map(|p| match p {
+                Linear::Int8 { matrix, bias: None } => Some(&**matrix),
+                _ => None,
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(Linear::Int8 { matrix: Arc::new(Int8Matrix::concat(&mats)?), bias: None })
+    }
+
     /// `x @ W^T (+ b)` for `x` of shape `[tokens, in_features]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (y, bias) = match self {
@@ -228,9 +241,13 @@ impl Weights {
             }
         }
         if self.opts.int8 && self.device.is_cpu() {
-            let weight = self.get_raw(&w)?.to_dtype(DType::F32)?;
+            let weight = self.get_raw(&w)?.to_dtype(DType::F32)?.contiguous()?;
             let (rows, cols) = weight.dims2()?;
-            if let Some(m) = Int8Matrix::from_f32(&weight.flatten_all()?.to_vec1::<f32>()?, rows, cols) {
+            // Quantize straight from the tensor's storage (no copy of the float matrix).
+            let (storage, layout) = weight.storage_and_layout();
+            let candle_core::Storage::Cpu(cpu) = &*storage else { unreachable!("checked: CPU device") };
+            let (start, end) = layout.contiguous_offsets().expect("made contiguous above");
+            if let Some(m) = Int8Matrix::from_f32(&cpu.as_slice::<f32>()?[start..end], rows, cols) {
                 return Ok(Linear::Int8 { matrix: Arc::new(m), bias });
             }
         }
