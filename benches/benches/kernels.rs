@@ -1,7 +1,7 @@
 //! Micro-benchmarks of the hot kernels, at the SmolLM2-135M shapes (hidden 576, 9 query heads,
 //! 3 KV heads, head size 64, MLP 1536, vocabulary 49152) and batch 1 / 16 / 64:
 //! - paged attention for decode over 256-token contexts;
-//! - the MLP up-projection as a float32 matmul, our int8 kernel (`--quantization int8` decode),
+//! - the MLP up-projection as a float32 matmul, our int8 kernel (every matmul under `--quantization int8`),
 //!   and candle's Q4_1 / Q8_0 quantized matmul (what `--quantization gguf` runs);
 //! - the sampler over the whole batch (top-p + top-k at temperature 1, and greedy).
 //!

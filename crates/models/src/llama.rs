@@ -9,6 +9,7 @@ use std::collections::HashMap;
 
 use candle_core::quantized::gguf_file::Value;
 use candle_core::{DType, Tensor};
+use rayon::prelude::*;
 use serde::Deserialize;
 use vllm_kernels::{AttnShape, KvCache};
 
@@ -196,14 +197,19 @@ impl Llama {
         }
         let model = w.pp("model");
         let embed = model.get("embed_tokens.weight")?;
+        // Layers load in parallel: dequantizing and repacking weights is most of a cold start.
         let layers = (0..cfg.num_hidden_layers)
+            .into_par_iter()
             .map(|i| Layer::load(&model.pp(format!("layers.{i}")), &cfg, shape))
             .collect::<Result<Vec<_>>>()?;
         let lm_head = if !cfg.tie_word_embeddings && w.contains("lm_head.weight") {
             w.linear("lm_head")?
-        } else {
+        } else if w.options().keep_quantized {
             // Tied: the embedding matrix, kept quantized when it is.
             model.linear("embed_tokens")?
+        } else {
+            // Tied: reuse the embedding tensor already loaded.
+            w.linear_from(embed.clone(), None)?
         };
         let dtype = w.options().dtype;
         let rotary = Rotary::new(cfg.rope_theta, shape.head_dim, cfg.max_position_embeddings, rope, dtype, w.device())?;

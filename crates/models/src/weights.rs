@@ -240,8 +240,14 @@ impl Weights {
                 }
             }
         }
-        if self.opts.int8 && self.device.is_cpu() {
-            let weight = self.get_raw(&w)?.to_dtype(DType::F32)?.contiguous()?;
+        self.linear_from(self.get_raw(&w)?, bias)
+    }
+
+    /// A linear layer over an already loaded `[out, in]` weight (e.g. tied embeddings), in the
+    /// form the load options ask for (int8 or dense).
+    pub fn linear_from(&self, weight: Tensor, bias: Option<Tensor>) -> Result<Linear> {
+        if self.opts.int8 && weight.device().is_cpu() {
+            let weight = weight.to_dtype(DType::F32)?.contiguous()?;
             let (rows, cols) = weight.dims2()?;
             // Quantize straight from the tensor's storage (no copy of the float matrix).
             let (storage, layout) = weight.storage_and_layout();
@@ -251,7 +257,7 @@ impl Weights {
                 return Ok(Linear::Int8 { matrix: Arc::new(m), bias });
             }
         }
-        let weight = self.get(&w)?;
+        let weight = weight.to_dtype(self.opts.dtype)?;
         Ok(Linear::Dense { weight_t: weight.t()?.contiguous()?, bias })
     }
 }
