@@ -177,7 +177,7 @@ fn exp_nonpositive(x: f32) -> f32 {
     p * f32::from_bits(((i as i32 + 127) as u32) << 23)
 }
 
-/// The unit's output, `[tokens][group][head_dim]`. `scores` is scratch.
+/// The unit's output, `[tokens][group][head_dim]`; `scratch` holds reusable buffers.
 #[allow(clippy::too_many_arguments)]
 #[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
 fn attend_unit(

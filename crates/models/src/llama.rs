@@ -117,16 +117,7 @@ impl Projections {
     fn new(parts: Vec<Linear>) -> Self {
         let refs: Vec<&Linear> = parts.iter().collect();
         match Linear::fuse(&refs) {
-            Some(fused) => {
-                let split = parts
-                    .iter()
-                    .map(|p| match p {
-                        Linear::Int8 { matrix, .. } => matrix.rows(),
-                        _ => unreachable!("fuse accepts int8 parts only"),
-                    })
-                    .collect();
-                Self { layers: vec![fused], split }
-            }
+            Some((fused, split)) => Self { layers: vec![fused], split },
             None => Self { layers: parts, split: Vec::new() },
         }
     }

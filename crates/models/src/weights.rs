@@ -69,8 +69,9 @@ pub enum Linear {
 
 impl Linear {
     /// One layer computing every part's outputs side by side (for projections of the same
-    /// input), when all parts are int8 without bias and stack; `None` otherwise.
-    pub fn fuse(parts: &[&Linear]) -> Option<Linear> {
+    /// input), with each part's output width, when all parts are int8 without bias and stack;
+    /// `None` otherwise.
+    pub fn fuse(parts: &[&Linear]) -> Option<(Linear, Vec<usize>)> {
         let mats = parts
             .iter()
             .map(|p| match p {
@@ -78,7 +79,8 @@ impl Linear {
                 _ => None,
             })
             .collect::<Option<Vec<_>>>()?;
-        Some(Linear::Int8 { matrix: Arc::new(Int8Matrix::concat(&mats)?), bias: None })
+        let widths = mats.iter().map(|m| m.rows()).collect();
+        Some((Linear::Int8 { matrix: Arc::new(Int8Matrix::concat(&mats)?), bias: None }, widths))
     }
 
     /// `x @ W^T (+ b)` for `x` of shape `[tokens, in_features]`.
@@ -87,8 +89,8 @@ impl Linear {
             Linear::Dense { weight_t, bias } => (x.matmul(weight_t)?, bias),
             Linear::Int8 { matrix, bias } => {
                 let rows = x.dim(0)?;
-                let host = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                let y = Tensor::from_vec(matrix.matmul(&host, rows), (rows, matrix.rows()), x.device())?;
+                let y = with_f32_slice(x, |host| matrix.matmul(host, rows))?;
+                let y = Tensor::from_vec(y, (rows, matrix.rows()), x.device())?;
                 (y.to_dtype(x.dtype())?, bias)
             }
             Linear::Quantized(q) => {
@@ -101,6 +103,18 @@ impl Linear {
             None => y,
         })
     }
+}
+
+/// Runs `f` on a CPU tensor's values as float32, borrowing its storage when it already is a
+/// contiguous float32 tensor (no copy of a weight matrix or of a step's activations).
+fn with_f32_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = t.to_dtype(DType::F32)?.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return Err(Error::Format("int8 matrices run on CPU tensors only".into()));
+    };
+    let (start, end) = layout.contiguous_offsets().expect("made contiguous above");
+    Ok(f(&cpu.as_slice::<f32>()?[start..end]))
 }
 
 /// Maps a Hugging Face Llama-family tensor name to llama.cpp's GGUF name.
@@ -247,13 +261,8 @@ impl Weights {
     /// form the load options ask for (int8 or dense).
     pub fn linear_from(&self, weight: Tensor, bias: Option<Tensor>) -> Result<Linear> {
         if self.opts.int8 && weight.device().is_cpu() {
-            let weight = weight.to_dtype(DType::F32)?.contiguous()?;
             let (rows, cols) = weight.dims2()?;
-            // Quantize straight from the tensor's storage (no copy of the float matrix).
-            let (storage, layout) = weight.storage_and_layout();
-            let candle_core::Storage::Cpu(cpu) = &*storage else { unreachable!("checked: CPU device") };
-            let (start, end) = layout.contiguous_offsets().expect("made contiguous above");
-            if let Some(m) = Int8Matrix::from_f32(&cpu.as_slice::<f32>()?[start..end], rows, cols) {
+            if let Some(m) = with_f32_slice(&weight, |w| Int8Matrix::from_f32(w, rows, cols))? {
                 return Ok(Linear::Int8 { matrix: Arc::new(m), bias });
             }
         }
