@@ -9,7 +9,7 @@
 //! use vllm_block::{CacheHit, KvCacheManager};
 //!
 //! let mut kv = KvCacheManager::new(16, 16, true);
-//! assert!(kv.allocate_slots(7, 40, &CacheHit::default())); // 40 tokens -> 3 blocks
+//! assert!(kv.allocate_slots(7, 0, 40, &CacheHit::default()).is_ok()); // 40 tokens -> 3 blocks
 //! assert_eq!(kv.block_ids(7).len(), 3);
 //! kv.free(7);
 //! assert_eq!(kv.pool().num_free(), 16);
@@ -20,5 +20,5 @@ mod manager;
 mod pool;
 
 pub use hash::{hash_block_tokens, BlockHash};
-pub use manager::{CacheHit, KvCacheManager, SeqId};
+pub use manager::{BlockCopy, CacheHit, KvCacheManager, KvMemoryUsage, NoFreeBlocks, SeqId};
 pub use pool::{BlockId, BlockPool};

@@ -2,6 +2,8 @@
 //! outputs out.
 
 use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device};
 use rand::{RngCore, SeedableRng};
@@ -10,7 +12,7 @@ use vllm_block::SeqId;
 use vllm_kernels::KvCache;
 use vllm_models::LoadOptions;
 use vllm_sampler::{sample_batch, SamplingParams, SeqSampler};
-use vllm_scheduler::{Request, Scheduler, SchedulerConfig, StopConditions};
+use vllm_scheduler::{KvMemoryUsage, Request, Scheduler, SchedulerConfig, StopConditions};
 use vllm_tokenizer::{IncrementalDetokenizer, Tokenizer};
 
 use crate::args::{EngineArgs, ModelDtype, Quantization};
@@ -43,8 +45,9 @@ impl Child {
     }
 }
 
-/// A request: its prompt and its sequences. Parallel samples are separate scheduler requests
-/// sharing the prompt's KV blocks through the prefix cache (vLLM V1's fan-out).
+/// A request: its prompt and its sequences. Parallel samples are forks of the first sequence:
+/// the prompt is computed once, its blocks are shared by reference count and a shared partial
+/// block is copied on write.
 struct Group {
     request_id: String,
     prompt: Option<String>,
@@ -105,6 +108,32 @@ pub struct EngineStats {
     pub prefix_cache_queries: u64,
     /// Prompt tokens served from the prefix cache.
     pub prefix_cache_hits: u64,
+    /// Tokens run through the model so far.
+    pub num_computed_tokens: u64,
+    /// Prompt tokens run through the model so far (prefix-cache hits and prompts shared by
+    /// parallel samples are not recomputed, so they do not count).
+    pub num_computed_prompt_tokens: u64,
+    /// KV blocks in use against the tokens they hold ([`KvMemoryUsage::waste`] is the share of
+    /// allocated slots holding no token).
+    pub kv_memory: KvMemoryUsage,
+}
+
+/// Aborts requests from any thread: the engine frees their blocks at its next step, and
+/// that step returns their final outputs with `finish_reason` abort.
+#[derive(Debug, Clone, Default)]
+pub struct AbortHandle {
+    pending: Arc<Mutex<Vec<String>>>,
+}
+
+impl AbortHandle {
+    /// Asks the engine to abort `request_id` (ignored if unknown or already finished).
+    pub fn abort(&self, request_id: impl Into<String>) {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner()).push(request_id.into());
+    }
+
+    fn take(&self) -> Vec<String> {
+        std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()))
+    }
 }
 
 /// The synchronous engine (vLLM's `LLMEngine`).
@@ -119,6 +148,7 @@ pub struct LLMEngine {
     next_seq: SeqId,
     seed_rng: ChaCha8Rng,
     max_model_len: usize,
+    aborts: AbortHandle,
 }
 
 fn device(name: &str) -> Result<Device> {
@@ -204,6 +234,7 @@ impl LLMEngine {
             next_seq: 0,
             seed_rng: ChaCha8Rng::seed_from_u64(args.seed),
             max_model_len,
+            aborts: AbortHandle::default(),
         })
     }
 
@@ -235,7 +266,15 @@ impl LLMEngine {
             num_preemptions: self.scheduler.num_preemptions(),
             prefix_cache_queries: q,
             prefix_cache_hits: h,
+            num_computed_tokens: self.scheduler.num_computed_tokens().0,
+            num_computed_prompt_tokens: self.scheduler.num_computed_tokens().1,
+            kv_memory: kv.memory_usage(),
         }
+    }
+
+    /// A handle that aborts requests from any thread (see [`AbortHandle`]).
+    pub fn abort_handle(&self) -> AbortHandle {
+        self.aborts.clone()
     }
 
     /// Tokenizes (if needed) and validates a prompt.
@@ -278,15 +317,15 @@ impl LLMEngine {
             ignore_eos: params.ignore_eos,
         };
         let num_seqs = params.num_sequences();
-        // Check that the request can ever fit before queueing any of its sequences.
         let first = self.next_seq;
-        self.scheduler.add_request(Request::new(first, prompt_ids.clone(), stop.clone()))?;
+        let forks: Vec<SeqId> = (1..num_seqs as SeqId).map(|i| first + i).collect();
+        let extra = params.cache_salt.as_deref().map(salt_key).into_iter().collect();
+        // Rejects a request that could never fit before anything is recorded.
+        self.scheduler
+            .add_request(Request::new(first, prompt_ids.clone(), stop).with_forks(forks).with_cache_extra(extra))?;
         let mut children = Vec::with_capacity(num_seqs);
         for i in 0..num_seqs {
             let seq = first + i as SeqId;
-            if i > 0 {
-                self.scheduler.add_request(Request::new(seq, prompt_ids.clone(), stop.clone()))?;
-            }
             // Sample i of a seeded request uses seed + i (vLLM's parallel sampling).
             let fallback_seed = self.seed_rng.next_u64();
             let child_params = SamplingParams { seed: params.seed.map(|s| s.wrapping_add(i as u64)), ..params.clone() };
@@ -352,18 +391,42 @@ impl LLMEngine {
         }
     }
 
-    /// Runs one step. Returns the (cumulative) outputs of the requests that got a new token.
+    /// Runs one step. Returns the (cumulative) outputs of the requests that got a new token,
+    /// and the final outputs of requests aborted through an [`AbortHandle`] since the last
+    /// step.
     pub fn step(&mut self) -> Result<Vec<RequestOutput>> {
+        let aborted: Vec<RequestOutput> = self.aborts.take().iter().filter_map(|id| self.abort_request(id)).collect();
+        let mut outputs = self.run_step()?;
+        if !aborted.is_empty() {
+            outputs.splice(0..0, aborted);
+        }
+        Ok(outputs)
+    }
+
+    fn run_step(&mut self) -> Result<Vec<RequestOutput>> {
         let out = self.scheduler.schedule();
         if out.is_empty() {
             return Ok(Vec::new());
         }
-        let mut logits = self.runner.execute(&out)?;
-        let sample_ids: Vec<SeqId> = out.seqs.iter().filter(|s| s.sample).map(|s| s.id).collect();
+        let logits = self.runner.execute(&out)?;
+        let num_rows = out.seqs.iter().filter(|s| s.sample).count();
+        let sample_ids: Vec<SeqId> = out.sampling_ids().collect();
         let samples = if sample_ids.is_empty() {
             Vec::new()
         } else {
-            let vocab = logits.len() / sample_ids.len();
+            let vocab = logits.len() / num_rows;
+            // Forking samples draw from their parent's row: give each its own copy.
+            let mut logits = if sample_ids.len() == num_rows {
+                logits
+            } else {
+                let mut rows = Vec::with_capacity(sample_ids.len() * vocab);
+                for (row, s) in out.seqs.iter().filter(|s| s.sample).enumerate() {
+                    for _ in 0..=s.forks.len() {
+                        rows.extend_from_slice(&logits[row * vocab..(row + 1) * vocab]);
+                    }
+                }
+                rows
+            };
             let mut taken: Vec<SeqSampler> = sample_ids
                 .iter()
                 .map(|id| self.samplers.remove(id).expect("scheduled request has a sampler"))
@@ -439,4 +502,11 @@ impl LLMEngine {
         }
         Ok(outputs)
     }
+}
+
+/// The prefix-cache key of a cache salt.
+fn salt_key(salt: &str) -> u64 {
+    let mut h = DefaultHasher::new();
+    salt.hash(&mut h);
+    h.finish()
 }

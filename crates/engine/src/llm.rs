@@ -6,7 +6,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use vllm_sampler::SamplingParams;
 
 use crate::args::EngineArgs;
-use crate::engine::LLMEngine;
+use crate::engine::{AbortHandle, LLMEngine};
 use crate::output::{Prompt, RequestOutput};
 use crate::{Error, Result};
 
@@ -54,6 +54,7 @@ impl From<&[SamplingParams]> for ParamsList {
 /// ```
 pub struct LLM {
     engine: Mutex<LLMEngine>,
+    aborts: AbortHandle,
     use_tqdm: bool,
     counter: Mutex<u64>,
 }
@@ -61,7 +62,15 @@ pub struct LLM {
 impl LLM {
     /// Loads the model and allocates the cache.
     pub fn new(args: EngineArgs) -> Result<Self> {
-        Ok(Self { engine: Mutex::new(LLMEngine::new(args)?), use_tqdm: true, counter: Mutex::new(0) })
+        let engine = LLMEngine::new(args)?;
+        Ok(Self { aborts: engine.abort_handle(), engine: Mutex::new(engine), use_tqdm: true, counter: Mutex::new(0) })
+    }
+
+    /// Aborts requests of a running [`Self::generate`] from another thread. Requests are
+    /// numbered like vLLM's: `"0"`, `"1"`, ... across calls, in prompt order (the outputs'
+    /// `request_id`). An aborted request's output ends with `finish_reason` abort.
+    pub fn abort_handle(&self) -> AbortHandle {
+        self.aborts.clone()
     }
 
     /// Shows (the default) or hides the progress bar. It is never drawn when standard error

@@ -15,6 +15,9 @@ pub(crate) fn record_stats(s: &EngineStats) {
     metrics::counter!("vllm:prefix_cache_queries_total").absolute(s.prefix_cache_queries);
     metrics::counter!("vllm:prefix_cache_hits_total").absolute(s.prefix_cache_hits);
     metrics::counter!("vllm:num_preemptions_total").absolute(s.num_preemptions);
+    metrics::gauge!("vllm:kv_cache_blocks_in_use").set(s.kv_memory.blocks_in_use as f64);
+    metrics::gauge!("vllm:kv_cache_tokens_held").set(s.kv_memory.tokens_held as f64);
+    metrics::gauge!("vllm:kv_cache_waste_perc").set(s.kv_memory.waste());
 }
 
 /// Per-request latency tracking.

@@ -34,6 +34,12 @@ impl ModelRunner {
     /// Runs one step; returns `[rows, vocab]` f32 logits flattened, one row per sequence with
     /// `sample`, in batch order.
     pub fn execute(&self, out: &SchedulerOutput) -> Result<Vec<f32>> {
+        if !out.block_copies.is_empty() {
+            let pairs: Vec<(u32, u32)> = out.block_copies.iter().map(|c| (c.src, c.dst)).collect();
+            for cache in &self.caches {
+                cache.copy_blocks(&pairs)?;
+            }
+        }
         let n: usize = out.seqs.iter().map(|s| s.token_ids.len()).sum();
         let mut ids = Vec::with_capacity(n);
         let mut positions = Vec::with_capacity(n);

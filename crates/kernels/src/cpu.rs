@@ -45,6 +45,15 @@ pub fn reshape_and_cache(src: &[f32], cache: &mut [f32], slot_mapping: &[i64], k
     }
 }
 
+/// Copies whole blocks of `block_len` elements, `(src, dst)`, in order. Both cache layouts
+/// keep each block contiguous, so one routine serves keys and values.
+pub fn copy_blocks(cache: &mut [f32], pairs: &[(u32, u32)], block_len: usize) {
+    for &(src, dst) in pairs {
+        let (s, d) = (src as usize * block_len, dst as usize * block_len);
+        cache.copy_within(s..s + block_len, d);
+    }
+}
+
 /// Query tokens of one sequence handled together (they share every key and value load).
 const QUERY_TILE: usize = 16;
 

@@ -1,6 +1,6 @@
 //! The paged cache as candle tensors, with the kernels attached as candle custom ops.
 
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, InplaceOp2, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, InplaceOp1, InplaceOp2, Layout, Result, Shape, Tensor};
 
 use crate::{cpu, AttnMetadata, AttnShape};
 
@@ -44,6 +44,24 @@ impl InplaceOp2 for WriteCache<'_> {
             Some(bs) => cpu::reshape_and_cache_keys(src, &mut cache[a..b], self.slots, num_kv_heads, head_dim, bs),
             None => cpu::reshape_and_cache(src, &mut cache[a..b], self.slots, num_kv_heads * head_dim),
         }
+        Ok(())
+    }
+}
+
+struct CopyBlocks<'a> {
+    pairs: &'a [(u32, u32)],
+    block_len: usize,
+}
+
+impl InplaceOp1 for CopyBlocks<'_> {
+    fn name(&self) -> &'static str {
+        "copy_blocks"
+    }
+
+    fn cpu_fwd(&self, dst: &mut CpuStorage, l: &Layout) -> Result<()> {
+        let Some((a, b)) = l.contiguous_offsets() else { bail!("kv cache must be contiguous") };
+        let CpuStorage::F32(cache) = dst else { bail!("kv cache must be f32") };
+        cpu::copy_blocks(&mut cache[a..b], self.pairs, self.block_len);
         Ok(())
     }
 }
@@ -103,6 +121,22 @@ impl KvCache {
             }
             let t = t.to_dtype(DType::F32)?.contiguous()?;
             cache.inplace_op2(&t, &WriteCache { slots: &meta.slot_mapping, shape: self.shape, keys })?;
+        }
+        Ok(())
+    }
+
+    /// Copies whole blocks, `(src, dst)`, in order (copy-on-write of shared blocks).
+    pub fn copy_blocks(&self, pairs: &[(u32, u32)]) -> Result<()> {
+        if pairs.is_empty() {
+            return Ok(());
+        }
+        let num_blocks = self.key.dim(0)?;
+        if let Some(&(s, d)) = pairs.iter().find(|&&(s, d)| s as usize >= num_blocks || d as usize >= num_blocks) {
+            bail!("block copy {s} -> {d} outside a cache of {num_blocks} blocks");
+        }
+        let block_len = self.block_size * self.shape.num_kv_heads * self.shape.head_dim;
+        for cache in [&self.key, &self.value] {
+            cache.inplace_op1(&CopyBlocks { pairs, block_len })?;
         }
         Ok(())
     }

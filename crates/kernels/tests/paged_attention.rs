@@ -199,3 +199,27 @@ fn head_dim_128_with_four_heads_per_kv_head() {
         5,
     );
 }
+
+#[test]
+fn copied_block_attends_like_the_original() {
+    // A 6-token sequence in blocks [0, 1]; block 1 copied to 3. Attending through [0, 3] must
+    // give exactly what [0, 1] gives (copy-on-write of a shared partial block).
+    let shape = AttnShape { num_heads: 2, num_kv_heads: 1, head_dim: 8 };
+    let dev = Device::Cpu;
+    let cache = KvCache::new(4, 4, shape, &dev).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let mut rand = |n: usize| (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect::<Vec<f32>>();
+    let write = SeqAttn { query_len: 6, context_len: 6, block_table: vec![0, 1] };
+    let meta = AttnMetadata::new(4, vec![write]);
+    let k = Tensor::from_vec(rand(6 * 8), (6, 1, 8), &dev).unwrap();
+    let v = Tensor::from_vec(rand(6 * 8), (6, 1, 8), &dev).unwrap();
+    cache.write(&k, &v, &meta).unwrap();
+    cache.copy_blocks(&[(1, 3)]).unwrap();
+    let q = Tensor::from_vec(rand(2 * 8), (1, 2, 8), &dev).unwrap();
+    let attend = |table: Vec<u32>| {
+        let meta = AttnMetadata::new(4, vec![SeqAttn { query_len: 1, context_len: 6, block_table: table }]);
+        cache.attend(&q, &meta, 0.3).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
+    assert_eq!(attend(vec![0, 1]), attend(vec![0, 3]));
+    assert!(cache.copy_blocks(&[(1, 4)]).is_err(), "out-of-range copy is an error");
+}

@@ -49,6 +49,9 @@ pub struct SamplingParams {
     /// each step (`Some(0)`: the sampled token's only). Computed from the model's raw
     /// distribution, before temperature and filtering (vLLM's default `raw_logprobs`).
     pub logprobs: Option<usize>,
+    /// Salt for the prefix cache: requests reuse each other's cached blocks only when their
+    /// salts are equal (vLLM's `cache_salt`, against timing attacks across tenants).
+    pub cache_salt: Option<String>,
 }
 
 impl Default for SamplingParams {
@@ -67,6 +70,7 @@ impl Default for SamplingParams {
             stop_token_ids: Vec::new(),
             skip_special_tokens: true,
             logprobs: None,
+            cache_salt: None,
         }
     }
 }

@@ -28,3 +28,4 @@ mod scheduler;
 
 pub use request::{FinishReason, Request, Status, StopConditions};
 pub use scheduler::{ScheduledSeq, Scheduler, SchedulerConfig, SchedulerError, SchedulerOutput, SeqUpdate};
+pub use vllm_block::{BlockCopy, KvMemoryUsage};

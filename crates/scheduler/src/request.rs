@@ -60,6 +60,10 @@ pub struct Request {
     pub status: Status,
     /// How many times it was preempted.
     pub num_preemptions: u32,
+    /// Parallel samples that branch off this request once its prompt is computed: they share
+    /// its prompt blocks (copy-on-write) and take their first token from the same logits.
+    /// Emptied when they fork.
+    pub forks: Vec<SeqId>,
 }
 
 impl Request {
@@ -75,7 +79,21 @@ impl Request {
             cache_extra: Vec::new(),
             status: Status::Waiting,
             num_preemptions: 0,
+            forks: Vec::new(),
         }
+    }
+
+    /// Adds parallel samples (`n` / `best_of` > 1) that fork from this request after its
+    /// prompt, with the ids given.
+    pub fn with_forks(mut self, ids: Vec<SeqId>) -> Self {
+        self.forks = ids;
+        self
+    }
+
+    /// Sets the extra prefix-cache keys (a cache salt, a LoRA id).
+    pub fn with_cache_extra(mut self, extra: Vec<u64>) -> Self {
+        self.cache_extra = extra;
+        self
     }
 
     /// Generated tokens so far.

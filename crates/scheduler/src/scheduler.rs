@@ -5,10 +5,15 @@
 //! blocks the newest running request is preempted (its blocks freed, its progress reset) and
 //! re-queued at the head of the waiting queue. Waiting requests join while budget, slots and
 //! blocks last, reusing their longest cached prefix.
+//!
+//! Parallel samples ride on their first sequence ([`Request::forks`]) until its prompt is
+//! computed; then they fork from it, sharing its blocks by reference count, and take their
+//! first token from the same logits. A shared partial block is copied when first appended to
+//! ([`SchedulerOutput::block_copies`]).
 
 use std::collections::{HashMap, VecDeque};
 
-use vllm_block::{BlockId, CacheHit, KvCacheManager, SeqId};
+use vllm_block::{BlockCopy, BlockId, CacheHit, KvCacheManager, NoFreeBlocks, SeqId};
 
 use crate::request::{FinishReason, Request, Status};
 
@@ -58,6 +63,14 @@ pub enum SchedulerError {
         /// Tokens the cache holds.
         capacity: usize,
     },
+    /// More parallel samples than sequences per step.
+    #[error("{sequences} parallel sequences exceed max_num_seqs ({max_num_seqs})")]
+    TooManySequences {
+        /// Sequences the request asks for.
+        sequences: usize,
+        /// The limit.
+        max_num_seqs: usize,
+    },
 }
 
 /// One request's share of a step.
@@ -74,6 +87,9 @@ pub struct ScheduledSeq {
     /// Whether this step completes the sequence's known tokens, so it produces logits and a
     /// new token is sampled.
     pub sample: bool,
+    /// Parallel samples forking from this sequence this step: each also samples a token from
+    /// this sequence's logits (empty for most steps).
+    pub forks: Vec<SeqId>,
 }
 
 /// What to compute in one step: plain data for the model runner.
@@ -85,12 +101,20 @@ pub struct SchedulerOutput {
     pub num_batched_tokens: usize,
     /// Sequences preempted this step (they lost their cache and will recompute).
     pub preempted: Vec<SeqId>,
+    /// Blocks to copy before the step runs (copy-on-write of shared partial blocks).
+    pub block_copies: Vec<BlockCopy>,
 }
 
 impl SchedulerOutput {
     /// Whether there is nothing to run.
     pub fn is_empty(&self) -> bool {
         self.seqs.is_empty()
+    }
+
+    /// Sequences that get a token this step, in the order [`Scheduler::update_from_output`]
+    /// expects their tokens: each sampling sequence, followed by its forks.
+    pub fn sampling_ids(&self) -> impl Iterator<Item = SeqId> + '_ {
+        self.seqs.iter().filter(|s| s.sample).flat_map(|s| std::iter::once(s.id).chain(s.forks.iter().copied()))
     }
 }
 
@@ -114,14 +138,30 @@ pub struct Scheduler {
     waiting: VecDeque<SeqId>,
     /// Running sequences, oldest first.
     running: Vec<SeqId>,
+    /// Each not-yet-forked parallel sample and the sequence it will fork from.
+    fork_parent: HashMap<SeqId, SeqId>,
+    /// Running slots promised to the pending forks of running sequences.
+    reserved: usize,
     num_preemptions: u64,
+    /// Tokens scheduled so far, and how many of them were prompt tokens.
+    computed: (u64, u64),
 }
 
 impl Scheduler {
     /// A scheduler with an empty cache.
     pub fn new(config: SchedulerConfig) -> Self {
         let kv = KvCacheManager::new(config.num_blocks, config.block_size, config.enable_prefix_caching);
-        Self { config, kv, requests: HashMap::new(), waiting: VecDeque::new(), running: Vec::new(), num_preemptions: 0 }
+        Self {
+            config,
+            kv,
+            requests: HashMap::new(),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            fork_parent: HashMap::new(),
+            reserved: 0,
+            num_preemptions: 0,
+            computed: (0, 0),
+        }
     }
 
     /// The configuration.
@@ -149,6 +189,13 @@ impl Scheduler {
         self.num_preemptions
     }
 
+    /// Tokens run through the model so far: (all, prompt tokens only). Prompt tokens served
+    /// from the prefix cache or shared with a parallel sample's parent are not counted; a
+    /// preempted request's recomputed prompt is.
+    pub fn num_computed_tokens(&self) -> (u64, u64) {
+        self.computed
+    }
+
     /// Whether any request is unfinished.
     pub fn has_unfinished(&self) -> bool {
         !self.waiting.is_empty() || !self.running.is_empty()
@@ -159,10 +206,21 @@ impl Scheduler {
         self.requests.get(&id)
     }
 
-    /// Queues a request, rejecting at once one that could never complete.
+    /// Queues a request (and its parallel samples), rejecting at once one that could never
+    /// complete.
     pub fn add_request(&mut self, mut req: Request) -> Result<(), SchedulerError> {
-        if self.requests.contains_key(&req.id) {
+        let known = |id: &SeqId| self.requests.contains_key(id) || self.fork_parent.contains_key(id);
+        if known(&req.id) {
             return Err(SchedulerError::DuplicateId(req.id));
+        }
+        for (i, f) in req.forks.iter().enumerate() {
+            if known(f) || *f == req.id || req.forks[..i].contains(f) {
+                return Err(SchedulerError::DuplicateId(*f));
+            }
+        }
+        let sequences = 1 + req.forks.len();
+        if sequences > self.config.max_num_seqs {
+            return Err(SchedulerError::TooManySequences { sequences, max_num_seqs: self.config.max_num_seqs });
         }
         if req.token_ids.is_empty() {
             return Err(SchedulerError::EmptyPrompt);
@@ -179,18 +237,37 @@ impl Scheduler {
             return Err(SchedulerError::ExceedsCache { needed, capacity });
         }
         req.status = Status::Waiting;
+        for &f in &req.forks {
+            self.fork_parent.insert(f, req.id);
+        }
         self.waiting.push_back(req.id);
         self.requests.insert(req.id, req);
         Ok(())
     }
 
-    /// Drops a request wherever it is and frees its blocks. Returns false if unknown.
+    /// Drops a sequence wherever it is and frees its blocks. A sequence whose parallel samples
+    /// have not forked yet takes them along (they hold nothing of their own). Returns false if
+    /// unknown.
     pub fn abort(&mut self, id: SeqId) -> bool {
-        if self.requests.remove(&id).is_none() {
+        if let Some(parent) = self.fork_parent.remove(&id) {
+            let p = self.requests.get_mut(&parent).expect("a pending fork's parent is tracked");
+            p.forks.retain(|&f| f != id);
+            if p.status == Status::Running {
+                self.reserved -= 1;
+            }
+            return true;
+        }
+        let Some(r) = self.requests.remove(&id) else {
             return false;
+        };
+        for f in &r.forks {
+            self.fork_parent.remove(f);
+        }
+        if r.status == Status::Running {
+            self.reserved -= r.forks.len();
         }
         self.waiting.retain(|&w| w != id);
-        self.running.retain(|&r| r != id);
+        self.running.retain(|&x| x != id);
         self.kv.free(id);
         true
     }
@@ -202,20 +279,26 @@ impl Scheduler {
             r.num_computed_tokens = 0;
             r.status = Status::Waiting;
             r.num_preemptions += 1;
+            self.reserved -= r.forks.len();
         }
         self.waiting.push_front(id);
         self.num_preemptions += 1;
     }
 
-    fn scheduled(&self, id: SeqId, num_new: usize) -> ScheduledSeq {
+    fn scheduled(&mut self, id: SeqId, num_new: usize) -> ScheduledSeq {
         let r = &self.requests[&id];
         let start = r.num_computed_tokens;
+        let sample = start + num_new == r.token_ids.len();
+        let prompt = (start + num_new).min(r.num_prompt_tokens).saturating_sub(start);
+        self.computed.0 += num_new as u64;
+        self.computed.1 += prompt as u64;
         ScheduledSeq {
             id,
             token_ids: r.token_ids[start..start + num_new].to_vec(),
             start_pos: start,
             block_ids: self.kv.block_ids(id).to_vec(),
-            sample: start + num_new == r.token_ids.len(),
+            sample,
+            forks: if sample { r.forks.clone() } else { Vec::new() },
         }
     }
 
@@ -246,19 +329,21 @@ impl Scheduler {
                 i += 1;
                 continue;
             }
-            let mut fits = true;
-            while !self.kv.allocate_slots(id, computed + num_new, &CacheHit::default()) {
-                let victim = *self.running.last().expect("running is not empty");
-                out.preempted.push(victim);
-                self.preempt(victim);
-                if victim == id {
-                    fits = false;
-                    break;
+            let copy = loop {
+                match self.kv.allocate_slots(id, computed, computed + num_new, &CacheHit::default()) {
+                    Ok(copy) => break Some(copy),
+                    Err(NoFreeBlocks) => {
+                        let victim = *self.running.last().expect("running is not empty");
+                        out.preempted.push(victim);
+                        self.preempt(victim);
+                        if victim == id {
+                            break None;
+                        }
+                    }
                 }
-            }
-            if !fits {
-                break;
-            }
+            };
+            let Some(copy) = copy else { break };
+            out.block_copies.extend(copy);
             self.cache_scheduled_blocks(id, computed + num_new);
             out.seqs.push(self.scheduled(id, num_new));
             budget -= num_new;
@@ -267,16 +352,21 @@ impl Scheduler {
 
         // 2. Waiting requests, unless this step had to preempt.
         if out.preempted.is_empty() {
-            while budget > 0 && self.running.len() < self.config.max_num_seqs {
+            while budget > 0 {
                 let Some(&id) = self.waiting.front() else {
                     break;
                 };
                 let r = &self.requests[&id];
+                // A request joins with room for all its parallel samples.
+                if self.running.len() + self.reserved + 1 + r.forks.len() > self.config.max_num_seqs {
+                    break;
+                }
                 let total = r.token_ids.len();
                 let hit = self.kv.find_cached_prefix(&r.token_ids, &r.cache_extra);
                 let computed = hit.num_tokens;
                 let num_new = (total - computed).min(budget);
-                if !self.kv.allocate_slots(id, computed + num_new, &hit) {
+                // A new sequence shares no partial block, so nothing is copied.
+                if self.kv.allocate_slots(id, computed, computed + num_new, &hit).is_err() {
                     break;
                 }
                 self.waiting.pop_front();
@@ -287,6 +377,7 @@ impl Scheduler {
                     r.num_cached_tokens = computed;
                 }
                 r.status = Status::Running;
+                self.reserved += r.forks.len();
                 self.running.push(id);
                 self.cache_scheduled_blocks(id, computed + num_new);
                 out.seqs.push(self.scheduled(id, num_new));
@@ -297,18 +388,17 @@ impl Scheduler {
         out
     }
 
-    /// Applies a step's results: advances progress, appends sampled tokens (one per sequence
-    /// with `sample`, in `out.seqs` order), checks stop rules and frees finished sequences.
+    /// Applies a step's results: advances progress, appends sampled tokens, checks stop rules
+    /// and frees finished sequences. `sampled` holds one token per sequence of
+    /// [`SchedulerOutput::sampling_ids`], in that order (a sampling sequence, then its forks).
     pub fn update_from_output(&mut self, out: &SchedulerOutput, sampled: &[u32]) -> Vec<SeqUpdate> {
         let mut updates = Vec::new();
-        let mut k = 0;
+        let mut finished_ids = Vec::new();
+        let mut tokens = sampled.iter().copied();
         for s in &out.seqs {
-            let token = if s.sample {
-                k += 1;
-                sampled.get(k - 1).copied()
-            } else {
-                None
-            };
+            let mut next = |sample: bool| if sample { tokens.next() } else { None };
+            let token = next(s.sample);
+            let fork_tokens: Vec<Option<u32>> = s.forks.iter().map(|_| next(s.sample)).collect();
             let Some(r) = self.requests.get_mut(&s.id) else {
                 continue;
             };
@@ -318,15 +408,45 @@ impl Scheduler {
             // The blocks this step filled were registered in the prefix cache when scheduled.
             r.num_computed_tokens = s.start_pos + s.token_ids.len();
             let Some(token) = token else { continue };
-            r.token_ids.push(token);
-            let finished = r.check_stop(self.config.max_model_len);
-            if let Some(reason) = finished {
-                r.status = Status::Finished(reason);
-                self.running.retain(|&x| x != s.id);
-                self.kv.free(s.id);
-                self.requests.remove(&s.id);
+            // Parallel samples fork before their parent's token lands (and before the parent
+            // may finish and free the blocks they share).
+            let forks: Vec<(SeqId, u32)> = s
+                .forks
+                .iter()
+                .zip(fork_tokens)
+                .filter(|(f, _)| r.forks.contains(f))
+                .filter_map(|(&f, t)| Some((f, t?)))
+                .collect();
+            r.forks.clear();
+            let template = (!forks.is_empty()).then(|| r.clone());
+            let mut seqs = vec![(s.id, token)];
+            if let Some(template) = template {
+                for &(f, _) in &forks {
+                    self.fork_parent.remove(&f);
+                    self.reserved -= 1;
+                    self.kv.fork(s.id, f);
+                    let child = Request { id: f, num_preemptions: 0, ..template.clone() };
+                    self.requests.insert(f, child);
+                    self.running.push(f);
+                }
+                seqs.extend(forks);
             }
-            updates.push(SeqUpdate { id: s.id, new_token: token, finished });
+            for (id, token) in seqs {
+                let r = self.requests.get_mut(&id).expect("sequence is tracked");
+                r.token_ids.push(token);
+                let finished = r.check_stop(self.config.max_model_len);
+                if let Some(reason) = finished {
+                    r.status = Status::Finished(reason);
+                    self.kv.free(id);
+                    self.requests.remove(&id);
+                    finished_ids.push(id);
+                }
+                updates.push(SeqUpdate { id, new_token: token, finished });
+            }
+        }
+        if !finished_ids.is_empty() {
+            finished_ids.sort_unstable();
+            self.running.retain(|x| finished_ids.binary_search(x).is_err());
         }
         updates
     }

@@ -2,7 +2,9 @@
 //! always end with every block free.
 
 use proptest::prelude::*;
-use vllm_scheduler::{FinishReason, Request, Scheduler, SchedulerConfig, StopConditions};
+use vllm_scheduler::{
+    FinishReason, Request, Scheduler, SchedulerConfig, SchedulerError, SchedulerOutput, StopConditions,
+};
 
 fn config(num_blocks: usize, budget: usize, max_seqs: usize) -> SchedulerConfig {
     SchedulerConfig {
@@ -21,9 +23,67 @@ fn stop(max_tokens: usize) -> StopConditions {
 
 type Done = Vec<(u64, Vec<u32>, FinishReason)>;
 
+/// A stand-in for the paged KV cache: the token each slot holds. Applying a step the way the
+/// model runner does (block copies, then every scheduled token written to its slot) and then
+/// reading back each sequence's context checks that no sequence ever attends over a slot
+/// holding someone else's token: prefix-cache hits, shared blocks and copy-on-write included.
+struct ShadowCache {
+    slots: Vec<Option<u32>>,
+    block_size: usize,
+}
+
+impl ShadowCache {
+    fn new(s: &Scheduler) -> Self {
+        let c = s.config();
+        Self { slots: vec![None; c.num_blocks * c.block_size], block_size: c.block_size }
+    }
+
+    fn slot(&self, blocks: &[u32], pos: usize) -> usize {
+        blocks[pos / self.block_size] as usize * self.block_size + pos % self.block_size
+    }
+
+    /// Runs `out` and checks every scheduled sequence's whole context against its tokens.
+    fn apply(&mut self, s: &Scheduler, out: &SchedulerOutput) {
+        let bs = self.block_size;
+        for c in &out.block_copies {
+            let (src, dst) = (c.src as usize * bs, c.dst as usize * bs);
+            self.slots.copy_within(src..src + bs, dst);
+        }
+        for q in &out.seqs {
+            for (i, &t) in q.token_ids.iter().enumerate() {
+                let slot = self.slot(&q.block_ids, q.start_pos + i);
+                self.slots[slot] = Some(t);
+            }
+        }
+        for q in &out.seqs {
+            let tokens = &s.request(q.id).expect("scheduled sequence is tracked").token_ids;
+            for (pos, &t) in tokens[..q.start_pos + q.token_ids.len()].iter().enumerate() {
+                let held = self.slots[self.slot(&q.block_ids, pos)];
+                assert_eq!(held, Some(t), "sequence {} position {pos} reads a wrong K/V slot", q.id);
+            }
+        }
+    }
+}
+
+/// Checks one step's plan against the limits.
+fn check_limits(s: &Scheduler, out: &SchedulerOutput) {
+    let c = s.config();
+    assert!(out.num_batched_tokens <= c.max_num_batched_tokens, "token budget exceeded");
+    assert_eq!(out.num_batched_tokens, out.seqs.iter().map(|q| q.token_ids.len()).sum::<usize>());
+    assert!(out.seqs.len() <= c.max_num_seqs, "too many sequences in a step");
+    assert!(s.num_running() <= c.max_num_seqs, "too many running sequences");
+}
+
 /// Runs the scheduler to completion with a fake model that samples `token_fn(id, n_out)`,
-/// checking invariants every step. Returns (id, outputs, reason) in completion order.
+/// checking invariants and K/V contents every step. Returns (id, outputs, reason) in
+/// completion order.
 fn drive(s: &mut Scheduler, token_fn: impl Fn(u64, usize) -> u32) -> Done {
+    let mut shadow = ShadowCache::new(s);
+    drive_with(s, &mut shadow, token_fn)
+}
+
+/// [`drive`] continuing from steps already applied to `shadow`.
+fn drive_with(s: &mut Scheduler, shadow: &mut ShadowCache, token_fn: impl Fn(u64, usize) -> u32) -> Done {
     let mut done = Vec::new();
     let mut outputs: std::collections::HashMap<u64, Vec<u32>> = Default::default();
     let mut steps = 0;
@@ -31,15 +91,11 @@ fn drive(s: &mut Scheduler, token_fn: impl Fn(u64, usize) -> u32) -> Done {
         steps += 1;
         assert!(steps < 10_000, "scheduler made no progress");
         let out = s.schedule();
-        assert!(out.num_batched_tokens <= s.config().max_num_batched_tokens);
-        assert!(out.seqs.len() <= s.config().max_num_seqs);
+        check_limits(s, &out);
         assert!(!out.is_empty() || !out.preempted.is_empty(), "nothing scheduled with work left");
-        let sampled: Vec<u32> = out
-            .seqs
-            .iter()
-            .filter(|q| q.sample)
-            .map(|q| token_fn(q.id, outputs.get(&q.id).map_or(0, |o| o.len())))
-            .collect();
+        shadow.apply(s, &out);
+        let sampled: Vec<u32> =
+            out.sampling_ids().map(|id| token_fn(id, outputs.get(&id).map_or(0, |o| o.len()))).collect();
         for u in s.update_from_output(&out, &sampled) {
             outputs.entry(u.id).or_default().push(u.new_token);
             if let Some(f) = u.finished {
@@ -120,60 +176,198 @@ fn prefix_cache_skips_shared_prompt_blocks() {
     assert_eq!(s.request(2).unwrap().num_cached_tokens, 16);
 }
 
+#[test]
+fn parallel_samples_fork_after_the_prompt_and_copy_the_shared_block() {
+    let mut s = Scheduler::new(config(16, 64, 4));
+    let mut shadow = ShadowCache::new(&s);
+    // A 6-token prompt: one full block of 4 and a partial one, shared by three samples.
+    s.add_request(Request::new(1, (1..=6).collect(), stop(3)).with_forks(vec![2, 3])).unwrap();
+    let out = s.schedule();
+    shadow.apply(&s, &out);
+    assert_eq!(out.seqs.len(), 1, "the prompt is computed once");
+    assert_eq!(out.seqs[0].forks, vec![2, 3]);
+    assert_eq!(out.sampling_ids().collect::<Vec<_>>(), vec![1, 2, 3]);
+    let updates = s.update_from_output(&out, &[10, 20, 30]);
+    assert_eq!(updates.iter().map(|u| (u.id, u.new_token)).collect::<Vec<_>>(), vec![(1, 10), (2, 20), (3, 30)]);
+    let blocks = s.kv_cache().block_ids(1).to_vec();
+    assert_eq!(s.kv_cache().block_ids(3), blocks.as_slice(), "samples share the prompt's blocks");
+    assert_eq!(s.kv_cache().pool().ref_count(blocks[1]), 3);
+    // Each sample appends at position 6, inside the shared partial block: the first two
+    // writers get a copy, the last writes in place.
+    let out = s.schedule();
+    shadow.apply(&s, &out);
+    let sampled: Vec<u32> = out.sampling_ids().map(|id| id as u32 * 10 + 1).collect();
+    s.update_from_output(&out, &sampled);
+    assert_eq!(out.seqs.len(), 3);
+    assert_eq!(out.block_copies.len(), 2);
+    assert!(out.block_copies.iter().all(|c| c.src == blocks[1]));
+    assert_eq!(s.kv_cache().pool().ref_count(blocks[0]), 3, "the full block stays shared");
+    s.kv_cache().check_invariants();
+    let done = drive_with(&mut s, &mut shadow, |id, n| (id * 10 + n as u64) as u32);
+    assert_eq!(done.len(), 3);
+    assert_eq!(s.kv_cache().pool().num_free(), 16);
+}
+
+#[test]
+fn a_request_and_its_samples_must_fit_in_max_num_seqs() {
+    let mut s = Scheduler::new(config(64, 64, 3));
+    let too_many = s.add_request(Request::new(1, vec![1, 2], stop(2)).with_forks(vec![2, 3, 4]));
+    assert!(matches!(too_many, Err(SchedulerError::TooManySequences { sequences: 4, max_num_seqs: 3 })));
+    assert!(matches!(
+        s.add_request(Request::new(5, vec![1, 2], stop(2)).with_forks(vec![5])),
+        Err(SchedulerError::DuplicateId(5))
+    ));
+    // Two 2-sample requests and max_num_seqs 3: the second waits for room for both samples.
+    s.add_request(Request::new(10, vec![1, 2, 3], stop(4)).with_forks(vec![11])).unwrap();
+    s.add_request(Request::new(20, vec![4, 5, 6], stop(4)).with_forks(vec![21])).unwrap();
+    let out = s.schedule();
+    assert_eq!(out.seqs.iter().map(|q| q.id).collect::<Vec<_>>(), vec![10]);
+    let done = drive(&mut s, |id, n| (id + n as u64) as u32);
+    assert_eq!(done.len(), 4);
+}
+
+#[test]
+fn aborting_a_pending_sample_or_its_parent() {
+    let mut s = Scheduler::new(config(16, 4, 4));
+    let mut shadow = ShadowCache::new(&s);
+    s.add_request(Request::new(1, (1..=10).collect(), stop(2)).with_forks(vec![2, 3])).unwrap();
+    let out = s.schedule(); // first prefill chunk; the samples have not forked
+    shadow.apply(&s, &out);
+    s.update_from_output(&out, &[]);
+    assert!(s.abort(3), "a pending sample can be aborted alone");
+    let done = drive_with(&mut s, &mut shadow, |id, _| id as u32);
+    let mut ids: Vec<u64> = done.iter().map(|d| d.0).collect();
+    ids.sort();
+    assert_eq!(ids, vec![1, 2]);
+    s.add_request(Request::new(4, (1..=10).collect(), stop(2)).with_forks(vec![5])).unwrap();
+    let out = s.schedule();
+    s.update_from_output(&out, &[]);
+    assert!(s.abort(4), "aborting the parent takes its pending sample along");
+    assert!(!s.abort(5));
+    assert!(!s.has_unfinished());
+    assert_eq!(s.kv_cache().pool().num_free(), 16);
+}
+
+#[test]
+fn decode_keeps_running_while_a_long_prompt_is_prefilled() {
+    // Budget 8: a 200-token prompt takes 25+ steps to prefill; the decoding request must get
+    // a token in every one of them (no head-of-line blocking).
+    let mut s = Scheduler::new(config(128, 8, 4));
+    s.add_request(Request::new(1, vec![1, 2, 3], stop(40))).unwrap();
+    let out = s.schedule();
+    s.update_from_output(&out, &[7]);
+    s.add_request(Request::new(2, (1..=200).collect(), stop(1))).unwrap();
+    let mut prefill_steps = 0;
+    while s.request(2).is_some_and(|r| r.num_output_tokens() == 0) {
+        let out = s.schedule();
+        assert!(out.seqs.iter().any(|q| q.id == 1 && q.sample), "request 1 decodes every step");
+        if out.seqs.iter().any(|q| q.id == 2) {
+            prefill_steps += 1;
+        }
+        let sampled: Vec<u32> = out.sampling_ids().map(|_| 7).collect();
+        s.update_from_output(&out, &sampled);
+    }
+    assert!(prefill_steps >= 200 / 7, "the prompt was chunked ({prefill_steps} steps)");
+}
+
+#[test]
+fn waste_on_a_mixed_length_workload_is_under_four_percent() {
+    // Block size 16, prompts of 20 to 1000 tokens and outputs of 10 to 300: measure, after
+    // every step, the allocated slots that hold no token against the slots in use.
+    let mut c = config(4096, 2048, 64);
+    c.block_size = 16;
+    c.max_model_len = 2048;
+    c.enable_prefix_caching = false;
+    let mut s = Scheduler::new(c);
+    let mut rng = 12345u64;
+    let mut next = || {
+        rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (rng >> 33) as usize
+    };
+    for id in 0..200u64 {
+        let len = 20 + next() % 980;
+        let out = 10 + next() % 290;
+        s.add_request(Request::new(id, (0..len as u32).map(|t| t + id as u32).collect(), stop(out))).unwrap();
+    }
+    let (mut slots, mut held) = (0usize, 0usize);
+    while s.has_unfinished() {
+        let out = s.schedule();
+        let sampled: Vec<u32> = out.sampling_ids().map(|id| 1 + id as u32).collect();
+        s.update_from_output(&out, &sampled);
+        let u = s.kv_cache().memory_usage();
+        assert!(u.tokens_held <= u.slots_in_use);
+        slots += u.slots_in_use;
+        held += u.tokens_held;
+    }
+    let waste = 1.0 - held as f64 / slots as f64;
+    println!("KV waste over the run: {:.2}% of the slots in use", waste * 100.0);
+    assert!(waste < 0.04, "waste {:.2}%", waste * 100.0);
+}
+
 #[derive(Debug, Clone)]
 enum Op {
-    Add { len: usize, max_tokens: usize, shared: bool },
+    Add { len: usize, max_tokens: usize, shared: bool, samples: usize },
     Abort(usize),
     Step,
 }
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        (1usize..30, 1usize..12, any::<bool>()).prop_map(|(len, max_tokens, shared)| Op::Add {
+        (1usize..30, 1usize..12, any::<bool>(), 1usize..4).prop_map(|(len, max_tokens, shared, samples)| Op::Add {
             len,
             max_tokens,
-            shared
+            shared,
+            samples
         }),
-        (0usize..64).prop_map(Op::Abort),
+        (0usize..96).prop_map(Op::Abort),
+        Just(Op::Step),
         Just(Op::Step),
         Just(Op::Step),
     ]
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(200))]
+    #![proptest_config(ProptestConfig::with_cases(300))]
+    /// Random streams of add (with shared prompts and parallel samples) / abort / step on tiny
+    /// pools: the budget and `max_num_seqs` always hold, every block's ref count equals its
+    /// holders, no sequence holds a block twice, every sequence reads only its own tokens'
+    /// K/V (prefix hits and copies included), and everything ends free.
     #[test]
-    fn random_streams_end_with_every_block_free(
+    fn random_streams_keep_the_invariants_and_end_with_every_block_free(
         ops in proptest::collection::vec(op(), 1..80),
         blocks in 10usize..40, budget in 1usize..24, seqs in 1usize..6,
     ) {
         let mut s = Scheduler::new(config(blocks, budget, seqs));
+        let mut shadow = ShadowCache::new(&s);
         let mut next = 0u64;
         for op in ops {
             match op {
-                Op::Add { len, max_tokens, shared } => {
+                Op::Add { len, max_tokens, shared, samples } => {
                     let prompt: Vec<u32> = if shared {
                         (1..=len as u32).collect()
                     } else {
                         (0..len as u32).map(|t| 100 + t + next as u32 * 31).collect()
                     };
-                    let _ = s.add_request(Request::new(next, prompt, stop(max_tokens)));
-                    next += 1;
+                    let forks = (1..samples as u64).map(|k| next + k).collect();
+                    let _ = s.add_request(Request::new(next, prompt, stop(max_tokens)).with_forks(forks));
+                    next += samples as u64;
                 }
                 Op::Abort(k) => { s.abort(k as u64); }
                 Op::Step => {
                     let out = s.schedule();
-                    prop_assert!(out.num_batched_tokens <= budget);
-                    prop_assert!(out.seqs.len() <= seqs);
-                    let sampled: Vec<u32> = out.seqs.iter().filter(|q| q.sample)
-                        .map(|q| 1 + (q.id % 7) as u32).collect();
+                    check_limits(&s, &out);
+                    shadow.apply(&s, &out);
+                    let sampled: Vec<u32> = out.sampling_ids().map(|id| 1 + (id % 7) as u32).collect();
                     s.update_from_output(&out, &sampled);
                 }
             }
             s.kv_cache().check_invariants();
         }
-        drive(&mut s, |id, n| 1 + ((id as usize + n) % 5) as u32);
+        drive_with(&mut s, &mut shadow, |id, n| 1 + ((id as usize + n) % 5) as u32);
         prop_assert_eq!(s.kv_cache().pool().num_free(), blocks);
         prop_assert_eq!(s.kv_cache().num_seqs(), 0);
+        for b in 0..blocks as u32 {
+            prop_assert_eq!(s.kv_cache().pool().ref_count(b), 0);
+        }
     }
 }

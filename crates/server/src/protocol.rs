@@ -40,6 +40,7 @@ pub struct SamplingFields {
     pub prompt_logprobs: Option<Value>,
     pub truncate_prompt_tokens: Option<Value>,
     pub priority: Option<i64>,
+    pub cache_salt: Option<String>,
 }
 
 impl SamplingFields {
@@ -89,6 +90,7 @@ impl SamplingFields {
             ignore_eos: self.ignore_eos.unwrap_or(false),
             stop_token_ids: self.stop_token_ids.clone().unwrap_or_default(),
             skip_special_tokens: self.skip_special_tokens.unwrap_or(true),
+            cache_salt: self.cache_salt.clone(),
         })
     }
 }
