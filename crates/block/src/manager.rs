@@ -1,6 +1,6 @@
 //! Per-request KV-cache bookkeeping on top of the block pool.
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 
 use crate::hash::BlockHash;
 use crate::pool::{BlockId, BlockPool};
@@ -166,7 +166,7 @@ impl KvCacheManager {
         let (held, shared_tail) = match self.seqs.get(&seq) {
             Some(s) => {
                 let j = num_computed / self.block_size;
-                let writes_partial = num_computed % self.block_size != 0 && total_tokens > num_computed;
+                let writes_partial = !num_computed.is_multiple_of(self.block_size) && total_tokens > num_computed;
                 let shared = writes_partial && j < s.blocks.len() && self.pool.ref_count(s.blocks[j]) > 1;
                 (s.blocks.len(), shared.then_some(j))
             }

@@ -1,7 +1,7 @@
 //! The block pool: a flat arena of KV-cache blocks, their reference counts, an
 //! index-linked free queue (O(1) removal from the middle) and the prefix-cache map.
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 
 use crate::hash::BlockHash;
 

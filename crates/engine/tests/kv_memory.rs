@@ -29,9 +29,9 @@ fn shared_prefix_is_computed_once_and_the_salt_separates_tenants() {
     let prompts: Vec<String> = questions.iter().map(|q| format!("{SYSTEM}Question: {q}")).collect();
     let lens: Vec<usize> = prompts.iter().map(|p| ids(&llm, p).len()).collect();
     let first = ids(&llm, &prompts[0]);
-    llm.generate([&prompts[0]], &greedy(4)).unwrap();
+    llm.generate([&prompts[0]], greedy(4)).unwrap();
     let before = llm.with_engine(|e| e.stats());
-    let cached = llm.generate(&prompts[1..], &greedy(4)).unwrap();
+    let cached = llm.generate(&prompts[1..], greedy(4)).unwrap();
     let after = llm.with_engine(|e| e.stats());
     // Each later prompt reuses the full blocks it shares with the first one.
     let mut expect_hits = 0;
@@ -47,21 +47,21 @@ fn shared_prefix_is_computed_once_and_the_salt_separates_tenants() {
 
     // The same requests without prefix caching give the same tokens and never hit.
     let plain = llm_with(|a| a.enable_prefix_caching = false);
-    let want = plain.generate(&prompts[1..], &greedy(4)).unwrap();
+    let want = plain.generate(&prompts[1..], greedy(4)).unwrap();
     for (w, g) in want.iter().zip(&cached) {
         assert_eq!(w.outputs[0].token_ids, g.outputs[0].token_ids);
         assert_eq!(w.num_cached_tokens, 0);
     }
-    plain.generate(&prompts[1..], &greedy(1)).unwrap();
+    plain.generate(&prompts[1..], greedy(1)).unwrap();
     assert_eq!(plain.with_engine(|e| e.stats()).prefix_cache_hits, 0, "caching off never hits");
 
     // A salted request does not see the unsalted blocks, but sees those of its own salt.
     let salted = |salt: &str| SamplingParams { cache_salt: Some(salt.into()), ..greedy(2) };
-    let a1 = llm.generate([&prompts[0]], &salted("tenant-a")).unwrap();
+    let a1 = llm.generate([&prompts[0]], salted("tenant-a")).unwrap();
     assert_eq!(a1[0].num_cached_tokens, 0, "another salt must miss");
-    let a2 = llm.generate([&prompts[0]], &salted("tenant-a")).unwrap();
+    let a2 = llm.generate([&prompts[0]], salted("tenant-a")).unwrap();
     assert!(a2[0].num_cached_tokens >= 48, "the same salt hits ({})", a2[0].num_cached_tokens);
-    let b = llm.generate([&prompts[0]], &salted("tenant-b")).unwrap();
+    let b = llm.generate([&prompts[0]], salted("tenant-b")).unwrap();
     assert_eq!(b[0].num_cached_tokens, 0);
     assert_eq!(a1[0].outputs[0].token_ids, a2[0].outputs[0].token_ids);
     assert_clean(&llm);
@@ -159,10 +159,10 @@ fn long_prompt(llm: &LLM) -> Vec<u32> {
 fn chunked_prefill_of_a_long_prompt_matches_and_decode_keeps_running() {
     let whole = llm_with(|_| {});
     let prompt = long_prompt(&whole);
-    let want = whole.generate([Prompt::TokenIds(prompt.clone())], &greedy(8)).unwrap();
+    let want = whole.generate([Prompt::TokenIds(prompt.clone())], greedy(8)).unwrap();
     drop(whole);
     let chunked = llm_with(|a| a.max_num_batched_tokens = Some(64));
-    let got = chunked.generate([Prompt::TokenIds(prompt.clone())], &greedy(8)).unwrap();
+    let got = chunked.generate([Prompt::TokenIds(prompt.clone())], greedy(8)).unwrap();
     assert_eq!(got[0].outputs[0].token_ids, want[0].outputs[0].token_ids, "chunking changed the output");
 
     // While the long prompt is prefilled 63 tokens a step, a decoding request gets a token

@@ -11,7 +11,9 @@
 //! first token from the same logits. A shared partial block is copied when first appended to
 //! ([`SchedulerOutput::block_copies`]).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use foldhash::{HashMap, HashMapExt};
 
 use vllm_block::{BlockCopy, BlockId, CacheHit, KvCacheManager, NoFreeBlocks, SeqId};
 
@@ -388,11 +390,22 @@ impl Scheduler {
         out
     }
 
+    /// Appends a sampled token; a sequence that finishes is dropped and its blocks freed (the
+    /// caller removes it from `running`).
+    fn append_token(&mut self, id: SeqId, token: u32) -> Option<FinishReason> {
+        let r = self.requests.get_mut(&id).expect("sequence is tracked");
+        r.token_ids.push(token);
+        let finished = r.check_stop(self.config.max_model_len)?;
+        self.kv.free(id);
+        self.requests.remove(&id);
+        Some(finished)
+    }
+
     /// Applies a step's results: advances progress, appends sampled tokens, checks stop rules
     /// and frees finished sequences. `sampled` holds one token per sequence of
     /// [`SchedulerOutput::sampling_ids`], in that order (a sampling sequence, then its forks).
     pub fn update_from_output(&mut self, out: &SchedulerOutput, sampled: &[u32]) -> Vec<SeqUpdate> {
-        let mut updates = Vec::new();
+        let mut updates = Vec::with_capacity(sampled.len());
         let mut finished_ids = Vec::new();
         let mut tokens = sampled.iter().copied();
         for s in &out.seqs {
@@ -418,27 +431,19 @@ impl Scheduler {
                 .filter_map(|(&f, t)| Some((f, t?)))
                 .collect();
             r.forks.clear();
-            let template = (!forks.is_empty()).then(|| r.clone());
-            let mut seqs = vec![(s.id, token)];
-            if let Some(template) = template {
+            if !forks.is_empty() {
+                let template = r.clone();
                 for &(f, _) in &forks {
                     self.fork_parent.remove(&f);
                     self.reserved -= 1;
                     self.kv.fork(s.id, f);
-                    let child = Request { id: f, num_preemptions: 0, ..template.clone() };
-                    self.requests.insert(f, child);
+                    self.requests.insert(f, Request { id: f, num_preemptions: 0, ..template.clone() });
                     self.running.push(f);
                 }
-                seqs.extend(forks);
             }
-            for (id, token) in seqs {
-                let r = self.requests.get_mut(&id).expect("sequence is tracked");
-                r.token_ids.push(token);
-                let finished = r.check_stop(self.config.max_model_len);
-                if let Some(reason) = finished {
-                    r.status = Status::Finished(reason);
-                    self.kv.free(id);
-                    self.requests.remove(&id);
+            for (id, token) in std::iter::once((s.id, token)).chain(forks) {
+                let finished = self.append_token(id, token);
+                if finished.is_some() {
                     finished_ids.push(id);
                 }
                 updates.push(SeqUpdate { id, new_token: token, finished });

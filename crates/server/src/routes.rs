@@ -175,7 +175,9 @@ async fn collect(streams: Vec<OutputStream>) -> Result<Vec<RequestOutput>, ApiEr
 fn usage(outs: &[RequestOutput]) -> Value {
     let p: usize = outs.iter().map(|o| o.prompt_token_ids.len()).sum();
     let c: usize = outs.iter().flat_map(|o| &o.outputs).map(|c| c.token_ids.len()).sum();
-    json!({"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c})
+    let cached: usize = outs.iter().map(|o| o.num_cached_tokens).sum();
+    json!({"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+           "prompt_tokens_details": {"cached_tokens": cached}})
 }
 
 /// What a choice looks like for each API.

@@ -204,6 +204,22 @@ async fn server_end_to_end() {
     let (_, v) = post(&c, &format!("{b}/detokenize"), json!({"tokens": [504, 3575, 282, 4649, 314]})).await;
     assert_eq!(v["prompt"], "The capital of France is");
 
+    // Prefix caching with a per-tenant salt: a repeated prompt is served from the cache
+    // (usage.prompt_tokens_details.cached_tokens), but not across salts.
+    let long = "The library opens at nine on weekdays and at ten on Saturdays; it is closed on Sundays. ";
+    let cached = |salt: &'static str| {
+        let (c, b) = (c.clone(), b.clone());
+        async move {
+            let body = json!({"prompt": long, "max_tokens": 1, "temperature": 0, "cache_salt": salt});
+            let (s, v) = post(&c, &format!("{b}/v1/completions"), body).await;
+            assert_eq!(s, StatusCode::OK, "{v}");
+            v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap()
+        }
+    };
+    assert_eq!(cached("tenant-a").await, 0);
+    assert_eq!(cached("tenant-a").await, 16, "the same salt reuses the full block");
+    assert_eq!(cached("tenant-b").await, 0, "another salt does not");
+
     // Errors: right status, OpenAI shape, nothing panics.
     let raw = c
         .post(format!("{b}/v1/completions"))

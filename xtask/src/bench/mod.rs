@@ -1,9 +1,10 @@
-//! `cargo xtask bench throughput | serve | latency`: vLLM's benchmark commands, with llama.cpp
+//! `cargo xtask bench throughput | serve | latency | prefix-caching`: vLLM's benchmark commands, with llama.cpp
 //! run side by side in the same invocation (`--peer llama.cpp`).
 
 mod dataset;
 mod peer;
 mod plot;
+mod prefix;
 mod serve;
 
 use std::path::PathBuf;
@@ -27,6 +28,9 @@ pub enum Bench {
     Serve(ServeArgs),
     /// Single-request prompt processing and decode speed.
     Latency(LatencyArgs),
+    /// Requests sharing a long prefix, with prefix caching off and on: prefill tokens and
+    /// time saved, and the KV memory report.
+    PrefixCaching(prefix::PrefixArgs),
     /// Build llama.cpp's `llama-server` into the cache now (otherwise done on first `--peer`).
     BuildPeer,
 }
@@ -465,6 +469,7 @@ pub fn run(b: Bench) -> Result<()> {
         Bench::Throughput(a) => throughput(a),
         Bench::Latency(a) => latency(a),
         Bench::Serve(a) => serve(a),
+        Bench::PrefixCaching(a) => prefix::run(a),
         Bench::BuildPeer => {
             println!("{}", peer::llama_server()?.display());
             Ok(())
