@@ -76,19 +76,51 @@ fn sampler(c: &mut Criterion) {
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let mut g = c.benchmark_group("sampler_49k_vocab");
     for &b in &BATCHES {
-        let logits: Vec<f32> = (0..b * vocab).map(|_| rng.random::<f32>() * 10.0).collect();
+        // Shaped like a language model's: a broad bulk (std 1.5) and, per row, 20 plausible
+        // tokens 12-16 above it holding most of the probability.
+        let mut logits: Vec<f32> = (0..b * vocab)
+            .map(|_| (rng.random::<f32>() + rng.random::<f32>() + rng.random::<f32>() - 1.5) * 3.0)
+            .collect();
+        for row in logits.chunks_mut(vocab) {
+            for _ in 0..20 {
+                row[rng.random_range(0..vocab)] = rng.random_range(12.0..16.0);
+            }
+        }
+        let penalties = SamplingParams {
+            temperature: 1.0,
+            top_p: 0.9,
+            presence_penalty: 0.5,
+            frequency_penalty: 0.5,
+            repetition_penalty: 1.1,
+            ..Default::default()
+        };
         for (name, params) in [
             ("greedy", SamplingParams::greedy(16)),
             ("top_p_top_k", SamplingParams { temperature: 1.0, top_p: 0.9, top_k: 50, ..Default::default() }),
+            ("top_p_penalties", penalties),
         ] {
-            let mut seqs: Vec<SeqSampler> = (0..b).map(|i| SeqSampler::new(params.clone(), i as u64)).collect();
+            // Each sequence has a 512-token prompt (repetition penalty) and draws from logits
+            // shaped like a model's: a few likely tokens, a long tail.
+            let prompt: Vec<u32> = (0..512).map(|_| rng.random_range(0..vocab as u32)).collect();
+            let mut seqs: Vec<SeqSampler> = (0..b)
+                .map(|i| SeqSampler::new(params.clone(), i as u64).with_context(&prompt, vec![0], vec![]))
+                .collect();
+            // 32 tokens of history (what the penalties count), then every iteration starts
+            // from that state.
+            for _ in 0..32 {
+                let mut refs: Vec<&mut SeqSampler> = seqs.iter_mut().collect();
+                sample_batch(&mut logits.clone(), vocab, &mut refs);
+            }
             g.throughput(Throughput::Elements(b as u64));
             g.bench_with_input(BenchmarkId::new(name, b), &b, |bench, _| {
-                bench.iter(|| {
-                    let mut l = logits.clone();
-                    let mut refs: Vec<&mut SeqSampler> = seqs.iter_mut().collect();
-                    sample_batch(&mut l, vocab, &mut refs)
-                })
+                bench.iter_batched_ref(
+                    || (logits.clone(), seqs.clone()),
+                    |(l, seqs)| {
+                        let mut refs: Vec<&mut SeqSampler> = seqs.iter_mut().collect();
+                        sample_batch(l, vocab, &mut refs)
+                    },
+                    criterion::BatchSize::LargeInput,
+                )
             });
         }
     }

@@ -24,7 +24,7 @@ enum Command {
     Add {
         id: String,
         prompt: Prompt,
-        params: SamplingParams,
+        params: Box<SamplingParams>,
         accepted: oneshot::Sender<Result<()>>,
         out: mpsc::UnboundedSender<Result<RequestOutput>>,
     },
@@ -88,7 +88,7 @@ impl AsyncEngine {
         let (accepted, accepted_rx) = oneshot::channel();
         let (out, out_rx) = mpsc::unbounded_channel();
         self.tx
-            .send(Command::Add { id, prompt, params, accepted, out })
+            .send(Command::Add { id, prompt, params: Box::new(params), accepted, out })
             .map_err(|_| Error::Internal("the engine has stopped"))?;
         accepted_rx.await.map_err(|_| Error::Internal("the engine has stopped"))??;
         Ok(out_rx)
@@ -119,7 +119,7 @@ fn run_loop(mut engine: LLMEngine, rx: std_mpsc::Receiver<Command>, stats: Arc<M
         match cmd {
             Command::Add { id, prompt, params, accepted, out } => {
                 let arrival = Instant::now();
-                match engine.add_request(id.clone(), prompt, params) {
+                match engine.add_request(id.clone(), prompt, *params) {
                     Ok(()) => {
                         if accepted.send(Ok(())).is_err() {
                             engine.abort_request(&id);

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device};
@@ -11,12 +12,12 @@ use rand_chacha::ChaCha8Rng;
 use vllm_block::SeqId;
 use vllm_kernels::KvCache;
 use vllm_models::LoadOptions;
-use vllm_sampler::{sample_batch, SamplingParams, SeqSampler};
-use vllm_scheduler::{KvMemoryUsage, Request, Scheduler, SchedulerConfig, StopConditions};
+use vllm_sampler::{sample_batch, RequestOutputKind, SamplingParams, SeqSampler, TokenLogprobs};
+use vllm_scheduler::{KvMemoryUsage, Request, Scheduler, SchedulerConfig, SchedulerOutput, StopConditions};
 use vllm_tokenizer::{IncrementalDetokenizer, Tokenizer};
 
 use crate::args::{EngineArgs, ModelDtype, Quantization};
-use crate::output::{CompletionOutput, FinishReason, Logprob, PositionLogprobs, Prompt, RequestOutput};
+use crate::output::{CompletionOutput, FinishReason, Logprob, PositionLogprobs, Prompt, RequestOutput, StopReason};
 use crate::runner::ModelRunner;
 use crate::source::{resolve, ModelFiles};
 use crate::{Error, Result};
@@ -24,21 +25,62 @@ use crate::{Error, Result};
 /// One generated sequence of a request (a request with `n` or `best_of` > 1 has several).
 struct Child {
     seq: SeqId,
-    detok: IncrementalDetokenizer,
+    detok: Option<IncrementalDetokenizer>,
     output_ids: Vec<u32>,
     logprobs: Option<Vec<PositionLogprobs>>,
     cumulative_logprob: Option<f64>,
-    finish: Option<(FinishReason, Option<u32>)>,
+    finish: Option<(FinishReason, Option<StopReason>)>,
+    /// The text cut at a matched stop string.
+    stopped_text: Option<String>,
+    /// Bytes of text already searched for stop strings.
+    stop_checked: usize,
+    /// Tokens and text bytes already returned (`RequestOutputKind::Delta`).
+    emitted: (usize, usize),
 }
 
 impl Child {
-    fn output(&self, index: usize) -> CompletionOutput {
+    fn text(&self) -> &str {
+        match (&self.stopped_text, &self.detok) {
+            (Some(t), _) => t,
+            (None, Some(d)) => d.text(),
+            (None, None) => "",
+        }
+    }
+
+    /// Looks for a stop string in the text added since the last call; on a match, cuts the
+    /// text and returns the string.
+    fn find_stop(&mut self, stop: &[String], include: bool) -> Option<String> {
+        let longest = stop.iter().map(String::len).max()?;
+        let text = self.detok.as_ref()?.text();
+        let mut from = self.stop_checked.saturating_sub(longest - 1);
+        while !text.is_char_boundary(from) {
+            from -= 1;
+        }
+        self.stop_checked = text.len();
+        let (pos, s) =
+            stop.iter().filter_map(|s| text[from..].find(s.as_str()).map(|i| (from + i, s))).min_by_key(|m| m.0)?;
+        let end = if include { pos + s.len() } else { pos };
+        self.stopped_text = Some(text[..end].to_string());
+        Some(s.clone())
+    }
+
+    /// The output now. While running with stop strings, the last `longest - 1` bytes are held
+    /// back (they may be the start of a stop string that must not be shown).
+    fn output(&self, index: usize, hold_back: usize) -> CompletionOutput {
+        let mut text = self.text();
+        if self.finish.is_none() && hold_back > 0 {
+            let mut end = text.len().saturating_sub(hold_back);
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            text = &text[..end];
+        }
         CompletionOutput {
             index,
-            text: self.detok.text().to_string(),
+            text: text.to_string(),
             token_ids: self.output_ids.clone(),
-            finish_reason: self.finish.map(|f| f.0),
-            stop_reason: self.finish.and_then(|f| f.1),
+            finish_reason: self.finish.as_ref().map(|f| f.0),
+            stop_reason: self.finish.as_ref().and_then(|f| f.1.clone()),
             cumulative_logprob: self.cumulative_logprob,
             logprobs: self.logprobs.clone(),
         }
@@ -56,6 +98,11 @@ struct Group {
     n: usize,
     children: Vec<Child>,
     num_cached_tokens: usize,
+    stop: Vec<String>,
+    include_stop: bool,
+    kind: RequestOutputKind,
+    /// Top alternatives per prompt position, and the positions so far.
+    prompt_logprobs: Option<(usize, Vec<Option<PositionLogprobs>>)>,
 }
 
 impl Group {
@@ -64,20 +111,42 @@ impl Group {
     }
 
     /// The request's output now; `None` while a `best_of` request is still running (its
-    /// candidates are only ranked once all are done).
-    fn output(&self) -> Option<RequestOutput> {
+    /// candidates are only ranked once all are done) or a final-only one is. Delta outputs
+    /// hold only what is new since the previous call.
+    fn output(&mut self) -> Option<RequestOutput> {
         let finished = self.finished();
-        let outputs: Vec<CompletionOutput> = if self.children.len() > self.n {
-            if !finished {
-                return None;
-            }
+        if !finished && (self.children.len() > self.n || self.kind == RequestOutputKind::FinalOnly) {
+            return None;
+        }
+        let hold_back = self.stop.iter().map(String::len).max().unwrap_or(1) - 1;
+        let order: Vec<usize> = if self.children.len() > self.n {
             let mut order: Vec<usize> = (0..self.children.len()).collect();
             let score = |i: usize| self.children[i].cumulative_logprob.unwrap_or(f64::NEG_INFINITY);
             order.sort_by(|&a, &b| score(b).total_cmp(&score(a)).then(a.cmp(&b)));
-            order.iter().take(self.n).enumerate().map(|(k, &i)| self.children[i].output(k)).collect()
+            order.truncate(self.n);
+            order
         } else {
-            self.children.iter().enumerate().map(|(i, c)| c.output(i)).collect()
+            (0..self.children.len()).collect()
         };
+        let delta = self.kind == RequestOutputKind::Delta;
+        let outputs = order
+            .iter()
+            .enumerate()
+            .map(|(k, &i)| {
+                let c = &mut self.children[i];
+                let mut o = c.output(k, hold_back);
+                if delta {
+                    let (tokens, bytes) = c.emitted;
+                    c.emitted = (o.token_ids.len(), o.text.len());
+                    o.token_ids.drain(..tokens.min(o.token_ids.len()));
+                    o.text.drain(..bytes.min(o.text.len()));
+                    if let Some(lp) = o.logprobs.as_mut() {
+                        lp.drain(..tokens.min(lp.len()));
+                    }
+                }
+                o
+            })
+            .collect();
         Some(RequestOutput {
             request_id: self.request_id.clone(),
             prompt: self.prompt.clone(),
@@ -85,6 +154,7 @@ impl Group {
             outputs,
             finished,
             num_cached_tokens: self.num_cached_tokens,
+            prompt_logprobs: self.prompt_logprobs.as_ref().map(|p| p.1.clone()),
         })
     }
 }
@@ -304,7 +374,10 @@ impl LLMEngine {
             return Err(Error::DuplicateRequestId(request_id));
         }
         params.validate(self.runner.model().vocab_size())?;
-        let prompt_ids = self.prompt_ids(&prompt)?;
+        let mut prompt_ids = self.prompt_ids(&prompt)?;
+        if let Some(k) = params.truncate_prompt_tokens {
+            prompt_ids.drain(..prompt_ids.len().saturating_sub(k));
+        }
         if prompt_ids.len() >= self.max_model_len {
             return Err(Error::PromptTooLong { prompt_tokens: prompt_ids.len(), max_model_len: self.max_model_len });
         }
@@ -320,24 +393,49 @@ impl LLMEngine {
         let first = self.next_seq;
         let forks: Vec<SeqId> = (1..num_seqs as SeqId).map(|i| first + i).collect();
         let extra = params.cache_salt.as_deref().map(salt_key).into_iter().collect();
+        // min_tokens holds back EOS and the stop token ids; bad words are banned with and
+        // without a leading space, like vLLM.
+        let stop_ids: Vec<u32> = if params.min_tokens > 0 {
+            stop.eos_token_ids.iter().chain(&stop.stop_token_ids).copied().collect()
+        } else {
+            Vec::new()
+        };
+        let mut bad_words: Vec<Vec<u32>> = Vec::new();
+        for w in &params.bad_words {
+            for variant in [w.clone(), format!(" {}", w.trim_start())] {
+                let ids = self.tokenizer.encode(&variant, false)?;
+                if !ids.is_empty() && !bad_words.contains(&ids) {
+                    bad_words.push(ids);
+                }
+            }
+        }
         // Rejects a request that could never fit before anything is recorded.
-        self.scheduler
-            .add_request(Request::new(first, prompt_ids.clone(), stop).with_forks(forks).with_cache_extra(extra))?;
+        let mut request = Request::new(first, prompt_ids.clone(), stop).with_forks(forks).with_cache_extra(extra);
+        request.all_logits = params.prompt_logprobs.is_some();
+        self.scheduler.add_request(request)?;
         let mut children = Vec::with_capacity(num_seqs);
         for i in 0..num_seqs {
             let seq = first + i as SeqId;
             // Sample i of a seeded request uses seed + i (vLLM's parallel sampling).
             let fallback_seed = self.seed_rng.next_u64();
             let child_params = SamplingParams { seed: params.seed.map(|s| s.wrapping_add(i as u64)), ..params.clone() };
-            self.samplers.insert(seq, SeqSampler::new(child_params, fallback_seed));
+            let sampler = SeqSampler::new(child_params, fallback_seed).with_context(
+                &prompt_ids,
+                stop_ids.clone(),
+                bad_words.clone(),
+            );
+            self.samplers.insert(seq, sampler);
             self.owners.insert(seq, (request_id.clone(), i));
             children.push(Child {
                 seq,
-                detok: IncrementalDetokenizer::new(&prompt_ids, params.skip_special_tokens),
+                detok: params.detokenize.then(|| IncrementalDetokenizer::new(&prompt_ids, params.skip_special_tokens)),
                 output_ids: Vec::new(),
                 logprobs: params.logprobs.map(|_| Vec::new()),
                 cumulative_logprob: params.needs_logprobs().then_some(0.0),
                 finish: None,
+                stopped_text: None,
+                stop_checked: 0,
+                emitted: (0, 0),
             });
         }
         self.next_seq += num_seqs as SeqId;
@@ -347,7 +445,18 @@ impl LLMEngine {
         };
         self.groups.insert(
             request_id.clone(),
-            Group { request_id, prompt, prompt_ids, n: params.n, children, num_cached_tokens: 0 },
+            Group {
+                request_id,
+                prompt,
+                prompt_ids,
+                n: params.n,
+                children,
+                num_cached_tokens: 0,
+                stop: params.stop.clone(),
+                include_stop: params.include_stop_str_in_output,
+                kind: params.output_kind,
+                prompt_logprobs: params.prompt_logprobs.map(|k| (k, vec![None])),
+            },
         );
         Ok(())
     }
@@ -373,22 +482,8 @@ impl LLMEngine {
         self.scheduler.has_unfinished()
     }
 
-    fn position_logprobs(&self, token: u32, lp: &vllm_sampler::TokenLogprobs) -> PositionLogprobs {
-        let decode = |id: u32| self.tokenizer.decode(&[id], false).unwrap_or_default();
-        PositionLogprobs {
-            sampled: Logprob { token_id: token, logprob: lp.logprob, rank: lp.rank, decoded_token: decode(token) },
-            top: lp
-                .top
-                .iter()
-                .enumerate()
-                .map(|(r, &(id, logprob))| Logprob {
-                    token_id: id,
-                    logprob,
-                    rank: r as u32 + 1,
-                    decoded_token: decode(id),
-                })
-                .collect(),
-        }
+    fn position_logprobs(&self, token: u32, lp: &TokenLogprobs) -> PositionLogprobs {
+        position_logprobs(&self.tokenizer, token, lp)
     }
 
     /// Runs one step. Returns the (cumulative) outputs of the requests that got a new token,
@@ -408,31 +503,29 @@ impl LLMEngine {
         if out.is_empty() {
             return Ok(Vec::new());
         }
-        let logits = self.runner.execute(&out)?;
-        let num_rows = out.seqs.iter().filter(|s| s.sample).count();
+        let (logits, ranges) = self.runner.execute(&out)?;
+        let vocab = self.runner.model().vocab_size();
+        self.record_prompt_logprobs(&out, &logits, &ranges, vocab);
         let sample_ids: Vec<SeqId> = out.sampling_ids().collect();
         let samples = if sample_ids.is_empty() {
             Vec::new()
         } else {
-            let vocab = logits.len() / num_rows;
-            // Forking samples draw from their parent's row: give each its own copy.
-            let mut logits = if sample_ids.len() == num_rows {
-                logits
-            } else {
-                let mut rows = Vec::with_capacity(sample_ids.len() * vocab);
-                for (row, s) in out.seqs.iter().filter(|s| s.sample).enumerate() {
-                    for _ in 0..=s.forks.len() {
-                        rows.extend_from_slice(&logits[row * vocab..(row + 1) * vocab]);
-                    }
+            // Each sampling sequence's last row, once per sequence drawing from it (forks draw
+            // from their parent's row, each from its own copy).
+            let mut rows = Vec::with_capacity(sample_ids.len() * vocab);
+            for (s, r) in out.seqs.iter().zip(&ranges).filter(|(s, _)| s.sample) {
+                let last = r.end - 1;
+                for _ in 0..=s.forks.len() {
+                    rows.extend_from_slice(&logits[last * vocab..(last + 1) * vocab]);
                 }
-                rows
-            };
+            }
+            drop(logits);
             let mut taken: Vec<SeqSampler> = sample_ids
                 .iter()
                 .map(|id| self.samplers.remove(id).expect("scheduled request has a sampler"))
                 .collect();
             let mut refs: Vec<&mut SeqSampler> = taken.iter_mut().collect();
-            let samples = sample_batch(&mut logits, vocab, &mut refs);
+            let samples = sample_batch(&mut rows, vocab, &mut refs);
             for (id, s) in sample_ids.iter().zip(taken) {
                 self.samplers.insert(*id, s);
             }
@@ -448,7 +541,7 @@ impl LLMEngine {
         let token_ids: Vec<u32> = samples.iter().map(|s| s.token).collect();
         let mut sample_of: HashMap<SeqId, vllm_sampler::Sample> = sample_ids.into_iter().zip(samples).collect();
         let updates = self.scheduler.update_from_output(&out, &token_ids);
-        let eos = self.tokenizer.eos_token_ids();
+        let eos = self.tokenizer.eos_token_ids().to_vec();
         let mut touched: Vec<String> = Vec::new();
         let mut seen = std::collections::HashSet::new();
         for u in updates {
@@ -464,7 +557,9 @@ impl LLMEngine {
             };
             let c = &mut g.children[idx];
             c.output_ids.push(u.new_token);
-            c.detok.push(&self.tokenizer, u.new_token)?;
+            if let Some(d) = c.detok.as_mut() {
+                d.push(&self.tokenizer, u.new_token)?;
+            }
             if let Some((logprob, pos)) = lp {
                 if let Some(cum) = c.cumulative_logprob.as_mut() {
                     *cum += logprob as f64;
@@ -476,11 +571,21 @@ impl LLMEngine {
             c.finish = match u.finished {
                 None => None,
                 Some(vllm_scheduler::FinishReason::Stop(t)) => {
-                    Some((FinishReason::Stop, if eos.contains(&t) { None } else { Some(t) }))
+                    Some((FinishReason::Stop, (!eos.contains(&t)).then_some(StopReason::Token(t))))
                 }
                 Some(vllm_scheduler::FinishReason::Length) => Some((FinishReason::Length, None)),
                 Some(vllm_scheduler::FinishReason::Abort) => Some((FinishReason::Abort, None)),
             };
+            // A stop string ends the sequence even when the token also did (vLLM checks
+            // strings after tokens, and cuts the text either way).
+            if !g.stop.is_empty() {
+                if let Some(matched) = c.find_stop(&g.stop, g.include_stop) {
+                    if c.finish.is_none() {
+                        self.scheduler.abort(u.id);
+                    }
+                    c.finish = Some((FinishReason::Stop, Some(StopReason::Text(matched))));
+                }
+            }
             if c.finish.is_some() {
                 self.owners.remove(&u.id);
                 self.samplers.remove(&u.id);
@@ -491,7 +596,7 @@ impl LLMEngine {
         }
         let mut outputs = Vec::with_capacity(touched.len());
         for rid in touched {
-            let Some(g) = self.groups.get(&rid) else { continue };
+            let Some(g) = self.groups.get_mut(&rid) else { continue };
             let done = g.finished();
             if let Some(o) = g.output() {
                 outputs.push(o);
@@ -501,6 +606,41 @@ impl LLMEngine {
             }
         }
         Ok(outputs)
+    }
+
+    /// Records prompt log probabilities from the rows of prompt chunks that asked for every
+    /// row: the row at position `p` scores prompt token `p + 1`.
+    fn record_prompt_logprobs(&mut self, out: &SchedulerOutput, logits: &[f32], ranges: &[Range<usize>], vocab: usize) {
+        for (s, r) in out.seqs.iter().zip(ranges).filter(|(s, _)| s.all_logits) {
+            let Some((rid, 0)) = self.owners.get(&s.id).cloned() else { continue };
+            let Some(g) = self.groups.get_mut(&rid) else { continue };
+            let prompt = &g.prompt_ids;
+            let Some((k, lps)) = g.prompt_logprobs.as_mut() else { continue };
+            for (j, row) in r.clone().enumerate() {
+                let pos = s.start_pos + j;
+                // Positions arrive in order; a recomputed prompt (after preemption) is skipped.
+                if pos + 1 >= prompt.len() || lps.len() != pos + 1 {
+                    continue;
+                }
+                let next = prompt[pos + 1];
+                let lp = TokenLogprobs::new(&logits[row * vocab..(row + 1) * vocab], next, *k);
+                lps.push(Some(position_logprobs(&self.tokenizer, next, &lp)));
+            }
+        }
+    }
+}
+
+/// A position's log probabilities with decoded tokens.
+fn position_logprobs(tokenizer: &Tokenizer, token: u32, lp: &TokenLogprobs) -> PositionLogprobs {
+    let decode = |id: u32| tokenizer.decode(&[id], false).unwrap_or_default();
+    PositionLogprobs {
+        sampled: Logprob { token_id: token, logprob: lp.logprob, rank: lp.rank, decoded_token: decode(token) },
+        top: lp
+            .top
+            .iter()
+            .enumerate()
+            .map(|(r, &(id, logprob))| Logprob { token_id: id, logprob, rank: r as u32 + 1, decoded_token: decode(id) })
+            .collect(),
     }
 }
 

@@ -6,6 +6,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use vllm_sampler::SamplingParams;
 
 use crate::args::EngineArgs;
+use crate::beam::{BeamSearchOutput, BeamSearchParams};
 use crate::engine::{AbortHandle, LLMEngine};
 use crate::output::{Prompt, RequestOutput};
 use crate::{Error, Result};
@@ -14,19 +15,19 @@ use crate::{Error, Result};
 #[derive(Debug, Clone)]
 pub enum ParamsList {
     /// The same parameters for every prompt.
-    One(SamplingParams),
+    One(Box<SamplingParams>),
     /// One per prompt, in order.
     PerPrompt(Vec<SamplingParams>),
 }
 
 impl From<SamplingParams> for ParamsList {
     fn from(p: SamplingParams) -> Self {
-        ParamsList::One(p)
+        ParamsList::One(Box::new(p))
     }
 }
 impl From<&SamplingParams> for ParamsList {
     fn from(p: &SamplingParams) -> Self {
-        ParamsList::One(p.clone())
+        ParamsList::One(Box::new(p.clone()))
     }
 }
 impl From<Vec<SamplingParams>> for ParamsList {
@@ -85,6 +86,19 @@ impl LLM {
         f(&mut e)
     }
 
+    /// Beam search for every prompt (vLLM's `LLM.beam_search`); returns one output per
+    /// prompt, in input order, each with `beam_width` sequences best first. The beams are
+    /// ranked like Hugging Face `generate(num_beams=...)` (see [`crate::beam`]).
+    pub fn beam_search<P: Into<Prompt>>(
+        &self,
+        prompts: impl IntoIterator<Item = P>,
+        params: &BeamSearchParams,
+    ) -> Result<Vec<BeamSearchOutput>> {
+        let prompts: Vec<Prompt> = prompts.into_iter().map(Into::into).collect();
+        let mut engine = self.engine.lock().unwrap_or_else(|p| p.into_inner());
+        crate::beam::run(&mut engine, prompts, params)
+    }
+
     /// Generates completions for every prompt; returns one output per prompt, in input order.
     /// If any prompt or parameter is invalid, nothing runs and the error names it.
     pub fn generate<P: Into<Prompt>>(
@@ -94,7 +108,7 @@ impl LLM {
     ) -> Result<Vec<RequestOutput>> {
         let prompts: Vec<Prompt> = prompts.into_iter().map(Into::into).collect();
         let params = match params.into() {
-            ParamsList::One(p) => vec![p; prompts.len()],
+            ParamsList::One(p) => vec![*p; prompts.len()],
             ParamsList::PerPrompt(v) if v.len() == prompts.len() => v,
             ParamsList::PerPrompt(v) => {
                 return Err(Error::InvalidArgument {

@@ -88,6 +88,17 @@ pub struct PositionLogprobs {
     pub top: Vec<Logprob>,
 }
 
+/// What ended a sequence with `finish_reason` stop, besides EOS (serialized as vLLM does: the
+/// token id as a number, the string as a string).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum StopReason {
+    /// A `stop_token_ids` entry.
+    Token(u32),
+    /// A `stop` string.
+    Text(String),
+}
+
 /// One generated sequence (vLLM's `CompletionOutput`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CompletionOutput {
@@ -99,8 +110,9 @@ pub struct CompletionOutput {
     pub token_ids: Vec<u32>,
     /// Set once finished.
     pub finish_reason: Option<FinishReason>,
-    /// The stop token id that ended the sequence, if one did (vLLM's `stop_reason`).
-    pub stop_reason: Option<u32>,
+    /// The stop token id or stop string that ended the sequence, if one did (vLLM's
+    /// `stop_reason`; `None` for EOS and `length`).
+    pub stop_reason: Option<StopReason>,
     /// Sum of the sampled tokens' log probabilities (when log probabilities were computed).
     pub cumulative_logprob: Option<f64>,
     /// Per generated token, when `logprobs` was requested.
@@ -129,4 +141,7 @@ pub struct RequestOutput {
     pub finished: bool,
     /// Prompt tokens served from the prefix cache.
     pub num_cached_tokens: usize,
+    /// With `prompt_logprobs`: per prompt position, the prompt token's log probability and
+    /// the top alternatives (`None` for the first position, which has no context).
+    pub prompt_logprobs: Option<Vec<Option<PositionLogprobs>>>,
 }

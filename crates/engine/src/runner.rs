@@ -1,6 +1,8 @@
 //! The model runner: owns the model and its paged KV cache, turns a `SchedulerOutput` into
 //! one flattened batch and returns logits for the rows that sample.
 
+use std::ops::Range;
+
 use candle_core::{Device, Tensor};
 use vllm_kernels::{AttnMetadata, KvCache, SeqAttn};
 use vllm_models::{CausalLM, StepInput};
@@ -31,9 +33,10 @@ impl ModelRunner {
         &*self.model
     }
 
-    /// Runs one step; returns `[rows, vocab]` f32 logits flattened, one row per sequence with
-    /// `sample`, in batch order.
-    pub fn execute(&self, out: &SchedulerOutput) -> Result<Vec<f32>> {
+    /// Runs one step; returns `[rows, vocab]` f32 logits flattened and, per scheduled
+    /// sequence, its rows: every token's with `all_logits`, else the last token's with
+    /// `sample`, else none.
+    pub fn execute(&self, out: &SchedulerOutput) -> Result<(Vec<f32>, Vec<Range<usize>>)> {
         if !out.block_copies.is_empty() {
             let pairs: Vec<(u32, u32)> = out.block_copies.iter().map(|c| (c.src, c.dst)).collect();
             for cache in &self.caches {
@@ -45,13 +48,18 @@ impl ModelRunner {
         let mut positions = Vec::with_capacity(n);
         let mut rows = Vec::new();
         let mut seqs = Vec::with_capacity(out.seqs.len());
+        let mut ranges = Vec::with_capacity(out.seqs.len());
         for s in &out.seqs {
             let len = s.token_ids.len();
+            let first_row = rows.len();
+            if s.all_logits {
+                rows.extend((ids.len()..ids.len() + len).map(|r| r as u32));
+            } else if s.sample {
+                rows.push((ids.len() + len - 1) as u32);
+            }
+            ranges.push(first_row..rows.len());
             ids.extend_from_slice(&s.token_ids);
             positions.extend((s.start_pos..s.start_pos + len).map(|p| p as u32));
-            if s.sample {
-                rows.push((ids.len() - 1) as u32);
-            }
             seqs.push(SeqAttn { query_len: len, context_len: s.start_pos + len, block_table: s.block_ids.clone() });
         }
         if rows.is_empty() {
@@ -68,6 +76,6 @@ impl ModelRunner {
             attn: &meta,
         };
         let logits = self.model.forward(&input, &self.caches)?;
-        Ok(logits.flatten_all()?.to_vec1::<f32>()?)
+        Ok((logits.flatten_all()?.to_vec1::<f32>()?, ranges))
     }
 }

@@ -55,7 +55,10 @@ fn stop_token_ids_and_min_tokens() {
     let p = SamplingParams { stop_token_ids: vec![stop_at], ..SamplingParams::greedy(10) };
     let out = &llm.generate([prompt], &p).unwrap()[0].outputs[0];
     assert_eq!(out.token_ids, ids[..=first].to_vec());
-    assert_eq!((out.finish_reason, out.stop_reason), (Some(FinishReason::Stop), Some(stop_at)));
+    assert_eq!(
+        (out.finish_reason, out.stop_reason.clone()),
+        (Some(FinishReason::Stop), Some(vllm_engine::StopReason::Token(stop_at)))
+    );
     // min_tokens: stop tokens before it are ignored.
     let p = SamplingParams {
         stop_token_ids: vec![stop_at],

@@ -54,6 +54,30 @@ pub fn copy_blocks(cache: &mut [f32], pairs: &[(u32, u32)], block_len: usize) {
     }
 }
 
+/// `x[i] = exp((x[i] - shift) * scale)` for values `<= shift` with `scale >= 0` (softmax
+/// numerators relative to the row maximum, as the sampler needs them), vectorized.
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma+sse4.1", "aarch64+neon"))]
+pub fn exp_shifted(x: &mut [f32], shift: f32, scale: f32) {
+    for v in x.iter_mut() {
+        *v = exp_nonpositive(((*v - shift) * scale).min(0.0));
+    }
+}
+
+/// The largest value of `x` (NaN is ignored; `-inf` for an empty or all-NaN slice),
+/// vectorized.
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
+pub fn max_value(x: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let chunks = x.chunks_exact(16);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (m, &v) in lanes.iter_mut().zip(c) {
+            *m = if v > *m { v } else { *m };
+        }
+    }
+    rest.iter().chain(&lanes).fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
+}
+
 /// Query tokens of one sequence handled together (they share every key and value load).
 const QUERY_TILE: usize = 16;
 

@@ -223,3 +223,19 @@ fn copied_block_attends_like_the_original() {
     assert_eq!(attend(vec![0, 1]), attend(vec![0, 3]));
     assert!(cache.copy_blocks(&[(1, 4)]).is_err(), "out-of-range copy is an error");
 }
+
+#[test]
+fn sampler_helpers_match_scalar_math() {
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    let x: Vec<f32> = (0..1003).map(|_| rng.random_range(-30.0f32..30.0)).collect();
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    assert_eq!(cpu::max_value(&x), max);
+    assert_eq!(cpu::max_value(&[f32::NAN, 1.0, f32::NAN]), 1.0, "NaN is ignored");
+    assert_eq!(cpu::max_value(&[]), f32::NEG_INFINITY);
+    let mut e = x.clone();
+    cpu::exp_shifted(&mut e, max, 0.7);
+    for (a, &v) in e.iter().zip(&x) {
+        let want = ((v - max) * 0.7).exp();
+        assert!((a - want).abs() <= 1e-6 * want.max(1e-30) + 1e-38, "{a} vs {want}");
+    }
+}

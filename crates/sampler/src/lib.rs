@@ -17,5 +17,5 @@
 mod params;
 mod sampler;
 
-pub use params::{InvalidParam, SamplingParams, MAX_LOGPROBS, SAMPLING_EPS};
+pub use params::{InvalidParam, RequestOutputKind, SamplingParams, MAX_LOGPROBS, SAMPLING_EPS};
 pub use sampler::{argmax, log_sum_exp, sample_batch, top_k_indices, Sample, SeqSampler, TokenLogprobs};

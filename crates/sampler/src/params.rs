@@ -1,5 +1,7 @@
 //! `SamplingParams`, with vLLM's field names, defaults and validation.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 /// Why sampling parameters were rejected: the parameter and the rule it broke.
@@ -52,6 +54,51 @@ pub struct SamplingParams {
     /// Salt for the prefix cache: requests reuse each other's cached blocks only when their
     /// salts are equal (vLLM's `cache_salt`, against timing attacks across tenants).
     pub cache_salt: Option<String>,
+    /// Penalizes tokens that already appear in the output (added once per distinct token;
+    /// negative values encourage them). In [-2, 2].
+    pub presence_penalty: f32,
+    /// Penalizes tokens by how often they appear in the output. In [-2, 2].
+    pub frequency_penalty: f32,
+    /// Divides positive logits (multiplies negative ones) of tokens in the prompt or output;
+    /// 1 disables, above 1 discourages repetition. Positive.
+    pub repetition_penalty: f32,
+    /// Strings that end generation; the text is cut before the match (the token ids are kept).
+    pub stop: Vec<String>,
+    /// Keep the matched stop string at the end of the text.
+    pub include_stop_str_in_output: bool,
+    /// Log probabilities of each prompt token and the `k` most likely alternatives at each
+    /// prompt position (the first position has none). Requests with it skip the prefix cache.
+    pub prompt_logprobs: Option<usize>,
+    /// Put spaces between special tokens when they are not skipped. Byte-level BPE tokenizers
+    /// (every GGUF and `tokenizer.json` model here) decode special tokens verbatim, so, as
+    /// with vLLM's fast tokenizers, this has no effect on their text.
+    pub spaces_between_special_tokens: bool,
+    /// Keep only the last `k` prompt tokens (left truncation).
+    pub truncate_prompt_tokens: Option<usize>,
+    /// Only these tokens may be generated.
+    pub allowed_token_ids: Option<Vec<u32>>,
+    /// Added to the logits of the given token ids before sampling (clamped to [-100, 100]).
+    pub logit_bias: BTreeMap<u32, f32>,
+    /// Words that must not be generated: the last token of a word is banned when the output
+    /// ends with the word's other tokens (each word with and without a leading space).
+    pub bad_words: Vec<String>,
+    /// Produce text (false: token ids only; stop strings need text).
+    pub detokenize: bool,
+    /// What each output carries: everything so far, only what is new, or only the final one.
+    pub output_kind: RequestOutputKind,
+}
+
+/// What a request's outputs carry (vLLM's `RequestOutputKind`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestOutputKind {
+    /// Every output holds all tokens and text so far.
+    #[default]
+    Cumulative,
+    /// Every output holds only the tokens and text new since the previous one.
+    Delta,
+    /// Only the final output is returned.
+    FinalOnly,
 }
 
 impl Default for SamplingParams {
@@ -71,6 +118,19 @@ impl Default for SamplingParams {
             skip_special_tokens: true,
             logprobs: None,
             cache_salt: None,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            repetition_penalty: 1.0,
+            stop: Vec::new(),
+            include_stop_str_in_output: false,
+            prompt_logprobs: None,
+            spaces_between_special_tokens: true,
+            truncate_prompt_tokens: None,
+            allowed_token_ids: None,
+            logit_bias: BTreeMap::new(),
+            bad_words: Vec::new(),
+            detokenize: true,
+            output_kind: RequestOutputKind::Cumulative,
         }
     }
 }
@@ -96,6 +156,17 @@ impl SamplingParams {
     /// `best_of` candidates).
     pub fn needs_logprobs(&self) -> bool {
         self.logprobs.is_some() || self.num_sequences() > self.n
+    }
+
+    /// Whether any logits processor (penalties, bias, masks) applies to this request.
+    pub fn has_processors(&self) -> bool {
+        self.presence_penalty != 0.0
+            || self.frequency_penalty != 0.0
+            || self.repetition_penalty != 1.0
+            || self.allowed_token_ids.is_some()
+            || !self.logit_bias.is_empty()
+            || !self.bad_words.is_empty()
+            || self.min_tokens > 0
     }
 
     /// Whether the request is decoded greedily.
@@ -143,6 +214,50 @@ impl SamplingParams {
                 return Err(invalid("min_tokens", format!("must be <= max_tokens ({max}), got {}", self.min_tokens)));
             }
         }
+        if let Some(k) = self.prompt_logprobs {
+            if k > MAX_LOGPROBS {
+                return Err(invalid("prompt_logprobs", format!("must be at most {MAX_LOGPROBS}, got {k}")));
+            }
+        }
+        for (name, v) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
+            if !(-2.0..=2.0).contains(&v) {
+                return Err(invalid(name, format!("must be in [-2, 2], got {v}")));
+            }
+        }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            return Err(invalid("repetition_penalty", format!("must be > 0, got {}", self.repetition_penalty)));
+        }
+        if self.truncate_prompt_tokens == Some(0) {
+            return Err(invalid("truncate_prompt_tokens", "must be at least 1, got 0"));
+        }
+        if let Some(allowed) = &self.allowed_token_ids {
+            if allowed.is_empty() {
+                return Err(invalid("allowed_token_ids", "must not be empty"));
+            }
+            if let Some(&bad) = allowed.iter().find(|&&t| t as usize >= vocab_size) {
+                return Err(invalid(
+                    "allowed_token_ids",
+                    format!("token id {bad} is outside the vocabulary (size {vocab_size})"),
+                ));
+            }
+        }
+        for (&t, &b) in &self.logit_bias {
+            if t as usize >= vocab_size {
+                return Err(invalid(
+                    "logit_bias",
+                    format!("token id {t} is outside the vocabulary (size {vocab_size})"),
+                ));
+            }
+            if !b.is_finite() {
+                return Err(invalid("logit_bias", format!("bias of token {t} must be finite, got {b}")));
+            }
+        }
+        if self.stop.iter().any(String::is_empty) {
+            return Err(invalid("stop", "stop strings must not be empty"));
+        }
+        if !self.detokenize && !self.stop.is_empty() {
+            return Err(invalid("stop", "stop strings need detokenize = true"));
+        }
         if let Some(&bad) = self.stop_token_ids.iter().find(|&&t| t as usize >= vocab_size) {
             return Err(invalid(
                 "stop_token_ids",
@@ -178,6 +293,17 @@ mod tests {
             (SamplingParams { n: 0, ..Default::default() }, "n"),
             (SamplingParams { n: 3, best_of: Some(2), ..Default::default() }, "best_of"),
             (SamplingParams { logprobs: Some(21), ..Default::default() }, "logprobs"),
+            (SamplingParams { prompt_logprobs: Some(21), ..Default::default() }, "prompt_logprobs"),
+            (SamplingParams { presence_penalty: 2.5, ..Default::default() }, "presence_penalty"),
+            (SamplingParams { frequency_penalty: -3.0, ..Default::default() }, "frequency_penalty"),
+            (SamplingParams { repetition_penalty: 0.0, ..Default::default() }, "repetition_penalty"),
+            (SamplingParams { truncate_prompt_tokens: Some(0), ..Default::default() }, "truncate_prompt_tokens"),
+            (SamplingParams { allowed_token_ids: Some(vec![]), ..Default::default() }, "allowed_token_ids"),
+            (SamplingParams { allowed_token_ids: Some(vec![3, 50]), ..Default::default() }, "allowed_token_ids"),
+            (SamplingParams { logit_bias: [(50, 1.0)].into(), ..Default::default() }, "logit_bias"),
+            (SamplingParams { logit_bias: [(5, f32::NAN)].into(), ..Default::default() }, "logit_bias"),
+            (SamplingParams { stop: vec![String::new()], ..Default::default() }, "stop"),
+            (SamplingParams { stop: vec!["x".into()], detokenize: false, ..Default::default() }, "stop"),
         ];
         for (p, name) in cases {
             assert_eq!(p.validate(50).unwrap_err().param, name);

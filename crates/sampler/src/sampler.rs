@@ -1,24 +1,58 @@
 //! Sampling a batch of logit rows, each with its own parameters and seeded generator.
 
+use std::collections::{HashMap, HashSet};
+
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
+use vllm_kernels::cpu;
 
 use crate::params::SamplingParams;
 
-/// The sampling state of one sequence: its parameters and its own random generator, so a
-/// seeded request draws the same numbers whatever else shares the batch.
+/// The sampling state of one sequence: its parameters, its own random generator (so a
+/// seeded request draws the same numbers whatever else shares the batch) and what the logits
+/// processors need (its output so far, its prompt's tokens for the repetition penalty).
 #[derive(Debug, Clone)]
 pub struct SeqSampler {
     params: SamplingParams,
     rng: ChaCha8Rng,
+    /// Generated tokens so far.
+    output: Vec<u32>,
+    /// How often each token was generated (frequency and presence penalties).
+    counts: HashMap<u32, u32>,
+    /// Prompt tokens (repetition penalty; empty unless it is on).
+    prompt_tokens: HashSet<u32>,
+    /// Tokens masked while fewer than `min_tokens` were generated (EOS, stop token ids).
+    stop_ids: Vec<u32>,
+    /// Tokenized bad words.
+    bad_words: Vec<Vec<u32>>,
 }
 
 impl SeqSampler {
     /// State for one sequence; `fallback_seed` is used when the params carry no seed.
     pub fn new(params: SamplingParams, fallback_seed: u64) -> Self {
         let seed = params.seed.unwrap_or(fallback_seed);
-        Self { params, rng: ChaCha8Rng::seed_from_u64(seed) }
+        Self {
+            params,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            output: Vec::new(),
+            counts: HashMap::new(),
+            prompt_tokens: HashSet::new(),
+            stop_ids: Vec::new(),
+            bad_words: Vec::new(),
+        }
+    }
+
+    /// Adds what the processors need to know about the request: its prompt (for the
+    /// repetition penalty), the ids `min_tokens` holds back (EOS and stop token ids) and the
+    /// token ids of its bad words.
+    pub fn with_context(mut self, prompt: &[u32], stop_ids: Vec<u32>, bad_words: Vec<Vec<u32>>) -> Self {
+        if self.params.repetition_penalty != 1.0 {
+            self.prompt_tokens = prompt.iter().copied().collect();
+        }
+        self.stop_ids = stop_ids;
+        self.bad_words = bad_words.into_iter().filter(|w| !w.is_empty()).collect();
+        self
     }
 
     /// The parameters.
@@ -26,12 +60,61 @@ impl SeqSampler {
         &self.params
     }
 
+    /// Applies the logits processors in vLLM's order: allowed-token mask, `min_tokens` stop
+    /// mask, bad words, logit bias, then repetition, frequency and presence penalties.
+    fn process(&self, logits: &mut [f32]) {
+        let p = &self.params;
+        if let Some(allowed) = &p.allowed_token_ids {
+            let keep: Vec<(u32, f32)> = allowed.iter().map(|&t| (t, logits[t as usize])).collect();
+            logits.fill(f32::NEG_INFINITY);
+            for (t, v) in keep {
+                logits[t as usize] = v;
+            }
+        }
+        if self.output.len() < p.min_tokens {
+            for &t in &self.stop_ids {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+        }
+        for w in &self.bad_words {
+            let (last, prefix) = w.split_last().expect("bad words are not empty");
+            if self.output.ends_with(prefix) {
+                if let Some(l) = logits.get_mut(*last as usize) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+        }
+        for (&t, &b) in &p.logit_bias {
+            logits[t as usize] += b.clamp(-100.0, 100.0);
+        }
+        if p.repetition_penalty != 1.0 {
+            let r = p.repetition_penalty;
+            for &t in self.prompt_tokens.iter().chain(self.counts.keys().filter(|t| !self.prompt_tokens.contains(t))) {
+                let l = &mut logits[t as usize];
+                *l = if *l > 0.0 { *l / r } else { *l * r };
+            }
+        }
+        if p.frequency_penalty != 0.0 || p.presence_penalty != 0.0 {
+            for (&t, &c) in &self.counts {
+                logits[t as usize] -= c as f32 * p.frequency_penalty + p.presence_penalty;
+            }
+        }
+    }
+
     /// Samples one token from a row of logits (the row is used as scratch space), with its
-    /// log probabilities when the parameters ask for them.
+    /// log probabilities when the parameters ask for them. Log probabilities come from the
+    /// raw row, before any processor, penalty or temperature (vLLM's `raw_logprobs`).
     pub fn sample(&mut self, logits: &mut [f32]) -> Sample {
         let raw = self.params.needs_logprobs().then(|| logits.to_vec());
+        if self.params.has_processors() {
+            self.process(logits);
+        }
         let token =
             if self.params.is_greedy() { argmax(logits) } else { sample_random(logits, &self.params, &mut self.rng) };
+        self.output.push(token);
+        *self.counts.entry(token).or_insert(0) += 1;
         let logprobs = raw.map(|raw| TokenLogprobs::new(&raw, token, self.params.logprobs.unwrap_or(0)));
         Sample { token, logprobs }
     }
@@ -96,51 +179,84 @@ pub fn top_k_indices(row: &[f32], k: usize) -> Vec<u32> {
 
 /// Index of the largest value (the first one on ties); NaN never wins.
 pub fn argmax(row: &[f32]) -> u32 {
-    let mut best = 0usize;
-    let mut best_v = f32::NEG_INFINITY;
-    for (i, &v) in row.iter().enumerate() {
-        if v > best_v {
-            best_v = v;
-            best = i;
-        }
-    }
-    best as u32
+    let max = cpu::max_value(row);
+    row.iter().position(|&v| v == max).unwrap_or(0) as u32
 }
 
 fn sample_random(logits: &mut [f32], p: &SamplingParams, rng: &mut ChaCha8Rng) -> u32 {
     let inv_t = 1.0 / p.temperature;
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let max = cpu::max_value(logits);
     if !max.is_finite() {
         return argmax(logits);
     }
     // Unnormalised probabilities relative to the most likely token (which gets 1.0).
-    for l in logits.iter_mut() {
-        *l = ((*l - max) * inv_t).exp();
-    }
+    cpu::exp_shifted(logits, max, inv_t);
     let min_p = p.min_p;
-    let mut cand: Vec<u32> =
-        (0..logits.len() as u32).filter(|&i| logits[i as usize] > 0.0 && logits[i as usize] >= min_p).collect();
+    let kept = |v: f32| v > 0.0 && v >= min_p;
+    // Language models put almost all the mass on a few tokens. The largest threshold `t`
+    // (relative to the best token's probability, 1) whose tokens already satisfy top-k (at
+    // least k of them) and top-p (their mass reaches top_p of the total) bounds the
+    // candidates: only tokens >= t can be kept, so the rest of the vocabulary is skipped
+    // (exact, not an approximation).
+    let full_total = || count_and_mass_at_least(logits, min_p.max(f32::MIN_POSITIVE)).1;
+    let mut total_all = None;
+    let mut threshold = None;
+    if p.top_k().is_some() || p.top_p < 1.0 {
+        let target = (p.top_k().is_none() && p.top_p < 1.0).then(|| {
+            let t = full_total();
+            total_all = Some(t);
+            p.top_p * t * 1.001
+        });
+        for e in 1..=12 {
+            let t = 10f32.powi(-e).max(min_p);
+            let (count, mass) = count_and_mass_at_least(logits, t);
+            if p.top_k().is_none_or(|k| count >= k) && target.is_none_or(|target| mass >= target) {
+                threshold = Some(t);
+                break;
+            }
+        }
+    }
+    let mut cand: Vec<u32> = match threshold {
+        Some(t) => (0..logits.len() as u32).filter(|&i| logits[i as usize] >= t).collect(),
+        None => (0..logits.len() as u32).filter(|&i| kept(logits[i as usize])).collect(),
+    };
     let by_prob_desc = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+    let mut top_k_applied = false;
     if let Some(k) = p.top_k() {
         if k < cand.len() {
             cand.select_nth_unstable_by(k - 1, by_prob_desc);
             cand.truncate(k);
         }
+        top_k_applied = true;
     }
     if p.top_p < 1.0 {
-        cand.sort_unstable_by(by_prob_desc);
-        let total: f32 = cand.iter().map(|&i| logits[i as usize]).sum();
+        // Sort only the most likely candidates, a growing chunk at a time, until they cover
+        // `top_p` of the mass (of the top-k set, or of every token).
+        let total: f32 = match (top_k_applied, total_all) {
+            (false, Some(t)) => t,
+            (false, None) => full_total(),
+            (true, _) => cand.iter().map(|&i| logits[i as usize]).sum(),
+        };
         let target = p.top_p * total;
-        let mut acc = 0.0;
-        let mut keep = cand.len();
-        for (n, &i) in cand.iter().enumerate() {
-            acc += logits[i as usize];
-            if acc >= target {
-                keep = n + 1;
+        let (mut done, mut chunk, mut acc) = (0, 256, 0.0f32);
+        while done < cand.len() {
+            // Bring the next most likely `chunk` candidates to `done..end`, in order.
+            let end = (done + chunk).min(cand.len());
+            if end < cand.len() {
+                cand[done..].select_nth_unstable_by(end - done - 1, by_prob_desc);
+            }
+            cand[done..end].sort_unstable_by(by_prob_desc);
+            let keep = cand[done..end].iter().position(|&i| {
+                acc += logits[i as usize];
+                acc >= target
+            });
+            if let Some(n) = keep {
+                cand.truncate(done + n + 1);
                 break;
             }
+            done = end;
+            chunk *= 4;
         }
-        cand.truncate(keep.max(1));
     } else {
         cand.sort_unstable();
     }
@@ -155,12 +271,38 @@ fn sample_random(logits: &mut [f32], p: &SamplingParams, rng: &mut ChaCha8Rng) -
     *cand.last().unwrap_or(&0)
 }
 
+/// How many values are `>= t`, and their sum (vectorizable lanes).
+fn count_and_mass_at_least(x: &[f32], t: f32) -> (usize, f32) {
+    let (mut count, mut mass) = ([0u32; 16], [0f32; 16]);
+    let chunks = x.chunks_exact(16);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..16 {
+            let ge = c[i] >= t;
+            count[i] += ge as u32;
+            mass[i] += if ge { c[i] } else { 0.0 };
+        }
+    }
+    let (c, m) = rest.iter().filter(|&&v| v >= t).fold((0usize, 0f32), |(c, m), &v| (c + 1, m + v));
+    (c + count.iter().map(|&n| n as usize).sum::<usize>(), m + mass.iter().sum::<f32>())
+}
+
 /// Samples one token per row of `logits` (`[rows, vocab]` flattened), row `i` with `seqs[i]`.
 /// Rows are independent: the result of a row never depends on the others.
 pub fn sample_batch(logits: &mut [f32], vocab: usize, seqs: &mut [&mut SeqSampler]) -> Vec<Sample> {
     assert_eq!(logits.len(), vocab * seqs.len(), "one logits row per sequence");
-    if seqs.iter().all(|s| s.params.is_greedy() && !s.params.needs_logprobs()) {
-        return logits.chunks(vocab).map(|r| Sample { token: argmax(r), logprobs: None }).collect();
+    if seqs.iter().all(|s| s.params.is_greedy() && !s.params.needs_logprobs() && !s.params.has_processors()) {
+        // Fast path: plain greedy batch.
+        return logits
+            .chunks(vocab)
+            .zip(seqs.iter_mut())
+            .map(|(r, s)| {
+                let token = argmax(r);
+                s.output.push(token);
+                *s.counts.entry(token).or_insert(0) += 1;
+                Sample { token, logprobs: None }
+            })
+            .collect();
     }
     logits.par_chunks_mut(vocab).zip(seqs.par_iter_mut()).map(|(row, s)| s.sample(row)).collect()
 }
@@ -237,6 +379,87 @@ mod tests {
             assert_eq!(lp.rank, expected_rank);
             assert!((lp.logprob - row[out.token as usize]).abs() < 1e-6);
         }
+    }
+
+    #[test]
+    fn penalties_follow_vllm_formulas() {
+        let p = SamplingParams {
+            repetition_penalty: 2.0,
+            frequency_penalty: 0.5,
+            presence_penalty: 0.25,
+            ..SamplingParams::greedy(8)
+        };
+        let mut s = SeqSampler::new(p, 0).with_context(&[0], vec![], vec![]);
+        s.output = vec![1, 1, 2];
+        s.counts = [(1, 2), (2, 1)].into();
+        let mut row = vec![4.0, 3.0, -1.0, 0.5];
+        s.process(&mut row);
+        // Token 0 (prompt): 4 / 2. Token 1 (output twice): 3 / 2 - 2 * 0.5 - 0.25.
+        // Token 2 (output once): -1 * 2 - 0.5 - 0.25. Token 3 untouched.
+        assert_eq!(row, vec![2.0, 0.25, -2.75, 0.5]);
+    }
+
+    #[test]
+    fn masks_and_bias_shape_the_choice() {
+        let row = vec![5.0, 4.0, 3.0, 2.0];
+        let pick = |p: SamplingParams, stop: Vec<u32>, bad: Vec<Vec<u32>>, out: Vec<u32>| {
+            let mut s = SeqSampler::new(p, 0).with_context(&[], stop, bad);
+            s.output = out;
+            s.sample(&mut row.clone()).token
+        };
+        let g = SamplingParams::greedy(8);
+        assert_eq!(pick(g.clone(), vec![], vec![], vec![]), 0);
+        assert_eq!(
+            pick(SamplingParams { allowed_token_ids: Some(vec![2, 3]), ..g.clone() }, vec![], vec![], vec![]),
+            2
+        );
+        assert_eq!(pick(SamplingParams { logit_bias: [(3, 10.0)].into(), ..g.clone() }, vec![], vec![], vec![]), 3);
+        // min_tokens holds EOS (0) back until enough tokens were generated.
+        let min = SamplingParams { min_tokens: 2, ..g.clone() };
+        assert_eq!(pick(min.clone(), vec![0], vec![], vec![7]), 1);
+        assert_eq!(pick(min, vec![0], vec![], vec![7, 7]), 0);
+        // A one-token bad word is always banned; a two-token one only after its first token.
+        let bad = SamplingParams { bad_words: vec!["x".into()], ..g };
+        assert_eq!(pick(bad.clone(), vec![], vec![vec![0]], vec![]), 1);
+        assert_eq!(pick(bad.clone(), vec![], vec![vec![9, 0]], vec![1]), 0);
+        assert_eq!(pick(bad, vec![], vec![vec![9, 0]], vec![1, 9]), 1);
+    }
+
+    #[test]
+    fn top_p_nucleus_matches_a_full_sort() {
+        // A long-tailed 5000-token distribution: the nucleus spans more than the first 256
+        // candidates, so the selection grows; the draws must equal a plain full-sort sampler.
+        let row: Vec<f32> = (0..5000).map(|i| -((i as f32) + 1.0).ln() * 0.6).collect();
+        let p = SamplingParams { top_p: 0.9, seed: Some(1), ..params(1.0) };
+        let mut s = SeqSampler::new(p.clone(), 0);
+        let got: Vec<u32> = (0..300).map(|_| s.sample(&mut row.clone()).token).collect();
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let want: Vec<u32> = (0..300)
+            .map(|_| {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let probs: Vec<f32> = row.iter().map(|l| (l - max).exp()).collect();
+                let mut idx: Vec<u32> = (0..5000).collect();
+                idx.sort_by(|&a, &b| probs[b as usize].total_cmp(&probs[a as usize]).then(a.cmp(&b)));
+                let total: f32 = probs.iter().sum();
+                let mut acc = 0.0;
+                let n = idx.iter().position(|&i| {
+                    acc += probs[i as usize];
+                    acc >= 0.9 * total
+                });
+                idx.truncate(n.unwrap() + 1);
+                let total: f32 = idx.iter().map(|&i| probs[i as usize]).sum();
+                let mut u = rng.random::<f32>() * total;
+                for &i in &idx {
+                    u -= probs[i as usize];
+                    if u <= 0.0 {
+                        return i;
+                    }
+                }
+                *idx.last().unwrap()
+            })
+            .collect();
+        assert!(got.iter().any(|&t| t > 256), "the nucleus reaches past 256 tokens");
+        assert_eq!(got, want);
     }
 
     #[test]

@@ -64,6 +64,9 @@ pub struct Request {
     /// its prompt blocks (copy-on-write) and take their first token from the same logits.
     /// Emptied when they fork.
     pub forks: Vec<SeqId>,
+    /// Logits are needed at every prompt position (prompt log probabilities): the prompt is
+    /// always computed, never served from the prefix cache.
+    pub all_logits: bool,
 }
 
 impl Request {
@@ -80,6 +83,7 @@ impl Request {
             status: Status::Waiting,
             num_preemptions: 0,
             forks: Vec::new(),
+            all_logits: false,
         }
     }
 

@@ -92,6 +92,9 @@ pub struct ScheduledSeq {
     /// Parallel samples forking from this sequence this step: each also samples a token from
     /// this sequence's logits (empty for most steps).
     pub forks: Vec<SeqId>,
+    /// Logits are needed for every token of this step (a prompt chunk of a request with
+    /// prompt log probabilities), not only the last.
+    pub all_logits: bool,
 }
 
 /// What to compute in one step: plain data for the model runner.
@@ -301,6 +304,7 @@ impl Scheduler {
             block_ids: self.kv.block_ids(id).to_vec(),
             sample,
             forks: if sample { r.forks.clone() } else { Vec::new() },
+            all_logits: r.all_logits && start < r.num_prompt_tokens,
         }
     }
 
@@ -364,7 +368,11 @@ impl Scheduler {
                     break;
                 }
                 let total = r.token_ids.len();
-                let hit = self.kv.find_cached_prefix(&r.token_ids, &r.cache_extra);
+                let hit = if r.all_logits {
+                    CacheHit::default()
+                } else {
+                    self.kv.find_cached_prefix(&r.token_ids, &r.cache_extra)
+                };
                 let computed = hit.num_tokens;
                 let num_new = (total - computed).min(budget);
                 // A new sequence shares no partial block, so nothing is copied.

@@ -2,6 +2,8 @@
 //! into engine inputs. Parameters this server cannot honour yet are rejected with a 400 naming
 //! them, never silently ignored.
 
+use std::collections::BTreeMap;
+
 use serde::Deserialize;
 use serde_json::Value;
 use vllm_engine::SamplingParams;
@@ -41,34 +43,65 @@ pub struct SamplingFields {
     pub truncate_prompt_tokens: Option<Value>,
     pub priority: Option<i64>,
     pub cache_salt: Option<String>,
+    pub spaces_between_special_tokens: Option<bool>,
 }
 
 impl SamplingFields {
     /// Builds engine parameters; `max_tokens` falls back to `default_max_tokens`. Value ranges
     /// are checked by the engine (`SamplingParams::validate`), which names the parameter.
     pub fn to_params(&self, default_max_tokens: Option<usize>) -> Result<SamplingParams, ApiError> {
-        match &self.stop {
+        let strings = |name: &str, v: &Option<Value>| -> Result<Vec<String>, ApiError> {
+            match v {
+                None | Some(Value::Null) => Ok(Vec::new()),
+                Some(Value::String(s)) => Ok(vec![s.clone()]),
+                Some(Value::Array(a)) => {
+                    a.iter().map(|x| x.as_str().map(String::from)).collect::<Option<Vec<_>>>().ok_or_else(|| {
+                        ApiError::invalid_param(name, format!("{name} must be a string or a list of strings"))
+                    })
+                }
+                Some(_) => Err(ApiError::invalid_param(name, format!("{name} must be a string or a list of strings"))),
+            }
+        };
+        let uint = |name: &str, v: &Option<Value>| -> Result<Option<usize>, ApiError> {
+            match v {
+                None | Some(Value::Null) => Ok(None),
+                Some(x) => x
+                    .as_u64()
+                    .map(|n| Some(n as usize))
+                    .ok_or_else(|| ApiError::invalid_param(name, format!("{name} must be a non-negative integer"))),
+            }
+        };
+        let mut logit_bias = BTreeMap::new();
+        match &self.logit_bias {
             None | Some(Value::Null) => {}
-            Some(Value::Array(a)) if a.is_empty() => {}
-            Some(_) => return Err(ApiError::unsupported("stop", "(stop strings)")),
+            Some(Value::Object(o)) => {
+                for (k, v) in o {
+                    let (Ok(t), Some(b)) = (k.parse::<u32>(), v.as_f64()) else {
+                        return Err(ApiError::invalid_param("logit_bias", "logit_bias maps token ids to numbers"));
+                    };
+                    logit_bias.insert(t, b as f32);
+                }
+            }
+            Some(_) => return Err(ApiError::invalid_param("logit_bias", "logit_bias maps token ids to numbers")),
         }
+        let allowed_token_ids = match &self.allowed_token_ids {
+            None | Some(Value::Null) => None,
+            Some(Value::Array(a)) => Some(
+                a.iter()
+                    .map(|x| x.as_u64().and_then(|n| u32::try_from(n).ok()))
+                    .collect::<Option<Vec<u32>>>()
+                    .ok_or_else(|| ApiError::invalid_param("allowed_token_ids", "must be a list of token ids"))?,
+            ),
+            Some(_) => return Err(ApiError::invalid_param("allowed_token_ids", "must be a list of token ids")),
+        };
         let nonzero = |v: Option<f32>, neutral: f32| v.is_some_and(|x| (x - neutral).abs() > f32::EPSILON);
         for (name, set) in [
-            ("presence_penalty", nonzero(self.presence_penalty, 0.0)),
-            ("frequency_penalty", nonzero(self.frequency_penalty, 0.0)),
-            ("repetition_penalty", nonzero(self.repetition_penalty, 1.0)),
             ("length_penalty", nonzero(self.length_penalty, 1.0)),
-            ("logit_bias", self.logit_bias.as_ref().is_some_and(|v| v.as_object().is_some_and(|o| !o.is_empty()))),
             ("use_beam_search", self.use_beam_search == Some(true)),
             ("guided_json", self.guided_json.is_some()),
             ("guided_regex", self.guided_regex.is_some()),
             ("guided_choice", self.guided_choice.is_some()),
             ("guided_grammar", self.guided_grammar.is_some()),
-            ("bad_words", self.bad_words.as_ref().is_some_and(|v| !v.is_null())),
-            ("allowed_token_ids", self.allowed_token_ids.as_ref().is_some_and(|v| !v.is_null())),
-            ("prompt_logprobs", self.prompt_logprobs.as_ref().is_some_and(|v| !v.is_null())),
-            ("truncate_prompt_tokens", self.truncate_prompt_tokens.as_ref().is_some_and(|v| !v.is_null())),
-            ("include_stop_str_in_output", self.include_stop_str_in_output == Some(true)),
             ("priority", self.priority.is_some_and(|p| p != 0)),
         ] {
             if set {
@@ -91,6 +124,19 @@ impl SamplingFields {
             stop_token_ids: self.stop_token_ids.clone().unwrap_or_default(),
             skip_special_tokens: self.skip_special_tokens.unwrap_or(true),
             cache_salt: self.cache_salt.clone(),
+            presence_penalty: self.presence_penalty.unwrap_or(0.0),
+            frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
+            repetition_penalty: self.repetition_penalty.unwrap_or(1.0),
+            stop: strings("stop", &self.stop)?,
+            include_stop_str_in_output: self.include_stop_str_in_output.unwrap_or(false),
+            prompt_logprobs: uint("prompt_logprobs", &self.prompt_logprobs)?,
+            spaces_between_special_tokens: self.spaces_between_special_tokens.unwrap_or(true),
+            truncate_prompt_tokens: uint("truncate_prompt_tokens", &self.truncate_prompt_tokens)?,
+            allowed_token_ids,
+            logit_bias,
+            bad_words: strings("bad_words", &self.bad_words)?,
+            detokenize: true,
+            output_kind: Default::default(),
         })
     }
 }

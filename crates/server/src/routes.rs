@@ -279,7 +279,27 @@ fn full_response(s: &AppState, render: &Render, id: &str, outs: &[RequestOutput]
             let echo = &render.echo[i];
             let text = format!("{echo}{}", c.text);
             let positions = c.logprobs.as_deref().unwrap_or_default();
-            choices.push(render.choice(i * n + j, c, &text, positions, echo.chars().count(), false));
+            let mut choice = render.choice(i * n + j, c, &text, positions, echo.chars().count(), false);
+            if let Some(p) = &o.prompt_logprobs {
+                // vLLM's shape: per prompt position, null or {token_id: {logprob, rank, decoded_token}}.
+                let entries: Vec<Value> = p
+                    .iter()
+                    .map(|pos| match pos {
+                        None => Value::Null,
+                        Some(pos) => {
+                            let mut m = serde_json::Map::new();
+                            for t in std::iter::once(&pos.sampled).chain(&pos.top) {
+                                m.entry(t.token_id.to_string()).or_insert(
+                                    json!({"logprob": t.logprob, "rank": t.rank, "decoded_token": t.decoded_token}),
+                                );
+                            }
+                            Value::Object(m)
+                        }
+                    })
+                    .collect();
+                choice["prompt_logprobs"] = Value::Array(entries);
+            }
+            choices.push(choice);
         }
     }
     let object = if render.api == Api::Chat { "chat.completion" } else { "text_completion" };

@@ -220,6 +220,31 @@ async fn server_end_to_end() {
     assert_eq!(cached("tenant-a").await, 16, "the same salt reuses the full block");
     assert_eq!(cached("tenant-b").await, 0, "another salt does not");
 
+    // Sampling fields over HTTP: a stop string cuts the text and is reported; logit_bias,
+    // penalties and prompt_logprobs are honoured.
+    let (s, v) = post(
+        &c,
+        &format!("{b}/v1/completions"),
+        json!({"prompt": "The capital of France is", "max_tokens": 5, "temperature": 0, "stop": ["aris"]}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["choices"][0]["text"], " P");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    assert_eq!(v["choices"][0]["stop_reason"], "aris");
+    let (s, v) = post(
+        &c,
+        &format!("{b}/v1/completions"),
+        json!({"prompt": "The capital of France is", "max_tokens": 3, "temperature": 0, "logit_bias": {"28": 100},
+               "frequency_penalty": 0.5, "presence_penalty": 0.1, "repetition_penalty": 1.1, "prompt_logprobs": 1}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["choices"][0]["text"], ",,,", "bias +100 on ',' (28)");
+    let plp = v["choices"][0]["prompt_logprobs"].as_array().unwrap();
+    assert_eq!(plp.len(), 5);
+    assert!(plp[0].is_null() && plp[1]["3575"]["logprob"].as_f64().unwrap() < 0.0, "{plp:?}");
+
     // Errors: right status, OpenAI shape, nothing panics.
     let raw = c
         .post(format!("{b}/v1/completions"))
@@ -241,6 +266,10 @@ async fn server_end_to_end() {
         (json!({"prompt": "hi", "logprobs": 99}), StatusCode::BAD_REQUEST, Some("logprobs")),
         (json!({"prompt": "hi", "suffix": "x"}), StatusCode::BAD_REQUEST, Some("suffix")),
         (json!({"prompt": "hi", "guided_regex": "a+"}), StatusCode::BAD_REQUEST, Some("guided_regex")),
+        (json!({"prompt": "hi", "logit_bias": {"99999999": 1}}), StatusCode::BAD_REQUEST, Some("logit_bias")),
+        (json!({"prompt": "hi", "logit_bias": {"x": 1}}), StatusCode::BAD_REQUEST, Some("logit_bias")),
+        (json!({"prompt": "hi", "stop": 5}), StatusCode::BAD_REQUEST, Some("stop")),
+        (json!({"prompt": "hi", "presence_penalty": 9}), StatusCode::BAD_REQUEST, Some("presence_penalty")),
         (json!({"prompt": "word ".repeat(3000)}), StatusCode::BAD_REQUEST, Some("prompt")),
         (json!({"prompt": [1, 99999999]}), StatusCode::BAD_REQUEST, Some("prompt")),
         (json!({"prompt": "x".repeat(200_000)}), StatusCode::PAYLOAD_TOO_LARGE, None),
