@@ -59,7 +59,7 @@ fn stop_token_ids_and_min_tokens() {
         (out.finish_reason, out.stop_reason.clone()),
         (Some(FinishReason::Stop), Some(vllm_engine::StopReason::Token(stop_at)))
     );
-    // min_tokens: stop tokens before it are ignored.
+    // min_tokens: stop tokens cannot be generated before it (vLLM masks them).
     let p = SamplingParams {
         stop_token_ids: vec![stop_at],
         min_tokens: first + 2,
@@ -68,7 +68,8 @@ fn stop_token_ids_and_min_tokens() {
     };
     let out = &llm.generate([prompt], &p).unwrap()[0].outputs[0];
     assert!(out.token_ids.len() > first + 1);
-    assert_eq!(out.token_ids[..=first], ids[..=first]);
+    assert_eq!(out.token_ids[..first], ids[..first]);
+    assert!(!out.token_ids[..first + 2].contains(&stop_at), "{:?}", out.token_ids);
 }
 
 #[test]
