@@ -12,6 +12,7 @@ use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 use vllm_sampler::SamplingParams;
 
+use crate::beam::{BeamJob, BeamSearchOutput, BeamSearchParams};
 use crate::engine::{EngineStats, LLMEngine};
 use crate::metrics::StepMetrics;
 use crate::output::{Prompt, RequestOutput};
@@ -29,6 +30,11 @@ enum Command {
         out: mpsc::UnboundedSender<Result<RequestOutput>>,
     },
     Abort(String),
+    BeamSearch {
+        prompts: Vec<Prompt>,
+        params: BeamSearchParams,
+        reply: oneshot::Sender<Result<Vec<BeamSearchOutput>>>,
+    },
     Shutdown,
 }
 
@@ -94,6 +100,16 @@ impl AsyncEngine {
         Ok(out_rx)
     }
 
+    /// Beam search for every prompt, run by the engine thread between its other requests'
+    /// steps; dropping the future aborts it.
+    pub async fn beam_search(&self, prompts: Vec<Prompt>, params: BeamSearchParams) -> Result<Vec<BeamSearchOutput>> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::BeamSearch { prompts, params, reply })
+            .map_err(|_| Error::Internal("the engine has stopped"))?;
+        rx.await.map_err(|_| Error::Internal("the engine has stopped"))?
+    }
+
     /// Aborts a request (no-op if unknown or finished).
     pub fn abort(&self, id: &str) {
         let _ = self.tx.send(Command::Abort(id.to_string()));
@@ -113,40 +129,65 @@ struct Live {
     metrics: StepMetrics,
 }
 
+/// A beam search the engine thread is running, and where its result goes.
+struct BeamTask {
+    job: BeamJob,
+    reply: oneshot::Sender<Result<Vec<BeamSearchOutput>>>,
+}
+
 fn run_loop(mut engine: LLMEngine, rx: std_mpsc::Receiver<Command>, stats: Arc<Mutex<EngineStats>>) {
     let mut live: HashMap<String, Live> = HashMap::new();
-    let handle = |engine: &mut LLMEngine, live: &mut HashMap<String, Live>, cmd: Command| -> bool {
-        match cmd {
-            Command::Add { id, prompt, params, accepted, out } => {
-                let arrival = Instant::now();
-                match engine.add_request(id.clone(), prompt, *params) {
-                    Ok(()) => {
-                        if accepted.send(Ok(())).is_err() {
-                            engine.abort_request(&id);
-                        } else {
-                            live.insert(id, Live { out, metrics: StepMetrics::new(arrival) });
+    let mut beams: Vec<BeamTask> = Vec::new();
+    let mut beam_counter = 0u64;
+    let mut handle =
+        |engine: &mut LLMEngine, live: &mut HashMap<String, Live>, beams: &mut Vec<BeamTask>, cmd: Command| -> bool {
+            match cmd {
+                Command::BeamSearch { prompts, params, reply } => {
+                    beam_counter += 1;
+                    let prefix = format!("\u{1}beam-{beam_counter}");
+                    let started = BeamJob::new(engine, prefix, prompts, params)
+                        .and_then(|mut job| job.submit(engine).map(|submitted| (job, submitted)));
+                    match started {
+                        Ok((job, true)) => beams.push(BeamTask { job, reply }),
+                        Ok((job, false)) => {
+                            let _ = reply.send(job.finish(engine.tokenizer()));
+                        }
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
                         }
                     }
-                    Err(e) => {
-                        let _ = accepted.send(Err(e));
-                    }
+                    true
                 }
-                true
+                Command::Add { id, prompt, params, accepted, out } => {
+                    let arrival = Instant::now();
+                    match engine.add_request(id.clone(), prompt, *params) {
+                        Ok(()) => {
+                            if accepted.send(Ok(())).is_err() {
+                                engine.abort_request(&id);
+                            } else {
+                                live.insert(id, Live { out, metrics: StepMetrics::new(arrival) });
+                            }
+                        }
+                        Err(e) => {
+                            let _ = accepted.send(Err(e));
+                        }
+                    }
+                    true
+                }
+                Command::Abort(id) => {
+                    engine.abort_request(&id);
+                    live.remove(&id);
+                    true
+                }
+                Command::Shutdown => false,
             }
-            Command::Abort(id) => {
-                engine.abort_request(&id);
-                live.remove(&id);
-                true
-            }
-            Command::Shutdown => false,
-        }
-    };
+        };
     'outer: loop {
         if !engine.has_unfinished_requests() {
             crate::metrics::record_stats(&engine.stats());
             match rx.recv() {
                 Ok(cmd) => {
-                    if !handle(&mut engine, &mut live, cmd) {
+                    if !handle(&mut engine, &mut live, &mut beams, cmd) {
                         break 'outer;
                     }
                 }
@@ -154,10 +195,17 @@ fn run_loop(mut engine: LLMEngine, rx: std_mpsc::Receiver<Command>, stats: Arc<M
             }
         }
         while let Ok(cmd) = rx.try_recv() {
-            if !handle(&mut engine, &mut live, cmd) {
+            if !handle(&mut engine, &mut live, &mut beams, cmd) {
                 break 'outer;
             }
         }
+        // Beam searches whose caller went away.
+        beams.retain_mut(|b| {
+            if b.reply.is_closed() {
+                b.job.abort(&mut engine);
+            }
+            !b.reply.is_closed()
+        });
         // Clients that went away: abort before computing for them.
         let gone: Vec<String> = live.iter().filter(|(_, l)| l.out.is_closed()).map(|(id, _)| id.clone()).collect();
         for id in gone {
@@ -166,7 +214,18 @@ fn run_loop(mut engine: LLMEngine, rx: std_mpsc::Receiver<Command>, stats: Arc<M
         }
         match engine.step() {
             Ok(outs) => {
-                for o in outs {
+                'outputs: for o in outs {
+                    for b in beams.iter_mut() {
+                        match b.job.accept(&o) {
+                            Ok(true) => continue 'outputs,
+                            Ok(false) => {}
+                            Err(e) => {
+                                b.job.abort(&mut engine);
+                                let reply = std::mem::replace(&mut b.reply, oneshot::channel().0);
+                                let _ = reply.send(Err(e));
+                            }
+                        }
+                    }
                     let finished = o.finished;
                     if let Some(l) = live.get_mut(&o.request_id) {
                         l.metrics.on_output(&o);
@@ -180,6 +239,27 @@ fn run_loop(mut engine: LLMEngine, rx: std_mpsc::Receiver<Command>, stats: Arc<M
                         live.remove(&o.request_id);
                     }
                 }
+                // Beam searches whose round is complete: the next round, or the answer.
+                let mut i = 0;
+                while i < beams.len() {
+                    let b = &mut beams[i];
+                    if b.reply.is_closed() || !b.job.round_done() {
+                        i += 1;
+                        continue;
+                    }
+                    b.job.advance();
+                    match b.job.submit(&mut engine) {
+                        Ok(true) => i += 1,
+                        Ok(false) => {
+                            let b = beams.swap_remove(i);
+                            let _ = b.reply.send(b.job.finish(engine.tokenizer()));
+                        }
+                        Err(e) => {
+                            let b = beams.swap_remove(i);
+                            let _ = b.reply.send(Err(e));
+                        }
+                    }
+                }
             }
             Err(e) => {
                 // A failed step fails every request in flight (and frees their blocks).
@@ -187,6 +267,10 @@ fn run_loop(mut engine: LLMEngine, rx: std_mpsc::Receiver<Command>, stats: Arc<M
                 for (id, l) in live.drain() {
                     engine.abort_request(&id);
                     let _ = l.out.send(Err(Error::StepFailed(msg.clone())));
+                }
+                for mut b in beams.drain(..) {
+                    b.job.abort(&mut engine);
+                    let _ = b.reply.send(Err(Error::StepFailed(msg.clone())));
                 }
             }
         }
@@ -198,6 +282,10 @@ fn run_loop(mut engine: LLMEngine, rx: std_mpsc::Receiver<Command>, stats: Arc<M
         if let Some(o) = engine.abort_request(&id) {
             let _ = l.out.send(Ok(o));
         }
+    }
+    for mut b in beams.drain(..) {
+        b.job.abort(&mut engine);
+        let _ = b.reply.send(Err(Error::Internal("the engine has stopped")));
     }
     *stats.lock().unwrap_or_else(|p| p.into_inner()) = engine.stats();
 }

@@ -15,8 +15,8 @@ use serde::Serialize;
 use vllm_sampler::{SamplingParams, MAX_LOGPROBS};
 
 use crate::engine::LLMEngine;
-use crate::output::{FinishReason, Prompt};
-use crate::{Error, Result};
+use crate::output::{FinishReason, Prompt, RequestOutput};
+use crate::{Error, Result, Tokenizer};
 
 /// When beam search stops (Hugging Face's `early_stopping`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -182,96 +182,157 @@ impl Search {
     }
 }
 
-/// Runs beam search for every prompt on `engine` (which must have no other requests).
-pub(crate) fn run(engine: &mut LLMEngine, prompts: Vec<Prompt>, p: &BeamSearchParams) -> Result<Vec<BeamSearchOutput>> {
-    p.validate()?;
-    let eos = engine.tokenizer().eos_token_ids().to_vec();
-    let mut searches = Vec::with_capacity(prompts.len());
-    let mut texts = Vec::with_capacity(prompts.len());
-    for prompt in &prompts {
-        let ids = engine.prompt_ids(prompt)?;
-        if ids.len() + p.max_tokens > engine.max_model_len() {
-            return Err(Error::PromptTooLong {
-                prompt_tokens: ids.len() + p.max_tokens,
-                max_model_len: engine.max_model_len(),
+/// A beam search in progress, driven by whoever steps the engine (`LLM::beam_search` in a
+/// loop of its own; the async engine between its other requests): each round submits one
+/// request per running beam, collects their outputs and advances every prompt's search.
+pub(crate) struct BeamJob {
+    prefix: String,
+    params: BeamSearchParams,
+    eos: Vec<u32>,
+    searches: Vec<Search>,
+    texts: Vec<Option<String>>,
+    round: u64,
+    /// Request id of each submitted beam -> (prompt, beam).
+    pending: HashMap<String, (usize, usize)>,
+    tops: Vec<Vec<Vec<(u32, f32)>>>,
+}
+
+impl BeamJob {
+    /// Validates and tokenizes; request ids start with `prefix`.
+    pub(crate) fn new(engine: &LLMEngine, prefix: String, prompts: Vec<Prompt>, p: BeamSearchParams) -> Result<Self> {
+        p.validate()?;
+        let mut searches = Vec::with_capacity(prompts.len());
+        let mut texts = Vec::with_capacity(prompts.len());
+        for prompt in &prompts {
+            let ids = engine.prompt_ids(prompt)?;
+            if ids.len() + p.max_tokens > engine.max_model_len() {
+                return Err(Error::PromptTooLong {
+                    prompt_tokens: ids.len() + p.max_tokens,
+                    max_model_len: engine.max_model_len(),
+                });
+            }
+            texts.push(match prompt {
+                Prompt::Text(t) => Some(t.clone()),
+                Prompt::TokenIds(_) => None,
+            });
+            searches.push(Search {
+                prompt: ids,
+                running: vec![(Vec::new(), 0.0)],
+                finished: Vec::new(),
+                improvable: true,
+                done: false,
             });
         }
-        texts.push(match prompt {
-            Prompt::Text(t) => Some(t.clone()),
-            Prompt::TokenIds(_) => None,
-        });
-        searches.push(Search {
-            prompt: ids,
-            running: vec![(Vec::new(), 0.0)],
-            finished: Vec::new(),
-            improvable: true,
-            done: false,
-        });
+        let eos = engine.tokenizer().eos_token_ids().to_vec();
+        Ok(Self { prefix, params: p, eos, searches, texts, round: 0, pending: HashMap::new(), tops: Vec::new() })
     }
-    let params = SamplingParams { logprobs: Some(2 * p.beam_width), ignore_eos: true, ..SamplingParams::greedy(1) };
-    let mut round = 0u64;
-    while searches.iter().any(|s| !s.done) {
-        round += 1;
-        let mut pending: HashMap<String, (usize, usize)> = HashMap::new();
-        for (i, s) in searches.iter().enumerate().filter(|(_, s)| !s.done) {
+
+    /// Submits the next round; false when every search is done (nothing submitted).
+    pub(crate) fn submit(&mut self, engine: &mut LLMEngine) -> Result<bool> {
+        if self.searches.iter().all(|s| s.done) {
+            return Ok(false);
+        }
+        self.round += 1;
+        let params = SamplingParams {
+            logprobs: Some(2 * self.params.beam_width),
+            ignore_eos: true,
+            ..SamplingParams::greedy(1)
+        };
+        self.tops = self.searches.iter().map(|s| vec![Vec::new(); if s.done { 0 } else { s.running.len() }]).collect();
+        for (i, s) in self.searches.iter().enumerate().filter(|(_, s)| !s.done) {
             for (b, (gen, _)) in s.running.iter().enumerate() {
-                let id = format!("beam-{round}-{i}-{b}");
+                let id = format!("{}-{}-{i}-{b}", self.prefix, self.round);
                 let ids = [s.prompt.as_slice(), gen].concat();
                 if let Err(e) = engine.add_request(id.clone(), Prompt::TokenIds(ids), params.clone()) {
-                    for id in pending.keys() {
-                        engine.abort_request(id);
-                    }
+                    self.abort(engine);
                     return Err(e);
                 }
-                pending.insert(id, (i, b));
+                self.pending.insert(id, (i, b));
             }
         }
-        let mut tops: Vec<Vec<Vec<(u32, f32)>>> =
-            searches.iter().map(|s| vec![Vec::new(); if s.done { 0 } else { s.running.len() }]).collect();
-        while engine.has_unfinished_requests() {
+        Ok(true)
+    }
+
+    /// Takes a finished output of this job's current round; false if it is not one.
+    pub(crate) fn accept(&mut self, o: &RequestOutput) -> Result<bool> {
+        if !o.finished {
+            return Ok(self.pending.contains_key(&o.request_id));
+        }
+        let Some((i, b)) = self.pending.remove(&o.request_id) else { return Ok(false) };
+        let lp = o.outputs[0]
+            .logprobs
+            .as_ref()
+            .and_then(|v| v.first())
+            .ok_or(Error::Internal("beam step without logprobs"))?;
+        self.tops[i][b] = lp.top.iter().map(|l| (l.token_id, l.logprob)).collect();
+        Ok(true)
+    }
+
+    /// Whether the current round's outputs are all in.
+    pub(crate) fn round_done(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// Advances every search with the round's results.
+    pub(crate) fn advance(&mut self) {
+        for (s, top) in self.searches.iter_mut().zip(&self.tops).filter(|(s, _)| !s.done) {
+            s.advance(&self.params, &self.eos, top);
+        }
+    }
+
+    /// Aborts the round's requests (their blocks are freed).
+    pub(crate) fn abort(&mut self, engine: &mut LLMEngine) {
+        for id in self.pending.keys() {
+            engine.abort_request(id);
+        }
+        self.pending.clear();
+    }
+
+    /// The outputs, once every search is done.
+    pub(crate) fn finish(self, tok: &Tokenizer) -> Result<Vec<BeamSearchOutput>> {
+        let (eos, ignore_eos) = (self.eos, self.params.ignore_eos);
+        self.searches
+            .into_iter()
+            .zip(self.texts)
+            .map(|(s, prompt)| {
+                let sequences = s
+                    .finished
+                    .into_iter()
+                    .map(|h| {
+                        let stopped = h.tokens.last().is_some_and(|t| eos.contains(t)) && !ignore_eos;
+                        Ok(BeamSequence {
+                            text: tok.decode(&h.tokens, true)?,
+                            token_ids: h.tokens,
+                            cumulative_logprob: h.cum,
+                            score: h.score,
+                            finish_reason: if stopped { FinishReason::Stop } else { FinishReason::Length },
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(BeamSearchOutput { prompt, prompt_token_ids: s.prompt, sequences })
+            })
+            .collect()
+    }
+}
+
+/// Runs beam search for every prompt on `engine`, stepping it until done (`LLM::beam_search`;
+/// other requests on the engine keep running, their outputs are dropped).
+pub(crate) fn run(engine: &mut LLMEngine, prompts: Vec<Prompt>, p: &BeamSearchParams) -> Result<Vec<BeamSearchOutput>> {
+    let mut job = BeamJob::new(engine, "beam".into(), prompts, p.clone())?;
+    while job.submit(engine)? {
+        while !job.round_done() {
             let outs = match engine.step() {
                 Ok(o) => o,
                 Err(e) => {
-                    for id in pending.keys() {
-                        engine.abort_request(id);
-                    }
+                    job.abort(engine);
                     return Err(e);
                 }
             };
-            for o in outs.into_iter().filter(|o| o.finished) {
-                let Some(&(i, b)) = pending.get(&o.request_id) else { continue };
-                let lp = o.outputs[0]
-                    .logprobs
-                    .as_ref()
-                    .and_then(|v| v.first())
-                    .ok_or(Error::Internal("beam step without logprobs"))?;
-                tops[i][b] = lp.top.iter().map(|l| (l.token_id, l.logprob)).collect();
+            for o in &outs {
+                job.accept(o)?;
             }
         }
-        for (s, top) in searches.iter_mut().zip(&tops).filter(|(s, _)| !s.done) {
-            s.advance(p, &eos, top);
-        }
+        job.advance();
     }
-    let tok = engine.tokenizer().clone();
-    searches
-        .into_iter()
-        .zip(texts)
-        .map(|(s, prompt)| {
-            let sequences = s
-                .finished
-                .into_iter()
-                .map(|h| {
-                    let stopped = h.tokens.last().is_some_and(|t| eos.contains(t)) && !p.ignore_eos;
-                    Ok(BeamSequence {
-                        text: tok.decode(&h.tokens, true)?,
-                        token_ids: h.tokens,
-                        cumulative_logprob: h.cum,
-                        score: h.score,
-                        finish_reason: if stopped { FinishReason::Stop } else { FinishReason::Length },
-                    })
-                })
-                .collect::<Result<Vec<_>>>()?;
-            Ok(BeamSearchOutput { prompt, prompt_token_ids: s.prompt, sequences })
-        })
-        .collect()
+    job.finish(engine.tokenizer())
 }

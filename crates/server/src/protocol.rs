@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 use serde_json::Value;
-use vllm_engine::SamplingParams;
+use vllm_engine::{BeamSearchParams, EarlyStopping, SamplingParams};
 
 use crate::error::ApiError;
 
@@ -44,9 +44,37 @@ pub struct SamplingFields {
     pub priority: Option<i64>,
     pub cache_salt: Option<String>,
     pub spaces_between_special_tokens: Option<bool>,
+    pub early_stopping: Option<Value>,
 }
 
 impl SamplingFields {
+    /// vLLM's beam search parameters when `use_beam_search` is set: `n` beams (all
+    /// returned), `max_tokens`, `ignore_eos`, `length_penalty`, `early_stopping`.
+    pub fn beam_params(&self, params: &SamplingParams) -> Result<Option<BeamSearchParams>, ApiError> {
+        if self.use_beam_search != Some(true) {
+            let lp = self.length_penalty.is_some_and(|x| (x - 1.0).abs() > f32::EPSILON);
+            if lp || self.early_stopping.as_ref().is_some_and(|v| !v.is_null() && v != &Value::Bool(false)) {
+                let name = if lp { "length_penalty" } else { "early_stopping" };
+                return Err(ApiError::invalid_param(name, format!("{name} needs use_beam_search")));
+            }
+            return Ok(None);
+        }
+        let early_stopping = match &self.early_stopping {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => EarlyStopping::Heuristic,
+            Some(Value::Bool(true)) => EarlyStopping::Finished,
+            Some(Value::String(s)) if s == "never" => EarlyStopping::Never,
+            Some(_) => return Err(ApiError::invalid_param("early_stopping", "must be true, false or \"never\"")),
+        };
+        Ok(Some(BeamSearchParams {
+            beam_width: params.n,
+            max_tokens: params.max_tokens.unwrap_or(16),
+            ignore_eos: params.ignore_eos,
+            temperature: self.temperature.unwrap_or(0.0),
+            length_penalty: self.length_penalty.unwrap_or(1.0),
+            early_stopping,
+        }))
+    }
+
     /// Builds engine parameters; `max_tokens` falls back to `default_max_tokens`. Value ranges
     /// are checked by the engine (`SamplingParams::validate`), which names the parameter.
     pub fn to_params(&self, default_max_tokens: Option<usize>) -> Result<SamplingParams, ApiError> {
@@ -94,10 +122,7 @@ impl SamplingFields {
             ),
             Some(_) => return Err(ApiError::invalid_param("allowed_token_ids", "must be a list of token ids")),
         };
-        let nonzero = |v: Option<f32>, neutral: f32| v.is_some_and(|x| (x - neutral).abs() > f32::EPSILON);
         for (name, set) in [
-            ("length_penalty", nonzero(self.length_penalty, 1.0)),
-            ("use_beam_search", self.use_beam_search == Some(true)),
             ("guided_json", self.guided_json.is_some()),
             ("guided_regex", self.guided_regex.is_some()),
             ("guided_choice", self.guided_choice.is_some()),

@@ -19,7 +19,8 @@ use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
 use vllm_engine::{
-    AsyncEngine, CompletionOutput, Logprob, OutputStream, PositionLogprobs, Prompt, RequestOutput, SamplingParams,
+    AsyncEngine, BeamSearchParams, CompletionOutput, Logprob, OutputStream, PositionLogprobs, Prompt, RequestOutput,
+    SamplingParams,
 };
 use vllm_tokenizer::ChatRequest as TemplateRequest;
 
@@ -404,7 +405,41 @@ async fn respond(
     prompts: Vec<Prompt>,
     params: &SamplingParams,
     stream: Option<Option<StreamOptions>>,
+    beam: Option<BeamSearchParams>,
 ) -> Result<Response, ApiError> {
+    if let Some(beam) = beam {
+        if stream.is_some() {
+            return Err(ApiError::unsupported("use_beam_search", "together with stream"));
+        }
+        let outs = s.engine.beam_search(prompts, beam).await?;
+        let outs: Vec<RequestOutput> = outs
+            .into_iter()
+            .enumerate()
+            .map(|(i, b)| RequestOutput {
+                request_id: format!("{id}-{i}"),
+                prompt: b.prompt,
+                prompt_token_ids: b.prompt_token_ids,
+                outputs: b
+                    .sequences
+                    .into_iter()
+                    .enumerate()
+                    .map(|(index, q)| CompletionOutput {
+                        index,
+                        text: q.text,
+                        token_ids: q.token_ids,
+                        finish_reason: Some(q.finish_reason),
+                        stop_reason: None,
+                        cumulative_logprob: Some(q.cumulative_logprob),
+                        logprobs: None,
+                    })
+                    .collect(),
+                finished: true,
+                num_cached_tokens: 0,
+                prompt_logprobs: None,
+            })
+            .collect();
+        return Ok(full_response(s, &render, &id, &outs));
+    }
     let streams = submit(s, &id, prompts, params).await?;
     if let Some(opts) = stream {
         let usage = opts.is_some_and(|o| o.include_usage);
@@ -452,7 +487,8 @@ pub async fn completions(State(s): State<Shared>, body: Result<Bytes, BytesRejec
         .collect::<Result<Vec<_>, _>>()?;
     let render = Render { api: Api::Completion, echo, top_logprobs: req.logprobs };
     let stream = req.stream.then_some(req.stream_options);
-    respond(&s, render, s.new_id("cmpl"), prompts, &params, stream).await
+    let beam = req.sampling.beam_params(&params)?;
+    respond(&s, render, s.new_id("cmpl"), prompts, &params, stream, beam).await
 }
 
 pub async fn chat(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
@@ -500,7 +536,8 @@ pub async fn chat(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) 
     };
     let render = Render { api: Api::Chat, echo: vec![echo], top_logprobs };
     let stream = req.stream.then_some(req.stream_options);
-    respond(&s, render, s.new_id("chatcmpl"), vec![Prompt::TokenIds(ids)], &params, stream).await
+    let beam = sampling.beam_params(&params)?;
+    respond(&s, render, s.new_id("chatcmpl"), vec![Prompt::TokenIds(ids)], &params, stream, beam).await
 }
 
 /// vLLM's simple API: `{"prompt", "stream", ...sampling}` -> `{"text": [prompt + output]}`;

@@ -245,6 +245,26 @@ async fn server_end_to_end() {
     assert_eq!(plp.len(), 5);
     assert!(plp[0].is_null() && plp[1]["3575"]["logprob"].as_f64().unwrap() < 0.0, "{plp:?}");
 
+    // Beam search through the completions API (vLLM's use_beam_search): n beams, best first,
+    // equal to the engine's own beam search (tests/beam_search.rs checks it against HF).
+    let (s, v) = post(
+        &c,
+        &format!("{b}/v1/completions"),
+        json!({"prompt": "The capital of France is", "max_tokens": 6, "n": 2, "use_beam_search": true,
+               "length_penalty": 1.0, "early_stopping": false}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["choices"].as_array().unwrap().len(), 2);
+    assert!(v["choices"][0]["text"].as_str().unwrap().contains("Paris"), "{v}");
+    let (s, v) =
+        post(&c, &format!("{b}/v1/completions"), json!({"prompt": "hi", "use_beam_search": true, "stream": true}))
+            .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    let (s, v) = post(&c, &format!("{b}/v1/completions"), json!({"prompt": "hi", "length_penalty": 0.5})).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert_openai_error(&v, Some("length_penalty"));
+
     // Errors: right status, OpenAI shape, nothing panics.
     let raw = c
         .post(format!("{b}/v1/completions"))
