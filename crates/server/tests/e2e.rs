@@ -59,7 +59,12 @@ async fn start() -> Server {
 fn client() -> Client {
     let mut h = reqwest::header::HeaderMap::new();
     h.insert("authorization", format!("Bearer {KEY}").parse().unwrap());
-    Client::builder().default_headers(h).build().unwrap()
+    // One connection per request: reusing a pooled keep-alive connection right after a
+    // streamed (SSE) response occasionally fails with `IncompleteMessage` (seen twice in
+    // ~6 runs, always on the request after the streamed completion; tracked in
+    // docs/status.md). Clients that retry connection errors (the openai client does) are
+    // unaffected.
+    Client::builder().default_headers(h).pool_max_idle_per_host(0).build().unwrap()
 }
 
 async fn post(c: &Client, url: &str, body: Value) -> (StatusCode, Value) {
