@@ -41,7 +41,8 @@ pub struct BeamSearchParams {
     pub max_tokens: usize,
     /// Keep going past EOS.
     pub ignore_eos: bool,
-    /// Must be 0: beams are ranked by the model's raw log probabilities.
+    /// Beams are ranked by `log_softmax(logits / temperature)`; 0 (the default) and 1 rank
+    /// by the model's own log probabilities.
     pub temperature: f32,
     /// Scores are `cumulative_logprob / generated_len ^ length_penalty`: above 1 favours longer
     /// sequences, below 1 shorter ones.
@@ -72,11 +73,8 @@ impl BeamSearchParams {
         if self.max_tokens == 0 {
             return bad("max_tokens", "must be at least 1, got 0".into());
         }
-        if self.temperature != 0.0 {
-            return bad(
-                "temperature",
-                format!("beam search ranks raw log probabilities: must be 0, got {}", self.temperature),
-            );
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return bad("temperature", format!("must be >= 0, got {}", self.temperature));
         }
         if !self.length_penalty.is_finite() {
             return bad("length_penalty", format!("must be finite, got {}", self.length_penalty));
@@ -236,6 +234,8 @@ impl BeamJob {
         let params = SamplingParams {
             logprobs: Some(2 * self.params.beam_width),
             ignore_eos: true,
+            temperature: self.params.temperature,
+            seed: Some(0),
             ..SamplingParams::greedy(1)
         };
         self.tops = self.searches.iter().map(|s| vec![Vec::new(); if s.done { 0 } else { s.running.len() }]).collect();
@@ -243,7 +243,7 @@ impl BeamJob {
             for (b, (gen, _)) in s.running.iter().enumerate() {
                 let id = format!("{}-{}-{i}-{b}", self.prefix, self.round);
                 let ids = [s.prompt.as_slice(), gen].concat();
-                if let Err(e) = engine.add_request(id.clone(), Prompt::TokenIds(ids), params.clone()) {
+                if let Err(e) = engine.add_request_inner(id.clone(), Prompt::TokenIds(ids), params.clone(), true) {
                     self.abort(engine);
                     return Err(e);
                 }

@@ -369,7 +369,18 @@ impl LLMEngine {
     /// Queues a request (with `n` / `best_of` > 1, one sequence per sample, all sharing the
     /// prompt's blocks). Everything is validated first: nothing is queued on error.
     pub fn add_request(&mut self, request_id: impl Into<String>, prompt: Prompt, params: SamplingParams) -> Result<()> {
-        let request_id = request_id.into();
+        self.add_request_inner(request_id.into(), prompt, params, false)
+    }
+
+    /// [`Self::add_request`], with log probabilities after temperature scaling when
+    /// `scaled_logprobs` (beam search ranks beams by them).
+    pub(crate) fn add_request_inner(
+        &mut self,
+        request_id: String,
+        prompt: Prompt,
+        params: SamplingParams,
+        scaled_logprobs: bool,
+    ) -> Result<()> {
         if self.groups.contains_key(&request_id) {
             return Err(Error::DuplicateRequestId(request_id));
         }
@@ -419,11 +430,14 @@ impl LLMEngine {
             // Sample i of a seeded request uses seed + i (vLLM's parallel sampling).
             let fallback_seed = self.seed_rng.next_u64();
             let child_params = SamplingParams { seed: params.seed.map(|s| s.wrapping_add(i as u64)), ..params.clone() };
-            let sampler = SeqSampler::new(child_params, fallback_seed).with_context(
+            let mut sampler = SeqSampler::new(child_params, fallback_seed).with_context(
                 &prompt_ids,
                 stop_ids.clone(),
                 bad_words.clone(),
             );
+            if scaled_logprobs {
+                sampler = sampler.with_scaled_logprobs();
+            }
             self.samplers.insert(seq, sampler);
             self.owners.insert(seq, (request_id.clone(), i));
             children.push(Child {

@@ -99,7 +99,7 @@ fn beam_search_validates_and_shares_blocks() {
         Error::InvalidArgument { param: "max_tokens", .. }
     ));
     assert!(matches!(
-        bad(BeamSearchParams { temperature: 0.5, ..Default::default() }),
+        bad(BeamSearchParams { temperature: -0.5, ..Default::default() }),
         Error::InvalidArgument { param: "temperature", .. }
     ));
     // Beams of a long prompt reuse its blocks through the prefix cache: the prompt is
@@ -117,5 +117,14 @@ fn beam_search_validates_and_shares_blocks() {
     assert!(computed <= len + 4 * 8 * 16, "computed {computed} prompt tokens for a {len}-token prompt");
     assert!(computed < 32 * len / 2, "computed {computed} prompt tokens for a {len}-token prompt");
     assert!(out[0].sequences.windows(2).all(|w| w[0].score >= w[1].score), "best first");
+    // Temperature scales the logits before the log-softmax that ranks beams: 1 changes
+    // nothing, 2 flattens the distribution (lower log probabilities for the likely tokens).
+    let p = |t: f32| BeamSearchParams { beam_width: 2, max_tokens: 4, temperature: t, ..Default::default() };
+    let t0 = llm.beam_search(["The capital of France is"], &p(0.0)).unwrap();
+    let t1 = llm.beam_search(["The capital of France is"], &p(1.0)).unwrap();
+    let t2 = llm.beam_search(["The capital of France is"], &p(2.0)).unwrap();
+    assert_eq!(t0[0].sequences[0].token_ids, t1[0].sequences[0].token_ids);
+    assert!((t0[0].sequences[0].score - t1[0].sequences[0].score).abs() < 1e-6);
+    assert!(t2[0].sequences[0].cumulative_logprob < t0[0].sequences[0].cumulative_logprob);
     assert_clean(&llm);
 }

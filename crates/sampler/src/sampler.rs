@@ -26,6 +26,8 @@ pub struct SeqSampler {
     stop_ids: Vec<u32>,
     /// Tokenized bad words.
     bad_words: Vec<Vec<u32>>,
+    /// Log probabilities from the temperature-scaled logits instead of the raw ones.
+    scaled_logprobs: bool,
 }
 
 impl SeqSampler {
@@ -40,7 +42,15 @@ impl SeqSampler {
             prompt_tokens: HashSet::new(),
             stop_ids: Vec::new(),
             bad_words: Vec::new(),
+            scaled_logprobs: false,
         }
+    }
+
+    /// Computes log probabilities after temperature scaling (`log_softmax(logits / T)`),
+    /// as beam search ranks beams, instead of from the raw distribution.
+    pub fn with_scaled_logprobs(mut self) -> Self {
+        self.scaled_logprobs = true;
+        self
     }
 
     /// Adds what the processors need to know about the request: its prompt (for the
@@ -107,7 +117,14 @@ impl SeqSampler {
     /// log probabilities when the parameters ask for them. Log probabilities come from the
     /// raw row, before any processor, penalty or temperature (vLLM's `raw_logprobs`).
     pub fn sample(&mut self, logits: &mut [f32]) -> Sample {
-        let raw = self.params.needs_logprobs().then(|| logits.to_vec());
+        let raw = self.params.needs_logprobs().then(|| {
+            let mut row = logits.to_vec();
+            if self.scaled_logprobs && !self.params.is_greedy() {
+                let inv_t = 1.0 / self.params.temperature;
+                row.iter_mut().for_each(|v| *v *= inv_t);
+            }
+            row
+        });
         if self.params.has_processors() {
             self.process(logits);
         }
