@@ -12,7 +12,7 @@ use rand_chacha::ChaCha8Rng;
 use vllm_block::SeqId;
 use vllm_kernels::KvCache;
 use vllm_models::LoadOptions;
-use vllm_sampler::{sample_batch, RequestOutputKind, SamplingParams, SeqSampler, TokenLogprobs};
+use vllm_sampler::{sample_batch, Guide, GuideCompiler, RequestOutputKind, SamplingParams, SeqSampler, TokenLogprobs};
 use vllm_scheduler::{KvMemoryUsage, Request, Scheduler, SchedulerConfig, SchedulerOutput, StopConditions};
 use vllm_tokenizer::{IncrementalDetokenizer, Tokenizer};
 
@@ -219,6 +219,19 @@ pub struct LLMEngine {
     seed_rng: ChaCha8Rng,
     max_model_len: usize,
     aborts: AbortHandle,
+    /// Guided-decoding automata over this tokenizer (built on first use).
+    guides: Option<GuideCompiler>,
+    /// Guided requests waiting for their automaton, compiled on another thread.
+    compiling: Vec<Compiling>,
+}
+
+/// A guided request whose automaton is being compiled off the engine loop.
+struct Compiling {
+    request_id: String,
+    prompt: Prompt,
+    params: SamplingParams,
+    scaled_logprobs: bool,
+    done: std::sync::mpsc::Receiver<std::result::Result<(), String>>,
 }
 
 fn device(name: &str) -> Result<Device> {
@@ -305,6 +318,8 @@ impl LLMEngine {
             seed_rng: ChaCha8Rng::seed_from_u64(args.seed),
             max_model_len,
             aborts: AbortHandle::default(),
+            guides: None,
+            compiling: Vec::new(),
         })
     }
 
@@ -381,11 +396,38 @@ impl LLMEngine {
         params: SamplingParams,
         scaled_logprobs: bool,
     ) -> Result<()> {
-        if self.groups.contains_key(&request_id) {
+        if self.groups.contains_key(&request_id) || self.compiling.iter().any(|c| c.request_id == request_id) {
             return Err(Error::DuplicateRequestId(request_id));
         }
         params.validate(self.runner.model().vocab_size())?;
         let mut prompt_ids = self.prompt_ids(&prompt)?;
+        // Guided decoding: use a cached automaton, or compile it on another thread and queue
+        // the request once it is ready (other requests keep decoding meanwhile).
+        let mut guide_index = None;
+        if let Some(g) = &params.guided_decoding {
+            let regex = g.to_regex()?;
+            let compiler = self.guide_compiler().clone();
+            match compiler.cached(&regex) {
+                Some(index) => guide_index = Some(index),
+                None => {
+                    if prompt_ids.len() >= self.max_model_len {
+                        return Err(Error::PromptTooLong {
+                            prompt_tokens: prompt_ids.len(),
+                            max_model_len: self.max_model_len,
+                        });
+                    }
+                    let (tx, rx) = std::sync::mpsc::channel();
+                    std::thread::Builder::new()
+                        .name("vllm-guide-compile".into())
+                        .spawn(move || {
+                            let _ = tx.send(compiler.compile(&regex).map(|_| ()));
+                        })
+                        .map_err(|_| Error::Internal("cannot start the guide compiler thread"))?;
+                    self.compiling.push(Compiling { request_id, prompt, params, scaled_logprobs, done: rx });
+                    return Ok(());
+                }
+            }
+        }
         if let Some(k) = params.truncate_prompt_tokens {
             prompt_ids.drain(..prompt_ids.len().saturating_sub(k));
         }
@@ -438,6 +480,9 @@ impl LLMEngine {
             if scaled_logprobs {
                 sampler = sampler.with_scaled_logprobs();
             }
+            if let Some(index) = &guide_index {
+                sampler = sampler.with_guide(Guide::new(index.clone()));
+            }
             self.samplers.insert(seq, sampler);
             self.owners.insert(seq, (request_id.clone(), i));
             children.push(Child {
@@ -477,6 +522,10 @@ impl LLMEngine {
 
     /// Aborts a request: its blocks are freed now. Returns its final output, if it was known.
     pub fn abort_request(&mut self, request_id: &str) -> Option<RequestOutput> {
+        if let Some(i) = self.compiling.iter().position(|c| c.request_id == request_id) {
+            let c = self.compiling.remove(i);
+            return Some(Self::empty_output(c.request_id, c.prompt));
+        }
         let mut group = self.groups.remove(request_id)?;
         for c in &mut group.children {
             if c.finish.is_none() {
@@ -493,7 +542,7 @@ impl LLMEngine {
 
     /// Whether any request is unfinished.
     pub fn has_unfinished_requests(&self) -> bool {
-        self.scheduler.has_unfinished()
+        self.scheduler.has_unfinished() || !self.compiling.is_empty()
     }
 
     fn position_logprobs(&self, token: u32, lp: &TokenLogprobs) -> PositionLogprobs {
@@ -504,12 +553,74 @@ impl LLMEngine {
     /// and the final outputs of requests aborted through an [`AbortHandle`] since the last
     /// step.
     pub fn step(&mut self) -> Result<Vec<RequestOutput>> {
+        let failed = self.admit_compiled();
         let aborted: Vec<RequestOutput> = self.aborts.take().iter().filter_map(|id| self.abort_request(id)).collect();
         let mut outputs = self.run_step()?;
-        if !aborted.is_empty() {
-            outputs.splice(0..0, aborted);
+        if !aborted.is_empty() || !failed.is_empty() {
+            outputs.splice(0..0, aborted.into_iter().chain(failed));
         }
         Ok(outputs)
+    }
+
+    /// The guided-decoding compiler over this tokenizer's vocabulary.
+    fn guide_compiler(&mut self) -> &GuideCompiler {
+        let tok = &self.tokenizer;
+        self.guides.get_or_insert_with(|| {
+            let eos = tok.eos_token_ids().first().copied().unwrap_or(0);
+            let tokens = (0..tok.vocab_size() as u32).filter_map(|id| tok.token_bytes(id).map(|b| (id, b)));
+            GuideCompiler::new(tokens.collect::<Vec<_>>(), eos)
+        })
+    }
+
+    /// Queues guided requests whose automaton is ready; returns the final (empty) outputs of
+    /// those whose constraint could not be compiled or that no longer fit. Waits briefly when
+    /// only compilations are in flight, so callers looping on `step` do not spin.
+    fn admit_compiled(&mut self) -> Vec<RequestOutput> {
+        let mut failed = Vec::new();
+        if self.compiling.is_empty() {
+            return failed;
+        }
+        if !self.scheduler.has_unfinished() {
+            let _ = self.compiling[0].done.recv_timeout(std::time::Duration::from_millis(20)).map(|r| {
+                // Put the result back for the loop below.
+                let (tx, rx) = std::sync::mpsc::channel();
+                let _ = tx.send(r);
+                self.compiling[0].done = rx;
+            });
+        }
+        let mut i = 0;
+        while i < self.compiling.len() {
+            match self.compiling[i].done.try_recv() {
+                Err(std::sync::mpsc::TryRecvError::Empty) => i += 1,
+                result => {
+                    let c = self.compiling.remove(i);
+                    let (id, prompt) = (c.request_id.clone(), c.prompt.clone());
+                    let ok = matches!(result, Ok(Ok(())))
+                        && self.add_request_inner(c.request_id, c.prompt, c.params, c.scaled_logprobs).is_ok();
+                    if !ok {
+                        failed.push(Self::empty_output(id, prompt));
+                    }
+                }
+            }
+        }
+        failed
+    }
+
+    /// The final output of a request that never ran.
+    fn empty_output(request_id: String, prompt: Prompt) -> RequestOutput {
+        let (prompt, prompt_token_ids) = match prompt {
+            Prompt::Text(t) => (Some(t), Vec::new()),
+            Prompt::TokenIds(ids) => (None, ids),
+        };
+        RequestOutput {
+            request_id,
+            prompt,
+            prompt_token_ids,
+            outputs: Vec::new(),
+            finished: true,
+            num_cached_tokens: 0,
+            prompt_logprobs: None,
+        }
     }
 
     fn run_step(&mut self) -> Result<Vec<RequestOutput>> {

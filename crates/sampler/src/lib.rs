@@ -14,8 +14,10 @@
 //! assert_eq!(tokens[0].token, 1);
 //! ```
 
+mod guided;
 mod params;
 mod sampler;
 
+pub use guided::{Guide, GuideCompiler, GuidedDecodingParams};
 pub use params::{InvalidParam, RequestOutputKind, SamplingParams, MAX_LOGPROBS, SAMPLING_EPS};
 pub use sampler::{argmax, log_sum_exp, sample_batch, top_k_indices, Sample, SeqSampler, TokenLogprobs};

@@ -86,6 +86,8 @@ pub struct SamplingParams {
     pub detokenize: bool,
     /// What each output carries: everything so far, only what is new, or only the final one.
     pub output_kind: RequestOutputKind,
+    /// Constrain the output to a JSON schema, a regex, a list of choices or any JSON object.
+    pub guided_decoding: Option<crate::guided::GuidedDecodingParams>,
 }
 
 /// What a request's outputs carry (vLLM's `RequestOutputKind`).
@@ -131,6 +133,7 @@ impl Default for SamplingParams {
             bad_words: Vec::new(),
             detokenize: true,
             output_kind: RequestOutputKind::Cumulative,
+            guided_decoding: None,
         }
     }
 }
@@ -167,6 +170,7 @@ impl SamplingParams {
             || !self.logit_bias.is_empty()
             || !self.bad_words.is_empty()
             || self.min_tokens > 0
+            || self.guided_decoding.is_some()
     }
 
     /// Whether the request is decoded greedily.
@@ -257,6 +261,9 @@ impl SamplingParams {
         }
         if !self.detokenize && !self.stop.is_empty() {
             return Err(invalid("stop", "stop strings need detokenize = true"));
+        }
+        if let Some(g) = &self.guided_decoding {
+            g.to_regex()?;
         }
         if let Some(&bad) = self.stop_token_ids.iter().find(|&&t| t as usize >= vocab_size) {
             return Err(invalid(

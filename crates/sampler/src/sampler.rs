@@ -7,6 +7,8 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use vllm_kernels::cpu;
 
+use crate::guided::Guide;
+
 use crate::params::SamplingParams;
 
 /// The sampling state of one sequence: its parameters, its own random generator (so a
@@ -28,6 +30,8 @@ pub struct SeqSampler {
     bad_words: Vec<Vec<u32>>,
     /// Log probabilities from the temperature-scaled logits instead of the raw ones.
     scaled_logprobs: bool,
+    /// The guided-decoding automaton and this sequence's state in it.
+    guide: Option<Guide>,
 }
 
 impl SeqSampler {
@@ -43,7 +47,14 @@ impl SeqSampler {
             stop_ids: Vec::new(),
             bad_words: Vec::new(),
             scaled_logprobs: false,
+            guide: None,
         }
+    }
+
+    /// Constrains the sequence with a guided-decoding automaton.
+    pub fn with_guide(mut self, guide: Guide) -> Self {
+        self.guide = Some(guide);
+        self
     }
 
     /// Computes log probabilities after temperature scaling (`log_softmax(logits / T)`),
@@ -74,6 +85,9 @@ impl SeqSampler {
     /// mask, bad words, logit bias, then repetition, frequency and presence penalties.
     fn process(&self, logits: &mut [f32]) {
         let p = &self.params;
+        if let Some(g) = &self.guide {
+            g.mask(logits);
+        }
         if let Some(allowed) = &p.allowed_token_ids {
             let keep: Vec<(u32, f32)> = allowed.iter().map(|&t| (t, logits[t as usize])).collect();
             logits.fill(f32::NEG_INFINITY);
@@ -132,6 +146,9 @@ impl SeqSampler {
             if self.params.is_greedy() { argmax(logits) } else { sample_random(logits, &self.params, &mut self.rng) };
         self.output.push(token);
         *self.counts.entry(token).or_insert(0) += 1;
+        if let Some(g) = self.guide.as_mut() {
+            g.advance(token);
+        }
         let logprobs = raw.map(|raw| TokenLogprobs::new(&raw, token, self.params.logprobs.unwrap_or(0)));
         Sample { token, logprobs }
     }

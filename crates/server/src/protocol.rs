@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 use serde_json::Value;
-use vllm_engine::{BeamSearchParams, EarlyStopping, SamplingParams};
+use vllm_engine::{BeamSearchParams, EarlyStopping, GuidedDecodingParams, SamplingParams};
 
 use crate::error::ApiError;
 
@@ -45,6 +45,8 @@ pub struct SamplingFields {
     pub cache_salt: Option<String>,
     pub spaces_between_special_tokens: Option<bool>,
     pub early_stopping: Option<Value>,
+    pub guided_whitespace_pattern: Option<String>,
+    pub guided_decoding_backend: Option<String>,
 }
 
 impl SamplingFields {
@@ -122,17 +124,24 @@ impl SamplingFields {
             ),
             Some(_) => return Err(ApiError::invalid_param("allowed_token_ids", "must be a list of token ids")),
         };
-        for (name, set) in [
-            ("guided_json", self.guided_json.is_some()),
-            ("guided_regex", self.guided_regex.is_some()),
-            ("guided_choice", self.guided_choice.is_some()),
-            ("guided_grammar", self.guided_grammar.is_some()),
-            ("priority", self.priority.is_some_and(|p| p != 0)),
-        ] {
-            if set {
-                return Err(ApiError::unsupported(name, "(this feature)"));
-            }
+        if self.priority.is_some_and(|p| p != 0) {
+            return Err(ApiError::unsupported("priority", "(this feature)"));
         }
+        let guided_choice = match &self.guided_choice {
+            None | Some(Value::Null) => None,
+            v => Some(strings("guided_choice", v)?),
+        };
+        let guided = GuidedDecodingParams {
+            json: self.guided_json.clone().filter(|v| !v.is_null()),
+            regex: self.guided_regex.clone(),
+            choice: guided_choice,
+            grammar: self.guided_grammar.clone(),
+            json_object: false,
+            whitespace_pattern: self.guided_whitespace_pattern.clone(),
+            backend: self.guided_decoding_backend.clone(),
+        };
+        let any =
+            guided.json.is_some() || guided.regex.is_some() || guided.choice.is_some() || guided.grammar.is_some();
         let d = SamplingParams::default();
         Ok(SamplingParams {
             n: self.n.unwrap_or(1),
@@ -162,6 +171,7 @@ impl SamplingFields {
             bad_words: strings("bad_words", &self.bad_words)?,
             detokenize: true,
             output_kind: Default::default(),
+            guided_decoding: any.then_some(guided),
         })
     }
 }

@@ -497,10 +497,24 @@ pub async fn chat(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) 
     if req.top_logprobs.is_some() && req.logprobs != Some(true) {
         return Err(ApiError::invalid_param("top_logprobs", "top_logprobs needs logprobs set to true"));
     }
-    match req.response_format.as_ref().and_then(|f| f.get("type")).and_then(|t| t.as_str()) {
-        None | Some("text") => {}
-        Some(_) => return Err(ApiError::unsupported("response_format", "(structured output)")),
-    }
+    // response_format: json_object (any JSON object) or json_schema (OpenAI's structured output).
+    let format = req.response_format.as_ref();
+    let structured = match format.and_then(|f| f.get("type")).and_then(|t| t.as_str()) {
+        None | Some("text") => None,
+        Some("json_object") => Some(vllm_engine::GuidedDecodingParams { json_object: true, ..Default::default() }),
+        Some("json_schema") => {
+            let schema = format.and_then(|f| f.pointer("/json_schema/schema")).cloned().ok_or_else(|| {
+                ApiError::invalid_param("response_format", "json_schema needs response_format.json_schema.schema")
+            })?;
+            Some(vllm_engine::GuidedDecodingParams { json: Some(schema), ..Default::default() })
+        }
+        Some(other) => {
+            return Err(ApiError::invalid_param(
+                "response_format",
+                format!("type '{other}' (choose text, json_object or json_schema)"),
+            ))
+        }
+    };
     if req.tool_choice.as_ref().is_some_and(|t| t != "none" && t != "auto") {
         return Err(ApiError::unsupported("tool_choice", "(forced tool calls)"));
     }
@@ -524,6 +538,12 @@ pub async fn chat(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) 
     let mut sampling = req.sampling.clone();
     sampling.max_tokens = req.max_completion_tokens.or(sampling.max_tokens);
     let mut params = sampling.to_params(None)?;
+    if let Some(g) = structured {
+        if params.guided_decoding.is_some() {
+            return Err(ApiError::invalid_param("response_format", "response_format and guided_* cannot be combined"));
+        }
+        params.guided_decoding = Some(g);
+    }
     let top_logprobs = (req.logprobs == Some(true)).then(|| req.top_logprobs.unwrap_or(0));
     params.logprobs = top_logprobs;
     check_stream(req.stream, &params)?;

@@ -250,6 +250,33 @@ async fn server_end_to_end() {
     assert_eq!(plp.len(), 5);
     assert!(plp[0].is_null() && plp[1]["3575"]["logprob"].as_f64().unwrap() < 0.0, "{plp:?}");
 
+    // Guided decoding: a choice, a regex, and chat's response_format json_object.
+    let (s, v) = post(
+        &c,
+        &format!("{b}/v1/completions"),
+        json!({"prompt": "The capital of France is", "max_tokens": 8, "temperature": 1.0, "seed": 3,
+               "guided_choice": ["Paris", "Lyon"]}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert!(["Paris", "Lyon"].contains(&v["choices"][0]["text"].as_str().unwrap()), "{v}");
+    let (s, v) = post(
+        &c,
+        &format!("{b}/v1/completions"),
+        json!({"prompt": "Year:", "max_tokens": 8, "temperature": 1.0, "guided_regex": "(19|20)[0-9]{2}"}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let year = v["choices"][0]["text"].as_str().unwrap();
+    assert!(year.len() == 4 && (year.starts_with("19") || year.starts_with("20")), "{v}");
+    let (s, v) = post(&c, &format!("{b}/v1/chat/completions"),
+        json!({"messages": [{"role": "user", "content": "Give a JSON object with a name."}], "max_tokens": 200,
+               "temperature": 0, "response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema":
+               {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12}}, "required": ["name"]}}}})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let obj: Value = serde_json::from_str(v["choices"][0]["message"]["content"].as_str().unwrap()).unwrap();
+    assert!(obj["name"].is_string(), "{v}");
+
     // Beam search through the completions API (vLLM's use_beam_search): n beams, best first,
     // equal to the engine's own beam search (tests/beam_search.rs checks it against HF).
     let (s, v) = post(
@@ -290,7 +317,13 @@ async fn server_end_to_end() {
         (json!({"prompt": "hi", "n": 0}), StatusCode::BAD_REQUEST, Some("n")),
         (json!({"prompt": "hi", "logprobs": 99}), StatusCode::BAD_REQUEST, Some("logprobs")),
         (json!({"prompt": "hi", "suffix": "x"}), StatusCode::BAD_REQUEST, Some("suffix")),
-        (json!({"prompt": "hi", "guided_regex": "a+"}), StatusCode::BAD_REQUEST, Some("guided_regex")),
+        (json!({"prompt": "hi", "guided_regex": "(a"}), StatusCode::BAD_REQUEST, Some("guided_regex")),
+        (json!({"prompt": "hi", "guided_choice": []}), StatusCode::BAD_REQUEST, Some("guided_choice")),
+        (
+            json!({"prompt": "hi", "guided_regex": "a", "guided_choice": ["a"]}),
+            StatusCode::BAD_REQUEST,
+            Some("guided_decoding"),
+        ),
         (json!({"prompt": "hi", "logit_bias": {"99999999": 1}}), StatusCode::BAD_REQUEST, Some("logit_bias")),
         (json!({"prompt": "hi", "logit_bias": {"x": 1}}), StatusCode::BAD_REQUEST, Some("logit_bias")),
         (json!({"prompt": "hi", "stop": 5}), StatusCode::BAD_REQUEST, Some("stop")),

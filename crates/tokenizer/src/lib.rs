@@ -166,6 +166,24 @@ impl Tokenizer {
         self.inner.id_to_token(id)
     }
 
+    /// The raw bytes a token stands for, for guided decoding's automata: byte-level BPE
+    /// tokens are mapped back through GPT-2's byte-to-unicode table, SentencePiece tokens
+    /// have `▁` as a space and `<0xNN>` as a byte. `None` for special (added) tokens, which
+    /// are not text.
+    pub fn token_bytes(&self, id: u32) -> Option<Vec<u8>> {
+        if self.inner.get_added_tokens_decoder().get(&id).is_some_and(|t| t.special) {
+            return None;
+        }
+        let tok = self.inner.id_to_token(id)?;
+        if let Some(hex) = tok.strip_prefix("<0x").and_then(|t| t.strip_suffix('>')) {
+            return u8::from_str_radix(hex, 16).ok().map(|b| vec![b]);
+        }
+        if tok.contains('\u{2581}') {
+            return Some(tok.replace('\u{2581}', " ").into_bytes());
+        }
+        tok.chars().map(byte_level_byte).collect()
+    }
+
     /// The id of a token string.
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
@@ -209,4 +227,16 @@ impl Tokenizer {
     pub fn inner(&self) -> &tokenizers::Tokenizer {
         &self.inner
     }
+}
+
+/// The byte a GPT-2 byte-level character stands for: printable bytes map to themselves, the
+/// others (0-32, 127-160, 173) to U+0100 onwards, in order.
+fn byte_level_byte(c: char) -> Option<u8> {
+    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let code = c as u32;
+    if code < 256 && printable(code) {
+        return Some(code as u8);
+    }
+    let n = code.checked_sub(256)?;
+    (0u32..256).filter(|&b| !printable(b)).nth(n as usize).map(|b| b as u8)
 }
