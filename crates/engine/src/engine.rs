@@ -545,10 +545,6 @@ impl LLMEngine {
         self.scheduler.has_unfinished() || !self.compiling.is_empty()
     }
 
-    fn position_logprobs(&self, token: u32, lp: &TokenLogprobs) -> PositionLogprobs {
-        position_logprobs(&self.tokenizer, token, lp)
-    }
-
     /// Runs one step. Returns the (cumulative) outputs of the requests that got a new token,
     /// and the final outputs of requests aborted through an [`AbortHandle`] since the last
     /// step.
@@ -580,27 +576,30 @@ impl LLMEngine {
         if self.compiling.is_empty() {
             return failed;
         }
-        if !self.scheduler.has_unfinished() {
-            let _ = self.compiling[0].done.recv_timeout(std::time::Duration::from_millis(20)).map(|r| {
-                // Put the result back for the loop below.
-                let (tx, rx) = std::sync::mpsc::channel();
-                let _ = tx.send(r);
-                self.compiling[0].done = rx;
-            });
-        }
+        // With nothing else to run, wait briefly for the oldest compilation.
+        let mut wait = !self.scheduler.has_unfinished();
         let mut i = 0;
         while i < self.compiling.len() {
-            match self.compiling[i].done.try_recv() {
-                Err(std::sync::mpsc::TryRecvError::Empty) => i += 1,
-                result => {
-                    let c = self.compiling.remove(i);
-                    let (id, prompt) = (c.request_id.clone(), c.prompt.clone());
-                    let ok = matches!(result, Ok(Ok(())))
-                        && self.add_request_inner(c.request_id, c.prompt, c.params, c.scaled_logprobs).is_ok();
-                    if !ok {
-                        failed.push(Self::empty_output(id, prompt));
-                    }
+            let done = &self.compiling[i].done;
+            let result = if std::mem::take(&mut wait) {
+                match done.recv_timeout(std::time::Duration::from_millis(20)) {
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
+                    r => Some(matches!(r, Ok(Ok(())))),
                 }
+            } else {
+                match done.try_recv() {
+                    Err(std::sync::mpsc::TryRecvError::Empty) => None,
+                    r => Some(matches!(r, Ok(Ok(())))),
+                }
+            };
+            let Some(compiled) = result else {
+                i += 1;
+                continue;
+            };
+            let c = self.compiling.remove(i);
+            let (id, prompt) = (c.request_id.clone(), c.prompt.clone());
+            if !(compiled && self.add_request_inner(c.request_id, c.prompt, c.params, c.scaled_logprobs).is_ok()) {
+                failed.push(Self::empty_output(id, prompt));
             }
         }
         failed
@@ -676,7 +675,7 @@ impl LLMEngine {
             let lp = sample_of
                 .remove(&u.id)
                 .and_then(|s| s.logprobs)
-                .map(|lp| (lp.logprob, self.position_logprobs(u.new_token, &lp)));
+                .map(|lp| (lp.logprob, position_logprobs(&self.tokenizer, u.new_token, &lp)));
             let Some(g) = self.groups.get_mut(&rid) else {
                 continue;
             };

@@ -127,6 +127,15 @@ impl SeqSampler {
         }
     }
 
+    /// Notes a generated token: the penalties' history and the guide's state.
+    fn record(&mut self, token: u32) {
+        self.output.push(token);
+        *self.counts.entry(token).or_insert(0) += 1;
+        if let Some(g) = self.guide.as_mut() {
+            g.advance(token);
+        }
+    }
+
     /// Samples one token from a row of logits (the row is used as scratch space), with its
     /// log probabilities when the parameters ask for them. Log probabilities come from the
     /// raw row, before any processor, penalty or temperature (vLLM's `raw_logprobs`).
@@ -144,11 +153,7 @@ impl SeqSampler {
         }
         let token =
             if self.params.is_greedy() { argmax(logits) } else { sample_random(logits, &self.params, &mut self.rng) };
-        self.output.push(token);
-        *self.counts.entry(token).or_insert(0) += 1;
-        if let Some(g) = self.guide.as_mut() {
-            g.advance(token);
-        }
+        self.record(token);
         let logprobs = raw.map(|raw| TokenLogprobs::new(&raw, token, self.params.logprobs.unwrap_or(0)));
         Sample { token, logprobs }
     }
@@ -332,8 +337,7 @@ pub fn sample_batch(logits: &mut [f32], vocab: usize, seqs: &mut [&mut SeqSample
             .zip(seqs.iter_mut())
             .map(|(r, s)| {
                 let token = argmax(r);
-                s.output.push(token);
-                *s.counts.entry(token).or_insert(0) += 1;
+                s.record(token);
                 Sample { token, logprobs: None }
             })
             .collect();
