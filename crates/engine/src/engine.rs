@@ -403,12 +403,12 @@ impl LLMEngine {
         let mut prompt_ids = self.prompt_ids(&prompt)?;
         // Guided decoding: use a cached automaton, or compile it on another thread and queue
         // the request once it is ready (other requests keep decoding meanwhile).
-        let mut guide_index = None;
+        let mut compiled_guide = None;
         if let Some(g) = &params.guided_decoding {
-            let regex = g.to_regex()?;
+            let constraint = g.constraint()?;
             let compiler = self.guide_compiler().clone();
-            match compiler.cached(&regex) {
-                Some(index) => guide_index = Some(index),
+            match compiler.cached(&constraint) {
+                Some(c) => compiled_guide = Some(c),
                 None => {
                     if prompt_ids.len() >= self.max_model_len {
                         return Err(Error::PromptTooLong {
@@ -420,7 +420,7 @@ impl LLMEngine {
                     std::thread::Builder::new()
                         .name("vllm-guide-compile".into())
                         .spawn(move || {
-                            let _ = tx.send(compiler.compile(&regex).map(|_| ()));
+                            let _ = tx.send(compiler.compile(&constraint).map(|_| ()));
                         })
                         .map_err(|_| Error::Internal("cannot start the guide compiler thread"))?;
                     self.compiling.push(Compiling { request_id, prompt, params, scaled_logprobs, done: rx });
@@ -480,8 +480,8 @@ impl LLMEngine {
             if scaled_logprobs {
                 sampler = sampler.with_scaled_logprobs();
             }
-            if let Some(index) = &guide_index {
-                sampler = sampler.with_guide(Guide::new(index.clone()));
+            if let Some(c) = &compiled_guide {
+                sampler = sampler.with_guide(Guide::new(c));
             }
             self.samplers.insert(seq, sampler);
             self.owners.insert(seq, (request_id.clone(), i));

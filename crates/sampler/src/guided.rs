@@ -1,12 +1,26 @@
 //! Guided decoding: constraining a request's output to a JSON schema, a regex, one of a list of
-//! choices or any JSON object, with `outlines-core` (vLLM's default backend). The constraint is
-//! turned into a regex, the regex into an automaton over the model's token bytes (an
-//! [`Index`]: per state, the tokens allowed and where each leads), and each step the sampler
-//! masks every other token; EOS is allowed only in accepting states.
+//! choices, any JSON object or a context-free grammar.
+//!
+//! Two backends sit behind one interface ([`GuideBackend`] compiles a [`Constraint`] into a
+//! shared [`CompiledGuide`]; each sequence walks it with its own [`GuideState`]):
+//! - `outlines` (`outlines-core`, vLLM's default for JSON, regex and choice): the constraint is
+//!   turned into a regex and the regex into an automaton over the model's token bytes, built
+//!   ahead of time (slow for big schemas, so the engine compiles it on another thread), after
+//!   which masking is a table lookup;
+//! - `guidance` (`llguidance`, the only one for grammars): an Earley parser over a Lark
+//!   grammar with a lazy lexer, so compiling is cheap and each step's mask is computed by
+//!   walking the token trie.
+//!
+//! Each step the sampler sets every token the constraint does not allow to `-inf`; EOS is
+//! allowed only where the output so far is complete.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::fmt;
+use std::sync::{Arc, Mutex, OnceLock};
 
+use llguidance::api::TopLevelGrammar;
+use llguidance::toktrie::{ApproximateTokEnv, TokEnv, TokRxInfo, TokTrie};
+use llguidance::{Matcher, ParserFactory};
 use outlines_core::prelude::{Index, Vocabulary};
 use serde::{Deserialize, Serialize};
 
@@ -22,13 +36,15 @@ pub struct GuidedDecodingParams {
     pub regex: Option<String>,
     /// The output must be one of these strings.
     pub choice: Option<Vec<String>>,
-    /// A context-free grammar (EBNF / Lark). Not supported yet: rejected with a clear error.
+    /// A context-free grammar in Lark syntax (llguidance's dialect: `start: ...` rules,
+    /// `"strings"`, `/regexes/`, `|`, `*`, `+`, `?`, `{m,n}`); needs the `guidance` backend.
     pub grammar: Option<String>,
     /// Any JSON object (`response_format: {"type": "json_object"}`).
     pub json_object: bool,
-    /// The whitespace allowed between JSON tokens (default: outlines-core's).
+    /// The whitespace allowed between JSON tokens (default: the backend's).
     pub whitespace_pattern: Option<String>,
-    /// `outlines` (or `auto`, the same); other backends are rejected.
+    /// `auto` (default: `outlines`, or `guidance` for grammars), `outlines` or `guidance`
+    /// (also spelled `llguidance`).
     pub backend: Option<String>,
 }
 
@@ -39,9 +55,58 @@ fn invalid(param: &'static str, message: impl Into<String>) -> InvalidParam {
 /// A JSON value of bounded nesting, for `json_object`.
 const ANY_JSON_OBJECT: &str = r#"{"type": "object"}"#;
 
+/// The guided-decoding backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GuideBackendKind {
+    /// `outlines-core`: regex automata compiled ahead of time.
+    Outlines,
+    /// `llguidance`: Earley parsing of Lark grammars (and JSON schemas, regexes), masks
+    /// computed lazily.
+    Guidance,
+}
+
+impl GuideBackendKind {
+    /// The name requests use (`guided_decoding_backend`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Outlines => "outlines",
+            Self::Guidance => "guidance",
+        }
+    }
+}
+
+/// A checked constraint for one backend: what it compiles, and the cache key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Constraint {
+    /// The backend that compiles it.
+    pub backend: GuideBackendKind,
+    /// A regex (outlines) or a serialized llguidance grammar (guidance).
+    pub spec: String,
+}
+
 impl GuidedDecodingParams {
-    /// The constraint as a regex over the output text, checking it on the way.
-    pub fn to_regex(&self) -> Result<String, InvalidParam> {
+    /// The constraint, checked, for the backend the request asks for.
+    pub fn constraint(&self) -> Result<Constraint, InvalidParam> {
+        self.check_one()?;
+        let backend = match self.backend.as_deref() {
+            None | Some("auto") if self.grammar.is_some() => GuideBackendKind::Guidance,
+            None | Some("auto") | Some("outlines") => GuideBackendKind::Outlines,
+            Some("guidance") | Some("llguidance") => GuideBackendKind::Guidance,
+            Some(other) => {
+                return Err(invalid(
+                    "guided_decoding_backend",
+                    format!("'{other}' is not available (choose auto, outlines or guidance)"),
+                ))
+            }
+        };
+        let spec = match backend {
+            GuideBackendKind::Outlines => self.to_regex()?,
+            GuideBackendKind::Guidance => self.to_guidance()?,
+        };
+        Ok(Constraint { backend, spec })
+    }
+
+    fn check_one(&self) -> Result<(), InvalidParam> {
         let set = [
             self.json.is_some(),
             self.regex.is_some(),
@@ -50,136 +115,469 @@ impl GuidedDecodingParams {
             self.json_object,
         ];
         match set.iter().filter(|&&b| b).count() {
-            0 => {
-                return Err(invalid(
-                    "guided_decoding",
-                    "no constraint given (json, regex, choice, grammar or json_object)",
-                ))
-            }
-            1 => {}
-            _ => {
-                return Err(invalid(
-                    "guided_decoding",
-                    "give exactly one of guided_json, guided_regex, guided_choice, guided_grammar, json_object",
-                ))
-            }
+            0 => Err(invalid("guided_decoding", "no constraint given (json, regex, choice, grammar or json_object)")),
+            1 => Ok(()),
+            _ => Err(invalid(
+                "guided_decoding",
+                "give exactly one of guided_json, guided_regex, guided_choice, guided_grammar, json_object",
+            )),
         }
-        match self.backend.as_deref() {
-            None | Some("outlines") | Some("auto") => {}
-            Some(other) => {
-                return Err(invalid("guided_decoding_backend", format!("'{other}' (choose outlines or auto)")))
+    }
+
+    fn schema(&self) -> Result<Option<serde_json::Value>, InvalidParam> {
+        Ok(match &self.json {
+            Some(serde_json::Value::String(s)) => {
+                Some(serde_json::from_str(s).map_err(|e| invalid("guided_json", format!("not a JSON schema: {e}")))?)
             }
+            Some(v) => Some(v.clone()),
+            None if self.json_object => Some(serde_json::from_str(ANY_JSON_OBJECT).expect("valid schema")),
+            None => None,
+        })
+    }
+
+    fn choice_regex(&self) -> Result<Option<String>, InvalidParam> {
+        match &self.choice {
+            Some(choices) if choices.is_empty() => Err(invalid("guided_choice", "the list of choices is empty")),
+            Some(choices) => Ok(Some(choices.iter().map(|c| regex_syntax::escape(c)).collect::<Vec<_>>().join("|"))),
+            None => Ok(None),
         }
-        let ws = self.whitespace_pattern.as_deref();
-        let regex = if let Some(schema) = &self.json {
-            let schema = match schema {
-                serde_json::Value::String(s) => {
-                    serde_json::from_str(s).map_err(|e| invalid("guided_json", format!("not a JSON schema: {e}")))?
-                }
-                v => v.clone(),
-            };
-            outlines_core::json_schema::regex_from_value(&schema, ws, None)
-                .map_err(|e| invalid("guided_json", format!("unsupported or invalid JSON schema: {e}")))?
-        } else if let Some(r) = &self.regex {
-            r.clone()
-        } else if let Some(choices) = &self.choice {
-            if choices.is_empty() {
-                return Err(invalid("guided_choice", "the list of choices is empty"));
-            }
-            choices.iter().map(|c| regex_syntax::escape(c)).collect::<Vec<_>>().join("|")
-        } else if self.json_object {
-            let schema: serde_json::Value = serde_json::from_str(ANY_JSON_OBJECT).expect("valid schema");
-            outlines_core::json_schema::regex_from_value(&schema, ws, Some(3))
-                .map_err(|e| invalid("json_object", e.to_string()))?
-        } else {
-            return Err(invalid(
-                "guided_grammar",
-                "grammars are not supported yet (no CFG backend); use guided_json, guided_regex or guided_choice",
-            ));
-        };
-        regex_syntax::Parser::new().parse(&regex).map_err(|e| {
+    }
+
+    fn check_regex(&self, regex: &str) -> Result<(), InvalidParam> {
+        regex_syntax::Parser::new().parse(regex).map(|_| ()).map_err(|e| {
             invalid(
                 if self.regex.is_some() { "guided_regex" } else { "guided_decoding" },
                 format!("invalid regex: {e}"),
             )
-        })?;
+        })
+    }
+
+    /// The constraint as a regex over the output text (the `outlines` backend), checking it
+    /// on the way.
+    pub fn to_regex(&self) -> Result<String, InvalidParam> {
+        self.check_one()?;
+        let ws = self.whitespace_pattern.as_deref();
+        let regex = if let Some(schema) = self.schema()? {
+            let depth = self.json_object.then_some(3);
+            let param = if self.json_object { "json_object" } else { "guided_json" };
+            outlines_core::json_schema::regex_from_value(&schema, ws, depth)
+                .map_err(|e| invalid(param, format!("unsupported or invalid JSON schema: {e}")))?
+        } else if let Some(r) = &self.regex {
+            r.clone()
+        } else if let Some(r) = self.choice_regex()? {
+            r
+        } else {
+            return Err(invalid(
+                "guided_grammar",
+                "grammars need the guidance backend (guided_decoding_backend: guidance or auto)",
+            ));
+        };
+        self.check_regex(&regex)?;
         Ok(regex)
     }
-}
 
-/// Compiles constraints into automata over one tokenizer's vocabulary and caches them by
-/// regex. Cheap to clone (shared).
-#[derive(Clone)]
-pub struct GuideCompiler {
-    vocabulary: Arc<Vocabulary>,
-    cache: Arc<Mutex<HashMap<String, Arc<Index>>>>,
-}
-
-impl GuideCompiler {
-    /// A compiler over `tokens` (id and raw bytes of every text token) with `eos` as the end.
-    pub fn new(tokens: impl IntoIterator<Item = (u32, Vec<u8>)>, eos: u32) -> Self {
-        let mut vocabulary = Vocabulary::new(eos);
-        for (id, bytes) in tokens {
-            if id != eos && !bytes.is_empty() {
-                let _ = vocabulary.try_insert(bytes, id);
+    /// The constraint as a serialized llguidance grammar (the `guidance` backend), checked by
+    /// building its parser over a byte-level vocabulary (grammar errors do not depend on the
+    /// model's tokenizer).
+    fn to_guidance(&self) -> Result<String, InvalidParam> {
+        let (param, grammar) = if let Some(mut schema) = self.schema()? {
+            if let (Some(ws), Some(obj)) = (&self.whitespace_pattern, schema.as_object_mut()) {
+                obj.insert("x-guidance".into(), serde_json::json!({ "whitespace_pattern": ws }));
             }
-        }
-        Self { vocabulary: Arc::new(vocabulary), cache: Arc::default() }
-    }
-
-    /// The cached automaton for `regex`, if it was compiled already.
-    pub fn cached(&self, regex: &str) -> Option<Arc<Index>> {
-        self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(regex).cloned()
-    }
-
-    /// Compiles (or fetches) the automaton for `regex`. Slow for big schemas: call it off the
-    /// engine loop.
-    pub fn compile(&self, regex: &str) -> Result<Arc<Index>, String> {
-        if let Some(i) = self.cached(regex) {
-            return Ok(i);
-        }
-        let index = Arc::new(Index::new(regex, &self.vocabulary).map_err(|e| e.to_string())?);
-        self.cache.lock().unwrap_or_else(|p| p.into_inner()).insert(regex.to_string(), index.clone());
-        Ok(index)
+            (if self.json_object { "json_object" } else { "guided_json" }, TopLevelGrammar::from_json_schema(schema))
+        } else if let Some(r) = &self.regex {
+            self.check_regex(r)?;
+            ("guided_regex", TopLevelGrammar::from_regex(r))
+        } else if let Some(r) = self.choice_regex()? {
+            ("guided_choice", TopLevelGrammar::from_regex(&r))
+        } else {
+            let g = self.grammar.as_deref().unwrap_or_default();
+            if g.trim().is_empty() {
+                return Err(invalid("guided_grammar", "the grammar is empty"));
+            }
+            ("guided_grammar", TopLevelGrammar::from_lark(g.to_string()))
+        };
+        static CHECKER: OnceLock<ParserFactory> = OnceLock::new();
+        let checker = CHECKER.get_or_init(|| {
+            let mut f = ParserFactory::new_simple(&ApproximateTokEnv::single_byte_env()).expect("byte-level factory");
+            f.quiet();
+            f
+        });
+        checker.create_parser(grammar.clone()).map_err(|e| invalid(param, format!("invalid constraint: {e}")))?;
+        Ok(serde_json::to_string(&grammar).expect("grammars serialize"))
     }
 }
 
-/// One sequence's position in its automaton.
-#[derive(Debug, Clone)]
-pub struct Guide {
+/// A guided-decoding backend over one tokenizer's vocabulary.
+pub trait GuideBackend: Send + Sync {
+    /// Compiles a constraint's spec ([`Constraint::spec`]). May be slow: call it off the
+    /// engine loop.
+    fn compile(&self, spec: &str) -> Result<Arc<dyn CompiledGuide>, String>;
+}
+
+/// A compiled constraint, shared by every sequence that uses it.
+pub trait CompiledGuide: Send + Sync {
+    /// A sequence's state at the start of the output.
+    fn start(&self) -> Box<dyn GuideState>;
+}
+
+/// One sequence's position in a compiled constraint.
+pub trait GuideState: Send {
+    /// Sets every token not allowed next to `-inf` (EOS is allowed only where the output is
+    /// complete).
+    fn mask(&mut self, logits: &mut [f32]);
+    /// Follows a sampled token.
+    fn advance(&mut self, token: u32);
+    /// Whether the output so far is complete.
+    fn is_accepting(&mut self) -> bool;
+    /// An independent copy (parallel samples fork their state).
+    fn boxed_clone(&self) -> Box<dyn GuideState>;
+}
+
+/// Keeps only `allowed` entries of `logits`.
+fn keep_only(logits: &mut [f32], allowed: impl Iterator<Item = u32>) {
+    let keep: Vec<(u32, f32)> =
+        allowed.filter(|&t| (t as usize) < logits.len()).map(|t| (t, logits[t as usize])).collect();
+    logits.fill(f32::NEG_INFINITY);
+    for (t, v) in keep {
+        logits[t as usize] = v;
+    }
+}
+
+/// The `outlines-core` backend.
+struct OutlinesBackend {
+    vocabulary: Vocabulary,
+}
+
+impl GuideBackend for OutlinesBackend {
+    fn compile(&self, regex: &str) -> Result<Arc<dyn CompiledGuide>, String> {
+        let index = Index::new(regex, &self.vocabulary).map_err(|e| e.to_string())?;
+        Ok(Arc::new(OutlinesGuide(Arc::new(index))))
+    }
+}
+
+struct OutlinesGuide(Arc<Index>);
+
+impl CompiledGuide for OutlinesGuide {
+    fn start(&self) -> Box<dyn GuideState> {
+        Box::new(OutlinesState { state: self.0.initial_state(), index: self.0.clone() })
+    }
+}
+
+#[derive(Clone)]
+struct OutlinesState {
     index: Arc<Index>,
     state: u32,
 }
 
-impl Guide {
-    /// At the automaton's start.
-    pub fn new(index: Arc<Index>) -> Self {
-        let state = index.initial_state();
-        Self { index, state }
-    }
-
-    /// Sets every token the automaton does not allow now to `-inf`.
-    pub fn mask(&self, logits: &mut [f32]) {
-        let Some(allowed) = self.index.allowed_tokens_iter(&self.state) else {
-            return;
-        };
-        let keep: Vec<(u32, f32)> =
-            allowed.filter(|&&t| (t as usize) < logits.len()).map(|&t| (t, logits[t as usize])).collect();
-        logits.fill(f32::NEG_INFINITY);
-        for (t, v) in keep {
-            logits[t as usize] = v;
+impl GuideState for OutlinesState {
+    fn mask(&mut self, logits: &mut [f32]) {
+        if let Some(allowed) = self.index.allowed_tokens_iter(&self.state) {
+            keep_only(logits, allowed.copied());
         }
     }
 
-    /// Follows a sampled token.
-    pub fn advance(&mut self, token: u32) {
+    fn advance(&mut self, token: u32) {
         if let Some(s) = self.index.next_state(&self.state, &token) {
             self.state = s;
         }
     }
 
-    /// Whether the text so far is a complete match.
-    pub fn is_accepting(&self) -> bool {
+    fn is_accepting(&mut self) -> bool {
         self.index.is_final_state(&self.state)
+    }
+
+    fn boxed_clone(&self) -> Box<dyn GuideState> {
+        Box::new(self.clone())
+    }
+}
+
+/// The `llguidance` backend.
+struct GuidanceBackend {
+    factory: ParserFactory,
+    eos: u32,
+}
+
+impl GuideBackend for GuidanceBackend {
+    fn compile(&self, spec: &str) -> Result<Arc<dyn CompiledGuide>, String> {
+        let grammar: TopLevelGrammar = serde_json::from_str(spec).map_err(|e| e.to_string())?;
+        let parser = self.factory.create_parser(grammar).map_err(|e| e.to_string())?;
+        let matcher = Matcher::new(Ok(parser));
+        if let Some(e) = matcher.get_error() {
+            return Err(e);
+        }
+        Ok(Arc::new(GuidanceGuide { start: Mutex::new(matcher), eos: self.eos }))
+    }
+}
+
+struct GuidanceGuide {
+    start: Mutex<Matcher>,
+    eos: u32,
+}
+
+impl CompiledGuide for GuidanceGuide {
+    fn start(&self) -> Box<dyn GuideState> {
+        let matcher = self.start.lock().unwrap_or_else(|p| p.into_inner()).deep_clone();
+        Box::new(GuidanceState { matcher, eos: self.eos })
+    }
+}
+
+struct GuidanceState {
+    matcher: Matcher,
+    eos: u32,
+}
+
+impl GuideState for GuidanceState {
+    fn mask(&mut self, logits: &mut [f32]) {
+        match self.matcher.compute_mask_or_eos() {
+            Ok(allowed) => {
+                let n = allowed.len().min(logits.len());
+                allowed.iter_unset_entries(|i| {
+                    if i < n {
+                        logits[i] = f32::NEG_INFINITY;
+                    }
+                });
+                logits[n..].fill(f32::NEG_INFINITY);
+            }
+            // The parser failed (for instance it ran out of its step budget): end the output.
+            Err(_) => keep_only(logits, std::iter::once(self.eos)),
+        }
+    }
+
+    fn advance(&mut self, token: u32) {
+        // A token outside the mask (only EOS once stopped) leaves the parser in its error
+        // state, where the mask allows only EOS.
+        let _ = self.matcher.consume_token(token);
+    }
+
+    fn is_accepting(&mut self) -> bool {
+        self.matcher.is_stopped() || self.matcher.is_accepting().unwrap_or(false)
+    }
+
+    fn boxed_clone(&self) -> Box<dyn GuideState> {
+        Box::new(GuidanceState { matcher: self.matcher.deep_clone(), eos: self.eos })
+    }
+}
+
+/// Compiles constraints with their backends over one tokenizer's vocabulary and caches them
+/// by constraint. Each backend is set up on first use. Cheap to clone (shared).
+#[derive(Clone)]
+pub struct GuideCompiler {
+    inner: Arc<CompilerInner>,
+}
+
+struct CompilerInner {
+    /// Each token's bytes (empty for special tokens, which are never text).
+    tokens: Vec<Vec<u8>>,
+    eos: u32,
+    outlines: OnceLock<Arc<dyn GuideBackend>>,
+    guidance: OnceLock<Result<Arc<dyn GuideBackend>, String>>,
+    cache: Mutex<HashMap<Constraint, Arc<dyn CompiledGuide>>>,
+}
+
+impl GuideCompiler {
+    /// A compiler over `tokens` (id and raw bytes of every text token) with `eos` as the end.
+    pub fn new(tokens: impl IntoIterator<Item = (u32, Vec<u8>)>, eos: u32) -> Self {
+        let mut table: Vec<Vec<u8>> = Vec::new();
+        for (id, bytes) in tokens {
+            let id = id as usize;
+            if table.len() <= id {
+                table.resize(id + 1, Vec::new());
+            }
+            table[id] = bytes;
+        }
+        if table.len() <= eos as usize {
+            table.resize(eos as usize + 1, Vec::new());
+        }
+        table[eos as usize].clear();
+        let inner = CompilerInner {
+            tokens: table,
+            eos,
+            outlines: OnceLock::new(),
+            guidance: OnceLock::new(),
+            cache: Mutex::default(),
+        };
+        Self { inner: Arc::new(inner) }
+    }
+
+    /// The backend of a kind, set up on first use.
+    pub fn backend(&self, kind: GuideBackendKind) -> Result<Arc<dyn GuideBackend>, String> {
+        let inner = &self.inner;
+        match kind {
+            GuideBackendKind::Outlines => Ok(inner
+                .outlines
+                .get_or_init(|| {
+                    let mut vocabulary = Vocabulary::new(inner.eos);
+                    for (id, bytes) in inner.tokens.iter().enumerate() {
+                        if !bytes.is_empty() {
+                            let _ = vocabulary.try_insert(bytes.clone(), id as u32);
+                        }
+                    }
+                    Arc::new(OutlinesBackend { vocabulary })
+                })
+                .clone()),
+            GuideBackendKind::Guidance => inner
+                .guidance
+                .get_or_init(|| {
+                    let info = TokRxInfo::new(inner.tokens.len() as u32, inner.eos);
+                    let trie = TokTrie::from(&info, &inner.tokens);
+                    let env: TokEnv = Arc::new(ApproximateTokEnv::new(trie));
+                    let mut factory = ParserFactory::new_simple(&env).map_err(|e| e.to_string())?;
+                    factory.quiet();
+                    Ok(Arc::new(GuidanceBackend { factory, eos: inner.eos }) as Arc<dyn GuideBackend>)
+                })
+                .clone(),
+        }
+    }
+
+    /// The cached compilation of `constraint`, if there is one.
+    pub fn cached(&self, constraint: &Constraint) -> Option<Arc<dyn CompiledGuide>> {
+        self.inner.cache.lock().unwrap_or_else(|p| p.into_inner()).get(constraint).cloned()
+    }
+
+    /// Compiles (or fetches) `constraint`. Slow for big schemas with outlines: call it off the
+    /// engine loop.
+    pub fn compile(&self, constraint: &Constraint) -> Result<Arc<dyn CompiledGuide>, String> {
+        if let Some(c) = self.cached(constraint) {
+            return Ok(c);
+        }
+        let compiled = self.backend(constraint.backend)?.compile(&constraint.spec)?;
+        self.inner.cache.lock().unwrap_or_else(|p| p.into_inner()).insert(constraint.clone(), compiled.clone());
+        Ok(compiled)
+    }
+}
+
+/// One sequence's walk through a compiled constraint.
+pub struct Guide(Box<dyn GuideState>);
+
+impl Guide {
+    /// At the start of the output.
+    pub fn new(compiled: &Arc<dyn CompiledGuide>) -> Self {
+        Self(compiled.start())
+    }
+
+    /// Sets every token the constraint does not allow now to `-inf`.
+    pub fn mask(&mut self, logits: &mut [f32]) {
+        self.0.mask(logits)
+    }
+
+    /// Follows a sampled token.
+    pub fn advance(&mut self, token: u32) {
+        self.0.advance(token)
+    }
+
+    /// Whether the output so far is complete.
+    pub fn is_accepting(&mut self) -> bool {
+        self.0.is_accepting()
+    }
+}
+
+impl Clone for Guide {
+    fn clone(&self) -> Self {
+        Self(self.0.boxed_clone())
+    }
+}
+
+impl fmt::Debug for Guide {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Guide")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A byte-level vocabulary: token `b` is byte `b`, EOS is 256.
+    fn bytes_compiler() -> GuideCompiler {
+        GuideCompiler::new((0..=255u32).map(|b| (b, vec![b as u8])), 256)
+    }
+
+    fn allowed(g: &mut Guide) -> Vec<u32> {
+        let mut row = vec![0.0f32; 257];
+        g.mask(&mut row);
+        (0..257).filter(|&t| row[t as usize].is_finite()).collect()
+    }
+
+    #[test]
+    fn both_backends_mask_and_end_only_when_complete() {
+        let compiler = bytes_compiler();
+        for backend in ["outlines", "guidance"] {
+            let p = GuidedDecodingParams {
+                regex: Some("a[0-9]{1,2}".into()),
+                backend: Some(backend.into()),
+                ..Default::default()
+            };
+            let c = p.constraint().unwrap();
+            assert_eq!(c.backend.name(), backend);
+            let mut g = Guide::new(&compiler.compile(&c).unwrap());
+            assert_eq!(allowed(&mut g), vec![b'a' as u32], "{backend}");
+            g.advance(b'a' as u32);
+            assert!(!g.is_accepting());
+            assert_eq!(allowed(&mut g), (b'0' as u32..=b'9' as u32).collect::<Vec<_>>(), "{backend}: no EOS yet");
+            g.advance(b'7' as u32);
+            assert!(g.is_accepting());
+            let mut fork = g.clone();
+            let a = allowed(&mut fork);
+            assert!(a.contains(&256) && a.contains(&(b'3' as u32)) && a.len() == 11, "{backend}: {a:?}");
+            fork.advance(b'3' as u32);
+            assert_eq!(allowed(&mut fork), vec![256], "{backend}: only EOS after two digits");
+            assert_eq!(allowed(&mut g).len(), 11, "{backend}: the fork is independent");
+            assert!(compiler.cached(&c).is_some());
+        }
+    }
+
+    #[test]
+    fn lark_grammars_go_to_guidance_and_nest() {
+        let compiler = bytes_compiler();
+        let grammar = "start: expr\nexpr: \"(\" expr \")\" | \"x\"";
+        let c = GuidedDecodingParams { grammar: Some(grammar.into()), ..Default::default() }.constraint().unwrap();
+        assert_eq!(c.backend, GuideBackendKind::Guidance);
+        let mut g = Guide::new(&compiler.compile(&c).unwrap());
+        // A context-free language: after three '(' only '(' or 'x', then exactly three ')'.
+        for b in b"(((x" {
+            assert!(allowed(&mut g).contains(&(*b as u32)));
+            g.advance(*b as u32);
+        }
+        for _ in 0..3 {
+            assert_eq!(allowed(&mut g), vec![b')' as u32]);
+            g.advance(b')' as u32);
+        }
+        assert_eq!(allowed(&mut g), vec![256]);
+        assert!(g.is_accepting());
+    }
+
+    #[test]
+    fn bad_grammars_and_backends_are_named() {
+        let err = |p: GuidedDecodingParams| p.constraint().unwrap_err();
+        let e = err(GuidedDecodingParams { grammar: Some("start: undefined_rule".into()), ..Default::default() });
+        assert_eq!(e.param, "guided_grammar");
+        assert!(e.message.contains("undefined_rule"), "{}", e.message);
+        let e = err(GuidedDecodingParams { grammar: Some("  ".into()), ..Default::default() });
+        assert_eq!(e.param, "guided_grammar");
+        let e = err(GuidedDecodingParams {
+            grammar: Some("start: \"a\"".into()),
+            backend: Some("outlines".into()),
+            ..Default::default()
+        });
+        assert_eq!(e.param, "guided_grammar");
+        let e = err(GuidedDecodingParams {
+            regex: Some("a".into()),
+            backend: Some("xgrammar".into()),
+            ..Default::default()
+        });
+        assert_eq!(e.param, "guided_decoding_backend");
+        let e = err(GuidedDecodingParams {
+            regex: Some("(a".into()),
+            backend: Some("guidance".into()),
+            ..Default::default()
+        });
+        assert_eq!(e.param, "guided_regex");
+        let e = err(GuidedDecodingParams {
+            json: Some(serde_json::json!({"type": "no-such-type"})),
+            backend: Some("guidance".into()),
+            ..Default::default()
+        });
+        assert_eq!(e.param, "guided_json");
     }
 }

@@ -18,6 +18,8 @@ mod guided;
 mod params;
 mod sampler;
 
-pub use guided::{Guide, GuideCompiler, GuidedDecodingParams};
+pub use guided::{
+    CompiledGuide, Constraint, Guide, GuideBackend, GuideBackendKind, GuideCompiler, GuideState, GuidedDecodingParams,
+};
 pub use params::{InvalidParam, RequestOutputKind, SamplingParams, MAX_LOGPROBS, SAMPLING_EPS};
 pub use sampler::{argmax, log_sum_exp, sample_batch, top_k_indices, Sample, SeqSampler, TokenLogprobs};

@@ -263,7 +263,7 @@ impl SamplingParams {
             return Err(invalid("stop", "stop strings need detokenize = true"));
         }
         if let Some(g) = &self.guided_decoding {
-            g.to_regex()?;
+            g.constraint()?;
         }
         if let Some(&bad) = self.stop_token_ids.iter().find(|&&t| t as usize >= vocab_size) {
             return Err(invalid(

@@ -83,9 +83,9 @@ impl SeqSampler {
 
     /// Applies the logits processors in vLLM's order: allowed-token mask, `min_tokens` stop
     /// mask, bad words, logit bias, then repetition, frequency and presence penalties.
-    fn process(&self, logits: &mut [f32]) {
+    fn process(&mut self, logits: &mut [f32]) {
         let p = &self.params;
-        if let Some(g) = &self.guide {
+        if let Some(g) = self.guide.as_mut() {
             g.mask(logits);
         }
         if let Some(allowed) = &p.allowed_token_ids {

@@ -269,6 +269,16 @@ async fn server_end_to_end() {
     assert_eq!(s, StatusCode::OK, "{v}");
     let year = v["choices"][0]["text"].as_str().unwrap();
     assert!(year.len() == 4 && (year.starts_with("19") || year.starts_with("20")), "{v}");
+    // A Lark grammar (the guidance backend, picked by auto for grammars).
+    let (s, v) = post(
+        &c,
+        &format!("{b}/v1/completions"),
+        json!({"prompt": "Answer yes or no:", "max_tokens": 8, "temperature": 1.0, "seed": 5,
+               "guided_grammar": "start: ANSWER \".\"\nANSWER: \"yes\" | \"no\""}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert!(["yes.", "no."].contains(&v["choices"][0]["text"].as_str().unwrap()), "{v}");
     let (s, v) = post(&c, &format!("{b}/v1/chat/completions"),
         json!({"messages": [{"role": "user", "content": "Give a JSON object with a name."}], "max_tokens": 200,
                "temperature": 0, "response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema":
@@ -319,6 +329,12 @@ async fn server_end_to_end() {
         (json!({"prompt": "hi", "suffix": "x"}), StatusCode::BAD_REQUEST, Some("suffix")),
         (json!({"prompt": "hi", "guided_regex": "(a"}), StatusCode::BAD_REQUEST, Some("guided_regex")),
         (json!({"prompt": "hi", "guided_choice": []}), StatusCode::BAD_REQUEST, Some("guided_choice")),
+        (json!({"prompt": "hi", "guided_grammar": "start: nope"}), StatusCode::BAD_REQUEST, Some("guided_grammar")),
+        (
+            json!({"prompt": "hi", "guided_regex": "a", "guided_decoding_backend": "xgrammar"}),
+            StatusCode::BAD_REQUEST,
+            Some("guided_decoding_backend"),
+        ),
         (
             json!({"prompt": "hi", "guided_regex": "a", "guided_choice": ["a"]}),
             StatusCode::BAD_REQUEST,
