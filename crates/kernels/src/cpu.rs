@@ -4,7 +4,7 @@
 use multiversion::multiversion;
 use rayon::prelude::*;
 
-use crate::{AttnMetadata, AttnShape};
+use crate::{AttnMetadata, AttnParams, AttnShape};
 
 /// Writes each new token's keys (`[num_tokens, num_kv_heads, head_dim]`) into the key cache,
 /// laid out `[num_blocks, num_kv_heads, head_dim, block_size]`: a block's keys are stored
@@ -113,7 +113,7 @@ pub fn paged_attention(
     value_cache: &[f32],
     meta: &AttnMetadata,
     shape: AttnShape,
-    scale: f32,
+    params: AttnParams,
     out: &mut [f32],
 ) {
     let AttnShape { num_heads, num_kv_heads, head_dim } = shape;
@@ -137,7 +137,9 @@ pub fn paged_attention(
     }
     let results: Vec<Vec<f32>> = units
         .par_iter()
-        .map_init(Scratch::default, |scratch, u| attend_unit(q, key_cache, value_cache, meta, shape, scale, u, scratch))
+        .map_init(Scratch::default, |scratch, u| {
+            attend_unit(q, key_cache, value_cache, meta, shape, params, u, scratch)
+        })
         .collect();
     let group = num_heads / num_kv_heads;
     let width = group * head_dim;
@@ -219,7 +221,7 @@ fn attend_unit(
     value_cache: &[f32],
     meta: &AttnMetadata,
     shape: AttnShape,
-    scale: f32,
+    params: AttnParams,
     u: &Unit,
     scratch: &mut Scratch,
 ) -> Vec<f32> {
@@ -243,7 +245,7 @@ fn attend_unit(
     qs.clear();
     for t in 0..u.tokens {
         let base = ((u.token + t) * num_heads + u.kvh * group) * head_dim;
-        qs.extend(q[base..base + group * head_dim].iter().map(|v| v * scale));
+        qs.extend(q[base..base + group * head_dim].iter().map(|v| v * params.scale));
     }
     let visible = |r: usize| u.pos0 + r / group + 1;
     scores.clear();
@@ -285,8 +287,18 @@ fn attend_unit(
     // Softmax of each row over its visible keys; the invisible rest becomes 0 so rows of
     // different lengths can share the value pass.
     for r in 0..rows {
-        let (row, hidden) = scores[r * n..(r + 1) * n].split_at_mut(visible(r));
+        let vis = visible(r);
+        let (row, hidden) = scores[r * n..(r + 1) * n].split_at_mut(vis);
         hidden.fill(0.0);
+        // A sliding window sees only the last `w` keys (itself included), like Hugging Face's
+        // `kv_idx > q_idx - sliding_window`.
+        let lo = params.sliding_window.map_or(0, |w| vis.saturating_sub(w));
+        let (outside, row) = row.split_at_mut(lo);
+        outside.fill(0.0);
+        if let Some(cap) = params.softcap {
+            let inv = 1.0 / cap;
+            row.iter_mut().for_each(|s| *s = cap * (*s * inv).tanh());
+        }
         let max = row.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
         for s in row.iter_mut() {
             *s = exp_nonpositive(*s - max);

@@ -49,6 +49,24 @@ pub struct AttnShape {
     pub head_dim: usize,
 }
 
+/// How a layer attends: the softmax scale, and the variants some architectures use.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttnParams {
+    /// Multiplies the query-key products (usually `1 / sqrt(head_dim)`).
+    pub scale: f32,
+    /// Each query sees only the last `w` keys, itself included (Mistral, Gemma 2).
+    pub sliding_window: Option<usize>,
+    /// Scores become `cap * tanh(score / cap)` before the softmax (Gemma 2).
+    pub softcap: Option<f32>,
+}
+
+impl AttnParams {
+    /// Plain causal attention with a scale.
+    pub fn new(scale: f32) -> Self {
+        Self { scale, sliding_window: None, softcap: None }
+    }
+}
+
 /// One sequence's part of a flattened batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SeqAttn {

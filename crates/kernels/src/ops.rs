@@ -2,7 +2,7 @@
 
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, InplaceOp1, InplaceOp2, Layout, Result, Shape, Tensor};
 
-use crate::{cpu, AttnMetadata, AttnShape};
+use crate::{cpu, AttnMetadata, AttnParams, AttnShape};
 
 /// The K and V cache of one attention layer.
 #[derive(Debug, Clone)]
@@ -69,7 +69,7 @@ impl InplaceOp1 for CopyBlocks<'_> {
 struct Attend<'a> {
     meta: &'a AttnMetadata,
     shape: AttnShape,
-    scale: f32,
+    params: AttnParams,
 }
 
 impl CustomOp3 for Attend<'_> {
@@ -90,7 +90,7 @@ impl CustomOp3 for Attend<'_> {
         let k = contiguous(k, kl, "key cache")?;
         let v = contiguous(v, vl, "value cache")?;
         let mut out = vec![0f32; q.len()];
-        cpu::paged_attention(q, k, v, self.meta, self.shape, self.scale, &mut out);
+        cpu::paged_attention(q, k, v, self.meta, self.shape, self.params, &mut out);
         Ok((CpuStorage::F32(out), ql.shape().clone()))
     }
 }
@@ -144,13 +144,18 @@ impl KvCache {
     /// Attention of `q` (`[num_tokens, num_heads, head_dim]`) over the cache; returns the same
     /// shape and dtype as `q`.
     pub fn attend(&self, q: &Tensor, meta: &AttnMetadata, scale: f32) -> Result<Tensor> {
+        self.attend_with(q, meta, AttnParams::new(scale))
+    }
+
+    /// [`KvCache::attend`] with a sliding window or score soft-capping.
+    pub fn attend_with(&self, q: &Tensor, meta: &AttnMetadata, params: AttnParams) -> Result<Tensor> {
         let s = self.shape;
         if q.dims() != [meta.num_tokens(), s.num_heads, s.head_dim] {
             bail!("query shape {:?}, expected [{}, {}, {}]", q.dims(), meta.num_tokens(), s.num_heads, s.head_dim);
         }
         let dtype = q.dtype();
         let q32 = q.to_dtype(DType::F32)?.contiguous()?;
-        let out = q32.apply_op3_no_bwd(&self.key, &self.value, &Attend { meta, shape: s, scale })?;
+        let out = q32.apply_op3_no_bwd(&self.key, &self.value, &Attend { meta, shape: s, params })?;
         out.to_dtype(dtype)
     }
 }

@@ -3,12 +3,22 @@
 use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use vllm_kernels::{cpu, AttnMetadata, AttnShape, KvCache, SeqAttn};
+use vllm_kernels::{cpu, AttnMetadata, AttnParams, AttnShape, KvCache, SeqAttn};
 
-/// softmax(q k^T * scale) v for one head over keys 0..=pos, on contiguous per-sequence K/V.
-fn naive(q: &[f32], ks: &[Vec<f32>], vs: &[Vec<f32>], pos: usize, scale: f32) -> Vec<f32> {
+/// softmax(q k^T * scale) v for one head over keys 0..=pos (the last `window` of them, scores
+/// soft-capped), on contiguous per-sequence K/V.
+fn naive(q: &[f32], ks: &[Vec<f32>], vs: &[Vec<f32>], pos: usize, p: AttnParams) -> Vec<f32> {
+    let lo = p.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
     let scores: Vec<f64> = (0..=pos)
-        .map(|j| q.iter().zip(&ks[j]).map(|(a, b)| (*a as f64) * (*b as f64)).sum::<f64>() * scale as f64)
+        .map(|j| {
+            let s = q.iter().zip(&ks[j]).map(|(a, b)| (*a as f64) * (*b as f64)).sum::<f64>() * p.scale as f64;
+            let s = p.softcap.map_or(s, |c| c as f64 * (s / c as f64).tanh());
+            if j < lo {
+                f64::NEG_INFINITY
+            } else {
+                s
+            }
+        })
         .collect();
     let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
     let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
@@ -28,6 +38,8 @@ struct Case {
     block_size: usize,
     /// (tokens already cached, new query tokens) per sequence
     seqs: Vec<(usize, usize)>,
+    /// Window and soft-cap (the scale is 1 / sqrt(head_dim) whatever this says).
+    params: AttnParams,
 }
 
 fn run_case(case: Case, seed: u64) {
@@ -96,9 +108,9 @@ fn run_case(case: Case, seed: u64) {
         )
         .unwrap();
     let q = randv(n * num_heads * head_dim);
-    let scale = 1.0 / (head_dim as f32).sqrt();
+    let params = AttnParams { scale: 1.0 / (head_dim as f32).sqrt(), ..case.params };
     let qt = Tensor::from_vec(q.clone(), (n, num_heads, head_dim), &Device::Cpu).unwrap();
-    let out = cache.attend(&qt, &meta, scale).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let out = cache.attend_with(&qt, &meta, params).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
 
     let group = num_heads / num_kv_heads;
     let mut t = 0;
@@ -113,7 +125,7 @@ fn run_case(case: Case, seed: u64) {
                 let vs: Vec<Vec<f32>> =
                     hist_v[si].iter().map(|r| r[kvh * head_dim..(kvh + 1) * head_dim].to_vec()).collect();
                 let qv = &q[(t * num_heads + h) * head_dim..][..head_dim];
-                let want = naive(qv, &ks, &vs, pos, scale);
+                let want = naive(qv, &ks, &vs, pos, params);
                 let got = &out[(t * num_heads + h) * head_dim..][..head_dim];
                 for (a, b) in want.iter().zip(got) {
                     max_err = max_err.max((a - b).abs());
@@ -126,9 +138,29 @@ fn run_case(case: Case, seed: u64) {
 }
 
 #[test]
+fn sliding_window_and_softcap() {
+    for (window, softcap) in [(Some(5), None), (None, Some(0.5)), (Some(16), Some(1.0)), (Some(1), None)] {
+        run_case(
+            Case {
+                shape: AttnShape { num_heads: 8, num_kv_heads: 2, head_dim: 64 },
+                block_size: 16,
+                seqs: vec![(0, 23), (37, 1), (20, 13), (3, 1)],
+                params: AttnParams { scale: 1.0, sliding_window: window, softcap },
+            },
+            4,
+        );
+    }
+}
+
+#[test]
 fn single_prompt_mha() {
     run_case(
-        Case { shape: AttnShape { num_heads: 4, num_kv_heads: 4, head_dim: 16 }, block_size: 4, seqs: vec![(0, 11)] },
+        Case {
+            shape: AttnShape { num_heads: 4, num_kv_heads: 4, head_dim: 16 },
+            block_size: 4,
+            seqs: vec![(0, 11)],
+            params: AttnParams::new(1.0),
+        },
         1,
     );
 }
@@ -141,6 +173,7 @@ fn gqa_mixed_prefill_chunks_and_decodes_with_partial_blocks() {
             block_size: 16,
             // fresh prompt, a decode token after 37 cached, a prompt chunk after 20, a decode at a block edge
             seqs: vec![(0, 23), (37, 1), (20, 13), (31, 1), (0, 1)],
+            params: AttnParams::new(1.0),
         },
         2,
     );
@@ -153,6 +186,7 @@ fn odd_head_dim_and_block_size_one() {
             shape: AttnShape { num_heads: 2, num_kv_heads: 1, head_dim: 13 },
             block_size: 1,
             seqs: vec![(5, 3), (0, 7)],
+            params: AttnParams::new(1.0),
         },
         3,
     );
@@ -183,6 +217,7 @@ fn long_chunks_span_several_query_tiles() {
             shape: AttnShape { num_heads: 6, num_kv_heads: 2, head_dim: 32 },
             block_size: 8,
             seqs: vec![(0, 40), (10, 35), (3, 1)],
+            params: AttnParams::new(1.0),
         },
         4,
     );
@@ -195,6 +230,7 @@ fn head_dim_128_with_four_heads_per_kv_head() {
             shape: AttnShape { num_heads: 8, num_kv_heads: 2, head_dim: 128 },
             block_size: 16,
             seqs: vec![(0, 21), (17, 1), (5, 9)],
+            params: AttnParams::new(1.0),
         },
         5,
     );

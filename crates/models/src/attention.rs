@@ -2,7 +2,7 @@
 //! write and the paged attention over a flattened batch.
 
 use candle_core::{DType, Device, Tensor};
-use vllm_kernels::{AttnShape, KvCache};
+use vllm_kernels::{AttnParams, AttnShape, KvCache};
 
 use crate::{Result, StepInput};
 
@@ -33,12 +33,23 @@ impl Rotary {
         dtype: DType,
         dev: &Device,
     ) -> Result<Self> {
-        let half = head_dim / 2;
-        let inv: Vec<f32> = (0..half).map(|i| 1.0 / theta.powf(2.0 * i as f32 / head_dim as f32)).collect();
+        let inv: Vec<f32> = (0..head_dim / 2).map(|i| 1.0 / theta.powf(2.0 * i as f32 / head_dim as f32)).collect();
+        Self::from_inv_freq(&inv, max_positions, style, dtype, dev)
+    }
+
+    /// Tables from explicit inverse frequencies (one per dimension pair).
+    pub fn from_inv_freq(
+        inv: &[f32],
+        max_positions: usize,
+        style: RopeStyle,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Self> {
+        let half = inv.len();
         let mut cos = Vec::with_capacity(max_positions * half);
         let mut sin = Vec::with_capacity(max_positions * half);
         for p in 0..max_positions {
-            for &f in &inv {
+            for &f in inv {
                 let a = p as f32 * f;
                 cos.push(a.cos());
                 sin.push(a.sin());
@@ -78,13 +89,18 @@ impl Rotary {
 #[derive(Debug, Clone)]
 pub struct PagedAttention {
     shape: AttnShape,
-    scale: f32,
+    params: AttnParams,
 }
 
 impl PagedAttention {
     /// An attention with the given head layout and softmax scale.
     pub fn new(shape: AttnShape, scale: f32) -> Self {
-        Self { shape, scale }
+        Self::with_params(shape, AttnParams::new(scale))
+    }
+
+    /// An attention with a sliding window or soft-capped scores.
+    pub fn with_params(shape: AttnShape, params: AttnParams) -> Self {
+        Self { shape, params }
     }
 
     /// The head layout.
@@ -113,7 +129,7 @@ impl PagedAttention {
             k = rot.apply(&k, cos, sin)?;
         }
         cache.write(&k, &v, input.attn)?;
-        let o = cache.attend(&q, input.attn, self.scale)?;
+        let o = cache.attend_with(&q, input.attn, self.params)?;
         Ok(o.reshape((t, num_heads * head_dim))?)
     }
 }

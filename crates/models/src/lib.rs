@@ -8,6 +8,12 @@
 //! | architecture | `config.json` | GGUF |
 //! |--------------|---------------|------|
 //! | Llama family (Llama 2/3, SmolLM2) | `LlamaForCausalLM` | `llama` |
+//! | Mistral (sliding window) | `MistralForCausalLM` | |
+//! | Qwen2 (Q/K/V bias), Qwen3 (Q/K norm) | `Qwen2ForCausalLM`, `Qwen3ForCausalLM` | |
+//! | Phi-3 (fused projections) | `Phi3ForCausalLM` | |
+//! | Gemma 2 (soft-capping, alternating windows) | `Gemma2ForCausalLM` | |
+//! | OPT | `OPTForCausalLM` | |
+//! | GPT-2 | `GPT2LMHeadModel` | |
 //!
 //! ```no_run
 //! use candle_core::{DType, Device};
@@ -20,7 +26,11 @@
 //! ```
 
 pub mod attention;
+pub mod bert;
+pub mod gemma2;
+pub mod gpt2;
 pub mod llama;
+pub mod opt;
 mod weights;
 
 use std::path::{Path, PathBuf};
@@ -112,24 +122,45 @@ pub fn load_gguf(path: &Path, opts: LoadOptions, device: &Device) -> Result<(Box
     Ok((model, w))
 }
 
-/// Loads a Hugging Face folder (`config.json` + safetensors, single or sharded).
-pub fn load_hf_dir(dir: &Path, opts: LoadOptions, device: &Device) -> Result<Box<dyn CausalLM>> {
+/// The `config.json` architectures [`load_hf_dir`] knows.
+pub const CAUSAL_ARCHITECTURES: &[&str] = &[
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "Phi3ForCausalLM",
+    "Gemma2ForCausalLM",
+    "OPTForCausalLM",
+    "GPT2LMHeadModel",
+];
+
+/// Reads a folder's `config.json` and its first `architectures` entry.
+pub fn read_hf_config(dir: &Path) -> Result<(serde_json::Value, String)> {
     let cfg_path = dir.join("config.json");
     let text = std::fs::read_to_string(&cfg_path)
         .map_err(|e| Error::Io { path: cfg_path.display().to_string(), source: e })?;
     let raw: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", cfg_path.display())))?;
     let arch = raw.get("architectures").and_then(|a| a.get(0)).and_then(|a| a.as_str()).unwrap_or_default().to_string();
+    Ok((raw, arch))
+}
+
+/// Loads a Hugging Face folder (`config.json` + safetensors, single or sharded); the model
+/// class comes from `config.json`'s `architectures`.
+pub fn load_hf_dir(dir: &Path, opts: LoadOptions, device: &Device) -> Result<Box<dyn CausalLM>> {
+    let (raw, arch) = read_hf_config(dir)?;
+    if !CAUSAL_ARCHITECTURES.contains(&arch.as_str()) {
+        return Err(Error::UnsupportedArchitecture { name: arch, supported: CAUSAL_ARCHITECTURES.join(", ") });
+    }
     let files = safetensors_files(dir)?;
     let w = Weights::from_safetensors(&files, opts, device)?;
-    match arch.as_str() {
-        "LlamaForCausalLM" => {
-            let cfg: llama::LlamaConfig =
-                serde_json::from_value(raw).map_err(|e| Error::Config(format!("{}: {e}", cfg_path.display())))?;
-            Ok(Box::new(llama::Llama::load(&w, cfg, attention::RopeStyle::Halves)?))
-        }
-        other => Err(Error::UnsupportedArchitecture { name: other.into(), supported: SUPPORTED.into() }),
-    }
+    let config = |e: serde_json::Error| Error::Config(format!("{}: {e}", dir.join("config.json").display()));
+    Ok(match arch.as_str() {
+        "Gemma2ForCausalLM" => Box::new(gemma2::Gemma2::load(&w, serde_json::from_value(raw).map_err(config)?)?),
+        "OPTForCausalLM" => Box::new(opt::Opt::load(&w, serde_json::from_value(raw).map_err(config)?)?),
+        "GPT2LMHeadModel" => Box::new(gpt2::Gpt2::load(&w, serde_json::from_value(raw).map_err(config)?)?),
+        _ => Box::new(llama::Llama::load(&w, llama::LlamaConfig::from_hf(raw)?, attention::RopeStyle::Halves)?),
+    })
 }
 
 /// The safetensors files of a folder: the shards listed in `model.safetensors.index.json`, or

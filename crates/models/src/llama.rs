@@ -1,9 +1,18 @@
-//! Llama architecture (Llama 2/3, SmolLM, and the family built on it).
+//! Llama architecture and the family built on it: Llama 2/3, SmolLM, Mistral, Qwen2, Qwen3,
+//! Phi-3.
 //!
 //! Reference: Hugging Face `transformers/models/llama/modeling_llama.py`. RMSNorm, rotary
-//! embeddings (theta from the config), grouped-query attention, SwiGLU MLP, optionally tied
-//! embeddings. Loads from a Hugging Face folder (`config.json` + safetensors) or a GGUF file
-//! (metadata `llama.*`, Q/K rows in llama.cpp's interleaved rotary order).
+//! embeddings (theta from the config, Llama 3's frequency scaling), grouped-query attention,
+//! SwiGLU MLP, optionally tied embeddings. The relatives differ only in details this file
+//! reads from the checkpoint:
+//! - Mistral: a sliding attention window (`sliding_window`);
+//! - Qwen2: biases on the Q/K/V projections (loaded whenever the checkpoint has them), and a
+//!   window only with `use_sliding_window`;
+//! - Qwen3: RMSNorm of each query and key head before the rotation (`q_norm`, `k_norm`);
+//! - Phi-3: fused `qkv_proj` and `gate_up_proj` weights, split after the product.
+//!
+//! Loads from a Hugging Face folder (`config.json` + safetensors) or a GGUF file (metadata
+//! `llama.*`, Q/K rows in llama.cpp's interleaved rotary order).
 
 use std::collections::HashMap;
 
@@ -11,7 +20,7 @@ use candle_core::quantized::gguf_file::Value;
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 use serde::Deserialize;
-use vllm_kernels::{AttnShape, KvCache};
+use vllm_kernels::{AttnParams, AttnShape, KvCache};
 
 use crate::attention::{PagedAttention, RopeStyle, Rotary};
 use crate::weights::{Linear, Weights};
@@ -58,6 +67,44 @@ pub struct LlamaConfig {
     /// Output projection shares the embedding matrix.
     #[serde(default)]
     pub tie_word_embeddings: bool,
+    /// Rotary parameters as transformers 5 writes them (`rope_theta`, `rope_type`, ...).
+    #[serde(default, alias = "rope_scaling")]
+    pub rope_parameters: Option<RopeParameters>,
+    /// Attention window in tokens (Mistral, Qwen2 with `use_sliding_window`).
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+    /// Qwen2/Qwen3: whether `sliding_window` is used at all.
+    #[serde(default)]
+    pub use_sliding_window: Option<bool>,
+    /// Per-layer attention kind (`full_attention` / `sliding_attention`).
+    #[serde(default)]
+    pub layer_types: Option<Vec<String>>,
+}
+
+/// `rope_parameters` (or the older `rope_scaling`) of a config.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+pub struct RopeParameters {
+    /// Rotary base (transformers 5 moved it here from the top level).
+    #[serde(default)]
+    pub rope_theta: Option<f32>,
+    /// `default`, or `llama3` (Llama 3.1's frequency scaling); others are rejected.
+    #[serde(default, alias = "type")]
+    pub rope_type: Option<String>,
+    /// Llama 3 scaling: the context extension factor.
+    #[serde(default)]
+    pub factor: Option<f32>,
+    /// Llama 3 scaling: wavelengths above `original / low_freq_factor` are scaled fully.
+    #[serde(default)]
+    pub low_freq_factor: Option<f32>,
+    /// Llama 3 scaling: wavelengths below `original / high_freq_factor` are kept.
+    #[serde(default)]
+    pub high_freq_factor: Option<f32>,
+    /// Llama 3 scaling: the pre-training context length.
+    #[serde(default)]
+    pub original_max_position_embeddings: Option<usize>,
+    /// Fraction of each head that is rotated (Phi); only 1.0 is supported.
+    #[serde(default)]
+    pub partial_rotary_factor: Option<f32>,
 }
 
 impl LlamaConfig {
@@ -67,6 +114,63 @@ impl LlamaConfig {
 
     fn head_size(&self) -> usize {
         self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+
+    /// Parses a Hugging Face `config.json`, folding transformers 5's `rope_parameters` in.
+    pub fn from_hf(raw: serde_json::Value) -> Result<Self> {
+        let top_theta = raw.get("rope_theta").is_some();
+        let mut cfg: Self = serde_json::from_value(raw).map_err(|e| Error::Config(e.to_string()))?;
+        if let Some(rp) = &cfg.rope_parameters {
+            if let (false, Some(t)) = (top_theta, rp.rope_theta) {
+                cfg.rope_theta = t;
+            }
+            match rp.rope_type.as_deref() {
+                None | Some("default") | Some("llama3") => {}
+                Some(other) => {
+                    return Err(Error::Config(format!("rope type '{other}' is not supported (default, llama3)")))
+                }
+            }
+            if rp.partial_rotary_factor.is_some_and(|f| f != 1.0) {
+                return Err(Error::Config("partial_rotary_factor other than 1.0 is not supported".into()));
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// The attention window of layer `i`, if it has one.
+    pub fn window(&self, i: usize) -> Option<usize> {
+        let w = self.sliding_window?;
+        match &self.layer_types {
+            Some(types) => (types.get(i).map(String::as_str) == Some("sliding_attention")).then_some(w),
+            None if self.use_sliding_window == Some(false) => None,
+            None => Some(w),
+        }
+    }
+
+    /// Rotary inverse frequencies, with Llama 3's scaling when the config asks for it.
+    pub fn inv_freq(&self) -> Vec<f32> {
+        let d = self.head_size();
+        let base: Vec<f32> = (0..d / 2).map(|i| 1.0 / self.rope_theta.powf(2.0 * i as f32 / d as f32)).collect();
+        let Some(rp) = self.rope_parameters.as_ref().filter(|r| r.rope_type.as_deref() == Some("llama3")) else {
+            return base;
+        };
+        let factor = rp.factor.unwrap_or(8.0);
+        let (low, high) = (rp.low_freq_factor.unwrap_or(1.0), rp.high_freq_factor.unwrap_or(4.0));
+        let old = rp.original_max_position_embeddings.unwrap_or(8192) as f32;
+        let (low_wavelen, high_wavelen) = (old / low, old / high);
+        base.into_iter()
+            .map(|f| {
+                let wavelen = 2.0 * std::f32::consts::PI / f;
+                if wavelen < high_wavelen {
+                    f
+                } else if wavelen > low_wavelen {
+                    f / factor
+                } else {
+                    let smooth = (old / wavelen - low) / (high - low);
+                    (1.0 - smooth) * f / factor + smooth * f
+                }
+            })
+            .collect()
     }
 
     /// Reads the configuration from GGUF metadata (`{arch}.*` keys).
@@ -101,6 +205,10 @@ impl LlamaConfig {
             vocab_size: vocab,
             max_position_embeddings: req("context_length")? as usize,
             tie_word_embeddings: false,
+            rope_parameters: None,
+            sliding_window: md.get(&key("attention.sliding_window")).and_then(|v| v.to_u32().ok()).map(|v| v as usize),
+            use_sliding_window: None,
+            layer_types: None,
         })
     }
 }
@@ -141,6 +249,8 @@ struct Layer {
     input_norm: Tensor,
     post_norm: Tensor,
     qkv: Projections,
+    /// Qwen3's per-head RMSNorm of queries and keys.
+    qk_norm: Option<(Tensor, Tensor)>,
     o: Linear,
     gate_up: Projections,
     down: Linear,
@@ -148,19 +258,43 @@ struct Layer {
 }
 
 impl Layer {
-    fn load(w: &Weights, cfg: &LlamaConfig, shape: AttnShape) -> Result<Self> {
+    fn load(w: &Weights, cfg: &LlamaConfig, shape: AttnShape, index: usize) -> Result<Self> {
         let a = w.pp("self_attn");
         let m = w.pp("mlp");
+        let (q, kv) = (shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim);
+        // Phi-3 stores Q/K/V and gate/up fused; split after the product.
+        let qkv = if a.contains("qkv_proj.weight") {
+            Projections { layers: vec![a.linear("qkv_proj")?], split: vec![q, kv, kv] }
+        } else {
+            Projections::new(vec![a.linear("q_proj")?, a.linear("k_proj")?, a.linear("v_proj")?])
+        };
+        let gate_up = if m.contains("gate_up_proj.weight") {
+            Projections { layers: vec![m.linear("gate_up_proj")?], split: vec![cfg.intermediate_size; 2] }
+        } else {
+            Projections::new(vec![m.linear("gate_proj")?, m.linear("up_proj")?])
+        };
+        let qk_norm =
+            if a.contains("q_norm.weight") { Some((a.get("q_norm.weight")?, a.get("k_norm.weight")?)) } else { None };
+        let params =
+            AttnParams { sliding_window: cfg.window(index), ..AttnParams::new(1.0 / (cfg.head_size() as f32).sqrt()) };
         Ok(Self {
             input_norm: w.get("input_layernorm.weight")?,
             post_norm: w.get("post_attention_layernorm.weight")?,
-            qkv: Projections::new(vec![a.linear("q_proj")?, a.linear("k_proj")?, a.linear("v_proj")?]),
+            qkv,
+            qk_norm,
             o: a.linear("o_proj")?,
-            gate_up: Projections::new(vec![m.linear("gate_proj")?, m.linear("up_proj")?]),
+            gate_up,
             down: m.linear("down_proj")?,
-            attn: PagedAttention::new(shape, 1.0 / (cfg.head_size() as f32).sqrt()),
+            attn: PagedAttention::with_params(shape, params),
         })
     }
+}
+
+/// RMSNorm of each `width`-sized head of `x` (`[tokens, heads * width]`).
+pub(crate) fn head_rms_norm(x: &Tensor, weight: &Tensor, width: usize, eps: f32) -> Result<Tensor> {
+    let (t, all) = x.dims2()?;
+    let y = candle_nn::ops::rms_norm(&x.reshape((t * all / width, width))?, weight, eps)?;
+    Ok(y.reshape((t, all))?)
 }
 
 /// A Llama-family causal language model.
@@ -191,7 +325,7 @@ impl Llama {
         // Layers load in parallel: dequantizing and repacking weights is most of a cold start.
         let layers = (0..cfg.num_hidden_layers)
             .into_par_iter()
-            .map(|i| Layer::load(&model.pp(format!("layers.{i}")), &cfg, shape))
+            .map(|i| Layer::load(&model.pp(format!("layers.{i}")), &cfg, shape, i))
             .collect::<Result<Vec<_>>>()?;
         let lm_head = if !cfg.tie_word_embeddings && w.contains("lm_head.weight") {
             w.linear("lm_head")?
@@ -203,7 +337,7 @@ impl Llama {
             w.linear_from(embed.clone(), None)?
         };
         let dtype = w.options().dtype;
-        let rotary = Rotary::new(cfg.rope_theta, shape.head_dim, cfg.max_position_embeddings, rope, dtype, w.device())?;
+        let rotary = Rotary::from_inv_freq(&cfg.inv_freq(), cfg.max_position_embeddings, rope, dtype, w.device())?;
         Ok(Self { norm: model.get("norm.weight")?, embed, layers, lm_head, rotary, shape, cfg, dtype })
     }
 
@@ -223,7 +357,11 @@ impl CausalLM for Llama {
         let (cos, sin) = self.rotary.for_positions(&input.positions)?;
         for (layer, cache) in self.layers.iter().zip(caches) {
             let h = candle_nn::ops::rms_norm(&x, &layer.input_norm, eps)?;
-            let qkv = layer.qkv.forward(&h)?;
+            let mut qkv = layer.qkv.forward(&h)?;
+            if let Some((qn, kn)) = &layer.qk_norm {
+                qkv[0] = head_rms_norm(&qkv[0], qn, self.shape.head_dim, eps)?;
+                qkv[1] = head_rms_norm(&qkv[1], kn, self.shape.head_dim, eps)?;
+            }
             let a = layer.attn.forward(&qkv[0], &qkv[1], &qkv[2], Some((&self.rotary, &cos, &sin)), cache, input)?;
             x = (x + layer.o.forward(&a)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.post_norm, eps)?;

@@ -17,7 +17,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::Router;
 use clap::{Args, Parser, Subcommand};
-use vllm_engine::{AsyncEngine, EngineArgs, DEFAULT_MODEL};
+use vllm_engine::{AsyncEngine, Embedder, EngineArgs, DEFAULT_MODEL};
 
 use crate::routes::AppState;
 
@@ -142,6 +142,7 @@ pub(crate) fn router(state: Arc<AppState>, max_body: usize) -> Router {
         .route("/v1/models", get(routes::models))
         .route("/v1/completions", post(routes::completions))
         .route("/v1/chat/completions", post(routes::chat))
+        .route("/v1/embeddings", post(routes::embeddings))
         .route("/generate", post(routes::generate))
         .route("/tokenize", post(routes::tokenize))
         .route("/detokenize", post(routes::detokenize))
@@ -180,9 +181,20 @@ async fn build_state(
     let chat_template = args.chat_template()?;
     let engine_args = args.engine_args()?;
     eprintln!("vllm-server: loading {}", engine_args.model);
-    let engine = tokio::task::spawn_blocking(move || AsyncEngine::new(engine_args)).await??;
+    // An embedding model (BertModel) gets an encoder and serves /v1/embeddings; any other
+    // model gets the generation engine.
+    let (engine, embedder) = tokio::task::spawn_blocking(move || -> Result<_> {
+        if let vllm_engine::ModelFiles::HfDir(dir) = vllm_engine::resolve(&engine_args.model)? {
+            if Embedder::is_embedding_model(&dir) {
+                return Ok((None, Some(Arc::new(Embedder::load(&dir, &engine_args.device)?))));
+            }
+        }
+        Ok((Some(AsyncEngine::new(engine_args)?), None))
+    })
+    .await??;
     Ok(Arc::new(AppState {
         engine,
+        embedder,
         model_name: args.served_model_name.clone().unwrap_or_else(|| args.model.clone()),
         api_key: args.api_key.clone(),
         chat_template,
@@ -205,7 +217,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("binding {addr}"))?;
     eprintln!("vllm-server: serving {} on http://{addr} (OpenAI-compatible routes under /v1)", state.model_name);
     axum::serve(listener, router(state, args.max_body_bytes)).with_graceful_shutdown(shutdown_signal()).await?;
-    tokio::task::spawn_blocking(move || engine.shutdown()).await?;
+    if let Some(engine) = engine {
+        tokio::task::spawn_blocking(move || engine.shutdown()).await?;
+    }
     eprintln!("vllm-server: stopped");
     Ok(())
 }
@@ -222,7 +236,9 @@ fn main() -> Result<()> {
             let state = build_state(&serve, None).await?;
             let engine = state.engine.clone();
             let r = batch::run(router(state, usize::MAX), &b.input, &b.output).await;
-            tokio::task::spawn_blocking(move || engine.shutdown()).await?;
+            if let Some(engine) = engine {
+                tokio::task::spawn_blocking(move || engine.shutdown()).await?;
+            }
             r
         }),
     }

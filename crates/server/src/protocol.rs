@@ -331,3 +331,29 @@ pub struct DetokenizeRequest {
     pub model: Option<String>,
     pub tokens: Vec<u32>,
 }
+
+/// `POST /v1/embeddings`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct EmbeddingRequest {
+    pub model: Option<String>,
+    /// A string, a list of strings, token ids, or lists of token ids.
+    pub input: Value,
+    /// `float` (default) or `base64`.
+    pub encoding_format: Option<String>,
+    /// Must equal the model's width when given (no truncated embeddings).
+    pub dimensions: Option<usize>,
+}
+
+impl EmbeddingRequest {
+    /// The inputs as engine prompts (`input` errors name `input`).
+    pub fn prompts(&self) -> Result<Vec<vllm_engine::Prompt>, ApiError> {
+        let prompts = parse_prompts(&self.input).map_err(|e| ApiError { param: Some("input".into()), ..e })?;
+        Ok(prompts
+            .into_iter()
+            .map(|p| match p {
+                WirePrompt::Text(t) => vllm_engine::Prompt::Text(t),
+                WirePrompt::Ids(ids) => vllm_engine::Prompt::TokenIds(ids),
+            })
+            .collect())
+    }
+}

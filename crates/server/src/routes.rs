@@ -12,6 +12,7 @@ use axum::middleware::Next;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use base64::Engine as _;
 use futures::stream::{select_all, StreamExt};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::de::DeserializeOwned;
@@ -19,8 +20,8 @@ use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
 use vllm_engine::{
-    AsyncEngine, BeamSearchParams, CompletionOutput, Logprob, OutputStream, PositionLogprobs, Prompt, RequestOutput,
-    SamplingParams,
+    AsyncEngine, BeamSearchParams, CompletionOutput, Embedder, Logprob, OutputStream, PositionLogprobs, Prompt,
+    RequestOutput, SamplingParams,
 };
 use vllm_tokenizer::ChatRequest as TemplateRequest;
 
@@ -29,7 +30,10 @@ use crate::protocol::*;
 
 /// Shared server state (cheap to clone through the `Arc`).
 pub struct AppState {
-    pub engine: AsyncEngine,
+    /// The generation engine (`None` when serving an embedding model).
+    pub engine: Option<AsyncEngine>,
+    /// The encoder of an embedding model (`/v1/embeddings`).
+    pub embedder: Option<Arc<Embedder>>,
     pub model_name: String,
     pub api_key: Option<String>,
     pub chat_template: Option<String>,
@@ -47,6 +51,32 @@ impl AppState {
     fn new_id(&self, prefix: &str) -> String {
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
         format!("{prefix}-{:x}{n:06x}", now())
+    }
+
+    /// The generation engine, or a 400 saying this server only embeds.
+    fn engine(&self) -> Result<&AsyncEngine, ApiError> {
+        self.engine.as_ref().ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "The model `{}` is an embedding model: it serves /v1/embeddings only.",
+                self.model_name
+            ))
+        })
+    }
+
+    fn tokenizer(&self) -> &vllm_engine::Tokenizer {
+        match (&self.engine, &self.embedder) {
+            (Some(e), _) => &e.info().tokenizer,
+            (None, Some(m)) => m.tokenizer(),
+            (None, None) => unreachable!("a server has an engine or an embedder"),
+        }
+    }
+
+    fn max_model_len(&self) -> usize {
+        match (&self.engine, &self.embedder) {
+            (Some(e), _) => e.info().max_model_len,
+            (None, Some(m)) => m.max_len(),
+            (None, None) => 0,
+        }
     }
 
     fn check_model(&self, model: Option<&str>) -> Result<(), ApiError> {
@@ -91,17 +121,17 @@ pub async fn version() -> Json<Value> {
 }
 
 pub async fn models(State(s): State<Shared>) -> Json<Value> {
-    let info = s.engine.info();
+    let root = s.engine.as_ref().map_or_else(|| s.model_name.clone(), |e| e.info().model.clone());
     Json(json!({"object": "list", "data": [{
         "id": s.model_name, "object": "model", "created": now(), "owned_by": "vllm-rs",
-        "root": info.model, "parent": null, "max_model_len": info.max_model_len,
+        "root": root, "parent": null, "max_model_len": s.max_model_len(),
     }]}))
 }
 
 pub async fn metrics(State(s): State<Shared>) -> Response {
-    let stats = s.engine.stats();
     let mut text = s.metrics.as_ref().map(|h| h.render()).unwrap_or_default();
-    if text.is_empty() {
+    if let (true, Some(engine)) = (text.is_empty(), &s.engine) {
+        let stats = engine.stats();
         // No recorder installed (a second server in one process): report the gauges directly.
         text = format!(
             "vllm:num_requests_running {}\nvllm:num_requests_waiting {}\nvllm:kv_cache_usage_perc {}\n",
@@ -114,7 +144,7 @@ pub async fn metrics(State(s): State<Shared>) -> Response {
 pub async fn tokenize(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
     let req: TokenizeRequest = parse(body)?;
     s.check_model(req.model.as_deref())?;
-    let tok = &s.engine.info().tokenizer;
+    let tok = s.tokenizer();
     let text = match (&req.prompt, &req.messages) {
         (Some(p), None) => p.clone(),
         (None, Some(m)) => {
@@ -129,13 +159,13 @@ pub async fn tokenize(State(s): State<Shared>, body: Result<Bytes, BytesRejectio
         _ => return Err(ApiError::bad_request("give exactly one of 'prompt' or 'messages'")),
     };
     let tokens = tok.encode(&text, req.add_special_tokens)?;
-    Ok(Json(json!({"count": tokens.len(), "max_model_len": s.engine.info().max_model_len, "tokens": tokens})))
+    Ok(Json(json!({"count": tokens.len(), "max_model_len": s.max_model_len(), "tokens": tokens})))
 }
 
 pub async fn detokenize(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
     let req: DetokenizeRequest = parse(body)?;
     s.check_model(req.model.as_deref())?;
-    let tok = &s.engine.info().tokenizer;
+    let tok = s.tokenizer();
     tok.check_ids(&req.tokens).map_err(|e| ApiError::invalid_param("tokens", e.to_string()))?;
     Ok(Json(json!({"prompt": tok.decode(&req.tokens, false)?})))
 }
@@ -150,7 +180,7 @@ async fn submit(
 ) -> Result<Vec<OutputStream>, ApiError> {
     let mut streams = Vec::with_capacity(prompts.len());
     for (i, p) in prompts.into_iter().enumerate() {
-        streams.push(s.engine.generate(format!("{id}-{i}"), p, params.clone()).await?);
+        streams.push(s.engine()?.generate(format!("{id}-{i}"), p, params.clone()).await?);
     }
     Ok(streams)
 }
@@ -411,7 +441,7 @@ async fn respond(
         if stream.is_some() {
             return Err(ApiError::unsupported("use_beam_search", "together with stream"));
         }
-        let outs = s.engine.beam_search(prompts, beam).await?;
+        let outs = s.engine()?.beam_search(prompts, beam).await?;
         let outs: Vec<RequestOutput> = outs
             .into_iter()
             .enumerate()
@@ -476,7 +506,7 @@ pub async fn completions(State(s): State<Shared>, body: Result<Bytes, BytesRejec
     let mut params = req.sampling.to_params(Some(16))?;
     params.logprobs = req.logprobs;
     check_stream(req.stream, &params)?;
-    let tok = &s.engine.info().tokenizer;
+    let tok = &s.engine()?.info().tokenizer;
     let echo = prompts
         .iter()
         .map(|p| match (req.echo, p) {
@@ -519,7 +549,7 @@ pub async fn chat(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) 
         return Err(ApiError::unsupported("tool_choice", "(forced tool calls)"));
     }
     let messages = normalize_messages(&req.messages)?;
-    let tok = &s.engine.info().tokenizer;
+    let tok = &s.engine()?.info().tokenizer;
     let tpl = tok
         .chat_template_for(req.chat_template.as_deref().or(s.chat_template.as_deref()))
         .map_err(|e| ApiError::invalid_param("chat_template", e.to_string()))?;
@@ -586,4 +616,58 @@ pub async fn generate(State(s): State<Shared>, body: Result<Bytes, BytesRejectio
         .header(header::CONTENT_TYPE, "application/json")
         .body(Body::from_stream(body))
         .map_err(|e| ApiError::bad_request(e.to_string()))
+}
+
+/// `POST /v1/embeddings`: a string, a list of strings, token ids or lists of token ids;
+/// `encoding_format` `float` (default) or `base64` (little-endian float32, like OpenAI).
+pub async fn embeddings(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
+    let req: EmbeddingRequest = parse(body)?;
+    s.check_model(req.model.as_deref())?;
+    let Some(embedder) = s.embedder.clone() else {
+        return Err(ApiError::bad_request(format!(
+            "The model `{}` does not support embeddings (serve an embedding model such as {}).",
+            s.model_name,
+            vllm_engine::EMBEDDING_MODEL
+        )));
+    };
+    let prompts = req.prompts()?;
+    let base64 = match req.encoding_format.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(other) => {
+            return Err(ApiError::invalid_param("encoding_format", format!("'{other}' (choose float or base64)")))
+        }
+    };
+    if req.dimensions.is_some_and(|d| d != embedder.dimensions()) {
+        return Err(ApiError::invalid_param(
+            "dimensions",
+            format!("this model's embeddings have {} dimensions", embedder.dimensions()),
+        ));
+    }
+    let outs = tokio::task::spawn_blocking(move || embedder.encode(&prompts))
+        .await
+        .map_err(|e| ApiError { status: StatusCode::INTERNAL_SERVER_ERROR, message: e.to_string(), param: None })?
+        .map_err(|e| match e {
+            vllm_engine::Error::InvalidArgument { param, message } => ApiError::invalid_param(param, message),
+            e => ApiError::from(e),
+        })?;
+    let tokens: usize = outs.iter().map(|o| o.prompt_token_ids.len()).sum();
+    let data: Vec<Value> = outs
+        .iter()
+        .enumerate()
+        .map(|(i, o)| {
+            let v = &o.outputs.embedding;
+            let embedding = if base64 {
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                json!(base64::engine::general_purpose::STANDARD.encode(&bytes))
+            } else {
+                json!(v)
+            };
+            json!({"object": "embedding", "index": i, "embedding": embedding})
+        })
+        .collect();
+    Ok(Json(json!({
+        "object": "list", "id": s.new_id("embd"), "created": now(), "model": s.model_name, "data": data,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    })))
 }

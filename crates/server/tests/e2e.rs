@@ -287,6 +287,11 @@ async fn server_end_to_end() {
     let obj: Value = serde_json::from_str(v["choices"][0]["message"]["content"].as_str().unwrap()).unwrap();
     assert!(obj["name"].is_string(), "{v}");
 
+    // A generative model has no embeddings.
+    let (s, v) = post(&c, &format!("{b}/v1/embeddings"), json!({"input": "hi"})).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert_openai_error(&v, None);
+
     // Beam search through the completions API (vLLM's use_beam_search): n beams, best first,
     // equal to the engine's own beam search (tests/beam_search.rs checks it against HF).
     let (s, v) = post(

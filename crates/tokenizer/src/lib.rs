@@ -92,7 +92,11 @@ impl Tokenizer {
     /// Loads `tokenizer.json` from a model folder, with `tokenizer_config.json` (BOS/EOS,
     /// `add_bos_token`, `chat_template`) and `generation_config.json` (EOS ids) when present.
     pub fn from_hf_dir(dir: &Path) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_str(&read(&dir.join("tokenizer.json"))?)?;
+        let mut inner = tokenizers::Tokenizer::from_str(&read(&dir.join("tokenizer.json"))?)?;
+        // Truncation and padding saved in tokenizer.json (sentence-transformers folders set
+        // both to 128) are the engine's business (max_seq_length, truncate_prompt_tokens).
+        inner.with_truncation(None)?;
+        inner.with_padding(None);
         let config: serde_json::Value = read(&dir.join("tokenizer_config.json"))
             .ok()
             .and_then(|s| serde_json::from_str(&s).ok())
@@ -146,6 +150,12 @@ impl Tokenizer {
         }
         ids.extend_from_slice(enc.get_ids());
         Ok(ids)
+    }
+
+    /// Encodes with the tokenizer's own post-processor (e.g. BERT's `[CLS] ... [SEP]`), as
+    /// encoder models expect.
+    pub fn encode_with_post_processor(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self.inner.encode(text, true)?.get_ids().to_vec())
     }
 
     /// Decodes ids to text, optionally dropping special tokens.

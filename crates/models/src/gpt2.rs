@@ -1,0 +1,179 @@
+//! GPT-2 (`GPT2LMHeadModel`).
+//!
+//! Reference: Hugging Face `transformers/models/gpt2/modeling_gpt2.py`. Learned absolute
+//! positions, pre-LayerNorm blocks, one fused `c_attn` projection for Q/K/V, tanh-GELU MLP,
+//! output tied to the token embeddings. Weights are `Conv1D`s stored `[in, out]` (transposed
+//! on load); names with or without the `transformer.` prefix.
+
+use candle_core::{DType, Tensor};
+use rayon::prelude::*;
+use serde::Deserialize;
+use vllm_kernels::{AttnShape, KvCache};
+
+use crate::attention::PagedAttention;
+use crate::weights::{Linear, Weights};
+use crate::{CausalLM, Error, Result, StepInput};
+
+/// `config.json` of a GPT-2 checkpoint.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct Gpt2Config {
+    /// Model width.
+    pub n_embd: usize,
+    /// Blocks.
+    pub n_layer: usize,
+    /// Attention heads.
+    pub n_head: usize,
+    /// MLP width (default 4 x width).
+    #[serde(default)]
+    pub n_inner: Option<usize>,
+    /// Context length.
+    pub n_positions: usize,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// LayerNorm epsilon.
+    #[serde(default = "eps")]
+    pub layer_norm_epsilon: f64,
+    /// MLP activation (`gelu_new`, the tanh approximation).
+    #[serde(default = "gelu_new")]
+    pub activation_function: String,
+    /// Scores scaled by `1 / (layer + 1)` too (not supported).
+    #[serde(default)]
+    pub scale_attn_by_inverse_layer_idx: bool,
+}
+
+fn eps() -> f64 {
+    1e-5
+}
+fn gelu_new() -> String {
+    "gelu_new".into()
+}
+
+struct Norm {
+    w: Tensor,
+    b: Tensor,
+}
+
+impl Norm {
+    fn load(w: &Weights, name: &str) -> Result<Self> {
+        Ok(Self { w: w.get(&format!("{name}.weight"))?, b: w.get(&format!("{name}.bias"))? })
+    }
+
+    fn forward(&self, x: &Tensor, eps: f32) -> Result<Tensor> {
+        Ok(candle_nn::ops::layer_norm(x, &self.w, &self.b, eps)?)
+    }
+}
+
+/// A `Conv1D` (`[in, out]` weight) as a linear layer.
+fn conv1d(w: &Weights, name: &str) -> Result<Linear> {
+    let weight = w.get(&format!("{name}.weight"))?.t()?.contiguous()?;
+    let bias = Some(w.get(&format!("{name}.bias"))?);
+    w.linear_from(weight, bias)
+}
+
+struct Block {
+    ln_1: Norm,
+    c_attn: Linear,
+    c_proj: Linear,
+    ln_2: Norm,
+    c_fc: Linear,
+    mlp_proj: Linear,
+    attn: PagedAttention,
+}
+
+/// A GPT-2 causal language model.
+pub struct Gpt2 {
+    cfg: Gpt2Config,
+    wte: Tensor,
+    wpe: Tensor,
+    blocks: Vec<Block>,
+    ln_f: Norm,
+    lm_head: Linear,
+    shape: AttnShape,
+    dtype: DType,
+}
+
+impl Gpt2 {
+    /// Loads from a Hugging Face weight source.
+    pub fn load(w: &Weights, cfg: Gpt2Config) -> Result<Self> {
+        if !matches!(cfg.activation_function.as_str(), "gelu_new" | "gelu_pytorch_tanh") {
+            return Err(Error::Config(format!(
+                "GPT-2 activation '{}' is not supported (gelu_new)",
+                cfg.activation_function
+            )));
+        }
+        if cfg.scale_attn_by_inverse_layer_idx {
+            return Err(Error::Config("scale_attn_by_inverse_layer_idx is not supported".into()));
+        }
+        let t = if w.contains("transformer.wte.weight") { w.pp("transformer") } else { w.clone() };
+        let shape = AttnShape { num_heads: cfg.n_head, num_kv_heads: cfg.n_head, head_dim: cfg.n_embd / cfg.n_head };
+        let blocks = (0..cfg.n_layer)
+            .into_par_iter()
+            .map(|i| {
+                let b = t.pp(format!("h.{i}"));
+                Ok(Block {
+                    ln_1: Norm::load(&b, "ln_1")?,
+                    c_attn: conv1d(&b, "attn.c_attn")?,
+                    c_proj: conv1d(&b, "attn.c_proj")?,
+                    ln_2: Norm::load(&b, "ln_2")?,
+                    c_fc: conv1d(&b, "mlp.c_fc")?,
+                    mlp_proj: conv1d(&b, "mlp.c_proj")?,
+                    attn: PagedAttention::new(shape, 1.0 / (shape.head_dim as f32).sqrt()),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let wte = t.get("wte.weight")?;
+        let lm_head =
+            if w.contains("lm_head.weight") { w.linear("lm_head")? } else { w.linear_from(wte.clone(), None)? };
+        Ok(Self {
+            wpe: t.get("wpe.weight")?,
+            ln_f: Norm::load(&t, "ln_f")?,
+            wte,
+            blocks,
+            lm_head,
+            shape,
+            dtype: w.options().dtype,
+            cfg,
+        })
+    }
+}
+
+impl CausalLM for Gpt2 {
+    fn forward(&self, input: &StepInput, caches: &[KvCache]) -> Result<Tensor> {
+        if caches.len() != self.blocks.len() {
+            return Err(Error::Config(format!("{} caches for {} layers", caches.len(), self.blocks.len())));
+        }
+        let eps = self.cfg.layer_norm_epsilon as f32;
+        let d = self.cfg.n_embd;
+        let mut x = (self.wte.index_select(&input.input_ids, 0)? + self.wpe.index_select(&input.positions, 0)?)?;
+        for (b, cache) in self.blocks.iter().zip(caches) {
+            let qkv = b.c_attn.forward(&b.ln_1.forward(&x, eps)?)?;
+            let (q, k, v) = (qkv.narrow(1, 0, d)?, qkv.narrow(1, d, d)?, qkv.narrow(1, 2 * d, d)?);
+            let a = b.attn.forward(&q.contiguous()?, &k.contiguous()?, &v.contiguous()?, None, cache, input)?;
+            x = (x + b.c_proj.forward(&a)?)?;
+            let m = b.c_fc.forward(&b.ln_2.forward(&x, eps)?)?.gelu()?;
+            x = (x + b.mlp_proj.forward(&m)?)?;
+        }
+        let x = self.ln_f.forward(&x.index_select(&input.logits_indices, 0)?, eps)?;
+        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
+    }
+
+    fn attn_shape(&self) -> AttnShape {
+        self.shape
+    }
+
+    fn num_layers(&self) -> usize {
+        self.blocks.len()
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+
+    fn max_model_len(&self) -> usize {
+        self.cfg.n_positions
+    }
+
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+}

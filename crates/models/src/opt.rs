@@ -1,0 +1,191 @@
+//! OPT (`OPTForCausalLM`, vLLM's quickstart model `facebook/opt-125m`).
+//!
+//! Reference: Hugging Face `transformers/models/opt/modeling_opt.py`. Learned absolute
+//! positions (offset by 2), LayerNorm before (or, with `do_layer_norm_before: false`, after)
+//! each block, biased projections, ReLU MLP, no rotation; the output shares the embedding
+//! matrix. Checkpoints whose embeddings are narrower than the model (`project_in/out`,
+//! opt-350m) are rejected.
+
+use candle_core::{DType, Tensor};
+use rayon::prelude::*;
+use serde::Deserialize;
+use vllm_kernels::{AttnShape, KvCache};
+
+use crate::attention::PagedAttention;
+use crate::weights::{Linear, Weights};
+use crate::{CausalLM, Error, Result, StepInput};
+
+/// `config.json` of an OPT checkpoint.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct OptConfig {
+    /// Model width.
+    pub hidden_size: usize,
+    /// MLP width.
+    pub ffn_dim: usize,
+    /// Decoder layers.
+    pub num_hidden_layers: usize,
+    /// Attention heads.
+    pub num_attention_heads: usize,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Context length.
+    pub max_position_embeddings: usize,
+    /// Embedding width (must equal `hidden_size`).
+    #[serde(default)]
+    pub word_embed_proj_dim: Option<usize>,
+    /// Pre-LayerNorm (true for every size but 350m).
+    #[serde(default = "yes")]
+    pub do_layer_norm_before: bool,
+    /// MLP activation (`relu`).
+    #[serde(default = "relu")]
+    pub activation_function: String,
+}
+
+fn yes() -> bool {
+    true
+}
+fn relu() -> String {
+    "relu".into()
+}
+
+/// OPT's learned positions start at index 2 (1 is padding).
+const POSITION_OFFSET: u32 = 2;
+const LN_EPS: f64 = 1e-5;
+
+struct Norm {
+    w: Tensor,
+    b: Tensor,
+}
+
+impl Norm {
+    fn load(w: &Weights, name: &str) -> Result<Self> {
+        Ok(Self { w: w.get(&format!("{name}.weight"))?, b: w.get(&format!("{name}.bias"))? })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::layer_norm(x, &self.w, &self.b, LN_EPS as f32)?)
+    }
+}
+
+struct Layer {
+    attn_norm: Norm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
+    ffn_norm: Norm,
+    fc1: Linear,
+    fc2: Linear,
+    attn: PagedAttention,
+}
+
+/// An OPT causal language model.
+pub struct Opt {
+    cfg: OptConfig,
+    embed: Tensor,
+    positions: Tensor,
+    layers: Vec<Layer>,
+    final_norm: Option<Norm>,
+    lm_head: Linear,
+    shape: AttnShape,
+    dtype: DType,
+}
+
+impl Opt {
+    /// Loads from a Hugging Face weight source.
+    pub fn load(w: &Weights, cfg: OptConfig) -> Result<Self> {
+        if cfg.word_embed_proj_dim.is_some_and(|d| d != cfg.hidden_size) {
+            return Err(Error::Config(
+                "OPT with word_embed_proj_dim != hidden_size (project_in/out) is not supported".into(),
+            ));
+        }
+        if cfg.activation_function != "relu" {
+            return Err(Error::Config(format!("OPT activation '{}' is not supported (relu)", cfg.activation_function)));
+        }
+        let heads = cfg.num_attention_heads;
+        let shape = AttnShape { num_heads: heads, num_kv_heads: heads, head_dim: cfg.hidden_size / heads };
+        let d = w.pp("model.decoder");
+        let layers = (0..cfg.num_hidden_layers)
+            .into_par_iter()
+            .map(|i| {
+                let l = d.pp(format!("layers.{i}"));
+                let a = l.pp("self_attn");
+                Ok(Layer {
+                    attn_norm: Norm::load(&l, "self_attn_layer_norm")?,
+                    q: a.linear("q_proj")?,
+                    k: a.linear("k_proj")?,
+                    v: a.linear("v_proj")?,
+                    out: a.linear("out_proj")?,
+                    ffn_norm: Norm::load(&l, "final_layer_norm")?,
+                    fc1: l.linear("fc1")?,
+                    fc2: l.linear("fc2")?,
+                    attn: PagedAttention::new(shape, 1.0 / (shape.head_dim as f32).sqrt()),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let embed = d.get("embed_tokens.weight")?;
+        let lm_head =
+            if w.contains("lm_head.weight") { w.linear("lm_head")? } else { w.linear_from(embed.clone(), None)? };
+        let final_norm =
+            if d.contains("final_layer_norm.weight") { Some(Norm::load(&d, "final_layer_norm")?) } else { None };
+        Ok(Self {
+            positions: d.get("embed_positions.weight")?,
+            embed,
+            layers,
+            final_norm,
+            lm_head,
+            shape,
+            dtype: w.options().dtype,
+            cfg,
+        })
+    }
+}
+
+impl CausalLM for Opt {
+    fn forward(&self, input: &StepInput, caches: &[KvCache]) -> Result<Tensor> {
+        if caches.len() != self.layers.len() {
+            return Err(Error::Config(format!("{} caches for {} layers", caches.len(), self.layers.len())));
+        }
+        let pos = (&input.positions + POSITION_OFFSET as f64)?;
+        let mut x = (self.embed.index_select(&input.input_ids, 0)? + self.positions.index_select(&pos, 0)?)?;
+        let pre = self.cfg.do_layer_norm_before;
+        for (l, cache) in self.layers.iter().zip(caches) {
+            let h = if pre { l.attn_norm.forward(&x)? } else { x.clone() };
+            let a = l.attn.forward(&l.q.forward(&h)?, &l.k.forward(&h)?, &l.v.forward(&h)?, None, cache, input)?;
+            x = (x + l.out.forward(&a)?)?;
+            if !pre {
+                x = l.attn_norm.forward(&x)?;
+            }
+            let h = if pre { l.ffn_norm.forward(&x)? } else { x.clone() };
+            x = (x + l.fc2.forward(&l.fc1.forward(&h)?.relu()?)?)?;
+            if !pre {
+                x = l.ffn_norm.forward(&x)?;
+            }
+        }
+        let mut x = x.index_select(&input.logits_indices, 0)?;
+        if let Some(n) = &self.final_norm {
+            x = n.forward(&x)?;
+        }
+        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
+    }
+
+    fn attn_shape(&self) -> AttnShape {
+        self.shape
+    }
+
+    fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+
+    fn max_model_len(&self) -> usize {
+        self.cfg.max_position_embeddings
+    }
+
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+}

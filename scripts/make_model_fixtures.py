@@ -1,0 +1,93 @@
+#!/usr/bin/env python3
+"""Write tiny random checkpoints of every supported architecture with float32 references.
+
+For each architecture a small model (2 layers, 64 wide, 4 query heads over 2 key/value heads
+where the architecture has them, 256-token vocabulary) is built with a fixed seed by
+`transformers`, saved with `save_pretrained` (config.json + model.safetensors) under
+fixtures/models/<name>/, and its float32 logits for three prompts plus a 16-token greedy
+continuation of each are written to fixtures/models/<name>/reference.json.
+crates/models/tests/architectures.rs loads each folder through the paged batched path (all
+prompts in one batch) and compares.
+
+Weights are drawn with a larger spread than the default initializer (std 0.2 instead of 0.02)
+so the logits are far from uniform and greedy continuations are not decided by rounding.
+Windowed attention (Mistral, Gemma 2) uses an 8-token window so that it matters within the
+prompts and continuations.
+
+Usage (torch is only needed here, never at run or test time):
+    python3 -m venv .cache/refvenv && .cache/refvenv/bin/pip install torch transformers
+    .cache/refvenv/bin/python scripts/make_model_fixtures.py
+"""
+import json
+import os
+
+import torch
+import transformers as tf
+
+OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures", "models")
+PROMPTS = [[1, 17, 200, 3, 45, 99, 120, 7, 64, 31], [5, 250, 11], [42, 42, 8, 190, 77, 2]]
+NEW_TOKENS = 16
+COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+              tie_word_embeddings=False)
+
+ARCHS = {
+    "llama": (tf.LlamaConfig, tf.LlamaForCausalLM, dict(COMMON, rope_theta=10000.0)),
+    "mistral": (tf.MistralConfig, tf.MistralForCausalLM, dict(COMMON, sliding_window=8, head_dim=16)),
+    "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM, dict(COMMON, tie_word_embeddings=True)),
+    "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM, dict(COMMON, head_dim=16)),
+    "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM, dict(COMMON, pad_token_id=0)),
+    "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM,
+               dict(COMMON, head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
+                    attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                    tie_word_embeddings=True)),
+    "opt": (tf.OPTConfig, tf.OPTForCausalLM,
+            dict(vocab_size=256, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=128, word_embed_proj_dim=64, pad_token_id=1)),
+    "gpt2": (tf.GPT2Config, tf.GPT2LMHeadModel,
+             dict(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=128, n_inner=128)),
+}
+
+
+def main():
+    for name, (cfg_cls, model_cls, kw) in ARCHS.items():
+        torch.manual_seed(0)
+        cfg = cfg_cls(**kw)
+        model = model_cls(cfg).to(torch.float32).eval()
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                is_norm = p.dim() == 1 and ("norm" in n or "ln_" in n) and not n.endswith("bias")
+                if is_norm and name != "gemma2":  # Gemma scales by (1 + weight)
+                    p.copy_(1.0 + 0.1 * torch.randn_like(p))
+                elif p.dim() == 1:
+                    p.copy_(0.1 * torch.randn_like(p))
+                elif name == "gemma2" and "embed_tokens" in n:  # scaled by sqrt(hidden) = 8
+                    p.copy_(0.05 * torch.randn_like(p))
+                else:
+                    p.copy_(0.2 * torch.randn_like(p))
+        d = os.path.join(OUT, name)
+        os.makedirs(d, exist_ok=True)
+        model.save_pretrained(d, safe_serialization=True)
+        cases = []
+        with torch.no_grad():
+            for ids in PROMPTS:
+                x = torch.tensor([ids])
+                logits = model(x).logits[0]
+                out = model.generate(x, max_new_tokens=NEW_TOKENS, do_sample=False, min_new_tokens=NEW_TOKENS,
+                                     eos_token_id=None, pad_token_id=0)
+                cases.append({
+                    "prompt": ids,
+                    "logits": [[round(v, 6) for v in row] for row in logits.tolist()],
+                    "greedy": out[0, len(ids):].tolist(),
+                })
+        arch = model.config.architectures[0]
+        with open(os.path.join(d, "reference.json"), "w") as f:
+            json.dump({"architecture": arch, "transformers": tf.__version__, "torch": torch.__version__,
+                       "cases": cases}, f)
+        size = sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d))
+        print(f"{name}: {arch}, {sum(p.numel() for p in model.parameters())} parameters, {size} bytes,"
+              f" greedy {cases[0]['greedy']}")
+
+
+if __name__ == "__main__":
+    main()
