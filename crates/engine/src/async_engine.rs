@@ -61,8 +61,14 @@ pub struct AsyncEngine {
 impl AsyncEngine {
     /// Loads the model (on the calling thread) and starts the engine thread.
     pub fn new(args: EngineArgs) -> Result<Self> {
+        let files = crate::source::resolve(&args.model)?;
+        Self::from_files(args, files)
+    }
+
+    /// [`Self::new`] for a model already resolved (`args.model` only names it).
+    pub fn from_files(args: EngineArgs, files: crate::ModelFiles) -> Result<Self> {
         let model = args.model.clone();
-        let engine = LLMEngine::new(args)?;
+        let engine = LLMEngine::from_files(args, files)?;
         let info = Arc::new(EngineInfo {
             model,
             max_model_len: engine.max_model_len(),

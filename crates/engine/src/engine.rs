@@ -248,6 +248,12 @@ pub(crate) fn device(name: &str) -> Result<Device> {
 impl LLMEngine {
     /// Resolves the model, loads weights and tokenizer, sizes and allocates the KV cache.
     pub fn new(args: EngineArgs) -> Result<Self> {
+        let files = resolve(&args.model)?;
+        Self::from_files(args, files)
+    }
+
+    /// [`Self::new`] for a model already resolved (`args.model` only names it).
+    pub fn from_files(args: EngineArgs, files: ModelFiles) -> Result<Self> {
         let dev = device(&args.device)?;
         let dtype = match args.dtype {
             ModelDtype::Auto | ModelDtype::Float32 => DType::F32,
@@ -259,7 +265,7 @@ impl LLMEngine {
             keep_quantized: args.quantization == Quantization::Gguf,
             int8: args.quantization == Quantization::Int8,
         };
-        let (model, tokenizer) = match resolve(&args.model)? {
+        let (model, tokenizer) = match files {
             ModelFiles::Gguf(path) => {
                 let (model, w) = vllm_models::load_gguf(&path, opts, &dev)?;
                 let md = w.gguf_metadata().ok_or_else(|| Error::InvalidArgument {

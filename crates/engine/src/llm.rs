@@ -127,9 +127,10 @@ impl LLM {
     /// for [`Self::encode`] instead.
     pub fn new(args: EngineArgs) -> Result<Self> {
         let model = args.model.clone();
-        if let ModelFiles::HfDir(dir) = crate::source::resolve(&args.model)? {
-            if Embedder::is_embedding_model(&dir) {
-                let embedder = Embedder::load(&dir, &args.device)?;
+        let files = crate::source::resolve(&args.model)?;
+        if let ModelFiles::HfDir(dir) = &files {
+            if Embedder::is_embedding_model(dir) {
+                let embedder = Embedder::load(dir, &args.device)?;
                 return Ok(Self {
                     engine: None,
                     embedder: Some(embedder),
@@ -140,7 +141,7 @@ impl LLM {
                 });
             }
         }
-        let engine = LLMEngine::new(args)?;
+        let engine = LLMEngine::from_files(args, files)?;
         Ok(Self {
             aborts: engine.abort_handle(),
             engine: Some(Mutex::new(engine)),

@@ -14,6 +14,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor, D};
 use serde::Deserialize;
 
+use crate::layers::LayerNorm;
 use crate::weights::{Linear, LoadOptions, Weights};
 use crate::{safetensors_files, Error, Result};
 
@@ -107,30 +108,15 @@ impl Pooling {
     }
 }
 
-struct Norm {
-    w: Tensor,
-    b: Tensor,
-}
-
-impl Norm {
-    fn load(w: &Weights, name: &str) -> Result<Self> {
-        Ok(Self { w: w.get(&format!("{name}.weight"))?, b: w.get(&format!("{name}.bias"))? })
-    }
-
-    fn forward(&self, x: &Tensor, eps: f32) -> Result<Tensor> {
-        Ok(candle_nn::ops::layer_norm(x, &self.w, &self.b, eps)?)
-    }
-}
-
 struct Layer {
     q: Linear,
     k: Linear,
     v: Linear,
     attn_out: Linear,
-    attn_norm: Norm,
+    attn_norm: LayerNorm,
     inter: Linear,
     out: Linear,
-    out_norm: Norm,
+    out_norm: LayerNorm,
 }
 
 /// A BERT encoder with its pooling: text in, one vector per input out.
@@ -139,7 +125,7 @@ pub struct BertEmbedder {
     word: Tensor,
     position: Tensor,
     token_type: Tensor,
-    emb_norm: Norm,
+    emb_norm: LayerNorm,
     layers: Vec<Layer>,
     pooling: Pooling,
     device: Device,
@@ -170,10 +156,10 @@ impl BertEmbedder {
                     k: l.linear("attention.self.key")?,
                     v: l.linear("attention.self.value")?,
                     attn_out: l.linear("attention.output.dense")?,
-                    attn_norm: Norm::load(&l, "attention.output.LayerNorm")?,
+                    attn_norm: LayerNorm::load(&l, "attention.output.LayerNorm")?,
                     inter: l.linear("intermediate.dense")?,
                     out: l.linear("output.dense")?,
-                    out_norm: Norm::load(&l, "output.LayerNorm")?,
+                    out_norm: LayerNorm::load(&l, "output.LayerNorm")?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -181,7 +167,7 @@ impl BertEmbedder {
             word: e.get("word_embeddings.weight")?,
             position: e.get("position_embeddings.weight")?,
             token_type: e.get("token_type_embeddings.weight")?,
-            emb_norm: Norm::load(&e, "LayerNorm")?,
+            emb_norm: LayerNorm::load(&e, "LayerNorm")?,
             layers,
             pooling: Pooling::from_dir(dir)?,
             device: device.clone(),

@@ -13,6 +13,7 @@ use serde::Deserialize;
 use vllm_kernels::{AttnParams, AttnShape, KvCache};
 
 use crate::attention::{PagedAttention, RopeStyle, Rotary};
+use crate::layers::{check_caches, output_layer};
 use crate::llama::RopeParameters;
 use crate::weights::{Linear, Weights};
 use crate::{CausalLM, Error, Result, StepInput};
@@ -158,8 +159,7 @@ impl Gemma2 {
             })
             .collect::<Result<Vec<_>>>()?;
         let embed = model.get("embed_tokens.weight")?;
-        let lm_head =
-            if w.contains("lm_head.weight") { w.linear("lm_head")? } else { w.linear_from(embed.clone(), None)? };
+        let lm_head = output_layer(w, &embed)?;
         let dtype = w.options().dtype;
         let rotary =
             Rotary::new(cfg.theta(), cfg.head_dim, cfg.max_position_embeddings, RopeStyle::Halves, dtype, w.device())?;
@@ -176,9 +176,7 @@ fn softcap(x: &Tensor, cap: Option<f32>) -> Result<Tensor> {
 
 impl CausalLM for Gemma2 {
     fn forward(&self, input: &StepInput, caches: &[KvCache]) -> Result<Tensor> {
-        if caches.len() != self.layers.len() {
-            return Err(Error::Config(format!("{} caches for {} layers", caches.len(), self.layers.len())));
-        }
+        check_caches(caches.len(), self.layers.len())?;
         let eps = self.cfg.rms_norm_eps as f32;
         let rms = candle_nn::ops::rms_norm;
         // The normalizer is rounded to the activation dtype, as in transformers.

@@ -11,6 +11,7 @@ use serde::Deserialize;
 use vllm_kernels::{AttnShape, KvCache};
 
 use crate::attention::PagedAttention;
+use crate::layers::{check_caches, output_layer, LayerNorm};
 use crate::weights::{Linear, Weights};
 use crate::{CausalLM, Error, Result, StepInput};
 
@@ -48,21 +49,6 @@ fn gelu_new() -> String {
     "gelu_new".into()
 }
 
-struct Norm {
-    w: Tensor,
-    b: Tensor,
-}
-
-impl Norm {
-    fn load(w: &Weights, name: &str) -> Result<Self> {
-        Ok(Self { w: w.get(&format!("{name}.weight"))?, b: w.get(&format!("{name}.bias"))? })
-    }
-
-    fn forward(&self, x: &Tensor, eps: f32) -> Result<Tensor> {
-        Ok(candle_nn::ops::layer_norm(x, &self.w, &self.b, eps)?)
-    }
-}
-
 /// A `Conv1D` (`[in, out]` weight) as a linear layer.
 fn conv1d(w: &Weights, name: &str) -> Result<Linear> {
     let weight = w.get(&format!("{name}.weight"))?.t()?.contiguous()?;
@@ -71,10 +57,10 @@ fn conv1d(w: &Weights, name: &str) -> Result<Linear> {
 }
 
 struct Block {
-    ln_1: Norm,
+    ln_1: LayerNorm,
     c_attn: Linear,
     c_proj: Linear,
-    ln_2: Norm,
+    ln_2: LayerNorm,
     c_fc: Linear,
     mlp_proj: Linear,
     attn: PagedAttention,
@@ -86,7 +72,7 @@ pub struct Gpt2 {
     wte: Tensor,
     wpe: Tensor,
     blocks: Vec<Block>,
-    ln_f: Norm,
+    ln_f: LayerNorm,
     lm_head: Linear,
     shape: AttnShape,
     dtype: DType,
@@ -111,10 +97,10 @@ impl Gpt2 {
             .map(|i| {
                 let b = t.pp(format!("h.{i}"));
                 Ok(Block {
-                    ln_1: Norm::load(&b, "ln_1")?,
+                    ln_1: LayerNorm::load(&b, "ln_1")?,
                     c_attn: conv1d(&b, "attn.c_attn")?,
                     c_proj: conv1d(&b, "attn.c_proj")?,
-                    ln_2: Norm::load(&b, "ln_2")?,
+                    ln_2: LayerNorm::load(&b, "ln_2")?,
                     c_fc: conv1d(&b, "mlp.c_fc")?,
                     mlp_proj: conv1d(&b, "mlp.c_proj")?,
                     attn: PagedAttention::new(shape, 1.0 / (shape.head_dim as f32).sqrt()),
@@ -122,11 +108,10 @@ impl Gpt2 {
             })
             .collect::<Result<Vec<_>>>()?;
         let wte = t.get("wte.weight")?;
-        let lm_head =
-            if w.contains("lm_head.weight") { w.linear("lm_head")? } else { w.linear_from(wte.clone(), None)? };
+        let lm_head = output_layer(w, &wte)?;
         Ok(Self {
             wpe: t.get("wpe.weight")?,
-            ln_f: Norm::load(&t, "ln_f")?,
+            ln_f: LayerNorm::load(&t, "ln_f")?,
             wte,
             blocks,
             lm_head,
@@ -139,9 +124,7 @@ impl Gpt2 {
 
 impl CausalLM for Gpt2 {
     fn forward(&self, input: &StepInput, caches: &[KvCache]) -> Result<Tensor> {
-        if caches.len() != self.blocks.len() {
-            return Err(Error::Config(format!("{} caches for {} layers", caches.len(), self.blocks.len())));
-        }
+        check_caches(caches.len(), self.blocks.len())?;
         let eps = self.cfg.layer_norm_epsilon as f32;
         let d = self.cfg.n_embd;
         let mut x = (self.wte.index_select(&input.input_ids, 0)? + self.wpe.index_select(&input.positions, 0)?)?;

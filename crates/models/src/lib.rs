@@ -29,6 +29,7 @@ pub mod attention;
 pub mod bert;
 pub mod gemma2;
 pub mod gpt2;
+mod layers;
 pub mod llama;
 pub mod opt;
 mod weights;

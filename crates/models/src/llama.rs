@@ -23,6 +23,7 @@ use serde::Deserialize;
 use vllm_kernels::{AttnParams, AttnShape, KvCache};
 
 use crate::attention::{PagedAttention, RopeStyle, Rotary};
+use crate::layers::check_caches;
 use crate::weights::{Linear, Weights};
 use crate::{CausalLM, Error, Result, StepInput};
 
@@ -349,9 +350,7 @@ impl Llama {
 
 impl CausalLM for Llama {
     fn forward(&self, input: &StepInput, caches: &[KvCache]) -> Result<Tensor> {
-        if caches.len() != self.layers.len() {
-            return Err(Error::Config(format!("{} caches for {} layers", caches.len(), self.layers.len())));
-        }
+        check_caches(caches.len(), self.layers.len())?;
         let eps = self.cfg.rms_norm_eps as f32;
         let mut x = self.embed.index_select(&input.input_ids, 0)?;
         let (cos, sin) = self.rotary.for_positions(&input.positions)?;

@@ -12,6 +12,7 @@ use serde::Deserialize;
 use vllm_kernels::{AttnShape, KvCache};
 
 use crate::attention::PagedAttention;
+use crate::layers::{check_caches, output_layer, LayerNorm};
 use crate::weights::{Linear, Weights};
 use crate::{CausalLM, Error, Result, StepInput};
 
@@ -50,30 +51,15 @@ fn relu() -> String {
 
 /// OPT's learned positions start at index 2 (1 is padding).
 const POSITION_OFFSET: u32 = 2;
-const LN_EPS: f64 = 1e-5;
-
-struct Norm {
-    w: Tensor,
-    b: Tensor,
-}
-
-impl Norm {
-    fn load(w: &Weights, name: &str) -> Result<Self> {
-        Ok(Self { w: w.get(&format!("{name}.weight"))?, b: w.get(&format!("{name}.bias"))? })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::layer_norm(x, &self.w, &self.b, LN_EPS as f32)?)
-    }
-}
+const LN_EPS: f32 = 1e-5;
 
 struct Layer {
-    attn_norm: Norm,
+    attn_norm: LayerNorm,
     q: Linear,
     k: Linear,
     v: Linear,
     out: Linear,
-    ffn_norm: Norm,
+    ffn_norm: LayerNorm,
     fc1: Linear,
     fc2: Linear,
     attn: PagedAttention,
@@ -85,7 +71,7 @@ pub struct Opt {
     embed: Tensor,
     positions: Tensor,
     layers: Vec<Layer>,
-    final_norm: Option<Norm>,
+    final_norm: Option<LayerNorm>,
     lm_head: Linear,
     shape: AttnShape,
     dtype: DType,
@@ -111,12 +97,12 @@ impl Opt {
                 let l = d.pp(format!("layers.{i}"));
                 let a = l.pp("self_attn");
                 Ok(Layer {
-                    attn_norm: Norm::load(&l, "self_attn_layer_norm")?,
+                    attn_norm: LayerNorm::load(&l, "self_attn_layer_norm")?,
                     q: a.linear("q_proj")?,
                     k: a.linear("k_proj")?,
                     v: a.linear("v_proj")?,
                     out: a.linear("out_proj")?,
-                    ffn_norm: Norm::load(&l, "final_layer_norm")?,
+                    ffn_norm: LayerNorm::load(&l, "final_layer_norm")?,
                     fc1: l.linear("fc1")?,
                     fc2: l.linear("fc2")?,
                     attn: PagedAttention::new(shape, 1.0 / (shape.head_dim as f32).sqrt()),
@@ -124,10 +110,9 @@ impl Opt {
             })
             .collect::<Result<Vec<_>>>()?;
         let embed = d.get("embed_tokens.weight")?;
-        let lm_head =
-            if w.contains("lm_head.weight") { w.linear("lm_head")? } else { w.linear_from(embed.clone(), None)? };
+        let lm_head = output_layer(w, &embed)?;
         let final_norm =
-            if d.contains("final_layer_norm.weight") { Some(Norm::load(&d, "final_layer_norm")?) } else { None };
+            if d.contains("final_layer_norm.weight") { Some(LayerNorm::load(&d, "final_layer_norm")?) } else { None };
         Ok(Self {
             positions: d.get("embed_positions.weight")?,
             embed,
@@ -143,28 +128,26 @@ impl Opt {
 
 impl CausalLM for Opt {
     fn forward(&self, input: &StepInput, caches: &[KvCache]) -> Result<Tensor> {
-        if caches.len() != self.layers.len() {
-            return Err(Error::Config(format!("{} caches for {} layers", caches.len(), self.layers.len())));
-        }
+        check_caches(caches.len(), self.layers.len())?;
         let pos = (&input.positions + POSITION_OFFSET as f64)?;
         let mut x = (self.embed.index_select(&input.input_ids, 0)? + self.positions.index_select(&pos, 0)?)?;
         let pre = self.cfg.do_layer_norm_before;
         for (l, cache) in self.layers.iter().zip(caches) {
-            let h = if pre { l.attn_norm.forward(&x)? } else { x.clone() };
+            let h = if pre { l.attn_norm.forward(&x, LN_EPS)? } else { x.clone() };
             let a = l.attn.forward(&l.q.forward(&h)?, &l.k.forward(&h)?, &l.v.forward(&h)?, None, cache, input)?;
             x = (x + l.out.forward(&a)?)?;
             if !pre {
-                x = l.attn_norm.forward(&x)?;
+                x = l.attn_norm.forward(&x, LN_EPS)?;
             }
-            let h = if pre { l.ffn_norm.forward(&x)? } else { x.clone() };
+            let h = if pre { l.ffn_norm.forward(&x, LN_EPS)? } else { x.clone() };
             x = (x + l.fc2.forward(&l.fc1.forward(&h)?.relu()?)?)?;
             if !pre {
-                x = l.ffn_norm.forward(&x)?;
+                x = l.ffn_norm.forward(&x, LN_EPS)?;
             }
         }
         let mut x = x.index_select(&input.logits_indices, 0)?;
         if let Some(n) = &self.final_norm {
-            x = n.forward(&x)?;
+            x = n.forward(&x, LN_EPS)?;
         }
         Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
     }

@@ -184,12 +184,13 @@ async fn build_state(
     // An embedding model (BertModel) gets an encoder and serves /v1/embeddings; any other
     // model gets the generation engine.
     let (engine, embedder) = tokio::task::spawn_blocking(move || -> Result<_> {
-        if let vllm_engine::ModelFiles::HfDir(dir) = vllm_engine::resolve(&engine_args.model)? {
-            if Embedder::is_embedding_model(&dir) {
-                return Ok((None, Some(Arc::new(Embedder::load(&dir, &engine_args.device)?))));
+        let files = vllm_engine::resolve(&engine_args.model)?;
+        if let vllm_engine::ModelFiles::HfDir(dir) = &files {
+            if Embedder::is_embedding_model(dir) {
+                return Ok((None, Some(Arc::new(Embedder::load(dir, &engine_args.device)?))));
             }
         }
-        Ok((Some(AsyncEngine::new(engine_args)?), None))
+        Ok((Some(AsyncEngine::from_files(engine_args, files)?), None))
     })
     .await??;
     Ok(Arc::new(AppState {
