@@ -11,11 +11,10 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
-use vllm_kernels::KvCache;
 use vllm_models::{load_hf_dir, CausalLM, LoadOptions};
 
 mod common;
-use common::{argmax, step, BLOCK};
+use common::{argmax, caches, step};
 
 /// Loads a fixture in `dtype`: float32 as committed; half precision from a copy of the
 /// checkpoint whose tensors are stored in that dtype (as f16/bf16 checkpoints ship).
@@ -60,8 +59,7 @@ fn check(name: &str) -> f32 {
 fn check_dtype(name: &str, dtype: DType) -> f32 {
     let (model, reference) = fixture(name, dtype);
     let cases = reference["cases"].as_array().unwrap();
-    let caches: Vec<KvCache> =
-        (0..model.num_layers()).map(|_| KvCache::new(64, BLOCK, model.attn_shape(), &Device::Cpu).unwrap()).collect();
+    let caches = caches(model.as_ref(), 64);
     let prompts: Vec<Vec<u32>> = cases.iter().map(|c| ids(&c["prompt"])).collect();
     // Prefill every prompt in one step, all rows' logits.
     let logits = step(model.as_ref(), &caches, &prompts.iter().map(|p| (p.clone(), 0)).collect::<Vec<_>>(), true);
