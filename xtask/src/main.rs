@@ -4,7 +4,9 @@
 //! - `test`: fetch what the tests need (the default model, the `openai` Python client in
 //!   `.venv`), then run every test (release profile).
 //! - `ci`: formatting check, clippy with warnings as errors, then `test`.
-//! - `bench throughput | serve | latency`: benchmarks, with `--peer llama.cpp` side by side.
+//! - `bench throughput | serve | latency | embed`: benchmarks, with `--peer llama.cpp` side by side.
+//! - `model-info <path|id>`: architecture, parameters, dtype, quantization, context length and
+//!   KV-cache bytes per token of a checkpoint, read from its headers.
 
 mod bench;
 
@@ -32,6 +34,12 @@ enum Task {
     /// Benchmarks: throughput, serve, latency (optionally side by side with llama.cpp).
     #[command(subcommand)]
     Bench(bench::Bench),
+    /// Describe a checkpoint (GGUF file, Hugging Face folder or model id) without loading it:
+    /// architecture, parameters, dtype, quantization, context length, KV-cache bytes per token.
+    ModelInfo {
+        /// A GGUF file, a folder with config.json, or a model id (resolved like `--model`).
+        model: String,
+    },
 }
 
 fn cargo(args: &[&str]) -> Result<()> {
@@ -103,6 +111,13 @@ fn main() -> Result<()> {
         Task::FetchModel => fetch_model(),
         Task::Bench(b) => bench::run(b),
         Task::Test => test(),
+        Task::ModelInfo { model } => {
+            let path = match vllm_engine::resolve(&model)? {
+                vllm_engine::ModelFiles::Gguf(p) | vllm_engine::ModelFiles::HfDir(p) => p,
+            };
+            print!("{}", vllm_models::inspect(&path)?);
+            Ok(())
+        }
         Task::Ci => {
             cargo(&["fmt", "--all", "--check"])?;
             cargo(&["clippy", "--release", "--workspace", "--all-targets", "--", "-D", "warnings"])?;

@@ -9,7 +9,7 @@ use vllm_models::bert::BertEmbedder;
 use vllm_models::LoadOptions;
 use vllm_tokenizer::Tokenizer;
 
-use crate::{Error, Prompt, Result};
+use crate::{EngineArgs, Error, Prompt, Quantization, Result};
 
 /// vLLM's `EmbeddingOutput`.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,11 +42,14 @@ pub struct Embedder {
 }
 
 impl Embedder {
-    /// Loads a sentence-transformers folder (`BertModel`) onto a device (`cpu`).
-    pub fn load(dir: &Path, device: &str) -> Result<Self> {
-        let device: Device = crate::engine::device(device)?;
+    /// Loads a sentence-transformers folder (`BertModel`) onto `args.device`. Float32, or
+    /// with `args.quantization` int8 every encoder matmul runs on int8 weights and activations
+    /// (faster, vectors within about 1e-3 of float32's; see docs/models.md).
+    pub fn load(dir: &Path, args: &EngineArgs) -> Result<Self> {
+        let device: Device = crate::engine::device(&args.device)?;
         let device = &device;
-        let opts = LoadOptions { dtype: candle_core::DType::F32, keep_quantized: false, int8: false };
+        let int8 = args.quantization == Quantization::Int8;
+        let opts = LoadOptions { dtype: candle_core::DType::F32, keep_quantized: false, int8 };
         let model = BertEmbedder::load_dir(dir, opts, device)?;
         let tokenizer = Tokenizer::from_hf_dir(dir)?;
         // sentence-transformers truncates to `max_seq_length` (sentence_bert_config.json).

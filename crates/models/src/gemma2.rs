@@ -72,7 +72,7 @@ impl Gemma2Config {
     }
 
     /// The window of layer `i`: from `layer_types`, else every even layer (Gemma 2's pattern).
-    fn window(&self, i: usize) -> Option<usize> {
+    pub(crate) fn window(&self, i: usize) -> Option<usize> {
         let sliding = match &self.layer_types {
             Some(t) => t.get(i).map(String::as_str) == Some("sliding_attention"),
             None => i.is_multiple_of(2),

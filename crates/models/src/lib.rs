@@ -29,6 +29,7 @@ pub mod attention;
 pub mod bert;
 pub mod gemma2;
 pub mod gpt2;
+pub mod info;
 mod layers;
 pub mod llama;
 pub mod opt;
@@ -39,6 +40,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use vllm_kernels::{AttnMetadata, AttnShape, KvCache};
 
+pub use info::{inspect, KvLayout, ModelInfo};
 pub use weights::{gguf_name, Linear, LoadOptions, Weights};
 
 /// Model errors.

@@ -109,11 +109,13 @@ pub struct RopeParameters {
 }
 
 impl LlamaConfig {
-    fn kv_heads(&self) -> usize {
+    /// Key/value heads (all heads without grouped-query attention).
+    pub fn kv_heads(&self) -> usize {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
 
-    fn head_size(&self) -> usize {
+    /// Head size (`head_dim`, else width over heads).
+    pub fn head_size(&self) -> usize {
         self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
     }
 

@@ -187,7 +187,7 @@ async fn build_state(
         let files = vllm_engine::resolve(&engine_args.model)?;
         if let vllm_engine::ModelFiles::HfDir(dir) = &files {
             if Embedder::is_embedding_model(dir) {
-                return Ok((None, Some(Arc::new(Embedder::load(dir, &engine_args.device)?))));
+                return Ok((None, Some(Arc::new(Embedder::load(dir, &engine_args)?))));
             }
         }
         Ok((Some(AsyncEngine::from_files(engine_args, files)?), None))

@@ -1,7 +1,8 @@
-//! `cargo xtask bench throughput | serve | latency | prefix-caching`: vLLM's benchmark commands, with llama.cpp
+//! `cargo xtask bench throughput | serve | latency | prefix-caching | embed`: vLLM's benchmark commands, with llama.cpp
 //! run side by side in the same invocation (`--peer llama.cpp`).
 
 mod dataset;
+mod embed;
 mod peer;
 mod plot;
 mod prefix;
@@ -31,6 +32,8 @@ pub enum Bench {
     /// Requests sharing a long prefix, with prefix caching off and on: prefill tokens and
     /// time saved, and the KV memory report.
     PrefixCaching(prefix::PrefixArgs),
+    /// Batched embedding throughput of `LLM::encode` (optionally against sentence-transformers).
+    Embed(embed::EmbedArgs),
     /// Build llama.cpp's `llama-server` into the cache now (otherwise done on first `--peer`).
     BuildPeer,
 }
@@ -470,6 +473,7 @@ pub fn run(b: Bench) -> Result<()> {
         Bench::Latency(a) => latency(a),
         Bench::Serve(a) => serve(a),
         Bench::PrefixCaching(a) => prefix::run(a),
+        Bench::Embed(a) => embed::run(a),
         Bench::BuildPeer => {
             println!("{}", peer::llama_server()?.display());
             Ok(())

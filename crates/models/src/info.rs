@@ -1,0 +1,359 @@
+//! What a checkpoint is, read from its headers only (no weight is loaded): architecture,
+//! parameter count, stored dtypes, quantization, context length and the paged KV cache's bytes
+//! per token, so users can size memory before serving (`cargo xtask model-info`).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::{gguf_file, GgmlDType};
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::DType;
+
+use crate::{gemma2, gpt2, llama, opt, read_hf_config, safetensors_files, Error, Result};
+
+/// The attention layout that sizes the KV cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvLayout {
+    /// Layers with a cache.
+    pub layers: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads (fewer than `heads` with grouped-query attention).
+    pub kv_heads: usize,
+    /// Head size.
+    pub head_dim: usize,
+    /// Layers attending within a sliding window, and its size.
+    pub sliding: Option<(usize, usize)>,
+}
+
+impl KvLayout {
+    /// Bytes one token takes in the cache (keys and values of every layer) at `dtype`.
+    pub fn bytes_per_token(&self, dtype: DType) -> usize {
+        2 * self.layers * self.kv_heads * self.head_dim * dtype.size_in_bytes()
+    }
+}
+
+/// A checkpoint's description (see the module docs).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelInfo {
+    /// The file or folder described.
+    pub path: PathBuf,
+    /// `GGUF` or `safetensors (N files)`.
+    pub format: String,
+    /// `config.json`'s architecture, or GGUF's `general.architecture`.
+    pub architecture: String,
+    /// Whether we run it (generation or embeddings) or only describe it.
+    pub supported: bool,
+    /// Total parameters (each stored tensor counted once: tied embeddings count once).
+    pub parameters: u64,
+    /// Bytes of the stored tensors.
+    pub weight_bytes: u64,
+    /// Parameters per stored dtype (`F32`, `BF16`, `Q4_K`, ...).
+    pub dtypes: BTreeMap<String, u64>,
+    /// The quantization: a GGUF file type, `quantization_config.quant_method`, or `None`.
+    pub quantization: Option<String>,
+    /// Context length the model was trained for.
+    pub context_length: Option<usize>,
+    /// The KV-cache layout; `None` for encoder (embedding) models, which keep no cache.
+    pub kv: Option<KvLayout>,
+}
+
+/// llama.cpp's `general.file_type` names (`llama_ftype`).
+fn gguf_file_type(t: u32) -> Option<&'static str> {
+    Some(match t {
+        0 => "F32",
+        1 => "F16",
+        2 => "Q4_0",
+        3 => "Q4_1",
+        7 => "Q8_0",
+        8 => "Q5_0",
+        9 => "Q5_1",
+        10 => "Q2_K",
+        11 => "Q3_K_S",
+        12 => "Q3_K_M",
+        13 => "Q3_K_L",
+        14 => "Q4_K_S",
+        15 => "Q4_K_M",
+        16 => "Q5_K_S",
+        17 => "Q5_K_M",
+        18 => "Q6_K",
+        32 => "BF16",
+        _ => return None,
+    })
+}
+
+/// llama.cpp's spelling of a tensor type (`Q4_K`, not candle's `Q4K`).
+fn ggml_name(t: GgmlDType) -> String {
+    let name = format!("{t:?}").to_uppercase();
+    match name.strip_suffix('K') {
+        Some(stem) if stem.starts_with('Q') && !stem.contains('_') => format!("{stem}_K"),
+        _ => name,
+    }
+}
+
+/// Describes a GGUF file or a Hugging Face folder.
+pub fn inspect(path: &Path) -> Result<ModelInfo> {
+    if path.is_dir() {
+        inspect_hf_dir(path)
+    } else {
+        inspect_gguf(path)
+    }
+}
+
+fn inspect_gguf(path: &Path) -> Result<ModelInfo> {
+    let io = |e| Error::Io { path: path.display().to_string(), source: e };
+    let mut reader = BufReader::new(File::open(path).map_err(io)?);
+    let content = gguf_file::Content::read(&mut reader)
+        .map_err(|e| Error::Format(format!("{} is not a valid GGUF file: {e}", path.display())))?;
+    let md = &content.metadata;
+    let arch = md.get("general.architecture").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
+    let (mut parameters, mut weight_bytes, mut dtypes) = (0u64, 0u64, BTreeMap::new());
+    let mut quantized: BTreeMap<String, u64> = BTreeMap::new();
+    for info in content.tensor_infos.values() {
+        let n = info.shape.elem_count() as u64;
+        let t = info.ggml_dtype;
+        parameters += n;
+        weight_bytes += n / t.block_size() as u64 * t.type_size() as u64;
+        let name = ggml_name(t);
+        *dtypes.entry(name.clone()).or_default() += n;
+        if t.block_size() > 1 {
+            *quantized.entry(name).or_default() += n;
+        }
+    }
+    let file_type = md.get("general.file_type").and_then(|v| v.to_u32().ok());
+    let quantization = match file_type.and_then(gguf_file_type) {
+        Some(name) if name.starts_with('Q') => Some(format!("{name} (GGUF file type {})", file_type.unwrap_or(0))),
+        // No (known) file type: the quantized type holding the most parameters.
+        _ => quantized.iter().max_by_key(|(_, n)| **n).map(|(t, _)| t.clone()),
+    };
+    let (supported, context_length, kv) = if arch == "llama" {
+        let cfg = llama::LlamaConfig::from_gguf(md)?;
+        let kv = llama_kv(&cfg);
+        (true, Some(cfg.max_position_embeddings), Some(kv))
+    } else {
+        let ctx = md.get(&format!("{arch}.context_length")).and_then(|v| v.to_u32().ok()).map(|v| v as usize);
+        (false, ctx, None)
+    };
+    Ok(ModelInfo {
+        path: path.to_path_buf(),
+        format: format!("GGUF ({} tensors)", content.tensor_infos.len()),
+        architecture: if supported { format!("{arch} (LlamaForCausalLM)") } else { arch },
+        supported,
+        parameters,
+        weight_bytes,
+        dtypes,
+        quantization,
+        context_length,
+        kv,
+    })
+}
+
+fn llama_kv(cfg: &llama::LlamaConfig) -> KvLayout {
+    let windowed = (0..cfg.num_hidden_layers).filter(|&i| cfg.window(i).is_some()).count();
+    KvLayout {
+        layers: cfg.num_hidden_layers,
+        heads: cfg.num_attention_heads,
+        kv_heads: cfg.kv_heads(),
+        head_dim: cfg.head_size(),
+        sliding: cfg.sliding_window.filter(|_| windowed > 0).map(|w| (windowed, w)),
+    }
+}
+
+fn inspect_hf_dir(dir: &Path) -> Result<ModelInfo> {
+    let (raw, arch) = read_hf_config(dir)?;
+    let files = safetensors_files(dir)?;
+    // SAFETY: read-only mapping of the headers' files, dropped before returning.
+    #[allow(unsafe_code)]
+    let st = unsafe { MmapedSafetensors::multi(&files)? };
+    let (mut parameters, mut weight_bytes, mut dtypes) = (0u64, 0u64, BTreeMap::new());
+    for (_, view) in st.tensors() {
+        let n = view.shape().iter().product::<usize>() as u64;
+        parameters += n;
+        weight_bytes += view.data().len() as u64;
+        let name = match DType::try_from(view.dtype()) {
+            Ok(d) => d.as_str().to_uppercase(),
+            Err(_) => format!("{:?}", view.dtype()),
+        };
+        *dtypes.entry(name).or_default() += n;
+    }
+    let quantization = raw
+        .get("quantization_config")
+        .map(|q| q.get("quant_method").and_then(|m| m.as_str()).unwrap_or("unnamed").to_string());
+    let config = |e: serde_json::Error| Error::Config(format!("{}: {e}", dir.join("config.json").display()));
+    let layout = |layers, heads, kv_heads, head_dim, sliding| KvLayout { layers, heads, kv_heads, head_dim, sliding };
+    let (supported, context_length, kv) = match arch.as_str() {
+        "LlamaForCausalLM" | "MistralForCausalLM" | "Qwen2ForCausalLM" | "Qwen3ForCausalLM" | "Phi3ForCausalLM" => {
+            let cfg = llama::LlamaConfig::from_hf(raw.clone())?;
+            (true, Some(cfg.max_position_embeddings), Some(llama_kv(&cfg)))
+        }
+        "Gemma2ForCausalLM" => {
+            let cfg: gemma2::Gemma2Config = serde_json::from_value(raw.clone()).map_err(config)?;
+            let windowed = (0..cfg.num_hidden_layers).filter(|&i| cfg.window(i).is_some()).count();
+            let sliding = cfg.sliding_window.filter(|_| windowed > 0).map(|w| (windowed, w));
+            let kv =
+                layout(cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, sliding);
+            (true, Some(cfg.max_position_embeddings), Some(kv))
+        }
+        "OPTForCausalLM" => {
+            let cfg: opt::OptConfig = serde_json::from_value(raw.clone()).map_err(config)?;
+            let heads = cfg.num_attention_heads;
+            let kv = layout(cfg.num_hidden_layers, heads, heads, cfg.hidden_size / heads, None);
+            (true, Some(cfg.max_position_embeddings), Some(kv))
+        }
+        "GPT2LMHeadModel" => {
+            let cfg: gpt2::Gpt2Config = serde_json::from_value(raw.clone()).map_err(config)?;
+            (
+                true,
+                Some(cfg.n_positions),
+                Some(layout(cfg.n_layer, cfg.n_head, cfg.n_head, cfg.n_embd / cfg.n_head, None)),
+            )
+        }
+        "BertModel" => {
+            let ctx = raw.get("max_position_embeddings").and_then(|v| v.as_u64()).map(|v| v as usize);
+            (true, ctx, None)
+        }
+        _ => {
+            let ctx = ["max_position_embeddings", "n_positions", "max_sequence_length"]
+                .iter()
+                .find_map(|k| raw.get(*k).and_then(|v| v.as_u64()))
+                .map(|v| v as usize);
+            (false, ctx, None)
+        }
+    };
+    Ok(ModelInfo {
+        path: dir.to_path_buf(),
+        format: format!("safetensors ({} file{})", files.len(), if files.len() == 1 { "" } else { "s" }),
+        architecture: arch,
+        supported,
+        parameters,
+        weight_bytes,
+        dtypes,
+        quantization,
+        context_length,
+        kv,
+    })
+}
+
+/// `1234567` -> `1,234,567`.
+fn grouped(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Parameters as `134.5M` / `8.03B`.
+fn short_count(n: u64) -> String {
+    match n {
+        n if n >= 1_000_000_000 => format!("{:.2}B", n as f64 / 1e9),
+        n if n >= 1_000_000 => format!("{:.1}M", n as f64 / 1e6),
+        n if n >= 1_000 => format!("{:.1}K", n as f64 / 1e3),
+        n => n.to_string(),
+    }
+}
+
+/// Bytes as `85.3 MiB`.
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+impl fmt::Display for ModelInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let support = if self.supported { "" } else { " (not supported by vllm-rs: description only)" };
+        writeln!(f, "model:           {}", self.path.display())?;
+        writeln!(f, "format:          {}", self.format)?;
+        writeln!(f, "architecture:    {}{support}", self.architecture)?;
+        writeln!(f, "parameters:      {} ({})", short_count(self.parameters), grouped(self.parameters))?;
+        writeln!(f, "weights:         {}", bytes(self.weight_bytes))?;
+        let mut by_size: Vec<_> = self.dtypes.iter().collect();
+        by_size.sort_by(|a, b| b.1.cmp(a.1));
+        let dtypes: Vec<String> = by_size
+            .iter()
+            .map(|(d, n)| match **n as f64 * 100.0 / self.parameters.max(1) as f64 {
+                share if share < 0.1 => format!("{d} <0.1%"),
+                share => format!("{d} {share:.1}%"),
+            })
+            .collect();
+        writeln!(f, "dtype:           {} (share of parameters)", dtypes.join(", "))?;
+        writeln!(f, "quantization:    {}", self.quantization.as_deref().unwrap_or("none"))?;
+        match self.context_length {
+            Some(c) => writeln!(f, "context length:  {} tokens", grouped(c as u64))?,
+            None => writeln!(f, "context length:  unknown")?,
+        }
+        let Some(kv) = &self.kv else {
+            let why = if self.supported { "an encoder (embedding) model keeps no KV cache" } else { "unknown layout" };
+            return writeln!(f, "KV cache:        none ({why})");
+        };
+        writeln!(
+            f,
+            "attention:       {} layers, {} query heads, {} KV heads, head size {}",
+            kv.layers, kv.heads, kv.kv_heads, kv.head_dim
+        )?;
+        if let Some((layers, window)) = kv.sliding {
+            writeln!(
+                f,
+                "sliding window:  {window} tokens on {layers} of {} layers (the paged cache still keeps every token)",
+                kv.layers
+            )?;
+        }
+        let (f32_tok, half_tok) = (kv.bytes_per_token(DType::F32), kv.bytes_per_token(DType::BF16));
+        writeln!(
+            f,
+            "KV cache:        {} bytes/token in f32 (the CPU cache), {} bytes/token in f16/bf16",
+            grouped(f32_tok as u64),
+            grouped(half_tok as u64)
+        )?;
+        if let Some(c) = self.context_length {
+            writeln!(
+                f,
+                "                 one full {}-token sequence: {} in f32, {} in f16/bf16",
+                grouped(c as u64),
+                bytes((f32_tok * c) as u64),
+                bytes((half_tok * c) as u64)
+            )?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_read_well() {
+        assert_eq!(grouped(134_515_008), "134,515,008");
+        assert_eq!(grouped(999), "999");
+        assert_eq!(short_count(134_515_008), "134.5M");
+        assert_eq!(short_count(8_030_261_248), "8.03B");
+        assert_eq!(bytes(1536), "1.5 KiB");
+        assert_eq!(bytes(12), "12 B");
+    }
+
+    #[test]
+    fn kv_bytes_per_token() {
+        // Llama 3 8B: 32 layers, 8 KV heads of 128: 128 KiB per token in bf16.
+        let kv = KvLayout { layers: 32, heads: 32, kv_heads: 8, head_dim: 128, sliding: None };
+        assert_eq!(kv.bytes_per_token(DType::BF16), 131_072);
+        assert_eq!(kv.bytes_per_token(DType::F32), 262_144);
+    }
+}
