@@ -5,10 +5,12 @@
 //!   `.venv`), then run every test (release profile).
 //! - `ci`: formatting check, clippy with warnings as errors, then `test`.
 //! - `bench throughput | serve | latency | embed`: benchmarks, with `--peer llama.cpp` side by side.
+//! - `cuda-toolkit`, `build-cuda`: CUDA 13.0 from PyPI and the `--features cuda` build.
 //! - `model-info <path|id>`: architecture, parameters, dtype, quantization, context length and
 //!   KV-cache bytes per token of a checkpoint, read from its headers.
 
 mod bench;
+mod cuda;
 
 use std::process::Command;
 
@@ -34,6 +36,12 @@ enum Task {
     /// Benchmarks: throughput, serve, latency (optionally side by side with llama.cpp).
     #[command(subcommand)]
     Bench(bench::Bench),
+    /// Install the CUDA 13.0 toolkit from PyPI into the project cache (nvcc, headers, cuBLAS,
+    /// cuRAND, link names, a libcuda link stub); prints CUDA_ROOT.
+    CudaToolkit,
+    /// Build vllm-server with `--features cuda` against that toolkit (into target/cuda), and
+    /// the CUDA kernel tests (`cargo test --no-run -p vllm-kernels --features cuda`).
+    BuildCuda,
     /// Describe a checkpoint (GGUF file, Hugging Face folder or model id) without loading it:
     /// architecture, parameters, dtype, quantization, context length, KV-cache bytes per token.
     ModelInfo {
@@ -111,6 +119,11 @@ fn main() -> Result<()> {
         Task::FetchModel => fetch_model(),
         Task::Bench(b) => bench::run(b),
         Task::Test => test(),
+        Task::CudaToolkit => {
+            println!("{}", cuda::toolkit()?.display());
+            Ok(())
+        }
+        Task::BuildCuda => cuda::build(),
         Task::ModelInfo { model } => {
             let path = match vllm_engine::resolve(&model)? {
                 vllm_engine::ModelFiles::Gguf(p) | vllm_engine::ModelFiles::HfDir(p) => p,

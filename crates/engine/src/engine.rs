@@ -237,9 +237,15 @@ struct Compiling {
 pub(crate) fn device(name: &str) -> Result<Device> {
     match name {
         "cpu" | "" => Ok(Device::Cpu),
+        "cuda" if cfg!(feature = "cuda") => Err(Error::InvalidArgument {
+            param: "device",
+            message: "cuda: this build has the CUDA kernels (vllm-kernels), but the engine's CUDA path is not \
+                      wired yet (docs/cuda.md)"
+                .into(),
+        }),
         "cuda" => Err(Error::InvalidArgument {
             param: "device",
-            message: "cuda: this build has no CUDA support (build with --features cuda)".into(),
+            message: "cuda: this build has no CUDA support (build with `cargo xtask build-cuda`)".into(),
         }),
         other => Err(Error::InvalidArgument { param: "device", message: format!("'{other}' (choose cpu or cuda)") }),
     }

@@ -33,6 +33,8 @@
 //! ```
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
 pub mod int8;
 mod ops;
 

@@ -48,6 +48,17 @@ impl InplaceOp2 for WriteCache<'_> {
         }
         Ok(())
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        dst: &mut candle_core::CudaStorage,
+        dst_l: &Layout,
+        src: &candle_core::CudaStorage,
+        src_l: &Layout,
+    ) -> Result<()> {
+        crate::cuda::reshape_and_cache(dst, dst_l, src, src_l, self.slots, self.shape, self.keys)
+    }
 }
 
 struct CopyBlocks<'a> {
@@ -95,6 +106,20 @@ impl CustomOp3 for Attend<'_> {
         cpu::paged_attention(q, k, v, self.meta, self.shape, self.params, &mut out);
         Ok((CpuStorage::F32(out), ql.shape().clone()))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        q: &candle_core::CudaStorage,
+        ql: &Layout,
+        k: &candle_core::CudaStorage,
+        kl: &Layout,
+        v: &candle_core::CudaStorage,
+        vl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let out = crate::cuda::attend(q, ql, k, kl, v, vl, self.meta, self.shape, self.params)?;
+        Ok((out, ql.shape().clone()))
+    }
 }
 
 struct GeluErf;
@@ -123,11 +148,25 @@ pub fn gelu_erf(t: &Tensor) -> Result<Tensor> {
 }
 
 impl KvCache {
-    /// A zeroed cache of `num_blocks` blocks.
+    /// A zeroed float32 cache of `num_blocks` blocks (the CPU kernels' type).
     pub fn new(num_blocks: usize, block_size: usize, shape: AttnShape, device: &Device) -> Result<Self> {
+        Self::with_dtype(num_blocks, block_size, shape, DType::F32, device)
+    }
+
+    /// A zeroed cache holding `dtype` values: float32 on the CPU; f32, f16 or bf16 on CUDA.
+    pub fn with_dtype(
+        num_blocks: usize,
+        block_size: usize,
+        shape: AttnShape,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        if device.is_cpu() && dtype != DType::F32 {
+            bail!("the CPU paged cache is float32, not {dtype:?}");
+        }
         Ok(Self {
-            key: Tensor::zeros((num_blocks, shape.num_kv_heads, shape.head_dim, block_size), DType::F32, device)?,
-            value: Tensor::zeros((num_blocks, block_size, shape.num_kv_heads, shape.head_dim), DType::F32, device)?,
+            key: Tensor::zeros((num_blocks, shape.num_kv_heads, shape.head_dim, block_size), dtype, device)?,
+            value: Tensor::zeros((num_blocks, block_size, shape.num_kv_heads, shape.head_dim), dtype, device)?,
             block_size,
             shape,
         })
@@ -146,7 +185,7 @@ impl KvCache {
             if t.dims() != [expect.0, expect.1, expect.2] {
                 bail!("new key/value shape {:?}, expected {expect:?}", t.dims());
             }
-            let t = t.to_dtype(DType::F32)?.contiguous()?;
+            let t = t.to_dtype(cache.dtype())?.contiguous()?;
             cache.inplace_op2(&t, &WriteCache { slots: &meta.slot_mapping, shape: self.shape, keys })?;
         }
         Ok(())
@@ -181,7 +220,7 @@ impl KvCache {
             bail!("query shape {:?}, expected [{}, {}, {}]", q.dims(), meta.num_tokens(), s.num_heads, s.head_dim);
         }
         let dtype = q.dtype();
-        let q32 = q.to_dtype(DType::F32)?.contiguous()?;
+        let q32 = q.to_dtype(self.key.dtype())?.contiguous()?;
         let out = q32.apply_op3_no_bwd(&self.key, &self.value, &Attend { meta, shape: s, params })?;
         out.to_dtype(dtype)
     }

@@ -1,6 +1,8 @@
-//! The paged-attention kernel against a naive causal attention on contiguous K/V.
+//! The paged-attention kernel against a naive causal attention on contiguous K/V: on the CPU,
+//! and with `--features cuda` the same cases on the GPU in f32, f16 and bf16 (module `cuda`,
+//! which needs a CUDA device: it fails, not skips, without one).
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use vllm_kernels::{cpu, AttnMetadata, AttnParams, AttnShape, KvCache, SeqAttn};
@@ -43,6 +45,12 @@ struct Case {
 }
 
 fn run_case(case: Case, seed: u64) {
+    run_case_on(&case, seed, &Device::Cpu, DType::F32, 1e-5);
+}
+
+/// Runs `case` with the cache and queries in `dtype` on `dev`; the reference uses the float32
+/// values before rounding to `dtype`, so `tol` covers that rounding.
+fn run_case_on(case: &Case, seed: u64, dev: &Device, dtype: DType, tol: f32) {
     let AttnShape { num_heads, num_kv_heads, head_dim } = case.shape;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut randv = |n: usize| (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect::<Vec<f32>>();
@@ -51,7 +59,10 @@ fn run_case(case: Case, seed: u64) {
     // Hand out blocks in a scrambled order so tables are not contiguous.
     let mut free: Vec<u32> = (0..total_blocks as u32).rev().collect();
     free.swap(0, total_blocks / 2);
-    let cache = KvCache::new(total_blocks, bs, case.shape, &Device::Cpu).unwrap();
+    let cache = KvCache::with_dtype(total_blocks, bs, case.shape, dtype, dev).unwrap();
+    let tensor = |v: Vec<f32>, shape: (usize, usize, usize)| {
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap().to_device(dev).unwrap()
+    };
     let kvw = num_kv_heads * head_dim;
 
     // Per sequence: full K/V history [len][kv_heads*d].
@@ -80,13 +91,7 @@ fn run_case(case: Case, seed: u64) {
         let kf = flat(&hist_k, &|i| 0..case.seqs[i].0);
         let vf = flat(&hist_v, &|i| 0..case.seqs[i].0);
         let n = prev.num_tokens();
-        cache
-            .write(
-                &Tensor::from_vec(kf, (n, num_kv_heads, head_dim), &Device::Cpu).unwrap(),
-                &Tensor::from_vec(vf, (n, num_kv_heads, head_dim), &Device::Cpu).unwrap(),
-                &prev,
-            )
-            .unwrap();
+        cache.write(&tensor(kf, (n, num_kv_heads, head_dim)), &tensor(vf, (n, num_kv_heads, head_dim)), &prev).unwrap();
     }
     // Step 2: the mixed batch.
     let meta = AttnMetadata::new(
@@ -100,17 +105,13 @@ fn run_case(case: Case, seed: u64) {
     let n = meta.num_tokens();
     let kf = flat(&hist_k, &|i| case.seqs[i].0..case.seqs[i].0 + case.seqs[i].1);
     let vf = flat(&hist_v, &|i| case.seqs[i].0..case.seqs[i].0 + case.seqs[i].1);
-    cache
-        .write(
-            &Tensor::from_vec(kf, (n, num_kv_heads, head_dim), &Device::Cpu).unwrap(),
-            &Tensor::from_vec(vf, (n, num_kv_heads, head_dim), &Device::Cpu).unwrap(),
-            &meta,
-        )
-        .unwrap();
+    cache.write(&tensor(kf, (n, num_kv_heads, head_dim)), &tensor(vf, (n, num_kv_heads, head_dim)), &meta).unwrap();
     let q = randv(n * num_heads * head_dim);
     let params = AttnParams { scale: 1.0 / (head_dim as f32).sqrt(), ..case.params };
-    let qt = Tensor::from_vec(q.clone(), (n, num_heads, head_dim), &Device::Cpu).unwrap();
-    let out = cache.attend_with(&qt, &meta, params).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let qt = tensor(q.clone(), (n, num_heads, head_dim));
+    let out = cache.attend_with(&qt, &meta, params).unwrap();
+    assert_eq!(out.dtype(), dtype);
+    let out = out.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
 
     let group = num_heads / num_kv_heads;
     let mut t = 0;
@@ -134,21 +135,25 @@ fn run_case(case: Case, seed: u64) {
             t += 1;
         }
     }
-    assert!(max_err < 1e-5, "max abs error {max_err}");
+    assert!(max_err < tol, "{dev:?} {dtype:?}: max abs error {max_err} (tolerance {tol})");
+}
+
+fn window_and_softcap_cases() -> Vec<Case> {
+    [(Some(5), None), (None, Some(0.5)), (Some(16), Some(1.0)), (Some(1), None)]
+        .into_iter()
+        .map(|(window, softcap)| Case {
+            shape: AttnShape { num_heads: 8, num_kv_heads: 2, head_dim: 64 },
+            block_size: 16,
+            seqs: vec![(0, 23), (37, 1), (20, 13), (3, 1)],
+            params: AttnParams { scale: 1.0, sliding_window: window, softcap },
+        })
+        .collect()
 }
 
 #[test]
 fn sliding_window_and_softcap() {
-    for (window, softcap) in [(Some(5), None), (None, Some(0.5)), (Some(16), Some(1.0)), (Some(1), None)] {
-        run_case(
-            Case {
-                shape: AttnShape { num_heads: 8, num_kv_heads: 2, head_dim: 64 },
-                block_size: 16,
-                seqs: vec![(0, 23), (37, 1), (20, 13), (3, 1)],
-                params: AttnParams { scale: 1.0, sliding_window: window, softcap },
-            },
-            4,
-        );
+    for case in window_and_softcap_cases() {
+        run_case(case, 4);
     }
 }
 
@@ -165,18 +170,19 @@ fn single_prompt_mha() {
     );
 }
 
+fn gqa_mixed_case() -> Case {
+    Case {
+        shape: AttnShape { num_heads: 9, num_kv_heads: 3, head_dim: 64 },
+        block_size: 16,
+        // fresh prompt, a decode token after 37 cached, a prompt chunk after 20, a decode at a block edge
+        seqs: vec![(0, 23), (37, 1), (20, 13), (31, 1), (0, 1)],
+        params: AttnParams::new(1.0),
+    }
+}
+
 #[test]
 fn gqa_mixed_prefill_chunks_and_decodes_with_partial_blocks() {
-    run_case(
-        Case {
-            shape: AttnShape { num_heads: 9, num_kv_heads: 3, head_dim: 64 },
-            block_size: 16,
-            // fresh prompt, a decode token after 37 cached, a prompt chunk after 20, a decode at a block edge
-            seqs: vec![(0, 23), (37, 1), (20, 13), (31, 1), (0, 1)],
-            params: AttnParams::new(1.0),
-        },
-        2,
-    );
+    run_case(gqa_mixed_case(), 2);
 }
 
 #[test]
@@ -223,17 +229,18 @@ fn long_chunks_span_several_query_tiles() {
     );
 }
 
+fn head_dim_128_case() -> Case {
+    Case {
+        shape: AttnShape { num_heads: 8, num_kv_heads: 2, head_dim: 128 },
+        block_size: 16,
+        seqs: vec![(0, 21), (17, 1), (5, 9), (300, 1)],
+        params: AttnParams::new(1.0),
+    }
+}
+
 #[test]
 fn head_dim_128_with_four_heads_per_kv_head() {
-    run_case(
-        Case {
-            shape: AttnShape { num_heads: 8, num_kv_heads: 2, head_dim: 128 },
-            block_size: 16,
-            seqs: vec![(0, 21), (17, 1), (5, 9)],
-            params: AttnParams::new(1.0),
-        },
-        5,
-    );
+    run_case(head_dim_128_case(), 5);
 }
 
 #[test]
@@ -273,5 +280,53 @@ fn sampler_helpers_match_scalar_math() {
     for (a, &v) in e.iter().zip(&x) {
         let want = ((v - max) * 0.7).exp();
         assert!((a - want).abs() <= 1e-6 * want.max(1e-30) + 1e-38, "{a} vs {want}");
+    }
+}
+
+/// The same cases on the GPU (`cargo xtask build-cuda` builds them; run on a CUDA machine with
+/// `cargo test -p vllm-kernels --features cuda`).
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::*;
+
+    fn gpu() -> Device {
+        Device::new_cuda(0).expect("built with --features cuda: these tests need a CUDA device")
+    }
+
+    /// (dtype, tolerance): the reference uses the unrounded float32 inputs.
+    const DTYPES: [(DType, f32); 3] = [(DType::F32, 1e-5), (DType::F16, 5e-3), (DType::BF16, 3e-2)];
+
+    #[test]
+    fn gqa_mixed_prefill_and_decode() {
+        for (dtype, tol) in DTYPES {
+            run_case_on(&gqa_mixed_case(), 2, &gpu(), dtype, tol);
+        }
+    }
+
+    #[test]
+    fn head_dim_128() {
+        for (dtype, tol) in DTYPES {
+            run_case_on(&head_dim_128_case(), 5, &gpu(), dtype, tol);
+        }
+    }
+
+    #[test]
+    fn sliding_window_and_softcap() {
+        for case in window_and_softcap_cases() {
+            for (dtype, tol) in DTYPES {
+                run_case_on(&case, 4, &gpu(), dtype, tol);
+            }
+        }
+    }
+
+    #[test]
+    fn unsupported_head_size_is_an_error() {
+        let shape = AttnShape { num_heads: 2, num_kv_heads: 1, head_dim: 32 };
+        let dev = gpu();
+        let cache = KvCache::with_dtype(2, 2, shape, DType::F32, &dev).unwrap();
+        let meta = AttnMetadata::new(2, vec![SeqAttn { query_len: 1, context_len: 1, block_table: vec![0] }]);
+        let q = Tensor::zeros((1, 2, 32), DType::F32, &dev).unwrap();
+        let err = cache.attend(&q, &meta, 1.0).unwrap_err().to_string();
+        assert!(err.contains("head sizes 64 and 128"), "{err}");
     }
 }
