@@ -4,7 +4,8 @@
 // Kernel launches are FFI: each `unsafe` block states what the kernel reads and writes.
 #![allow(unsafe_code)]
 
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result};
 use half::{bf16, f16};
@@ -33,7 +34,7 @@ pub(crate) fn reshape_and_cache(
     shape: AttnShape,
     key_block_size: Option<usize>,
 ) -> Result<()> {
-    fn typed<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
+    fn typed<T: CudaDType + DeviceRepr>(
         cache: &mut CudaStorage,
         cache_l: &Layout,
         src: &CudaStorage,
@@ -106,6 +107,12 @@ fn rows(meta: &AttnMetadata) -> Rows {
     r
 }
 
+/// The contiguous part of a storage its layout covers.
+fn view<'a, T: CudaDType>((s, l): (&'a CudaStorage, &Layout), what: &str) -> Result<CudaView<'a, T>> {
+    let Some((a, b)) = l.contiguous_offsets() else { bail!("paged attention: {what} must be contiguous") };
+    Ok(T::as_cuda_slice(s)?.slice(a..b))
+}
+
 /// Attention of `q` (`[tokens, heads, head_dim]`) over the cache, every row causal.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attend(
@@ -119,7 +126,7 @@ pub(crate) fn attend(
     shape: AttnShape,
     params: AttnParams,
 ) -> Result<CudaStorage> {
-    fn typed<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
+    fn typed<T: CudaDType + DeviceRepr>(
         dev: &CudaDevice,
         q: (&CudaStorage, &Layout),
         k: (&CudaStorage, &Layout),
@@ -130,11 +137,7 @@ pub(crate) fn attend(
         block_size: usize,
         params: AttnParams,
     ) -> Result<CudaStorage> {
-        let part = |(s, l): (&CudaStorage, &Layout), what: &str| -> Result<_> {
-            let Some((a, b)) = l.contiguous_offsets() else { bail!("paged attention: {what} must be contiguous") };
-            Ok(T::as_cuda_slice(s)?.slice(a..b))
-        };
-        let (qs, ks, vs) = (part(q, "query")?, part(k, "key cache")?, part(v, "value cache")?);
+        let (qs, ks, vs) = (view::<T>(q, "query")?, view::<T>(k, "key cache")?, view::<T>(v, "value cache")?);
         let n_rows = rows.row_seq.len();
         // SAFETY: every element is written by the kernel before it is read.
         let out = unsafe { dev.alloc::<T>(n_rows * shape.num_heads * shape.head_dim)? };
