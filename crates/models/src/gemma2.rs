@@ -71,6 +71,15 @@ impl Gemma2Config {
         self.rope_theta.or(self.rope_parameters.as_ref().and_then(|r| r.rope_theta)).unwrap_or(10_000.0)
     }
 
+    /// The attention head layout (sizes the KV cache).
+    pub fn attn_shape(&self) -> AttnShape {
+        AttnShape {
+            num_heads: self.num_attention_heads,
+            num_kv_heads: self.num_key_value_heads,
+            head_dim: self.head_dim,
+        }
+    }
+
     /// The window of layer `i`: from `layer_types`, else every even layer (Gemma 2's pattern).
     pub(crate) fn window(&self, i: usize) -> Option<usize> {
         let sliding = match &self.layer_types {
@@ -120,11 +129,7 @@ pub struct Gemma2 {
 impl Gemma2 {
     /// Loads from a Hugging Face weight source.
     pub fn load(w: &Weights, cfg: Gemma2Config) -> Result<Self> {
-        let shape = AttnShape {
-            num_heads: cfg.num_attention_heads,
-            num_kv_heads: cfg.num_key_value_heads,
-            head_dim: cfg.head_dim,
-        };
+        let shape = cfg.attn_shape();
         if !shape.num_heads.is_multiple_of(shape.num_kv_heads) {
             return Err(Error::Config(format!(
                 "{} heads not divisible by {} kv heads",

@@ -78,6 +78,13 @@ pub struct Gpt2 {
     dtype: DType,
 }
 
+impl Gpt2Config {
+    /// The attention head layout (sizes the KV cache): multi-head, width over heads.
+    pub fn attn_shape(&self) -> AttnShape {
+        AttnShape { num_heads: self.n_head, num_kv_heads: self.n_head, head_dim: self.n_embd / self.n_head }
+    }
+}
+
 impl Gpt2 {
     /// Loads from a Hugging Face weight source.
     pub fn load(w: &Weights, cfg: Gpt2Config) -> Result<Self> {
@@ -91,7 +98,7 @@ impl Gpt2 {
             return Err(Error::Config("scale_attn_by_inverse_layer_idx is not supported".into()));
         }
         let t = if w.contains("transformer.wte.weight") { w.pp("transformer") } else { w.clone() };
-        let shape = AttnShape { num_heads: cfg.n_head, num_kv_heads: cfg.n_head, head_dim: cfg.n_embd / cfg.n_head };
+        let shape = cfg.attn_shape();
         let blocks = (0..cfg.n_layer)
             .into_par_iter()
             .map(|i| {

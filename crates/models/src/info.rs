@@ -12,6 +12,8 @@ use candle_core::quantized::{gguf_file, GgmlDType};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::DType;
 
+use vllm_kernels::AttnShape;
+
 use crate::{gemma2, gpt2, llama, opt, read_hf_config, safetensors_files, Error, Result};
 
 /// The attention layout that sizes the KV cache.
@@ -30,6 +32,18 @@ pub struct KvLayout {
 }
 
 impl KvLayout {
+    /// The layout of `layers` layers of `shape`; `window(i)` is layer i's sliding window.
+    fn new(layers: usize, shape: AttnShape, window: impl Fn(usize) -> Option<usize>) -> Self {
+        let windows: Vec<usize> = (0..layers).filter_map(window).collect();
+        Self {
+            layers,
+            heads: shape.num_heads,
+            kv_heads: shape.num_kv_heads,
+            head_dim: shape.head_dim,
+            sliding: windows.first().map(|&w| (windows.len(), w)),
+        }
+    }
+
     /// Bytes one token takes in the cache (keys and values of every layer) at `dtype`.
     pub fn bytes_per_token(&self, dtype: DType) -> usize {
         2 * self.layers * self.kv_heads * self.head_dim * dtype.size_in_bytes()
@@ -152,14 +166,7 @@ fn inspect_gguf(path: &Path) -> Result<ModelInfo> {
 }
 
 fn llama_kv(cfg: &llama::LlamaConfig) -> KvLayout {
-    let windowed = (0..cfg.num_hidden_layers).filter(|&i| cfg.window(i).is_some()).count();
-    KvLayout {
-        layers: cfg.num_hidden_layers,
-        heads: cfg.num_attention_heads,
-        kv_heads: cfg.kv_heads(),
-        head_dim: cfg.head_size(),
-        sliding: cfg.sliding_window.filter(|_| windowed > 0).map(|w| (windowed, w)),
-    }
+    KvLayout::new(cfg.num_hidden_layers, cfg.attn_shape(), |i| cfg.window(i))
 }
 
 fn inspect_hf_dir(dir: &Path) -> Result<ModelInfo> {
@@ -183,7 +190,6 @@ fn inspect_hf_dir(dir: &Path) -> Result<ModelInfo> {
         .get("quantization_config")
         .map(|q| q.get("quant_method").and_then(|m| m.as_str()).unwrap_or("unnamed").to_string());
     let config = |e: serde_json::Error| Error::Config(format!("{}: {e}", dir.join("config.json").display()));
-    let layout = |layers, heads, kv_heads, head_dim, sliding| KvLayout { layers, heads, kv_heads, head_dim, sliding };
     let (supported, context_length, kv) = match arch.as_str() {
         "LlamaForCausalLM" | "MistralForCausalLM" | "Qwen2ForCausalLM" | "Qwen3ForCausalLM" | "Phi3ForCausalLM" => {
             let cfg = llama::LlamaConfig::from_hf(raw.clone())?;
@@ -191,25 +197,17 @@ fn inspect_hf_dir(dir: &Path) -> Result<ModelInfo> {
         }
         "Gemma2ForCausalLM" => {
             let cfg: gemma2::Gemma2Config = serde_json::from_value(raw.clone()).map_err(config)?;
-            let windowed = (0..cfg.num_hidden_layers).filter(|&i| cfg.window(i).is_some()).count();
-            let sliding = cfg.sliding_window.filter(|_| windowed > 0).map(|w| (windowed, w));
-            let kv =
-                layout(cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, sliding);
+            let kv = KvLayout::new(cfg.num_hidden_layers, cfg.attn_shape(), |i| cfg.window(i));
             (true, Some(cfg.max_position_embeddings), Some(kv))
         }
         "OPTForCausalLM" => {
             let cfg: opt::OptConfig = serde_json::from_value(raw.clone()).map_err(config)?;
-            let heads = cfg.num_attention_heads;
-            let kv = layout(cfg.num_hidden_layers, heads, heads, cfg.hidden_size / heads, None);
+            let kv = KvLayout::new(cfg.num_hidden_layers, cfg.attn_shape(), |_| None);
             (true, Some(cfg.max_position_embeddings), Some(kv))
         }
         "GPT2LMHeadModel" => {
             let cfg: gpt2::Gpt2Config = serde_json::from_value(raw.clone()).map_err(config)?;
-            (
-                true,
-                Some(cfg.n_positions),
-                Some(layout(cfg.n_layer, cfg.n_head, cfg.n_head, cfg.n_embd / cfg.n_head, None)),
-            )
+            (true, Some(cfg.n_positions), Some(KvLayout::new(cfg.n_layer, cfg.attn_shape(), |_| None)))
         }
         "BertModel" => {
             let ctx = raw.get("max_position_embeddings").and_then(|v| v.as_u64()).map(|v| v as usize);

@@ -119,6 +119,11 @@ impl LlamaConfig {
         self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
     }
 
+    /// The attention head layout (sizes the KV cache).
+    pub fn attn_shape(&self) -> AttnShape {
+        AttnShape { num_heads: self.num_attention_heads, num_kv_heads: self.kv_heads(), head_dim: self.head_size() }
+    }
+
     /// Parses a Hugging Face `config.json`, folding transformers 5's `rope_parameters` in.
     pub fn from_hf(raw: serde_json::Value) -> Result<Self> {
         let top_theta = raw.get("rope_theta").is_some();
@@ -315,8 +320,7 @@ pub struct Llama {
 impl Llama {
     /// Loads from a weight source. `rope` is `Interleaved` for GGUF checkpoints.
     pub fn load(w: &Weights, cfg: LlamaConfig, rope: RopeStyle) -> Result<Self> {
-        let shape =
-            AttnShape { num_heads: cfg.num_attention_heads, num_kv_heads: cfg.kv_heads(), head_dim: cfg.head_size() };
+        let shape = cfg.attn_shape();
         if !shape.num_heads.is_multiple_of(shape.num_kv_heads) {
             return Err(Error::Config(format!(
                 "{} heads not divisible by {} kv heads",

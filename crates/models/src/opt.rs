@@ -77,6 +77,14 @@ pub struct Opt {
     dtype: DType,
 }
 
+impl OptConfig {
+    /// The attention head layout (sizes the KV cache): multi-head, width over heads.
+    pub fn attn_shape(&self) -> AttnShape {
+        let heads = self.num_attention_heads;
+        AttnShape { num_heads: heads, num_kv_heads: heads, head_dim: self.hidden_size / heads }
+    }
+}
+
 impl Opt {
     /// Loads from a Hugging Face weight source.
     pub fn load(w: &Weights, cfg: OptConfig) -> Result<Self> {
@@ -88,8 +96,7 @@ impl Opt {
         if cfg.activation_function != "relu" {
             return Err(Error::Config(format!("OPT activation '{}' is not supported (relu)", cfg.activation_function)));
         }
-        let heads = cfg.num_attention_heads;
-        let shape = AttnShape { num_heads: heads, num_kv_heads: heads, head_dim: cfg.hidden_size / heads };
+        let shape = cfg.attn_shape();
         let d = w.pp("model.decoder");
         let layers = (0..cfg.num_hidden_layers)
             .into_par_iter()
