@@ -22,6 +22,7 @@ fn decoding(n: usize) -> Scheduler {
         block_size: 16,
         num_blocks: n * 8192 / 16,
         enable_prefix_caching: true,
+        long_prefill_token_threshold: 0,
     });
     for id in 0..n as u64 {
         let prompt = (0..PROMPT as u32).map(|t| 1000 + t * 13 + id as u32 * 7919).collect();

@@ -99,6 +99,19 @@ pub struct EngineArgs {
     pub enable_prefix_caching: bool,
     /// `cpu` (or `cuda`, when built with the feature).
     pub device: String,
+    /// Prompts are computed at most this many tokens per step, so a request arriving during
+    /// a long prefill waits one short step, not the whole prefill (vLLM's
+    /// `long_prefill_token_threshold`); `None`: 4% of `max_model_len`, at least 256 tokens;
+    /// 0: no limit.
+    pub long_prefill_token_threshold: Option<usize>,
+    /// Requests queued beyond the running batch; past this, new requests get a capacity
+    /// error (a 503 on the server).
+    pub max_waiting_requests: usize,
+    /// Steps of output buffered for a request whose consumer is not reading; past this the
+    /// request is aborted (its blocks freed).
+    pub max_output_buffer_steps: usize,
+    /// Guided-decoding budgets: constraint sizes, compile time and threads, cache bytes.
+    pub guided_decoding: vllm_sampler::GuideLimits,
 }
 
 impl Default for EngineArgs {
@@ -115,6 +128,10 @@ impl Default for EngineArgs {
             kv_cache_memory: 4 << 30,
             enable_prefix_caching: true,
             device: "cpu".to_string(),
+            long_prefill_token_threshold: None,
+            max_waiting_requests: 1024,
+            max_output_buffer_steps: 1024,
+            guided_decoding: vllm_sampler::GuideLimits::default(),
         }
     }
 }

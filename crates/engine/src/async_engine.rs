@@ -1,40 +1,59 @@
-//! The async engine: the engine core runs the step loop on its own thread; callers (the HTTP
-//! server) submit requests through a channel and get a stream of cumulative outputs back.
+//! The async engine: vLLM v1's three stages on their own threads.
 //!
-//! Dropping a request's stream aborts it: its KV blocks are freed at the next step.
+//! 1. **Input processing** runs on tokio's blocking pool, at most a few requests at a time:
+//!    tokenizing, validation and constraint compiles ([`InputProcessor`]) never touch the
+//!    engine thread. A request that fails here fails alone.
+//! 2. **The engine core** runs the step loop on its own thread and sends each request only its
+//!    per-step deltas, into a **bounded** channel. A request whose consumer stops reading
+//!    fills its channel and is aborted (its blocks freed); one whose consumer goes away is
+//!    aborted at the next step.
+//! 3. **Output processing** (detokenizing, stop strings, rendering) happens in the consumer's
+//!    task, when it reads its [`OutputStream`].
+//!
+//! If the core panics, every request in flight gets an error, [`AsyncEngine::health`] reports
+//! the engine dead, and new requests are refused; the server then exits non-zero so that a
+//! supervisor restarts it.
 
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use vllm_sampler::SamplingParams;
 
 use crate::beam::{BeamJob, BeamSearchOutput, BeamSearchParams};
-use crate::engine::{EngineStats, LLMEngine};
+use crate::core::{CoreOutput, EngineCore};
+use crate::engine::EngineStats;
+use crate::input::{EngineRequest, InputProcessor};
 use crate::metrics::StepMetrics;
 use crate::output::{Prompt, RequestOutput};
+use crate::output_processor::RequestState;
 use crate::{EngineArgs, Error, Result, Tokenizer};
 
-/// A request's outputs, cumulative, the last one with `finished` set.
-pub type OutputStream = mpsc::UnboundedReceiver<Result<RequestOutput>>;
+/// Requests processed (tokenized, compiled) at once; others wait their turn without holding a
+/// thread.
+const INPUT_WORKERS: usize = 4;
 
 enum Command {
     Add {
-        id: String,
-        prompt: Prompt,
-        params: Box<SamplingParams>,
+        req: Box<EngineRequest>,
         accepted: oneshot::Sender<Result<()>>,
-        out: mpsc::UnboundedSender<Result<RequestOutput>>,
+        out: mpsc::Sender<Result<CoreOutput>>,
     },
     Abort(String),
+    /// The output processor matched a stop string: the core stops the sequence.
+    FinishSeq(String, usize),
     BeamSearch {
-        prompts: Vec<Prompt>,
-        params: BeamSearchParams,
-        reply: oneshot::Sender<Result<Vec<BeamSearchOutput>>>,
+        job: Box<BeamJob>,
+        reply: oneshot::Sender<Result<BeamJob>>,
     },
+    /// Makes the core thread panic (tests of the liveness path).
+    #[doc(hidden)]
+    Crash,
     Shutdown,
 }
 
@@ -49,12 +68,45 @@ pub struct EngineInfo {
     pub tokenizer: Tokenizer,
 }
 
-/// A cheap-to-clone handle on the engine thread.
+/// Whether the engine core is alive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EngineHealth {
+    /// Stepping.
+    Alive,
+    /// The core died (the reason); nothing more will run.
+    Dead(String),
+}
+
+/// Counts a request in flight while alive.
+struct InflightGuard(Arc<AtomicUsize>);
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Sets a flag when dropped: a request's input processing gives up once its caller has gone.
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A cheap-to-clone handle on the engine.
 #[derive(Clone)]
 pub struct AsyncEngine {
     tx: std_mpsc::Sender<Command>,
     info: Arc<EngineInfo>,
+    input: InputProcessor,
     stats: Arc<Mutex<EngineStats>>,
+    health: watch::Receiver<EngineHealth>,
+    inflight: Arc<AtomicUsize>,
+    max_inflight: usize,
+    output_buffer: usize,
+    input_permits: Arc<Semaphore>,
     thread: Arc<Mutex<Option<JoinHandle<()>>>>,
 }
 
@@ -68,20 +120,32 @@ impl AsyncEngine {
     /// [`Self::new`] for a model already resolved (`args.model` only names it).
     pub fn from_files(args: EngineArgs, files: crate::ModelFiles) -> Result<Self> {
         let model = args.model.clone();
-        let engine = LLMEngine::from_files(args, files)?;
-        let info = Arc::new(EngineInfo {
-            model,
-            max_model_len: engine.max_model_len(),
-            tokenizer: engine.tokenizer().clone(),
-        });
-        let stats = Arc::new(Mutex::new(engine.stats()));
+        let max_inflight = args.max_num_seqs.saturating_add(args.max_waiting_requests);
+        let output_buffer = args.max_output_buffer_steps.max(1);
+        let (core, input) = crate::engine::build(args, files)?;
+        let info =
+            Arc::new(EngineInfo { model, max_model_len: input.max_model_len(), tokenizer: input.tokenizer().clone() });
+        let stats = Arc::new(Mutex::new(EngineStats::of(&core.scheduler)));
         let (tx, rx) = std_mpsc::channel();
+        let (health_tx, health) = watch::channel(EngineHealth::Alive);
         let st = stats.clone();
+        let thread_input = input.clone();
         let thread = std::thread::Builder::new()
             .name("vllm-engine-core".into())
-            .spawn(move || run_loop(engine, rx, st))
+            .spawn(move || run_core(core, thread_input, rx, st, health_tx))
             .map_err(|_| Error::Internal("cannot start the engine thread"))?;
-        Ok(Self { tx, info, stats, thread: Arc::new(Mutex::new(Some(thread))) })
+        Ok(Self {
+            tx,
+            info,
+            input,
+            stats,
+            health,
+            inflight: Arc::new(AtomicUsize::new(0)),
+            max_inflight,
+            output_buffer,
+            input_permits: Arc::new(Semaphore::new(INPUT_WORKERS)),
+            thread: Arc::new(Mutex::new(Some(thread))),
+        })
     }
 
     /// Model facts.
@@ -89,36 +153,129 @@ impl AsyncEngine {
         &self.info
     }
 
+    /// The input processor (tokenizing and validation, usable from any thread).
+    pub fn input_processor(&self) -> &InputProcessor {
+        &self.input
+    }
+
     /// Statistics as of the last step.
     pub fn stats(&self) -> EngineStats {
         *self.stats.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Submits a request; returns its output stream once the engine has validated and queued
-    /// it, or the validation error.
+    /// Whether the engine core is alive.
+    pub fn health(&self) -> EngineHealth {
+        self.health.borrow().clone()
+    }
+
+    /// Resolves when the engine core dies (never, while it lives); gives the reason.
+    pub async fn dead(&self) -> String {
+        let mut h = self.health.clone();
+        loop {
+            if let EngineHealth::Dead(reason) = &*h.borrow_and_update() {
+                return reason.clone();
+            }
+            if h.changed().await.is_err() {
+                return "the engine thread has stopped".into();
+            }
+        }
+    }
+
+    /// Requests submitted and not yet finished (including those being processed).
+    pub fn num_inflight(&self) -> usize {
+        self.inflight.load(Ordering::Relaxed)
+    }
+
+    fn send(&self, cmd: Command) -> Result<()> {
+        self.tx.send(cmd).map_err(|_| self.stopped())
+    }
+
+    fn stopped(&self) -> Error {
+        match self.health() {
+            EngineHealth::Dead(reason) => Error::EngineDead(reason),
+            EngineHealth::Alive => Error::EngineDead("the engine has stopped".into()),
+        }
+    }
+
+    /// Admits one more request, or refuses it when the engine is dead or full.
+    fn admit(&self) -> Result<InflightGuard> {
+        if let EngineHealth::Dead(reason) = self.health() {
+            return Err(Error::EngineDead(reason));
+        }
+        let n = self.inflight.fetch_add(1, Ordering::Relaxed);
+        let guard = InflightGuard(self.inflight.clone());
+        if n >= self.max_inflight {
+            return Err(Error::Overloaded(format!(
+                "{n} requests are in flight (the limit is max_num_seqs + max_waiting_requests = {})",
+                self.max_inflight
+            )));
+        }
+        Ok(guard)
+    }
+
+    /// Runs `f` on the blocking pool, at most [`INPUT_WORKERS`] at a time; a panic in it is an
+    /// error for this call alone.
+    async fn off_thread<T: Send + 'static>(&self, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+        let _permit = self.input_permits.acquire().await.map_err(|_| Error::Internal("input pool closed"))?;
+        tokio::task::spawn_blocking(f).await.map_err(|e| {
+            if e.is_panic() {
+                Error::Internal("processing this request's input failed (a bug, reported in the log)")
+            } else {
+                Error::Internal("input processing was cancelled")
+            }
+        })?
+    }
+
+    /// Processes a request (off the engine thread) and submits it; returns its output stream
+    /// once the core has queued it, or the error.
     pub async fn generate(&self, id: String, prompt: Prompt, params: SamplingParams) -> Result<OutputStream> {
+        let guard = self.admit()?;
+        let cancel = Arc::new(AtomicBool::new(false));
+        let _cancel_on_drop = CancelOnDrop(cancel.clone());
+        let input = self.input.clone();
+        let req = self.off_thread(move || input.process(id, prompt, params, &cancel)).await?;
+        let state = RequestState::new(&req);
+        let prompt_tokens = req.prompt_ids.len();
         let (accepted, accepted_rx) = oneshot::channel();
-        let (out, out_rx) = mpsc::unbounded_channel();
-        self.tx
-            .send(Command::Add { id, prompt, params: Box::new(params), accepted, out })
-            .map_err(|_| Error::Internal("the engine has stopped"))?;
-        accepted_rx.await.map_err(|_| Error::Internal("the engine has stopped"))??;
-        Ok(out_rx)
+        let (out, rx) = mpsc::channel(self.output_buffer);
+        self.send(Command::Add { req: Box::new(req), accepted, out })?;
+        accepted_rx.await.map_err(|_| self.stopped())??;
+        Ok(OutputStream {
+            rx,
+            state,
+            tokenizer: self.input.clone(),
+            tx: self.tx.clone(),
+            metrics: StepMetrics::new(Instant::now(), prompt_tokens),
+            done: false,
+            _inflight: guard,
+        })
     }
 
     /// Beam search for every prompt, run by the engine thread between its other requests'
-    /// steps; dropping the future aborts it.
+    /// steps (prompts are tokenized off it); dropping the future aborts it.
     pub async fn beam_search(&self, prompts: Vec<Prompt>, params: BeamSearchParams) -> Result<Vec<BeamSearchOutput>> {
+        let _guard = self.admit()?;
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let prefix = format!("\u{1}beam-{}", COUNTER.fetch_add(1, Ordering::Relaxed));
+        let input = self.input.clone();
+        let job = self.off_thread(move || BeamJob::new(&input, prefix, prompts, params)).await?;
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Command::BeamSearch { prompts, params, reply })
-            .map_err(|_| Error::Internal("the engine has stopped"))?;
-        rx.await.map_err(|_| Error::Internal("the engine has stopped"))?
+        self.send(Command::BeamSearch { job: Box::new(job), reply })?;
+        let job = rx.await.map_err(|_| self.stopped())??;
+        let input = self.input.clone();
+        self.off_thread(move || job.finish(input.tokenizer())).await
     }
 
     /// Aborts a request (no-op if unknown or finished).
     pub fn abort(&self, id: &str) {
         let _ = self.tx.send(Command::Abort(id.to_string()));
+    }
+
+    /// Makes the engine core panic, as a bug would: every request in flight fails and the
+    /// engine reports itself dead. For tests of what a server does then.
+    #[doc(hidden)]
+    pub fn crash_for_tests(&self) {
+        let _ = self.tx.send(Command::Crash);
     }
 
     /// Stops the engine thread after aborting everything in flight, and waits for it.
@@ -130,168 +287,303 @@ impl AsyncEngine {
     }
 }
 
-struct Live {
-    out: mpsc::UnboundedSender<Result<RequestOutput>>,
+/// A request's outputs (as its `output_kind` asks), the last one with `finished` set. Output
+/// processing runs here, in the reader's task. Dropping the stream aborts the request.
+pub struct OutputStream {
+    rx: mpsc::Receiver<Result<CoreOutput>>,
+    state: RequestState,
+    tokenizer: InputProcessor,
+    tx: std_mpsc::Sender<Command>,
     metrics: StepMetrics,
+    done: bool,
+    _inflight: InflightGuard,
+}
+
+impl OutputStream {
+    /// The next output; `None` after the final one.
+    pub async fn recv(&mut self) -> Option<Result<RequestOutput>> {
+        while !self.done {
+            let out =
+                match self.rx.recv().await {
+                    Some(Ok(out)) => out,
+                    Some(Err(e)) => return Some(self.fail(e)),
+                    None => return Some(
+                        self.fail(Error::Aborted(
+                            "the request was aborted: its output buffer filled up (the client stopped reading) or the \
+                         engine stopped"
+                                .into(),
+                        )),
+                    ),
+                };
+            let new_tokens = out.seqs.iter().filter(|d| d.index == 0 && d.token.is_some()).count();
+            let processed =
+                std::panic::catch_unwind(AssertUnwindSafe(|| self.state.process(out, self.tokenizer.tokenizer())));
+            let processed =
+                match processed {
+                    Ok(Ok(p)) => p,
+                    Ok(Err(e)) => return Some(self.fail(e)),
+                    Err(_) => {
+                        return Some(self.fail(Error::Internal(
+                            "processing this request's output failed (a bug, reported in the log)",
+                        )))
+                    }
+                };
+            let id = self.state.request_id().to_string();
+            for index in processed.stopped {
+                let _ = self.tx.send(Command::FinishSeq(id.clone(), index));
+            }
+            let finished = self.state.finished();
+            self.metrics.on_tokens(new_tokens, finished.then(|| self.state.finish_reason()));
+            if finished {
+                self.done = true;
+                // Frees anything the core still runs for it (sequences this side stopped).
+                let _ = self.tx.send(Command::Abort(id));
+            }
+            if let Some(o) = processed.output {
+                return Some(Ok(o));
+            }
+        }
+        None
+    }
+
+    /// Ends the stream with an error (the request is aborted).
+    fn fail(&mut self, e: Error) -> Result<RequestOutput> {
+        self.done = true;
+        let _ = self.tx.send(Command::Abort(self.state.request_id().to_string()));
+        Err(e)
+    }
+
+    /// The stream as a `futures` stream.
+    pub fn into_stream(self) -> impl futures::Stream<Item = Result<RequestOutput>> + Send {
+        futures::stream::unfold(self, |mut s| async move { s.recv().await.map(|o| (o, s)) })
+    }
+}
+
+impl Drop for OutputStream {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = self.tx.send(Command::Abort(self.state.request_id().to_string()));
+        }
+    }
 }
 
 /// A beam search the engine thread is running, and where its result goes.
 struct BeamTask {
-    job: BeamJob,
-    reply: oneshot::Sender<Result<Vec<BeamSearchOutput>>>,
+    job: Box<BeamJob>,
+    reply: oneshot::Sender<Result<BeamJob>>,
 }
 
-fn run_loop(mut engine: LLMEngine, rx: std_mpsc::Receiver<Command>, stats: Arc<Mutex<EngineStats>>) {
-    let mut live: HashMap<String, Live> = HashMap::new();
-    let mut beams: Vec<BeamTask> = Vec::new();
-    let mut beam_counter = 0u64;
-    let mut handle =
-        |engine: &mut LLMEngine, live: &mut HashMap<String, Live>, beams: &mut Vec<BeamTask>, cmd: Command| -> bool {
-            match cmd {
-                Command::BeamSearch { prompts, params, reply } => {
-                    beam_counter += 1;
-                    let prefix = format!("\u{1}beam-{beam_counter}");
-                    let started = BeamJob::new(engine, prefix, prompts, params)
-                        .and_then(|mut job| job.submit(engine).map(|submitted| (job, submitted)));
-                    match started {
-                        Ok((job, true)) => beams.push(BeamTask { job, reply }),
-                        Ok((job, false)) => {
-                            let _ = reply.send(job.finish(engine.tokenizer()));
-                        }
-                        Err(e) => {
-                            let _ = reply.send(Err(e));
-                        }
-                    }
-                    true
-                }
-                Command::Add { id, prompt, params, accepted, out } => {
-                    let arrival = Instant::now();
-                    match engine.add_request(id.clone(), prompt, *params) {
-                        Ok(()) => {
-                            if accepted.send(Ok(())).is_err() {
-                                engine.abort_request(&id);
-                            } else {
-                                live.insert(id, Live { out, metrics: StepMetrics::new(arrival) });
-                            }
-                        }
-                        Err(e) => {
-                            let _ = accepted.send(Err(e));
-                        }
-                    }
-                    true
-                }
-                Command::Abort(id) => {
-                    engine.abort_request(&id);
-                    live.remove(&id);
-                    true
-                }
-                Command::Shutdown => false,
+/// The core thread's state.
+struct CoreLoop {
+    core: EngineCore,
+    input: InputProcessor,
+    live: HashMap<String, mpsc::Sender<Result<CoreOutput>>>,
+    beams: Vec<BeamTask>,
+    stats: Arc<Mutex<EngineStats>>,
+}
+
+fn run_core(
+    core: EngineCore,
+    input: InputProcessor,
+    rx: std_mpsc::Receiver<Command>,
+    stats: Arc<Mutex<EngineStats>>,
+    health: watch::Sender<EngineHealth>,
+) {
+    let mut state = CoreLoop { core, input, live: HashMap::new(), beams: Vec::new(), stats };
+    let run = std::panic::catch_unwind(AssertUnwindSafe(|| state.run(&rx)));
+    match run {
+        Ok(()) => state.shutdown(),
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            let reason = format!("the engine core panicked: {what}");
+            health.send_replace(EngineHealth::Dead(reason.clone()));
+            // The core's state may be broken: tell everyone and touch nothing else.
+            for (_, out) in state.live.drain() {
+                let _ = out.try_send(Err(Error::EngineDead(reason.clone())));
             }
-        };
-    'outer: loop {
-        if !engine.has_unfinished_requests() {
-            crate::metrics::record_stats(&engine.stats());
-            match rx.recv() {
-                Ok(cmd) => {
-                    if !handle(&mut engine, &mut live, &mut beams, cmd) {
-                        break 'outer;
-                    }
-                }
-                Err(_) => break 'outer,
+            for b in state.beams.drain(..) {
+                let _ = b.reply.send(Err(Error::EngineDead(reason.clone())));
             }
+            // Commands still queued get their reply channels dropped (an error each).
+            drop(rx);
         }
-        while let Ok(cmd) = rx.try_recv() {
-            if !handle(&mut engine, &mut live, &mut beams, cmd) {
-                break 'outer;
+    }
+}
+
+impl CoreLoop {
+    /// Applies one command; false on shutdown.
+    fn handle(&mut self, cmd: Command) -> bool {
+        match cmd {
+            Command::Add { req, accepted, out } => {
+                let id = req.request_id.clone();
+                match self.core.add(*req) {
+                    Ok(()) => {
+                        if accepted.send(Ok(())).is_err() {
+                            self.core.abort(&id);
+                        } else {
+                            self.live.insert(id, out);
+                        }
+                    }
+                    Err(e) => {
+                        let _ = accepted.send(Err(e));
+                    }
+                }
             }
+            Command::Abort(id) => {
+                self.core.abort(&id);
+                self.live.remove(&id);
+            }
+            Command::FinishSeq(id, index) => self.core.finish_seq(&id, index),
+            Command::BeamSearch { mut job, reply } => match job.submit(&mut self.core, &self.input) {
+                Ok(true) => self.beams.push(BeamTask { job, reply }),
+                Ok(false) => {
+                    let _ = reply.send(Ok(*job));
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
+            Command::Crash => panic!("crash requested (crash_for_tests)"),
+            Command::Shutdown => return false,
         }
-        // Beam searches whose caller went away.
-        beams.retain_mut(|b| {
+        true
+    }
+
+    fn run(&mut self, rx: &std_mpsc::Receiver<Command>) {
+        loop {
+            if !self.core.has_unfinished() {
+                crate::metrics::record_stats(&EngineStats::of(&self.core.scheduler));
+                match rx.recv() {
+                    Ok(cmd) => {
+                        if !self.handle(cmd) {
+                            return;
+                        }
+                    }
+                    Err(_) => return,
+                }
+            }
+            while let Ok(cmd) = rx.try_recv() {
+                if !self.handle(cmd) {
+                    return;
+                }
+            }
+            self.step();
+        }
+    }
+
+    /// One step, its outputs sent to their requests' channels.
+    fn step(&mut self) {
+        // Beam searches and clients that went away: abort before computing for them.
+        let core = &mut self.core;
+        self.beams.retain_mut(|b| {
             if b.reply.is_closed() {
-                b.job.abort(&mut engine);
+                b.job.abort(core);
             }
             !b.reply.is_closed()
         });
-        // Clients that went away: abort before computing for them.
-        let gone: Vec<String> = live.iter().filter(|(_, l)| l.out.is_closed()).map(|(id, _)| id.clone()).collect();
+        let gone: Vec<String> = self.live.iter().filter(|(_, o)| o.is_closed()).map(|(id, _)| id.clone()).collect();
         for id in gone {
-            engine.abort_request(&id);
-            live.remove(&id);
+            self.core.abort(&id);
+            self.live.remove(&id);
         }
-        match engine.step() {
+        match self.core.step() {
             Ok(outs) => {
                 'outputs: for o in outs {
-                    for b in beams.iter_mut() {
+                    for b in self.beams.iter_mut() {
                         match b.job.accept(&o) {
                             Ok(true) => continue 'outputs,
                             Ok(false) => {}
                             Err(e) => {
-                                b.job.abort(&mut engine);
+                                b.job.abort(&mut self.core);
                                 let reply = std::mem::replace(&mut b.reply, oneshot::channel().0);
                                 let _ = reply.send(Err(e));
                             }
                         }
                     }
-                    let finished = o.finished;
-                    if let Some(l) = live.get_mut(&o.request_id) {
-                        l.metrics.on_output(&o);
-                        if l.out.send(Ok(o.clone())).is_err() {
-                            engine.abort_request(&o.request_id);
-                            live.remove(&o.request_id);
-                            continue;
-                        }
-                    }
-                    if finished {
-                        live.remove(&o.request_id);
-                    }
+                    self.deliver(o);
                 }
-                // Beam searches whose round is complete: the next round, or the answer.
-                let mut i = 0;
-                while i < beams.len() {
-                    let b = &mut beams[i];
-                    if b.reply.is_closed() || !b.job.round_done() {
-                        i += 1;
-                        continue;
-                    }
-                    b.job.advance();
-                    match b.job.submit(&mut engine) {
-                        Ok(true) => i += 1,
-                        Ok(false) => {
-                            let b = beams.swap_remove(i);
-                            let _ = b.reply.send(b.job.finish(engine.tokenizer()));
-                        }
-                        Err(e) => {
-                            let b = beams.swap_remove(i);
-                            let _ = b.reply.send(Err(e));
-                        }
-                    }
-                }
+                self.advance_beams();
             }
             Err(e) => {
                 // A failed step fails every request in flight (and frees their blocks).
                 let msg = e.to_string();
-                for (id, l) in live.drain() {
-                    engine.abort_request(&id);
-                    let _ = l.out.send(Err(Error::StepFailed(msg.clone())));
+                for (id, out) in self.live.drain() {
+                    self.core.abort(&id);
+                    let _ = out.try_send(Err(Error::StepFailed(msg.clone())));
                 }
-                for mut b in beams.drain(..) {
-                    b.job.abort(&mut engine);
+                for mut b in self.beams.drain(..) {
+                    b.job.abort(&mut self.core);
                     let _ = b.reply.send(Err(Error::StepFailed(msg.clone())));
                 }
             }
         }
-        let s = engine.stats();
+        let s = EngineStats::of(&self.core.scheduler);
         crate::metrics::record_stats(&s);
-        *stats.lock().unwrap_or_else(|p| p.into_inner()) = s;
+        *self.stats.lock().unwrap_or_else(|p| p.into_inner()) = s;
     }
-    for (id, l) in live.drain() {
-        if let Some(o) = engine.abort_request(&id) {
-            let _ = l.out.send(Ok(o));
+
+    /// Sends a request its step output; a full channel (the consumer is not reading) or a
+    /// closed one aborts the request.
+    fn deliver(&mut self, o: CoreOutput) {
+        let id = o.request_id.clone();
+        let Some(out) = self.live.get(&id) else { return };
+        let finished = o.finished;
+        match out.try_send(Ok(o)) {
+            Ok(()) if !finished => {}
+            Ok(()) => {
+                self.live.remove(&id);
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                metrics::counter!("vllm:num_aborted_slow_consumers_total").increment(1);
+                self.core.abort(&id);
+                self.live.remove(&id);
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.core.abort(&id);
+                self.live.remove(&id);
+            }
         }
     }
-    for mut b in beams.drain(..) {
-        b.job.abort(&mut engine);
-        let _ = b.reply.send(Err(Error::Internal("the engine has stopped")));
+
+    /// Beam searches whose round is complete: the next round, or the answer.
+    fn advance_beams(&mut self) {
+        let mut i = 0;
+        while i < self.beams.len() {
+            let b = &mut self.beams[i];
+            if b.reply.is_closed() || !b.job.round_done() {
+                i += 1;
+                continue;
+            }
+            b.job.advance();
+            match b.job.submit(&mut self.core, &self.input) {
+                Ok(true) => i += 1,
+                Ok(false) => {
+                    let b = self.beams.swap_remove(i);
+                    let _ = b.reply.send(Ok(*b.job));
+                }
+                Err(e) => {
+                    let b = self.beams.swap_remove(i);
+                    let _ = b.reply.send(Err(e));
+                }
+            }
+        }
     }
-    *stats.lock().unwrap_or_else(|p| p.into_inner()) = engine.stats();
+
+    /// Aborts everything in flight; each request gets its final (aborted) output.
+    fn shutdown(&mut self) {
+        for (id, out) in self.live.drain() {
+            if let Some(o) = self.core.abort(&id) {
+                let _ = out.try_send(Ok(o));
+            }
+        }
+        for mut b in self.beams.drain(..) {
+            b.job.abort(&mut self.core);
+            let _ = b.reply.send(Err(Error::EngineDead("the engine has stopped".into())));
+        }
+        *self.stats.lock().unwrap_or_else(|p| p.into_inner()) = EngineStats::of(&self.core.scheduler);
+    }
 }

@@ -14,8 +14,10 @@ use std::collections::HashMap;
 use serde::Serialize;
 use vllm_sampler::{SamplingParams, MAX_LOGPROBS};
 
+use crate::core::{CoreOutput, EngineCore};
 use crate::engine::LLMEngine;
-use crate::output::{FinishReason, Prompt, RequestOutput};
+use crate::input::InputProcessor;
+use crate::output::{FinishReason, Prompt};
 use crate::{Error, Result, Tokenizer};
 
 /// When beam search stops (Hugging Face's `early_stopping`).
@@ -67,7 +69,7 @@ impl Default for BeamSearchParams {
 impl BeamSearchParams {
     fn validate(&self) -> Result<()> {
         let bad = |param: &'static str, message: String| Err(Error::InvalidArgument { param, message });
-        if self.beam_width == 0 || 2 * self.beam_width > MAX_LOGPROBS {
+        if self.beam_width == 0 || self.beam_width > MAX_LOGPROBS / 2 {
             return bad("beam_width", format!("must be in 1..={}, got {}", MAX_LOGPROBS / 2, self.beam_width));
         }
         if self.max_tokens == 0 {
@@ -196,17 +198,24 @@ pub(crate) struct BeamJob {
 }
 
 impl BeamJob {
-    /// Validates and tokenizes; request ids start with `prefix`.
-    pub(crate) fn new(engine: &LLMEngine, prefix: String, prompts: Vec<Prompt>, p: BeamSearchParams) -> Result<Self> {
+    /// Validates and tokenizes (the input processor's work: call it off the engine thread);
+    /// request ids start with `prefix`.
+    pub(crate) fn new(
+        input: &InputProcessor,
+        prefix: String,
+        prompts: Vec<Prompt>,
+        p: BeamSearchParams,
+    ) -> Result<Self> {
         p.validate()?;
         let mut searches = Vec::with_capacity(prompts.len());
         let mut texts = Vec::with_capacity(prompts.len());
         for prompt in &prompts {
-            let ids = engine.prompt_ids(prompt)?;
-            if ids.len() + p.max_tokens > engine.max_model_len() {
+            let ids = input.prompt_ids(prompt, None)?;
+            let max_model_len = input.max_model_len();
+            if ids.len().checked_add(p.max_tokens).is_none_or(|total| total > max_model_len) {
                 return Err(Error::PromptTooLong {
-                    prompt_tokens: ids.len() + p.max_tokens,
-                    max_model_len: engine.max_model_len(),
+                    prompt_tokens: ids.len().saturating_add(p.max_tokens),
+                    max_model_len,
                 });
             }
             texts.push(match prompt {
@@ -221,12 +230,12 @@ impl BeamJob {
                 done: false,
             });
         }
-        let eos = engine.tokenizer().eos_token_ids().to_vec();
+        let eos = input.tokenizer().eos_token_ids().to_vec();
         Ok(Self { prefix, params: p, eos, searches, texts, round: 0, pending: HashMap::new(), tops: Vec::new() })
     }
 
     /// Submits the next round; false when every search is done (nothing submitted).
-    pub(crate) fn submit(&mut self, engine: &mut LLMEngine) -> Result<bool> {
+    pub(crate) fn submit(&mut self, core: &mut EngineCore, input: &InputProcessor) -> Result<bool> {
         if self.searches.iter().all(|s| s.done) {
             return Ok(false);
         }
@@ -243,8 +252,12 @@ impl BeamJob {
             for (b, (gen, _)) in s.running.iter().enumerate() {
                 let id = format!("{}-{}-{i}-{b}", self.prefix, self.round);
                 let ids = [s.prompt.as_slice(), gen].concat();
-                if let Err(e) = engine.add_request_inner(id.clone(), Prompt::TokenIds(ids), params.clone(), true) {
-                    self.abort(engine);
+                let added = input.request_from_ids(id.clone(), ids, params.clone()).and_then(|mut req| {
+                    req.scaled_logprobs = true;
+                    core.add(req)
+                });
+                if let Err(e) = added {
+                    self.abort(core);
                     return Err(e);
                 }
                 self.pending.insert(id, (i, b));
@@ -254,17 +267,17 @@ impl BeamJob {
     }
 
     /// Takes a finished output of this job's current round; false if it is not one.
-    pub(crate) fn accept(&mut self, o: &RequestOutput) -> Result<bool> {
-        if !o.finished {
-            return Ok(self.pending.contains_key(&o.request_id));
+    pub(crate) fn accept(&mut self, o: &CoreOutput) -> Result<bool> {
+        if !self.pending.contains_key(&o.request_id) {
+            return Ok(false);
         }
-        let Some((i, b)) = self.pending.remove(&o.request_id) else { return Ok(false) };
-        let lp = o.outputs[0]
-            .logprobs
-            .as_ref()
-            .and_then(|v| v.first())
-            .ok_or(Error::Internal("beam step without logprobs"))?;
-        self.tops[i][b] = lp.top.iter().map(|l| (l.token_id, l.logprob)).collect();
+        let Some(lp) = o.seqs.first().and_then(|d| d.logprobs.as_ref()) else {
+            // Not this round's token yet (a prompt chunk), or an abort.
+            return if o.finished { Err(Error::Internal("beam step without logprobs")) } else { Ok(true) };
+        };
+        if let Some((i, b)) = self.pending.remove(&o.request_id) {
+            self.tops[i][b] = lp.top.clone();
+        }
         Ok(true)
     }
 
@@ -281,9 +294,9 @@ impl BeamJob {
     }
 
     /// Aborts the round's requests (their blocks are freed).
-    pub(crate) fn abort(&mut self, engine: &mut LLMEngine) {
+    pub(crate) fn abort(&mut self, core: &mut EngineCore) {
         for id in self.pending.keys() {
-            engine.abort_request(id);
+            core.abort(id);
         }
         self.pending.clear();
     }
@@ -318,18 +331,22 @@ impl BeamJob {
 /// Runs beam search for every prompt on `engine`, stepping it until done (`LLM::beam_search`;
 /// other requests on the engine keep running, their outputs are dropped).
 pub(crate) fn run(engine: &mut LLMEngine, prompts: Vec<Prompt>, p: &BeamSearchParams) -> Result<Vec<BeamSearchOutput>> {
-    let mut job = BeamJob::new(engine, "beam".into(), prompts, p.clone())?;
-    while job.submit(engine)? {
+    let mut job = BeamJob::new(engine.input_processor(), "\u{1}beam".into(), prompts, p.clone())?;
+    loop {
+        let (core, input) = engine.parts();
+        if !job.submit(core, input)? {
+            break;
+        }
         while !job.round_done() {
-            let outs = match engine.step() {
-                Ok(o) => o,
-                Err(e) => {
-                    job.abort(engine);
-                    return Err(e);
+            let mut accepted = Ok(());
+            let stepped = engine.step_with(|o| {
+                if let Err(e) = job.accept(&o) {
+                    accepted = Err(e);
                 }
-            };
-            for o in &outs {
-                job.accept(o)?;
+            });
+            if let Err(e) = stepped.and(accepted) {
+                job.abort(engine.parts().0);
+                return Err(e);
             }
         }
         job.advance();

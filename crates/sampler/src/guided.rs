@@ -14,14 +14,15 @@
 //! Each step the sampler sets every token the constraint does not allow to `-inf`; EOS is
 //! allowed only where the output so far is complete.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use llguidance::api::TopLevelGrammar;
-use llguidance::toktrie::{ApproximateTokEnv, TokEnv, TokRxInfo, TokTrie};
+use llguidance::toktrie::ApproximateTokEnv;
 use llguidance::{Matcher, ParserFactory};
 use outlines_core::prelude::{Index, Vocabulary};
+
+use crate::compile::GuideLimits;
 use serde::{Deserialize, Serialize};
 
 use crate::params::InvalidParam;
@@ -43,8 +44,7 @@ pub struct GuidedDecodingParams {
     pub json_object: bool,
     /// The whitespace allowed between JSON tokens (default: the backend's).
     pub whitespace_pattern: Option<String>,
-    /// `auto` (default: `outlines`, or `guidance` for grammars), `outlines` or `guidance`
-    /// (also spelled `llguidance`).
+    /// `auto` (default: `guidance`), `guidance` (also spelled `llguidance`) or `outlines`.
     pub backend: Option<String>,
 }
 
@@ -78,6 +78,8 @@ impl GuideBackendKind {
 /// A checked constraint for one backend: what it compiles, and the cache key.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Constraint {
+    /// The request field it came from (named in errors).
+    pub param: &'static str,
     /// The backend that compiles it.
     pub backend: GuideBackendKind,
     /// A regex (outlines) or a serialized llguidance grammar (guidance).
@@ -89,9 +91,10 @@ impl GuidedDecodingParams {
     pub fn constraint(&self) -> Result<Constraint, InvalidParam> {
         self.check_one()?;
         let backend = match self.backend.as_deref() {
-            None | Some("auto") if self.grammar.is_some() => GuideBackendKind::Guidance,
-            None | Some("auto") | Some("outlines") => GuideBackendKind::Outlines,
-            Some("guidance") | Some("llguidance") => GuideBackendKind::Guidance,
+            // llguidance compiles lazily under fuel and size limits, so a hostile schema or
+            // regex costs a bounded amount; outlines builds the whole automaton up front.
+            None | Some("auto") | Some("guidance") | Some("llguidance") => GuideBackendKind::Guidance,
+            Some("outlines") => GuideBackendKind::Outlines,
             Some(other) => {
                 return Err(invalid(
                     "guided_decoding_backend",
@@ -103,7 +106,41 @@ impl GuidedDecodingParams {
             GuideBackendKind::Outlines => self.to_regex()?,
             GuideBackendKind::Guidance => self.to_guidance()?,
         };
-        Ok(Constraint { backend, spec })
+        Ok(Constraint { param: self.param(), backend, spec })
+    }
+
+    /// The request field the constraint came from.
+    pub fn param(&self) -> &'static str {
+        if self.json_object {
+            "json_object"
+        } else if self.json.is_some() {
+            "guided_json"
+        } else if self.regex.is_some() {
+            "guided_regex"
+        } else if self.choice.is_some() {
+            "guided_choice"
+        } else if self.grammar.is_some() {
+            "guided_grammar"
+        } else {
+            "guided_decoding"
+        }
+    }
+
+    /// Cheap checks that need no compilation: exactly one constraint, each within
+    /// `max_bytes` of text.
+    pub fn check_shape(&self, max_bytes: usize) -> Result<(), InvalidParam> {
+        self.check_one()?;
+        let size = match (&self.json, &self.regex, &self.choice, &self.grammar) {
+            (Some(j), _, _, _) => j.to_string().len(),
+            (_, Some(r), _, _) => r.len(),
+            (_, _, Some(c), _) => c.iter().map(|s| s.len() + 1).sum(),
+            (_, _, _, Some(g)) => g.len(),
+            _ => 0,
+        } + self.whitespace_pattern.as_ref().map_or(0, String::len);
+        if size > max_bytes {
+            return Err(invalid(self.param(), format!("the constraint has {size} bytes; the limit is {max_bytes}")));
+        }
+        Ok(())
     }
 
     fn check_one(&self) -> Result<(), InvalidParam> {
@@ -201,6 +238,7 @@ impl GuidedDecodingParams {
         let checker = CHECKER.get_or_init(|| {
             let mut f = ParserFactory::new_simple(&ApproximateTokEnv::single_byte_env()).expect("byte-level factory");
             f.quiet();
+            *f.limits_mut() = GuideLimits::default().parser_limits();
             f
         });
         checker.create_parser(grammar.clone()).map_err(|e| invalid(param, format!("invalid constraint: {e}")))?;
@@ -219,6 +257,8 @@ pub trait GuideBackend: Send + Sync {
 pub trait CompiledGuide: Send + Sync {
     /// A sequence's state at the start of the output.
     fn start(&self) -> Box<dyn GuideState>;
+    /// Roughly how many bytes it holds (what the compile cache charges for it).
+    fn memory_bytes(&self) -> usize;
 }
 
 /// One sequence's position in a compiled constraint.
@@ -245,22 +285,51 @@ fn keep_only(logits: &mut [f32], allowed: impl Iterator<Item = u32>) {
 }
 
 /// The `outlines-core` backend.
-struct OutlinesBackend {
-    vocabulary: Vocabulary,
+pub(crate) struct OutlinesBackend {
+    pub(crate) vocabulary: Vocabulary,
+    pub(crate) vocab_size: usize,
+    pub(crate) limits: GuideLimits,
 }
 
 impl GuideBackend for OutlinesBackend {
     fn compile(&self, regex: &str) -> Result<Arc<dyn CompiledGuide>, String> {
+        // outlines-core determinizes the regex with no size limit and then walks every DFA
+        // state against the whole vocabulary: build the DFA here first, under a size limit,
+        // and refuse automata whose token index could outgrow the memory budget.
+        let config = regex_automata::dfa::dense::Config::new()
+            .dfa_size_limit(Some(self.limits.max_dfa_bytes))
+            .determinize_size_limit(Some(self.limits.max_dfa_bytes));
+        let dfa = regex_automata::dfa::dense::Builder::new()
+            .configure(config)
+            .build(regex)
+            .map_err(|e| format!("the automaton is too large for the outlines backend ({e}); use guidance"))?;
+        let states = dfa.memory_usage() / (dfa.alphabet_len().max(1) * std::mem::size_of::<u32>());
+        let estimate = states.saturating_mul(self.vocab_size).saturating_mul(8);
+        if estimate > self.limits.max_index_bytes {
+            return Err(format!(
+                "the outlines token index would take about {} MiB ({states} automaton states x {} tokens), over \
+                 the {} MiB limit; use the guidance backend",
+                estimate >> 20,
+                self.vocab_size,
+                self.limits.max_index_bytes >> 20
+            ));
+        }
+        drop(dfa);
         let index = Index::new(regex, &self.vocabulary).map_err(|e| e.to_string())?;
-        Ok(Arc::new(OutlinesGuide(Arc::new(index))))
+        let bytes = index.transitions().values().map(|m| 48 + m.len() * 12).sum::<usize>() + 4096;
+        Ok(Arc::new(OutlinesGuide(Arc::new(index), bytes)))
     }
 }
 
-struct OutlinesGuide(Arc<Index>);
+struct OutlinesGuide(Arc<Index>, usize);
 
 impl CompiledGuide for OutlinesGuide {
     fn start(&self) -> Box<dyn GuideState> {
         Box::new(OutlinesState { state: self.0.initial_state(), index: self.0.clone() })
+    }
+
+    fn memory_bytes(&self) -> usize {
+        self.1
     }
 }
 
@@ -293,9 +362,9 @@ impl GuideState for OutlinesState {
 }
 
 /// The `llguidance` backend.
-struct GuidanceBackend {
-    factory: ParserFactory,
-    eos: u32,
+pub(crate) struct GuidanceBackend {
+    pub(crate) factory: ParserFactory,
+    pub(crate) eos: u32,
 }
 
 impl GuideBackend for GuidanceBackend {
@@ -306,19 +375,27 @@ impl GuideBackend for GuidanceBackend {
         if let Some(e) = matcher.get_error() {
             return Err(e);
         }
-        Ok(Arc::new(GuidanceGuide { start: Mutex::new(matcher), eos: self.eos }))
+        // The lexer grows lazily, bounded by `max_lexer_states` (1-2 kB each); charge the
+        // grammar's size and a fixed share for it.
+        let bytes = spec.len() * 8 + (1 << 20);
+        Ok(Arc::new(GuidanceGuide { start: Mutex::new(matcher), eos: self.eos, bytes }))
     }
 }
 
 struct GuidanceGuide {
     start: Mutex<Matcher>,
     eos: u32,
+    bytes: usize,
 }
 
 impl CompiledGuide for GuidanceGuide {
     fn start(&self) -> Box<dyn GuideState> {
         let matcher = self.start.lock().unwrap_or_else(|p| p.into_inner()).deep_clone();
         Box::new(GuidanceState { matcher, eos: self.eos })
+    }
+
+    fn memory_bytes(&self) -> usize {
+        self.bytes
     }
 }
 
@@ -356,94 +433,6 @@ impl GuideState for GuidanceState {
 
     fn boxed_clone(&self) -> Box<dyn GuideState> {
         Box::new(GuidanceState { matcher: self.matcher.deep_clone(), eos: self.eos })
-    }
-}
-
-/// Compiles constraints with their backends over one tokenizer's vocabulary and caches them
-/// by constraint. Each backend is set up on first use. Cheap to clone (shared).
-#[derive(Clone)]
-pub struct GuideCompiler {
-    inner: Arc<CompilerInner>,
-}
-
-struct CompilerInner {
-    /// Each token's bytes (empty for special tokens, which are never text).
-    tokens: Vec<Vec<u8>>,
-    eos: u32,
-    outlines: OnceLock<Arc<dyn GuideBackend>>,
-    guidance: OnceLock<Result<Arc<dyn GuideBackend>, String>>,
-    cache: Mutex<HashMap<Constraint, Arc<dyn CompiledGuide>>>,
-}
-
-impl GuideCompiler {
-    /// A compiler over `tokens` (id and raw bytes of every text token) with `eos` as the end.
-    pub fn new(tokens: impl IntoIterator<Item = (u32, Vec<u8>)>, eos: u32) -> Self {
-        let mut table: Vec<Vec<u8>> = Vec::new();
-        for (id, bytes) in tokens {
-            let id = id as usize;
-            if table.len() <= id {
-                table.resize(id + 1, Vec::new());
-            }
-            table[id] = bytes;
-        }
-        if table.len() <= eos as usize {
-            table.resize(eos as usize + 1, Vec::new());
-        }
-        table[eos as usize].clear();
-        let inner = CompilerInner {
-            tokens: table,
-            eos,
-            outlines: OnceLock::new(),
-            guidance: OnceLock::new(),
-            cache: Mutex::default(),
-        };
-        Self { inner: Arc::new(inner) }
-    }
-
-    /// The backend of a kind, set up on first use.
-    pub fn backend(&self, kind: GuideBackendKind) -> Result<Arc<dyn GuideBackend>, String> {
-        let inner = &self.inner;
-        match kind {
-            GuideBackendKind::Outlines => Ok(inner
-                .outlines
-                .get_or_init(|| {
-                    let mut vocabulary = Vocabulary::new(inner.eos);
-                    for (id, bytes) in inner.tokens.iter().enumerate() {
-                        if !bytes.is_empty() {
-                            let _ = vocabulary.try_insert(bytes.clone(), id as u32);
-                        }
-                    }
-                    Arc::new(OutlinesBackend { vocabulary })
-                })
-                .clone()),
-            GuideBackendKind::Guidance => inner
-                .guidance
-                .get_or_init(|| {
-                    let info = TokRxInfo::new(inner.tokens.len() as u32, inner.eos);
-                    let trie = TokTrie::from(&info, &inner.tokens);
-                    let env: TokEnv = Arc::new(ApproximateTokEnv::new(trie));
-                    let mut factory = ParserFactory::new_simple(&env).map_err(|e| e.to_string())?;
-                    factory.quiet();
-                    Ok(Arc::new(GuidanceBackend { factory, eos: inner.eos }) as Arc<dyn GuideBackend>)
-                })
-                .clone(),
-        }
-    }
-
-    /// The cached compilation of `constraint`, if there is one.
-    pub fn cached(&self, constraint: &Constraint) -> Option<Arc<dyn CompiledGuide>> {
-        self.inner.cache.lock().unwrap_or_else(|p| p.into_inner()).get(constraint).cloned()
-    }
-
-    /// Compiles (or fetches) `constraint`. Slow for big schemas with outlines: call it off the
-    /// engine loop.
-    pub fn compile(&self, constraint: &Constraint) -> Result<Arc<dyn CompiledGuide>, String> {
-        if let Some(c) = self.cached(constraint) {
-            return Ok(c);
-        }
-        let compiled = self.backend(constraint.backend)?.compile(&constraint.spec)?;
-        self.inner.cache.lock().unwrap_or_else(|p| p.into_inner()).insert(constraint.clone(), compiled.clone());
-        Ok(compiled)
     }
 }
 
@@ -487,6 +476,7 @@ impl fmt::Debug for Guide {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::GuideCompiler;
 
     /// A byte-level vocabulary: token `b` is byte `b`, EOS is 256.
     fn bytes_compiler() -> GuideCompiler {

@@ -14,12 +14,12 @@
 //! assert_eq!(tokens[0].token, 1);
 //! ```
 
+mod compile;
 mod guided;
 mod params;
 mod sampler;
 
-pub use guided::{
-    CompiledGuide, Constraint, Guide, GuideBackend, GuideBackendKind, GuideCompiler, GuideState, GuidedDecodingParams,
-};
+pub use compile::{GuideCompiler, GuideError, GuideLimits};
+pub use guided::{CompiledGuide, Constraint, Guide, GuideBackend, GuideBackendKind, GuideState, GuidedDecodingParams};
 pub use params::{InvalidParam, RequestOutputKind, SamplingParams, MAX_LOGPROBS, SAMPLING_EPS};
 pub use sampler::{argmax, log_sum_exp, sample_batch, top_k_indices, Sample, SeqSampler, TokenLogprobs};

@@ -262,8 +262,10 @@ impl SamplingParams {
         if !self.detokenize && !self.stop.is_empty() {
             return Err(invalid("stop", "stop strings need detokenize = true"));
         }
+        // The constraint itself is checked when it is compiled (by the input processor, on
+        // the compile pool: checking a grammar can be as costly as compiling it).
         if let Some(g) = &self.guided_decoding {
-            g.constraint()?;
+            g.check_shape(usize::MAX)?;
         }
         if let Some(&bad) = self.stop_token_ids.iter().find(|&&t| t as usize >= vocab_size) {
             return Err(invalid(

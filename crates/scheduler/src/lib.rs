@@ -11,7 +11,7 @@
 //!
 //! let mut s = Scheduler::new(SchedulerConfig {
 //!     max_num_seqs: 8, max_num_batched_tokens: 4, max_model_len: 64,
-//!     block_size: 4, num_blocks: 8, enable_prefix_caching: true,
+//!     block_size: 4, num_blocks: 8, enable_prefix_caching: true, long_prefill_token_threshold: 0,
 //! });
 //! let stop = StopConditions { max_tokens: 2, ..Default::default() };
 //! s.add_request(Request::new(1, vec![5, 6, 7, 8, 9, 10], stop)).unwrap();

@@ -34,6 +34,9 @@ pub struct SchedulerConfig {
     pub num_blocks: usize,
     /// Reuse cached prompt prefixes.
     pub enable_prefix_caching: bool,
+    /// A prompt chunk is at most this many tokens per step, so a long prompt delays other
+    /// requests by one short step at a time (0: no limit).
+    pub long_prefill_token_threshold: usize,
 }
 
 /// Why a request cannot be added.
@@ -232,12 +235,12 @@ impl Scheduler {
         }
         let prompt = req.token_ids.len();
         let max_tokens = req.stop.max_tokens;
-        if prompt + max_tokens > self.config.max_model_len {
+        if prompt.checked_add(max_tokens).is_none_or(|total| total > self.config.max_model_len) {
             return Err(SchedulerError::TooLong { prompt, max_tokens, max_model_len: self.config.max_model_len });
         }
         let capacity = self.config.num_blocks * self.config.block_size;
         // The last sampled token is never fed back, so it needs no slot.
-        let needed = prompt + max_tokens.saturating_sub(1);
+        let needed = prompt.saturating_add(max_tokens.saturating_sub(1));
         if needed > capacity {
             return Err(SchedulerError::ExceedsCache { needed, capacity });
         }
@@ -321,16 +324,26 @@ impl Scheduler {
     pub fn schedule(&mut self) -> SchedulerOutput {
         let mut out = SchedulerOutput::default();
         let mut budget = self.config.max_num_batched_tokens;
+        // Prompt chunks stay short, so that a request arriving during a long prefill waits at
+        // most one short step for its own turn.
+        let threshold = self.config.long_prefill_token_threshold;
+        let chunk = |num_new: usize, computed: usize, prompt: usize| {
+            if threshold > 0 && computed < prompt {
+                num_new.min(threshold)
+            } else {
+                num_new
+            }
+        };
 
         // 1. Running requests, oldest first; preempt the newest when blocks run out.
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
             let id = self.running[i];
-            let (computed, total) = {
+            let (computed, total, prompt) = {
                 let r = &self.requests[&id];
-                (r.num_computed_tokens, r.token_ids.len())
+                (r.num_computed_tokens, r.token_ids.len(), r.num_prompt_tokens)
             };
-            let num_new = (total - computed).min(budget);
+            let num_new = chunk((total - computed).min(budget), computed, prompt);
             if num_new == 0 {
                 i += 1;
                 continue;
@@ -374,7 +387,7 @@ impl Scheduler {
                     self.kv.find_cached_prefix(&r.token_ids, &r.cache_extra)
                 };
                 let computed = hit.num_tokens;
-                let num_new = (total - computed).min(budget);
+                let num_new = chunk((total - computed).min(budget), computed, r.num_prompt_tokens);
                 // A new sequence shares no partial block, so nothing is copied.
                 if self.kv.allocate_slots(id, computed, computed + num_new, &hit).is_err() {
                     break;

@@ -14,6 +14,7 @@ fn config(num_blocks: usize, budget: usize, max_seqs: usize) -> SchedulerConfig 
         block_size: 4,
         num_blocks,
         enable_prefix_caching: true,
+        long_prefill_token_threshold: 0,
     }
 }
 

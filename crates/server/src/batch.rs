@@ -55,6 +55,6 @@ pub async fn run(router: Router, input: &Path, output: &Path) -> Result<()> {
         out.push('\n');
     }
     std::fs::write(output, out).with_context(|| format!("writing {}", output.display()))?;
-    eprintln!("vllm-server: wrote {} results to {}", results.len(), output.display());
+    tracing::info!("wrote {} results to {}", results.len(), output.display());
     Ok(())
 }

@@ -4,6 +4,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
+use vllm_engine::GuideError;
 
 /// An error answered as `{"error": {"message", "type", "param", "code"}}`.
 #[derive(Debug, Clone)]
@@ -30,6 +31,15 @@ impl ApiError {
         Self { status: StatusCode::NOT_FOUND, message: message.into(), param: None }
     }
 
+    /// Capacity or a dead engine: a 503 with `Retry-After`.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self { status: StatusCode::SERVICE_UNAVAILABLE, message: message.into(), param: None }
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self { status: StatusCode::INTERNAL_SERVER_ERROR, message: message.into(), param: None }
+    }
+
     pub fn unauthorized() -> Self {
         Self {
             status: StatusCode::UNAUTHORIZED,
@@ -42,7 +52,10 @@ impl ApiError {
         match self.status {
             StatusCode::UNAUTHORIZED => "AuthenticationError",
             StatusCode::NOT_FOUND => "NotFoundError",
+            StatusCode::METHOD_NOT_ALLOWED => "MethodNotAllowedError",
             StatusCode::PAYLOAD_TOO_LARGE => "PayloadTooLargeError",
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => "UnsupportedMediaTypeError",
+            StatusCode::SERVICE_UNAVAILABLE => "ServiceUnavailableError",
             s if s.is_client_error() => "BadRequestError",
             _ => "InternalServerError",
         }
@@ -54,9 +67,17 @@ impl ApiError {
     }
 }
 
+/// Seconds a client is asked to wait before retrying a 503.
+const RETRY_AFTER_SECONDS: &str = "1";
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(self.body())).into_response()
+        let mut r = (self.status, Json(self.body())).into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            r.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static(RETRY_AFTER_SECONDS));
+        }
+        r
     }
 }
 
@@ -68,8 +89,16 @@ impl From<vllm_engine::Error> for ApiError {
             E::InvalidPrompt(_) | E::PromptTooLong { .. } | E::Scheduler(_) | E::Tokenizer(_) => {
                 Self::invalid_param("prompt", e.to_string())
             }
-            E::DuplicateRequestId(_) | E::InvalidArgument { .. } => Self::bad_request(e.to_string()),
-            _ => Self { status: StatusCode::INTERNAL_SERVER_ERROR, message: e.to_string(), param: None },
+            E::InvalidArgument { param, .. } => Self::invalid_param(param, e.to_string()),
+            E::DuplicateRequestId(_) => Self::bad_request(e.to_string()),
+            E::Guided(g) => match g {
+                GuideError::Invalid(p) => Self::invalid_param(p.param, p.to_string()),
+                GuideError::Timeout { param, .. } => Self::invalid_param(param, e.to_string()),
+                GuideError::Busy => Self::unavailable(e.to_string()),
+                GuideError::Cancelled => Self::bad_request(e.to_string()),
+            },
+            E::Overloaded(_) | E::EngineDead(_) | E::Aborted(_) => Self::unavailable(e.to_string()),
+            _ => Self::internal(e.to_string()),
         }
     }
 }

@@ -6,6 +6,7 @@
 
 mod batch;
 mod error;
+mod logging;
 mod protocol;
 mod routes;
 
@@ -108,6 +109,44 @@ struct ServeArgs {
     /// Largest accepted request body, in bytes.
     #[arg(long, default_value_t = 32 << 20)]
     max_body_bytes: usize,
+    /// Prompts are computed at most this many tokens per step, so a request arriving during
+    /// a long prefill waits one short step (default: 4% of --max-model-len, at least 256;
+    /// 0 turns it off).
+    #[arg(long)]
+    long_prefill_token_threshold: Option<usize>,
+    /// Requests queued beyond the running batch; past this, new requests get 503 with
+    /// Retry-After.
+    #[arg(long, default_value_t = 1024)]
+    max_waiting_requests: usize,
+    /// Steps of output buffered for a client that is not reading its stream; past this the
+    /// request is aborted and its KV blocks freed.
+    #[arg(long, default_value_t = 1024)]
+    max_output_buffer_steps: usize,
+    /// Seconds a request waits for its guided-decoding constraint to compile (then 400).
+    #[arg(long, default_value_t = 10.0)]
+    guided_decoding_compile_timeout: f64,
+    /// Threads compiling guided-decoding constraints.
+    #[arg(long, default_value_t = 1)]
+    guided_decoding_compile_threads: usize,
+    /// Memory kept for compiled constraints (least recently used evicted), e.g. 512MiB.
+    #[arg(long, default_value = "512MiB")]
+    guided_decoding_cache: String,
+    /// Longest guided-decoding constraint (schema, regex, choices, grammar), in bytes.
+    #[arg(long, default_value_t = 64 << 10)]
+    guided_decoding_max_constraint_bytes: usize,
+    /// On SIGTERM/Ctrl-C, seconds to let in-flight requests finish before exiting anyway.
+    #[arg(long, default_value_t = 30.0)]
+    shutdown_timeout: f64,
+    /// Do not log each request (vLLM's flag); errors are still logged.
+    #[arg(long)]
+    disable_log_requests: bool,
+    /// Log format: text or json.
+    #[arg(long, default_value = "text")]
+    log_format: String,
+    /// Test hook: `POST /debug/crash-engine` makes the engine core panic, so tests can check
+    /// what the server does when its core dies. Never enable it in production.
+    #[arg(long, hide = true)]
+    enable_crash_route_for_tests: bool,
 }
 
 impl ServeArgs {
@@ -124,6 +163,17 @@ impl ServeArgs {
             kv_cache_memory: vllm_engine::parse_bytes(&self.kv_cache_memory)?,
             enable_prefix_caching: !self.no_enable_prefix_caching,
             device: self.device.clone(),
+            long_prefill_token_threshold: self.long_prefill_token_threshold,
+            max_waiting_requests: self.max_waiting_requests,
+            max_output_buffer_steps: self.max_output_buffer_steps,
+            guided_decoding: vllm_engine::GuideLimits {
+                compile_timeout: seconds("--guided-decoding-compile-timeout", self.guided_decoding_compile_timeout)?,
+                compile_threads: self.guided_decoding_compile_threads.max(1),
+                cache_bytes: usize::try_from(vllm_engine::parse_bytes(&self.guided_decoding_cache)?)
+                    .context("--guided-decoding-cache")?,
+                max_spec_bytes: self.guided_decoding_max_constraint_bytes,
+                ..Default::default()
+            },
         })
     }
 
@@ -137,9 +187,21 @@ impl ServeArgs {
     }
 }
 
-pub(crate) fn router(state: Arc<AppState>, max_body: usize) -> Router {
-    Router::new()
-        .route("/v1/models", get(routes::models))
+/// How long a server whose engine died keeps answering (503s) before it exits.
+const DEATH_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// A non-negative, finite number of seconds.
+fn seconds(flag: &str, s: f64) -> Result<std::time::Duration> {
+    std::time::Duration::try_from_secs_f64(s)
+        .with_context(|| format!("{flag} must be a non-negative number of seconds"))
+}
+
+pub(crate) fn router(state: Arc<AppState>, max_body: usize, crash_route: bool) -> Router {
+    let mut r = Router::new();
+    if crash_route {
+        r = r.route("/debug/crash-engine", post(routes::crash_engine));
+    }
+    r.route("/v1/models", get(routes::models))
         .route("/v1/completions", post(routes::completions))
         .route("/v1/chat/completions", post(routes::chat))
         .route("/v1/embeddings", post(routes::embeddings))
@@ -149,6 +211,8 @@ pub(crate) fn router(state: Arc<AppState>, max_body: usize) -> Router {
         .route("/health", get(routes::health))
         .route("/version", get(routes::version))
         .route("/metrics", get(routes::metrics))
+        .fallback(routes::not_found)
+        .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(state.clone(), routes::auth))
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(state)
@@ -170,7 +234,6 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     let term = std::future::pending::<()>();
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
-    eprintln!("vllm-server: shutting down (finishing in-flight requests)");
 }
 
 /// Loads the engine and builds the shared state.
@@ -180,7 +243,7 @@ async fn build_state(
 ) -> Result<Arc<AppState>> {
     let chat_template = args.chat_template()?;
     let engine_args = args.engine_args()?;
-    eprintln!("vllm-server: loading {}", engine_args.model);
+    tracing::info!(model = %engine_args.model, "loading the model");
     // An embedding model (BertModel) gets an encoder and serves /v1/embeddings; any other
     // model gets the generation engine.
     let (engine, embedder) = tokio::task::spawn_blocking(move || -> Result<_> {
@@ -201,6 +264,7 @@ async fn build_state(
         chat_template,
         metrics,
         next_id: AtomicU64::new(0),
+        log_requests: !args.disable_log_requests,
     }))
 }
 
@@ -216,17 +280,62 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let engine = state.engine.clone();
     let addr = format!("{}:{}", args.host, args.port);
     let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("binding {addr}"))?;
-    eprintln!("vllm-server: serving {} on http://{addr} (OpenAI-compatible routes under /v1)", state.model_name);
-    axum::serve(listener, router(state, args.max_body_bytes)).with_graceful_shutdown(shutdown_signal()).await?;
+    tracing::info!(model = %state.model_name, "serving on http://{addr} (OpenAI-compatible routes under /v1)");
+    // Stops on SIGTERM/Ctrl-C, or when the engine core dies (then the process exits non-zero,
+    // so a supervisor restarts it).
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(None::<String>);
+    let watch_engine = engine.clone();
+    tokio::spawn(async move {
+        let dead = async {
+            match &watch_engine {
+                Some(e) => {
+                    let reason = e.dead().await;
+                    tracing::error!(%reason, "the engine core died: /health answers 503; exiting in {DEATH_GRACE:?}");
+                    // Long enough for a supervisor's health probe to see the 503.
+                    tokio::time::sleep(DEATH_GRACE).await;
+                    Some(reason)
+                }
+                None => std::future::pending().await,
+            }
+        };
+        let reason = tokio::select! { _ = shutdown_signal() => None, r = dead => r };
+        let _ = stop_tx.send(Some(reason.unwrap_or_default()));
+    });
+    let mut graceful = stop_rx.clone();
+    let server = axum::serve(listener, router(state, args.max_body_bytes, args.enable_crash_route_for_tests))
+        .with_graceful_shutdown(async move {
+            let _ = graceful.wait_for(Option::is_some).await;
+        });
+    let mut deadline = stop_rx.clone();
+    let drain = seconds("--shutdown-timeout", args.shutdown_timeout)?;
+    tokio::select! {
+        r = server => r?,
+        _ = async {
+            let _ = deadline.wait_for(Option::is_some).await;
+            tracing::info!("shutting down: letting in-flight requests finish for up to {drain:?}");
+            tokio::time::sleep(drain).await;
+        } => tracing::warn!("shutdown deadline reached: closing the remaining connections"),
+    }
+    let dead = stop_rx.borrow().clone().filter(|r| !r.is_empty());
     if let Some(engine) = engine {
         tokio::task::spawn_blocking(move || engine.shutdown()).await?;
     }
-    eprintln!("vllm-server: stopped");
+    if let Some(reason) = dead {
+        tracing::error!(%reason, "the engine core died: exiting with an error");
+        std::process::exit(1);
+    }
+    tracing::info!("stopped");
     Ok(())
 }
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    let format = match &cli.command {
+        Some(Command::Serve(a)) => a.log_format.clone(),
+        Some(Command::RunBatch(b)) => b.serve.log_format.clone(),
+        None => cli.serve.log_format.clone(),
+    };
+    logging::init(&format)?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
         Some(Command::Serve(a)) => rt.block_on(serve(a)),
@@ -236,7 +345,7 @@ fn main() -> Result<()> {
             serve.api_key = None;
             let state = build_state(&serve, None).await?;
             let engine = state.engine.clone();
-            let r = batch::run(router(state, usize::MAX), &b.input, &b.output).await;
+            let r = batch::run(router(state, usize::MAX, false), &b.input, &b.output).await;
             if let Some(engine) = engine {
                 tokio::task::spawn_blocking(move || engine.shutdown()).await?;
             }

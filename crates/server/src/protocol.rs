@@ -47,6 +47,120 @@ pub struct SamplingFields {
     pub early_stopping: Option<Value>,
     pub guided_whitespace_pattern: Option<String>,
     pub guided_decoding_backend: Option<String>,
+    /// OpenAI's structured output: `{"type": "text" | "json_object" | "json_schema", ...}`.
+    pub response_format: Option<Value>,
+    /// vLLM >= 0.12's constraint object (`json`, `regex`, `choice`, `grammar`, `json_object`,
+    /// `whitespace_pattern`).
+    pub structured_outputs: Option<Value>,
+}
+
+/// Request fields that OpenAI or vLLM define and that this server cannot honour: a 400 naming
+/// the field, never a silent drop.
+const UNSUPPORTED_FIELDS: &[&str] = &[
+    "functions",
+    "function_call",
+    "parallel_tool_calls",
+    "audio",
+    "modalities",
+    "prediction",
+    "web_search_options",
+    "reasoning_effort",
+    "logits_processors",
+    "prompt_embeds",
+    "mm_processor_kwargs",
+    "kv_transfer_params",
+    "vllm_xargs",
+    "return_tokens_as_token_ids",
+    "structural_tag",
+];
+
+/// Informational fields that change nothing in the output: accepted and ignored.
+const INFORMATIONAL_FIELDS: &[&str] = &["user", "metadata", "store", "service_tier", "request_id", "n_threads"];
+
+/// The policy for request fields this server does not know: a field OpenAI or vLLM defines
+/// and this server cannot honour is a 400 naming it; an informational one is ignored; any
+/// other is ignored with a warning in the log (vLLM's behaviour, so clients that send
+/// extra fields keep working).
+pub fn check_extra_fields(extra: &serde_json::Map<String, Value>) -> Result<(), ApiError> {
+    for (k, v) in extra {
+        if v.is_null() || INFORMATIONAL_FIELDS.contains(&k.as_str()) {
+            continue;
+        }
+        if UNSUPPORTED_FIELDS.contains(&k.as_str()) {
+            return Err(ApiError::unsupported(k, "(this feature)"));
+        }
+        tracing::warn!(field = %k, "the request has a field this server does not know; it is ignored");
+    }
+    Ok(())
+}
+
+/// `response_format` as a constraint.
+fn response_format(format: &Value) -> Result<Option<GuidedDecodingParams>, ApiError> {
+    match format.get("type").and_then(|t| t.as_str()) {
+        None if format.is_null() => Ok(None),
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(GuidedDecodingParams { json_object: true, ..Default::default() })),
+        Some("json_schema") => {
+            let schema = format.pointer("/json_schema/schema").cloned().ok_or_else(|| {
+                ApiError::invalid_param("response_format", "json_schema needs response_format.json_schema.schema")
+            })?;
+            Ok(Some(GuidedDecodingParams { json: Some(schema), ..Default::default() }))
+        }
+        Some(other) => Err(ApiError::invalid_param(
+            "response_format",
+            format!("type '{other}' (choose text, json_object or json_schema)"),
+        )),
+        None => Err(ApiError::invalid_param("response_format", "response_format needs a 'type'")),
+    }
+}
+
+/// vLLM's `structured_outputs` object as a constraint.
+fn structured_outputs(v: &Value) -> Result<Option<GuidedDecodingParams>, ApiError> {
+    let bad = |m: &str| ApiError::invalid_param("structured_outputs", m.to_string());
+    let Some(o) = v.as_object() else {
+        return if v.is_null() { Ok(None) } else { Err(bad("structured_outputs must be an object")) };
+    };
+    for (k, val) in o {
+        match k.as_str() {
+            "json" | "regex" | "choice" | "grammar" | "json_object" | "whitespace_pattern" | "backend" => {}
+            "disable_any_whitespace" | "disable_additional_properties" | "disable_fallback" => {
+                if val.as_bool() == Some(true) {
+                    return Err(ApiError::unsupported("structured_outputs", &format!("with {k}")));
+                }
+            }
+            "structural_tag" if !val.is_null() => {
+                return Err(ApiError::unsupported("structured_outputs", "with structural_tag"))
+            }
+            _ if val.is_null() => {}
+            _ => return Err(bad(&format!("unknown field '{k}'"))),
+        }
+    }
+    let str_field = |k: &str| -> Result<Option<String>, ApiError> {
+        match o.get(k) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(bad(&format!("{k} must be a string"))),
+        }
+    };
+    let choice = match o.get("choice") {
+        None | Some(Value::Null) => None,
+        Some(Value::Array(a)) => Some(
+            a.iter()
+                .map(|x| x.as_str().map(String::from))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| bad("choice must be a list of strings"))?,
+        ),
+        Some(_) => return Err(bad("choice must be a list of strings")),
+    };
+    Ok(Some(GuidedDecodingParams {
+        json: o.get("json").filter(|j| !j.is_null()).cloned(),
+        regex: str_field("regex")?,
+        choice,
+        grammar: str_field("grammar")?,
+        json_object: o.get("json_object").and_then(|b| b.as_bool()).unwrap_or(false),
+        whitespace_pattern: str_field("whitespace_pattern")?,
+        backend: str_field("backend")?,
+    }))
 }
 
 impl SamplingFields {
@@ -142,6 +256,32 @@ impl SamplingFields {
         };
         let any =
             guided.json.is_some() || guided.regex.is_some() || guided.choice.is_some() || guided.grammar.is_some();
+        // One constraint, from whichever spelling the client used.
+        let mut constraints: Vec<(&str, GuidedDecodingParams)> = Vec::new();
+        if any {
+            constraints.push(("guided_decoding", guided));
+        }
+        if let Some(g) = self.response_format.as_ref().map(response_format).transpose()?.flatten() {
+            constraints.push(("response_format", g));
+        }
+        if let Some(g) = self.structured_outputs.as_ref().map(structured_outputs).transpose()?.flatten() {
+            constraints.push(("structured_outputs", g));
+        }
+        if constraints.len() > 1 {
+            return Err(ApiError::invalid_param(
+                constraints[1].0,
+                format!("{} and {} cannot be combined: give one constraint", constraints[0].0, constraints[1].0),
+            ));
+        }
+        let guided_decoding = constraints.pop().map(|(_, mut g)| {
+            if g.backend.is_none() {
+                g.backend = self.guided_decoding_backend.clone();
+            }
+            if g.whitespace_pattern.is_none() {
+                g.whitespace_pattern = self.guided_whitespace_pattern.clone();
+            }
+            g
+        });
         let d = SamplingParams::default();
         Ok(SamplingParams {
             n: self.n.unwrap_or(1),
@@ -171,7 +311,7 @@ impl SamplingFields {
             bad_words: strings("bad_words", &self.bad_words)?,
             detokenize: true,
             output_kind: Default::default(),
-            guided_decoding: any.then_some(guided),
+            guided_decoding,
         })
     }
 }
@@ -196,6 +336,9 @@ pub struct CompletionRequest {
     pub suffix: Option<String>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
+    /// Fields not named above (see [`check_extra_fields`]).
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, Value>,
 }
 
 /// A prompt as the completions API accepts it.
@@ -243,7 +386,6 @@ pub struct ChatRequest {
     pub max_completion_tokens: Option<usize>,
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<usize>,
-    pub response_format: Option<Value>,
     pub tools: Option<Value>,
     pub tool_choice: Option<Value>,
     pub add_generation_prompt: Option<bool>,
@@ -256,6 +398,9 @@ pub struct ChatRequest {
     pub documents: Option<Value>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
+    /// Fields not named above (see [`check_extra_fields`]).
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, Value>,
 }
 
 /// Messages with list-of-parts content flattened to text (only text parts are accepted).
@@ -307,6 +452,9 @@ pub struct GenerateRequest {
     pub stream: bool,
     #[serde(flatten)]
     pub sampling: SamplingFields,
+    /// Fields not named above (see [`check_extra_fields`]).
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, Value>,
 }
 
 /// `POST /tokenize`.

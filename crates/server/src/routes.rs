@@ -18,14 +18,17 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
-use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
+use tokio_stream::wrappers::ReceiverStream;
 use vllm_engine::{
-    AsyncEngine, BeamSearchParams, CompletionOutput, Embedder, Logprob, OutputStream, PositionLogprobs, Prompt,
-    RequestOutput, SamplingParams,
+    AsyncEngine, BeamSearchParams, CompletionOutput, Embedder, EngineHealth, Logprob, OutputStream, PositionLogprobs,
+    Prompt, RequestOutput, RequestOutputKind, SamplingParams,
 };
 use vllm_tokenizer::ChatRequest as TemplateRequest;
 
 use crate::error::ApiError;
+
+/// Longest chat template a request may bring (`chat_template`).
+const MAX_REQUEST_TEMPLATE_BYTES: usize = 64 << 10;
 use crate::protocol::*;
 
 /// Shared server state (cheap to clone through the `Arc`).
@@ -39,6 +42,8 @@ pub struct AppState {
     pub chat_template: Option<String>,
     pub metrics: Option<PrometheusHandle>,
     pub next_id: AtomicU64,
+    /// Log a line per request.
+    pub log_requests: bool,
 }
 
 pub type Shared = Arc<AppState>;
@@ -79,6 +84,25 @@ impl AppState {
         }
     }
 
+    /// Runs request-sized work (templates, tokenizing) on the blocking pool, at most a few at
+    /// a time; a panic in it fails this request alone.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        static PERMITS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
+        let _permit = PERMITS.acquire().await.map_err(|_| ApiError::internal("the worker pool is closed"))?;
+        tokio::task::spawn_blocking(f).await.map_err(|_| ApiError::internal("processing this request failed"))?
+    }
+
+    /// The most prompt bytes worth tokenizing (more cannot fit the context).
+    fn max_prompt_bytes(&self) -> usize {
+        match &self.engine {
+            Some(e) => e.input_processor().max_prompt_bytes(),
+            None => self.max_model_len().saturating_mul(64),
+        }
+    }
+
     fn check_model(&self, model: Option<&str>) -> Result<(), ApiError> {
         match model {
             Some(m) if m != self.model_name => Err(ApiError::not_found(format!("The model `{m}` does not exist."))),
@@ -94,10 +118,16 @@ fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, 
     serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
 }
 
-/// `Authorization: Bearer <key>` on `/v1` routes when an API key is set (constant-time).
+/// Routes that compute nothing for the caller stay open when an API key is set (a load
+/// balancer's health check, the version, Prometheus): everything else needs the key.
+const OPEN_ROUTES: &[&str] = &["/health", "/version", "/metrics"];
+
+/// `Authorization: Bearer <key>` on every route but [`OPEN_ROUTES`] when an API key is set
+/// (constant-time). Also turns a panic while handling one request into a 500 for it alone.
 pub async fn auth(State(s): State<Shared>, req: Request, next: Next) -> Response {
+    use futures::FutureExt;
     if let Some(key) = &s.api_key {
-        if req.uri().path().starts_with("/v1") {
+        if !OPEN_ROUTES.contains(&req.uri().path()) {
             let given = req
                 .headers()
                 .get(header::AUTHORIZATION)
@@ -109,11 +139,48 @@ pub async fn auth(State(s): State<Shared>, req: Request, next: Next) -> Response
             }
         }
     }
-    next.run(req).await
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let started = std::time::Instant::now();
+    let response = match std::panic::AssertUnwindSafe(next.run(req)).catch_unwind().await {
+        Ok(r) => r,
+        Err(_) => ApiError::internal("the request failed unexpectedly (a bug, reported in the log)").into_response(),
+    };
+    if s.log_requests || response.status().is_server_error() {
+        tracing::info!(%method, %path, status = response.status().as_u16(), ms = started.elapsed().as_millis() as u64, "request");
+    }
+    response
 }
 
-pub async fn health() -> StatusCode {
-    StatusCode::OK
+/// 200 while the engine runs; 503 once its core has died (the server is exiting).
+pub async fn health(State(s): State<Shared>) -> Response {
+    match s.engine.as_ref().map(|e| e.health()) {
+        Some(EngineHealth::Dead(reason)) => {
+            ApiError::unavailable(format!("the engine is dead: {reason}")).into_response()
+        }
+        _ => StatusCode::OK.into_response(),
+    }
+}
+
+/// Test hook (`--enable-crash-route-for-tests`): makes the engine core panic.
+pub async fn crash_engine(State(s): State<Shared>) -> StatusCode {
+    if let Some(e) = &s.engine {
+        e.crash_for_tests();
+    }
+    StatusCode::ACCEPTED
+}
+
+/// Unknown routes: a 404 in the OpenAI error shape.
+pub async fn not_found(req: Request) -> ApiError {
+    ApiError::not_found(format!("no route for {} {}", req.method(), req.uri().path()))
+}
+
+/// Known routes with the wrong method: a 405 in the OpenAI error shape.
+pub async fn method_not_allowed(req: Request) -> ApiError {
+    ApiError {
+        status: StatusCode::METHOD_NOT_ALLOWED,
+        message: format!("{} is not allowed on {}", req.method(), req.uri().path()),
+        param: None,
+    }
 }
 
 pub async fn version() -> Json<Value> {
@@ -144,30 +211,43 @@ pub async fn metrics(State(s): State<Shared>) -> Response {
 pub async fn tokenize(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
     let req: TokenizeRequest = parse(body)?;
     s.check_model(req.model.as_deref())?;
-    let tok = s.tokenizer();
-    let text = match (&req.prompt, &req.messages) {
-        (Some(p), None) => p.clone(),
-        (None, Some(m)) => {
-            let msgs = normalize_messages(m)?;
-            let tpl = tok.chat_template_for(s.chat_template.as_deref())?;
-            tpl.render(&TemplateRequest {
-                messages: &msgs,
-                add_generation_prompt: req.add_generation_prompt,
-                ..Default::default()
-            })?
-        }
-        _ => return Err(ApiError::bad_request("give exactly one of 'prompt' or 'messages'")),
-    };
-    let tokens = tok.encode(&text, req.add_special_tokens)?;
+    let max_bytes = s.max_prompt_bytes();
+    let state = s.clone();
+    let tokens = s
+        .blocking(move || {
+            let tok = state.tokenizer();
+            let text = match (&req.prompt, &req.messages) {
+                (Some(p), None) => p.clone(),
+                (None, Some(m)) => {
+                    let msgs = normalize_messages(m)?;
+                    let tpl = tok.chat_template_for(state.chat_template.as_deref())?;
+                    tpl.render(&TemplateRequest {
+                        messages: &msgs,
+                        add_generation_prompt: req.add_generation_prompt,
+                        ..Default::default()
+                    })?
+                }
+                _ => return Err(ApiError::bad_request("give exactly one of 'prompt' or 'messages'")),
+            };
+            if text.len() > max_bytes {
+                return Err(ApiError::invalid_param(
+                    "prompt",
+                    format!("{} bytes: more than the context could hold (at most {max_bytes} bytes)", text.len()),
+                ));
+            }
+            Ok(tok.encode(&text, req.add_special_tokens)?)
+        })
+        .await?;
     Ok(Json(json!({"count": tokens.len(), "max_model_len": s.max_model_len(), "tokens": tokens})))
 }
 
 pub async fn detokenize(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
     let req: DetokenizeRequest = parse(body)?;
     s.check_model(req.model.as_deref())?;
-    let tok = s.tokenizer();
-    tok.check_ids(&req.tokens).map_err(|e| ApiError::invalid_param("tokens", e.to_string()))?;
-    Ok(Json(json!({"prompt": tok.decode(&req.tokens, false)?})))
+    s.tokenizer().check_ids(&req.tokens).map_err(|e| ApiError::invalid_param("tokens", e.to_string()))?;
+    let state = s.clone();
+    let text = s.blocking(move || Ok(state.tokenizer().decode(&req.tokens, false)?)).await?;
+    Ok(Json(json!({"prompt": text})))
 }
 
 /// Submits one request per prompt; on any rejection the already-submitted streams are dropped,
@@ -185,7 +265,7 @@ async fn submit(
     Ok(streams)
 }
 
-/// Waits for each stream's final output.
+/// Waits for each stream's final output (the streams were submitted final-only).
 async fn collect(streams: Vec<OutputStream>) -> Result<Vec<RequestOutput>, ApiError> {
     let mut finals = Vec::with_capacity(streams.len());
     for mut rx in streams {
@@ -207,7 +287,11 @@ fn usage(outs: &[RequestOutput]) -> Value {
     let p: usize = outs.iter().map(|o| o.prompt_token_ids.len()).sum();
     let c: usize = outs.iter().flat_map(|o| &o.outputs).map(|c| c.token_ids.len()).sum();
     let cached: usize = outs.iter().map(|o| o.num_cached_tokens).sum();
-    json!({"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+    usage_of(p, c, cached)
+}
+
+fn usage_of(prompt: usize, completion: usize, cached: usize) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
            "prompt_tokens_details": {"cached_tokens": cached}})
 }
 
@@ -338,17 +422,17 @@ fn full_response(s: &AppState, render: &Render, id: &str, outs: &[RequestOutput]
         .into_response()
 }
 
-/// Per streamed choice: how much text and how many positions were already sent.
+/// Per streamed choice: characters already sent, and whether its first chunk went out.
 #[derive(Clone, Default)]
 struct Sent {
-    bytes: usize,
     chars: usize,
-    positions: usize,
     started: bool,
 }
 
-/// Streams deltas as server-sent events. The producer task ends when the client goes away
-/// (the event channel closes), dropping the engine streams, which aborts their requests.
+/// Streams deltas as server-sent events (the streams were submitted with delta outputs). The
+/// producer task ends when the client goes away (the event channel closes), dropping the
+/// engine streams, which aborts their requests. A client that stops reading fills the event
+/// channel, then its requests' output buffers, and is aborted.
 fn sse(
     render: Render,
     id: String,
@@ -378,11 +462,10 @@ fn sse(
                 }
             }
         }
-        let mut merged = select_all(
-            streams.into_iter().enumerate().map(|(i, rx)| UnboundedReceiverStream::new(rx).map(move |o| (i, o))),
-        );
+        let mut merged =
+            select_all(streams.into_iter().enumerate().map(|(i, rx)| rx.into_stream().map(move |o| (i, o)).boxed()));
         let mut sent = vec![Sent::default(); num_prompts * n];
-        let mut finals: Vec<Option<RequestOutput>> = vec![None; num_prompts];
+        let (mut prompt_tokens, mut completion_tokens, mut cached) = (0, 0, 0);
         while let Some((i, res)) = merged.next().await {
             let o = match res {
                 Ok(o) => o,
@@ -391,20 +474,22 @@ fn sse(
                     return;
                 }
             };
+            if o.finished {
+                prompt_tokens += o.prompt_token_ids.len();
+                cached += o.num_cached_tokens;
+            }
             for (j, c) in o.outputs.iter().enumerate() {
                 let k = i * n + j;
                 let st = &mut sent[k];
+                completion_tokens += c.token_ids.len();
                 // The echoed prompt goes in front of the choice's first chunk.
                 let echo = if st.started { "" } else { render.echo[i].as_str() };
                 st.started = true;
-                let new = c.text.get(st.bytes..).unwrap_or_default();
-                let delta = format!("{echo}{new}");
-                let positions = c.logprobs.as_deref().map_or(&[][..], |p| p.get(st.positions..).unwrap_or_default());
+                let delta = format!("{echo}{}", c.text);
+                let positions = c.logprobs.as_deref().unwrap_or_default();
                 // Character offset of the first new token in the choice's whole text.
                 let offset = st.chars + echo.chars().count();
-                st.bytes = c.text.len();
                 st.chars += delta.chars().count();
-                st.positions += positions.len();
                 if !delta.is_empty() || !positions.is_empty() || c.finished() {
                     let choice = render.choice(k, c, &delta, positions, offset, true);
                     if tx.send(chunk(json!([choice]), None)).await.is_err() {
@@ -412,19 +497,44 @@ fn sse(
                     }
                 }
             }
-            if o.finished {
-                finals[i] = Some(o);
-            }
         }
-        if include_usage {
-            let outs: Vec<RequestOutput> = finals.into_iter().flatten().collect();
-            if tx.send(chunk(json!([]), Some(usage(&outs)))).await.is_err() {
-                return;
-            }
+        if include_usage
+            && tx.send(chunk(json!([]), Some(usage_of(prompt_tokens, completion_tokens, cached)))).await.is_err()
+        {
+            return;
         }
         let _ = tx.send(Event::default().data("[DONE]")).await;
     });
     Sse::new(ReceiverStream::new(rx).map(Ok::<_, std::convert::Infallible>)).into_response()
+}
+
+/// Beam search results as request outputs (one per prompt, its beams as choices).
+fn beam_outputs(id: &str, outs: Vec<vllm_engine::BeamSearchOutput>) -> Vec<RequestOutput> {
+    outs.into_iter()
+        .enumerate()
+        .map(|(i, b)| RequestOutput {
+            request_id: format!("{id}-{i}"),
+            prompt: b.prompt,
+            prompt_token_ids: b.prompt_token_ids,
+            outputs: b
+                .sequences
+                .into_iter()
+                .enumerate()
+                .map(|(index, q)| CompletionOutput {
+                    index,
+                    text: q.text,
+                    token_ids: q.token_ids,
+                    finish_reason: Some(q.finish_reason),
+                    stop_reason: None,
+                    cumulative_logprob: Some(q.cumulative_logprob),
+                    logprobs: None,
+                })
+                .collect(),
+            finished: true,
+            num_cached_tokens: 0,
+            prompt_logprobs: None,
+        })
+        .collect()
 }
 
 /// Submits the prompts and answers: a stream of server-sent events, or the full response.
@@ -441,36 +551,13 @@ async fn respond(
         if stream.is_some() {
             return Err(ApiError::unsupported("use_beam_search", "together with stream"));
         }
-        let outs = s.engine()?.beam_search(prompts, beam).await?;
-        let outs: Vec<RequestOutput> = outs
-            .into_iter()
-            .enumerate()
-            .map(|(i, b)| RequestOutput {
-                request_id: format!("{id}-{i}"),
-                prompt: b.prompt,
-                prompt_token_ids: b.prompt_token_ids,
-                outputs: b
-                    .sequences
-                    .into_iter()
-                    .enumerate()
-                    .map(|(index, q)| CompletionOutput {
-                        index,
-                        text: q.text,
-                        token_ids: q.token_ids,
-                        finish_reason: Some(q.finish_reason),
-                        stop_reason: None,
-                        cumulative_logprob: Some(q.cumulative_logprob),
-                        logprobs: None,
-                    })
-                    .collect(),
-                finished: true,
-                num_cached_tokens: 0,
-                prompt_logprobs: None,
-            })
-            .collect();
+        let outs = beam_outputs(&id, s.engine()?.beam_search(prompts, beam).await?);
         return Ok(full_response(s, &render, &id, &outs));
     }
-    let streams = submit(s, &id, prompts, params).await?;
+    // Streams carry only what is new each step; a full response needs only the final output.
+    let kind = if stream.is_some() { RequestOutputKind::Delta } else { RequestOutputKind::FinalOnly };
+    let params = SamplingParams { output_kind: kind, ..params.clone() };
+    let streams = submit(s, &id, prompts, &params).await?;
     if let Some(opts) = stream {
         let usage = opts.is_some_and(|o| o.include_usage);
         return Ok(sse(render, id, s.model_name.clone(), streams, params.n, usage));
@@ -490,6 +577,7 @@ fn check_stream(stream: bool, params: &SamplingParams) -> Result<(), ApiError> {
 pub async fn completions(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let req: CompletionRequest = parse(body)?;
     s.check_model(req.model.as_deref())?;
+    check_extra_fields(&req.extra)?;
     if req.suffix.is_some() {
         return Err(ApiError::unsupported("suffix", "(fill-in-the-middle)"));
     }
@@ -524,56 +612,53 @@ pub async fn completions(State(s): State<Shared>, body: Result<Bytes, BytesRejec
 pub async fn chat(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let req: ChatRequest = parse(body)?;
     s.check_model(req.model.as_deref())?;
+    check_extra_fields(&req.extra)?;
     if req.top_logprobs.is_some() && req.logprobs != Some(true) {
         return Err(ApiError::invalid_param("top_logprobs", "top_logprobs needs logprobs set to true"));
     }
-    // response_format: json_object (any JSON object) or json_schema (OpenAI's structured output).
-    let format = req.response_format.as_ref();
-    let structured = match format.and_then(|f| f.get("type")).and_then(|t| t.as_str()) {
-        None | Some("text") => None,
-        Some("json_object") => Some(vllm_engine::GuidedDecodingParams { json_object: true, ..Default::default() }),
-        Some("json_schema") => {
-            let schema = format.and_then(|f| f.pointer("/json_schema/schema")).cloned().ok_or_else(|| {
-                ApiError::invalid_param("response_format", "json_schema needs response_format.json_schema.schema")
-            })?;
-            Some(vllm_engine::GuidedDecodingParams { json: Some(schema), ..Default::default() })
-        }
-        Some(other) => {
-            return Err(ApiError::invalid_param(
-                "response_format",
-                format!("type '{other}' (choose text, json_object or json_schema)"),
-            ))
-        }
-    };
     if req.tool_choice.as_ref().is_some_and(|t| t != "none" && t != "auto") {
         return Err(ApiError::unsupported("tool_choice", "(forced tool calls)"));
     }
+    if req.chat_template.as_ref().is_some_and(|t| t.len() > MAX_REQUEST_TEMPLATE_BYTES) {
+        return Err(ApiError::invalid_param(
+            "chat_template",
+            format!("a request's chat template is limited to {MAX_REQUEST_TEMPLATE_BYTES} bytes"),
+        ));
+    }
     let messages = normalize_messages(&req.messages)?;
-    let tok = &s.engine()?.info().tokenizer;
-    let tpl = tok
-        .chat_template_for(req.chat_template.as_deref().or(s.chat_template.as_deref()))
-        .map_err(|e| ApiError::invalid_param("chat_template", e.to_string()))?;
-    let text = tpl
-        .render(&TemplateRequest {
-            messages: &messages,
-            add_generation_prompt: req.add_generation_prompt.unwrap_or(!req.continue_final_message),
-            continue_final_message: req.continue_final_message,
-            tools: req.tools.as_ref(),
-            documents: req.documents.as_ref(),
-            kwargs: req.chat_template_kwargs.as_ref(),
-        })
-        .map_err(|e| ApiError::invalid_param("messages", e.to_string()))?;
-    // The template already wrote any BOS the model wants.
-    let ids = tok.encode(&text, false)?;
     let mut sampling = req.sampling.clone();
     sampling.max_tokens = req.max_completion_tokens.or(sampling.max_tokens);
     let mut params = sampling.to_params(None)?;
-    if let Some(g) = structured {
-        if params.guided_decoding.is_some() {
-            return Err(ApiError::invalid_param("response_format", "response_format and guided_* cannot be combined"));
-        }
-        params.guided_decoding = Some(g);
-    }
+    // The template runs on the blocking pool under its instruction and output budgets.
+    let engine = s.engine()?.clone();
+    let (state, msgs) = (s.clone(), messages.clone());
+    let ids = s
+        .blocking(move || {
+            let tok = &engine.info().tokenizer;
+            let tpl = tok
+                .chat_template_for(req.chat_template.as_deref().or(state.chat_template.as_deref()))
+                .map_err(|e| ApiError::invalid_param("chat_template", e.to_string()))?;
+            let text = tpl
+                .render(&TemplateRequest {
+                    messages: &msgs,
+                    add_generation_prompt: req.add_generation_prompt.unwrap_or(!req.continue_final_message),
+                    continue_final_message: req.continue_final_message,
+                    tools: req.tools.as_ref(),
+                    documents: req.documents.as_ref(),
+                    kwargs: req.chat_template_kwargs.as_ref(),
+                })
+                .map_err(|e| ApiError::invalid_param("messages", e.to_string()))?;
+            // The template already wrote any BOS the model wants; the engine checks the length.
+            let max = engine.input_processor().max_prompt_bytes();
+            if text.len() > max {
+                return Err(ApiError::invalid_param(
+                    "messages",
+                    format!("the conversation has {} bytes, more than the context holds", text.len()),
+                ));
+            }
+            Ok(tok.encode(&text, false)?)
+        })
+        .await?;
     let top_logprobs = (req.logprobs == Some(true)).then(|| req.top_logprobs.unwrap_or(0));
     params.logprobs = top_logprobs;
     check_stream(req.stream, &params)?;
@@ -585,7 +670,7 @@ pub async fn chat(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) 
         _ => String::new(),
     };
     let render = Render { api: Api::Chat, echo: vec![echo], top_logprobs };
-    let stream = req.stream.then_some(req.stream_options);
+    let stream = req.stream.then_some(req.stream_options.clone());
     let beam = sampling.beam_params(&params)?;
     respond(&s, render, s.new_id("chatcmpl"), vec![Prompt::TokenIds(ids)], &params, stream, beam).await
 }
@@ -594,20 +679,39 @@ pub async fn chat(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) 
 /// streamed as NUL-terminated JSON objects, like vLLM's `api_server`.
 pub async fn generate(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let req: GenerateRequest = parse(body)?;
+    check_extra_fields(&req.extra)?;
     let params = req.sampling.to_params(Some(16))?;
     check_stream(req.stream, &params)?;
     let id = s.new_id("gen");
-    let mut streams = submit(&s, &id, vec![Prompt::Text(req.prompt.clone())], &params).await?;
-    if !req.stream {
-        let outs = collect(streams).await?;
-        let text: Vec<String> = outs[0].outputs.iter().map(|c| format!("{}{}", req.prompt, c.text)).collect();
-        return Ok(Json(json!({"text": text})).into_response());
+    let prompt = req.prompt.clone();
+    let with_prompt =
+        |outs: &RequestOutput| -> Vec<String> { outs.outputs.iter().map(|c| format!("{prompt}{}", c.text)).collect() };
+    if let Some(beam) = req.sampling.beam_params(&params)? {
+        if req.stream {
+            return Err(ApiError::unsupported("use_beam_search", "together with stream"));
+        }
+        let outs = beam_outputs(&id, s.engine()?.beam_search(vec![Prompt::Text(req.prompt.clone())], beam).await?);
+        return Ok(Json(json!({"text": with_prompt(&outs[0])})).into_response());
     }
-    let prompt = req.prompt;
-    let rx = streams.remove(0);
-    let body = UnboundedReceiverStream::new(rx).map(move |o| {
+    if !req.stream {
+        let params = SamplingParams { output_kind: RequestOutputKind::FinalOnly, ..params };
+        let outs = collect(submit(&s, &id, vec![Prompt::Text(req.prompt.clone())], &params).await?).await?;
+        return Ok(Json(json!({"text": with_prompt(&outs[0])})).into_response());
+    }
+    // vLLM's stream sends each choice's whole text so far: rebuilt here from the deltas.
+    let params = SamplingParams { output_kind: RequestOutputKind::Delta, ..params };
+    let rx = submit(&s, &id, vec![Prompt::Text(req.prompt.clone())], &params).await?.remove(0);
+    let mut texts: Vec<String> = vec![req.prompt; params.n];
+    let body = rx.into_stream().map(move |o| {
         let v = match o {
-            Ok(o) => json!({"text": o.outputs.iter().map(|c| format!("{prompt}{}", c.text)).collect::<Vec<_>>()}),
+            Ok(o) => {
+                for c in &o.outputs {
+                    if let Some(t) = texts.get_mut(c.index) {
+                        t.push_str(&c.text);
+                    }
+                }
+                json!({"text": texts})
+            }
             Err(e) => ApiError::from(e).body(),
         };
         Ok::<_, std::convert::Infallible>(Bytes::from(format!("{v}\0")))
@@ -615,7 +719,7 @@ pub async fn generate(State(s): State<Shared>, body: Result<Bytes, BytesRejectio
     Response::builder()
         .header(header::CONTENT_TYPE, "application/json")
         .body(Body::from_stream(body))
-        .map_err(|e| ApiError::bad_request(e.to_string()))
+        .map_err(|e| ApiError::internal(e.to_string()))
 }
 
 /// `POST /v1/embeddings`: a string, a list of strings, token ids or lists of token ids;

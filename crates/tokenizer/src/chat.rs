@@ -25,12 +25,42 @@ pub struct ChatRequest<'a> {
     pub kwargs: Option<&'a serde_json::Map<String, Json>>,
 }
 
-/// A compiled chat template.
+/// Template instructions one render may run (minijinja's fuel): ample for real templates
+/// over long conversations, a bound on a hostile template's loops.
+pub const CHAT_TEMPLATE_FUEL: u64 = 5_000_000;
+/// Most bytes a render may produce.
+pub const MAX_RENDERED_BYTES: usize = 8 << 20;
+/// Deepest nesting of macro calls and includes.
+pub const CHAT_TEMPLATE_RECURSION_LIMIT: usize = 64;
+
+/// A compiled chat template, rendered under an instruction budget, a recursion limit and an
+/// output size limit.
 #[derive(Debug)]
 pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: String,
     eos_token: String,
+    max_bytes: usize,
+}
+
+/// A writer that refuses to grow past its limit.
+struct Capped {
+    buf: Vec<u8>,
+    limit: usize,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len() + b.len() > self.limit {
+            return Err(std::io::Error::other("the rendered chat is too long"));
+        }
+        self.buf.extend_from_slice(b);
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 fn template_error(e: minijinja::Error) -> Error {
@@ -41,6 +71,8 @@ impl ChatTemplate {
     /// Compiles `source` with the model's BOS/EOS token strings.
     pub fn new(source: &str, bos_token: Option<String>, eos_token: Option<String>) -> Result<Self> {
         let mut env = Environment::new();
+        env.set_fuel(Some(CHAT_TEMPLATE_FUEL));
+        env.set_recursion_limit(CHAT_TEMPLATE_RECURSION_LIMIT);
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -54,7 +86,19 @@ impl ChatTemplate {
             format_utc(secs, &fmt)
         });
         env.add_template_owned("chat", source.to_string()).map_err(template_error)?;
-        Ok(Self { env, bos_token: bos_token.unwrap_or_default(), eos_token: eos_token.unwrap_or_default() })
+        Ok(Self {
+            env,
+            bos_token: bos_token.unwrap_or_default(),
+            eos_token: eos_token.unwrap_or_default(),
+            max_bytes: MAX_RENDERED_BYTES,
+        })
+    }
+
+    /// Sets the render budget: `fuel` template instructions and `max_bytes` of output.
+    pub fn with_budget(mut self, fuel: u64, max_bytes: usize) -> Self {
+        self.env.set_fuel(Some(fuel));
+        self.max_bytes = max_bytes;
+        self
     }
 
     /// Renders a conversation to the prompt text.
@@ -77,7 +121,16 @@ impl ChatTemplate {
         if let Some(d) = req.documents {
             ctx.insert("documents".into(), d.clone());
         }
-        let mut text = tpl.render(Value::from_serialize(&ctx)).map_err(template_error)?;
+        let mut out = Capped { buf: Vec::new(), limit: self.max_bytes };
+        tpl.render_captured_to(Value::from_serialize(&ctx), &mut out).map(drop).map_err(|e| {
+            if e.kind() == ErrorKind::WriteFailure {
+                Error::Template(format!("the rendered chat is longer than {} bytes", self.max_bytes))
+            } else {
+                template_error(e)
+            }
+        })?;
+        let mut text =
+            String::from_utf8(out.buf).map_err(|_| Error::Template("the template wrote invalid UTF-8".into()))?;
         if req.continue_final_message {
             let last = req.messages.last().and_then(|m| m.get("content")).and_then(|c| c.as_str()).unwrap_or("");
             match text.rfind(last.trim()) {

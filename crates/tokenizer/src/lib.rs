@@ -26,7 +26,7 @@ use std::str::FromStr;
 
 use candle_core::quantized::gguf_file::Value;
 
-pub use chat::{ChatRequest, ChatTemplate};
+pub use chat::{ChatRequest, ChatTemplate, CHAT_TEMPLATE_FUEL, CHAT_TEMPLATE_RECURSION_LIMIT, MAX_RENDERED_BYTES};
 pub use detok::IncrementalDetokenizer;
 
 /// Tokenizer errors.

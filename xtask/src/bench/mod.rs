@@ -7,6 +7,7 @@ mod peer;
 mod plot;
 mod prefix;
 mod serve;
+mod stall;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -36,6 +37,9 @@ pub enum Bench {
     Embed(embed::EmbedArgs),
     /// Build llama.cpp's `llama-server` into the cache now (otherwise done on first `--peer`).
     BuildPeer,
+    /// Time to first token of short requests on an idle server and while a long prompt
+    /// prefills, hostile constraints compile and clients stop reading; memory under them.
+    Stall(stall::StallArgs),
 }
 
 /// Another engine to run the identical workload against.
@@ -163,6 +167,10 @@ pub struct ServeArgs {
     /// Also run the identical workload against this engine, after ours.
     #[arg(long, value_enum)]
     peer: Option<Peer>,
+    /// Also run the identical workload against this vllm-server binary (a baseline build,
+    /// e.g. the previous commit's), with the same --server-args.
+    #[arg(long)]
+    baseline_bin: Option<PathBuf>,
     #[command(flatten)]
     workload: Workload,
     /// Requests per second (Poisson arrivals), or `inf` to send all at once.
@@ -367,6 +375,20 @@ fn serve(a: ServeArgs) -> Result<()> {
         None => engines
             .push(Some(peer::Engine::Ours { extra: a.server_args.split_whitespace().map(String::from).collect() })),
     }
+    if let Some(bin) = &a.baseline_bin {
+        engines.push(Some(peer::Engine::OursAt {
+            bin: bin.clone(),
+            label: "baseline".into(),
+            extra: a.server_args.split_whitespace().map(String::from).collect(),
+        }));
+    }
+    if let Some(bin) = &a.baseline_bin {
+        engines.push(Some(peer::Engine::OursAt {
+            bin: bin.clone(),
+            label: "baseline".into(),
+            extra: a.server_args.split_whitespace().map(String::from).collect(),
+        }));
+    }
     if a.peer == Some(Peer::LlamaCpp) {
         // Every slot must hold the longest request.
         engines.push(Some(peer::Engine::LlamaCpp { parallel: max_c, ctx: max_c * (longest + 16) }));
@@ -421,7 +443,12 @@ fn serve(a: ServeArgs) -> Result<()> {
     if runs.len() > a.max_concurrency.len() {
         println!(
             "\n{:<14}{:>16}{:>16}{:>10}{:>14}{:>14}",
-            "concurrency", runs[0].engine, "llama.cpp", "ratio", "TTFT p50 ms", "ITL p50 ms"
+            "concurrency",
+            runs[0].engine,
+            runs[a.max_concurrency.len()].engine,
+            "ratio",
+            "TTFT p50 ms",
+            "ITL p50 ms"
         );
         for (i, &c) in a.max_concurrency.iter().enumerate() {
             let (o, p) = (&runs[i], &runs[i + a.max_concurrency.len()]);
@@ -474,6 +501,7 @@ pub fn run(b: Bench) -> Result<()> {
         Bench::Serve(a) => serve(a),
         Bench::PrefixCaching(a) => prefix::run(a),
         Bench::Embed(a) => embed::run(a),
+        Bench::Stall(a) => stall::run(a),
         Bench::BuildPeer => {
             println!("{}", peer::llama_server()?.display());
             Ok(())

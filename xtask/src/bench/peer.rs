@@ -131,6 +131,13 @@ pub struct Server {
     child: Child,
 }
 
+impl Server {
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -143,6 +150,8 @@ impl Drop for Server {
 pub enum Engine {
     /// vllm-rs with extra server flags.
     Ours { extra: Vec<String> },
+    /// Another build of vllm-rs (a baseline, e.g. the previous commit's binary), labelled.
+    OursAt { bin: PathBuf, label: String, extra: Vec<String> },
     /// llama.cpp's llama-server with `parallel` slots and `ctx` total context.
     LlamaCpp { parallel: usize, ctx: usize },
 }
@@ -159,14 +168,20 @@ pub async fn start(engine: &Engine, model: &Path, threads: usize, limit: Duratio
             let mut c = Command::new(our_server()?);
             c.arg("--model").arg(model).args(["--port", &port.to_string()]).args(extra);
             c.env("RAYON_NUM_THREADS", threads.to_string());
-            ("vllm-rs", c)
+            ("vllm-rs".to_string(), c)
+        }
+        Engine::OursAt { bin, label, extra } => {
+            let mut c = Command::new(bin);
+            c.arg("--model").arg(model).args(["--port", &port.to_string()]).args(extra);
+            c.env("RAYON_NUM_THREADS", threads.to_string());
+            (label.clone(), c)
         }
         Engine::LlamaCpp { parallel, ctx } => {
             let mut c = Command::new(llama_server()?);
             c.arg("-m").arg(model).args(["--host", "127.0.0.1", "--port", &port.to_string()]);
             c.args(["-np", &parallel.to_string(), "-c", &ctx.to_string()]);
             c.args(["-t", &threads.to_string(), "-tb", &threads.to_string()]);
-            ("llama.cpp", c)
+            ("llama.cpp".to_string(), c)
         }
     };
     let logfile = std::fs::File::create(log.join(format!("{name}-server.log")))?;
@@ -176,7 +191,7 @@ pub async fn start(engine: &Engine, model: &Path, threads: usize, limit: Duratio
         .stderr(Stdio::from(logfile))
         .spawn()
         .with_context(|| format!("starting the {name} server"))?;
-    let mut server = Server { name: name.to_string(), base_url, cold_start: 0.0, child };
+    let mut server = Server { name: name.clone(), base_url, cold_start: 0.0, child };
     // Time to the first token of a first request, retrying until the server answers.
     let client = reqwest::Client::new();
     let cfg = ServeConfig {

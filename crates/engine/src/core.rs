@@ -1,0 +1,341 @@
+//! The engine core: add, abort, schedule, run the model step, sample, update. It does only
+//! work bounded per step, and each step emits, per request that progressed, only what is new:
+//! the sampled token ids, the log probabilities asked for (token ids and floats, no text) and
+//! finish reasons. Detokenizing, stop strings and rendering are the output processor's
+//! ([`crate::output_processor`]); tokenizing, validation and constraint compiles the input
+//! processor's ([`crate::input`]).
+
+use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::ops::Range;
+
+use rand::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use vllm_block::SeqId;
+use vllm_sampler::{sample_batch, Guide, SamplingParams, SeqSampler, TokenLogprobs};
+use vllm_scheduler::{Request, Scheduler, SchedulerOutput};
+
+use crate::input::EngineRequest;
+use crate::output::{FinishReason, StopReason};
+use crate::runner::ModelRunner;
+use crate::{Error, Result};
+
+/// Why a sequence ended, and what ended it.
+pub(crate) type Finish = (FinishReason, Option<StopReason>);
+
+/// What one step did for one sequence of a request.
+#[derive(Debug, Clone)]
+pub(crate) struct SeqDelta {
+    /// The sequence's index among the request's sequences.
+    pub index: usize,
+    /// The token sampled this step (`None` in an abort's final output).
+    pub token: Option<u32>,
+    /// Its log probabilities, when the request asked for them (or needs them to rank).
+    pub logprobs: Option<TokenLogprobs>,
+    /// Set when the sequence ended this step.
+    pub finish: Option<Finish>,
+}
+
+/// What one step did for one request.
+#[derive(Debug, Clone)]
+pub(crate) struct CoreOutput {
+    pub request_id: String,
+    pub seqs: Vec<SeqDelta>,
+    /// Prompt log probabilities of the prompt positions computed this step, in order: the
+    /// scored prompt token and its log probabilities.
+    pub prompt_logprobs: Vec<(u32, TokenLogprobs)>,
+    /// Prompt tokens served from the prefix cache.
+    pub num_cached_tokens: usize,
+    /// The core holds nothing more of this request.
+    pub finished: bool,
+}
+
+/// The core's record of a request: which sequence is which, and which have ended.
+struct CoreRequest {
+    seqs: Vec<SeqId>,
+    done: Vec<bool>,
+    num_cached_tokens: usize,
+    /// With prompt log probabilities: how many alternatives, and the next prompt position to
+    /// score (positions arrive in order; a recomputation after preemption is skipped).
+    prompt_logprobs: Option<(usize, usize)>,
+}
+
+impl CoreRequest {
+    fn finished(&self) -> bool {
+        self.done.iter().all(|&d| d)
+    }
+}
+
+/// The engine core (vLLM v1's `EngineCore`).
+pub(crate) struct EngineCore {
+    pub(crate) scheduler: Scheduler,
+    pub(crate) runner: ModelRunner,
+    requests: HashMap<String, CoreRequest>,
+    /// Each running sequence's request id and index.
+    owners: HashMap<SeqId, (String, usize)>,
+    samplers: HashMap<SeqId, SeqSampler>,
+    next_seq: SeqId,
+    seed_rng: ChaCha8Rng,
+    eos: Vec<u32>,
+}
+
+impl EngineCore {
+    pub(crate) fn new(scheduler: Scheduler, runner: ModelRunner, seed: u64, eos: Vec<u32>) -> Self {
+        Self {
+            scheduler,
+            runner,
+            requests: HashMap::new(),
+            owners: HashMap::new(),
+            samplers: HashMap::new(),
+            next_seq: 0,
+            seed_rng: ChaCha8Rng::seed_from_u64(seed),
+            eos,
+        }
+    }
+
+    /// Whether a request id is in use.
+    pub(crate) fn contains(&self, request_id: &str) -> bool {
+        self.requests.contains_key(request_id)
+    }
+
+    /// Queues a processed request (with `n` / `best_of` > 1, one sequence per sample, all
+    /// sharing the prompt's blocks). Nothing is recorded on error.
+    pub(crate) fn add(&mut self, req: EngineRequest) -> Result<()> {
+        if self.requests.contains_key(&req.request_id) {
+            return Err(Error::DuplicateRequestId(req.request_id));
+        }
+        let EngineRequest {
+            request_id,
+            prompt_ids,
+            params,
+            stop,
+            min_tokens_stop_ids,
+            bad_words,
+            guide,
+            scaled_logprobs,
+            ..
+        } = req;
+        let num_seqs = params.num_sequences();
+        let first = self.next_seq;
+        let forks: Vec<SeqId> = (1..num_seqs as SeqId).map(|i| first + i).collect();
+        let extra = params.cache_salt.as_deref().map(salt_key).into_iter().collect();
+        // Rejects a request that could never fit before anything is recorded.
+        let mut request = Request::new(first, prompt_ids, stop).with_forks(forks).with_cache_extra(extra);
+        request.all_logits = params.prompt_logprobs.is_some();
+        self.scheduler.add_request(request)?;
+        let prompt_ids = &self.scheduler.request(first).ok_or(Error::Internal("request just added"))?.token_ids;
+        let mut seqs = Vec::with_capacity(num_seqs);
+        for i in 0..num_seqs {
+            let seq = first + i as SeqId;
+            // Sample i of a seeded request uses seed + i (vLLM's parallel sampling).
+            let fallback_seed = self.seed_rng.next_u64();
+            let child_params = SamplingParams { seed: params.seed.map(|s| s.wrapping_add(i as u64)), ..params.clone() };
+            let mut sampler = SeqSampler::new(child_params, fallback_seed).with_context(
+                prompt_ids,
+                min_tokens_stop_ids.clone(),
+                bad_words.clone(),
+            );
+            if scaled_logprobs {
+                sampler = sampler.with_scaled_logprobs();
+            }
+            if let Some(c) = &guide {
+                sampler = sampler.with_guide(Guide::new(c));
+            }
+            self.samplers.insert(seq, sampler);
+            self.owners.insert(seq, (request_id.clone(), i));
+            seqs.push(seq);
+        }
+        self.next_seq += num_seqs as SeqId;
+        self.requests.insert(
+            request_id,
+            CoreRequest {
+                done: vec![false; num_seqs],
+                seqs,
+                num_cached_tokens: 0,
+                prompt_logprobs: params.prompt_logprobs.map(|k| (k, 0)),
+            },
+        );
+        Ok(())
+    }
+
+    /// Drops a sequence's state; returns whether its request has no running sequence left.
+    fn end_seq(&mut self, request_id: &str, index: usize) -> bool {
+        let Some(r) = self.requests.get_mut(request_id) else { return true };
+        if let (Some(&seq), Some(done)) = (r.seqs.get(index), r.done.get_mut(index)) {
+            if !*done {
+                *done = true;
+                self.scheduler.abort(seq);
+                self.samplers.remove(&seq);
+                self.owners.remove(&seq);
+            }
+        }
+        let finished = r.finished();
+        if finished {
+            self.requests.remove(request_id);
+        }
+        finished
+    }
+
+    /// Ends one sequence early (the output processor matched a stop string): its blocks are
+    /// freed now.
+    pub(crate) fn finish_seq(&mut self, request_id: &str, index: usize) {
+        self.end_seq(request_id, index);
+    }
+
+    /// Aborts a request: its blocks are freed now. Returns its final output (every sequence
+    /// still running ends with `abort`), if it was known.
+    pub(crate) fn abort(&mut self, request_id: &str) -> Option<CoreOutput> {
+        let r = self.requests.get(request_id)?;
+        let running: Vec<usize> = (0..r.seqs.len()).filter(|&i| !r.done[i]).collect();
+        let num_cached_tokens = r.num_cached_tokens;
+        for &i in &running {
+            self.end_seq(request_id, i);
+        }
+        self.requests.remove(request_id);
+        Some(CoreOutput {
+            request_id: request_id.to_string(),
+            seqs: running
+                .into_iter()
+                .map(|index| SeqDelta { index, token: None, logprobs: None, finish: Some((FinishReason::Abort, None)) })
+                .collect(),
+            prompt_logprobs: Vec::new(),
+            num_cached_tokens,
+            finished: true,
+        })
+    }
+
+    /// Whether any request is unfinished.
+    pub(crate) fn has_unfinished(&self) -> bool {
+        self.scheduler.has_unfinished()
+    }
+
+    /// Runs one step: the outputs of the requests that progressed.
+    pub(crate) fn step(&mut self) -> Result<Vec<CoreOutput>> {
+        let out = self.scheduler.schedule();
+        if out.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (logits, ranges) = self.runner.execute(&out)?;
+        let vocab = self.runner.model().vocab_size();
+        let mut outputs: Vec<CoreOutput> = Vec::new();
+        let mut slot: HashMap<String, usize> = HashMap::new();
+        let mut output_for = |outputs: &mut Vec<CoreOutput>, requests: &HashMap<String, CoreRequest>, rid: &str| {
+            let i = *slot.entry(rid.to_string()).or_insert_with(|| {
+                outputs.push(CoreOutput {
+                    request_id: rid.to_string(),
+                    seqs: Vec::new(),
+                    prompt_logprobs: Vec::new(),
+                    num_cached_tokens: requests.get(rid).map_or(0, |r| r.num_cached_tokens),
+                    finished: false,
+                });
+                outputs.len() - 1
+            });
+            i
+        };
+        for s in &out.seqs {
+            if let (Some((rid, 0)), Some(r)) = (self.owners.get(&s.id), self.scheduler.request(s.id)) {
+                if let Some(g) = self.requests.get_mut(rid) {
+                    g.num_cached_tokens = r.num_cached_tokens;
+                }
+            }
+        }
+        for (rid, lp) in self.prompt_logprobs(&out, &logits, &ranges, vocab) {
+            let i = output_for(&mut outputs, &self.requests, &rid);
+            outputs[i].prompt_logprobs.extend(lp);
+        }
+        let sample_ids: Vec<SeqId> = out.sampling_ids().collect();
+        let samples = if sample_ids.is_empty() {
+            Vec::new()
+        } else {
+            // Each sampling sequence's last row, once per sequence drawing from it (forks draw
+            // from their parent's row, each from its own copy).
+            let mut rows = Vec::with_capacity(sample_ids.len() * vocab);
+            for (s, r) in out.seqs.iter().zip(&ranges).filter(|(s, _)| s.sample) {
+                let last = r.end - 1;
+                for _ in 0..=s.forks.len() {
+                    rows.extend_from_slice(&logits[last * vocab..(last + 1) * vocab]);
+                }
+            }
+            drop(logits);
+            let mut taken: Vec<SeqSampler> = Vec::with_capacity(sample_ids.len());
+            for id in &sample_ids {
+                taken.push(self.samplers.remove(id).ok_or(Error::Internal("a scheduled sequence has no sampler"))?);
+            }
+            let mut refs: Vec<&mut SeqSampler> = taken.iter_mut().collect();
+            let samples = sample_batch(&mut rows, vocab, &mut refs);
+            for (id, s) in sample_ids.iter().zip(taken) {
+                self.samplers.insert(*id, s);
+            }
+            samples
+        };
+        let token_ids: Vec<u32> = samples.iter().map(|s| s.token).collect();
+        let mut sample_of: HashMap<SeqId, vllm_sampler::Sample> = sample_ids.into_iter().zip(samples).collect();
+        for u in self.scheduler.update_from_output(&out, &token_ids) {
+            let Some((rid, index)) = self.owners.get(&u.id).cloned() else { continue };
+            let finish = u.finished.map(|f| match f {
+                vllm_scheduler::FinishReason::Stop(t) => {
+                    (FinishReason::Stop, (!self.eos.contains(&t)).then_some(StopReason::Token(t)))
+                }
+                vllm_scheduler::FinishReason::Length => (FinishReason::Length, None),
+                vllm_scheduler::FinishReason::Abort => (FinishReason::Abort, None),
+            });
+            let i = output_for(&mut outputs, &self.requests, &rid);
+            let logprobs = sample_of.remove(&u.id).and_then(|s| s.logprobs);
+            outputs[i].seqs.push(SeqDelta { index, token: Some(u.new_token), logprobs, finish: finish.clone() });
+            if finish.is_some() {
+                // The scheduler already freed the sequence.
+                if let Some(r) = self.requests.get_mut(&rid) {
+                    r.done[index] = true;
+                    if r.finished() {
+                        self.requests.remove(&rid);
+                    }
+                }
+                self.owners.remove(&u.id);
+                self.samplers.remove(&u.id);
+            }
+        }
+        for o in &mut outputs {
+            o.finished = !self.requests.contains_key(&o.request_id);
+        }
+        Ok(outputs)
+    }
+
+    /// Prompt log probabilities from the rows of prompt chunks that asked for every row: the
+    /// row at position `p` scores prompt token `p + 1`.
+    fn prompt_logprobs(
+        &mut self,
+        out: &SchedulerOutput,
+        logits: &[f32],
+        ranges: &[Range<usize>],
+        vocab: usize,
+    ) -> Vec<(String, Vec<(u32, TokenLogprobs)>)> {
+        let mut found = Vec::new();
+        for (s, r) in out.seqs.iter().zip(ranges).filter(|(s, _)| s.all_logits) {
+            let Some((rid, 0)) = self.owners.get(&s.id) else { continue };
+            let (Some(req), Some(sched)) = (self.requests.get_mut(rid), self.scheduler.request(s.id)) else { continue };
+            let Some((k, next)) = req.prompt_logprobs.as_mut() else { continue };
+            let prompt = &sched.token_ids[..sched.num_prompt_tokens];
+            let mut lps = Vec::new();
+            for (j, row) in r.clone().enumerate() {
+                let pos = s.start_pos + j;
+                if pos + 1 >= prompt.len() || pos != *next {
+                    continue;
+                }
+                let token = prompt[pos + 1];
+                lps.push((token, TokenLogprobs::new(&logits[row * vocab..(row + 1) * vocab], token, *k)));
+                *next += 1;
+            }
+            if !lps.is_empty() {
+                found.push((rid.clone(), lps));
+            }
+        }
+        found
+    }
+}
+
+/// The prefix-cache key of a cache salt.
+fn salt_key(salt: &str) -> u64 {
+    let mut h = DefaultHasher::new();
+    salt.hash(&mut h);
+    h.finish()
+}

@@ -1,0 +1,19 @@
+//! Logs through `tracing`: human-readable text (the default) or one JSON object per line
+//! (`--log-format json`). `RUST_LOG` filters as usual (default `info`).
+
+use anyhow::{bail, Result};
+use tracing_subscriber::EnvFilter;
+
+/// Installs the global subscriber.
+pub fn init(format: &str) -> Result<()> {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let installed = match format {
+        "text" => builder.with_target(false).try_init(),
+        "json" => builder.json().flatten_event(true).with_current_span(true).with_span_list(false).try_init(),
+        other => bail!("--log-format: '{other}' (choose text or json)"),
+    };
+    // A second server in one process (tests) keeps the first subscriber.
+    let _ = installed;
+    Ok(())
+}
