@@ -289,6 +289,8 @@ impl LLM {
         };
         let ids: Vec<String> = (0..prompts.len()).map(|i| format!("{}", base + i as u64)).collect();
         for (i, (prompt, p)) in prompts.into_iter().zip(params).enumerate() {
+            // Only final outputs are returned: nothing cumulative is built per step.
+            let p = SamplingParams { output_kind: vllm_sampler::RequestOutputKind::FinalOnly, ..p };
             if let Err(e) = engine.add_request(ids[i].clone(), prompt, p) {
                 for id in &ids[..i] {
                     engine.abort_request(id);

@@ -122,13 +122,16 @@ fn bad_input_is_a_typed_error_and_leaves_nothing_behind() {
     let llm = llm_with(|a| a.max_model_len = Some(64));
     let g = |p: Prompt, s: SamplingParams| llm.generate([p], &s).unwrap_err();
     assert!(matches!(g(Prompt::Text(String::new()), SamplingParams::default()), Error::InvalidPrompt(_)));
-    assert!(matches!(g(Prompt::TokenIds(vec![1, 999_999]), SamplingParams::default()), Error::Tokenizer(_)));
+    assert!(matches!(g(Prompt::TokenIds(vec![1, 999_999]), SamplingParams::default()), Error::InvalidPrompt(_)));
     let long = "word ".repeat(100);
     assert!(matches!(g(Prompt::Text(long), SamplingParams::default()), Error::PromptTooLong { max_model_len: 64, .. }));
     let e = g("hi".into(), SamplingParams { temperature: -1.0, ..Default::default() });
     assert!(matches!(&e, Error::InvalidParams(p) if p.param == "temperature"), "{e}");
     let e = g("hi".into(), SamplingParams { max_tokens: Some(100), ..Default::default() });
-    assert!(matches!(e, Error::Scheduler(_)), "prompt + max_tokens beyond max_model_len: {e}");
+    assert!(
+        matches!(&e, Error::InvalidParams(p) if p.param == "max_tokens"),
+        "prompt + max_tokens beyond max_model_len: {e}"
+    );
     // A bad prompt in the middle of a batch: nothing runs, nothing leaks.
     let e = llm.generate(
         [Prompt::from("fine"), Prompt::TokenIds(vec![]), Prompt::from("also fine")],

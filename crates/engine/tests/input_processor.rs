@@ -28,17 +28,38 @@ fn edgy_usize() -> impl Strategy<Value = usize> {
 
 fn params() -> impl Strategy<Value = SamplingParams> {
     (
-        (edgy_usize(), proptest::option::of(edgy_usize()), proptest::option::of(edgy_usize()), edgy_usize()),
-        (proptest::option::of(edgy_usize()), proptest::option::of(edgy_usize()), proptest::option::of(edgy_usize())),
-        (any::<f32>(), any::<f32>(), any::<i32>(), any::<f32>()),
-        (proptest::collection::vec("[a-z ]{0,4}", 0..4), proptest::collection::vec(any::<u32>(), 0..4)),
-        (proptest::option::of(proptest::collection::vec(any::<u32>(), 0..4)), any::<bool>(), any::<bool>()),
-        proptest::option::of(prop_oneof![
+        (
+            prop_oneof![3 => 1usize..4, 1 => edgy_usize()],
+            proptest::option::of(edgy_usize()),
+            proptest::option::of(prop_oneof![3 => 1usize..8, 1 => edgy_usize()]),
+            prop_oneof![3 => Just(0usize), 1 => edgy_usize()],
+        ),
+        (
+            proptest::option::of(prop_oneof![3 => 0usize..5, 1 => edgy_usize()]),
+            proptest::option::of(prop_oneof![3 => 0usize..5, 1 => edgy_usize()]),
+            proptest::option::of(edgy_usize()),
+        ),
+        (
+            prop_oneof![3 => 0.0f32..2.0, 1 => any::<f32>()],
+            prop_oneof![3 => 0.05f32..=1.0, 1 => any::<f32>()],
+            prop_oneof![3 => -1i32..50, 1 => any::<i32>()],
+            prop_oneof![3 => 0.0f32..=1.0, 1 => any::<f32>()],
+        ),
+        (
+            proptest::collection::vec("[a-z ]{1,4}", 0..4),
+            prop_oneof![3 => Just(Vec::new()), 1 => proptest::collection::vec(any::<u32>(), 0..4)],
+        ),
+        (
+            prop_oneof![3 => Just(None), 1 => proptest::option::of(proptest::collection::vec(0u32..60_000, 0..4))],
+            any::<bool>(),
+            prop_oneof![3 => Just(true), 1 => any::<bool>()],
+        ),
+        prop_oneof![3 => Just(None), 1 => proptest::option::of(prop_oneof![
             Just(GuidedDecodingParams { regex: Some("[ab]{1,3}".into()), ..Default::default() }),
             Just(GuidedDecodingParams { regex: Some("\\bx\\b".into()), ..Default::default() }),
             Just(GuidedDecodingParams { choice: Some(vec![]), ..Default::default() }),
             Just(GuidedDecodingParams { json_object: true, regex: Some("a".into()), ..Default::default() }),
-        ]),
+        ])],
     )
         .prop_map(
             |(
@@ -75,6 +96,7 @@ fn prompt() -> impl Strategy<Value = Prompt> {
     prop_oneof![
         ".{0,40}".prop_map(Prompt::Text),
         proptest::collection::vec(any::<u32>(), 0..8).prop_map(Prompt::TokenIds),
+        proptest::collection::vec(0u32..49152, 1..8).prop_map(Prompt::TokenIds),
         proptest::collection::vec(0u32..49152, 0..3000).prop_map(Prompt::TokenIds),
         Just(Prompt::Text("word ".repeat(100_000))),
     ]

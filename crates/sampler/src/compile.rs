@@ -52,7 +52,7 @@ impl Default for GuideLimits {
         Self {
             max_spec_bytes: 64 << 10,
             max_dfa_bytes: 32 << 20,
-            max_index_bytes: 256 << 20,
+            max_index_bytes: 1 << 30,
             max_lexer_states: 50_000,
             cache_bytes: 512 << 20,
             compile_timeout: Duration::from_secs(10),

@@ -218,8 +218,17 @@ impl GuidedDecodingParams {
     /// model's tokenizer).
     fn to_guidance(&self) -> Result<String, InvalidParam> {
         let (param, grammar) = if let Some(mut schema) = self.schema()? {
-            if let (Some(ws), Some(obj)) = (&self.whitespace_pattern, schema.as_object_mut()) {
-                obj.insert("x-guidance".into(), serde_json::json!({ "whitespace_pattern": ws }));
+            // Without a pattern, JSON is written with Python's separators and no other
+            // whitespace (as outlines did): flexible whitespace lets a sampled model wander
+            // into runs of newlines until max_tokens.
+            let opts = match &self.whitespace_pattern {
+                Some(ws) => serde_json::json!({ "whitespace_pattern": ws }),
+                None => {
+                    serde_json::json!({ "whitespace_flexible": false, "item_separator": ", ", "key_separator": ": " })
+                }
+            };
+            if let Some(obj) = schema.as_object_mut() {
+                obj.insert("x-guidance".into(), opts);
             }
             (if self.json_object { "json_object" } else { "guided_json" }, TopLevelGrammar::from_json_schema(schema))
         } else if let Some(r) = &self.regex {

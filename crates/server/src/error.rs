@@ -6,6 +6,8 @@ use axum::Json;
 use serde_json::json;
 use vllm_engine::GuideError;
 
+use crate::api::{ErrorBody, ErrorResponse};
+
 /// An error answered as `{"error": {"message", "type", "param", "code"}}`.
 #[derive(Debug, Clone)]
 pub struct ApiError {
@@ -61,9 +63,21 @@ impl ApiError {
         }
     }
 
+    /// The typed body.
+    pub fn response(&self) -> ErrorResponse {
+        ErrorResponse {
+            error: ErrorBody {
+                message: self.message.clone(),
+                kind: self.kind().into(),
+                param: self.param.clone(),
+                code: self.status.as_u16(),
+            },
+        }
+    }
+
     /// The JSON body (also used inside SSE streams).
     pub fn body(&self) -> serde_json::Value {
-        json!({"error": {"message": self.message, "type": self.kind(), "param": self.param, "code": self.status.as_u16()}})
+        json!(self.response())
     }
 }
 
@@ -72,7 +86,7 @@ const RETRY_AFTER_SECONDS: &str = "1";
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut r = (self.status, Json(self.body())).into_response();
+        let mut r = (self.status, Json(self.response())).into_response();
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
             r.headers_mut()
                 .insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static(RETRY_AFTER_SECONDS));

@@ -4,6 +4,7 @@
 //! 127.0.0.1:8000. Flags follow vLLM's (`--model`, `--port`, `--api-key`, ...); `--help`
 //! lists them.
 
+mod api;
 mod batch;
 mod error;
 mod logging;
@@ -211,6 +212,7 @@ pub(crate) fn router(state: Arc<AppState>, max_body: usize, crash_route: bool) -
         .route("/health", get(routes::health))
         .route("/version", get(routes::version))
         .route("/metrics", get(routes::metrics))
+        .route("/openapi.json", get(routes::openapi))
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(state.clone(), routes::auth))

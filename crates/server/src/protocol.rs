@@ -6,12 +6,13 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 use serde_json::Value;
+use utoipa::ToSchema;
 use vllm_engine::{BeamSearchParams, EarlyStopping, GuidedDecodingParams, SamplingParams};
 
 use crate::error::ApiError;
 
 /// Sampling fields shared by completions, chat and `/generate` (OpenAI's and vLLM's extras).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 pub struct SamplingFields {
     pub max_tokens: Option<usize>,
     pub temperature: Option<f32>,
@@ -316,14 +317,14 @@ impl SamplingFields {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 pub struct StreamOptions {
     #[serde(default)]
     pub include_usage: bool,
 }
 
 /// `POST /v1/completions`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct CompletionRequest {
     pub model: Option<String>,
     pub prompt: Value,
@@ -338,6 +339,7 @@ pub struct CompletionRequest {
     pub sampling: SamplingFields,
     /// Fields not named above (see [`check_extra_fields`]).
     #[serde(flatten)]
+    #[schema(ignore)]
     pub extra: serde_json::Map<String, Value>,
 }
 
@@ -376,7 +378,7 @@ pub fn parse_prompts(v: &Value) -> Result<Vec<WirePrompt>, ApiError> {
 }
 
 /// `POST /v1/chat/completions`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct ChatRequest {
     pub model: Option<String>,
     pub messages: Vec<Value>,
@@ -400,6 +402,7 @@ pub struct ChatRequest {
     pub sampling: SamplingFields,
     /// Fields not named above (see [`check_extra_fields`]).
     #[serde(flatten)]
+    #[schema(ignore)]
     pub extra: serde_json::Map<String, Value>,
 }
 
@@ -445,7 +448,7 @@ pub fn normalize_messages(messages: &[Value]) -> Result<Vec<Value>, ApiError> {
 }
 
 /// `POST /generate` (vLLM's simple API).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct GenerateRequest {
     pub prompt: String,
     #[serde(default)]
@@ -454,11 +457,12 @@ pub struct GenerateRequest {
     pub sampling: SamplingFields,
     /// Fields not named above (see [`check_extra_fields`]).
     #[serde(flatten)]
+    #[schema(ignore)]
     pub extra: serde_json::Map<String, Value>,
 }
 
 /// `POST /tokenize`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct TokenizeRequest {
     pub model: Option<String>,
     pub prompt: Option<String>,
@@ -474,14 +478,14 @@ fn yes() -> bool {
 }
 
 /// `POST /detokenize`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct DetokenizeRequest {
     pub model: Option<String>,
     pub tokens: Vec<u32>,
 }
 
 /// `POST /v1/embeddings`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct EmbeddingRequest {
     pub model: Option<String>,
     /// A string, a list of strings, token ids, or lists of token ids.

@@ -25,6 +25,11 @@ use vllm_engine::{
 };
 use vllm_tokenizer::ChatRequest as TemplateRequest;
 
+use crate::api::{
+    ChatChoice, ChatCompletionResponse, ChatMessage, CompletionChoice, CompletionResponse, DetokenizeResponse,
+    EmbeddingData, EmbeddingResponse, EmbeddingUsage, ErrorResponse, GenerateResponse, ModelCard, ModelList,
+    TokenizeResponse, Usage, VersionResponse,
+};
 use crate::error::ApiError;
 
 /// Longest chat template a request may bring (`chat_template`).
@@ -119,8 +124,9 @@ fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, 
 }
 
 /// Routes that compute nothing for the caller stay open when an API key is set (a load
-/// balancer's health check, the version, Prometheus): everything else needs the key.
-const OPEN_ROUTES: &[&str] = &["/health", "/version", "/metrics"];
+/// balancer's health check, the version, Prometheus, the API description): everything else
+/// needs the key.
+const OPEN_ROUTES: &[&str] = &["/health", "/version", "/metrics", "/openapi.json"];
 
 /// `Authorization: Bearer <key>` on every route but [`OPEN_ROUTES`] when an API key is set
 /// (constant-time). Also turns a panic while handling one request into a 500 for it alone.
@@ -152,6 +158,10 @@ pub async fn auth(State(s): State<Shared>, req: Request, next: Next) -> Response
 }
 
 /// 200 while the engine runs; 503 once its core has died (the server is exiting).
+#[utoipa::path(get, path = "/health", responses(
+    (status = 200, description = "The engine is running"),
+    (status = 503, description = "The engine core died; the server is exiting", body = ErrorResponse),
+))]
 pub async fn health(State(s): State<Shared>) -> Response {
     match s.engine.as_ref().map(|e| e.health()) {
         Some(EngineHealth::Dead(reason)) => {
@@ -159,6 +169,12 @@ pub async fn health(State(s): State<Shared>) -> Response {
         }
         _ => StatusCode::OK.into_response(),
     }
+}
+
+/// The OpenAPI 3 document of this API, generated from its request and response types.
+pub async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    static DOC: std::sync::OnceLock<utoipa::openapi::OpenApi> = std::sync::OnceLock::new();
+    Json(DOC.get_or_init(crate::api::document).clone())
 }
 
 /// Test hook (`--enable-crash-route-for-tests`): makes the engine core panic.
@@ -183,18 +199,32 @@ pub async fn method_not_allowed(req: Request) -> ApiError {
     }
 }
 
-pub async fn version() -> Json<Value> {
-    Json(json!({"version": env!("CARGO_PKG_VERSION")}))
+#[utoipa::path(get, path = "/version", responses((status = 200, body = VersionResponse)))]
+pub async fn version() -> Json<VersionResponse> {
+    Json(VersionResponse { version: env!("CARGO_PKG_VERSION").to_string() })
 }
 
-pub async fn models(State(s): State<Shared>) -> Json<Value> {
+#[utoipa::path(get, path = "/v1/models", responses(
+    (status = 200, body = ModelList),
+    (status = 401, body = ErrorResponse),
+))]
+pub async fn models(State(s): State<Shared>) -> Json<ModelList> {
     let root = s.engine.as_ref().map_or_else(|| s.model_name.clone(), |e| e.info().model.clone());
-    Json(json!({"object": "list", "data": [{
-        "id": s.model_name, "object": "model", "created": now(), "owned_by": "vllm-rs",
-        "root": root, "parent": null, "max_model_len": s.max_model_len(),
-    }]}))
+    Json(ModelList {
+        object: "list".into(),
+        data: vec![ModelCard {
+            id: s.model_name.clone(),
+            object: "model".into(),
+            created: now(),
+            owned_by: "vllm-rs".into(),
+            root,
+            parent: None,
+            max_model_len: s.max_model_len(),
+        }],
+    })
 }
 
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
 pub async fn metrics(State(s): State<Shared>) -> Response {
     let mut text = s.metrics.as_ref().map(|h| h.render()).unwrap_or_default();
     if let (true, Some(engine)) = (text.is_empty(), &s.engine) {
@@ -208,7 +238,15 @@ pub async fn metrics(State(s): State<Shared>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
-pub async fn tokenize(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
+#[utoipa::path(post, path = "/tokenize", request_body = TokenizeRequest, responses(
+    (status = 200, body = TokenizeResponse),
+    (status = 400, body = ErrorResponse), (status = 401, body = ErrorResponse), (status = 404, body = ErrorResponse),
+    (status = 413, body = ErrorResponse), (status = 503, body = ErrorResponse),
+))]
+pub async fn tokenize(
+    State(s): State<Shared>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<TokenizeResponse>, ApiError> {
     let req: TokenizeRequest = parse(body)?;
     s.check_model(req.model.as_deref())?;
     let max_bytes = s.max_prompt_bytes();
@@ -238,16 +276,24 @@ pub async fn tokenize(State(s): State<Shared>, body: Result<Bytes, BytesRejectio
             Ok(tok.encode(&text, req.add_special_tokens)?)
         })
         .await?;
-    Ok(Json(json!({"count": tokens.len(), "max_model_len": s.max_model_len(), "tokens": tokens})))
+    Ok(Json(TokenizeResponse { count: tokens.len(), max_model_len: s.max_model_len(), tokens }))
 }
 
-pub async fn detokenize(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
+#[utoipa::path(post, path = "/detokenize", request_body = DetokenizeRequest, responses(
+    (status = 200, body = DetokenizeResponse),
+    (status = 400, body = ErrorResponse), (status = 401, body = ErrorResponse), (status = 404, body = ErrorResponse),
+    (status = 413, body = ErrorResponse), (status = 503, body = ErrorResponse),
+))]
+pub async fn detokenize(
+    State(s): State<Shared>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<DetokenizeResponse>, ApiError> {
     let req: DetokenizeRequest = parse(body)?;
     s.check_model(req.model.as_deref())?;
     s.tokenizer().check_ids(&req.tokens).map_err(|e| ApiError::invalid_param("tokens", e.to_string()))?;
     let state = s.clone();
     let text = s.blocking(move || Ok(state.tokenizer().decode(&req.tokens, false)?)).await?;
-    Ok(Json(json!({"prompt": text})))
+    Ok(Json(DetokenizeResponse { prompt: text }))
 }
 
 /// Submits one request per prompt; on any rejection the already-submitted streams are dropped,
@@ -283,16 +329,11 @@ async fn collect(streams: Vec<OutputStream>) -> Result<Vec<RequestOutput>, ApiEr
     Ok(finals)
 }
 
-fn usage(outs: &[RequestOutput]) -> Value {
+fn usage(outs: &[RequestOutput]) -> Usage {
     let p: usize = outs.iter().map(|o| o.prompt_token_ids.len()).sum();
     let c: usize = outs.iter().flat_map(|o| &o.outputs).map(|c| c.token_ids.len()).sum();
     let cached: usize = outs.iter().map(|o| o.num_cached_tokens).sum();
-    usage_of(p, c, cached)
-}
-
-fn usage_of(prompt: usize, completion: usize, cached: usize) -> Value {
-    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-           "prompt_tokens_details": {"cached_tokens": cached}})
+    Usage::new(p, c, cached)
 }
 
 /// What a choice looks like for each API.
@@ -350,34 +391,34 @@ fn chat_logprobs(positions: &[PositionLogprobs], k: usize) -> Value {
 }
 
 impl Render {
-    /// One choice: `text` and `positions` are the new part (everything for a full response);
-    /// `offset` is the character offset of `text` in the choice's whole text.
-    fn choice(
+    /// A choice's log probabilities for `positions`; `offset` is the character offset of the
+    /// first one's text in the choice's whole text.
+    fn logprobs(&self, c: &CompletionOutput, positions: &[PositionLogprobs], offset: usize) -> Option<Value> {
+        match (self.top_logprobs, c.logprobs.is_some()) {
+            (Some(k), true) => Some(match self.api {
+                Api::Completion => completion_logprobs(positions, offset),
+                Api::Chat => chat_logprobs(positions, k),
+            }),
+            _ => None,
+        }
+    }
+
+    /// One streamed choice: `text` and `positions` are the new part.
+    fn stream_choice(
         &self,
         index: usize,
         c: &CompletionOutput,
         text: &str,
         positions: &[PositionLogprobs],
         offset: usize,
-        stream: bool,
     ) -> Value {
         let reason = json!(c.finish_reason.map(|r| r.as_str()));
-        let logprobs = match (self.top_logprobs, c.logprobs.is_some()) {
-            (Some(k), true) => match self.api {
-                Api::Completion => completion_logprobs(positions, offset),
-                Api::Chat => chat_logprobs(positions, k),
-            },
-            _ => Value::Null,
-        };
-        match (self.api, stream) {
-            (Api::Completion, _) => {
+        let logprobs = self.logprobs(c, positions, offset);
+        match self.api {
+            Api::Completion => {
                 json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason, "stop_reason": c.stop_reason})
             }
-            (Api::Chat, false) => {
-                json!({"index": index, "message": {"role": "assistant", "content": text, "tool_calls": []},
-                "logprobs": logprobs, "finish_reason": reason, "stop_reason": c.stop_reason})
-            }
-            (Api::Chat, true) => {
+            Api::Chat => {
                 let d = if text.is_empty() { json!({}) } else { json!({"content": text}) };
                 json!({"index": index, "delta": d, "logprobs": logprobs, "finish_reason": reason, "stop_reason": c.stop_reason})
             }
@@ -385,41 +426,75 @@ impl Render {
     }
 }
 
+/// vLLM's prompt log probabilities: per prompt position, null or `{token_id: {logprob, rank,
+/// decoded_token}}`.
+fn prompt_logprobs(p: &[Option<PositionLogprobs>]) -> Vec<Value> {
+    p.iter()
+        .map(|pos| match pos {
+            None => Value::Null,
+            Some(pos) => {
+                let mut m = serde_json::Map::new();
+                for t in std::iter::once(&pos.sampled).chain(&pos.top) {
+                    m.entry(t.token_id.to_string())
+                        .or_insert(json!({"logprob": t.logprob, "rank": t.rank, "decoded_token": t.decoded_token}));
+                }
+                Value::Object(m)
+            }
+        })
+        .collect()
+}
+
 /// A non-streamed response: prompt `i`'s output `j` is choice `i * n + j` (vLLM's order).
 fn full_response(s: &AppState, render: &Render, id: &str, outs: &[RequestOutput]) -> Response {
-    let mut choices = Vec::new();
+    let mut completion = Vec::new();
+    let mut chat = Vec::new();
     for (i, o) in outs.iter().enumerate() {
         let n = o.outputs.len();
+        let prompt_lps = o.prompt_logprobs.as_deref().map(prompt_logprobs);
         for (j, c) in o.outputs.iter().enumerate() {
             let echo = &render.echo[i];
             let text = format!("{echo}{}", c.text);
             let positions = c.logprobs.as_deref().unwrap_or_default();
-            let mut choice = render.choice(i * n + j, c, &text, positions, echo.chars().count(), false);
-            if let Some(p) = &o.prompt_logprobs {
-                // vLLM's shape: per prompt position, null or {token_id: {logprob, rank, decoded_token}}.
-                let entries: Vec<Value> = p
-                    .iter()
-                    .map(|pos| match pos {
-                        None => Value::Null,
-                        Some(pos) => {
-                            let mut m = serde_json::Map::new();
-                            for t in std::iter::once(&pos.sampled).chain(&pos.top) {
-                                m.entry(t.token_id.to_string()).or_insert(
-                                    json!({"logprob": t.logprob, "rank": t.rank, "decoded_token": t.decoded_token}),
-                                );
-                            }
-                            Value::Object(m)
-                        }
-                    })
-                    .collect();
-                choice["prompt_logprobs"] = Value::Array(entries);
+            let logprobs = render.logprobs(c, positions, echo.chars().count());
+            let finish_reason = c.finish_reason.map(|r| r.as_str().to_string());
+            let stop_reason = c.stop_reason.as_ref().map(|r| json!(r));
+            let index = i * n + j;
+            match render.api {
+                Api::Completion => completion.push(CompletionChoice {
+                    index,
+                    text,
+                    logprobs,
+                    finish_reason,
+                    stop_reason,
+                    prompt_logprobs: prompt_lps.clone(),
+                }),
+                Api::Chat => chat.push(ChatChoice {
+                    index,
+                    message: ChatMessage { role: "assistant".into(), content: text, tool_calls: Vec::new() },
+                    logprobs,
+                    finish_reason,
+                    stop_reason,
+                    prompt_logprobs: prompt_lps.clone(),
+                }),
             }
-            choices.push(choice);
         }
     }
-    let object = if render.api == Api::Chat { "chat.completion" } else { "text_completion" };
-    Json(json!({"id": id, "object": object, "created": now(), "model": s.model_name, "choices": choices, "usage": usage(outs)}))
-        .into_response()
+    let (id, created, model, usage) = (id.to_string(), now(), s.model_name.clone(), usage(outs));
+    match render.api {
+        Api::Completion => Json(CompletionResponse {
+            id,
+            object: "text_completion".into(),
+            created,
+            model,
+            choices: completion,
+            usage,
+        })
+        .into_response(),
+        Api::Chat => {
+            Json(ChatCompletionResponse { id, object: "chat.completion".into(), created, model, choices: chat, usage })
+                .into_response()
+        }
+    }
 }
 
 /// Per streamed choice: characters already sent, and whether its first chunk went out.
@@ -491,7 +566,7 @@ fn sse(
                 let offset = st.chars + echo.chars().count();
                 st.chars += delta.chars().count();
                 if !delta.is_empty() || !positions.is_empty() || c.finished() {
-                    let choice = render.choice(k, c, &delta, positions, offset, true);
+                    let choice = render.stream_choice(k, c, &delta, positions, offset);
                     if tx.send(chunk(json!([choice]), None)).await.is_err() {
                         return;
                     }
@@ -499,7 +574,10 @@ fn sse(
             }
         }
         if include_usage
-            && tx.send(chunk(json!([]), Some(usage_of(prompt_tokens, completion_tokens, cached)))).await.is_err()
+            && tx
+                .send(chunk(json!([]), Some(json!(Usage::new(prompt_tokens, completion_tokens, cached)))))
+                .await
+                .is_err()
         {
             return;
         }
@@ -574,6 +652,12 @@ fn check_stream(stream: bool, params: &SamplingParams) -> Result<(), ApiError> {
     Ok(())
 }
 
+#[utoipa::path(post, path = "/v1/completions", request_body = CompletionRequest, responses(
+    (status = 200, description = "The completion; with `stream`, server-sent events of `text_completion` chunks",
+     content((CompletionResponse = "application/json"), (String = "text/event-stream"))),
+    (status = 400, body = ErrorResponse), (status = 401, body = ErrorResponse), (status = 404, body = ErrorResponse),
+    (status = 413, body = ErrorResponse), (status = 503, body = ErrorResponse),
+))]
 pub async fn completions(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let req: CompletionRequest = parse(body)?;
     s.check_model(req.model.as_deref())?;
@@ -609,6 +693,12 @@ pub async fn completions(State(s): State<Shared>, body: Result<Bytes, BytesRejec
     respond(&s, render, s.new_id("cmpl"), prompts, &params, stream, beam).await
 }
 
+#[utoipa::path(post, path = "/v1/chat/completions", request_body = ChatRequest, responses(
+    (status = 200, description = "The chat completion; with `stream`, server-sent events of `chat.completion.chunk`s",
+     content((ChatCompletionResponse = "application/json"), (String = "text/event-stream"))),
+    (status = 400, body = ErrorResponse), (status = 401, body = ErrorResponse), (status = 404, body = ErrorResponse),
+    (status = 413, body = ErrorResponse), (status = 503, body = ErrorResponse),
+))]
 pub async fn chat(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let req: ChatRequest = parse(body)?;
     s.check_model(req.model.as_deref())?;
@@ -677,6 +767,12 @@ pub async fn chat(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) 
 
 /// vLLM's simple API: `{"prompt", "stream", ...sampling}` -> `{"text": [prompt + output]}`;
 /// streamed as NUL-terminated JSON objects, like vLLM's `api_server`.
+#[utoipa::path(post, path = "/generate", request_body = GenerateRequest, responses(
+    (status = 200, description = "Each sequence's text, prompt included; with `stream`, NUL-terminated JSON objects of the same shape",
+     content((GenerateResponse = "application/json"), (String = "application/octet-stream"))),
+    (status = 400, body = ErrorResponse), (status = 401, body = ErrorResponse), (status = 404, body = ErrorResponse),
+    (status = 413, body = ErrorResponse), (status = 503, body = ErrorResponse),
+))]
 pub async fn generate(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let req: GenerateRequest = parse(body)?;
     check_extra_fields(&req.extra)?;
@@ -691,12 +787,12 @@ pub async fn generate(State(s): State<Shared>, body: Result<Bytes, BytesRejectio
             return Err(ApiError::unsupported("use_beam_search", "together with stream"));
         }
         let outs = beam_outputs(&id, s.engine()?.beam_search(vec![Prompt::Text(req.prompt.clone())], beam).await?);
-        return Ok(Json(json!({"text": with_prompt(&outs[0])})).into_response());
+        return Ok(Json(GenerateResponse { text: with_prompt(&outs[0]) }).into_response());
     }
     if !req.stream {
         let params = SamplingParams { output_kind: RequestOutputKind::FinalOnly, ..params };
         let outs = collect(submit(&s, &id, vec![Prompt::Text(req.prompt.clone())], &params).await?).await?;
-        return Ok(Json(json!({"text": with_prompt(&outs[0])})).into_response());
+        return Ok(Json(GenerateResponse { text: with_prompt(&outs[0]) }).into_response());
     }
     // vLLM's stream sends each choice's whole text so far: rebuilt here from the deltas.
     let params = SamplingParams { output_kind: RequestOutputKind::Delta, ..params };
@@ -716,15 +812,24 @@ pub async fn generate(State(s): State<Shared>, body: Result<Bytes, BytesRejectio
         };
         Ok::<_, std::convert::Infallible>(Bytes::from(format!("{v}\0")))
     });
+    // NUL-terminated JSON objects (vLLM's simple API), not one JSON document.
     Response::builder()
-        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CONTENT_TYPE, "application/octet-stream")
         .body(Body::from_stream(body))
         .map_err(|e| ApiError::internal(e.to_string()))
 }
 
 /// `POST /v1/embeddings`: a string, a list of strings, token ids or lists of token ids;
 /// `encoding_format` `float` (default) or `base64` (little-endian float32, like OpenAI).
-pub async fn embeddings(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
+#[utoipa::path(post, path = "/v1/embeddings", request_body = EmbeddingRequest, responses(
+    (status = 200, body = EmbeddingResponse),
+    (status = 400, body = ErrorResponse), (status = 401, body = ErrorResponse), (status = 404, body = ErrorResponse),
+    (status = 413, body = ErrorResponse), (status = 503, body = ErrorResponse),
+))]
+pub async fn embeddings(
+    State(s): State<Shared>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<EmbeddingResponse>, ApiError> {
     let req: EmbeddingRequest = parse(body)?;
     s.check_model(req.model.as_deref())?;
     let Some(embedder) = s.embedder.clone() else {
@@ -756,7 +861,7 @@ pub async fn embeddings(State(s): State<Shared>, body: Result<Bytes, BytesReject
             e => ApiError::from(e),
         })?;
     let tokens: usize = outs.iter().map(|o| o.prompt_token_ids.len()).sum();
-    let data: Vec<Value> = outs
+    let data: Vec<EmbeddingData> = outs
         .iter()
         .enumerate()
         .map(|(i, o)| {
@@ -767,11 +872,15 @@ pub async fn embeddings(State(s): State<Shared>, body: Result<Bytes, BytesReject
             } else {
                 json!(v)
             };
-            json!({"object": "embedding", "index": i, "embedding": embedding})
+            EmbeddingData { object: "embedding".into(), index: i, embedding }
         })
         .collect();
-    Ok(Json(json!({
-        "object": "list", "id": s.new_id("embd"), "created": now(), "model": s.model_name, "data": data,
-        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-    })))
+    Ok(Json(EmbeddingResponse {
+        object: "list".into(),
+        id: s.new_id("embd"),
+        created: now(),
+        model: s.model_name.clone(),
+        data,
+        usage: EmbeddingUsage { prompt_tokens: tokens, total_tokens: tokens },
+    }))
 }

@@ -1,0 +1,253 @@
+//! Typed responses of the HTTP API and the OpenAPI 3 document generated from them and from
+//! the request types (`protocol.rs`), served at `/openapi.json`. Handlers build these types,
+//! so the document cannot drift from what the server sends.
+
+use serde::Serialize;
+use serde_json::Value;
+use utoipa::{OpenApi, ToSchema};
+
+use crate::protocol::{
+    ChatRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, GenerateRequest, SamplingFields,
+    StreamOptions, TokenizeRequest,
+};
+
+/// OpenAI's error body.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong.
+    pub message: String,
+    /// The error class (`BadRequestError`, `NotFoundError`, ...).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The request field at fault, if one is.
+    pub param: Option<String>,
+    /// The HTTP status.
+    pub code: u16,
+}
+
+/// `{"error": {...}}`, for every 4xx and 5xx.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ErrorResponse {
+    pub error: ErrorBody,
+}
+
+/// Prompt tokens served from the prefix cache.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct PromptTokensDetails {
+    pub cached_tokens: usize,
+}
+
+/// Token counts of a response.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+    pub prompt_tokens_details: PromptTokensDetails,
+}
+
+impl Usage {
+    pub fn new(prompt: usize, completion: usize, cached: usize) -> Self {
+        Self {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            total_tokens: prompt + completion,
+            prompt_tokens_details: PromptTokensDetails { cached_tokens: cached },
+        }
+    }
+}
+
+/// One choice of a completion.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct CompletionChoice {
+    pub index: usize,
+    pub text: String,
+    /// OpenAI's completions log probabilities (`tokens`, `token_logprobs`, `top_logprobs`,
+    /// `text_offset`), when asked for.
+    #[schema(value_type = Option<Object>)]
+    pub logprobs: Option<Value>,
+    /// `stop`, `length` or `abort` (null while streaming).
+    pub finish_reason: Option<String>,
+    /// The stop string or stop token id that ended the choice.
+    #[schema(value_type = Option<Object>)]
+    pub stop_reason: Option<Value>,
+    /// With `prompt_logprobs`: per prompt position, null or `{token_id: {logprob, rank,
+    /// decoded_token}}`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub prompt_logprobs: Option<Vec<Value>>,
+}
+
+/// `POST /v1/completions` (not streamed).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct CompletionResponse {
+    pub id: String,
+    /// `text_completion`.
+    pub object: String,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<CompletionChoice>,
+    pub usage: Usage,
+}
+
+/// The assistant's message.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ChatMessage {
+    /// `assistant`.
+    pub role: String,
+    pub content: String,
+    /// Always empty until tool calling lands.
+    #[schema(value_type = Vec<Object>)]
+    pub tool_calls: Vec<Value>,
+}
+
+/// One choice of a chat completion.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ChatChoice {
+    pub index: usize,
+    pub message: ChatMessage,
+    /// OpenAI's chat log probabilities (`{"content": [...]}`), when asked for.
+    #[schema(value_type = Option<Object>)]
+    pub logprobs: Option<Value>,
+    pub finish_reason: Option<String>,
+    #[schema(value_type = Option<Object>)]
+    pub stop_reason: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub prompt_logprobs: Option<Vec<Value>>,
+}
+
+/// `POST /v1/chat/completions` (not streamed).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ChatCompletionResponse {
+    pub id: String,
+    /// `chat.completion`.
+    pub object: String,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<ChatChoice>,
+    pub usage: Usage,
+}
+
+/// A served model.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ModelCard {
+    pub id: String,
+    /// `model`.
+    pub object: String,
+    pub created: u64,
+    pub owned_by: String,
+    pub root: String,
+    pub parent: Option<String>,
+    pub max_model_len: usize,
+}
+
+/// `GET /v1/models`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ModelList {
+    /// `list`.
+    pub object: String,
+    pub data: Vec<ModelCard>,
+}
+
+/// `POST /tokenize`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct TokenizeResponse {
+    pub count: usize,
+    pub max_model_len: usize,
+    pub tokens: Vec<u32>,
+}
+
+/// `POST /detokenize`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct DetokenizeResponse {
+    pub prompt: String,
+}
+
+/// `POST /generate`: each sequence's text, prompt included (vLLM's simple API).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct GenerateResponse {
+    pub text: Vec<String>,
+}
+
+/// `GET /version`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct VersionResponse {
+    pub version: String,
+}
+
+/// One embedding.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct EmbeddingData {
+    /// `embedding`.
+    pub object: String,
+    pub index: usize,
+    /// A list of floats, or a base64 string of little-endian float32 (`encoding_format`).
+    #[schema(value_type = Object)]
+    pub embedding: Value,
+}
+
+/// Token counts of an embedding response.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct EmbeddingUsage {
+    pub prompt_tokens: usize,
+    pub total_tokens: usize,
+}
+
+/// `POST /v1/embeddings`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct EmbeddingResponse {
+    /// `list`.
+    pub object: String,
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+    pub data: Vec<EmbeddingData>,
+    pub usage: EmbeddingUsage,
+}
+
+/// The routes, their request and response types.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "vllm-rs",
+        description = "vLLM's OpenAI-compatible API, served by vllm-rs. With --api-key, every route but /health, /version and /metrics needs `Authorization: Bearer <key>`."
+    ),
+    paths(
+        crate::routes::models,
+        crate::routes::completions,
+        crate::routes::chat,
+        crate::routes::embeddings,
+        crate::routes::generate,
+        crate::routes::tokenize,
+        crate::routes::detokenize,
+        crate::routes::health,
+        crate::routes::version,
+        crate::routes::metrics,
+    ),
+    components(schemas(
+        CompletionRequest,
+        ChatRequest,
+        GenerateRequest,
+        TokenizeRequest,
+        DetokenizeRequest,
+        EmbeddingRequest,
+        SamplingFields,
+        StreamOptions,
+        ErrorResponse,
+        CompletionResponse,
+        ChatCompletionResponse,
+        ModelList,
+        TokenizeResponse,
+        DetokenizeResponse,
+        GenerateResponse,
+        VersionResponse,
+        EmbeddingResponse,
+    ))
+)]
+pub struct ApiDoc;
+
+/// The OpenAPI document.
+pub fn document() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
+}
