@@ -333,7 +333,7 @@ impl OutputStream {
                 let _ = self.tx.send(Command::FinishSeq(id.clone(), index));
             }
             let finished = self.state.finished();
-            self.metrics.on_tokens(new_tokens, finished.then(|| self.state.finish_reason()));
+            self.metrics.on_tokens(&id, new_tokens, finished.then(|| self.state.finish_reason()));
             if finished {
                 self.done = true;
                 // Frees anything the core still runs for it (sequences this side stopped).

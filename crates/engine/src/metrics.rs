@@ -23,21 +23,25 @@ pub(crate) fn record_stats(s: &EngineStats) {
 pub(crate) struct StepMetrics {
     arrival: Instant,
     last: Instant,
+    first: Option<Instant>,
     seen: usize,
     prompt_tokens: usize,
 }
 
 impl StepMetrics {
     pub(crate) fn new(arrival: Instant, prompt_tokens: usize) -> Self {
-        Self { arrival, last: arrival, seen: 0, prompt_tokens }
+        Self { arrival, last: arrival, first: None, seen: 0, prompt_tokens }
     }
 
     /// Records `new` tokens of the request's first sequence; `finished` carries the finish
     /// reason once the request is done.
-    pub(crate) fn on_tokens(&mut self, new: usize, finished: Option<&'static str>) {
+    /// Also logs the finished request (target `vllm_engine::requests`, which the server
+    /// silences with `--disable-log-requests`).
+    pub(crate) fn on_tokens(&mut self, request_id: &str, new: usize, finished: Option<&'static str>) {
         let now = Instant::now();
         if new > 0 {
             if self.seen == 0 {
+                self.first = Some(now);
                 metrics::histogram!("vllm:time_to_first_token_seconds").record((now - self.arrival).as_secs_f64());
                 metrics::counter!("vllm:prompt_tokens_total").increment(self.prompt_tokens as u64);
             } else {
@@ -51,6 +55,18 @@ impl StepMetrics {
             self.last = now;
         }
         if let Some(reason) = finished {
+            let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+            tracing::info!(
+                target: "vllm_engine::requests",
+                request_id,
+                prompt_tokens = self.prompt_tokens,
+                generated_tokens = self.seen,
+                finish_reason = reason,
+                ttft_ms = self.first.map(|f| ms(f - self.arrival)),
+                decode_ms = self.first.map(|f| ms(now - f)),
+                e2e_ms = ms(now - self.arrival),
+                "finished request"
+            );
             metrics::histogram!("vllm:e2e_request_latency_seconds").record((now - self.arrival).as_secs_f64());
             metrics::counter!("vllm:request_success_total", "finished_reason" => reason).increment(1);
         }

@@ -4,9 +4,10 @@
 use anyhow::{bail, Result};
 use tracing_subscriber::EnvFilter;
 
-/// Installs the global subscriber.
-pub fn init(format: &str) -> Result<()> {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+/// Installs the global subscriber; `log_requests: false` silences the per-request lines.
+pub fn init(format: &str, log_requests: bool) -> Result<()> {
+    let default = if log_requests { "info" } else { "info,vllm_engine::requests=off,vllm_server::requests=off" };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let installed = match format {
         "text" => builder.with_target(false).try_init(),

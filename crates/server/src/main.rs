@@ -266,7 +266,6 @@ async fn build_state(
         chat_template,
         metrics,
         next_id: AtomicU64::new(0),
-        log_requests: !args.disable_log_requests,
     }))
 }
 
@@ -332,12 +331,12 @@ async fn serve(args: ServeArgs) -> Result<()> {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    let format = match &cli.command {
-        Some(Command::Serve(a)) => a.log_format.clone(),
-        Some(Command::RunBatch(b)) => b.serve.log_format.clone(),
-        None => cli.serve.log_format.clone(),
+    let serve_args = match &cli.command {
+        Some(Command::Serve(a)) => a,
+        Some(Command::RunBatch(b)) => &b.serve,
+        None => &cli.serve,
     };
-    logging::init(&format)?;
+    logging::init(&serve_args.log_format, !serve_args.disable_log_requests)?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
         Some(Command::Serve(a)) => rt.block_on(serve(a)),

@@ -47,8 +47,6 @@ pub struct AppState {
     pub chat_template: Option<String>,
     pub metrics: Option<PrometheusHandle>,
     pub next_id: AtomicU64,
-    /// Log a line per request.
-    pub log_requests: bool,
 }
 
 pub type Shared = Arc<AppState>;
@@ -145,14 +143,20 @@ pub async fn auth(State(s): State<Shared>, req: Request, next: Next) -> Response
             }
         }
     }
+    use tracing::Instrument;
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
     let started = std::time::Instant::now();
-    let response = match std::panic::AssertUnwindSafe(next.run(req)).catch_unwind().await {
+    // A span per HTTP request: the engine's "finished request" lines carry it.
+    let span = tracing::info_span!("http", %method, %path);
+    let response = match std::panic::AssertUnwindSafe(next.run(req).instrument(span.clone())).catch_unwind().await {
         Ok(r) => r,
         Err(_) => ApiError::internal("the request failed unexpectedly (a bug, reported in the log)").into_response(),
     };
-    if s.log_requests || response.status().is_server_error() {
-        tracing::info!(%method, %path, status = response.status().as_u16(), ms = started.elapsed().as_millis() as u64, "request");
+    let (status, ms) = (response.status().as_u16(), started.elapsed().as_millis() as u64);
+    if response.status().is_server_error() {
+        tracing::warn!(parent: &span, status, ms, "request failed");
+    } else {
+        tracing::info!(target: "vllm_server::requests", parent: &span, status, ms, "request");
     }
     response
 }
