@@ -34,7 +34,8 @@ pub struct SchedulerConfig {
     pub num_blocks: usize,
     /// Reuse cached prompt prefixes.
     pub enable_prefix_caching: bool,
-    /// A prompt chunk is at most this many tokens per step, so a long prompt delays other
+    /// A prompt chunk is at most this many tokens per step (fewer past 2,048 tokens of
+    /// context, where attention makes each token dearer), so a long prompt delays other
     /// requests by one short step at a time (0: no limit).
     pub long_prefill_token_threshold: usize,
 }
@@ -326,10 +327,15 @@ impl Scheduler {
         let mut budget = self.config.max_num_batched_tokens;
         // Prompt chunks stay short, so that a request arriving during a long prefill waits at
         // most one short step for its own turn.
+        // Attention makes a chunk's cost grow with the context before it, so past 2,048 tokens
+        // of context the chunk shrinks to keep (chunk x context) at the threshold's cost at
+        // 2,048, down to a floor of 32 tokens.
         let threshold = self.config.long_prefill_token_threshold;
         let chunk = |num_new: usize, computed: usize, prompt: usize| {
             if threshold > 0 && computed < prompt {
-                num_new.min(threshold)
+                let work = threshold * (2048 + threshold);
+                let by_attention = work / (computed + threshold).max(2048 + threshold);
+                num_new.min(threshold.min(by_attention.max(32)))
             } else {
                 num_new
             }
