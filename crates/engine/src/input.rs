@@ -97,10 +97,12 @@ impl InputProcessor {
         max_num_seqs: usize,
         guide_limits: GuideLimits,
     ) -> Self {
+        // A token's stored string is at least as long as the bytes it stands for (byte-level
+        // BPE maps each byte to a 1-2 byte character; SentencePiece writes "▁" and "<0xNN>"),
+        // so its length bounds them without decoding every token.
         let max_token_bytes = (0..tokenizer.vocab_size() as u32)
-            .map(|id| {
-                tokenizer.token_bytes(id).map_or_else(|| tokenizer.id_to_token(id).map_or(0, |t| t.len()), |b| b.len())
-            })
+            .filter_map(|id| tokenizer.id_to_token(id))
+            .map(|t| t.len())
             .max()
             .unwrap_or(1)
             .max(1);

@@ -382,13 +382,6 @@ fn serve(a: ServeArgs) -> Result<()> {
             extra: a.server_args.split_whitespace().map(String::from).collect(),
         }));
     }
-    if let Some(bin) = &a.baseline_bin {
-        engines.push(Some(peer::Engine::OursAt {
-            bin: bin.clone(),
-            label: "baseline".into(),
-            extra: a.server_args.split_whitespace().map(String::from).collect(),
-        }));
-    }
     if a.peer == Some(Peer::LlamaCpp) {
         // Every slot must hold the longest request.
         engines.push(Some(peer::Engine::LlamaCpp { parallel: max_c, ctx: max_c * (longest + 16) }));
