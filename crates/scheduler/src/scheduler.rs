@@ -329,16 +329,19 @@ impl Scheduler {
         // most one short step for its own turn.
         // Attention makes a chunk's cost grow with the context before it, so past 2,048 tokens
         // of context the chunk shrinks to keep (chunk x context) at the threshold's cost at
-        // 2,048, down to a floor of 32 tokens.
+        // 2,048, down to a floor of 32 tokens; while other requests share the steps, to a
+        // quarter of that (floor 16), so that their tokens wait for short steps only.
         let threshold = self.config.long_prefill_token_threshold;
+        let shared = self.running.len() + self.waiting.len() > 1;
         let chunk = |num_new: usize, computed: usize, prompt: usize| {
-            if threshold > 0 && computed < prompt {
-                let work = threshold * (2048 + threshold);
-                let by_attention = work / (computed + threshold).max(2048 + threshold);
-                num_new.min(threshold.min(by_attention.max(32)))
-            } else {
-                num_new
+            if threshold == 0 || computed >= prompt {
+                return num_new;
             }
+            if computed + threshold <= 2048 {
+                return num_new.min(threshold);
+            }
+            let (work, floor) = if shared { (threshold * 2048 / 4, 16) } else { (threshold * 2048, 32) };
+            num_new.min(threshold.min((work / (computed + threshold)).max(floor)))
         };
 
         // 1. Running requests, oldest first; preempt the newest when blocks run out.

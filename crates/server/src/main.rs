@@ -9,6 +9,7 @@ mod batch;
 mod error;
 mod logging;
 mod protocol;
+mod render;
 mod routes;
 
 use std::sync::atomic::AtomicU64;

@@ -1,0 +1,301 @@
+//! Rendering engine outputs as the OpenAI API's responses: full completion and chat
+//! responses (typed, see `api.rs`), server-sent event streams of deltas, log probabilities in
+//! each API's format, and beam search results.
+
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::stream::{select_all, StreamExt};
+use serde_json::{json, Value};
+use tokio_stream::wrappers::ReceiverStream;
+use vllm_engine::{CompletionOutput, Logprob, OutputStream, PositionLogprobs, RequestOutput};
+
+use crate::api::{ChatChoice, ChatCompletionResponse, ChatMessage, CompletionChoice, CompletionResponse, Usage};
+use crate::error::ApiError;
+use crate::routes::now;
+
+pub(crate) fn usage(outs: &[RequestOutput]) -> Usage {
+    let p: usize = outs.iter().map(|o| o.prompt_token_ids.len()).sum();
+    let c: usize = outs.iter().flat_map(|o| &o.outputs).map(|c| c.token_ids.len()).sum();
+    let cached: usize = outs.iter().map(|o| o.num_cached_tokens).sum();
+    Usage::new(p, c, cached)
+}
+
+/// What a choice looks like for each API.
+#[derive(Clone, Copy, PartialEq)]
+pub(crate) enum Api {
+    Completion,
+    Chat,
+}
+
+/// How choices are rendered: which API, what to echo before each prompt's output, whether
+/// log probabilities are shown (and how many alternatives).
+#[derive(Clone)]
+pub(crate) struct Render {
+    pub api: Api,
+    /// Per prompt: text put before the generated text (`echo`).
+    pub echo: Vec<String>,
+    pub top_logprobs: Option<usize>,
+}
+
+/// OpenAI's completions `logprobs` object for a run of positions; `offset` is the text offset
+/// (in characters) of the first token.
+fn completion_logprobs(positions: &[PositionLogprobs], mut offset: usize) -> Value {
+    let mut tokens = Vec::new();
+    let mut token_logprobs = Vec::new();
+    let mut top = Vec::new();
+    let mut offsets = Vec::new();
+    for p in positions {
+        tokens.push(json!(p.sampled.decoded_token));
+        token_logprobs.push(json!(p.sampled.logprob));
+        let mut m = serde_json::Map::new();
+        for t in &p.top {
+            m.entry(t.decoded_token.clone()).or_insert(json!(t.logprob));
+        }
+        m.entry(p.sampled.decoded_token.clone()).or_insert(json!(p.sampled.logprob));
+        top.push(Value::Object(m));
+        offsets.push(json!(offset));
+        offset += p.sampled.decoded_token.chars().count();
+    }
+    json!({"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets})
+}
+
+/// OpenAI's chat `logprobs` object (`{"content": [...]}`) for a run of positions.
+fn chat_logprobs(positions: &[PositionLogprobs], k: usize) -> Value {
+    let entry =
+        |t: &Logprob| json!({"token": t.decoded_token, "logprob": t.logprob, "bytes": t.decoded_token.as_bytes()});
+    let content: Vec<Value> = positions
+        .iter()
+        .map(|p| {
+            let mut e = entry(&p.sampled);
+            e["top_logprobs"] = Value::Array(p.top.iter().take(k).map(entry).collect());
+            e
+        })
+        .collect();
+    json!({"content": content})
+}
+
+impl Render {
+    /// A choice's log probabilities for `positions`; `offset` is the character offset of the
+    /// first one's text in the choice's whole text.
+    fn logprobs(&self, c: &CompletionOutput, positions: &[PositionLogprobs], offset: usize) -> Option<Value> {
+        match (self.top_logprobs, c.logprobs.is_some()) {
+            (Some(k), true) => Some(match self.api {
+                Api::Completion => completion_logprobs(positions, offset),
+                Api::Chat => chat_logprobs(positions, k),
+            }),
+            _ => None,
+        }
+    }
+
+    /// One streamed choice: `text` and `positions` are the new part.
+    fn stream_choice(
+        &self,
+        index: usize,
+        c: &CompletionOutput,
+        text: &str,
+        positions: &[PositionLogprobs],
+        offset: usize,
+    ) -> Value {
+        let reason = json!(c.finish_reason.map(|r| r.as_str()));
+        let logprobs = self.logprobs(c, positions, offset);
+        match self.api {
+            Api::Completion => {
+                json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason, "stop_reason": c.stop_reason})
+            }
+            Api::Chat => {
+                let d = if text.is_empty() { json!({}) } else { json!({"content": text}) };
+                json!({"index": index, "delta": d, "logprobs": logprobs, "finish_reason": reason, "stop_reason": c.stop_reason})
+            }
+        }
+    }
+}
+
+/// vLLM's prompt log probabilities: per prompt position, null or `{token_id: {logprob, rank,
+/// decoded_token}}`.
+fn prompt_logprobs(p: &[Option<PositionLogprobs>]) -> Vec<Value> {
+    p.iter()
+        .map(|pos| match pos {
+            None => Value::Null,
+            Some(pos) => {
+                let mut m = serde_json::Map::new();
+                for t in std::iter::once(&pos.sampled).chain(&pos.top) {
+                    m.entry(t.token_id.to_string())
+                        .or_insert(json!({"logprob": t.logprob, "rank": t.rank, "decoded_token": t.decoded_token}));
+                }
+                Value::Object(m)
+            }
+        })
+        .collect()
+}
+
+/// A non-streamed response: prompt `i`'s output `j` is choice `i * n + j` (vLLM's order).
+pub(crate) fn full_response(model: &str, render: &Render, id: &str, outs: &[RequestOutput]) -> Response {
+    let mut completion = Vec::new();
+    let mut chat = Vec::new();
+    for (i, o) in outs.iter().enumerate() {
+        let n = o.outputs.len();
+        let prompt_lps = o.prompt_logprobs.as_deref().map(prompt_logprobs);
+        for (j, c) in o.outputs.iter().enumerate() {
+            let echo = &render.echo[i];
+            let text = format!("{echo}{}", c.text);
+            let positions = c.logprobs.as_deref().unwrap_or_default();
+            let logprobs = render.logprobs(c, positions, echo.chars().count());
+            let finish_reason = c.finish_reason.map(|r| r.as_str().to_string());
+            let stop_reason = c.stop_reason.as_ref().map(|r| json!(r));
+            let index = i * n + j;
+            match render.api {
+                Api::Completion => completion.push(CompletionChoice {
+                    index,
+                    text,
+                    logprobs,
+                    finish_reason,
+                    stop_reason,
+                    prompt_logprobs: prompt_lps.clone(),
+                }),
+                Api::Chat => chat.push(ChatChoice {
+                    index,
+                    message: ChatMessage { role: "assistant".into(), content: text, tool_calls: Vec::new() },
+                    logprobs,
+                    finish_reason,
+                    stop_reason,
+                    prompt_logprobs: prompt_lps.clone(),
+                }),
+            }
+        }
+    }
+    let (id, created, model, usage) = (id.to_string(), now(), model.to_string(), usage(outs));
+    match render.api {
+        Api::Completion => Json(CompletionResponse {
+            id,
+            object: "text_completion".into(),
+            created,
+            model,
+            choices: completion,
+            usage,
+        })
+        .into_response(),
+        Api::Chat => {
+            Json(ChatCompletionResponse { id, object: "chat.completion".into(), created, model, choices: chat, usage })
+                .into_response()
+        }
+    }
+}
+
+/// Per streamed choice: characters already sent, and whether its first chunk went out.
+#[derive(Clone, Default)]
+struct Sent {
+    chars: usize,
+    started: bool,
+}
+
+/// Streams deltas as server-sent events (the streams were submitted with delta outputs). The
+/// producer task ends when the client goes away (the event channel closes), dropping the
+/// engine streams, which aborts their requests. A client that stops reading fills the event
+/// channel, then its requests' output buffers, and is aborted.
+pub(crate) fn sse(
+    render: Render,
+    id: String,
+    model: String,
+    streams: Vec<OutputStream>,
+    n: usize,
+    include_usage: bool,
+) -> Response {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Event>(64);
+    let num_prompts = streams.len();
+    tokio::spawn(async move {
+        let created = now();
+        let api = render.api;
+        let object = if api == Api::Chat { "chat.completion.chunk" } else { "text_completion" };
+        let chunk = |choices: Value, usage: Option<Value>| {
+            let mut v = json!({"id": id, "object": object, "created": created, "model": model, "choices": choices});
+            if let Some(u) = usage {
+                v["usage"] = u;
+            }
+            Event::default().data(v.to_string())
+        };
+        if api == Api::Chat {
+            for i in 0..num_prompts * n {
+                let c = json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]);
+                if tx.send(chunk(c, None)).await.is_err() {
+                    return;
+                }
+            }
+        }
+        let mut merged =
+            select_all(streams.into_iter().enumerate().map(|(i, rx)| rx.into_stream().map(move |o| (i, o)).boxed()));
+        let mut sent = vec![Sent::default(); num_prompts * n];
+        let (mut prompt_tokens, mut completion_tokens, mut cached) = (0, 0, 0);
+        while let Some((i, res)) = merged.next().await {
+            let o = match res {
+                Ok(o) => o,
+                Err(e) => {
+                    let _ = tx.send(Event::default().data(ApiError::from(e).body().to_string())).await;
+                    return;
+                }
+            };
+            if o.finished {
+                prompt_tokens += o.prompt_token_ids.len();
+                cached += o.num_cached_tokens;
+            }
+            for (j, c) in o.outputs.iter().enumerate() {
+                let k = i * n + j;
+                let st = &mut sent[k];
+                completion_tokens += c.token_ids.len();
+                // The echoed prompt goes in front of the choice's first chunk.
+                let echo = if st.started { "" } else { render.echo[i].as_str() };
+                st.started = true;
+                let delta = format!("{echo}{}", c.text);
+                let positions = c.logprobs.as_deref().unwrap_or_default();
+                // Character offset of the first new token in the choice's whole text.
+                let offset = st.chars + echo.chars().count();
+                st.chars += delta.chars().count();
+                if !delta.is_empty() || !positions.is_empty() || c.finished() {
+                    let choice = render.stream_choice(k, c, &delta, positions, offset);
+                    if tx.send(chunk(json!([choice]), None)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        if include_usage
+            && tx
+                .send(chunk(json!([]), Some(json!(Usage::new(prompt_tokens, completion_tokens, cached)))))
+                .await
+                .is_err()
+        {
+            return;
+        }
+        let _ = tx.send(Event::default().data("[DONE]")).await;
+    });
+    Sse::new(ReceiverStream::new(rx).map(Ok::<_, std::convert::Infallible>)).into_response()
+}
+
+/// Beam search results as request outputs (one per prompt, its beams as choices).
+pub(crate) fn beam_outputs(id: &str, outs: Vec<vllm_engine::BeamSearchOutput>) -> Vec<RequestOutput> {
+    outs.into_iter()
+        .enumerate()
+        .map(|(i, b)| RequestOutput {
+            request_id: format!("{id}-{i}"),
+            prompt: b.prompt,
+            prompt_token_ids: b.prompt_token_ids,
+            outputs: b
+                .sequences
+                .into_iter()
+                .enumerate()
+                .map(|(index, q)| CompletionOutput {
+                    index,
+                    text: q.text,
+                    token_ids: q.token_ids,
+                    finish_reason: Some(q.finish_reason),
+                    stop_reason: None,
+                    cumulative_logprob: Some(q.cumulative_logprob),
+                    logprobs: None,
+                })
+                .collect(),
+            finished: true,
+            num_cached_tokens: 0,
+            prompt_logprobs: None,
+        })
+        .collect()
+}
