@@ -64,8 +64,6 @@ pub struct EngineInfo {
     pub model: String,
     /// Effective context length.
     pub max_model_len: usize,
-    /// The tokenizer (cheap to clone).
-    pub tokenizer: Tokenizer,
 }
 
 /// Whether the engine core is alive.
@@ -123,8 +121,7 @@ impl AsyncEngine {
         let max_inflight = args.max_num_seqs.saturating_add(args.max_waiting_requests);
         let output_buffer = args.max_output_buffer_steps.max(1);
         let (core, input) = crate::engine::build(args, files)?;
-        let info =
-            Arc::new(EngineInfo { model, max_model_len: input.max_model_len(), tokenizer: input.tokenizer().clone() });
+        let info = Arc::new(EngineInfo { model, max_model_len: input.max_model_len() });
         let stats = Arc::new(Mutex::new(EngineStats::of(&core.scheduler)));
         let (tx, rx) = std_mpsc::channel();
         let (health_tx, health) = watch::channel(EngineHealth::Alive);
@@ -151,6 +148,11 @@ impl AsyncEngine {
     /// Model facts.
     pub fn info(&self) -> &EngineInfo {
         &self.info
+    }
+
+    /// The model's tokenizer (the input processor's).
+    pub fn tokenizer(&self) -> &Tokenizer {
+        self.input.tokenizer()
     }
 
     /// The input processor (tokenizing and validation, usable from any thread).

@@ -71,7 +71,7 @@ impl AppState {
 
     fn tokenizer(&self) -> &vllm_engine::Tokenizer {
         match (&self.engine, &self.embedder) {
-            (Some(e), _) => &e.info().tokenizer,
+            (Some(e), _) => e.tokenizer(),
             (None, Some(m)) => m.tokenizer(),
             (None, None) => unreachable!("a server has an engine or an embedder"),
         }
@@ -394,7 +394,7 @@ pub async fn completions(State(s): State<Shared>, body: Result<Bytes, BytesRejec
     let mut params = req.sampling.to_params(Some(16))?;
     params.logprobs = req.logprobs;
     check_stream(req.stream, &params)?;
-    let tok = &s.engine()?.info().tokenizer;
+    let tok = s.engine()?.tokenizer();
     let echo = prompts
         .iter()
         .map(|p| match (req.echo, p) {
@@ -440,7 +440,7 @@ pub async fn chat(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) 
     let (state, msgs) = (s.clone(), messages.clone());
     let ids = s
         .blocking(move || {
-            let tok = &engine.info().tokenizer;
+            let tok = engine.tokenizer();
             let tpl = tok
                 .chat_template_for(req.chat_template.as_deref().or(state.chat_template.as_deref()))
                 .map_err(|e| ApiError::invalid_param("chat_template", e.to_string()))?;
