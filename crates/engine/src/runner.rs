@@ -35,8 +35,12 @@ impl ModelRunner {
 
     /// Runs one step; returns `[rows, vocab]` f32 logits flattened and, per scheduled
     /// sequence, its rows: every token's with `all_logits`, else the last token's with
-    /// `sample`, else none.
-    pub fn execute(&self, out: &SchedulerOutput) -> Result<(Vec<f32>, Vec<Range<usize>>)> {
+    /// `sample`, else none. `between_layers` runs before each decoder layer but the first.
+    pub fn execute(
+        &self,
+        out: &SchedulerOutput,
+        between_layers: Option<&dyn Fn(usize)>,
+    ) -> Result<(Vec<f32>, Vec<Range<usize>>)> {
         if !out.block_copies.is_empty() {
             let pairs: Vec<(u32, u32)> = out.block_copies.iter().map(|c| (c.src, c.dst)).collect();
             for cache in &self.caches {
@@ -74,6 +78,7 @@ impl ModelRunner {
             positions: Tensor::from_vec(positions, n, &self.device)?,
             logits_indices: Tensor::from_vec(rows, num_rows, &self.device)?,
             attn: &meta,
+            between_layers,
         };
         let logits = self.model.forward(&input, &self.caches)?;
         Ok((logits.flatten_all()?.to_vec1::<f32>()?, ranges))

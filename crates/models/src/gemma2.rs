@@ -189,7 +189,8 @@ impl CausalLM for Gemma2 {
             Tensor::new((self.cfg.hidden_size as f32).sqrt(), self.embed.device())?.to_dtype(self.dtype)?;
         let mut x = self.embed.index_select(&input.input_ids, 0)?.broadcast_mul(&normalizer)?;
         let (cos, sin) = self.rotary.for_positions(&input.positions)?;
-        for (l, cache) in self.layers.iter().zip(caches) {
+        for (i, (l, cache)) in self.layers.iter().zip(caches).enumerate() {
+            input.before_layer(i);
             let h = rms(&x, &l.input_norm, eps)?;
             let a = l.attn.forward(
                 &l.q.forward(&h)?,

@@ -135,7 +135,8 @@ impl CausalLM for Gpt2 {
         let eps = self.cfg.layer_norm_epsilon as f32;
         let d = self.cfg.n_embd;
         let mut x = (self.wte.index_select(&input.input_ids, 0)? + self.wpe.index_select(&input.positions, 0)?)?;
-        for (b, cache) in self.blocks.iter().zip(caches) {
+        for (i, (b, cache)) in self.blocks.iter().zip(caches).enumerate() {
+            input.before_layer(i);
             let qkv = b.c_attn.forward(&b.ln_1.forward(&x, eps)?)?;
             let (q, k, v) = (qkv.narrow(1, 0, d)?, qkv.narrow(1, d, d)?, qkv.narrow(1, 2 * d, d)?);
             let a = b.attn.forward(&q.contiguous()?, &k.contiguous()?, &v.contiguous()?, None, cache, input)?;

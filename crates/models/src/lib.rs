@@ -80,7 +80,7 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// One step's flattened batch, as the model sees it.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct StepInput<'a> {
     /// Token ids of every scheduled token, `[tokens]` u32.
     pub input_ids: Tensor,
@@ -90,6 +90,31 @@ pub struct StepInput<'a> {
     pub logits_indices: Tensor,
     /// Paged-attention metadata.
     pub attn: &'a AttnMetadata,
+    /// Called before each decoder layer but the first, with that layer's index: the engine
+    /// core runs other requests' short steps there while a long step is suspended (the step's
+    /// state is its hidden activations; the layers already run have written their K/V).
+    pub between_layers: Option<&'a dyn Fn(usize)>,
+}
+
+impl StepInput<'_> {
+    /// Runs the between-layers hook before layer `layer` (not before the first).
+    pub fn before_layer(&self, layer: usize) {
+        if let (Some(hook), true) = (self.between_layers, layer > 0) {
+            hook(layer);
+        }
+    }
+}
+
+impl std::fmt::Debug for StepInput<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StepInput")
+            .field("input_ids", &self.input_ids)
+            .field("positions", &self.positions)
+            .field("logits_indices", &self.logits_indices)
+            .field("attn", &self.attn)
+            .field("between_layers", &self.between_layers.is_some())
+            .finish()
+    }
 }
 
 /// A causal language model running on the paged cache.

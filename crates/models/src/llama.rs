@@ -360,7 +360,8 @@ impl CausalLM for Llama {
         let eps = self.cfg.rms_norm_eps as f32;
         let mut x = self.embed.index_select(&input.input_ids, 0)?;
         let (cos, sin) = self.rotary.for_positions(&input.positions)?;
-        for (layer, cache) in self.layers.iter().zip(caches) {
+        for (i, (layer, cache)) in self.layers.iter().zip(caches).enumerate() {
+            input.before_layer(i);
             let h = candle_nn::ops::rms_norm(&x, &layer.input_norm, eps)?;
             let mut qkv = layer.qkv.forward(&h)?;
             if let Some((qn, kn)) = &layer.qk_norm {

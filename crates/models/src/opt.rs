@@ -139,7 +139,8 @@ impl CausalLM for Opt {
         let pos = (&input.positions + POSITION_OFFSET as f64)?;
         let mut x = (self.embed.index_select(&input.input_ids, 0)? + self.positions.index_select(&pos, 0)?)?;
         let pre = self.cfg.do_layer_norm_before;
-        for (l, cache) in self.layers.iter().zip(caches) {
+        for (i, (l, cache)) in self.layers.iter().zip(caches).enumerate() {
+            input.before_layer(i);
             let h = if pre { l.attn_norm.forward(&x, LN_EPS)? } else { x.clone() };
             let a = l.attn.forward(&l.q.forward(&h)?, &l.k.forward(&h)?, &l.v.forward(&h)?, None, cache, input)?;
             x = (x + l.out.forward(&a)?)?;

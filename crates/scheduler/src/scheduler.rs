@@ -154,6 +154,21 @@ pub struct Scheduler {
     num_preemptions: u64,
     /// Tokens scheduled so far, and how many of them were prompt tokens.
     computed: (u64, u64),
+    /// A step suspended mid-way ([`Self::hold`]), while other steps run.
+    held: Option<Held>,
+}
+
+/// The sequences of a suspended step and what they keep until it completes.
+#[derive(Debug, Default)]
+struct Held {
+    /// Its sequences (out of `running` meanwhile).
+    seqs: Vec<SeqId>,
+    /// `running` when it was suspended (its order is restored).
+    order: Vec<SeqId>,
+    /// Blocks the step is writing: not yet valid for a prefix-cache hit.
+    writing: foldhash::HashSet<BlockId>,
+    /// Its sequences aborted meanwhile: their blocks are freed once it completes.
+    freed: Vec<SeqId>,
 }
 
 impl Scheduler {
@@ -170,7 +185,54 @@ impl Scheduler {
             reserved: 0,
             num_preemptions: 0,
             computed: (0, 0),
+            held: None,
         }
+    }
+
+    /// Suspends a scheduled step: until [`Self::release`], its sequences are left out of the
+    /// steps planned meanwhile (never scheduled, preempted or counted as free slots), their
+    /// blocks stay allocated even if they are aborted, and the blocks it writes give no
+    /// prefix-cache hits. One step at a time.
+    pub fn hold(&mut self, out: &SchedulerOutput) {
+        debug_assert!(self.held.is_none(), "one held step at a time");
+        let bs = self.config.block_size;
+        let mut held = Held { order: self.running.clone(), ..Held::default() };
+        for s in &out.seqs {
+            held.seqs.push(s.id);
+            let end = s.start_pos + s.token_ids.len();
+            if end > s.start_pos {
+                held.writing.extend(s.block_ids.iter().take(end.div_ceil(bs)).skip(s.start_pos / bs).copied());
+            }
+        }
+        self.running.retain(|id| !held.seqs.contains(id));
+        self.held = Some(held);
+    }
+
+    /// Resumes the held step's sequences (before its [`Self::update_from_output`]): they go
+    /// back to their places in `running`, and the blocks of those aborted meanwhile are freed.
+    pub fn release(&mut self) {
+        let Some(held) = self.held.take() else { return };
+        let now: foldhash::HashSet<SeqId> = self.running.iter().copied().collect();
+        let before: foldhash::HashSet<SeqId> = held.order.iter().copied().collect();
+        let mut running: Vec<SeqId> = held
+            .order
+            .iter()
+            .copied()
+            .filter(|id| {
+                now.contains(id)
+                    || (held.seqs.contains(id) && self.requests.get(id).is_some_and(|r| r.status == Status::Running))
+            })
+            .collect();
+        running.extend(self.running.iter().copied().filter(|id| !before.contains(id)));
+        self.running = running;
+        for id in held.freed {
+            self.kv.free(id);
+        }
+    }
+
+    /// Whether a step is held.
+    pub fn is_holding(&self) -> bool {
+        self.held.is_some()
     }
 
     /// The configuration.
@@ -190,7 +252,7 @@ impl Scheduler {
 
     /// Number of running requests.
     pub fn num_running(&self) -> usize {
-        self.running.len()
+        self.running.len() + self.held.as_ref().map_or(0, |h| h.seqs.len())
     }
 
     /// Total preemptions so far.
@@ -207,7 +269,7 @@ impl Scheduler {
 
     /// Whether any request is unfinished.
     pub fn has_unfinished(&self) -> bool {
-        !self.waiting.is_empty() || !self.running.is_empty()
+        !self.waiting.is_empty() || !self.running.is_empty() || self.held.as_ref().is_some_and(|h| !h.seqs.is_empty())
     }
 
     /// A tracked request.
@@ -277,7 +339,11 @@ impl Scheduler {
         }
         self.waiting.retain(|&w| w != id);
         self.running.retain(|&x| x != id);
-        self.kv.free(id);
+        match self.held.as_mut() {
+            // The suspended step still writes its blocks.
+            Some(h) if h.seqs.contains(&id) => h.freed.push(id),
+            _ => self.kv.free(id),
+        }
         true
     }
 
@@ -386,15 +452,23 @@ impl Scheduler {
                 };
                 let r = &self.requests[&id];
                 // A request joins with room for all its parallel samples.
-                if self.running.len() + self.reserved + 1 + r.forks.len() > self.config.max_num_seqs {
+                let held = self.held.as_ref().map_or(0, |h| h.seqs.len());
+                if self.running.len() + held + self.reserved + 1 + r.forks.len() > self.config.max_num_seqs {
                     break;
                 }
                 let total = r.token_ids.len();
-                let hit = if r.all_logits {
+                let mut hit = if r.all_logits {
                     CacheHit::default()
                 } else {
                     self.kv.find_cached_prefix(&r.token_ids, &r.cache_extra)
                 };
+                if let Some(h) = &self.held {
+                    // Blocks a suspended step is still writing are not a valid prefix yet.
+                    if let Some(cut) = hit.blocks.iter().position(|b| h.writing.contains(b)) {
+                        hit.blocks.truncate(cut);
+                        hit.num_tokens = cut * self.config.block_size;
+                    }
+                }
                 let computed = hit.num_tokens;
                 let num_new = chunk((total - computed).min(budget), computed, r.num_prompt_tokens);
                 // A new sequence shares no partial block, so nothing is copied.

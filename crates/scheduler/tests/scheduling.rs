@@ -57,7 +57,9 @@ impl ShadowCache {
             }
         }
         for q in &out.seqs {
-            let tokens = &s.request(q.id).expect("scheduled sequence is tracked").token_ids;
+            // A held step's sequences may have been aborted while it was suspended.
+            let Some(r) = s.request(q.id) else { continue };
+            let tokens = &r.token_ids;
             for (pos, &t) in tokens[..q.start_pos + q.token_ids.len()].iter().enumerate() {
                 let held = self.slots[self.slot(&q.block_ids, pos)];
                 assert_eq!(held, Some(t), "sequence {} position {pos} reads a wrong K/V slot", q.id);
@@ -310,9 +312,24 @@ enum Op {
     Add { len: usize, max_tokens: usize, shared: bool, samples: usize },
     Abort(usize),
     Step,
+    /// A step suspended while the inner ops run (they must not touch it), its K/V written last.
+    Held(Vec<Op>),
+    /// Inside `Held`: aborts one of the held step's sequences.
+    AbortHeld(usize),
 }
 
 fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => plain_op(),
+        1 => proptest::collection::vec(held_op(), 0..8).prop_map(Op::Held),
+    ]
+}
+
+fn held_op() -> impl Strategy<Value = Op> {
+    prop_oneof![3 => plain_op(), 1 => (0usize..8).prop_map(Op::AbortHeld)]
+}
+
+fn plain_op() -> impl Strategy<Value = Op> {
     prop_oneof![
         (1usize..30, 1usize..12, any::<bool>(), 1usize..4).prop_map(|(len, max_tokens, shared, samples)| Op::Add {
             len,
@@ -325,6 +342,33 @@ fn op() -> impl Strategy<Value = Op> {
         Just(Op::Step),
         Just(Op::Step),
     ]
+}
+
+fn apply_op(s: &mut Scheduler, shadow: &mut ShadowCache, next: &mut u64, op: Op) {
+    match op {
+        Op::Add { len, max_tokens, shared, samples } => {
+            let prompt: Vec<u32> = if shared {
+                (1..=len as u32).collect()
+            } else {
+                (0..len as u32).map(|t| 100 + t + *next as u32 * 31).collect()
+            };
+            let forks = (1..samples as u64).map(|k| *next + k).collect();
+            let _ = s.add_request(Request::new(*next, prompt, stop(max_tokens)).with_forks(forks));
+            *next += samples as u64;
+        }
+        Op::Abort(k) => {
+            s.abort(k as u64);
+        }
+        Op::Step => {
+            let out = s.schedule();
+            check_limits(s, &out);
+            shadow.apply(s, &out);
+            let sampled: Vec<u32> = out.sampling_ids().map(|id| 1 + (id % 7) as u32).collect();
+            s.update_from_output(&out, &sampled);
+        }
+        Op::Held(_) | Op::AbortHeld(_) => unreachable!("only a held step's inner ops"),
+    }
+    s.kv_cache().check_invariants();
 }
 
 proptest! {
@@ -343,24 +387,27 @@ proptest! {
         let mut next = 0u64;
         for op in ops {
             match op {
-                Op::Add { len, max_tokens, shared, samples } => {
-                    let prompt: Vec<u32> = if shared {
-                        (1..=len as u32).collect()
-                    } else {
-                        (0..len as u32).map(|t| 100 + t + next as u32 * 31).collect()
-                    };
-                    let forks = (1..samples as u64).map(|k| next + k).collect();
-                    let _ = s.add_request(Request::new(next, prompt, stop(max_tokens)).with_forks(forks));
-                    next += samples as u64;
-                }
-                Op::Abort(k) => { s.abort(k as u64); }
-                Op::Step => {
+                Op::Held(inner) => {
                     let out = s.schedule();
                     check_limits(&s, &out);
+                    s.hold(&out);
+                    for op in inner {
+                        let op = match op {
+                            Op::AbortHeld(i) if !out.seqs.is_empty() => Op::Abort(out.seqs[i % out.seqs.len()].id as usize),
+                            Op::AbortHeld(_) => Op::Step,
+                            op => op,
+                        };
+                        apply_op(&mut s, &mut shadow, &mut next, op);
+                        let held = out.seqs.len();
+                        prop_assert!(s.num_running() <= s.config().max_num_seqs, "{} running with {held} held", s.num_running());
+                    }
+                    // The suspended step's K/V lands last: steps run meanwhile read none of it.
                     shadow.apply(&s, &out);
+                    s.release();
                     let sampled: Vec<u32> = out.sampling_ids().map(|id| 1 + (id % 7) as u32).collect();
                     s.update_from_output(&out, &sampled);
                 }
+                op => apply_op(&mut s, &mut shadow, &mut next, op),
             }
             s.kv_cache().check_invariants();
         }

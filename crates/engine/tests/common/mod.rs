@@ -71,6 +71,7 @@ pub fn next_token_logprobs(model: &dyn CausalLM, ids: &[u32]) -> Vec<f32> {
         positions: Tensor::new((0..n as u32).collect::<Vec<_>>(), &Device::Cpu).unwrap(),
         logits_indices: Tensor::new(&[n as u32 - 1], &Device::Cpu).unwrap(),
         attn: &meta,
+        between_layers: None,
     };
     let logits = model.forward(&input, &caches).unwrap();
 

@@ -31,7 +31,13 @@ pub fn step(model: &dyn CausalLM, caches: &[KvCache], seqs: &[(Vec<u32>, usize)]
     }
     let meta = AttnMetadata::new(BLOCK, attn);
     let t = |v: Vec<u32>| Tensor::new(v, &Device::Cpu).unwrap();
-    let step = StepInput { input_ids: t(input), positions: t(positions), logits_indices: t(rows), attn: &meta };
+    let step = StepInput {
+        input_ids: t(input),
+        positions: t(positions),
+        logits_indices: t(rows),
+        attn: &meta,
+        between_layers: None,
+    };
     model.forward(&step, caches).unwrap().to_vec2::<f32>().unwrap()
 }
 
