@@ -39,14 +39,21 @@ impl FromStr for ModelDtype {
     }
 }
 
-/// How GGUF matrices run (`--quantization`).
+/// How weight matrices run (`--quantization`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Quantization {
-    /// Dequantize GGUF weights to `dtype` at load time (the CPU default: on SmolLM2-135M it is
-    /// both faster for prompts and closer to the original model than Q4_1 matmuls).
+    /// The checkpoint's own quantization (vLLM's semantics), the default: a GGUF file's
+    /// quantized matrices run in their own block format on our kernels (`Q4_0`, `Q4_1` on the
+    /// 4-bit kernel, `Q8_0` on the int8 kernel, other quantized types requantized to int8 for
+    /// now; float tensors stay float); on CUDA, candle's quantized matmul. Unquantized
+    /// checkpoints run in `dtype`.
     #[default]
+    Auto,
+    /// Dequantize every GGUF matrix to `dtype` at load time: the float32 path that reproduces
+    /// the `transformers` reference.
     None,
-    /// Keep GGUF weights quantized and use quantized matmuls (less memory).
+    /// The GGUF file's own quantization (vLLM's `--quantization gguf`): as `Auto` for GGUF
+    /// files.
     Gguf,
     /// Int8 weights (per block of 32, like Q8_0; activations quantized the same way per step)
     /// for every matmul, run by our AVX-512 VNNI kernel: 3x faster decode and 2x faster
@@ -59,13 +66,14 @@ impl FromStr for Quantization {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self, Error> {
         Ok(match s.to_ascii_lowercase().as_str() {
-            "none" | "" => Self::None,
+            "auto" | "" => Self::Auto,
+            "none" => Self::None,
             "gguf" => Self::Gguf,
             "int8" => Self::Int8,
             _ => {
                 return Err(Error::InvalidArgument {
                     param: "quantization",
-                    message: format!("'{s}' (choose none, gguf, int8)"),
+                    message: format!("'{s}' (choose auto, none, gguf, int8)"),
                 })
             }
         })
@@ -80,7 +88,7 @@ pub struct EngineArgs {
     pub model: String,
     /// Weight and activation precision.
     pub dtype: ModelDtype,
-    /// Keep GGUF weights quantized.
+    /// How weight matrices run (default: the checkpoint's own quantization).
     pub quantization: Quantization,
     /// Seed for requests that bring none.
     pub seed: u64,
@@ -119,7 +127,7 @@ impl Default for EngineArgs {
         Self {
             model: DEFAULT_MODEL.to_string(),
             dtype: ModelDtype::Auto,
-            quantization: Quantization::None,
+            quantization: Quantization::Auto,
             seed: 0,
             max_model_len: None,
             max_num_seqs: 256,

@@ -49,7 +49,7 @@ impl Embedder {
         let device: Device = crate::engine::device(&args.device)?;
         let device = &device;
         let int8 = args.quantization == Quantization::Int8;
-        let opts = LoadOptions { dtype: candle_core::DType::F32, keep_quantized: false, int8 };
+        let opts = LoadOptions { dtype: candle_core::DType::F32, keep_quantized: false, int8, native: false };
         let model = BertEmbedder::load_dir(dir, opts, device)?;
         let tokenizer = Tokenizer::from_hf_dir(dir)?;
         // sentence-transformers truncates to `max_seq_length` (sentence_bert_config.json).

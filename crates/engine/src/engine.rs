@@ -112,8 +112,10 @@ pub(crate) fn build(args: EngineArgs, files: ModelFiles) -> Result<(EngineCore, 
     };
     let opts = LoadOptions {
         dtype,
-        keep_quantized: args.quantization == Quantization::Gguf,
+        // Our quantized kernels are CPU kernels; on CUDA, candle's quantized matmul.
+        keep_quantized: matches!(args.quantization, Quantization::Auto | Quantization::Gguf) && !dev.is_cpu(),
         int8: args.quantization == Quantization::Int8,
+        native: matches!(args.quantization, Quantization::Auto | Quantization::Gguf) && dev.is_cpu(),
     };
     let (model, tokenizer) = match files {
         ModelFiles::Gguf(path) => {

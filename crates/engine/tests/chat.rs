@@ -9,7 +9,9 @@ use vllm_engine::{ChatOptions, Error, SamplingParams};
 
 #[test]
 fn chat_renders_the_template_and_answers() {
-    let llm = llm_with(|_| {});
+    // The answer below is the float32 model's (the quantized default answers this prompt
+    // differently: its first token is a near tie).
+    let llm = llm_with(|a| a.quantization = vllm_engine::Quantization::None);
     let q = vec![json!({"role": "user", "content": "What is the capital of France?"})];
     let params = SamplingParams::greedy(30);
     let out = llm.chat(q.clone(), params.clone(), &ChatOptions::default()).unwrap();

@@ -13,7 +13,7 @@ fn llm() -> LLM {
 
 #[test]
 fn logprobs_match_the_float32_reference() {
-    let llm = llm();
+    let llm = common::llm_with(|a| a.quantization = vllm_engine::Quantization::None);
     let fx = common::fixtures();
     let prompts: Vec<Vec<u32>> = fx.cases.iter().map(|c| c.prompt_ids.clone()).collect();
     let params = SamplingParams { logprobs: Some(5), ..SamplingParams::greedy(2) };
@@ -53,7 +53,8 @@ fn parallel_samples_are_seeded_like_vllm_and_share_the_prompt() {
     let prompt = "The history of the city goes back to the Roman era, when a small settlement grew up \
                   on the river bank. Over the centuries it became a market town, then an industrial \
                   centre, and today it is known for";
-    let params = SamplingParams { n: 4, seed: Some(7), temperature: 1.0, ..SamplingParams::greedy(12) };
+    let params =
+        SamplingParams { n: 4, seed: Some(7), temperature: 1.0, ignore_eos: true, ..SamplingParams::greedy(12) };
     let before = llm.with_engine(|e| e.stats());
     let outs = llm.generate([prompt], &params).unwrap();
     let after = llm.with_engine(|e| e.stats());

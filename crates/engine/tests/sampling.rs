@@ -139,7 +139,7 @@ fn truncation_detokenize_and_output_kinds() {
 #[test]
 fn prompt_logprobs_match_the_float32_reference() {
     let fx = fixtures();
-    let llm = llm_with(|_| {});
+    let llm = llm_with(|a| a.quantization = vllm_engine::Quantization::None);
     for case in fx.cases.iter().take(4) {
         // Prompt + its first greedy token: the last prompt position's log probabilities are
         // the reference's first generated position.
@@ -165,7 +165,10 @@ fn prompt_logprobs_match_the_float32_reference() {
         }
     }
     // With prompt logprobs the prompt is computed even when cached, chunked or not.
-    let chunked = llm_with(|a| a.max_num_batched_tokens = Some(8));
+    let chunked = llm_with(|a| {
+        a.quantization = vllm_engine::Quantization::None;
+        a.max_num_batched_tokens = Some(8);
+    });
     let ids = fx.cases[0].prompt_ids.clone();
     let p = SamplingParams { prompt_logprobs: Some(2), ..greedy(1) };
     let a = chunked.generate([Prompt::TokenIds(ids.clone())], p.clone()).unwrap().remove(0);

@@ -29,7 +29,7 @@ fn unpermute(w: &Tensor, heads: usize) -> Tensor {
 }
 
 fn write_hf_folder(gguf: &Path, dir: &Path) {
-    let opts = LoadOptions { dtype: DType::F32, keep_quantized: false, int8: false };
+    let opts = LoadOptions { dtype: DType::F32, keep_quantized: false, int8: false, native: false };
     let w = vllm_models::Weights::from_gguf(gguf, opts, &Device::Cpu).unwrap();
     let md = w.gguf_metadata().unwrap();
     let cfg = LlamaConfig::from_gguf(md).unwrap();
@@ -72,6 +72,8 @@ fn write_hf_folder(gguf: &Path, dir: &Path) {
 fn generate(model: &str, dtype: ModelDtype, prompts: &[&str], n: usize) -> Vec<Vec<u32>> {
     let mut args = EngineArgs::new(model);
     args.dtype = dtype;
+    // Both sources in float (the GGUF file's own Q4_1 would differ from the dequantized folder).
+    args.quantization = vllm_engine::Quantization::None;
     args.kv_cache_memory = 128 << 20;
     let mut llm = LLM::new(args).unwrap();
     llm.set_use_tqdm(false);

@@ -163,6 +163,84 @@ impl Int8Matrix {
         Some(Self { rows, cols, q, scales, sums })
     }
 
+    /// Packs a row-major `[rows, cols]` matrix of GGUF `Q8_0` blocks (34 bytes each: an f16
+    /// scale and 32 signed bytes, `w = d q`) as they are: no requantization. `None` unless
+    /// `cols` is a whole number of blocks and `data` has exactly their bytes.
+    pub fn from_gguf_q8_0(data: &[u8], rows: usize, cols: usize) -> Option<Self> {
+        const BYTES: usize = 2 + BLOCK;
+        if cols == 0 || !cols.is_multiple_of(BLOCK) {
+            return None;
+        }
+        let nb = cols / BLOCK;
+        if rows.checked_mul(nb)?.checked_mul(BYTES)? != data.len() {
+            return None;
+        }
+        let groups = rows.div_ceil(LANES);
+        let mut q = vec![0i8; groups * nb * TILE];
+        let mut scales = vec![0f32; groups * nb * LANES];
+        let mut sums = vec![0f32; groups * nb * LANES];
+        q.par_chunks_mut(nb * TILE)
+            .zip(scales.par_chunks_mut(nb * LANES))
+            .zip(sums.par_chunks_mut(nb * LANES))
+            .enumerate()
+            .for_each(|(g, ((q, scales), sums))| {
+                for lane in 0..LANES {
+                    let r = g * LANES + lane;
+                    if r >= rows {
+                        break;
+                    }
+                    for b in 0..nb {
+                        let block = &data[(r * nb + b) * BYTES..][..BYTES];
+                        let d = half::f16::from_bits(u16::from_le_bytes([block[0], block[1]])).to_f32();
+                        let qb: Vec<i8> = block[2..].iter().map(|&v| v as i8).collect();
+                        scales[b * LANES + lane] = d;
+                        sums[b * LANES + lane] = d * qb.iter().map(|&v| v as i32).sum::<i32>() as f32;
+                        for s in 0..STEPS {
+                            let dst = b * TILE + (s * LANES + lane) * 4;
+                            q[dst..dst + 4].copy_from_slice(&qb[s * 4..s * 4 + 4]);
+                        }
+                    }
+                }
+            });
+        Some(Self { rows, cols, q, scales, sums })
+    }
+
+    /// Row `r`'s weights as floats (an embedding lookup in a tied output matrix).
+    pub fn row(&self, r: usize, out: &mut [f32]) {
+        assert!(r < self.rows && out.len() == self.cols, "row {r} of {} into {} values", self.rows, out.len());
+        let nb = self.cols / BLOCK;
+        let (g, lane) = (r / LANES, r % LANES);
+        for (b, ob) in out.chunks_exact_mut(BLOCK).enumerate() {
+            let d = self.scales[(g * nb + b) * LANES + lane];
+            let tile = &self.q[(g * nb + b) * TILE..][..TILE];
+            for (c, o) in ob.iter_mut().enumerate() {
+                *o = d * tile[((c / 4) * LANES + lane) * 4 + c % 4] as f32;
+            }
+        }
+    }
+
+    /// The weights as floats, row-major `[rows, cols]`.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let nb = self.cols / BLOCK;
+        let mut out = vec![0f32; self.rows * self.cols];
+        for (r, row) in out.chunks_exact_mut(self.cols).enumerate() {
+            let (g, lane) = (r / LANES, r % LANES);
+            for b in 0..nb {
+                let d = self.scales[(g * nb + b) * LANES + lane];
+                for c in 0..BLOCK {
+                    let (s, k) = (c / 4, c % 4);
+                    row[b * BLOCK + c] = d * self.q[(g * nb + b) * TILE + (s * LANES + lane) * 4 + k] as f32;
+                }
+            }
+        }
+        out
+    }
+
+    /// Bytes held (weights, scales and weight sums).
+    pub fn bytes(&self) -> usize {
+        self.q.len() + 4 * (self.scales.len() + self.sums.len())
+    }
+
     /// Stacks matrices with the same input width into one (their rows one after another), so
     /// projections of the same input (Q/K/V, gate/up) run as one product with one activation
     /// quantization. `None` if the widths differ or a part's rows are not whole 16-row groups.
@@ -216,6 +294,12 @@ impl Int8Matrix {
         }
         out
     }
+}
+
+/// Whether the CPU has AVX-512 VNNI (the int8 and 4-bit kernels' fast path).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn vnni_available() -> bool {
+    vnni::available()
 }
 
 /// Row groups per register tile (and per parallel task).
@@ -436,6 +520,31 @@ mod tests {
             assert_eq!(&yab[j * 96 + 32..(j + 1) * 96], &yb[j * 64..(j + 1) * 64]);
         }
         assert!(Int8Matrix::concat(&[&q, &a]).is_none(), "130 rows are not whole groups");
+    }
+
+    #[test]
+    fn gguf_q8_0_blocks_are_packed_as_they_are() {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let (rows, cols) = (20, 64);
+        let mut data = Vec::new();
+        let mut want = Vec::new();
+        for _ in 0..rows * cols / BLOCK {
+            let d = half::f16::from_f32(rng.random::<f32>() * 0.01);
+            data.extend_from_slice(&d.to_bits().to_le_bytes());
+            for _ in 0..BLOCK {
+                let q: i8 = rng.random();
+                data.push(q as u8);
+                want.push(d.to_f32() * q as f32);
+            }
+        }
+        let m = Int8Matrix::from_gguf_q8_0(&data, rows, cols).unwrap();
+        assert_eq!(m.dequantize(), want);
+        let mut row = vec![0f32; cols];
+        m.row(17, &mut row);
+        assert_eq!(row, &want[17 * cols..18 * cols]);
+        let x: Vec<f32> = (0..3 * cols).map(|_| rng.random::<f32>() - 0.5).collect();
+        check(&m.matmul(&x, 3), &want, &x, rows, cols, 3);
+        assert!(Int8Matrix::from_gguf_q8_0(&data[1..], rows, cols).is_none());
     }
 
     #[test]

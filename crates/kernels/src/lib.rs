@@ -37,6 +37,7 @@ pub mod cpu;
 mod cuda;
 pub mod int8;
 mod ops;
+pub mod q4;
 
 pub use ops::{gelu_erf, KvCache};
 

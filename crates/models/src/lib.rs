@@ -19,7 +19,7 @@
 //! use candle_core::{DType, Device};
 //! use vllm_models::{load_gguf, LoadOptions};
 //!
-//! let opts = LoadOptions { dtype: DType::F32, keep_quantized: false, int8: false };
+//! let opts = LoadOptions { dtype: DType::F32, keep_quantized: false, int8: false, native: false };
 //! let (model, weights) = load_gguf("model.gguf".as_ref(), opts, &Device::Cpu).unwrap();
 //! println!("{} layers", model.num_layers());
 //! # let _ = weights;

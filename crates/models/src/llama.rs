@@ -308,7 +308,8 @@ pub(crate) fn head_rms_norm(x: &Tensor, weight: &Tensor, width: usize, eps: f32)
 /// A Llama-family causal language model.
 pub struct Llama {
     cfg: LlamaConfig,
-    embed: Tensor,
+    /// `None` when the embedding is the quantized output matrix (tied weights).
+    embed: Option<Tensor>,
     layers: Vec<Layer>,
     norm: Tensor,
     lm_head: Linear,
@@ -328,20 +329,31 @@ impl Llama {
             )));
         }
         let model = w.pp("model");
-        let embed = model.get("embed_tokens.weight")?;
+        let tied = cfg.tie_word_embeddings || !w.contains("lm_head.weight");
+        // Tied and quantized on our kernels: the embedding is looked up in the output matrix,
+        // not also held dequantized.
+        let shared = if tied && w.options().native && w.device().is_cpu() {
+            Some(model.linear("embed_tokens")?).filter(|l| matches!(l, Linear::Int8 { .. } | Linear::Q4 { .. }))
+        } else {
+            None
+        };
+        let embed = match shared {
+            Some(_) => None,
+            None => Some(model.get("embed_tokens.weight")?),
+        };
         // Layers load in parallel: dequantizing and repacking weights is most of a cold start.
         let layers = (0..cfg.num_hidden_layers)
             .into_par_iter()
             .map(|i| Layer::load(&model.pp(format!("layers.{i}")), &cfg, shape, i))
             .collect::<Result<Vec<_>>>()?;
-        let lm_head = if !cfg.tie_word_embeddings && w.contains("lm_head.weight") {
-            w.linear("lm_head")?
-        } else if w.options().keep_quantized {
+        let lm_head = match (shared, &embed) {
+            (Some(l), _) => l,
+            _ if !tied => w.linear("lm_head")?,
             // Tied: the embedding matrix, kept quantized when it is.
-            model.linear("embed_tokens")?
-        } else {
+            _ if w.options().keep_quantized => model.linear("embed_tokens")?,
             // Tied: reuse the embedding tensor already loaded.
-            w.linear_from(embed.clone(), None)?
+            (None, Some(e)) => w.linear_from(e.clone(), None)?,
+            (None, None) => unreachable!("the embedding is loaded unless it is shared"),
         };
         let dtype = w.options().dtype;
         let rotary = Rotary::from_inv_freq(&cfg.inv_freq(), cfg.max_position_embeddings, rope, dtype, w.device())?;
@@ -358,7 +370,10 @@ impl CausalLM for Llama {
     fn forward(&self, input: &StepInput, caches: &[KvCache]) -> Result<Tensor> {
         check_caches(caches.len(), self.layers.len())?;
         let eps = self.cfg.rms_norm_eps as f32;
-        let mut x = self.embed.index_select(&input.input_ids, 0)?;
+        let mut x = match &self.embed {
+            Some(e) => e.index_select(&input.input_ids, 0)?,
+            None => self.lm_head.rows(&input.input_ids, self.dtype)?.ok_or(Error::Config("no embedding".into()))?,
+        };
         let (cos, sin) = self.rotary.for_positions(&input.positions)?;
         for (i, (layer, cache)) in self.layers.iter().zip(caches).enumerate() {
             input.before_layer(i);

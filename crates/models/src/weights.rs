@@ -11,11 +11,12 @@ use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use candle_core::quantized::{gguf_file, QMatMul, QTensor};
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Module, Tensor};
 
 use vllm_kernels::int8::Int8Matrix;
+use vllm_kernels::q4::{Q4Format, Q4Matrix};
 
 use crate::{Error, Result};
 
@@ -34,6 +35,18 @@ pub struct LoadOptions {
     /// Quantize float32 matrices to int8 (per block of 32, like Q8_0) and run every matmul
     /// with our int8 kernel ([`vllm_kernels::int8`]); the float copies are dropped.
     pub int8: bool,
+    /// Run GGUF-quantized matrices on our own kernels in their own block format: `Q4_0` and
+    /// `Q4_1` on [`vllm_kernels::q4`], `Q8_0` on [`vllm_kernels::int8`] (both repacked, not
+    /// requantized); other quantized types are requantized to int8 for now. Float tensors
+    /// stay float. CPU only.
+    pub native: bool,
+}
+
+impl LoadOptions {
+    /// Float32 weights, dequantized (the reference path).
+    pub fn float32() -> Self {
+        Self { dtype: DType::F32, keep_quantized: false, int8: false, native: false }
+    }
 }
 
 /// A handle on a checkpoint with a name prefix, like candle's `VarBuilder`.
@@ -63,15 +76,33 @@ pub enum Linear {
         /// `[out_features]`.
         bias: Option<Tensor>,
     },
-    /// A GGUF quantized matrix.
+    /// A GGUF 4-bit matrix run by our kernel (see [`LoadOptions::native`]).
+    Q4 {
+        /// The packed blocks.
+        matrix: Arc<Q4Matrix>,
+        /// `[out_features]`.
+        bias: Option<Tensor>,
+    },
+    /// A GGUF quantized matrix (candle's quantized matmul).
     Quantized(QMatMul),
 }
 
 impl Linear {
     /// One layer computing every part's outputs side by side (for projections of the same
-    /// input), with each part's output width, when all parts are int8 without bias and stack;
-    /// `None` otherwise.
+    /// input), with each part's output width, when all parts are int8 (or all 4-bit of one
+    /// format) without bias and stack; `None` otherwise.
     pub fn fuse(parts: &[&Linear]) -> Option<(Linear, Vec<usize>)> {
+        if let Some(mats) = parts
+            .iter()
+            .map(|p| match p {
+                Linear::Q4 { matrix, bias: None } => Some(&**matrix),
+                _ => None,
+            })
+            .collect::<Option<Vec<_>>>()
+        {
+            let widths = mats.iter().map(|m| m.rows()).collect();
+            return Some((Linear::Q4 { matrix: Arc::new(Q4Matrix::concat(&mats)?), bias: None }, widths));
+        }
         let mats = parts
             .iter()
             .map(|p| match p {
@@ -83,11 +114,38 @@ impl Linear {
         Some((Linear::Int8 { matrix: Arc::new(Int8Matrix::concat(&mats)?), bias: None }, widths))
     }
 
+    /// Rows `ids` of a quantized weight as a float `[ids, in_features]` tensor (embedding
+    /// lookups in a tied output matrix, so the embedding is not also held dequantized); `None`
+    /// for other kinds. An id past the rows is an error.
+    pub fn rows(&self, ids: &Tensor, dtype: DType) -> Result<Option<Tensor>> {
+        type RowFn<'a> = &'a dyn Fn(usize, &mut [f32]);
+        let (rows, cols, row): (usize, usize, RowFn) = match self {
+            Linear::Int8 { matrix, .. } => (matrix.rows(), matrix.cols(), &|r, o| matrix.row(r, o)),
+            Linear::Q4 { matrix, .. } => (matrix.rows(), matrix.cols(), &|r, o| matrix.row(r, o)),
+            _ => return Ok(None),
+        };
+        let ids = ids.to_vec1::<u32>()?;
+        let mut out = vec![0f32; ids.len() * cols];
+        for (&id, o) in ids.iter().zip(out.chunks_exact_mut(cols)) {
+            if id as usize >= rows {
+                return Err(Error::Format(format!("token id {id} is past the embedding's {rows} rows")));
+            }
+            row(id as usize, o);
+        }
+        Ok(Some(Tensor::from_vec(out, (ids.len(), cols), &Device::Cpu)?.to_dtype(dtype)?))
+    }
+
     /// `x @ W^T (+ b)` for `x` of shape `[tokens, in_features]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (y, bias) = match self {
             Linear::Dense { weight_t, bias } => (x.matmul(weight_t)?, bias),
             Linear::Int8 { matrix, bias } => {
+                let rows = x.dim(0)?;
+                let y = with_f32_slice(x, |host| matrix.matmul(host, rows))?;
+                let y = Tensor::from_vec(y, (rows, matrix.rows()), x.device())?;
+                (y.to_dtype(x.dtype())?, bias)
+            }
+            Linear::Q4 { matrix, bias } => {
                 let rows = x.dim(0)?;
                 let y = with_f32_slice(x, |host| matrix.matmul(host, rows))?;
                 let y = Tensor::from_vec(y, (rows, matrix.rows()), x.device())?;
@@ -103,6 +161,23 @@ impl Linear {
             None => y,
         })
     }
+}
+
+/// A GGUF-quantized matrix on our kernels in its own block format: `None` for types without
+/// one (float types, and quantized types the caller requantizes).
+fn native_linear(q: &QTensor, bias: Option<Tensor>) -> Result<Option<Linear>> {
+    let Ok((rows, cols)) = q.shape().dims2() else { return Ok(None) };
+    let data = q.data()?;
+    let q4 = |format| {
+        Q4Matrix::from_gguf(format, &data, rows, cols).map(|m| Linear::Q4 { matrix: Arc::new(m), bias: bias.clone() })
+    };
+    Ok(match q.dtype() {
+        GgmlDType::Q4_0 => q4(Q4Format::Q4_0),
+        GgmlDType::Q4_1 => q4(Q4Format::Q4_1),
+        GgmlDType::Q8_0 => Int8Matrix::from_gguf_q8_0(&data, rows, cols)
+            .map(|m| Linear::Int8 { matrix: Arc::new(m), bias: bias.clone() }),
+        _ => None,
+    })
 }
 
 /// Runs `f` on a CPU tensor's values as float32, borrowing its storage when it already is a
@@ -247,6 +322,23 @@ impl Weights {
     pub fn linear(&self, name: &str) -> Result<Linear> {
         let w = format!("{name}.weight");
         let bias = if self.contains(&format!("{name}.bias")) { Some(self.get(&format!("{name}.bias"))?) } else { None };
+        if self.opts.native && self.device.is_cpu() {
+            if let Some(q) = self.qtensor(&self.full(&w))? {
+                if let Some(l) = native_linear(&q, bias.clone())? {
+                    return Ok(l);
+                }
+                let dense = q.dequantize(&self.device)?;
+                if matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
+                    return self.linear_from(dense, bias);
+                }
+                // A quantized type without a kernel of its own yet: int8 (8.5 bits per weight).
+                let (rows, cols) = dense.dims2()?;
+                if let Some(m) = with_f32_slice(&dense, |w| Int8Matrix::from_f32(w, rows, cols))? {
+                    return Ok(Linear::Int8 { matrix: Arc::new(m), bias });
+                }
+                return self.linear_from(dense, bias);
+            }
+        }
         if self.opts.keep_quantized {
             if let Some(q) = self.qtensor(&self.full(&w))? {
                 if bias.is_none() {

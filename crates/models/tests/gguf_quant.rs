@@ -113,7 +113,7 @@ fn write_gguf(path: &Path, weights: &[(String, Tensor)], dtype_of: impl Fn(&str)
 }
 
 fn load(path: &Path, keep_quantized: bool) -> Box<dyn CausalLM> {
-    let opts = LoadOptions { dtype: DType::F32, keep_quantized, int8: false };
+    let opts = LoadOptions { dtype: DType::F32, keep_quantized, int8: false, native: false };
     load_gguf(path, opts, &Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", path.display())).0
 }
 

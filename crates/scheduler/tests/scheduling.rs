@@ -309,7 +309,12 @@ fn waste_on_a_mixed_length_workload_is_under_four_percent() {
 
 #[derive(Debug, Clone)]
 enum Op {
-    Add { len: usize, max_tokens: usize, shared: bool, samples: usize },
+    Add {
+        len: usize,
+        max_tokens: usize,
+        shared: bool,
+        samples: usize,
+    },
     Abort(usize),
     Step,
     /// A step suspended while the inner ops run (they must not touch it), its K/V written last.

@@ -74,9 +74,10 @@ struct ServeArgs {
     /// Weight/activation dtype: auto, float32, float16, bfloat16.
     #[arg(long, default_value = "auto")]
     dtype: String,
-    /// GGUF handling: none (dequantize to float32, the CPU default), gguf (keep quantized), or
-    /// int8 (int8 weights and activations for every matmul, our VNNI kernel: the fastest on CPU).
-    #[arg(long, default_value = "none")]
+    /// How weight matrices run: auto (the checkpoint's own quantization: a GGUF file's Q4_0,
+    /// Q4_1 and Q8_0 blocks on our kernels as they are), gguf (the same, vLLM's name), none
+    /// (dequantize to float32: the reference path), or int8 (every matrix requantized to int8).
+    #[arg(long, default_value = "auto")]
     quantization: String,
     /// Context length (prompt + output); defaults to the model's.
     #[arg(long)]

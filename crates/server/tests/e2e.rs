@@ -10,8 +10,20 @@ use common::{client, post, KEY};
 use reqwest::{Client, StatusCode};
 use serde_json::{json, Value};
 
+/// The float32 path (`--quantization none`): the exact answers below are the float32 model's;
+/// the default (the file's own Q4_1) is served by the other server tests.
 async fn start() -> common::Server {
-    common::start(&["--kv-cache-memory", "256MiB", "--max-model-len", "2048", "--max-body-bytes", "100000"]).await
+    common::start(&[
+        "--kv-cache-memory",
+        "256MiB",
+        "--max-model-len",
+        "2048",
+        "--max-body-bytes",
+        "100000",
+        "--quantization",
+        "none",
+    ])
+    .await
 }
 
 async fn metric(c: &reqwest::Client, base: &str, name: &str) -> f64 {

@@ -22,7 +22,7 @@ fn run_batch_answers_every_line_in_order() {
     std::fs::write(&input, text).unwrap();
     let status = Command::new(env!("CARGO_BIN_EXE_vllm-server"))
         .args(["run-batch", "-i", &input.to_string_lossy(), "-o", &output.to_string_lossy()])
-        .args(["--model", &gguf.to_string_lossy(), "--kv-cache-memory", "128MiB"])
+        .args(["--model", &gguf.to_string_lossy(), "--kv-cache-memory", "128MiB", "--quantization", "none"])
         .status()
         .unwrap();
     assert!(status.success());
