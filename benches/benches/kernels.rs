@@ -15,6 +15,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use vllm_kernels::int8::Int8Matrix;
+use vllm_kernels::q4::{Q4Format, Q4Matrix};
 use vllm_kernels::{AttnMetadata, AttnShape, KvCache, SeqAttn};
 use vllm_sampler::{sample_batch, SamplingParams, SeqSampler};
 
@@ -63,6 +64,11 @@ fn matmul(c: &mut Criterion) {
         let int8 = Int8Matrix::from_f32(&w_host, n, k).unwrap();
         let x_host: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
         g.bench_with_input(BenchmarkId::new("int8", b), &b, |bench, _| bench.iter(|| int8.matmul(&x_host, b)));
+        // Our 4-bit kernel on the GGUF blocks (the default for Q4_0 / Q4_1 files).
+        for (name, format) in [("ours_q4_1", Q4Format::Q4_1), ("ours_q4_0", Q4Format::Q4_0)] {
+            let q4 = Q4Matrix::quantize(format, &w_host, n, k).unwrap();
+            g.bench_with_input(BenchmarkId::new(name, b), &b, |bench, _| bench.iter(|| q4.matmul(&x_host, b)));
+        }
         for (name, dt) in [("q4_1", GgmlDType::Q4_1), ("q8_0", GgmlDType::Q8_0)] {
             let qm = QMatMul::from_qtensor(QTensor::quantize(&w, dt).unwrap()).unwrap();
             g.bench_with_input(BenchmarkId::new(name, b), &b, |bench, _| bench.iter(|| qm.forward(&x).unwrap()));

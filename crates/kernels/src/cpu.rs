@@ -165,12 +165,12 @@ pub fn paged_attention(
         }
         token += s.query_len;
     }
-    let results: Vec<Vec<f32>> = units
-        .par_iter()
-        .map_init(Scratch::default, |scratch, u| {
-            attend_unit(q, key_cache, value_cache, meta, shape, params, u, scratch)
+    let mut results: Vec<Vec<f32>> = vec![Vec::new(); units.len()];
+    crate::team::for_each_chunk_mut(&mut results, 1, |i, r| {
+        SCRATCH.with(|s| {
+            r[0] = attend_unit(q, key_cache, value_cache, meta, shape, params, &units[i], &mut s.borrow_mut());
         })
-        .collect();
+    });
     let group = num_heads / num_kv_heads;
     let width = group * head_dim;
     for (u, r) in units.iter().zip(&results) {
@@ -384,6 +384,10 @@ fn attend_unit(
         r += nr;
     }
     out
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
 }
 
 /// Per-thread scratch buffers of [`attend_unit`].

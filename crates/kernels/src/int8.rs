@@ -277,7 +277,7 @@ impl Int8Matrix {
         let groups = self.rows.div_ceil(LANES);
         // Each task owns `GROUPS_PER_TASK` row groups and writes them as `[group][m][LANES]`.
         let mut out_g = vec![0f32; groups * m * LANES];
-        out_g.par_chunks_mut(GROUPS_PER_TASK * m * LANES).enumerate().for_each(|(t, out)| {
+        crate::team::for_each_chunk_mut(&mut out_g, GROUPS_PER_TASK * m * LANES, |t, out| {
             let g0 = t * GROUPS_PER_TASK;
             let ng = out.len() / (m * LANES);
             groups_times_activations(self, g0, ng, &a, m, out);

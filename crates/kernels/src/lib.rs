@@ -38,6 +38,7 @@ mod cuda;
 pub mod int8;
 mod ops;
 pub mod q4;
+pub mod team;
 
 pub use ops::{gelu_erf, KvCache};
 

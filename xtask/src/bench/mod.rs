@@ -12,7 +12,7 @@ mod stall;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::{json, Value};
 use vllm_engine::{EngineArgs, Prompt, Quantization, SamplingParams, LLM};
@@ -56,9 +56,10 @@ pub struct EngineOpts {
     /// Model path or id (default: the SmolLM2-135M-Instruct Q4_1 GGUF, fetched if missing).
     #[arg(long)]
     model: Option<String>,
-    /// Weight format: `none` dequantizes GGUF weights to float32; `gguf` keeps them quantized;
-    /// `int8` runs every matmul with int8 weights and activations.
-    #[arg(long, default_value = "none")]
+    /// Weight format: `auto` (the server's default: the checkpoint's own quantization),
+    /// `none` dequantizes GGUF weights to float32, `int8` runs every matmul with int8 weights
+    /// and activations.
+    #[arg(long, default_value = "auto")]
     quantization: String,
     /// Worker threads (RAYON_NUM_THREADS); llama.cpp gets the same number.
     #[arg(long, default_value_t = 2)]
@@ -81,12 +82,7 @@ impl EngineOpts {
 
     fn engine_args(&self) -> Result<EngineArgs> {
         let mut a = EngineArgs::new(self.model_path()?);
-        a.quantization = match self.quantization.as_str() {
-            "none" => Quantization::None,
-            "gguf" => Quantization::Gguf,
-            "int8" => Quantization::Int8,
-            q => bail!("--quantization {q}: choose none, gguf or int8"),
-        };
+        a.quantization = self.quantization.parse::<Quantization>().map_err(anyhow::Error::msg)?;
         a.max_num_seqs = self.max_num_seqs;
         a.max_num_batched_tokens = self.max_num_batched_tokens;
         a.kv_cache_memory = 2 << 30;
@@ -383,33 +379,47 @@ fn serve(a: ServeArgs) -> Result<()> {
         }));
     }
     if a.peer == Some(Peer::LlamaCpp) {
-        // Every slot must hold the longest request.
+        // Restarted for each concurrency with that many slots (-np), each holding the longest
+        // request: llama.cpp's own best configuration for the load.
         engines.push(Some(peer::Engine::LlamaCpp { parallel: max_c, ctx: max_c * (longest + 16) }));
     }
     let rt = tokio::runtime::Runtime::new()?;
     let mut runs = Vec::new();
     let mut cold = serde_json::Map::new();
+    let mut peak_rss = serde_json::Map::new();
     rt.block_on(async {
         for e in &engines {
             // A managed server lives for this engine's passes and is killed when dropped.
-            let (server, base_url, label) = match e {
-                Some(engine) => {
-                    let s = peer::start(engine, &model, a.threads, Duration::from_secs(300)).await?;
+            let mut server: Option<peer::Server> = None;
+            let mut started_for = 0;
+            for &c in &a.max_concurrency {
+                let per_level = matches!(e, Some(peer::Engine::LlamaCpp { .. }));
+                if e.is_some() && (server.is_none() || (per_level && started_for != c)) {
+                    drop(server.take());
+                    let engine = match e {
+                        Some(peer::Engine::LlamaCpp { .. }) => {
+                            peer::Engine::LlamaCpp { parallel: c, ctx: c * (longest + 16) }
+                        }
+                        Some(other) => other.clone(),
+                        None => unreachable!("checked above"),
+                    };
+                    let s = peer::start(&engine, &model, a.threads, Duration::from_secs(300)).await?;
                     eprintln!(
                         "xtask bench: {} up at {} (cold start to first token {:.2}s)",
                         s.name, s.base_url, s.cold_start
                     );
-                    cold.insert(s.name.clone(), json!(s.cold_start));
-                    let (url, name) = (s.base_url.clone(), s.name.clone());
-                    (Some(s), url, name)
+                    cold.entry(s.name.clone()).or_insert(json!(s.cold_start));
+                    server = Some(s);
+                    started_for = c;
                 }
-                None => {
-                    let url = a.base_url.clone().unwrap_or_default();
-                    (None, url.clone(), url)
-                }
-            };
-            let model_name = served_model(&base_url, a.api_key.as_deref()).await?;
-            for &c in &a.max_concurrency {
+                let (base_url, label) = match &server {
+                    Some(s) => (s.base_url.clone(), s.name.clone()),
+                    None => {
+                        let url = a.base_url.clone().unwrap_or_default();
+                        (url.clone(), url)
+                    }
+                };
+                let model_name = served_model(&base_url, a.api_key.as_deref()).await?;
                 let cfg = serve::ServeConfig {
                     base_url: base_url.clone(),
                     model: Some(model_name.clone()),
@@ -428,6 +438,12 @@ fn serve(a: ServeArgs) -> Result<()> {
                 let r = serve::run(&label, &cfg, &reqs).await?;
                 serve::print(&r);
                 runs.push(r);
+                if let Some(s) = &server {
+                    // The process's peak resident memory so far (VmHWM).
+                    let hwm = peak_rss_mib(s.pid());
+                    let entry = peak_rss.entry(label.clone()).or_insert_with(|| json!({}));
+                    entry[c.to_string()] = json!(hwm);
+                }
             }
             drop(server);
         }
@@ -459,6 +475,9 @@ fn serve(a: ServeArgs) -> Result<()> {
     if !cold.is_empty() {
         println!("cold start, process start to first token (s): {}", Value::Object(cold.clone()));
     }
+    if !peak_rss.is_empty() {
+        println!("peak RSS (MiB) after each concurrency level: {}", Value::Object(peak_rss.clone()));
+    }
     if let Some(dir) = &a.plot_dir {
         std::fs::create_dir_all(dir)?;
         plot::throughput_vs_concurrency(&dir.join("throughput_vs_concurrency.svg"), &runs)?;
@@ -471,7 +490,7 @@ fn serve(a: ServeArgs) -> Result<()> {
             "config": {"input_len": w.input_len, "output_len": w.output_len, "num_prompts": w.num_prompts,
                        "dataset": w.dataset, "request_rate": a.request_rate, "threads": a.threads,
                        "server_args": a.server_args, "model": model},
-            "cold_start_seconds": cold, "runs": runs,
+            "cold_start_seconds": cold, "peak_rss_mib": peak_rss, "cpu": stall::cpu_model(), "runs": runs,
         }),
     )
 }
@@ -500,4 +519,14 @@ pub fn run(b: Bench) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// A process's peak resident memory (VmHWM) in MiB.
+fn peak_rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
 }
