@@ -174,6 +174,9 @@ fn native_linear(q: &QTensor, bias: Option<Tensor>) -> Result<Option<Linear>> {
     Ok(match q.dtype() {
         GgmlDType::Q4_0 => q4(Q4Format::Q4_0),
         GgmlDType::Q4_1 => q4(Q4Format::Q4_1),
+        GgmlDType::Q4K => {
+            Q4Matrix::from_gguf_q4_k(&data, rows, cols).map(|m| Linear::Q4 { matrix: Arc::new(m), bias: bias.clone() })
+        }
         GgmlDType::Q8_0 => Int8Matrix::from_gguf_q8_0(&data, rows, cols)
             .map(|m| Linear::Int8 { matrix: Arc::new(m), bias: bias.clone() }),
         _ => None,

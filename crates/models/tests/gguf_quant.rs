@@ -113,7 +113,10 @@ fn write_gguf(path: &Path, weights: &[(String, Tensor)], dtype_of: impl Fn(&str)
 }
 
 fn load(path: &Path, keep_quantized: bool) -> Box<dyn CausalLM> {
-    let opts = LoadOptions { dtype: DType::F32, keep_quantized, int8: false, native: false };
+    load_with(path, LoadOptions { keep_quantized, ..LoadOptions::float32() })
+}
+
+fn load_with(path: &Path, opts: LoadOptions) -> Box<dyn CausalLM> {
     load_gguf(path, opts, &Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", path.display())).0
 }
 
@@ -197,6 +200,17 @@ fn check(label: &str, dtype_of: impl Fn(&str) -> GgmlDType, reference: &[Vec<f32
     let kept = run(load(&quant_path, true).as_ref(), tokens);
     let matmul = compare(&kept, &exact);
     let quant = compare(&kept, reference);
+    // The default (`--quantization auto`): our kernels on the file's own blocks (Q4_0, Q4_1,
+    // Q4_K on the 4-bit kernel, Q8_0 on the int8 kernel; the rest requantized to int8).
+    let ours = compare(
+        &run(load_with(&quant_path, LoadOptions { native: true, ..LoadOptions::float32() }).as_ref(), tokens),
+        &exact,
+    );
+    println!(
+        "{label:>6}: ours vs dequantized weights: rms {:.2e} (candle's quantized matmul {:.2e})",
+        ours.rms, matmul.rms
+    );
+    assert!(ours.rms < 0.03, "{label}: our kernels are {} (rms) from the dequantized weights", ours.rms);
     println!(
         "{label:>6}: vs float32 weights: rms {:.2e}, max {:.2e}, top-1 {:>3.0}% | quantized matmul vs \
          dequantized weights: rms {:.2e} | read back: max {:.1e}",
