@@ -15,7 +15,7 @@
 use std::path::Path;
 
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use vllm_models::{load_gguf, CausalLM, LoadOptions};
 
 mod common;
