@@ -348,7 +348,62 @@ fn latency(a: LatencyArgs) -> Result<()> {
     };
     row(&format!("prompt tok/s ({} tokens)", a.input_len), ours.0, peer_fig.map(|f| f.0));
     row(&format!("decode tok/s ({} tokens)", a.output_len), ours.1, peer_fig.map(|f| f.1));
+    // The bandwidth bound of one-stream decode: every step reads every weight once, about the
+    // model file's size.
+    let file_bytes = std::fs::metadata(a.engine.model_path()?).map(|m| m.len()).unwrap_or(0) as f64;
+    let bw = read_bandwidth(a.engine.threads);
+    if file_bytes > 0.0 {
+        let bound = bw / file_bytes;
+        println!(
+            "read bandwidth ({} threads) {:.1} GB/s; model file {:.1} MB: decode bound {:.0} tok/s; \
+             vllm-rs at {:.0}%{}",
+            a.engine.threads,
+            bw / 1e9,
+            file_bytes / 1e6,
+            bound,
+            100.0 * ours.1 / bound,
+            peer_fig.map(|f| format!(", llama.cpp at {:.0}%", 100.0 * f.1 / bound)).unwrap_or_default()
+        );
+        report["read_bandwidth_gb_per_s"] = json!(bw / 1e9);
+        report["model_file_bytes"] = json!(file_bytes);
+        report["decode_bound_tokens_per_second"] = json!(bound);
+    }
+    report["cpu"] = json!(stall::cpu_model());
     write_json(&a.output_json, &report)
+}
+
+/// The machine's read bandwidth in bytes per second with `threads` threads: the best of five
+/// passes summing a 512 MiB buffer (far larger than any cache), split evenly.
+fn read_bandwidth(threads: usize) -> f64 {
+    let words = (512usize << 20) / 8;
+    let buf: Vec<u64> = (0..words as u64).collect();
+    let threads = threads.max(1);
+    let part = words.div_ceil(threads);
+    let mut best = 0f64;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let total: u64 = std::thread::scope(|s| {
+            let handles: Vec<_> = buf
+                .chunks(part)
+                .map(|c| {
+                    s.spawn(move || {
+                        // Eight independent sums, so the loop is bound by loads, not by adds.
+                        let mut acc = [0u64; 8];
+                        for ch in c.chunks_exact(8) {
+                            for (a, v) in acc.iter_mut().zip(ch) {
+                                *a = a.wrapping_add(*v);
+                            }
+                        }
+                        acc.iter().fold(0u64, |x, y| x.wrapping_add(*y))
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap_or(0)).fold(0u64, |x, y| x.wrapping_add(y))
+        });
+        std::hint::black_box(total);
+        best = best.max((words * 8) as f64 / t.elapsed().as_secs_f64());
+    }
+    best
 }
 
 fn serve(a: ServeArgs) -> Result<()> {

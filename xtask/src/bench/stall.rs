@@ -31,7 +31,7 @@ pub struct StallArgs {
     #[arg(long, default_value_t = 1000)]
     num_regex: usize,
     /// Extra flags for our server.
-    #[arg(long, default_value = "--quantization int8 --kv-cache-memory 1GiB", allow_hyphen_values = true)]
+    #[arg(long, default_value = "--kv-cache-memory 1GiB", allow_hyphen_values = true)]
     server_args: String,
     /// Threads for the engine.
     #[arg(long, default_value_t = 2)]
