@@ -25,13 +25,14 @@ fn run(cmd: &mut Command, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// `<cache>/peers/llama.cpp-<version>/bin/llama-server`, building it on first use (about ten
+/// `<cache>/peers/llama.cpp-<version>/bin/llama-server`, building it (with `llama-bench` and
+/// `llama-quantize`, which `scripts/make_random_llama_gguf.py` uses) on first use (about ten
 /// minutes on two cores). The build log is kept next to it.
 pub fn llama_server() -> Result<PathBuf> {
     let root = vllm_engine::cache_dir().join("peers");
     let out = root.join(format!("llama.cpp-{LLAMA_CPP_PYTHON}"));
     let bin = out.join("bin").join("llama-server");
-    if bin.exists() {
+    if bin.exists() && out.join("bin").join("llama-quantize").exists() {
         return Ok(bin);
     }
     std::fs::create_dir_all(&root)?;
@@ -91,13 +92,13 @@ pub fn llama_server() -> Result<PathBuf> {
             .env("PATH", &path)
             .arg("--build")
             .arg(&build)
-            .args(["--target", "llama-server", "llama-bench", "-j"])
+            .args(["--target", "llama-server", "llama-bench", "llama-quantize", "-j"])
             .arg(std::thread::available_parallelism().map_or(2, |n| n.get()).to_string())
             .stdout(Stdio::null()),
-        "cmake --build (llama-server, llama-bench)",
+        "cmake --build (llama-server, llama-bench, llama-quantize)",
     )?;
     std::fs::create_dir_all(out.join("bin"))?;
-    for b in ["llama-server", "llama-bench"] {
+    for b in ["llama-server", "llama-bench", "llama-quantize"] {
         std::fs::copy(build.join("bin").join(b), out.join("bin").join(b))?;
     }
     Ok(bin)
