@@ -45,11 +45,21 @@ impl ShadowCache {
 
     /// Runs `out` and checks every scheduled sequence's whole context against its tokens.
     fn apply(&mut self, s: &Scheduler, out: &SchedulerOutput) {
+        self.copy(out);
+        self.write(s, out);
+    }
+
+    /// The step's block copies (the model runner makes them before the first layer).
+    fn copy(&mut self, out: &SchedulerOutput) {
         let bs = self.block_size;
         for c in &out.block_copies {
             let (src, dst) = (c.src as usize * bs, c.dst as usize * bs);
             self.slots.copy_within(src..src + bs, dst);
         }
+    }
+
+    /// The step's K/V writes, then every scheduled sequence's context checked.
+    fn write(&mut self, s: &Scheduler, out: &SchedulerOutput) {
         for q in &out.seqs {
             for (i, &t) in q.token_ids.iter().enumerate() {
                 let slot = self.slot(&q.block_ids, q.start_pos + i);
@@ -396,6 +406,9 @@ proptest! {
                     let out = s.schedule();
                     check_limits(&s, &out);
                     s.hold(&out);
+                    // Its block copies are made before its first layer, so before anything
+                    // runs meanwhile; its K/V lands last.
+                    shadow.copy(&out);
                     for op in inner {
                         let op = match op {
                             Op::AbortHeld(i) if !out.seqs.is_empty() => Op::Abort(out.seqs[i % out.seqs.len()].id as usize),
@@ -407,7 +420,7 @@ proptest! {
                         prop_assert!(s.num_running() <= s.config().max_num_seqs, "{} running with {held} held", s.num_running());
                     }
                     // The suspended step's K/V lands last: steps run meanwhile read none of it.
-                    shadow.apply(&s, &out);
+                    shadow.write(&s, &out);
                     s.release();
                     let sampled: Vec<u32> = out.sampling_ids().map(|id| 1 + (id % 7) as u32).collect();
                     s.update_from_output(&out, &sampled);
