@@ -10,7 +10,9 @@
 //! One loop at a time: a call made while the team is busy (another thread's loop, or a loop
 //! inside a task) runs on rayon instead.
 
+use std::any::Any;
 use std::cell::Cell;
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -44,6 +46,25 @@ struct Team {
     parked: Mutex<usize>,
     wake: Condvar,
     workers: usize,
+    /// A task's panic on a worker, re-raised by the caller once the loop is closed.
+    panic: Mutex<Option<Box<dyn Any + Send>>>,
+}
+
+/// Runs tasks of the open loop until none is left; returns how many ran here and the first
+/// panic among them (a panicking task still counts as done, so the loop always closes).
+fn take_tasks(t: &Team, f: &(dyn Fn(usize) + Sync), n: usize) -> (usize, Option<Box<dyn Any + Send>>) {
+    let (mut mine, mut panic) = (0, None);
+    loop {
+        let i = t.next.fetch_add(1, SeqCst);
+        if i >= n {
+            break;
+        }
+        if let Err(p) = catch_unwind(AssertUnwindSafe(|| f(i))) {
+            panic.get_or_insert(p);
+        }
+        mine += 1;
+    }
+    (mine, panic)
 }
 
 static TEAM: OnceLock<Team> = OnceLock::new();
@@ -68,12 +89,14 @@ fn team() -> &'static Team {
             parked: Mutex::new(0),
             wake: Condvar::new(),
             workers,
+            panic: Mutex::new(None),
         }
     })
 }
 
 /// Runs `f(0..n)` across the team (the calling thread included); returns when every call has
-/// returned. Tasks are handed out one at a time, in order.
+/// returned. Tasks are handed out one at a time, in order. A task's panic is re-raised here
+/// once every other task has finished (the team stays usable).
 pub fn parallel_for(n: usize, f: impl Fn(usize) + Sync) {
     if n == 0 {
         return;
@@ -100,15 +123,7 @@ pub fn parallel_for(n: usize, f: impl Fn(usize) + Sync) {
         t.wake.notify_all();
     }
     IN_TEAM.with(|c| c.set(true));
-    let mut mine = 0;
-    loop {
-        let i = t.next.fetch_add(1, SeqCst);
-        if i >= n {
-            break;
-        }
-        f(i);
-        mine += 1;
-    }
+    let (mine, mut panic) = take_tasks(t, f, n);
     t.done.fetch_add(mine, SeqCst);
     IN_TEAM.with(|c| c.set(false));
     while t.done.load(SeqCst) < n {
@@ -119,7 +134,11 @@ pub fn parallel_for(n: usize, f: impl Fn(usize) + Sync) {
         std::hint::spin_loop();
     }
     *t.job.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    let worker_panic = t.panic.lock().unwrap_or_else(|p| p.into_inner()).take();
     t.busy.store(false, SeqCst);
+    if let Some(p) = panic.take().or(worker_panic) {
+        resume_unwind(p);
+    }
 }
 
 /// Runs `f(i, chunk)` for each `chunk`-long piece of `data` (the last may be shorter), across
@@ -174,14 +193,9 @@ fn work() {
                     // keeps the closure alive until we leave.
                     #[allow(unsafe_code)]
                     let f = unsafe { &*job.f };
-                    let mut mine = 0;
-                    loop {
-                        let i = t.next.fetch_add(1, SeqCst);
-                        if i >= job.n {
-                            break;
-                        }
-                        f(i);
-                        mine += 1;
+                    let (mine, panic) = take_tasks(t, f, job.n);
+                    if let Some(p) = panic {
+                        t.panic.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(p);
                     }
                     t.done.fetch_add(mine, SeqCst);
                 }
@@ -243,6 +257,23 @@ mod tests {
             hits.fetch_add(1, Ordering::Relaxed);
         });
         assert_eq!(hits.load(Ordering::Relaxed), 100);
+        // A panicking task is re-raised in the caller after the loop closes; the team stays
+        // usable.
+        for bad in [0usize, 57] {
+            let r = std::panic::catch_unwind(|| {
+                parallel_for(64, |i| {
+                    if i == bad {
+                        panic!("task {i} fails");
+                    }
+                })
+            });
+            assert!(r.is_err(), "the panic of task {bad} was lost");
+            let again = AtomicU64::new(0);
+            parallel_for(64, |_| {
+                again.fetch_add(1, Ordering::Relaxed);
+            });
+            assert_eq!(again.load(Ordering::Relaxed), 64);
+        }
         let mut v = vec![0usize; 1001];
         super::for_each_chunk_mut(&mut v, 10, |i, c| c.iter_mut().for_each(|x| *x += i + 1));
         assert!(v.iter().enumerate().all(|(j, &x)| x == j / 10 + 1));
