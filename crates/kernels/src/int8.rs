@@ -151,12 +151,7 @@ impl Int8Matrix {
                     }
                     quantize_row(&w[r * cols..(r + 1) * cols], &mut qrow, &mut srow);
                     for (b, (qb, &d)) in qrow.chunks_exact(BLOCK).zip(&srow).enumerate() {
-                        scales[b * LANES + lane] = d;
-                        sums[b * LANES + lane] = d * qb.iter().map(|&v| v as i32).sum::<i32>() as f32;
-                        for s in 0..STEPS {
-                            let dst = b * TILE + (s * LANES + lane) * 4;
-                            q[dst..dst + 4].copy_from_slice(&qb[s * 4..s * 4 + 4]);
-                        }
+                        pack_block(q, scales, sums, b, lane, qb, d);
                     }
                 }
             });
@@ -193,12 +188,7 @@ impl Int8Matrix {
                         let block = &data[(r * nb + b) * BYTES..][..BYTES];
                         let d = half::f16::from_bits(u16::from_le_bytes([block[0], block[1]])).to_f32();
                         let qb: Vec<i8> = block[2..].iter().map(|&v| v as i8).collect();
-                        scales[b * LANES + lane] = d;
-                        sums[b * LANES + lane] = d * qb.iter().map(|&v| v as i32).sum::<i32>() as f32;
-                        for s in 0..STEPS {
-                            let dst = b * TILE + (s * LANES + lane) * 4;
-                            q[dst..dst + 4].copy_from_slice(&qb[s * 4..s * 4 + 4]);
-                        }
+                        pack_block(q, scales, sums, b, lane, &qb, d);
                     }
                 }
             });
@@ -236,11 +226,6 @@ impl Int8Matrix {
         out
     }
 
-    /// Bytes held (weights, scales and weight sums).
-    pub fn bytes(&self) -> usize {
-        self.q.len() + 4 * (self.scales.len() + self.sums.len())
-    }
-
     /// Stacks matrices with the same input width into one (their rows one after another), so
     /// projections of the same input (Q/K/V, gate/up) run as one product with one activation
     /// quantization. `None` if the widths differ or a part's rows are not whole 16-row groups.
@@ -274,26 +259,46 @@ impl Int8Matrix {
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         assert_eq!(x.len(), m * self.cols, "activation shape");
         let a = Activations::quantize(x, self.cols);
-        let groups = self.rows.div_ceil(LANES);
-        // Each task owns `GROUPS_PER_TASK` row groups and writes them as `[group][m][LANES]`.
-        let mut out_g = vec![0f32; groups * m * LANES];
-        crate::team::for_each_chunk_mut(&mut out_g, GROUPS_PER_TASK * m * LANES, |t, out| {
-            let g0 = t * GROUPS_PER_TASK;
-            let ng = out.len() / (m * LANES);
-            groups_times_activations(self, g0, ng, &a, m, out);
-        });
-        if m == 1 && self.rows == groups * LANES {
-            return out_g;
-        }
-        let mut out = vec![0f32; m * self.rows];
-        for (g, og) in out_g.chunks_exact(m * LANES).enumerate() {
-            let width = LANES.min(self.rows - g * LANES);
-            for (i, o) in og.chunks_exact(LANES).enumerate() {
-                out[i * self.rows + g * LANES..][..width].copy_from_slice(&o[..width]);
-            }
-        }
-        out
+        by_row_groups(self.rows, m, GROUPS_PER_TASK, |g0, ng, out| groups_times_activations(self, g0, ng, &a, m, out))
     }
+}
+
+/// Block `b` of one row (lane `lane` of its row group) into a row group's packed tiles, its
+/// scale and the dequantized weights' sum.
+fn pack_block(q: &mut [i8], scales: &mut [f32], sums: &mut [f32], b: usize, lane: usize, qb: &[i8], d: f32) {
+    scales[b * LANES + lane] = d;
+    sums[b * LANES + lane] = d * qb.iter().map(|&v| v as i32).sum::<i32>() as f32;
+    for s in 0..STEPS {
+        let dst = b * TILE + (s * LANES + lane) * 4;
+        q[dst..dst + 4].copy_from_slice(&qb[s * 4..s * 4 + 4]);
+    }
+}
+
+/// The product of a matrix packed in 16-row groups with `m` activation rows, `[m, rows]`:
+/// `f(g0, ng, out)` computes row groups `g0..g0 + ng` (at most `per_task`) into `out`, laid
+/// out `[ng][m][16]`, as one task of the thread team.
+pub(crate) fn by_row_groups(
+    rows: usize,
+    m: usize,
+    per_task: usize,
+    f: impl Fn(usize, usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    let groups = rows.div_ceil(LANES);
+    let mut out_g = vec![0f32; groups * m * LANES];
+    crate::team::for_each_chunk_mut(&mut out_g, per_task * m * LANES, |t, out| {
+        f(t * per_task, out.len() / (m * LANES), out)
+    });
+    if m == 1 && rows == groups * LANES {
+        return out_g;
+    }
+    let mut out = vec![0f32; m * rows];
+    for (g, og) in out_g.chunks_exact(m * LANES).enumerate() {
+        let width = LANES.min(rows - g * LANES);
+        for (i, o) in og.chunks_exact(LANES).enumerate() {
+            out[i * rows + g * LANES..][..width].copy_from_slice(&o[..width]);
+        }
+    }
+    out
 }
 
 /// Whether the CPU has AVX-512 VNNI (the int8 and 4-bit kernels' fast path).

@@ -281,24 +281,9 @@ impl Q4Matrix {
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         assert_eq!(x.len(), m * self.cols, "activation shape");
         let a = Activations::quantize(x, self.cols);
-        let groups = self.rows.div_ceil(LANES);
-        let mut out_g = vec![0f32; groups * m * LANES];
-        crate::team::for_each_chunk_mut(&mut out_g, GROUPS_PER_TASK * m * LANES, |t, out| {
-            let g0 = t * GROUPS_PER_TASK;
-            let ng = out.len() / (m * LANES);
-            groups_times_activations(self, g0, ng, &a, m, out);
-        });
-        if m == 1 && self.rows == groups * LANES {
-            return out_g;
-        }
-        let mut out = vec![0f32; m * self.rows];
-        for (g, og) in out_g.chunks_exact(m * LANES).enumerate() {
-            let width = LANES.min(self.rows - g * LANES);
-            for (i, o) in og.chunks_exact(LANES).enumerate() {
-                out[i * self.rows + g * LANES..][..width].copy_from_slice(&o[..width]);
-            }
-        }
-        out
+        crate::int8::by_row_groups(self.rows, m, GROUPS_PER_TASK, |g0, ng, out| {
+            groups_times_activations(self, g0, ng, &a, m, out)
+        })
     }
 }
 

@@ -330,30 +330,27 @@ impl Llama {
         }
         let model = w.pp("model");
         let tied = cfg.tie_word_embeddings || !w.contains("lm_head.weight");
-        // Tied and quantized on our kernels: the embedding is looked up in the output matrix,
-        // not also held dequantized.
-        let shared = if tied && w.options().native && w.device().is_cpu() {
-            Some(model.linear("embed_tokens")?).filter(|l| matches!(l, Linear::Int8 { .. } | Linear::Q4 { .. }))
-        } else {
-            None
-        };
-        let embed = match shared {
-            Some(_) => None,
-            None => Some(model.get("embed_tokens.weight")?),
+        // Tied, on our kernels: the output matrix in the file's own form. When that is quantized
+        // the embedding is looked up in it, not also held dequantized.
+        let native_head =
+            if tied && w.options().native && w.device().is_cpu() { Some(model.linear("embed_tokens")?) } else { None };
+        let embed = match &native_head {
+            Some(Linear::Int8 { .. } | Linear::Q4 { .. }) => None,
+            _ => Some(model.get("embed_tokens.weight")?),
         };
         // Layers load in parallel: dequantizing and repacking weights is most of a cold start.
         let layers = (0..cfg.num_hidden_layers)
             .into_par_iter()
             .map(|i| Layer::load(&model.pp(format!("layers.{i}")), &cfg, shape, i))
             .collect::<Result<Vec<_>>>()?;
-        let lm_head = match (shared, &embed) {
+        let lm_head = match (native_head, &embed) {
             (Some(l), _) => l,
             _ if !tied => w.linear("lm_head")?,
             // Tied: the embedding matrix, kept quantized when it is.
             _ if w.options().keep_quantized => model.linear("embed_tokens")?,
             // Tied: reuse the embedding tensor already loaded.
             (None, Some(e)) => w.linear_from(e.clone(), None)?,
-            (None, None) => unreachable!("the embedding is loaded unless it is shared"),
+            (None, None) => unreachable!("the embedding is loaded unless the output matrix is"),
         };
         let dtype = w.options().dtype;
         let rotary = Rotary::from_inv_freq(&cfg.inv_freq(), cfg.max_position_embeddings, rope, dtype, w.device())?;

@@ -230,11 +230,6 @@ impl Scheduler {
         }
     }
 
-    /// Whether a step is held.
-    pub fn is_holding(&self) -> bool {
-        self.held.is_some()
-    }
-
     /// The configuration.
     pub fn config(&self) -> &SchedulerConfig {
         &self.config

@@ -495,7 +495,7 @@ fn serve(a: ServeArgs) -> Result<()> {
                 runs.push(r);
                 if let Some(s) = &server {
                     // The process's peak resident memory so far (VmHWM).
-                    let hwm = peak_rss_mib(s.pid());
+                    let hwm = stall::status_mib(s.pid(), "VmHWM:");
                     let entry = peak_rss.entry(label.clone()).or_insert_with(|| json!({}));
                     entry[c.to_string()] = json!(hwm);
                 }
@@ -574,14 +574,4 @@ pub fn run(b: Bench) -> Result<()> {
             Ok(())
         }
     }
-}
-
-/// A process's peak resident memory (VmHWM) in MiB.
-fn peak_rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
 }
