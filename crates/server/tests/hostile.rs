@@ -267,7 +267,7 @@ async fn engine_death_is_reported_and_exits_non_zero() {
     let (b, c) = (server.base.clone(), client());
     let (c1, b1) = (c.clone(), b.clone());
     let inflight = tokio::spawn(async move {
-        post(&c1, &format!("{b1}/v1/completions"), json!({"prompt": "Once", "max_tokens": 1000, "ignore_eos": true}))
+        post(&c1, &format!("{b1}/v1/completions"), json!({"prompt": "Once", "max_tokens": 400, "ignore_eos": true}))
             .await
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -378,12 +378,18 @@ async fn auth_errors_capacity_and_fields() {
     assert!(texts.iter().all(|t| t.starts_with("San Francisco is a")));
 
     // Capacity: with one slot and no queue, a second concurrent request gets 503 + Retry-After.
+    // The probe goes out once the long request is seen running (a fixed sleep raced its
+    // admission on a loaded CI machine).
     let (c1, b1) = (c.clone(), b.clone());
     let long = tokio::spawn(async move {
-        post(&c1, &format!("{b1}/v1/completions"), json!({"prompt": "Once", "max_tokens": 200, "ignore_eos": true}))
+        post(&c1, &format!("{b1}/v1/completions"), json!({"prompt": "Once", "max_tokens": 400, "ignore_eos": true}))
             .await
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t = Instant::now();
+    while metric(&c, &b, "vllm:num_requests_running").await < 1.0 {
+        assert!(t.elapsed() < Duration::from_secs(30), "the long request never started running");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let r = c.post(format!("{b}/v1/completions")).json(&json!({"prompt": "Hi", "max_tokens": 1})).send().await.unwrap();
     assert_eq!(r.headers().get("retry-after").map(|h| h.to_str().unwrap().to_string()), Some("1".into()));
     let s = r.status();
