@@ -80,6 +80,48 @@ impl FromStr for Quantization {
     }
 }
 
+/// What the paged KV cache holds (`--kv-cache-dtype`, vLLM's flag).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvCacheDtype {
+    /// float16 on the CPU for quantized weights (a GGUF file run on its own blocks, or
+    /// `--quantization int8`: half the cache memory and attention traffic; llama.cpp's
+    /// default too); the model's dtype otherwise (float32 for the reference path).
+    #[default]
+    Auto,
+    /// float32.
+    Float32,
+    /// float16 (values beyond its range saturate at 65504).
+    Float16,
+    /// bfloat16.
+    BFloat16,
+}
+
+impl FromStr for KvCacheDtype {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "auto" | "" => Self::Auto,
+            "float32" | "float" | "fp32" | "f32" => Self::Float32,
+            "float16" | "half" | "fp16" | "f16" => Self::Float16,
+            "bfloat16" | "bf16" => Self::BFloat16,
+            f if f.starts_with("fp8") => {
+                return Err(Error::InvalidArgument {
+                    param: "kv_cache_dtype",
+                    message: format!(
+                        "'{s}': fp8 caches are not supported yet (choose auto, float32, float16, bfloat16)"
+                    ),
+                })
+            }
+            _ => {
+                return Err(Error::InvalidArgument {
+                    param: "kv_cache_dtype",
+                    message: format!("'{s}' (choose auto, float32, float16, bfloat16)"),
+                })
+            }
+        })
+    }
+}
+
 /// Everything needed to build an engine. `Default` gives vLLM's defaults and the default
 /// model.
 #[derive(Debug, Clone, PartialEq)]
@@ -103,6 +145,8 @@ pub struct EngineArgs {
     pub block_size: usize,
     /// Bytes of KV cache (CPU).
     pub kv_cache_memory: u64,
+    /// What the KV cache holds (default: float16 on the CPU for quantized weights).
+    pub kv_cache_dtype: KvCacheDtype,
     /// Reuse cached prompt prefixes.
     pub enable_prefix_caching: bool,
     /// `cpu` (or `cuda`, when built with the feature).
@@ -134,6 +178,7 @@ impl Default for EngineArgs {
             max_num_batched_tokens: None,
             block_size: 16,
             kv_cache_memory: 4 << 30,
+            kv_cache_dtype: KvCacheDtype::Auto,
             enable_prefix_caching: true,
             device: "cpu".to_string(),
             long_prefill_token_threshold: None,
@@ -183,5 +228,9 @@ mod tests {
         assert!(parse_bytes("lots").is_err());
         assert_eq!("half".parse::<ModelDtype>().unwrap(), ModelDtype::Float16);
         assert!("int3".parse::<ModelDtype>().is_err());
+        assert_eq!("fp16".parse::<KvCacheDtype>().unwrap(), KvCacheDtype::Float16);
+        assert_eq!("bfloat16".parse::<KvCacheDtype>().unwrap(), KvCacheDtype::BFloat16);
+        let e = "fp8_e4m3".parse::<KvCacheDtype>().unwrap_err().to_string();
+        assert!(e.contains("fp8"), "{e}");
     }
 }

@@ -14,7 +14,7 @@ use vllm_models::LoadOptions;
 use vllm_sampler::SamplingParams;
 use vllm_scheduler::{KvMemoryUsage, Scheduler, SchedulerConfig};
 
-use crate::args::{EngineArgs, ModelDtype, Quantization};
+use crate::args::{EngineArgs, KvCacheDtype, ModelDtype, Quantization};
 use crate::core::{CoreOutput, EngineCore};
 use crate::input::{EngineRequest, InputProcessor};
 use crate::output::{Prompt, RequestOutput};
@@ -117,6 +117,10 @@ pub(crate) fn build(args: EngineArgs, files: ModelFiles) -> Result<(EngineCore, 
         int8: args.quantization == Quantization::Int8,
         native: matches!(args.quantization, Quantization::Auto | Quantization::Gguf) && dev.is_cpu(),
     };
+    let files_kind = match &files {
+        ModelFiles::Gguf(_) => FilesKind::Gguf,
+        ModelFiles::HfDir(_) => FilesKind::HfDir,
+    };
     let (model, tokenizer) = match files {
         ModelFiles::Gguf(path) => {
             let (model, w) = vllm_models::load_gguf(&path, opts, &dev)?;
@@ -142,7 +146,15 @@ pub(crate) fn build(args: EngineArgs, files: ModelFiles) -> Result<(EngineCore, 
             message: "block_size and max_num_seqs must be positive".into(),
         });
     }
-    let per_block = KvCache::bytes_per_token(model.attn_shape()) * model.num_layers() * args.block_size;
+    let quantized = opts.int8 || (opts.native && matches!(files_kind, FilesKind::Gguf));
+    let kv_dtype = match args.kv_cache_dtype {
+        KvCacheDtype::Auto if dev.is_cpu() && quantized => DType::F16,
+        KvCacheDtype::Auto => dtype,
+        KvCacheDtype::Float32 => DType::F32,
+        KvCacheDtype::Float16 => DType::F16,
+        KvCacheDtype::BFloat16 => DType::BF16,
+    };
+    let per_block = KvCache::bytes_per_token(model.attn_shape(), kv_dtype) * model.num_layers() * args.block_size;
     let num_blocks = (args.kv_cache_memory / per_block as u64) as usize;
     if num_blocks == 0 {
         return Err(Error::InvalidArgument {
@@ -167,11 +179,17 @@ pub(crate) fn build(args: EngineArgs, files: ModelFiles) -> Result<(EngineCore, 
             .long_prefill_token_threshold
             .unwrap_or_else(|| (max_model_len / 25).max(256)),
     });
-    let runner = ModelRunner::new(model, num_blocks, args.block_size, dev)?;
+    tracing::info!(dtype = ?kv_dtype, blocks = num_blocks, block_size = args.block_size, "KV cache");
+    let runner = ModelRunner::new(model, num_blocks, args.block_size, kv_dtype, dev)?;
     let vocab = runner.model().vocab_size();
     let input = InputProcessor::new(tokenizer, vocab, max_model_len, args.max_num_seqs, args.guided_decoding.clone());
     let eos = input.tokenizer().eos_token_ids().to_vec();
     Ok((EngineCore::new(scheduler, runner, args.seed, eos), input))
+}
+
+enum FilesKind {
+    Gguf,
+    HfDir,
 }
 
 pub(crate) fn device(name: &str) -> Result<Device> {

@@ -38,7 +38,7 @@ mod output_processor;
 mod runner;
 mod source;
 
-pub use args::{parse_bytes, EngineArgs, ModelDtype, Quantization, DEFAULT_MODEL};
+pub use args::{parse_bytes, EngineArgs, KvCacheDtype, ModelDtype, Quantization, DEFAULT_MODEL};
 pub use async_engine::{AsyncEngine, EngineHealth, EngineInfo, OutputStream};
 pub use beam::{BeamSearchOutput, BeamSearchParams, BeamSequence, EarlyStopping};
 pub use embed::{Embedder, EmbeddingOutput, EmbeddingRequestOutput};

@@ -3,7 +3,7 @@
 
 use std::ops::Range;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use vllm_kernels::{AttnMetadata, KvCache, SeqAttn};
 use vllm_models::{CausalLM, StepInput};
 use vllm_scheduler::SchedulerOutput;
@@ -19,11 +19,17 @@ pub struct ModelRunner {
 }
 
 impl ModelRunner {
-    /// Allocates `num_blocks` blocks of cache for every layer.
-    pub fn new(model: Box<dyn CausalLM>, num_blocks: usize, block_size: usize, device: Device) -> Result<Self> {
+    /// Allocates `num_blocks` blocks of cache holding `kv_dtype` values for every layer.
+    pub fn new(
+        model: Box<dyn CausalLM>,
+        num_blocks: usize,
+        block_size: usize,
+        kv_dtype: DType,
+        device: Device,
+    ) -> Result<Self> {
         let shape = model.attn_shape();
         let caches = (0..model.num_layers())
-            .map(|_| KvCache::new(num_blocks, block_size, shape, &device))
+            .map(|_| KvCache::with_dtype(num_blocks, block_size, shape, kv_dtype, &device))
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self { model, caches, block_size, device })
     }

@@ -104,9 +104,8 @@ fn preemption_by_recompute_keeps_greedy_outputs() {
     let params = SamplingParams { ignore_eos: true, ..SamplingParams::greedy(40) };
     let roomy = llm_with(|_| {});
     let want = roomy.generate(&prompts, &params).unwrap();
-    // One block = 16 tokens x 30 layers x 2 x 3 heads x 64 x 4 bytes = 737,280 bytes: 12 blocks
-    // hold 192 tokens, far less than the 8 x ~55 the batch needs at once.
-    let tight = llm_with(|a| a.kv_cache_memory = 12 * 737_280);
+    // 12 blocks (of common::BLOCK_BYTES) hold 192 tokens, far less than the 8 x ~55 the batch needs at once.
+    let tight = llm_with(|a| a.kv_cache_memory = 12 * common::BLOCK_BYTES);
     let got = tight.generate(&prompts, &params).unwrap();
     let stats = tight.with_engine(|e| e.stats());
     assert_eq!(stats.num_blocks, 12);
@@ -147,7 +146,7 @@ fn bad_input_is_a_typed_error_and_leaves_nothing_behind() {
 
 #[test]
 fn request_larger_than_the_whole_cache_is_rejected_at_once() {
-    let llm = llm_with(|a| a.kv_cache_memory = 2 * 737_280); // 32 token slots
+    let llm = llm_with(|a| a.kv_cache_memory = 2 * common::BLOCK_BYTES); // 32 token slots
     let e = llm.generate(["The capital of France is"], SamplingParams::greedy(100)).unwrap_err();
     assert!(matches!(e, Error::Scheduler(vllm_scheduler::SchedulerError::ExceedsCache { .. })), "{e}");
     assert_clean(&llm);

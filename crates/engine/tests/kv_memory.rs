@@ -91,7 +91,7 @@ fn parallel_samples_share_the_prompt_copy_on_write_and_survive_preemption() {
 
     // A cache of 8 blocks holds the prompt and one sample's tail, not all four: samples
     // are preempted and recomputed, with the same result.
-    let tight = llm_with(|a| a.kv_cache_memory = 8 * 737_280);
+    let tight = llm_with(|a| a.kv_cache_memory = 8 * common::BLOCK_BYTES);
     let got = tight.generate([&prompt], &params).unwrap();
     assert!(tight.with_engine(|e| e.stats()).num_preemptions > 0, "the tiny cache must force preemption");
     assert_eq!(got[0].outputs, outs[0].outputs);
@@ -221,4 +221,34 @@ fn memory_report_counts_blocks_tokens_and_sharing() {
         assert_eq!(e.stats().kv_memory, Default::default());
     });
     assert_clean(&llm);
+}
+
+/// `--kv-cache-dtype`: `auto` holds float16 for the GGUF file's own quantization (twice the
+/// blocks of float32 in the same memory) and float32 on the reference path; explicit types
+/// override it; every choice generates.
+#[test]
+fn kv_cache_dtype_sizes_the_cache_and_generates() {
+    use vllm_engine::{KvCacheDtype, Quantization};
+    let mem = 40 * common::BLOCK_BYTES;
+    let cases = [
+        (Quantization::Auto, KvCacheDtype::Auto, 40),
+        (Quantization::None, KvCacheDtype::Auto, 20),
+        (Quantization::Int8, KvCacheDtype::Auto, 40),
+        (Quantization::Auto, KvCacheDtype::Float32, 20),
+        (Quantization::Auto, KvCacheDtype::BFloat16, 40),
+        (Quantization::None, KvCacheDtype::Float16, 40),
+    ];
+    for (quantization, dtype, blocks) in cases {
+        let llm = llm_with(|a| {
+            a.kv_cache_memory = mem;
+            a.quantization = quantization;
+            a.kv_cache_dtype = dtype;
+        });
+        assert_eq!(llm.with_engine(|e| e.stats()).num_blocks, blocks, "{quantization:?} {dtype:?}");
+        let out = llm.generate(["The capital of France is"], greedy(6)).unwrap();
+        let text = &out[0].outputs[0].text;
+        assert_eq!(out[0].outputs[0].token_ids.len(), 6, "{quantization:?} {dtype:?}");
+        assert!(text.contains("Paris"), "{quantization:?} {dtype:?}: {text:?}");
+        assert_clean(&llm);
+    }
 }

@@ -4,7 +4,7 @@
 mod common;
 
 use candle_core::{DType, Device};
-use common::{default_gguf, fixtures, next_token_logprobs};
+use common::{default_gguf, fixtures, next_token_logprobs, position_logprobs};
 use vllm_engine::{EngineArgs, Quantization, SamplingParams, LLM};
 use vllm_models::LoadOptions;
 
@@ -87,38 +87,78 @@ fn float32_path_reproduces_reference_greedy_and_logprobs() {
 
 /// Q4_1 matmuls (llama.cpp's arithmetic: Q4_1 weights times Q8_1 activations, run through
 /// candle), our own kernels on the file's blocks (the default) and our int8 path all stay
-/// close to the float32 reference on the first token; the default and int8 at least as close
-/// as llama.cpp's arithmetic.
+/// close to the float32 reference on the first token (every top-5 logprob within 0.5, the
+/// greedy token kept wherever the reference's top-2 gap exceeds 0.5); the default (with its
+/// float16 KV cache) and int8 at least as close as llama.cpp's arithmetic with llama.cpp's
+/// default float16 KV cache.
+///
+/// "As close" is measured by the mean KL divergence from the float32 path's next-token
+/// distribution at every position of the 16 fixture prompts (the float32 path reproduces
+/// `transformers` within 1e-3, tested above): a quantized path's error is mostly the
+/// rounding of activations to int8 (both sides do it), which any perturbation reshuffles, so
+/// the maximum error over 80 first-token logprobs moves by 0.1 with a KV cache's rounding
+/// while the mean KL over ~250 full distributions is stable.
 #[test]
-fn quantized_first_tokens_stay_close_to_the_reference() {
-    let f32 = LoadOptions::float32();
-    let q4_1 = quantized_first_tokens_stay_close("Q4_1 (candle)", LoadOptions { keep_quantized: true, ..f32 });
-    let native = quantized_first_tokens_stay_close("Q4_1 (ours, default)", LoadOptions { native: true, ..f32 });
-    let int8 = quantized_first_tokens_stay_close("int8", LoadOptions { int8: true, ..f32 });
-    assert!(native <= q4_1, "the default's max logprob error {native} exceeds llama.cpp arithmetic's {q4_1}");
-    assert!(int8 <= q4_1, "int8 max logprob error {int8} exceeds Q4_1's {q4_1}");
-}
-
-/// The largest first-token top-5 logprob error over the fixture prompts.
-fn quantized_first_tokens_stay_close(what: &str, opts: LoadOptions) -> f32 {
+fn quantized_paths_stay_close_to_the_reference() {
     let fx = fixtures();
     let path = default_gguf();
-    let (model, _) = vllm_models::load_gguf(&path, opts, &Device::Cpu).unwrap();
-    let mut max_err = 0f32;
-    for case in &fx.cases {
-        let lp = next_token_logprobs(&*model, &case.prompt_ids);
-        for &(id, want) in &case.first_top5 {
-            let err = (lp[id as usize] - want).abs();
-            max_err = max_err.max(err);
-            assert!(err < 0.5, "{:?}: {what} logprob of {id}: {} vs reference {want}", case.text, lp[id as usize]);
+    let f32 = LoadOptions::float32();
+    let (reference, _) = vllm_models::load_gguf(&path, f32, &Device::Cpu).unwrap();
+    let want: Vec<Vec<Vec<f32>>> =
+        fx.cases.iter().map(|c| position_logprobs(&*reference, &c.prompt_ids, DType::F32, true)).collect();
+    drop(reference);
+    let measure = |what: &str, opts: LoadOptions, kv_dtype: DType| -> Errors {
+        let (model, _) = vllm_models::load_gguf(&path, opts, &Device::Cpu).unwrap();
+        let (mut max_err, mut kl, mut rows) = (0f32, 0f64, 0usize);
+        for (case, want) in fx.cases.iter().zip(&want) {
+            let got = position_logprobs(&*model, &case.prompt_ids, kv_dtype, true);
+            for (p, q) in want.iter().zip(&got) {
+                kl += p.iter().zip(q).map(|(&p, &q)| f64::from(p).exp() * f64::from(p - q)).sum::<f64>();
+                rows += 1;
+            }
+            let lp = got.last().unwrap();
+            for &(id, ref_lp) in &case.first_top5 {
+                let err = (lp[id as usize] - ref_lp).abs();
+                max_err = max_err.max(err);
+                assert!(
+                    err < 0.5,
+                    "{:?}: {what} logprob of {id}: {} vs reference {ref_lp}",
+                    case.text,
+                    lp[id as usize]
+                );
+            }
+            if case.top2_gaps[0] > 0.5 {
+                assert_eq!(common::top_k(lp, 1)[0].0, case.greedy_ids[0], "{:?}: {what} first token", case.text);
+            }
         }
-        if case.top2_gaps[0] > 0.5 {
-            let ours = common::top_k(&lp, 1)[0].0;
-            assert_eq!(ours, case.greedy_ids[0], "{:?}: {what} first token", case.text);
-        }
-    }
-    eprintln!("{what} max first-token top-5 logprob error {max_err:.3}");
-    max_err
+        let kl = kl / rows as f64;
+        eprintln!("{what}: mean KL {kl:.5} over {rows} positions; max first-token top-5 logprob error {max_err:.3}");
+        Errors { kl, max_first_token: max_err }
+    };
+    let (candle, native, int8) = (
+        LoadOptions { keep_quantized: true, ..f32 },
+        LoadOptions { native: true, ..f32 },
+        LoadOptions { int8: true, ..f32 },
+    );
+    let llama_cpp = measure("Q4_1, llama.cpp arithmetic (candle), f16 KV", candle, DType::F16);
+    let default = measure("Q4_1, ours (the default), f16 KV", native, DType::F16);
+    let int8_f16 = measure("int8, f16 KV", int8, DType::F16);
+    let candle_f32 = measure("Q4_1, llama.cpp arithmetic (candle), f32 KV", candle, DType::F32);
+    let native_f32 = measure("Q4_1, ours, f32 KV", native, DType::F32);
+    measure("Q4_1, ours, bf16 KV", native, DType::BF16);
+    assert!(default.kl <= llama_cpp.kl, "default {default:?} vs llama.cpp arithmetic {llama_cpp:?}");
+    assert!(int8_f16.kl <= llama_cpp.kl, "int8 {int8_f16:?} vs llama.cpp arithmetic {llama_cpp:?}");
+    assert!(native_f32.kl <= candle_f32.kl, "ours {native_f32:?} vs candle {candle_f32:?} (f32 KV)");
+}
+
+/// How far a quantized path is from the float32 path.
+#[derive(Debug, Clone, Copy)]
+#[allow(dead_code)] // read through Debug in assertion messages
+struct Errors {
+    /// Mean KL divergence of next-token distributions at every prompt position.
+    kl: f64,
+    /// Largest first-token top-5 logprob error against the `transformers` reference.
+    max_first_token: f32,
 }
 
 #[test]

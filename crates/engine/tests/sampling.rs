@@ -216,7 +216,7 @@ fn seeded_sampling_is_reproducible_across_runs_and_preemption() {
     };
     let a = llm_with(|_| {}).generate(&prompts, p.clone()).unwrap();
     let b = llm_with(|_| {}).generate(&prompts, p.clone()).unwrap();
-    let tight = llm_with(|a| a.kv_cache_memory = 10 * 737_280);
+    let tight = llm_with(|a| a.kv_cache_memory = 10 * common::BLOCK_BYTES);
     let c = tight.generate(&prompts, p).unwrap();
     assert!(tight.with_engine(|e| e.stats()).num_preemptions > 0);
     for ((x, y), z) in a.iter().zip(&b).zip(&c) {

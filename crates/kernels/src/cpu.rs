@@ -1,18 +1,63 @@
 //! CPU kernels over plain slices: writing K/V into the paged cache and attending through
 //! block tables for a flattened batch of prompt chunks and decode tokens.
 
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
 use multiversion::multiversion;
 use rayon::prelude::*;
 
 use crate::{AttnMetadata, AttnParams, AttnShape};
 
+/// A paged cache's storage as the attention kernel reads it: float32, or half precision
+/// (converted to float32 a key block and a value row at a time, with the CPU's conversion
+/// instructions where it has them).
+#[derive(Debug, Clone, Copy)]
+pub enum KvSlice<'a> {
+    /// float32 values, read in place.
+    F32(&'a [f32]),
+    /// IEEE half precision.
+    F16(&'a [f16]),
+    /// bfloat16.
+    BF16(&'a [bf16]),
+}
+
+impl<'a> From<&'a [f32]> for KvSlice<'a> {
+    fn from(s: &'a [f32]) -> Self {
+        Self::F32(s)
+    }
+}
+
+impl<'a> KvSlice<'a> {
+    /// Values `start..start + len` as float32: in place for a float32 cache, else converted
+    /// into `buf`.
+    #[inline]
+    fn read<'b>(self, start: usize, len: usize, buf: &'b mut Vec<f32>) -> &'b [f32]
+    where
+        'a: 'b,
+    {
+        match self {
+            Self::F32(s) => &s[start..start + len],
+            Self::F16(s) => {
+                buf.resize(len, 0.0);
+                s[start..start + len].convert_to_f32_slice(buf);
+                buf
+            }
+            Self::BF16(s) => {
+                buf.resize(len, 0.0);
+                s[start..start + len].convert_to_f32_slice(buf);
+                buf
+            }
+        }
+    }
+}
+
 /// Writes each new token's keys (`[num_tokens, num_kv_heads, head_dim]`) into the key cache,
 /// laid out `[num_blocks, num_kv_heads, head_dim, block_size]`: a block's keys are stored
 /// transposed, so attention scores a whole block with broadcast FMAs and no shuffles.
 /// Slots `< 0` are padding and skipped.
-pub fn reshape_and_cache_keys(
-    src: &[f32],
-    cache: &mut [f32],
+pub fn reshape_and_cache_keys<T: Copy>(
+    src: &[T],
+    cache: &mut [T],
     slot_mapping: &[i64],
     num_kv_heads: usize,
     head_dim: usize,
@@ -34,7 +79,7 @@ pub fn reshape_and_cache_keys(
 /// Writes each new token's value (`[num_tokens, kv_width]`) into its cache slot
 /// (`slot = block_id * block_size + offset`; the cache is `[num_slots, kv_width]`).
 /// Slots `< 0` are padding and skipped.
-pub fn reshape_and_cache(src: &[f32], cache: &mut [f32], slot_mapping: &[i64], kv_width: usize) {
+pub fn reshape_and_cache<T: Copy>(src: &[T], cache: &mut [T], slot_mapping: &[i64], kv_width: usize) {
     debug_assert_eq!(src.len(), slot_mapping.len() * kv_width);
     for (t, &slot) in slot_mapping.iter().enumerate() {
         if slot < 0 {
@@ -47,7 +92,7 @@ pub fn reshape_and_cache(src: &[f32], cache: &mut [f32], slot_mapping: &[i64], k
 
 /// Copies whole blocks of `block_len` elements, `(src, dst)`, in order. Both cache layouts
 /// keep each block contiguous, so one routine serves keys and values.
-pub fn copy_blocks(cache: &mut [f32], pairs: &[(u32, u32)], block_len: usize) {
+pub fn copy_blocks<T: Copy>(cache: &mut [T], pairs: &[(u32, u32)], block_len: usize) {
     for &(src, dst) in pairs {
         let (s, d) = (src as usize * block_len, dst as usize * block_len);
         cache.copy_within(s..s + block_len, d);
@@ -137,15 +182,16 @@ struct Unit {
 /// Work is split into (sequence, KV head, tile of up to 16 query tokens) units, so each key
 /// block and value row is loaded once for all the query heads of its group and all the tile's
 /// tokens; the arithmetic is compiled for AVX-512 / AVX2 / NEON and picked at run time.
-pub fn paged_attention(
+pub fn paged_attention<'a>(
     q: &[f32],
-    key_cache: &[f32],
-    value_cache: &[f32],
+    key_cache: impl Into<KvSlice<'a>>,
+    value_cache: impl Into<KvSlice<'a>>,
     meta: &AttnMetadata,
     shape: AttnShape,
     params: AttnParams,
     out: &mut [f32],
 ) {
+    let (key_cache, value_cache) = (key_cache.into(), value_cache.into());
     let AttnShape { num_heads, num_kv_heads, head_dim } = shape;
     let num_tokens = meta.num_tokens();
     debug_assert_eq!(q.len(), num_tokens * num_heads * head_dim);
@@ -252,8 +298,8 @@ fn exp_nonpositive(x: f32) -> f32 {
 #[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
 fn attend_unit(
     q: &[f32],
-    key_cache: &[f32],
-    value_cache: &[f32],
+    key_cache: KvSlice,
+    value_cache: KvSlice,
     meta: &AttnMetadata,
     shape: AttnShape,
     params: AttnParams,
@@ -267,7 +313,7 @@ fn attend_unit(
     let rows = u.tokens * group;
     // Keys visible to the tile's last token; row (t, g) sees the first pos0 + t + 1 of them.
     let n = u.pos0 + u.tokens;
-    let Scratch { scores, offsets, qs } = scratch;
+    let Scratch { scores, offsets, qs, keys: key_buf, values: value_buf, row } = scratch;
     // Value-cache offset of each key position (block-table lookups once per unit).
     offsets.clear();
     for (b, &block) in table.iter().enumerate().take(n.div_ceil(bs)) {
@@ -276,6 +322,18 @@ fn attend_unit(
             offsets.push(((first + c) * num_kv_heads + u.kvh) * head_dim);
         }
     }
+    // A half-precision value cache is read once per unit into contiguous float32 rows.
+    let value_cache: &[f32] = match value_cache {
+        KvSlice::F32(v) => v,
+        half => {
+            value_buf.clear();
+            for off in offsets.iter_mut() {
+                value_buf.extend_from_slice(half.read(*off, head_dim, row));
+                *off = value_buf.len() - head_dim;
+            }
+            value_buf
+        }
+    };
     // The tile's queries, contiguous `[rows][head_dim]` and pre-scaled.
     qs.clear();
     for t in 0..u.tokens {
@@ -290,7 +348,7 @@ fn attend_unit(
     for (b, &block) in table.iter().enumerate().take(n.div_ceil(bs)) {
         let j0 = b * bs;
         let cnt = bs.min(n - j0);
-        let kt = &key_cache[(block as usize * num_kv_heads + u.kvh) * head_dim * bs..][..head_dim * bs];
+        let kt = key_cache.read((block as usize * num_kv_heads + u.kvh) * head_dim * bs, head_dim * bs, key_buf);
         // Rows (t, g) with t >= j0 - pos0 see at least one key of this block.
         let r_min = j0.saturating_sub(u.pos0) * group;
         if cnt == KEY_BLOCK && bs == KEY_BLOCK {
@@ -396,6 +454,12 @@ struct Scratch {
     scores: Vec<f32>,
     offsets: Vec<usize>,
     qs: Vec<f32>,
+    /// One key block of a half-precision cache, as float32.
+    keys: Vec<f32>,
+    /// The unit's value rows of a half-precision cache, as float32.
+    values: Vec<f32>,
+    /// One converted value row.
+    row: Vec<f32>,
 }
 
 #[cfg(test)]

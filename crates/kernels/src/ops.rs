@@ -1,17 +1,19 @@
 //! The paged cache as candle tensors, with the kernels attached as candle custom ops.
 
+use candle_core::backend::BackendStorage;
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp3, DType, Device, InplaceOp1, InplaceOp2, Layout, Result, Shape, Tensor,
 };
 
-use crate::{cpu, AttnMetadata, AttnParams, AttnShape};
+use crate::cpu::{self, KvSlice};
+use crate::{AttnMetadata, AttnParams, AttnShape};
 
 /// The K and V cache of one attention layer.
 #[derive(Debug, Clone)]
 pub struct KvCache {
-    /// Keys, `[num_blocks, num_kv_heads, head_dim, block_size]` (each block transposed), f32.
+    /// Keys, `[num_blocks, num_kv_heads, head_dim, block_size]` (each block transposed).
     pub key: Tensor,
-    /// Values, `[num_blocks, block_size, num_kv_heads, head_dim]`, f32.
+    /// Values, `[num_blocks, block_size, num_kv_heads, head_dim]`.
     pub value: Tensor,
     block_size: usize,
     shape: AttnShape,
@@ -25,11 +27,32 @@ fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]
     }
 }
 
+/// A contiguous cache tensor's values, whichever of the cache types it holds.
+fn cache_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<KvSlice<'a>> {
+    let Some((a, b)) = l.contiguous_offsets() else { bail!("{what}: tensor must be contiguous") };
+    Ok(match s {
+        CpuStorage::F32(d) => KvSlice::F32(&d[a..b]),
+        CpuStorage::F16(d) => KvSlice::F16(&d[a..b]),
+        CpuStorage::BF16(d) => KvSlice::BF16(&d[a..b]),
+        other => bail!("{what}: a {:?} cache (float32, float16 or bfloat16 expected)", other.dtype()),
+    })
+}
+
 struct WriteCache<'a> {
     slots: &'a [i64],
     shape: AttnShape,
     /// `Some(block_size)` for the (block-transposed) key cache.
     keys: Option<usize>,
+}
+
+impl WriteCache<'_> {
+    fn write<T: Copy>(&self, src: &[T], cache: &mut [T]) {
+        let AttnShape { num_kv_heads, head_dim, .. } = self.shape;
+        match self.keys {
+            Some(bs) => cpu::reshape_and_cache_keys(src, cache, self.slots, num_kv_heads, head_dim, bs),
+            None => cpu::reshape_and_cache(src, cache, self.slots, num_kv_heads * head_dim),
+        }
+    }
 }
 
 impl InplaceOp2 for WriteCache<'_> {
@@ -38,13 +61,13 @@ impl InplaceOp2 for WriteCache<'_> {
     }
 
     fn cpu_fwd(&self, dst: &mut CpuStorage, dst_l: &Layout, src: &CpuStorage, src_l: &Layout) -> Result<()> {
-        let src = contiguous(src, src_l, "new key/value")?;
         let Some((a, b)) = dst_l.contiguous_offsets() else { bail!("kv cache must be contiguous") };
-        let CpuStorage::F32(cache) = dst else { bail!("kv cache must be f32") };
-        let AttnShape { num_kv_heads, head_dim, .. } = self.shape;
-        match self.keys {
-            Some(bs) => cpu::reshape_and_cache_keys(src, &mut cache[a..b], self.slots, num_kv_heads, head_dim, bs),
-            None => cpu::reshape_and_cache(src, &mut cache[a..b], self.slots, num_kv_heads * head_dim),
+        let Some((sa, sb)) = src_l.contiguous_offsets() else { bail!("new key/value must be contiguous") };
+        match (dst, src) {
+            (CpuStorage::F32(cache), CpuStorage::F32(src)) => self.write(&src[sa..sb], &mut cache[a..b]),
+            (CpuStorage::F16(cache), CpuStorage::F16(src)) => self.write(&src[sa..sb], &mut cache[a..b]),
+            (CpuStorage::BF16(cache), CpuStorage::BF16(src)) => self.write(&src[sa..sb], &mut cache[a..b]),
+            (cache, src) => bail!("writing {:?} keys/values into a {:?} cache", src.dtype(), cache.dtype()),
         }
         Ok(())
     }
@@ -73,8 +96,12 @@ impl InplaceOp1 for CopyBlocks<'_> {
 
     fn cpu_fwd(&self, dst: &mut CpuStorage, l: &Layout) -> Result<()> {
         let Some((a, b)) = l.contiguous_offsets() else { bail!("kv cache must be contiguous") };
-        let CpuStorage::F32(cache) = dst else { bail!("kv cache must be f32") };
-        cpu::copy_blocks(&mut cache[a..b], self.pairs, self.block_len);
+        match dst {
+            CpuStorage::F32(cache) => cpu::copy_blocks(&mut cache[a..b], self.pairs, self.block_len),
+            CpuStorage::F16(cache) => cpu::copy_blocks(&mut cache[a..b], self.pairs, self.block_len),
+            CpuStorage::BF16(cache) => cpu::copy_blocks(&mut cache[a..b], self.pairs, self.block_len),
+            other => bail!("a {:?} kv cache", other.dtype()),
+        }
         Ok(())
     }
 }
@@ -100,8 +127,8 @@ impl CustomOp3 for Attend<'_> {
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let q = contiguous(q, ql, "query")?;
-        let k = contiguous(k, kl, "key cache")?;
-        let v = contiguous(v, vl, "value cache")?;
+        let k = cache_slice(k, kl, "key cache")?;
+        let v = cache_slice(v, vl, "value cache")?;
         let mut out = vec![0f32; q.len()];
         cpu::paged_attention(q, k, v, self.meta, self.shape, self.params, &mut out);
         Ok((CpuStorage::F32(out), ql.shape().clone()))
@@ -153,7 +180,9 @@ impl KvCache {
         Self::with_dtype(num_blocks, block_size, shape, DType::F32, device)
     }
 
-    /// A zeroed cache holding `dtype` values: float32 on the CPU; f32, f16 or bf16 on CUDA.
+    /// A zeroed cache holding `dtype` values: float32, float16 or bfloat16. On the CPU,
+    /// attention reads a half-precision cache converted to float32 as it goes (half the
+    /// memory and memory traffic of float32).
     pub fn with_dtype(
         num_blocks: usize,
         block_size: usize,
@@ -161,8 +190,8 @@ impl KvCache {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        if device.is_cpu() && dtype != DType::F32 {
-            bail!("the CPU paged cache is float32, not {dtype:?}");
+        if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+            bail!("a paged cache holds float32, float16 or bfloat16, not {dtype:?}");
         }
         Ok(Self {
             key: Tensor::zeros((num_blocks, shape.num_kv_heads, shape.head_dim, block_size), dtype, device)?,
@@ -172,9 +201,14 @@ impl KvCache {
         })
     }
 
-    /// Bytes the cache holds per token slot (K and V).
-    pub fn bytes_per_token(shape: AttnShape) -> usize {
-        2 * shape.num_kv_heads * shape.head_dim * DType::F32.size_in_bytes()
+    /// Bytes a cache of `dtype` holds per token slot (K and V).
+    pub fn bytes_per_token(shape: AttnShape, dtype: DType) -> usize {
+        2 * shape.num_kv_heads * shape.head_dim * dtype.size_in_bytes()
+    }
+
+    /// The type the cache holds.
+    pub fn dtype(&self) -> DType {
+        self.key.dtype()
     }
 
     /// Writes this step's keys and values (`[num_tokens, num_kv_heads, head_dim]`) into their
@@ -185,6 +219,9 @@ impl KvCache {
             if t.dims() != [expect.0, expect.1, expect.2] {
                 bail!("new key/value shape {:?}, expected {expect:?}", t.dims());
             }
+            // float16 saturates instead of overflowing to infinity (which would poison every
+            // later softmax of the sequence with NaN).
+            let t = if cache.dtype() == DType::F16 { t.clamp(-65504f32, 65504f32)? } else { t.clone() };
             let t = t.to_dtype(cache.dtype())?.contiguous()?;
             cache.inplace_op2(&t, &WriteCache { slots: &meta.slot_mapping, shape: self.shape, keys })?;
         }
@@ -220,7 +257,9 @@ impl KvCache {
             bail!("query shape {:?}, expected [{}, {}, {}]", q.dims(), meta.num_tokens(), s.num_heads, s.head_dim);
         }
         let dtype = q.dtype();
-        let q32 = q.to_dtype(self.key.dtype())?.contiguous()?;
+        // The CPU kernel takes float32 queries whatever the cache holds; CUDA's, the cache's type.
+        let q32 = if q.device().is_cpu() { q.to_dtype(DType::F32)? } else { q.to_dtype(self.key.dtype())? };
+        let q32 = q32.contiguous()?;
         let out = q32.apply_op3_no_bwd(&self.key, &self.value, &Attend { meta, shape: s, params })?;
         out.to_dtype(dtype)
     }

@@ -198,6 +198,44 @@ fn odd_head_dim_and_block_size_one() {
     );
 }
 
+/// A float16 or bfloat16 cache on the CPU (`--kv-cache-dtype`): the same cases within the
+/// half types' rounding, through the 16-key register path, the generic path (odd head size,
+/// one-token blocks), sliding windows and soft-capping.
+#[test]
+fn half_precision_caches_on_the_cpu() {
+    let odd = || Case {
+        shape: AttnShape { num_heads: 2, num_kv_heads: 1, head_dim: 13 },
+        block_size: 1,
+        seqs: vec![(5, 3), (0, 7)],
+        params: AttnParams::new(1.0),
+    };
+    for (dtype, tol) in [(DType::F16, 5e-3), (DType::BF16, 3e-2)] {
+        run_case_on(&gqa_mixed_case(), 2, &Device::Cpu, dtype, tol);
+        run_case_on(&head_dim_128_case(), 5, &Device::Cpu, dtype, tol);
+        run_case_on(&odd(), 3, &Device::Cpu, dtype, tol);
+        for case in window_and_softcap_cases() {
+            run_case_on(&case, 4, &Device::Cpu, dtype, tol);
+        }
+    }
+}
+
+/// A float32 key beyond float16's range is stored as float16's largest value, not infinity
+/// (which would turn the sequence's every later softmax into NaN).
+#[test]
+fn float16_cache_saturates_instead_of_overflowing() {
+    let shape = AttnShape { num_heads: 1, num_kv_heads: 1, head_dim: 4 };
+    let cache = KvCache::with_dtype(2, 2, shape, DType::F16, &Device::Cpu).unwrap();
+    let meta = AttnMetadata::new(2, vec![SeqAttn { query_len: 2, context_len: 2, block_table: vec![1] }]);
+    let k = Tensor::from_vec(vec![1e6f32, -1e6, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5], (2, 1, 4), &Device::Cpu).unwrap();
+    cache.write(&k, &k, &meta).unwrap();
+    let q = Tensor::ones((2, 1, 4), DType::F32, &Device::Cpu).unwrap();
+    let out = cache.attend(&q, &meta, 1e-3).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert!(out.iter().all(|v| v.is_finite()), "{out:?}");
+    assert_eq!(out[0], 65504.0, "the first token sees only itself");
+    assert_eq!(KvCache::bytes_per_token(shape, DType::F16) * 2, KvCache::bytes_per_token(shape, DType::F32));
+    assert!(KvCache::with_dtype(2, 2, shape, DType::U8, &Device::Cpu).is_err());
+}
+
 #[test]
 fn padding_slots_are_skipped() {
     let mut cache = vec![1f32; 8];

