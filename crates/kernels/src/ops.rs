@@ -174,6 +174,21 @@ pub fn gelu_erf(t: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// A zeroed tensor whose pages are only touched when written: candle fills half-precision
+/// zeros value by value (touching a whole multi-GiB cache at start-up), so on the CPU those
+/// come from a zero-allocated `u16` buffer reinterpreted.
+fn zeros(shape: (usize, usize, usize, usize), dtype: DType, device: &Device) -> Result<Tensor> {
+    use half::vec::HalfBitsVecExt;
+    let n = shape.0 * shape.1 * shape.2 * shape.3;
+    match dtype {
+        DType::F16 if device.is_cpu() => Tensor::from_vec(vec![0u16; n].reinterpret_into::<half::f16>(), shape, device),
+        DType::BF16 if device.is_cpu() => {
+            Tensor::from_vec(vec![0u16; n].reinterpret_into::<half::bf16>(), shape, device)
+        }
+        _ => Tensor::zeros(shape, dtype, device),
+    }
+}
+
 impl KvCache {
     /// A zeroed float32 cache of `num_blocks` blocks (the CPU kernels' type).
     pub fn new(num_blocks: usize, block_size: usize, shape: AttnShape, device: &Device) -> Result<Self> {
@@ -193,12 +208,9 @@ impl KvCache {
         if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
             bail!("a paged cache holds float32, float16 or bfloat16, not {dtype:?}");
         }
-        Ok(Self {
-            key: Tensor::zeros((num_blocks, shape.num_kv_heads, shape.head_dim, block_size), dtype, device)?,
-            value: Tensor::zeros((num_blocks, block_size, shape.num_kv_heads, shape.head_dim), dtype, device)?,
-            block_size,
-            shape,
-        })
+        let key_shape = (num_blocks, shape.num_kv_heads, shape.head_dim, block_size);
+        let value_shape = (num_blocks, block_size, shape.num_kv_heads, shape.head_dim);
+        Ok(Self { key: zeros(key_shape, dtype, device)?, value: zeros(value_shape, dtype, device)?, block_size, shape })
     }
 
     /// Bytes a cache of `dtype` holds per token slot (K and V).
