@@ -36,6 +36,7 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
 pub mod int8;
+pub mod kquant;
 mod ops;
 pub mod q4;
 pub mod team;

@@ -288,33 +288,41 @@ impl Q4Matrix {
 }
 
 /// Activations quantized per block of 32 to symmetric `i8` (`x ~ scale * q`).
-struct Activations {
-    q: Vec<i8>,
-    scales: Vec<f32>,
+pub(crate) struct Activations {
+    pub(crate) q: Vec<i8>,
+    pub(crate) scales: Vec<f32>,
     /// `scale * sum(q)` per block (what the weights' offsets multiply).
-    sums: Vec<f32>,
+    pub(crate) sums: Vec<f32>,
+    /// `sum(q)` per 16 values (Q6_K's offset of 32 per 16-weight sub-block).
+    pub(crate) half_sums: Vec<i32>,
 }
 
 impl Activations {
-    fn quantize(x: &[f32], cols: usize) -> Self {
+    pub(crate) fn quantize(x: &[f32], cols: usize) -> Self {
         debug_assert!(cols.is_multiple_of(BLOCK));
         let mut q = vec![0i8; x.len()];
         let mut scales = vec![0f32; x.len() / BLOCK];
         let mut sums = vec![0f32; x.len() / BLOCK];
+        let mut half_sums = vec![0i32; 2 * x.len() / BLOCK];
         let per_task = (16384 / cols).max(1) * cols;
         q.par_chunks_mut(per_task)
             .zip(scales.par_chunks_mut(per_task / BLOCK))
             .zip(sums.par_chunks_mut(per_task / BLOCK))
+            .zip(half_sums.par_chunks_mut(2 * per_task / BLOCK))
             .zip(x.par_chunks(per_task))
-            .for_each(|(((q, s), m), x)| quantize_activations(x, q, s, m));
-        Self { q, scales, sums }
+            .for_each(|((((q, s), m), h), x)| quantize_activations(x, q, s, m, h));
+        Self { q, scales, sums, half_sums }
     }
 }
 
 #[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma+sse4.1", "aarch64+neon"))]
-fn quantize_activations(x: &[f32], q: &mut [i8], scales: &mut [f32], sums: &mut [f32]) {
-    for (((xb, qb), s), sum) in
-        x.chunks_exact(BLOCK).zip(q.chunks_exact_mut(BLOCK)).zip(scales.iter_mut()).zip(sums.iter_mut())
+fn quantize_activations(x: &[f32], q: &mut [i8], scales: &mut [f32], sums: &mut [f32], half_sums: &mut [i32]) {
+    for ((((xb, qb), s), sum), hs) in x
+        .chunks_exact(BLOCK)
+        .zip(q.chunks_exact_mut(BLOCK))
+        .zip(scales.iter_mut())
+        .zip(sums.iter_mut())
+        .zip(half_sums.chunks_exact_mut(2))
     {
         let mut lanes = [0f32; 16];
         for ch in xb.chunks_exact(16) {
@@ -325,15 +333,16 @@ fn quantize_activations(x: &[f32], q: &mut [i8], scales: &mut [f32], sums: &mut 
         let amax = lanes.iter().fold(0f32, |m, &v| m.max(v));
         let d = amax / 127.0;
         let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-        let mut total = 0i32;
-        for (o, v) in qb.iter_mut().zip(xb) {
+        let mut halves = [0i32; 2];
+        for (i, (o, v)) in qb.iter_mut().zip(xb).enumerate() {
             // |v * inv| <= 127 by construction, so the conversion cannot saturate.
             let r = (v * inv).round_ties_even() as i32;
-            total += r;
+            halves[i / 16] += r;
             *o = r as i8;
         }
         *s = d;
-        *sum = d * total as f32;
+        *sum = d * (halves[0] + halves[1]) as f32;
+        hs.copy_from_slice(&halves);
     }
 }
 
