@@ -44,9 +44,9 @@ impl FromStr for ModelDtype {
 pub enum Quantization {
     /// The checkpoint's own quantization (vLLM's semantics), the default: a GGUF file's
     /// quantized matrices run in their own block format on our kernels (`Q4_0`, `Q4_1` on the
-    /// 4-bit kernel, `Q8_0` on the int8 kernel, other quantized types requantized to int8 for
-    /// now; float tensors stay float); on CUDA, candle's quantized matmul. Unquantized
-    /// checkpoints run in `dtype`.
+    /// 4-bit kernel, `Q4_K`, `Q5_K`, `Q6_K` on the k-quant kernel, `Q8_0` on the int8 kernel;
+    /// other quantized types requantized to int8 for now; float tensors stay float); on CUDA,
+    /// candle's quantized matmul. Unquantized checkpoints run in `dtype`.
     #[default]
     Auto,
     /// Dequantize every GGUF matrix to `dtype` at load time: the float32 path that reproduces

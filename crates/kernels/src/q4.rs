@@ -128,50 +128,6 @@ impl Q4Matrix {
         Some(Self { rows, cols, format, q, d, m })
     }
 
-    /// Repacks a row-major `[rows, cols]` matrix of GGUF `Q4_K` super-blocks (144 bytes per
-    /// 256 weights: f16 `d` and `dmin`, twelve bytes of 6-bit sub-block scales and minimums,
-    /// 128 bytes of nibbles) as `Q4_1` blocks: each 32-weight sub-block is `w = (d sc) q -
-    /// dmin mn`, so its scale and offset become one f16 each (5 bits per weight here against
-    /// the file's 4.5; the f16 rounding of `d sc` is within 2^-11 of the product). `None`
-    /// unless `cols` is a whole number of super-blocks and `data` has exactly their bytes.
-    pub fn from_gguf_q4_k(data: &[u8], rows: usize, cols: usize) -> Option<Self> {
-        const SUPER: usize = 256;
-        const BYTES: usize = 144;
-        if cols == 0 || !cols.is_multiple_of(SUPER) {
-            return None;
-        }
-        let ns = cols / SUPER;
-        if rows.checked_mul(ns)?.checked_mul(BYTES)? != data.len() {
-            return None;
-        }
-        // llama.cpp's `get_scale_min_k4`.
-        let scale_min = |j: usize, sc: &[u8]| -> (u8, u8) {
-            if j < 4 {
-                (sc[j] & 63, sc[j + 4] & 63)
-            } else {
-                ((sc[j + 4] & 0x0f) | ((sc[j - 4] >> 6) << 4), (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4))
-            }
-        };
-        let mut q41 = Vec::with_capacity(rows * cols / BLOCK * Q4Format::Q4_1.block_bytes());
-        for sb in data.chunks_exact(BYTES) {
-            let d = f16::from_bits(u16::from_le_bytes([sb[0], sb[1]])).to_f32();
-            let dmin = f16::from_bits(u16::from_le_bytes([sb[2], sb[3]])).to_f32();
-            let (sc, qs) = (&sb[4..16], &sb[16..144]);
-            for j in 0..8 {
-                let (s, m) = scale_min(j, sc);
-                q41.extend_from_slice(&f16::from_f32(d * s as f32).to_bits().to_le_bytes());
-                q41.extend_from_slice(&f16::from_f32(-dmin * m as f32).to_bits().to_le_bytes());
-                // Sub-blocks 2k and 2k + 1 are the low and high nibbles of bytes 32k..32k + 32.
-                let bytes = &qs[32 * (j / 2)..32 * (j / 2) + 32];
-                let v = |l: usize| if j % 2 == 0 { bytes[l] & 0x0f } else { bytes[l] >> 4 };
-                for l in 0..16 {
-                    q41.push(v(l) | (v(l + 16) << 4));
-                }
-            }
-        }
-        Self::from_gguf(Q4Format::Q4_1, &q41, rows, cols)
-    }
-
     /// Quantizes a row-major float matrix into GGUF blocks of `format` (round to nearest, as
     /// llama.cpp's reference quantizer) and packs them: for tests and benchmarks.
     pub fn quantize(format: Q4Format, w: &[f32], rows: usize, cols: usize) -> Option<Self> {
@@ -538,23 +494,6 @@ mod tests {
             }
             assert_eq!(q.bytes(), 9 * 3 * (TILE + 2 * LANES * if format == Q4Format::Q4_1 { 2 } else { 1 }));
         }
-    }
-
-    #[test]
-    fn q4_k_super_blocks_become_q4_1_blocks() {
-        use candle_core::quantized::{GgmlDType, QTensor};
-        use candle_core::{Device, Tensor};
-        let mut rng = ChaCha8Rng::seed_from_u64(5);
-        let (rows, cols) = (32, 512);
-        let w: Vec<f32> = (0..rows * cols).map(|_| rng.random::<f32>() - 0.4).collect();
-        let q = QTensor::quantize(&Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap(), GgmlDType::Q4K).unwrap();
-        let want: Vec<f32> = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        let ours = Q4Matrix::from_gguf_q4_k(&q.data().unwrap(), rows, cols).unwrap();
-        // Only the f16 rounding of each sub-block's scale and offset differs.
-        for (i, (a, b)) in ours.dequantize().iter().zip(&want).enumerate() {
-            assert!((a - b).abs() <= 2e-3 * (1.0 + b.abs()), "weight {i}: {a} vs candle's {b}");
-        }
-        assert!(Q4Matrix::from_gguf_q4_k(&q.data().unwrap(), rows, 256).is_none(), "bytes do not match the shape");
     }
 
     #[test]

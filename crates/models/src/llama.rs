@@ -335,7 +335,7 @@ impl Llama {
         let native_head =
             if tied && w.options().native && w.device().is_cpu() { Some(model.linear("embed_tokens")?) } else { None };
         let embed = match &native_head {
-            Some(Linear::Int8 { .. } | Linear::Q4 { .. }) => None,
+            Some(Linear::Int8 { .. } | Linear::Q4 { .. } | Linear::K { .. }) => None,
             _ => Some(model.get("embed_tokens.weight")?),
         };
         // Layers load in parallel: dequantizing and repacking weights is most of a cold start.

@@ -16,6 +16,7 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Module, Tensor};
 
 use vllm_kernels::int8::Int8Matrix;
+use vllm_kernels::kquant::{KFormat, KMatrix};
 use vllm_kernels::q4::{Q4Format, Q4Matrix};
 
 use crate::{Error, Result};
@@ -83,15 +84,33 @@ pub enum Linear {
         /// `[out_features]`.
         bias: Option<Tensor>,
     },
+    /// A GGUF k-quant matrix (`Q4_K`, `Q5_K`, `Q6_K`) run by our kernel.
+    K {
+        /// The packed super-blocks.
+        matrix: Arc<KMatrix>,
+        /// `[out_features]`.
+        bias: Option<Tensor>,
+    },
     /// A GGUF quantized matrix (candle's quantized matmul).
     Quantized(QMatMul),
 }
 
 impl Linear {
     /// One layer computing every part's outputs side by side (for projections of the same
-    /// input), with each part's output width, when all parts are int8 (or all 4-bit of one
-    /// format) without bias and stack; `None` otherwise.
+    /// input), with each part's output width, when all parts are int8 (or all 4-bit, or all
+    /// k-quants, of one format) without bias and stack; `None` otherwise.
     pub fn fuse(parts: &[&Linear]) -> Option<(Linear, Vec<usize>)> {
+        if let Some(mats) = parts
+            .iter()
+            .map(|p| match p {
+                Linear::K { matrix, bias: None } => Some(&**matrix),
+                _ => None,
+            })
+            .collect::<Option<Vec<_>>>()
+        {
+            let widths = mats.iter().map(|m| m.rows()).collect();
+            return Some((Linear::K { matrix: Arc::new(KMatrix::concat(&mats)?), bias: None }, widths));
+        }
         if let Some(mats) = parts
             .iter()
             .map(|p| match p {
@@ -122,6 +141,7 @@ impl Linear {
         let (rows, cols, row): (usize, usize, RowFn) = match self {
             Linear::Int8 { matrix, .. } => (matrix.rows(), matrix.cols(), &|r, o| matrix.row(r, o)),
             Linear::Q4 { matrix, .. } => (matrix.rows(), matrix.cols(), &|r, o| matrix.row(r, o)),
+            Linear::K { matrix, .. } => (matrix.rows(), matrix.cols(), &|r, o| matrix.row(r, o)),
             _ => return Ok(None),
         };
         let ids = ids.to_vec1::<u32>()?;
@@ -151,6 +171,12 @@ impl Linear {
                 let y = Tensor::from_vec(y, (rows, matrix.rows()), x.device())?;
                 (y.to_dtype(x.dtype())?, bias)
             }
+            Linear::K { matrix, bias } => {
+                let rows = x.dim(0)?;
+                let y = with_f32_slice(x, |host| matrix.matmul(host, rows))?;
+                let y = Tensor::from_vec(y, (rows, matrix.rows()), x.device())?;
+                (y.to_dtype(x.dtype())?, bias)
+            }
             Linear::Quantized(q) => {
                 let dtype = x.dtype();
                 return Ok(q.forward(&x.to_dtype(DType::F32)?)?.to_dtype(dtype)?);
@@ -171,12 +197,15 @@ fn native_linear(q: &QTensor, bias: Option<Tensor>) -> Result<Option<Linear>> {
     let q4 = |format| {
         Q4Matrix::from_gguf(format, &data, rows, cols).map(|m| Linear::Q4 { matrix: Arc::new(m), bias: bias.clone() })
     };
+    let k = |format| {
+        KMatrix::from_gguf(format, &data, rows, cols).map(|m| Linear::K { matrix: Arc::new(m), bias: bias.clone() })
+    };
     Ok(match q.dtype() {
         GgmlDType::Q4_0 => q4(Q4Format::Q4_0),
         GgmlDType::Q4_1 => q4(Q4Format::Q4_1),
-        GgmlDType::Q4K => {
-            Q4Matrix::from_gguf_q4_k(&data, rows, cols).map(|m| Linear::Q4 { matrix: Arc::new(m), bias: bias.clone() })
-        }
+        GgmlDType::Q4K => k(KFormat::Q4K),
+        GgmlDType::Q5K => k(KFormat::Q5K),
+        GgmlDType::Q6K => k(KFormat::Q6K),
         GgmlDType::Q8_0 => Int8Matrix::from_gguf_q8_0(&data, rows, cols)
             .map(|m| Linear::Int8 { matrix: Arc::new(m), bias: bias.clone() }),
         _ => None,
@@ -363,5 +392,41 @@ impl Weights {
         }
         let weight = weight.to_dtype(self.opts.dtype)?;
         Ok(Linear::Dense { weight_t: weight.t()?.contiguous()?, bias })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each GGUF quantization type runs on the kernel made for it, in its own format.
+    #[test]
+    fn quantized_types_get_their_own_kernels() {
+        let w = Tensor::from_vec(
+            (0..32 * 512).map(|i| ((i % 97) as f32 - 48.0) / 50.0).collect::<Vec<f32>>(),
+            (32, 512),
+            &Device::Cpu,
+        )
+        .unwrap();
+        for (t, want) in [
+            (GgmlDType::Q4_0, "Q4(Q4_0)"),
+            (GgmlDType::Q4_1, "Q4(Q4_1)"),
+            (GgmlDType::Q4K, "K(Q4K)"),
+            (GgmlDType::Q5K, "K(Q5K)"),
+            (GgmlDType::Q6K, "K(Q6K)"),
+            (GgmlDType::Q8_0, "Int8"),
+            (GgmlDType::Q5_0, "none"),
+            (GgmlDType::F16, "none"),
+        ] {
+            let q = QTensor::quantize(&w, t).unwrap();
+            let got = match native_linear(&q, None).unwrap() {
+                Some(Linear::Q4 { matrix, .. }) => format!("Q4({:?})", matrix.format()),
+                Some(Linear::K { matrix, .. }) => format!("K({:?})", matrix.format()),
+                Some(Linear::Int8 { .. }) => "Int8".into(),
+                Some(_) => "other".into(),
+                None => "none".into(),
+            };
+            assert_eq!(got, want, "{t:?}");
+        }
     }
 }

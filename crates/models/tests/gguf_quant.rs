@@ -200,8 +200,9 @@ fn check(label: &str, dtype_of: impl Fn(&str) -> GgmlDType, reference: &[Vec<f32
     let kept = run(load(&quant_path, true).as_ref(), tokens);
     let matmul = compare(&kept, &exact);
     let quant = compare(&kept, reference);
-    // The default (`--quantization auto`): our kernels on the file's own blocks (Q4_0, Q4_1,
-    // Q4_K on the 4-bit kernel, Q8_0 on the int8 kernel; the rest requantized to int8).
+    // The default (`--quantization auto`): our kernels on the file's own blocks (Q4_0, Q4_1 on
+    // the 4-bit kernel, Q4_K, Q5_K, Q6_K on the k-quant kernel, Q8_0 on the int8 kernel; the
+    // rest requantized to int8).
     let ours = compare(
         &run(load_with(&quant_path, LoadOptions { native: true, ..LoadOptions::float32() }).as_ref(), tokens),
         &exact,

@@ -75,7 +75,8 @@ struct ServeArgs {
     #[arg(long, default_value = "auto")]
     dtype: String,
     /// How weight matrices run: auto (the checkpoint's own quantization: a GGUF file's Q4_0,
-    /// Q4_1 and Q8_0 blocks on our kernels as they are), gguf (the same, vLLM's name), none
+    /// Q4_1, Q4_K, Q5_K, Q6_K and Q8_0 blocks on our kernels as they are), gguf (the same,
+    /// vLLM's name), none
     /// (dequantize to float32: the reference path), or int8 (every matrix requantized to int8).
     #[arg(long, default_value = "auto")]
     quantization: String,
