@@ -470,6 +470,9 @@ mod vnni {
 
     use super::{Activations, KFormat, KMatrix, BLOCK, GROUPS_PER_TASK, LANES, MR, SUB, SUPER, TILE};
 
+    /// Blocks ahead to prefetch (one super-block; 16 measured slower, 4 no better).
+    const PREFETCH: usize = 8;
+
     /// Safe entry: checks every bound the kernel relies on. The caller checked that the CPU
     /// has AVX-512 VNNI.
     pub(super) fn groups(w: &KMatrix, g0: usize, ng: usize, a: &Activations, m: usize, out: &mut [f32]) {
@@ -578,6 +581,22 @@ mod vnni {
             }
             for j in 0..SUB {
                 let b = s * SUB + j;
+                // Each group's planes are a separate stream; asking for the block a super-block
+                // ahead into L2 keeps more reads in flight than the hardware prefetchers alone
+                // (a 1.1B Q4_K_M decode reads ~680 MB per token).
+                if b + PREFETCH < nb {
+                    for g in 0..NG {
+                        let gb = (g0 + g) * nb + b + PREFETCH;
+                        let t = w.q.as_ptr().add(gb * TILE);
+                        for line in 0..TILE / 64 {
+                            _mm_prefetch::<_MM_HINT_T1>(t.add(line * 64) as *const i8);
+                        }
+                        let h = w.h.as_ptr().add(gb * hb);
+                        for line in 0..hb / 64 {
+                            _mm_prefetch::<_MM_HINT_T1>(h.add(line * 64) as *const i8);
+                        }
+                    }
+                }
                 // Q6_K: the two 16-column halves' integer sums; Q4_K/Q5_K: one.
                 let mut isum = [[[_mm512_setzero_si512(); R]; NG]; 2];
                 for k in 0..4 {
