@@ -539,7 +539,7 @@ mod vnni {
         } else if BITS == 6 {
             let hv = _mm512_loadu_si512(h.add((k / 2) * 64) as *const _);
             let two = _mm512_set1_epi8(0x30);
-            let (l, hh) = if k % 2 == 0 {
+            let (l, hh) = if k.is_multiple_of(2) {
                 (_mm512_slli_epi16::<4>(hv), _mm512_slli_epi16::<2>(hv))
             } else {
                 (hv, _mm512_srli_epi16::<2>(hv))
