@@ -408,47 +408,94 @@ fn groups_times_activations(w: &KMatrix, g0: usize, ng: usize, a: &Activations, 
     groups_portable(w, g0, ng, a, m, out);
 }
 
+/// The same arithmetic as the VNNI kernel in plain loops (each block's values decoded once,
+/// then integer dot products the compiler vectorizes), for CPUs without AVX-512 VNNI.
 #[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
 fn groups_portable(w: &KMatrix, g0: usize, ng: usize, a: &Activations, m: usize, out: &mut [f32]) {
     let nb = w.cols / BLOCK;
     let ns = w.cols / SUPER;
-    let mut vals = [[0u8; BLOCK]; LANES];
+    let hb = w.format.high_bytes();
+    let mut acc = vec![[0f32; LANES]; m];
     for gi in 0..ng {
         let g = g0 + gi;
-        let mut acc = vec![[0f32; LANES]; m];
+        acc.iter_mut().for_each(|a| *a = [0.0; LANES]);
         for s in 0..ns {
-            let scales: Vec<_> = (0..LANES).map(|l| w.lane_scales(g * ns + s, l)).collect();
+            // Per lane: Q4_K/Q5_K's d sc and dmin m per 32 columns; Q6_K's d and its i8 scales.
+            let mut scale = [[0f32; SUB]; LANES];
+            let mut min = [[0f32; SUB]; LANES];
+            let mut d6 = [0f32; LANES];
+            let mut sc6 = [[0i32; 16]; LANES];
+            for lane in 0..LANES {
+                let (sc, mn, d, dmin) = w.lane_scales(g * ns + s, lane);
+                for j in 0..SUB {
+                    scale[lane][j] = d * sc[j] as f32;
+                    min[lane][j] = dmin * mn[j] as f32;
+                }
+                d6[lane] = d;
+                for (o, &v) in sc6[lane].iter_mut().zip(&sc) {
+                    *o = (v as i8) as i32;
+                }
+            }
             for j in 0..SUB {
                 let b = s * SUB + j;
-                for (lane, v) in vals.iter_mut().enumerate() {
-                    for (col, x) in v.iter_mut().enumerate() {
-                        *x = w.value(g, b, lane, col);
+                let tile = &w.q[(g * nb + b) * TILE..][..TILE];
+                let h = &w.h[(g * nb + b) * hb..][..hb];
+                // The block's values in the tile's own order (quarter, lane, byte): the
+                // low-nibble and high-nibble columns, high bits merged in, once for all rows.
+                let mut lo = [[0u8; 64]; 4];
+                let mut hi = [[0u8; 64]; 4];
+                for k in 0..4 {
+                    let q = &tile[k * 64..][..64];
+                    for t in 0..64 {
+                        lo[k][t] = q[t] & 0x0f;
+                        hi[k][t] = q[t] >> 4;
+                    }
+                    match w.format {
+                        KFormat::Q4K => {}
+                        KFormat::Q5K => {
+                            let hv = &h[..64];
+                            for t in 0..64 {
+                                lo[k][t] |= ((hv[t] >> (2 * k)) & 1) << 4;
+                                hi[k][t] |= ((hv[t] >> (2 * k + 1)) & 1) << 4;
+                            }
+                        }
+                        KFormat::Q6K => {
+                            let hv = &h[(k / 2) * 64..][..64];
+                            let shift = 4 * (k % 2);
+                            for t in 0..64 {
+                                lo[k][t] |= ((hv[t] >> shift) & 3) << 4;
+                                hi[k][t] |= ((hv[t] >> (shift + 2)) & 3) << 4;
+                            }
+                        }
                     }
                 }
                 for (i, acc) in acc.iter_mut().enumerate() {
                     let xq = &a.q[i * w.cols + b * BLOCK..][..BLOCK];
-                    let xs = a.scales[i * nb + b];
+                    let xa = i * nb + b;
+                    let xs = a.scales[xa];
+                    // Integer dot products as `vpdpbusd` forms them; Q6_K keeps its two
+                    // 16-column halves apart.
+                    let mut isum = [[0i32; LANES]; 2];
+                    for k in 0..4 {
+                        let half = if w.format == KFormat::Q6K { k / 2 } else { 0 };
+                        let (xl, xh) = (&xq[8 * k..8 * k + 4], &xq[8 * k + 4..8 * k + 8]);
+                        for (lane, sum) in isum[half].iter_mut().enumerate() {
+                            for c in 0..4 {
+                                *sum += lo[k][lane * 4 + c] as i32 * xl[c] as i32
+                                    + hi[k][lane * 4 + c] as i32 * xh[c] as i32;
+                            }
+                        }
+                    }
                     for lane in 0..LANES {
-                        let (sc, mn, d, dmin) = &scales[lane];
-                        let v = &vals[lane];
                         match w.format {
                             KFormat::Q4K | KFormat::Q5K => {
-                                let dot: i32 = v.iter().zip(xq).map(|(&q, &x)| q as i32 * x as i32).sum();
-                                acc[lane] +=
-                                    d * sc[j] as f32 * xs * dot as f32 - dmin * mn[j] as f32 * a.sums[i * nb + b];
+                                let y = (isum[0][lane] as f32).mul_add(scale[lane][j] * xs, acc[lane]);
+                                acc[lane] = (-min[lane][j]).mul_add(a.sums[xa], y);
                             }
                             KFormat::Q6K => {
-                                let mut t = 0i32;
-                                for half in 0..2 {
-                                    let r = 16 * half..16 * half + 16;
-                                    let dot: i32 = v[r.clone()]
-                                        .iter()
-                                        .zip(&xq[r])
-                                        .map(|(&q, &x)| (q as i32 - 32) * x as i32)
-                                        .sum();
-                                    t += (sc[2 * j + half] as i8) as i32 * dot;
-                                }
-                                acc[lane] += d * xs * t as f32;
+                                let t0 = (isum[0][lane] - 32 * a.half_sums[2 * xa]) * sc6[lane][2 * j];
+                                let t1 = (isum[1][lane] - 32 * a.half_sums[2 * xa + 1]) * sc6[lane][2 * j + 1];
+                                acc[lane] = ((t0 + t1) as f32).mul_add(d6[lane] * xs, acc[lane]);
                             }
                         }
                     }
