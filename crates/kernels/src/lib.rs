@@ -43,6 +43,17 @@ pub mod team;
 
 pub use ops::{gelu_erf, KvCache};
 
+/// Which hand-written kernels the quantized matmuls run on this machine: `"vnni"`
+/// (AVX-512 VNNI), `"avx2"` or `"portable"` (the best the CPU has, unless the
+/// `VLLM_CPU_KERNEL` environment variable asks for a lower one).
+pub fn cpu_kernel_path() -> &'static str {
+    match int8::kernel_path() {
+        int8::KernelPath::Vnni => "vnni",
+        int8::KernelPath::Avx2 => "avx2",
+        int8::KernelPath::Portable => "portable",
+    }
+}
+
 /// Head layout of an attention layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AttnShape {

@@ -14,8 +14,9 @@
 //! `sum(w x) = d s sum(q qx) + m s sum(qx)` (with `m = -8 d` for `Q4_0`): one integer dot
 //! product per block and lane, scaled once.
 //!
-//! The VNNI kernel is picked at run time; elsewhere a portable version over the same packed
-//! layout is compiled by `multiversion` for AVX-512, AVX2 and NEON.
+//! The VNNI kernel is picked at run time, else an AVX2 one over the same tiles; elsewhere a
+//! portable version over the same packed layout is compiled by `multiversion` (NEON, or
+//! x86 without AVX2).
 
 use half::f16;
 use multiversion::multiversion;
@@ -309,6 +310,10 @@ fn groups_times_activations(w: &Q4Matrix, g0: usize, ng: usize, a: &Activations,
     if crate::int8::vnni_available() {
         return vnni::groups(w, g0, ng, a, m, out);
     }
+    #[cfg(target_arch = "x86_64")]
+    if crate::int8::avx2_selected() {
+        return avx2::groups(w, g0, ng, a, m, out);
+    }
     groups_portable(w, g0, ng, a, m, out);
 }
 
@@ -454,6 +459,100 @@ mod vnni {
     }
 }
 
+/// AVX2 (with FMA and F16C): the VNNI kernel's arithmetic on the same tiles, each 16-row
+/// group as two halves of 8 lanes, `vpdpbusd` done by `vpmaddubsw` and `vpmaddwd` by ones
+/// (see [`crate::kquant`]'s AVX2 kernel). One row group x up to 2 activation rows.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{Activations, Q4Matrix, BLOCK, LANES, TILE};
+
+    /// Safe entry: checks every bound the kernel relies on. The caller checked that the CPU
+    /// has AVX2, FMA and F16C.
+    pub(super) fn groups(w: &Q4Matrix, g0: usize, ng: usize, a: &Activations, m: usize, out: &mut [f32]) {
+        let nb = w.cols / BLOCK;
+        assert!(out.len() == ng * m * LANES);
+        assert!(w.q.len() >= (g0 + ng) * nb * TILE && w.d.len() >= (g0 + ng) * nb * LANES);
+        assert!(w.m.is_empty() || w.m.len() == w.d.len());
+        assert!(a.q.len() == m * w.cols && a.scales.len() == m * nb && a.sums.len() == m * nb);
+        let has_min = !w.m.is_empty();
+        for gi in 0..ng {
+            let mut i = 0;
+            while i < m {
+                let r = 2.min(m - i);
+                // SAFETY: CPU features checked by the caller; the asserts above bound every
+                // access: group g0 + gi, rows i..i+r < m, blocks < nb, offsets only when present.
+                unsafe {
+                    match (has_min, r) {
+                        (true, 2) => group::<2, true>(w, g0 + gi, gi, a, i, m, out),
+                        (true, _) => group::<1, true>(w, g0 + gi, gi, a, i, m, out),
+                        (false, 2) => group::<2, false>(w, g0 + gi, gi, a, i, m, out),
+                        (false, _) => group::<1, false>(w, g0 + gi, gi, a, i, m, out),
+                    }
+                }
+                i += r;
+            }
+        }
+    }
+
+    #[allow(clippy::needless_range_loop, clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn group<const R: usize, const MIN: bool>(
+        w: &Q4Matrix,
+        g: usize,
+        gi: usize,
+        a: &Activations,
+        i0: usize,
+        m: usize,
+        out: &mut [f32],
+    ) {
+        let cols = w.cols;
+        let nb = cols / BLOCK;
+        let low = _mm256_set1_epi8(0x0f);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [[_mm256_setzero_ps(); R]; 2];
+        for b in 0..nb {
+            let tile = w.q.as_ptr().add((g * nb + b) * TILE);
+            for half in 0..2 {
+                let mut isum = [_mm256_setzero_si256(); R];
+                for k in 0..4 {
+                    let v = _mm256_loadu_si256(tile.add(k * 64 + 32 * half) as *const __m256i);
+                    let lo = _mm256_and_si256(v, low);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
+                    for r in 0..R {
+                        let x = a.q.as_ptr().add((i0 + r) * cols + b * BLOCK + 8 * k);
+                        let xl = _mm256_set1_epi32((x as *const i32).read_unaligned());
+                        let xh = _mm256_set1_epi32((x.add(4) as *const i32).read_unaligned());
+                        // At most 2 x 2 x 15 x 127 per 16-bit sum: no saturation.
+                        let p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh));
+                        isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(p, ones));
+                    }
+                }
+                let at = (g * nb + b) * LANES + 8 * half;
+                let d = _mm256_cvtph_ps(_mm_loadu_si128(w.d.as_ptr().add(at) as *const __m128i));
+                let mn = if MIN {
+                    _mm256_cvtph_ps(_mm_loadu_si128(w.m.as_ptr().add(at) as *const __m128i))
+                } else {
+                    _mm256_mul_ps(d, _mm256_set1_ps(-8.0))
+                };
+                for r in 0..R {
+                    let xa = (i0 + r) * nb + b;
+                    let scale = _mm256_mul_ps(d, _mm256_set1_ps(*a.scales.get_unchecked(xa)));
+                    let t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r]), scale, acc[half][r]);
+                    acc[half][r] = _mm256_fmadd_ps(mn, _mm256_set1_ps(*a.sums.get_unchecked(xa)), t);
+                }
+            }
+        }
+        for half in 0..2 {
+            for r in 0..R {
+                _mm256_storeu_ps(out.as_mut_ptr().add((gi * m + i0 + r) * LANES + 8 * half), acc[half][r]);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -534,6 +633,29 @@ mod tests {
             groups_portable(&q, 0, 4, &a, m, &mut portable);
             for (f, p) in fast.iter().zip(&portable) {
                 assert!((f - p).abs() <= 1e-4 * p.abs().max(1.0), "{format:?}: {f} vs {p}");
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_kernel_matches_the_portable_one() {
+        assert!(crate::int8::avx2_present(), "the test machines have AVX2; this one does not");
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let (rows, cols) = (64, 128);
+        let w: Vec<f32> = (0..rows * cols).map(|_| rng.random::<f32>() - 0.5).collect();
+        for format in [Q4Format::Q4_0, Q4Format::Q4_1] {
+            let q = Q4Matrix::quantize(format, &w, rows, cols).unwrap();
+            for m in [1, 2, 3] {
+                let x: Vec<f32> = (0..m * cols).map(|_| rng.random::<f32>() - 0.5).collect();
+                let a = Activations::quantize(&x, cols);
+                let mut fast = vec![0f32; 4 * m * LANES];
+                let mut portable = vec![0f32; 4 * m * LANES];
+                avx2::groups(&q, 0, 4, &a, m, &mut fast);
+                groups_portable(&q, 0, 4, &a, m, &mut portable);
+                for (f, p) in fast.iter().zip(&portable) {
+                    assert!((f - p).abs() <= 1e-4 * p.abs().max(1.0), "{format:?} m={m}: {f} vs {p}");
+                }
             }
         }
     }

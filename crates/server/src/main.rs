@@ -253,7 +253,7 @@ async fn build_state(
 ) -> Result<Arc<AppState>> {
     let chat_template = args.chat_template()?;
     let engine_args = args.engine_args()?;
-    tracing::info!(model = %engine_args.model, "loading the model");
+    tracing::info!(model = %engine_args.model, cpu_kernels = vllm_engine::cpu_kernel_path(), "loading the model");
     // An embedding model (BertModel) gets an encoder and serves /v1/embeddings; any other
     // model gets the generation engine.
     let (engine, embedder) = tokio::task::spawn_blocking(move || -> Result<_> {

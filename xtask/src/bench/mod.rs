@@ -369,6 +369,8 @@ fn latency(a: LatencyArgs) -> Result<()> {
         report["decode_bound_tokens_per_second"] = json!(bound);
     }
     report["cpu"] = json!(stall::cpu_model());
+    // Which of our kernels ran (VLLM_CPU_KERNEL can ask for a lower path than the CPU's best).
+    report["cpu_kernel"] = json!(vllm_engine::cpu_kernel_path());
     write_json(&a.output_json, &report)
 }
 
