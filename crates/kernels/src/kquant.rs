@@ -538,6 +538,30 @@ mod vnni {
         assert!(a.half_sums.len() == 2 * m * nb);
         let mut i = 0;
         while i < m {
+            // Prompts and batches: 4 activation rows x 2 row groups per register tile, so each
+            // weight load and each block's scale decode serve 4 rows.
+            if m - i >= 4 {
+                let mut gs = 0;
+                while gs < ng {
+                    let n2 = 2.min(ng - gs);
+                    let o = &mut out[gs * m * LANES..];
+                    // SAFETY: as below; the tile writes rows (g * m + i + r) of `o` for g < n2,
+                    // inside `out` since gs + n2 <= ng.
+                    unsafe {
+                        match (n2, w.format) {
+                            (2, KFormat::Q4K) => tile::<2, 4, 4>(w, g0 + gs, a, i, m, o),
+                            (2, KFormat::Q5K) => tile::<2, 4, 5>(w, g0 + gs, a, i, m, o),
+                            (2, KFormat::Q6K) => tile::<2, 4, 6>(w, g0 + gs, a, i, m, o),
+                            (_, KFormat::Q4K) => tile::<1, 4, 4>(w, g0 + gs, a, i, m, o),
+                            (_, KFormat::Q5K) => tile::<1, 4, 5>(w, g0 + gs, a, i, m, o),
+                            (_, KFormat::Q6K) => tile::<1, 4, 6>(w, g0 + gs, a, i, m, o),
+                        }
+                    }
+                    gs += n2;
+                }
+                i += 4;
+                continue;
+            }
             let r = MR.min(m - i);
             macro_rules! go {
                 ($ng:literal, $r:literal) => {
