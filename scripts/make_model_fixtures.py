@@ -14,12 +14,16 @@ so the logits are far from uniform and greedy continuations are not decided by r
 Windowed attention (Mistral, Gemma 2) uses an 8-token window so that it matters within the
 prompts and continuations.
 
+Mixtures of experts (Mixtral, Qwen3 MoE) have 4 experts with 2 per token; Gemma 3 has six
+layers (five local, one global).
+
 Usage (torch is only needed here, never at run or test time):
     python3 -m venv .cache/refvenv && .cache/refvenv/bin/pip install torch transformers
-    .cache/refvenv/bin/python scripts/make_model_fixtures.py
+    .cache/refvenv/bin/python scripts/make_model_fixtures.py [name ...]
 """
 import json
 import os
+import sys
 
 import torch
 import transformers as tf
@@ -46,22 +50,36 @@ ARCHS = {
                  max_position_embeddings=128, word_embed_proj_dim=64, pad_token_id=1)),
     "gpt2": (tf.GPT2Config, tf.GPT2LMHeadModel,
              dict(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=128, n_inner=128)),
+    # Gemma 3: six layers so that the 5:1 local/global pattern (and both rotary bases) is
+    # exercised as llama.cpp assumes it; the attention scale is head_dim^-1/2 as in the real
+    # models below 27B.
+    "gemma3": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM,
+               dict(COMMON, num_hidden_layers=6, head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
+                    tie_word_embeddings=True)),
+    "mixtral": (tf.MixtralConfig, tf.MixtralForCausalLM,
+                dict(COMMON, num_local_experts=4, num_experts_per_tok=2, sliding_window=None)),
+    "qwen3_moe": (tf.Qwen3MoeConfig, tf.Qwen3MoeForCausalLM,
+                  dict(COMMON, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                       norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])),
 }
 
 
 def main():
+    only = sys.argv[1:]  # names to (re)write; all when empty
     for name, (cfg_cls, model_cls, kw) in ARCHS.items():
+        if only and name not in only:
+            continue
         torch.manual_seed(0)
         cfg = cfg_cls(**kw)
         model = model_cls(cfg).to(torch.float32).eval()
         with torch.no_grad():
             for n, p in model.named_parameters():
                 is_norm = p.dim() == 1 and ("norm" in n or "ln_" in n) and not n.endswith("bias")
-                if is_norm and name != "gemma2":  # Gemma scales by (1 + weight)
+                if is_norm and not name.startswith("gemma"):  # Gemma scales by (1 + weight)
                     p.copy_(1.0 + 0.1 * torch.randn_like(p))
                 elif p.dim() == 1:
                     p.copy_(0.1 * torch.randn_like(p))
-                elif name == "gemma2" and "embed_tokens" in n:  # scaled by sqrt(hidden) = 8
+                elif name.startswith("gemma") and "embed_tokens" in n:  # scaled by sqrt(hidden) = 8
                     p.copy_(0.05 * torch.randn_like(p))
                 else:
                     p.copy_(0.2 * torch.randn_like(p))

@@ -5,13 +5,16 @@
 //! output tied to the token embeddings. Weights are `Conv1D`s stored `[in, out]` (transposed
 //! on load); names with or without the `transformer.` prefix.
 
+use std::collections::HashMap;
+
+use candle_core::quantized::gguf_file::Value;
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 use serde::Deserialize;
 use vllm_kernels::{AttnShape, KvCache};
 
 use crate::attention::PagedAttention;
-use crate::layers::{check_caches, output_layer, LayerNorm};
+use crate::layers::{check_caches, output_layer, GgufKeys, LayerNorm};
 use crate::weights::{Linear, Weights};
 use crate::{CausalLM, Error, Result, StepInput};
 
@@ -49,8 +52,12 @@ fn gelu_new() -> String {
     "gelu_new".into()
 }
 
-/// A `Conv1D` (`[in, out]` weight) as a linear layer.
+/// A `Conv1D` (`[in, out]` weight) as a linear layer. llama.cpp's converter stores these
+/// transposed (`[out, in]`), so a GGUF source is an ordinary linear layer, kept quantized.
 fn conv1d(w: &Weights, name: &str) -> Result<Linear> {
+    if w.gguf_arch().is_some() {
+        return w.linear(name);
+    }
     let weight = w.get(&format!("{name}.weight"))?.t()?.contiguous()?;
     let bias = Some(w.get(&format!("{name}.bias"))?);
     w.linear_from(weight, bias)
@@ -79,6 +86,22 @@ pub struct Gpt2 {
 }
 
 impl Gpt2Config {
+    /// Reads the configuration from GGUF metadata (`gpt2.*` keys).
+    pub fn from_gguf(md: &HashMap<String, Value>) -> Result<Self> {
+        let g = GgufKeys::new(md);
+        Ok(Self {
+            n_embd: g.req("embedding_length")?,
+            n_layer: g.req("block_count")?,
+            n_head: g.req("attention.head_count")?,
+            n_inner: g.opt("feed_forward_length"),
+            n_positions: g.req("context_length")?,
+            vocab_size: g.vocab_size(),
+            layer_norm_epsilon: g.f32("attention.layer_norm_epsilon").map_or(1e-5, f64::from),
+            activation_function: gelu_new(),
+            scale_attn_by_inverse_layer_idx: false,
+        })
+    }
+
     /// The attention head layout (sizes the KV cache): multi-head, width over heads.
     pub fn attn_shape(&self) -> AttnShape {
         AttnShape { num_heads: self.n_head, num_kv_heads: self.n_head, head_dim: self.n_embd / self.n_head }

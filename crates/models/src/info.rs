@@ -143,18 +143,29 @@ fn inspect_gguf(path: &Path) -> Result<ModelInfo> {
         // No (known) file type: the quantized type holding the most parameters.
         _ => quantized.iter().max_by_key(|(_, n)| **n).map(|(t, _)| t.clone()),
     };
-    let (supported, context_length, kv) = if arch == "llama" {
-        let cfg = llama::LlamaConfig::from_gguf(md)?;
-        let kv = llama_kv(&cfg);
-        (true, Some(cfg.max_position_embeddings), Some(kv))
-    } else {
-        let ctx = md.get(&format!("{arch}.context_length")).and_then(|v| v.to_u32().ok()).map(|v| v as usize);
-        (false, ctx, None)
+    let (supported, context_length, kv) = match arch.as_str() {
+        "llama" | "qwen2" | "qwen3" | "qwen3moe" | "phi3" => {
+            let cfg = llama::LlamaConfig::from_gguf(md)?;
+            (true, Some(cfg.max_position_embeddings), Some(llama_kv(&cfg)))
+        }
+        "gemma2" | "gemma3" => {
+            let cfg = gemma2::Gemma2Config::from_gguf(md)?;
+            let kv = KvLayout::new(cfg.num_hidden_layers, cfg.attn_shape(), |i| cfg.window(i));
+            (true, Some(cfg.max_position_embeddings), Some(kv))
+        }
+        "gpt2" => {
+            let cfg = gpt2::Gpt2Config::from_gguf(md)?;
+            (true, Some(cfg.n_positions), Some(KvLayout::new(cfg.n_layer, cfg.attn_shape(), |_| None)))
+        }
+        _ => {
+            let ctx = md.get(&format!("{arch}.context_length")).and_then(|v| v.to_u32().ok()).map(|v| v as usize);
+            (false, ctx, None)
+        }
     };
     Ok(ModelInfo {
         path: path.to_path_buf(),
         format: format!("GGUF ({} tensors)", content.tensor_infos.len()),
-        architecture: if supported { format!("{arch} (LlamaForCausalLM)") } else { arch },
+        architecture: arch,
         supported,
         parameters,
         weight_bytes,
@@ -191,12 +202,18 @@ fn inspect_hf_dir(dir: &Path) -> Result<ModelInfo> {
         .map(|q| q.get("quant_method").and_then(|m| m.as_str()).unwrap_or("unnamed").to_string());
     let config = |e: serde_json::Error| Error::Config(format!("{}: {e}", dir.join("config.json").display()));
     let (supported, context_length, kv) = match arch.as_str() {
-        "LlamaForCausalLM" | "MistralForCausalLM" | "Qwen2ForCausalLM" | "Qwen3ForCausalLM" | "Phi3ForCausalLM" => {
+        "LlamaForCausalLM"
+        | "MistralForCausalLM"
+        | "Qwen2ForCausalLM"
+        | "Qwen3ForCausalLM"
+        | "Phi3ForCausalLM"
+        | "MixtralForCausalLM"
+        | "Qwen3MoeForCausalLM" => {
             let cfg = llama::LlamaConfig::from_hf(raw.clone())?;
             (true, Some(cfg.max_position_embeddings), Some(llama_kv(&cfg)))
         }
-        "Gemma2ForCausalLM" => {
-            let cfg: gemma2::Gemma2Config = serde_json::from_value(raw.clone()).map_err(config)?;
+        "Gemma2ForCausalLM" | "Gemma3ForCausalLM" => {
+            let cfg = gemma2::Gemma2Config::from_hf(raw.clone())?;
             let kv = KvLayout::new(cfg.num_hidden_layers, cfg.attn_shape(), |i| cfg.window(i));
             (true, Some(cfg.max_position_embeddings), Some(kv))
         }

@@ -8,12 +8,15 @@
 //! | architecture | `config.json` | GGUF |
 //! |--------------|---------------|------|
 //! | Llama family (Llama 2/3, SmolLM2) | `LlamaForCausalLM` | `llama` |
-//! | Mistral (sliding window) | `MistralForCausalLM` | |
-//! | Qwen2 (Q/K/V bias), Qwen3 (Q/K norm) | `Qwen2ForCausalLM`, `Qwen3ForCausalLM` | |
-//! | Phi-3 (fused projections) | `Phi3ForCausalLM` | |
-//! | Gemma 2 (soft-capping, alternating windows) | `Gemma2ForCausalLM` | |
+//! | Mistral (sliding window) | `MistralForCausalLM` | `llama` |
+//! | Qwen2 (Q/K/V bias), Qwen3 (Q/K norm) | `Qwen2ForCausalLM`, `Qwen3ForCausalLM` | `qwen2`, `qwen3` |
+//! | Phi-3 (fused projections) | `Phi3ForCausalLM` | `phi3` |
+//! | Gemma 2 (soft-capping, alternating windows) | `Gemma2ForCausalLM` | `gemma2` |
+//! | Gemma 3 (text: 5 local : 1 global layers, Q/K norm, two RoPE bases) | `Gemma3ForCausalLM` | `gemma3` |
+//! | Mixtral (top-2 of 8 experts) | `MixtralForCausalLM` | `llama` with experts |
+//! | Qwen3 MoE (top-k, renormalized) | `Qwen3MoeForCausalLM` | `qwen3moe` |
 //! | OPT | `OPTForCausalLM` | |
-//! | GPT-2 | `GPT2LMHeadModel` | |
+//! | GPT-2 | `GPT2LMHeadModel` | `gpt2` |
 //!
 //! ```no_run
 //! use candle_core::{DType, Device};
@@ -41,7 +44,7 @@ use candle_core::{DType, Device, Tensor};
 use vllm_kernels::{AttnMetadata, AttnShape, KvCache};
 
 pub use info::{inspect, KvLayout, ModelInfo};
-pub use weights::{gguf_name, Linear, LoadOptions, Weights};
+pub use weights::{gguf_name, GgufTensor, Linear, LoadOptions, Weights};
 
 /// Model errors.
 #[derive(Debug, thiserror::Error)]
@@ -133,19 +136,36 @@ pub trait CausalLM: Send + Sync {
     fn dtype(&self) -> DType;
 }
 
-const SUPPORTED: &str = "LlamaForCausalLM (GGUF: llama)";
+/// The GGUF architectures (`general.architecture`) [`load_gguf`] knows.
+pub const GGUF_ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3", "qwen3moe", "phi3", "gemma2", "gemma3", "gpt2"];
 
 /// Loads a GGUF checkpoint; returns the model and the weight handle (for its metadata).
+///
+/// llama.cpp's converter permutes the query and key rows of `llama` checkpoints (Llama,
+/// Mistral, Mixtral, SmolLM) for its interleaved rotary layout; the other architectures keep
+/// Hugging Face's (NeoX) layout.
 pub fn load_gguf(path: &Path, opts: LoadOptions, device: &Device) -> Result<(Box<dyn CausalLM>, Weights)> {
     let w = Weights::from_gguf(path, opts, device)?;
     let md = w.gguf_metadata().expect("GGUF source has metadata");
-    let arch = md.get("general.architecture").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
+    let arch = w.gguf_arch().unwrap_or_default().to_string();
+    let llama = |style| -> Result<Box<dyn CausalLM>> {
+        Ok(Box::new(llama::Llama::load(&w, llama::LlamaConfig::from_gguf(md)?, style)?))
+    };
     let model: Box<dyn CausalLM> = match arch.as_str() {
-        "llama" => {
-            let cfg = llama::LlamaConfig::from_gguf(md)?;
-            Box::new(llama::Llama::load(&w, cfg, attention::RopeStyle::Interleaved)?)
+        "llama" => llama(attention::RopeStyle::Interleaved)?,
+        "qwen2" | "qwen3" | "qwen3moe" | "phi3" => llama(attention::RopeStyle::Halves)?,
+        "gemma2" | "gemma3" => Box::new(gemma2::Gemma2::load(&w, gemma2::Gemma2Config::from_gguf(md)?)?),
+        "gpt2" => Box::new(gpt2::Gpt2::load(&w, gpt2::Gpt2Config::from_gguf(md)?)?),
+        other => {
+            return Err(Error::UnsupportedArchitecture {
+                name: other.into(),
+                supported: format!(
+                    "GGUF: {}; config.json: {}",
+                    GGUF_ARCHITECTURES.join(", "),
+                    CAUSAL_ARCHITECTURES.join(", ")
+                ),
+            })
         }
-        other => return Err(Error::UnsupportedArchitecture { name: other.into(), supported: SUPPORTED.into() }),
     };
     Ok((model, w))
 }
@@ -158,6 +178,9 @@ pub const CAUSAL_ARCHITECTURES: &[&str] = &[
     "Qwen3ForCausalLM",
     "Phi3ForCausalLM",
     "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM",
+    "MixtralForCausalLM",
+    "Qwen3MoeForCausalLM",
     "OPTForCausalLM",
     "GPT2LMHeadModel",
 ];
@@ -184,7 +207,9 @@ pub fn load_hf_dir(dir: &Path, opts: LoadOptions, device: &Device) -> Result<Box
     let w = Weights::from_safetensors(&files, opts, device)?;
     let config = |e: serde_json::Error| Error::Config(format!("{}: {e}", dir.join("config.json").display()));
     Ok(match arch.as_str() {
-        "Gemma2ForCausalLM" => Box::new(gemma2::Gemma2::load(&w, serde_json::from_value(raw).map_err(config)?)?),
+        "Gemma2ForCausalLM" | "Gemma3ForCausalLM" => {
+            Box::new(gemma2::Gemma2::load(&w, gemma2::Gemma2Config::from_hf(raw)?)?)
+        }
         "OPTForCausalLM" => Box::new(opt::Opt::load(&w, serde_json::from_value(raw).map_err(config)?)?),
         "GPT2LMHeadModel" => Box::new(gpt2::Gpt2::load(&w, serde_json::from_value(raw).map_err(config)?)?),
         _ => Box::new(llama::Llama::load(&w, llama::LlamaConfig::from_hf(raw)?, attention::RopeStyle::Halves)?),

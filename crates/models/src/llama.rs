@@ -23,7 +23,7 @@ use serde::Deserialize;
 use vllm_kernels::{AttnParams, AttnShape, KvCache};
 
 use crate::attention::{PagedAttention, RopeStyle, Rotary};
-use crate::layers::check_caches;
+use crate::layers::{check_caches, GgufKeys};
 use crate::weights::{Linear, Weights};
 use crate::{CausalLM, Error, Result, StepInput};
 
@@ -80,6 +80,26 @@ pub struct LlamaConfig {
     /// Per-layer attention kind (`full_attention` / `sliding_attention`).
     #[serde(default)]
     pub layer_types: Option<Vec<String>>,
+    /// Mixture of experts: experts per layer (`num_local_experts` in Mixtral, `num_experts`
+    /// in Qwen MoE); absent or 0 for a dense model.
+    #[serde(default, alias = "num_local_experts")]
+    pub num_experts: Option<usize>,
+    /// Experts each token is routed to.
+    #[serde(default)]
+    pub num_experts_per_tok: Option<usize>,
+    /// Each expert's MLP width (Qwen MoE); `intermediate_size` otherwise.
+    #[serde(default)]
+    pub moe_intermediate_size: Option<usize>,
+    /// Whether the chosen experts' routing weights are renormalized to sum to 1 (Qwen MoE's
+    /// flag; Mixtral always does).
+    #[serde(default)]
+    pub norm_topk_prob: Option<bool>,
+    /// Qwen MoE: every `decoder_sparse_step`-th layer is sparse.
+    #[serde(default)]
+    pub decoder_sparse_step: Option<usize>,
+    /// Qwen MoE: layers that keep a dense MLP.
+    #[serde(default)]
+    pub mlp_only_layers: Option<Vec<usize>>,
 }
 
 /// `rope_parameters` (or the older `rope_scaling`) of a config.
@@ -181,43 +201,43 @@ impl LlamaConfig {
             .collect()
     }
 
-    /// Reads the configuration from GGUF metadata (`{arch}.*` keys).
+    /// Reads the configuration from GGUF metadata (`{arch}.*` keys: llama, qwen2, qwen3,
+    /// qwen3moe, phi3).
     pub fn from_gguf(md: &HashMap<String, Value>) -> Result<Self> {
-        let arch =
-            md.get("general.architecture").and_then(|v| v.to_string().ok()).cloned().unwrap_or_else(|| "llama".into());
-        let key = |k: &str| format!("{arch}.{k}");
-        let req = |k: &str| -> Result<u32> {
-            md.get(&key(k))
-                .and_then(|v| v.to_u32().ok())
-                .ok_or_else(|| Error::Config(format!("GGUF metadata lacks {}", key(k))))
-        };
-        let opt_f32 = |k: &str| md.get(&key(k)).and_then(|v| v.to_f32().ok());
-        let hidden = req("embedding_length")? as usize;
-        let heads = req("attention.head_count")? as usize;
-        let vocab = match md.get(&key("vocab_size")).and_then(|v| v.to_u32().ok()) {
-            Some(v) => v as usize,
-            None => md.get("tokenizer.ggml.tokens").and_then(|v| v.to_vec().ok()).map(|v| v.len()).unwrap_or(0),
-        };
+        let g = GgufKeys::new(md);
+        let experts = g.opt("expert_count").filter(|&e| e > 0);
         Ok(Self {
-            hidden_size: hidden,
-            intermediate_size: req("feed_forward_length")? as usize,
-            num_hidden_layers: req("block_count")? as usize,
-            num_attention_heads: heads,
-            num_key_value_heads: md
-                .get(&key("attention.head_count_kv"))
-                .and_then(|v| v.to_u32().ok())
-                .map(|v| v as usize),
-            head_dim: md.get(&key("rope.dimension_count")).and_then(|v| v.to_u32().ok()).map(|v| v as usize),
-            rms_norm_eps: opt_f32("attention.layer_norm_rms_epsilon").map_or(1e-5, |v| v as f64),
-            rope_theta: opt_f32("rope.freq_base").unwrap_or(10_000.0),
-            vocab_size: vocab,
-            max_position_embeddings: req("context_length")? as usize,
+            hidden_size: g.req("embedding_length")?,
+            intermediate_size: g.opt("feed_forward_length").unwrap_or(0),
+            num_hidden_layers: g.req("block_count")?,
+            num_attention_heads: g.req("attention.head_count")?,
+            num_key_value_heads: g.opt("attention.head_count_kv"),
+            head_dim: g.opt("attention.key_length").or(g.opt("rope.dimension_count")),
+            rms_norm_eps: g.f32("attention.layer_norm_rms_epsilon").map_or(1e-5, f64::from),
+            rope_theta: g.f32("rope.freq_base").unwrap_or(10_000.0),
+            vocab_size: g.vocab_size(),
+            max_position_embeddings: g.req("context_length")?,
             tie_word_embeddings: false,
             rope_parameters: None,
-            sliding_window: md.get(&key("attention.sliding_window")).and_then(|v| v.to_u32().ok()).map(|v| v as usize),
+            sliding_window: g.opt("attention.sliding_window").filter(|&w| w > 0),
             use_sliding_window: None,
             layer_types: None,
+            num_experts: experts,
+            num_experts_per_tok: g.opt("expert_used_count"),
+            moe_intermediate_size: g.opt("expert_feed_forward_length"),
+            // llama.cpp renormalizes the chosen experts' weights for Mixtral (llama) and Qwen3 MoE.
+            norm_topk_prob: experts.map(|_| g.bool("expert_weights_norm").unwrap_or(true)),
+            decoder_sparse_step: None,
+            mlp_only_layers: None,
         })
+    }
+
+    /// Whether layer `i` has a mixture of experts instead of a dense MLP.
+    pub fn is_sparse(&self, i: usize) -> bool {
+        let step = self.decoder_sparse_step.unwrap_or(1).max(1);
+        self.num_experts.unwrap_or(0) > 0
+            && !self.mlp_only_layers.as_ref().is_some_and(|l| l.contains(&i))
+            && (i + 1).is_multiple_of(step)
     }
 }
 
@@ -260,9 +280,98 @@ struct Layer {
     /// Qwen3's per-head RMSNorm of queries and keys.
     qk_norm: Option<(Tensor, Tensor)>,
     o: Linear,
+    mlp: Mlp,
+    attn: PagedAttention,
+}
+
+/// A SwiGLU MLP: `down(silu(gate(x)) * up(x))`.
+struct SwiGlu {
     gate_up: Projections,
     down: Linear,
-    attn: PagedAttention,
+}
+
+impl SwiGlu {
+    /// `gate_proj`/`up_proj`/`down_proj` (or Phi-3's fused `gate_up_proj` of two `width`s).
+    fn load(m: &Weights, width: usize) -> Result<Self> {
+        // (A GGUF file names Phi-3's fused matrix like an ordinary up projection: fused only
+        // when there is no separate gate.)
+        let gate_up = if m.contains("gate_up_proj.weight") && !m.contains("gate_proj.weight") {
+            Projections { layers: vec![m.linear("gate_up_proj")?], split: vec![width; 2] }
+        } else if m.contains("w1.weight") {
+            // Mixtral's expert names.
+            Projections::new(vec![m.linear("w1")?, m.linear("w3")?])
+        } else {
+            Projections::new(vec![m.linear("gate_proj")?, m.linear("up_proj")?])
+        };
+        let down = if m.contains("w2.weight") { m.linear("w2")? } else { m.linear("down_proj")? };
+        Ok(Self { gate_up, down })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gu = self.gate_up.forward(x)?;
+        self.down.forward(&(candle_nn::ops::silu(&gu[0])? * &gu[1])?)
+    }
+}
+
+/// A layer's feed-forward block.
+enum Mlp {
+    Dense(SwiGlu),
+    /// Mixture of experts: a softmax router picks `top_k` experts per token; each expert runs
+    /// once per step on all the tokens routed to it (one batched product, quantized kernels
+    /// included), and its outputs are added back weighted.
+    Experts {
+        /// `[experts, hidden]` router, in float32 (routing decides which weights run).
+        router: Linear,
+        experts: Vec<SwiGlu>,
+        top_k: usize,
+        /// Renormalize the chosen experts' weights to sum to 1.
+        norm: bool,
+    },
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (router, experts, top_k, norm) = match self {
+            Mlp::Dense(m) => return m.forward(x),
+            Mlp::Experts { router, experts, top_k, norm } => (router, experts, *top_k, *norm),
+        };
+        let logits = router.forward(&x.to_dtype(DType::F32)?)?.to_vec2::<f32>()?;
+        let routes = route(&logits, experts.len(), top_k, norm);
+        let mut out = x.zeros_like()?;
+        for (expert, (tokens, weights)) in experts.iter().zip(routes) {
+            if tokens.is_empty() {
+                continue;
+            }
+            let n = tokens.len();
+            let idx = Tensor::from_vec(tokens, n, x.device())?;
+            let y = expert.forward(&x.index_select(&idx, 0)?)?;
+            let w = Tensor::from_vec(weights, (n, 1), x.device())?.to_dtype(y.dtype())?;
+            out = out.index_add(&idx, &y.broadcast_mul(&w)?, 0)?;
+        }
+        Ok(out)
+    }
+}
+
+/// Each expert's tokens and their routing weights: softmax over the router's logits, the
+/// `top_k` largest (ties to the lower expert), renormalized when `norm`.
+fn route(logits: &[Vec<f32>], experts: usize, top_k: usize, norm: bool) -> Vec<(Vec<u32>, Vec<f32>)> {
+    let mut routes = vec![(Vec::new(), Vec::new()); experts];
+    let mut order: Vec<usize> = Vec::with_capacity(experts);
+    for (t, row) in logits.iter().enumerate() {
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let sum: f32 = row.iter().map(|&v| (v - max).exp()).sum();
+        order.clear();
+        order.extend(0..row.len().min(experts));
+        order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+        let chosen = &order[..top_k.min(order.len())];
+        let total: f32 = chosen.iter().map(|&e| (row[e] - max).exp() / sum).sum();
+        for &e in chosen {
+            let p = (row[e] - max).exp() / sum;
+            routes[e].0.push(t as u32);
+            routes[e].1.push(if norm { p / total } else { p });
+        }
+    }
+    routes
 }
 
 impl Layer {
@@ -276,10 +385,29 @@ impl Layer {
         } else {
             Projections::new(vec![a.linear("q_proj")?, a.linear("k_proj")?, a.linear("v_proj")?])
         };
-        let gate_up = if m.contains("gate_up_proj.weight") {
-            Projections { layers: vec![m.linear("gate_up_proj")?], split: vec![cfg.intermediate_size; 2] }
+        let mlp = if cfg.is_sparse(index) {
+            // Mixtral keeps its experts under `block_sparse_moe`, Qwen MoE under `mlp`.
+            let m = if w.contains("block_sparse_moe.gate.weight") { w.pp("block_sparse_moe") } else { m };
+            let experts = cfg.num_experts.unwrap_or(0);
+            let top_k = cfg.num_experts_per_tok.unwrap_or(2);
+            if top_k == 0 || top_k > experts {
+                return Err(Error::Config(format!("{top_k} experts per token of {experts}")));
+            }
+            let width = cfg.moe_intermediate_size.unwrap_or(cfg.intermediate_size);
+            // The router stays in float32 whatever the activation dtype: it is tiny, and a
+            // rounded score flips which experts run.
+            let router = m.get("gate.weight")?.to_dtype(DType::F32)?;
+            Mlp::Experts {
+                router: Linear::Dense { weight_t: router.t()?.contiguous()?, bias: None },
+                experts: (0..experts)
+                    .map(|e| SwiGlu::load(&m.pp(format!("experts.{e}")), width))
+                    .collect::<Result<_>>()?,
+                top_k,
+                // Mixtral renormalizes; Qwen MoE when its config says so.
+                norm: cfg.norm_topk_prob.unwrap_or(true),
+            }
         } else {
-            Projections::new(vec![m.linear("gate_proj")?, m.linear("up_proj")?])
+            Mlp::Dense(SwiGlu::load(&m, cfg.intermediate_size)?)
         };
         let qk_norm =
             if a.contains("q_norm.weight") { Some((a.get("q_norm.weight")?, a.get("k_norm.weight")?)) } else { None };
@@ -291,8 +419,7 @@ impl Layer {
             qkv,
             qk_norm,
             o: a.linear("o_proj")?,
-            gate_up,
-            down: m.linear("down_proj")?,
+            mlp,
             attn: PagedAttention::with_params(shape, params),
         })
     }
@@ -383,9 +510,7 @@ impl CausalLM for Llama {
             let a = layer.attn.forward(&qkv[0], &qkv[1], &qkv[2], Some((&self.rotary, &cos, &sin)), cache, input)?;
             x = (x + layer.o.forward(&a)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.post_norm, eps)?;
-            let gu = layer.gate_up.forward(&h)?;
-            let m = (candle_nn::ops::silu(&gu[0])? * &gu[1])?;
-            x = (x + layer.down.forward(&m)?)?;
+            x = (x + layer.mlp.forward(&h)?)?;
         }
         let x = x.index_select(&input.logits_indices, 0)?;
         let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
@@ -411,5 +536,30 @@ impl CausalLM for Llama {
 
     fn dtype(&self) -> DType {
         self.dtype
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::route;
+
+    /// Top-k of the softmax, ties to the lower expert, renormalized or not.
+    #[test]
+    fn routing_picks_the_top_k_and_renormalizes() {
+        let logits = vec![vec![0.0, 2.0, 1.0, 2.0], vec![3.0, 0.0, 0.0, 0.0]];
+        let routes = route(&logits, 4, 2, true);
+        // Token 0: experts 1 and 3 tie at the top (equal weights); token 1: expert 0, then the
+        // lowest of the tied zeros, expert 1.
+        assert_eq!(routes[0].0, vec![1]);
+        assert_eq!(routes[1].0, vec![0, 1]);
+        assert_eq!(routes[2].0, Vec::<u32>::new());
+        assert_eq!(routes[3].0, vec![0]);
+        assert!((routes[1].1[0] - 0.5).abs() < 1e-6 && (routes[3].1[0] - 0.5).abs() < 1e-6);
+        let e3 = 3f32.exp();
+        assert!((routes[0].1[0] - e3 / (e3 + 1.0)).abs() < 1e-6);
+        // Without renormalization the weights are the softmax probabilities themselves.
+        let raw = route(&logits, 4, 2, false);
+        let total = 1.0 + 2.0 * 2f32.exp() + 1f32.exp();
+        assert!((raw[1].1[0] - 2f32.exp() / total).abs() < 1e-6);
     }
 }

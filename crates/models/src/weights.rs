@@ -7,10 +7,11 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Module, Tensor};
@@ -23,7 +24,7 @@ use crate::{Error, Result};
 
 enum Source {
     Safetensors(MmapedSafetensors),
-    Gguf { content: gguf_file::Content, reader: Mutex<BufReader<File>>, path: PathBuf },
+    Gguf { content: gguf_file::Content, reader: Mutex<BufReader<File>>, path: PathBuf, arch: String },
 }
 
 /// How weights are materialised.
@@ -224,35 +225,93 @@ fn with_f32_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     Ok(f(&cpu.as_slice::<f32>()?[start..end]))
 }
 
-/// Maps a Hugging Face Llama-family tensor name to llama.cpp's GGUF name.
-pub fn gguf_name(hf: &str) -> Option<String> {
-    let simple = match hf {
-        "model.embed_tokens.weight" => Some("token_embd.weight"),
-        "model.norm.weight" => Some("output_norm.weight"),
-        "lm_head.weight" => Some("output.weight"),
-        _ => None,
-    };
-    if let Some(s) = simple {
-        return Some(s.to_string());
+/// Where a Hugging Face tensor lives in a GGUF file: llama.cpp's name, and for a mixture of
+/// experts' expert matrices, the expert's index in the stacked `[experts, rows, cols]` tensor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GgufTensor {
+    /// llama.cpp's tensor name (`blk.0.attn_q.weight`).
+    pub name: String,
+    /// The expert, for a slice of a stacked expert tensor (`blk.0.ffn_up_exps.weight`).
+    pub expert: Option<usize>,
+}
+
+/// Maps a Hugging Face tensor name to llama.cpp's GGUF name for a GGUF architecture
+/// (`general.architecture`): the Llama family (llama, qwen2, qwen3, qwen3moe, phi3, gemma2,
+/// gemma3) and GPT-2, as llama.cpp's converter writes them.
+pub fn gguf_name(arch: &str, hf: &str) -> Option<GgufTensor> {
+    let plain = |n: &str| Some(GgufTensor { name: n.to_string(), expert: None });
+    if arch == "gpt2" {
+        return gpt2_gguf_name(hf.strip_prefix("transformer.").unwrap_or(hf));
+    }
+    match hf {
+        "model.embed_tokens.weight" => return plain("token_embd.weight"),
+        "model.norm.weight" => return plain("output_norm.weight"),
+        "lm_head.weight" => return plain("output.weight"),
+        _ => {}
     }
     let rest = hf.strip_prefix("model.layers.")?;
     let (layer, name) = rest.split_once('.')?;
-    let mapped = match name {
-        "input_layernorm.weight" => "attn_norm.weight",
-        "post_attention_layernorm.weight" => "ffn_norm.weight",
-        "self_attn.q_proj.weight" => "attn_q.weight",
-        "self_attn.k_proj.weight" => "attn_k.weight",
-        "self_attn.v_proj.weight" => "attn_v.weight",
-        "self_attn.o_proj.weight" => "attn_output.weight",
-        "self_attn.q_proj.bias" => "attn_q.bias",
-        "self_attn.k_proj.bias" => "attn_k.bias",
-        "self_attn.v_proj.bias" => "attn_v.bias",
-        "mlp.gate_proj.weight" => "ffn_gate.weight",
-        "mlp.up_proj.weight" => "ffn_up.weight",
-        "mlp.down_proj.weight" => "ffn_down.weight",
+    let blk = |n: &str| Some(GgufTensor { name: format!("blk.{layer}.{n}"), expert: None });
+    let gemma = arch.starts_with("gemma");
+    // Experts: `block_sparse_moe.experts.E.w1` (Mixtral), `mlp.experts.E.gate_proj` (Qwen MoE).
+    let experts = name.strip_prefix("block_sparse_moe.experts.").or_else(|| name.strip_prefix("mlp.experts."));
+    if let Some(e) = experts {
+        let (expert, part) = e.split_once('.')?;
+        let stacked = match part {
+            "w1.weight" | "gate_proj.weight" => "ffn_gate_exps.weight",
+            "w2.weight" | "down_proj.weight" => "ffn_down_exps.weight",
+            "w3.weight" | "up_proj.weight" => "ffn_up_exps.weight",
+            _ => return None,
+        };
+        return Some(GgufTensor { name: format!("blk.{layer}.{stacked}"), expert: Some(expert.parse().ok()?) });
+    }
+    let (base, suffix) = name.rsplit_once('.')?;
+    let mapped = match base {
+        "input_layernorm" => "attn_norm",
+        // Gemma normalizes the attention output; the others the MLP input.
+        "post_attention_layernorm" if gemma => "post_attention_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        "pre_feedforward_layernorm" => "ffn_norm",
+        "post_feedforward_layernorm" => "post_ffw_norm",
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "self_attn.qkv_proj" => "attn_qkv",
+        "self_attn.q_norm" => "attn_q_norm",
+        "self_attn.k_norm" => "attn_k_norm",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        // Phi-3's fused gate/up projection is llama.cpp's `ffn_up`, twice as tall.
+        "mlp.gate_up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        "mlp.gate" | "block_sparse_moe.gate" => "ffn_gate_inp",
         _ => return None,
     };
-    Some(format!("blk.{layer}.{mapped}"))
+    blk(&format!("{mapped}.{suffix}"))
+}
+
+fn gpt2_gguf_name(hf: &str) -> Option<GgufTensor> {
+    let plain = |n: String| Some(GgufTensor { name: n, expert: None });
+    let (base, suffix) = hf.rsplit_once('.')?;
+    match base {
+        "wte" => return plain(format!("token_embd.{suffix}")),
+        "wpe" => return plain(format!("position_embd.{suffix}")),
+        "ln_f" => return plain(format!("output_norm.{suffix}")),
+        "lm_head" => return plain(format!("output.{suffix}")),
+        _ => {}
+    }
+    let (layer, name) = base.strip_prefix("h.")?.split_once('.')?;
+    let mapped = match name {
+        "ln_1" => "attn_norm",
+        "attn.c_attn" => "attn_qkv",
+        "attn.c_proj" => "attn_output",
+        "ln_2" => "ffn_norm",
+        "mlp.c_fc" => "ffn_up",
+        "mlp.c_proj" => "ffn_down",
+        _ => return None,
+    };
+    plain(format!("blk.{layer}.{mapped}.{suffix}"))
 }
 
 impl Weights {
@@ -271,7 +330,13 @@ impl Weights {
         let mut reader = BufReader::new(File::open(path).map_err(io)?);
         let content = gguf_file::Content::read(&mut reader)
             .map_err(|e| Error::Format(format!("{} is not a valid GGUF file: {e}", path.display())))?;
-        let src = Source::Gguf { content, reader: Mutex::new(reader), path: path.to_path_buf() };
+        let arch = content
+            .metadata
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+            .unwrap_or_else(|| "llama".into());
+        let src = Source::Gguf { content, reader: Mutex::new(reader), path: path.to_path_buf(), arch };
         Ok(Self { src: Arc::new(src), prefix: String::new(), opts, device: device.clone() })
     }
 
@@ -307,21 +372,47 @@ impl Weights {
         }
     }
 
-    fn qtensor(&self, hf: &str) -> Result<Option<QTensor>> {
-        let Source::Gguf { content, reader, path } = &*self.src else {
-            return Ok(None);
-        };
-        let Some(name) = gguf_name(hf) else {
-            return Ok(None);
-        };
-        if !content.tensor_infos.contains_key(&name) {
-            return Ok(None);
+    /// The GGUF architecture (`general.architecture`); `None` for safetensors.
+    pub fn gguf_arch(&self) -> Option<&str> {
+        match &*self.src {
+            Source::Gguf { arch, .. } => Some(arch),
+            Source::Safetensors(_) => None,
         }
+    }
+
+    fn qtensor(&self, hf: &str) -> Result<Option<QTensor>> {
+        let Source::Gguf { content, reader, path, arch } = &*self.src else {
+            return Ok(None);
+        };
+        let Some(GgufTensor { name, expert }) = gguf_name(arch, hf) else {
+            return Ok(None);
+        };
+        let Some(info) = content.tensor_infos.get(&name) else {
+            return Ok(None);
+        };
         let mut r = reader.lock().map_err(|_| Error::Format("GGUF reader poisoned".into()))?;
-        let t = content
-            .tensor(&mut *r, &name, &self.device)
-            .map_err(|e| Error::Format(format!("{}: reading {name}: {e}", path.display())))?;
-        Ok(Some(t))
+        let bad = |e: candle_core::Error| Error::Format(format!("{}: reading {name}: {e}", path.display()));
+        let Some(e) = expert else {
+            return content.tensor(&mut *r, &name, &self.device).map(Some).map_err(bad);
+        };
+        // One expert's `[rows, cols]` slice of the stacked tensor: its bytes alone are read.
+        let &[experts, rows, cols] = info.shape.dims() else {
+            return Err(Error::Format(format!("{}: {name} is not a stacked expert tensor", path.display())));
+        };
+        if e >= experts {
+            return Err(Error::Format(format!("{}: {name} has {experts} experts, not {}", path.display(), e + 1)));
+        }
+        let dtype = info.ggml_dtype;
+        if !(rows * cols).is_multiple_of(dtype.block_size()) {
+            return Err(Error::Format(format!("{}: {name} rows do not fill whole blocks", path.display())));
+        }
+        let bytes = rows * cols / dtype.block_size() * dtype.type_size();
+        let start = content.tensor_data_offset + info.offset + (e * bytes) as u64;
+        let mut raw = vec![0u8; bytes];
+        let io = |source| Error::Io { path: path.display().to_string(), source };
+        r.seek(SeekFrom::Start(start)).map_err(io)?;
+        r.read_exact(&mut raw).map_err(io)?;
+        Ok(Some(qtensor_from_ggml(dtype, &raw, vec![rows, cols], &self.device).map_err(bad)?))
     }
 
     /// Whether the checkpoint has tensor `name` (under the prefix).
@@ -329,7 +420,9 @@ impl Weights {
         let full = self.full(name);
         match &*self.src {
             Source::Safetensors(st) => st.get(&full).is_ok(),
-            Source::Gguf { content, .. } => gguf_name(&full).is_some_and(|n| content.tensor_infos.contains_key(&n)),
+            Source::Gguf { content, arch, .. } => {
+                gguf_name(arch, &full).is_some_and(|t| content.tensor_infos.contains_key(&t.name))
+            }
         }
     }
 

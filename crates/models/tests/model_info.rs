@@ -107,7 +107,7 @@ fn gguf_files() {
     let path = dir.path().join("m.gguf");
     write_gguf(&path, None);
     let info = inspect(&path).unwrap();
-    assert_eq!(info.architecture, "llama (LlamaForCausalLM)");
+    assert_eq!(info.architecture, "llama");
     assert_eq!(info.parameters, 256 + 32 * 256 + 64 * 256);
     // F32: 4 bytes a value; Q8_0: 34 bytes per 32 values; Q6_K: 210 bytes per 256 values.
     assert_eq!(info.weight_bytes, 256 * 4 + 32 * 256 / 32 * 34 + 64 * 210);

@@ -1,4 +1,5 @@
 //! Helpers shared by the model tests: one paged batched step over several sequences.
+#![allow(dead_code)]
 
 use candle_core::{Device, Tensor};
 use vllm_kernels::{AttnMetadata, KvCache, SeqAttn};
@@ -50,4 +51,80 @@ pub fn argmax(row: &[f32]) -> u32 {
 /// One paged cache per layer, `blocks` blocks each.
 pub fn caches(model: &dyn CausalLM, blocks: usize) -> Vec<KvCache> {
     (0..model.num_layers()).map(|_| KvCache::new(blocks, BLOCK, model.attn_shape(), &Device::Cpu).unwrap()).collect()
+}
+
+fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+/// Runs a fixture's `reference.json` cases (scripts/make_model_fixtures.py) through the paged
+/// batched path: every prompt prefilled in one step (all rows' logits), then 15 decode steps
+/// with every sequence at once. Returns the largest logit error relative to each row's largest
+/// absolute logit, which must stay under `tolerance`. Greedy continuations must be equal;
+/// with `near_ties` a sequence may leave the reference where the reference token was a near
+/// tie (its logit within twice the tolerance of our top logit) and is not compared after that.
+pub fn compare(
+    model: &dyn CausalLM,
+    reference: &serde_json::Value,
+    tolerance: f32,
+    near_ties: bool,
+    label: &str,
+) -> f32 {
+    let cases = reference["cases"].as_array().unwrap();
+    let caches = caches(model, 64);
+    let prompts: Vec<Vec<u32>> = cases.iter().map(|c| ids(&c["prompt"])).collect();
+    let logits = step(model, &caches, &prompts.iter().map(|p| (p.clone(), 0)).collect::<Vec<_>>(), true);
+    let mut max_err = 0f32;
+    let mut row = 0;
+    for c in cases {
+        for expected in c["logits"].as_array().unwrap() {
+            let expected: Vec<f32> = expected.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+            let got = &logits[row];
+            assert_eq!(got.len(), expected.len(), "{label}: vocabulary");
+            let scale = expected.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+            let err = got.iter().zip(&expected).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
+            max_err = max_err.max(err);
+            row += 1;
+        }
+    }
+    assert!(max_err < tolerance, "{label}: logits differ by {max_err:e} (relative)");
+    let wants: Vec<Vec<u32>> = cases.iter().map(|c| ids(&c["greedy"])).collect();
+    let mut diverged: Vec<Option<usize>> = vec![None; cases.len()];
+    let mut outputs: Vec<Vec<u32>> = vec![Vec::new(); cases.len()];
+    let mut rows: Vec<Vec<f32>> = prompts
+        .iter()
+        .scan(0, |end, p| {
+            *end += p.len();
+            Some(logits[*end - 1].clone())
+        })
+        .collect();
+    for k in 0..16 {
+        for (i, row) in rows.iter().enumerate() {
+            let (ours, want) = (argmax(row), wants[i][k]);
+            outputs[i].push(ours);
+            if diverged[i].is_none() && ours != want {
+                let scale = row.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+                let margin = (row[ours as usize] - row[want as usize]) / scale;
+                assert!(
+                    near_ties && margin <= 2.0 * tolerance,
+                    "{label}: greedy continuation of {:?} is {:?}, want {:?} (step {k}, not a near tie: margin {margin:e})",
+                    prompts[i],
+                    outputs[i],
+                    wants[i]
+                );
+                diverged[i] = Some(k);
+            }
+        }
+        if k == 15 {
+            break;
+        }
+        let seqs: Vec<(Vec<u32>, usize)> =
+            prompts.iter().zip(&outputs).map(|(p, o)| (vec![*o.last().unwrap()], p.len() + o.len() - 1)).collect();
+        rows = step(model, &caches, &seqs, false);
+    }
+    let left: Vec<String> = diverged.iter().flatten().map(|k| format!("step {k}")).collect();
+    let greedy =
+        if left.is_empty() { "greedy equal".to_string() } else { format!("greedy left at a near tie at {left:?}") };
+    println!("{label}: max logit error {max_err:.2e} (relative), {greedy}");
+    max_err
 }
