@@ -40,6 +40,62 @@ const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p
 const QWEN2_PATTERN: &str =
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// DeepSeek LLM (7B/67B): letters of Latin, Greek, Cyrillic and other alphabets, ASCII and
+/// full-width punctuation, trailing space, CJK runs and digit runs are split apart.
+const DEEPSEEK_LLM: &[&str] = &[
+    "[\r\n]",
+    "\\s?[A-Za-z\u{b5}\u{c0}-\u{d6}\u{d8}-\u{f6}\u{f8}-\u{1ba}\u{1bc}-\u{1bf}\u{1c4}-\u{293}\u{295}-\u{2af}\u{370}-\u{373}\u{376}\u{377}\u{37b}-\u{37d}\u{37f}\u{386}\u{388}-\u{38a}\u{38c}\u{38e}-\u{3a1}\u{3a3}-\u{3f5}\u{3f7}-\u{481}\u{48a}-\u{52f}\u{531}-\u{556}\u{10a0}-\u{10c5}\u{13a0}-\u{13f5}\u{13f8}-\u{13fd}\u{1c90}-\u{1cba}\u{1cbd}-\u{1cbf}\u{1d00}-\u{1d2b}\u{1d6b}-\u{1d77}\u{1d79}-\u{1d9a}\u{1e00}-\u{1f15}\u{1f18}-\u{1f1d}\u{1f20}-\u{1f45}\u{1f48}-\u{1f4d}\u{1f50}-\u{1f57}\u{1f59}\u{1f5b}\u{1f5d}\u{1f5f}-\u{1f7d}\u{1f80}-\u{1fb4}\u{1fb6}-\u{1fbc}\u{1fbe}\u{1fc2}-\u{1fc4}\u{1fc6}-\u{1fcc}\u{1fd0}-\u{1fd3}\u{1fd6}-\u{1fdb}\u{1fe0}-\u{1fec}\u{1ff2}-\u{1ff4}\u{1ff6}-\u{1ffc}\u{2102}\u{2107}\u{210a}-\u{2113}\u{2115}\u{2119}-\u{211d}\u{2124}\u{2126}\u{2128}\u{212a}-\u{212d}\u{212f}-\u{2134}\u{2139}\u{213c}-\u{213f}\u{2145}-\u{2149}\u{214e}\u{2183}\u{2184}\u{2c00}-\u{2c7b}\u{2c7e}-\u{2ce4}\u{2ceb}-\u{2cee}\u{2cf2}\u{2cf3}\u{a640}-\u{a66d}\u{a680}-\u{a69b}\u{a722}-\u{a76f}\u{a771}-\u{a787}\u{a78b}-\u{a78e}\u{ab70}-\u{abbf}\u{fb00}-\u{fb06}\u{fb13}-\u{fb17}\u{ff21}-\u{ff3a}\u{ff41}-\u{ff5a}\u{10400}-\u{1044f}\u{104b0}-\u{104d3}\u{104d8}-\u{104fb}\u{10c80}-\u{10cb2}\u{10cc0}-\u{10cf2}\u{118a0}-\u{118df}\u{1e900}-\u{1e943}]+",
+    "\\s?[!-/:-~\u{ff01}-\u{ff0f}\u{ff1a}-\u{ff5e}\u{2018}-\u{201f}\u{3000}-\u{3002}]+",
+    "\\s+$",
+    "[\u{4e00}-\u{9fa5}\u{800}-\u{4e00}\u{ac00}-\u{d7ff}]+",
+    "\\p{N}+",
+];
+/// DeepSeek Coder.
+const DEEPSEEK_CODER: &[&str] =
+    &["[\r\n]", "\\s?\\p{L}+", "\\s?\\p{P}+", "[\u{4e00}-\u{9fa5}\u{800}-\u{4e00}\u{ac00}-\u{d7ff}]+", "\\p{N}"];
+/// DeepSeek V3 / R1.
+const DEEPSEEK_V3: &[&str] = &[
+    "\\p{N}{1,3}",
+    "[\u{4e00}-\u{9fa5}\u{3040}-\u{309f}\u{30a0}-\u{30ff}]+",
+    "[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+| ?[\\p{P}\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!\\S)|\\s+",
+];
+/// Mistral's Tekken (Mistral Nemo and later).
+const TEKKEN: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// GPT-4o's (o200k) split, used by Phi-4-mini and Llama 4.
+const GPT4O: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Splits by each pattern in turn, then byte-level without its own regex.
+fn splits_then_bytes(patterns: &[&str]) -> Json {
+    let mut seq: Vec<Json> = patterns.iter().map(|p| split(p)).collect();
+    seq.push(byte_level(false));
+    json!({"type": "Sequence", "pretokenizers": seq})
+}
+
+/// The `tokenizer.ggml.pre` names we rebuild.
+pub const SUPPORTED_PRE: &[&str] = &[
+    "smollm",
+    "starcoder",
+    "refact",
+    "gpt2",
+    "default",
+    "gpt-2",
+    "olmo",
+    "phi-2",
+    "jina-v2-code",
+    "llama-bpe",
+    "llama3",
+    "dbrx",
+    "smaug-bpe",
+    "qwen2",
+    "deepseek-r1-qwen",
+    "deepseek-llm",
+    "deepseek-coder",
+    "deepseek-v3",
+    "tekken",
+    "gpt-4o",
+    "llama4",
+];
+
 /// The pre-tokenizer for a `tokenizer.ggml.pre` name (the names llama.cpp's converter writes).
 fn pre_tokenizer(pre: &str) -> Result<Json> {
     Ok(match pre {
@@ -53,9 +109,15 @@ fn pre_tokenizer(pre: &str) -> Result<Json> {
         }
         "qwen2" | "deepseek-r1-qwen" => json!({"type": "Sequence", "pretokenizers": [
             split(QWEN2_PATTERN), byte_level(false)]}),
+        "deepseek-llm" => splits_then_bytes(DEEPSEEK_LLM),
+        "deepseek-coder" => splits_then_bytes(DEEPSEEK_CODER),
+        "deepseek-v3" => splits_then_bytes(DEEPSEEK_V3),
+        "tekken" => splits_then_bytes(&[TEKKEN]),
+        "gpt-4o" | "llama4" => splits_then_bytes(&[GPT4O]),
         other => {
             return Err(Error::Unsupported(format!(
-                "GGUF pre-tokenizer '{other}' (supported: smollm, starcoder, gpt2, llama-bpe, qwen2)"
+                "GGUF pre-tokenizer '{other}' (supported: {})",
+                SUPPORTED_PRE.join(", ")
             )))
         }
     })
@@ -151,7 +213,10 @@ pub(crate) fn tokenizer_json(md: &HashMap<String, Value>) -> Result<(String, Ggu
         "post_processor": null,
         "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
         "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-            "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+            "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+            // Llama 3 looks a whole pre-token up before merging (tokenizer.json's
+            // `ignore_merges`; llama.cpp does the same for these names).
+            "ignore_merges": matches!(pre, "llama-bpe" | "llama3" | "llama-v3"),
             "vocab": vocab, "merges": merges},
     });
     Ok((tj.to_string(), specials))
