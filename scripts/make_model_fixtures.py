@@ -49,7 +49,7 @@ ARCHS = {
             dict(vocab_size=256, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
                  max_position_embeddings=128, word_embed_proj_dim=64, pad_token_id=1)),
     "gpt2": (tf.GPT2Config, tf.GPT2LMHeadModel,
-             dict(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=128, n_inner=128)),
+             dict(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=128)),  # MLP 4 x 64, as llama.cpp assumes
     # Gemma 3: six layers so that the 5:1 local/global pattern (and both rotary bases) is
     # exercised as llama.cpp assumes it; the attention scale is head_dim^-1/2 as in the real
     # models below 27B.

