@@ -149,3 +149,71 @@ fn unsupported_gguf_architecture_lists_the_supported_ones() {
         assert!(err.contains(want), "{want} missing from: {err}");
     }
 }
+
+/// One row of docs/models.md's model table: the fixture, its classes, and the measured errors.
+fn table_row(name: &str) -> String {
+    let reference = json(dir(name).join("reference.json"));
+    let arch = reference["architecture"].as_str().unwrap().to_string();
+    let hf = vllm_models::load_hf_dir(&dir(name), LoadOptions::float32(), &Device::Cpu).unwrap();
+    let mut cells = vec![format!("{:.1e}", logit_error(hf.as_ref(), &reference).max)];
+    let gguf = dir(name).join("gguf.json");
+    let mut gguf_arch = "—".to_string();
+    if gguf.exists() {
+        let measured = json(gguf);
+        for kind in ["f32", "q8_0", "q4_k_m"] {
+            let native = LoadOptions { dtype: DType::F32, keep_quantized: false, int8: false, native: true };
+            let opts = if kind == "f32" { LoadOptions::float32() } else { native };
+            let (model, w) = load_gguf(&dir(name).join(format!("model.{kind}.gguf")), opts, &Device::Cpu).unwrap();
+            gguf_arch = w.gguf_arch().unwrap_or_default().to_string();
+            let e = logit_error(model.as_ref(), &reference);
+            let theirs = &measured[kind];
+            let (ours, llama_cpp) = if kind == "f32" {
+                (e.max, theirs["llama_cpp_max_logit_error"].as_f64().unwrap())
+            } else {
+                (e.mean, theirs["llama_cpp_mean_logit_error"].as_f64().unwrap())
+            };
+            cells.push(format!("{ours:.1e} ({llama_cpp:.1e})"));
+        }
+    } else {
+        cells.extend(["—".to_string(), "—".to_string(), "—".to_string()]);
+    }
+    format!("| {name} | `{arch}` | `{gguf_arch}` | {} |", cells.join(" | "))
+}
+
+/// The numbers of a table row (cells like `1.4e-6` or `3.9e-2 (4.1e-2)`).
+fn numbers(row: &str) -> Vec<f64> {
+    row.split(|c: char| c == '|' || c == '(' || c == ')' || c.is_whitespace())
+        .filter_map(|t| t.parse::<f64>().ok().filter(|_| t.contains('e')))
+        .collect()
+}
+
+/// docs/models.md's model table is what these fixtures measure now: each number within 20%
+/// (or 1e-6) of a fresh measurement. `VLLM_UPDATE_MODEL_TABLE=1` rewrites the table instead.
+#[test]
+fn model_table_in_the_docs_is_current() {
+    let names = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "mixtral", "qwen3_moe", "gpt2", "opt"];
+    let rows: Vec<String> = names.iter().map(|n| table_row(n)).collect();
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../docs/models.md");
+    let doc = std::fs::read_to_string(&path).unwrap();
+    let (start, end) = ("<!-- model-table:start -->", "<!-- model-table:end -->");
+    let (a, b) = (doc.find(start).expect("table start marker"), doc.find(end).expect("table end marker"));
+    if std::env::var("VLLM_UPDATE_MODEL_TABLE").is_ok_and(|v| v == "1") {
+        let header = "| fixture | `config.json` | GGUF | safetensors f32 | GGUF F32 | GGUF Q8_0 | GGUF Q4_K_M |\n\
+                      |---|---|---|---|---|---|---|\n";
+        let table = format!("{start}\n{header}{}\n", rows.join("\n"));
+        std::fs::write(&path, format!("{}{table}{}", &doc[..a], &doc[b..])).unwrap();
+        return;
+    }
+    let table = &doc[a..b];
+    for (name, row) in names.iter().zip(&rows) {
+        let line = table
+            .lines()
+            .find(|l| l.starts_with(&format!("| {name} |")))
+            .unwrap_or_else(|| panic!("docs/models.md has no row for {name}; measured: {row}"));
+        let (want, got) = (numbers(row), numbers(line));
+        assert_eq!(want.len(), got.len(), "{name}: docs {line:?}, measured {row:?}");
+        for (w, g) in want.iter().zip(&got) {
+            assert!((w - g).abs() <= 0.2 * w.abs() + 1e-6, "{name}: docs {line:?}, measured {row:?}");
+        }
+    }
+}
