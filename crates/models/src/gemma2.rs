@@ -225,6 +225,13 @@ pub struct Gemma2 {
 impl Gemma2 {
     /// Loads from a Hugging Face weight source.
     pub fn load(w: &Weights, cfg: Gemma2Config) -> Result<Self> {
+        crate::layers::check_heads(
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            Some(cfg.head_dim),
+            true,
+        )?;
         let shape = cfg.attn_shape();
         if !shape.num_heads.is_multiple_of(shape.num_kv_heads) {
             return Err(Error::Config(format!(

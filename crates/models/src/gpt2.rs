@@ -111,6 +111,7 @@ impl Gpt2Config {
 impl Gpt2 {
     /// Loads from a Hugging Face weight source.
     pub fn load(w: &Weights, cfg: Gpt2Config) -> Result<Self> {
+        crate::layers::check_heads(cfg.n_embd, cfg.n_head, cfg.n_head, None, false)?;
         if !matches!(cfg.activation_function.as_str(), "gelu_new" | "gelu_pytorch_tanh") {
             return Err(Error::Config(format!(
                 "GPT-2 activation '{}' is not supported (gelu_new)",

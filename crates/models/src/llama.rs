@@ -448,6 +448,7 @@ pub struct Llama {
 impl Llama {
     /// Loads from a weight source. `rope` is `Interleaved` for GGUF checkpoints.
     pub fn load(w: &Weights, cfg: LlamaConfig, rope: RopeStyle) -> Result<Self> {
+        crate::layers::check_heads(cfg.hidden_size, cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim, true)?;
         let shape = cfg.attn_shape();
         if !shape.num_heads.is_multiple_of(shape.num_kv_heads) {
             return Err(Error::Config(format!(

@@ -191,7 +191,8 @@ fn numbers(row: &str) -> Vec<f64> {
 /// (or 1e-6) of a fresh measurement. `VLLM_UPDATE_MODEL_TABLE=1` rewrites the table instead.
 #[test]
 fn model_table_in_the_docs_is_current() {
-    let names = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "mixtral", "qwen3_moe", "gpt2", "opt"];
+    let names =
+        ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "mixtral", "qwen3_moe", "gpt2", "opt"];
     let rows: Vec<String> = names.iter().map(|n| table_row(n)).collect();
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../docs/models.md");
     let doc = std::fs::read_to_string(&path).unwrap();
@@ -215,5 +216,44 @@ fn model_table_in_the_docs_is_current() {
         for (w, g) in want.iter().zip(&got) {
             assert!((w - g).abs() <= 0.2 * w.abs() + 1e-6, "{name}: docs {line:?}, measured {row:?}");
         }
+    }
+}
+
+/// A fixture's GGUF with some metadata replaced, written to a temporary file.
+fn with_metadata(name: &str, kind: &str, edits: &[(&str, gguf_file::Value)]) -> tempfile::NamedTempFile {
+    let path = dir(name).join(format!("model.{kind}.gguf"));
+    let mut f = std::fs::File::open(&path).unwrap();
+    let content = gguf_file::Content::read(&mut f).unwrap();
+    let mut md = content.metadata.clone();
+    for (k, v) in edits {
+        md.insert(k.to_string(), v.clone());
+    }
+    let tensors: Vec<(String, candle_core::quantized::QTensor)> = content
+        .tensor_infos
+        .keys()
+        .map(|n| (n.clone(), content.tensor(&mut f, n, &Device::Cpu).unwrap()))
+        .collect();
+    let out = tempfile::NamedTempFile::new().unwrap();
+    let md_refs: Vec<(&str, &gguf_file::Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let t_refs: Vec<(&str, &candle_core::quantized::QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut std::fs::File::create(out.path()).unwrap(), &md_refs, &t_refs).unwrap();
+    out
+}
+
+/// A file whose metadata lies gets a configuration error, not a panic or a huge allocation:
+/// no heads, more experts per token than experts, more experts than the stacked tensors hold.
+#[test]
+fn inconsistent_gguf_metadata_is_an_error() {
+    let cases: [(&str, &str, gguf_file::Value); 4] = [
+        ("qwen2", "qwen2.attention.head_count", gguf_file::Value::U32(0)),
+        ("gemma3", "gemma3.attention.head_count_kv", gguf_file::Value::U32(0)),
+        ("mixtral", "llama.expert_used_count", gguf_file::Value::U32(9)),
+        ("qwen3_moe", "qwen3moe.expert_count", gguf_file::Value::U32(1_000_000)),
+    ];
+    for (name, key, value) in cases {
+        let file = with_metadata(name, "q8_0", &[(key, value.clone())]);
+        let native = LoadOptions { dtype: DType::F32, keep_quantized: false, int8: false, native: true };
+        let err = load_gguf(file.path(), native, &Device::Cpu).err().unwrap_or_else(|| panic!("{name}: {key} accepted"));
+        println!("{name} {key}={value:?}: {err}");
     }
 }

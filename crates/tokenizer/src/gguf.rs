@@ -199,7 +199,7 @@ pub(crate) fn tokenizer_json(md: &HashMap<String, Value>) -> Result<(String, Ggu
         };
         let prefix = md.get("tokenizer.ggml.add_space_prefix").and_then(|v| v.to_bool().ok()).unwrap_or(true);
         let unk = types.iter().position(|&t| t == TOKEN_TYPE_UNKNOWN).map(|i| tokens[i].clone());
-        let merges = sentencepiece_merges(&tokens, &scores);
+        let merges = sentencepiece_merges(&tokens, &scores)?;
         return Ok((sentencepiece_json(vocab, merges, added, prefix, unk).to_string(), specials));
     }
     let merges = strings(get(md, "tokenizer.ggml.merges")?, "tokenizer.ggml.merges")?;
@@ -224,20 +224,36 @@ pub(crate) fn tokenizer_json(md: &HashMap<String, Value>) -> Result<(String, Ggu
 
 /// Largest vocabulary whose merges are derived (Gemma 3 has 262,144 pieces).
 const MAX_SPM_VOCAB: usize = 1 << 20;
+/// Bound on the work of deriving merges: the sum over pieces of (characters)², one lookup per
+/// split point of a piece, each hashing the piece. Gemma 3's 262,144 pieces need about 2e7; a
+/// file whose pieces are made long to stall the load is refused.
+const MAX_SPM_MERGE_WORK: u64 = 1 << 30;
 
 /// The merges transformers derives from a SentencePiece vocabulary (`generate_merges` with
 /// scores): every split of a piece into two pieces of the vocabulary, a piece's splits in the
 /// order of their halves' ids, all ordered by the merged piece's score, then by the halves'
 /// lengths, highest first (a stable sort). Applied lowest rank first, this merges the
 /// adjacent pair whose result scores highest, as SentencePiece and llama.cpp do.
-fn sentencepiece_merges(tokens: &[String], scores: &[f32]) -> Vec<(String, String)> {
+fn sentencepiece_merges(tokens: &[String], scores: &[f32]) -> Result<Vec<(String, String)>> {
+    if tokens.len() > MAX_SPM_VOCAB {
+        return Err(Error::BadMetadata(format!(
+            "tokenizer.ggml.tokens: {} pieces (at most {MAX_SPM_VOCAB})",
+            tokens.len()
+        )));
+    }
+    let work: u64 = tokens.iter().map(|t| (t.len() as u64).pow(2)).sum();
+    if work > MAX_SPM_MERGE_WORK {
+        return Err(Error::BadMetadata(format!(
+            "tokenizer.ggml.tokens: pieces too long to derive merges from ({work} > {MAX_SPM_MERGE_WORK})"
+        )));
+    }
     let mut ids: HashMap<&str, usize> = HashMap::with_capacity(tokens.len());
-    for (i, t) in tokens.iter().enumerate().take(MAX_SPM_VOCAB) {
+    for (i, t) in tokens.iter().enumerate() {
         ids.entry(t.as_str()).or_insert(i);
     }
     let mut merges: Vec<(usize, usize, f32, usize, usize)> = Vec::new();
     let mut local = Vec::new();
-    for (i, piece) in tokens.iter().enumerate().take(MAX_SPM_VOCAB) {
+    for (i, piece) in tokens.iter().enumerate() {
         if ids.get(piece.as_str()) != Some(&i) {
             continue; // a repeated piece: its first id already counted it
         }
@@ -252,7 +268,7 @@ fn sentencepiece_merges(tokens: &[String], scores: &[f32]) -> Vec<(String, Strin
         merges.extend_from_slice(&local);
     }
     merges.sort_by(|x, y| y.2.total_cmp(&x.2).then(y.3.cmp(&x.3)).then(y.4.cmp(&x.4)));
-    merges.into_iter().map(|(a, b, ..)| (tokens[a].clone(), tokens[b].clone())).collect()
+    Ok(merges.into_iter().map(|(a, b, ..)| (tokens[a].clone(), tokens[b].clone())).collect())
 }
 
 /// A SentencePiece vocabulary as transformers' (legacy) Llama tokenizer builds it: `▁` for
@@ -289,4 +305,24 @@ fn sentencepiece_json(
             "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
             "vocab": vocab, "merges": merges},
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Merges follow the merged piece's score, and a vocabulary built to stall the derivation
+    /// (long pieces) is refused instead.
+    #[test]
+    fn sentencepiece_merges_by_score_and_bounded() {
+        let tokens: Vec<String> = ["a", "b", "c", "ab", "bc", "abc"].iter().map(|s| s.to_string()).collect();
+        let scores = [0.0, 0.0, 0.0, -2.0, -1.0, -3.0];
+        let merges = sentencepiece_merges(&tokens, &scores).unwrap();
+        let names: Vec<String> = merges.iter().map(|(a, b)| format!("{a}+{b}")).collect();
+        // bc (-1) before ab (-2) before abc (-3), whose splits go longer left half first (as
+        // transformers' `generate_merges` sorts them).
+        assert_eq!(names, ["b+c", "a+b", "ab+c", "a+bc"]);
+        let long = vec!["x".repeat(40_000); 1];
+        assert!(matches!(sentencepiece_merges(&long, &[0.0]), Err(Error::BadMetadata(_))));
+    }
 }
