@@ -53,7 +53,7 @@ pub(crate) fn check_heads(
     head_dim: Option<usize>,
     rotary: bool,
 ) -> Result<()> {
-    let head = head_dim.unwrap_or(if heads == 0 { 0 } else { hidden / heads });
+    let head = head_dim.unwrap_or(hidden.checked_div(heads).unwrap_or(0));
     if hidden == 0 || heads == 0 || kv_heads == 0 || head == 0 || (rotary && head % 2 == 1) {
         return Err(Error::Config(format!(
             "{heads} heads, {kv_heads} key/value heads, width {hidden}, head size {head}: need at least one of \

@@ -228,11 +228,8 @@ fn with_metadata(name: &str, kind: &str, edits: &[(&str, gguf_file::Value)]) -> 
     for (k, v) in edits {
         md.insert(k.to_string(), v.clone());
     }
-    let tensors: Vec<(String, candle_core::quantized::QTensor)> = content
-        .tensor_infos
-        .keys()
-        .map(|n| (n.clone(), content.tensor(&mut f, n, &Device::Cpu).unwrap()))
-        .collect();
+    let tensors: Vec<(String, candle_core::quantized::QTensor)> =
+        content.tensor_infos.keys().map(|n| (n.clone(), content.tensor(&mut f, n, &Device::Cpu).unwrap())).collect();
     let out = tempfile::NamedTempFile::new().unwrap();
     let md_refs: Vec<(&str, &gguf_file::Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let t_refs: Vec<(&str, &candle_core::quantized::QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
@@ -253,7 +250,8 @@ fn inconsistent_gguf_metadata_is_an_error() {
     for (name, key, value) in cases {
         let file = with_metadata(name, "q8_0", &[(key, value.clone())]);
         let native = LoadOptions { dtype: DType::F32, keep_quantized: false, int8: false, native: true };
-        let err = load_gguf(file.path(), native, &Device::Cpu).err().unwrap_or_else(|| panic!("{name}: {key} accepted"));
+        let err =
+            load_gguf(file.path(), native, &Device::Cpu).err().unwrap_or_else(|| panic!("{name}: {key} accepted"));
         println!("{name} {key}={value:?}: {err}");
     }
 }
