@@ -35,10 +35,110 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve the model over HTTP (the default).
-    Serve(ServeArgs),
+    /// Serve the model over HTTP (the default): `vllm-server serve <model> [flags]`, as
+    /// `vllm serve`.
+    Serve(ServeCmd),
     /// Run an OpenAI batch file (JSONL of /v1/completions or /v1/chat/completions requests).
     RunBatch(BatchArgs),
+}
+
+/// `serve [model]`: the model as vLLM's positional argument, or `--model`.
+#[derive(Args, Clone)]
+struct ServeCmd {
+    /// Model: a local folder, a .gguf file, or a Hugging Face id (overrides --model).
+    model_tag: Option<String>,
+    #[command(flatten)]
+    args: ServeArgs,
+}
+
+impl ServeCmd {
+    fn into_args(self) -> ServeArgs {
+        let mut args = self.args;
+        if let Some(m) = self.model_tag {
+            args.model = m;
+        }
+        args
+    }
+}
+
+/// vLLM flags that launch scripts pass and that change nothing on this server: GPU memory,
+/// CUDA graphs, parallelism, swap space, remote code. Accepted, with one log line each.
+#[derive(Args, Clone, Default)]
+struct GpuOnlyArgs {
+    /// (vLLM, GPU) Fraction of GPU memory to use: no effect on CPU (see --kv-cache-memory).
+    #[arg(long)]
+    gpu_memory_utilization: Option<f64>,
+    /// (vLLM, GPU) Disable CUDA graphs: no effect on CPU.
+    #[arg(long)]
+    enforce_eager: bool,
+    /// (vLLM, GPU) Largest sequence length captured in CUDA graphs: no effect on CPU.
+    #[arg(long)]
+    max_seq_len_to_capture: Option<usize>,
+    /// (vLLM) CPU swap space per GPU in GiB: no effect (preemption recomputes).
+    #[arg(long)]
+    swap_space: Option<f64>,
+    /// (vLLM) CPU offload of weights in GiB: no effect (weights live on the CPU).
+    #[arg(long)]
+    cpu_offload_gb: Option<f64>,
+    /// (vLLM) Tensor-parallel workers: only 1 here.
+    #[arg(long, short = 't')]
+    tensor_parallel_size: Option<usize>,
+    /// (vLLM) Pipeline stages: only 1 here.
+    #[arg(long)]
+    pipeline_parallel_size: Option<usize>,
+    /// (vLLM) Executor for several workers: no effect (one process).
+    #[arg(long)]
+    distributed_executor_backend: Option<String>,
+    /// (vLLM, GPU) Disable the custom all-reduce kernel: no effect.
+    #[arg(long)]
+    disable_custom_all_reduce: bool,
+    /// (vLLM) Run the model repository's own Python code: never done here (every
+    /// architecture is built in); accepted so launch scripts start.
+    #[arg(long)]
+    trust_remote_code: bool,
+    /// (vLLM) Chunked prefill: always on here (--long-prefill-token-threshold tunes it).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    enable_chunked_prefill: Option<bool>,
+    /// (vLLM) Do not log engine statistics: no periodic statistics are logged here.
+    #[arg(long)]
+    disable_log_stats: bool,
+    /// (vLLM) Uvicorn's log level: sets this server's log level (RUST_LOG still wins).
+    #[arg(long)]
+    uvicorn_log_level: Option<String>,
+}
+
+impl GpuOnlyArgs {
+    /// Errors for values we cannot serve; a log line for each flag that has no effect.
+    fn check(&self) -> Result<()> {
+        for (flag, n) in [
+            ("--tensor-parallel-size", self.tensor_parallel_size),
+            ("--pipeline-parallel-size", self.pipeline_parallel_size),
+        ] {
+            if let Some(n) = n.filter(|&n| n != 1) {
+                anyhow::bail!("{flag} {n}: this server runs one worker on one device; use {flag} 1 (or leave it out)");
+            }
+        }
+        if self.enable_chunked_prefill == Some(false) {
+            tracing::warn!("--enable-chunked-prefill false: prompts are always prefilled in chunks here; set --long-prefill-token-threshold 0 to turn the per-step limit off");
+        }
+        let unused = [
+            ("--gpu-memory-utilization", self.gpu_memory_utilization.is_some()),
+            ("--enforce-eager", self.enforce_eager),
+            ("--max-seq-len-to-capture", self.max_seq_len_to_capture.is_some()),
+            ("--swap-space", self.swap_space.is_some()),
+            ("--cpu-offload-gb", self.cpu_offload_gb.is_some()),
+            ("--distributed-executor-backend", self.distributed_executor_backend.is_some()),
+            ("--disable-custom-all-reduce", self.disable_custom_all_reduce),
+            ("--trust-remote-code", self.trust_remote_code),
+            ("--disable-log-stats", self.disable_log_stats),
+        ];
+        for (flag, set) in unused {
+            if set {
+                tracing::info!("{flag} has no effect on this server (accepted for vLLM launch scripts)");
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Args, Clone)]
@@ -151,6 +251,8 @@ struct ServeArgs {
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     log_format: String,
+    #[command(flatten)]
+    gpu_only: GpuOnlyArgs,
     /// Test hook: `POST /debug/crash-engine` makes the engine core panic, so tests can check
     /// what the server does when its core dies. Never enable it in production.
     #[arg(long, hide = true)]
@@ -218,6 +320,8 @@ pub(crate) fn router(state: Arc<AppState>, max_body: usize, crash_route: bool) -
         .route("/tokenize", post(routes::tokenize))
         .route("/detokenize", post(routes::detokenize))
         .route("/health", get(routes::health))
+        .route("/ping", get(routes::health).post(routes::health))
+        .route("/invocations", post(routes::invocations))
         .route("/version", get(routes::version))
         .route("/metrics", get(routes::metrics))
         .route("/openapi.json", get(routes::openapi))
@@ -339,17 +443,25 @@ async fn serve(args: ServeArgs) -> Result<()> {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    let serve_args = match &cli.command {
-        Some(Command::Serve(a)) => a,
-        Some(Command::RunBatch(b)) => &b.serve,
-        None => &cli.serve,
+    let command = match cli.command {
+        Some(Command::Serve(c)) => Command::Serve(ServeCmd { model_tag: None, args: c.into_args() }),
+        Some(c) => c,
+        None => Command::Serve(ServeCmd { model_tag: None, args: cli.serve }),
     };
-    logging::init(&serve_args.log_format, !serve_args.disable_log_requests)?;
+    let serve_args = match &command {
+        Command::Serve(c) => &c.args,
+        Command::RunBatch(b) => &b.serve,
+    };
+    logging::init(
+        &serve_args.log_format,
+        !serve_args.disable_log_requests,
+        serve_args.gpu_only.uvicorn_log_level.as_deref(),
+    )?;
+    serve_args.gpu_only.check()?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    match cli.command {
-        Some(Command::Serve(a)) => rt.block_on(serve(a)),
-        None => rt.block_on(serve(cli.serve)),
-        Some(Command::RunBatch(b)) => rt.block_on(async {
+    match command {
+        Command::Serve(c) => rt.block_on(serve(c.args)),
+        Command::RunBatch(b) => rt.block_on(async {
             let mut serve = b.serve.clone();
             serve.api_key = None;
             let state = build_state(&serve, None).await?;

@@ -122,7 +122,7 @@ fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, 
 /// Routes that compute nothing for the caller stay open when an API key is set (a load
 /// balancer's health check, the version, Prometheus, the API description): everything else
 /// needs the key.
-const OPEN_ROUTES: &[&str] = &["/health", "/version", "/metrics", "/openapi.json"];
+const OPEN_ROUTES: &[&str] = &["/health", "/ping", "/version", "/metrics", "/openapi.json"];
 
 /// `Authorization: Bearer <key>` on every route but [`OPEN_ROUTES`] when an API key is set
 /// (constant-time). Also turns a panic while handling one request into a 500 for it alone.
@@ -537,6 +537,31 @@ pub async fn generate(State(s): State<Shared>, body: Result<Bytes, BytesRejectio
 
 /// `POST /v1/embeddings`: a string, a list of strings, token ids or lists of token ids;
 /// `encoding_format` `float` (default) or `base64` (little-endian float32, like OpenAI).
+/// SageMaker's `POST /invocations`, as vLLM routes it: a body with `messages` is a chat
+/// completion, one with `prompt` a completion, one with `input` an embedding request.
+pub async fn invocations(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let bytes = match &body {
+        Ok(b) => b.clone(),
+        Err(_) => {
+            return Err(parse::<serde_json::Value>(body).err().unwrap_or_else(|| ApiError::bad_request("bad body")))
+        }
+    };
+    let probe: serde_json::Value = parse(Ok(bytes.clone()))?;
+    let has = |k: &str| probe.get(k).is_some();
+    if has("messages") {
+        chat(State(s), Ok(bytes)).await
+    } else if has("prompt") {
+        completions(State(s), Ok(bytes)).await
+    } else if has("input") {
+        Ok(embeddings(State(s), Ok(bytes)).await?.into_response())
+    } else {
+        Err(ApiError::bad_request(
+            "/invocations needs a chat request (`messages`), a completion request (`prompt`) or an embedding \
+             request (`input`)",
+        ))
+    }
+}
+
 #[utoipa::path(post, path = "/v1/embeddings", request_body = EmbeddingRequest, responses(
     (status = 200, body = EmbeddingResponse),
     (status = 400, body = ErrorResponse), (status = 401, body = ErrorResponse), (status = 404, body = ErrorResponse),
