@@ -159,7 +159,10 @@ fn fuzz_api() -> Result<()> {
         // Generated data that the schema allows may still be refused (n = 0, a model name
         // that is not served), and the server accepts fields it does not know (docs/server.md).
         .args(["--exclude-checks", "positive_data_acceptance,negative_data_rejection"])
-        .args(["-n", "25", "--max-time", "150", "--workers", "2", "--request-timeout", "120", "--seed", "1"])
+        // One worker: with two, hypothesis parses source files from two threads at once, which
+        // trips CPython 3.11's "AST constructor recursion depth mismatch" (a runtime error in the
+        // tool, not an API failure) now and then.
+        .args(["-n", "25", "--max-time", "150", "--workers", "1", "--request-timeout", "120", "--seed", "1"])
         .args(["--no-shrink", "--generation-deterministic"])
         .env("SCHEMATHESIS_REPORT_DIR", root.join("target").join("schemathesis"))
         .status()
