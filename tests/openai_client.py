@@ -5,6 +5,7 @@ Exits non-zero (with a message) on the first failed check; prints a summary line
 """
 import sys
 
+import json
 import openai
 from openai import OpenAI
 
@@ -136,5 +137,29 @@ try:
     check(False, "wrong key accepted")
 except openai.AuthenticationError:
     checks += 1
+
+# Tool calling with a named tool choice (enforced by guided decoding), parsed by the client's
+# own types, streamed and not.
+weather = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"],
+    "additionalProperties": False}}}]
+named = {"type": "function", "function": {"name": "get_weather"}}
+r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Weather in Paris?"}],
+                                   tools=weather, tool_choice=named, max_tokens=40, temperature=0)
+call = r.choices[0].message.tool_calls[0]
+check(r.choices[0].finish_reason == "tool_calls", f"finish_reason {r.choices[0].finish_reason}")
+check(call.type == "function" and call.function.name == "get_weather" and call.id, f"tool call {call}")
+check(isinstance(json.loads(call.function.arguments).get("city"), str), f"arguments {call.function.arguments}")
+stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Weather in Paris?"}],
+                                        tools=weather, tool_choice=named, max_tokens=40, temperature=0, stream=True)
+name, args, finish = "", "", None
+for chunk in stream:
+    for ch in chunk.choices:
+        for tc in ch.delta.tool_calls or []:
+            name += tc.function.name or ""
+            args += tc.function.arguments or ""
+        finish = ch.finish_reason or finish
+check(name == "get_weather" and json.loads(args) == json.loads(call.function.arguments), f"streamed {name} {args}")
+check(finish == "tool_calls", f"streamed finish_reason {finish}")
 
 print(f"openai client: {checks} passed, 0 failed")

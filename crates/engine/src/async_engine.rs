@@ -536,6 +536,8 @@ impl Frontend {
 
     /// Sends a step's outputs to their requests' channels and beam searches.
     fn after_step(&mut self, core: &mut EngineCore, result: Result<Vec<CoreOutput>>) {
+        // The gauges first: a client that reads its output and then /metrics sees the step.
+        self.publish_stats(core);
         match result {
             Ok(outs) => {
                 'outputs: for o in outs {
@@ -567,6 +569,11 @@ impl Frontend {
                 }
             }
         }
+        // Again: delivery may have aborted requests whose clients stopped reading.
+        self.publish_stats(core);
+    }
+
+    fn publish_stats(&self, core: &EngineCore) {
         let s = EngineStats::of(&core.scheduler);
         crate::metrics::record_stats(&s);
         *self.stats.lock().unwrap_or_else(|p| p.into_inner()) = s;

@@ -95,8 +95,9 @@ pub struct CompletionResponse {
 pub struct ChatMessage {
     /// `assistant`.
     pub role: String,
-    pub content: String,
-    /// Always empty until tool calling lands.
+    /// The text; null when the message is only tool calls.
+    pub content: Option<String>,
+    /// `{"id", "type": "function", "function": {"name", "arguments"}}` per call.
     #[schema(value_type = Vec<Object>)]
     pub tool_calls: Vec<Value>,
 }

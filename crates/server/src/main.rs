@@ -11,6 +11,7 @@ mod logging;
 mod protocol;
 mod render;
 mod routes;
+mod tools;
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -251,6 +252,13 @@ struct ServeArgs {
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     log_format: String,
+    /// Read tool calls from `auto` tool-choice outputs (vLLM's flag; needs --tool-call-parser).
+    #[arg(long)]
+    enable_auto_tool_choice: bool,
+    /// The model family's tool-call format: hermes, llama3_json, mistral, pythonic, qwen3_xml
+    /// (qwen3_coder), deepseek_v3 (deepseek_v31), openai.
+    #[arg(long)]
+    tool_call_parser: Option<String>,
     #[command(flatten)]
     gpu_only: GpuOnlyArgs,
     /// Test hook: `POST /debug/crash-engine` makes the engine core panic, so tests can check
@@ -286,6 +294,22 @@ impl ServeArgs {
                 ..Default::default()
             },
         })
+    }
+
+    /// The `auto` tool-call parser, as vLLM requires it: both flags or neither.
+    fn tool_parser(&self) -> Result<Option<Arc<dyn tools::ToolParser>>> {
+        match (self.enable_auto_tool_choice, &self.tool_call_parser) {
+            (false, None) => Ok(None),
+            (true, None) => anyhow::bail!(
+                "--enable-auto-tool-choice needs --tool-call-parser <name> ({})",
+                tools::PARSERS.join(", ")
+            ),
+            (false, Some(_)) => anyhow::bail!("--tool-call-parser needs --enable-auto-tool-choice"),
+            (true, Some(name)) => match tools::parser(name) {
+                Some(p) => Ok(Some(Arc::from(p))),
+                None => anyhow::bail!("--tool-call-parser: '{name}' is not one of {}", tools::PARSERS.join(", ")),
+            },
+        }
     }
 
     fn chat_template(&self) -> Result<Option<String>> {
@@ -356,6 +380,7 @@ async fn build_state(
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 ) -> Result<Arc<AppState>> {
     let chat_template = args.chat_template()?;
+    let tool_parser = args.tool_parser()?;
     let engine_args = args.engine_args()?;
     tracing::info!(model = %engine_args.model, cpu_kernels = vllm_engine::cpu_kernel_path(), "loading the model");
     // An embedding model (BertModel) gets an encoder and serves /v1/embeddings; any other
@@ -378,6 +403,7 @@ async fn build_state(
         chat_template,
         metrics,
         next_id: AtomicU64::new(0),
+        tool_parser,
     }))
 }
 

@@ -390,6 +390,8 @@ pub struct ChatRequest {
     pub top_logprobs: Option<usize>,
     pub tools: Option<Value>,
     pub tool_choice: Option<Value>,
+    /// `false`: at most one tool call (OpenAI's default is `true`).
+    pub parallel_tool_calls: Option<bool>,
     pub add_generation_prompt: Option<bool>,
     #[serde(default)]
     pub continue_final_message: bool,

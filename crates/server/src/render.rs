@@ -29,13 +29,84 @@ pub(crate) enum Api {
 }
 
 /// How choices are rendered: which API, what to echo before each prompt's output, whether
-/// log probabilities are shown (and how many alternatives).
+/// log probabilities are shown (and how many alternatives), and how tool calls are read.
 #[derive(Clone)]
 pub(crate) struct Render {
     pub api: Api,
     /// Per prompt: text put before the generated text (`echo`).
     pub echo: Vec<String>,
     pub top_logprobs: Option<usize>,
+    pub tools: Tools,
+}
+
+/// How a chat output becomes tool calls.
+#[derive(Clone, Default)]
+pub(crate) enum Tools {
+    /// Plain text (no tools, `tool_choice: none`, or no parser configured).
+    #[default]
+    Off,
+    /// `auto`: the server's `--tool-call-parser` splits the text.
+    Parse(std::sync::Arc<dyn crate::tools::ToolParser>),
+    /// A named function forced by guided decoding: the text is its arguments object.
+    Named(String),
+    /// `required`: guided decoding made the text a JSON list of `{"name", "parameters"}`.
+    Required,
+}
+
+impl Tools {
+    /// Whether text is withheld while streaming and sent once the choice ends.
+    pub(crate) fn buffers(&self) -> bool {
+        !matches!(self, Tools::Off)
+    }
+
+    /// While streaming, the tag that starts the calls: text before it goes out as it comes.
+    fn marker(&self) -> Option<&'static str> {
+        match self {
+            Tools::Parse(p) => p.start_marker(),
+            _ => None,
+        }
+    }
+
+    /// The content and the calls (as OpenAI's `tool_calls` entries) of a finished text.
+    pub(crate) fn split(&self, text: &str, id: &str) -> (Option<String>, Vec<Value>) {
+        let parsed = match self {
+            Tools::Off => return (Some(text.to_string()), Vec::new()),
+            Tools::Parse(p) => p.parse(text),
+            Tools::Named(name) => match serde_json::from_str::<Value>(text) {
+                Ok(v) if v.is_object() => crate::tools::Parsed {
+                    content: None,
+                    calls: vec![crate::tools::ToolCall { name: name.clone(), arguments: v.to_string() }],
+                },
+                // Cut short (max_tokens): the partial text is returned as content.
+                _ => return (Some(text.to_string()), Vec::new()),
+            },
+            Tools::Required => match serde_json::from_str::<Value>(text) {
+                Ok(Value::Array(list)) => crate::tools::Parsed {
+                    content: None,
+                    calls: list
+                        .iter()
+                        .filter_map(|c| {
+                            Some(crate::tools::ToolCall {
+                                name: c.get("name")?.as_str()?.to_string(),
+                                arguments: c.get("parameters").cloned().unwrap_or(json!({})).to_string(),
+                            })
+                        })
+                        .collect(),
+                },
+                _ => return (Some(text.to_string()), Vec::new()),
+            },
+        };
+        let calls = parsed
+            .calls
+            .iter()
+            .enumerate()
+            .map(|(k, c)| {
+                json!({"id": format!("chatcmpl-tool-{id}-{k}"), "type": "function",
+                       "function": {"name": c.name, "arguments": c.arguments}})
+            })
+            .collect();
+        (parsed.content, calls)
+    }
 }
 
 /// OpenAI's completions `logprobs` object for a run of positions; `offset` is the text offset
@@ -153,14 +224,18 @@ pub(crate) fn full_response(model: &str, render: &Render, id: &str, outs: &[Requ
                     stop_reason,
                     prompt_logprobs: prompt_lps.clone(),
                 }),
-                Api::Chat => chat.push(ChatChoice {
-                    index,
-                    message: ChatMessage { role: "assistant".into(), content: text, tool_calls: Vec::new() },
-                    logprobs,
-                    finish_reason,
-                    stop_reason,
-                    prompt_logprobs: prompt_lps.clone(),
-                }),
+                Api::Chat => {
+                    let (content, tool_calls) = render.tools.split(&text, &format!("{id}-{index}"));
+                    let finish_reason = if tool_calls.is_empty() { finish_reason } else { Some("tool_calls".into()) };
+                    chat.push(ChatChoice {
+                        index,
+                        message: ChatMessage { role: "assistant".into(), content, tool_calls },
+                        logprobs,
+                        finish_reason,
+                        stop_reason,
+                        prompt_logprobs: prompt_lps.clone(),
+                    })
+                }
             }
         }
     }
@@ -182,11 +257,23 @@ pub(crate) fn full_response(model: &str, render: &Render, id: &str, outs: &[Requ
     }
 }
 
-/// Per streamed choice: characters already sent, and whether its first chunk went out.
+/// Per streamed choice: characters already sent, whether its first chunk went out, and the
+/// text held back while tool calls may be in it.
 #[derive(Clone, Default)]
 struct Sent {
     chars: usize,
     started: bool,
+    held: String,
+    /// The call tag was seen: everything from it on is held.
+    in_call: bool,
+}
+
+/// Bytes at the end of `text` that could be the start of `marker` (held back while streaming).
+fn partial_tail(text: &str, marker: &str) -> usize {
+    (1..marker.len().min(text.len() + 1))
+        .rev()
+        .find(|&n| text.is_char_boundary(text.len() - n) && marker.is_char_boundary(n) && text.ends_with(&marker[..n]))
+        .unwrap_or(0)
 }
 
 /// Streams deltas as server-sent events (the streams were submitted with delta outputs). The
@@ -247,6 +334,59 @@ pub(crate) fn sse(
                 st.started = true;
                 let delta = format!("{echo}{}", c.text);
                 let positions = c.logprobs.as_deref().unwrap_or_default();
+                if render.tools.buffers() {
+                    // Tool calls are read from the text once the choice ends: content before the
+                    // format's call tag streams as it comes (less any tail that could begin the
+                    // tag); from the tag on (or all of it, for formats without one) the text is
+                    // held, then sent as content and OpenAI-shaped tool-call deltas.
+                    st.held.push_str(&delta);
+                    if let (Some(m), false) = (render.tools.marker(), st.in_call) {
+                        let cut = match st.held.find(m) {
+                            Some(at) => {
+                                st.in_call = true;
+                                at
+                            }
+                            None => st.held.len() - partial_tail(&st.held, m),
+                        };
+                        if cut > 0 {
+                            let out: String = st.held.drain(..cut).collect();
+                            let choice =
+                                json!({"index": k, "delta": {"content": out}, "logprobs": null, "finish_reason": null});
+                            if tx.send(chunk(json!([choice]), None)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    if c.finished() {
+                        let (content, calls) = render.tools.split(&st.held, &format!("{id}-{k}"));
+                        let mut d = json!({});
+                        if let Some(text) = content {
+                            d["content"] = json!(text);
+                        }
+                        if !calls.is_empty() {
+                            let indexed: Vec<Value> = calls
+                                .into_iter()
+                                .enumerate()
+                                .map(|(x, mut call)| {
+                                    call["index"] = json!(x);
+                                    call
+                                })
+                                .collect();
+                            d["tool_calls"] = json!(indexed);
+                        }
+                        let reason = if d.get("tool_calls").is_some() {
+                            json!("tool_calls")
+                        } else {
+                            json!(c.finish_reason.map(|r| r.as_str()))
+                        };
+                        let choice = json!({"index": k, "delta": d, "logprobs": null, "finish_reason": reason,
+                                            "stop_reason": c.stop_reason});
+                        if tx.send(chunk(json!([choice]), None)).await.is_err() {
+                            return;
+                        }
+                    }
+                    continue;
+                }
                 // Character offset of the first new token in the choice's whole text.
                 let offset = st.chars + echo.chars().count();
                 st.chars += delta.chars().count();

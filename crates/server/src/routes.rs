@@ -15,7 +15,7 @@ use base64::Engine as _;
 use futures::stream::StreamExt;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::de::DeserializeOwned;
-use serde_json::json;
+use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 use vllm_engine::{
     AsyncEngine, BeamSearchParams, Embedder, EngineHealth, OutputStream, Prompt, RequestOutput, RequestOutputKind,
@@ -28,7 +28,7 @@ use crate::api::{
     ErrorResponse, GenerateResponse, ModelCard, ModelList, TokenizeResponse, VersionResponse,
 };
 use crate::error::ApiError;
-use crate::render::{beam_outputs, full_response, sse, Api, Render};
+use crate::render::{beam_outputs, full_response, sse, Api, Render, Tools};
 
 /// Longest chat template a request may bring (`chat_template`).
 const MAX_REQUEST_TEMPLATE_BYTES: usize = 64 << 10;
@@ -45,6 +45,8 @@ pub struct AppState {
     pub chat_template: Option<String>,
     pub metrics: Option<PrometheusHandle>,
     pub next_id: AtomicU64,
+    /// `--enable-auto-tool-choice --tool-call-parser <name>`: how `auto` tool calls are read.
+    pub tool_parser: Option<Arc<dyn crate::tools::ToolParser>>,
 }
 
 pub type Shared = Arc<AppState>;
@@ -403,7 +405,7 @@ pub async fn completions(State(s): State<Shared>, body: Result<Bytes, BytesRejec
             (true, Prompt::TokenIds(ids)) => tok.decode(ids, false).map_err(ApiError::from),
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let render = Render { api: Api::Completion, echo, top_logprobs: req.logprobs };
+    let render = Render { api: Api::Completion, echo, top_logprobs: req.logprobs, tools: Tools::Off };
     let stream = req.stream.then_some(req.stream_options);
     let beam = req.sampling.beam_params(&params)?;
     respond(&s, render, s.new_id("cmpl"), prompts, &params, stream, beam).await
@@ -422,9 +424,6 @@ pub async fn chat(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) 
     if req.top_logprobs.is_some() && req.logprobs != Some(true) {
         return Err(ApiError::invalid_param("top_logprobs", "top_logprobs needs logprobs set to true"));
     }
-    if req.tool_choice.as_ref().is_some_and(|t| t != "none" && t != "auto") {
-        return Err(ApiError::unsupported("tool_choice", "(forced tool calls)"));
-    }
     if req.chat_template.as_ref().is_some_and(|t| t.len() > MAX_REQUEST_TEMPLATE_BYTES) {
         return Err(ApiError::invalid_param(
             "chat_template",
@@ -435,6 +434,7 @@ pub async fn chat(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) 
     let mut sampling = req.sampling.clone();
     sampling.max_tokens = req.max_completion_tokens.or(sampling.max_tokens);
     let mut params = sampling.to_params(None)?;
+    let tools = tool_mode(&s, &req, &mut params)?;
     // The template runs on the blocking pool under its instruction and output budgets.
     let engine = s.engine()?.clone();
     let (state, msgs) = (s.clone(), messages.clone());
@@ -475,10 +475,86 @@ pub async fn chat(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) 
         }
         _ => String::new(),
     };
-    let render = Render { api: Api::Chat, echo: vec![echo], top_logprobs };
+    let render = Render { api: Api::Chat, echo: vec![echo], top_logprobs, tools };
     let stream = req.stream.then_some(req.stream_options.clone());
     let beam = sampling.beam_params(&params)?;
     respond(&s, render, s.new_id("chatcmpl"), vec![Prompt::TokenIds(ids)], &params, stream, beam).await
+}
+
+/// How a chat request's tools are honoured, as vLLM does: `none` (or no tools) is plain text;
+/// `auto` (the default with tools) reads calls with the server's `--tool-call-parser`;
+/// `required` and a named function are enforced by guided decoding over the tools' parameter
+/// schemas (a list of `{"name", "parameters"}`, or the named function's arguments object), so
+/// the arguments always parse and validate.
+fn tool_mode(s: &AppState, req: &ChatRequest, params: &mut SamplingParams) -> Result<Tools, ApiError> {
+    let bad = |m: &str| ApiError::invalid_param("tool_choice", m.to_string());
+    let tools: Vec<&Value> = match &req.tools {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(a)) => a.iter().collect(),
+        Some(_) => return Err(ApiError::invalid_param("tools", "tools must be a list")),
+    };
+    let function = |t: &Value| t.get("function").cloned().unwrap_or(Value::Null);
+    for t in &tools {
+        if function(t).get("name").and_then(Value::as_str).is_none() {
+            return Err(ApiError::invalid_param(
+                "tools",
+                "each tool needs {\"type\": \"function\", \"function\": {\"name\", ...}}",
+            ));
+        }
+    }
+    let parallel = req.parallel_tool_calls.unwrap_or(true);
+    let mut constrain = |schema: Value| -> Result<(), ApiError> {
+        if params.guided_decoding.is_some() {
+            return Err(bad("a required or named tool choice cannot be combined with another output constraint"));
+        }
+        params.guided_decoding = Some(vllm_engine::GuidedDecodingParams { json: Some(schema), ..Default::default() });
+        Ok(())
+    };
+    let parameters = |t: &Value| function(t).get("parameters").cloned().unwrap_or(json!({"type": "object"}));
+    match &req.tool_choice {
+        None | Some(Value::Null) if tools.is_empty() => Ok(Tools::Off),
+        None | Some(Value::Null) => Ok(s.tool_parser.clone().map_or(Tools::Off, Tools::Parse)),
+        Some(Value::String(c)) if c == "none" => Ok(Tools::Off),
+        Some(Value::String(c)) if c == "auto" => match (&s.tool_parser, tools.is_empty()) {
+            (_, true) => Ok(Tools::Off),
+            (Some(p), false) => Ok(Tools::Parse(p.clone())),
+            (None, false) => {
+                Err(bad("\"auto\" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set"))
+            }
+        },
+        Some(Value::String(c)) if c == "required" => {
+            if tools.is_empty() {
+                return Err(bad("tool_choice \"required\" needs at least one tool"));
+            }
+            let one_of: Vec<Value> = tools
+                .iter()
+                .map(|t| {
+                    json!({"type": "object", "properties": {
+                        "name": {"type": "string", "enum": [function(t)["name"]]},
+                        "parameters": parameters(t)}, "required": ["name", "parameters"]})
+                })
+                .collect();
+            let mut schema = json!({"type": "array", "minItems": 1, "items": {"anyOf": one_of}});
+            if !parallel {
+                schema["maxItems"] = json!(1);
+            }
+            constrain(schema)?;
+            Ok(Tools::Required)
+        }
+        Some(Value::Object(o)) => {
+            let name =
+                o.get("function").and_then(|f| f.get("name")).and_then(Value::as_str).ok_or_else(|| {
+                    bad("a named tool choice is {\"type\": \"function\", \"function\": {\"name\": ...}}")
+                })?;
+            let tool = tools
+                .iter()
+                .find(|t| function(t)["name"] == name)
+                .ok_or_else(|| bad(&format!("tool_choice names `{name}`, which is not among the tools")))?;
+            constrain(parameters(tool))?;
+            Ok(Tools::Named(name.to_string()))
+        }
+        Some(other) => Err(bad(&format!("tool_choice {other} (choose none, auto, required or a named function)"))),
+    }
 }
 
 /// vLLM's simple API: `{"prompt", "stream", ...sampling}` -> `{"text": [prompt + output]}`;
