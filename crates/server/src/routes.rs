@@ -117,8 +117,12 @@ impl AppState {
 /// Parses a JSON body, turning every failure (too large, malformed, wrong types) into an
 /// OpenAI-shaped error.
 fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
-    let bytes = body.map_err(|e| ApiError { status: e.status(), message: e.body_text(), param: None })?;
-    serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
+    serde_json::from_slice(&body_bytes(body)?).map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
+}
+
+/// The body, or the OpenAI-shaped error for one that could not be read (too large, ...).
+fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|e| ApiError { status: e.status(), message: e.body_text(), param: None })
 }
 
 /// Routes that compute nothing for the caller stay open when an API key is set (a load
@@ -616,12 +620,7 @@ pub async fn generate(State(s): State<Shared>, body: Result<Bytes, BytesRejectio
 /// SageMaker's `POST /invocations`, as vLLM routes it: a body with `messages` is a chat
 /// completion, one with `prompt` a completion, one with `input` an embedding request.
 pub async fn invocations(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
-    let bytes = match &body {
-        Ok(b) => b.clone(),
-        Err(_) => {
-            return Err(parse::<serde_json::Value>(body).err().unwrap_or_else(|| ApiError::bad_request("bad body")))
-        }
-    };
+    let bytes = body_bytes(body)?;
     let probe: serde_json::Value = parse(Ok(bytes.clone()))?;
     let has = |k: &str| probe.get(k).is_some();
     if has("messages") {
