@@ -119,6 +119,7 @@ impl EngineCore {
             min_tokens_stop_ids,
             bad_words,
             guide,
+            guide_after,
             scaled_logprobs,
             ..
         } = req;
@@ -146,7 +147,7 @@ impl EngineCore {
                 sampler = sampler.with_scaled_logprobs();
             }
             if let Some(c) = &guide {
-                sampler = sampler.with_guide(Guide::new(c));
+                sampler = sampler.with_guide(Guide::new(c)).with_guide_after(guide_after.clone());
             }
             self.samplers.insert(seq, sampler);
             self.owners.insert(seq, (request_id.clone(), i));

@@ -35,6 +35,8 @@ pub struct EngineRequest {
     pub(crate) min_tokens_stop_ids: Vec<u32>,
     pub(crate) bad_words: Vec<Vec<u32>>,
     pub(crate) guide: Option<Arc<dyn CompiledGuide>>,
+    /// Tokens the output must end with before the guide starts (reasoning's end tag).
+    pub(crate) guide_after: Vec<u32>,
     /// Log probabilities after temperature scaling (beam search ranks by them).
     pub(crate) scaled_logprobs: bool,
 }
@@ -252,12 +254,21 @@ impl InputProcessor {
                 }
             }
         }
+        let params_after = params.guided_decoding.as_ref().and_then(|g| g.starts_after.clone());
         let mut req = self.request_from_ids(request_id.into(), prompt_ids, params)?;
         req.prompt = match prompt {
             Prompt::Text(t) => Some(t),
             Prompt::TokenIds(_) => None,
         };
         req.bad_words = bad_words;
+        if guide.is_some() {
+            if let Some(after) = params_after {
+                if after.len() > 256 {
+                    return Err(invalid("guided_decoding", "starts_after is limited to 256 bytes"));
+                }
+                req.guide_after = tok.encode(&after, false)?;
+            }
+        }
         req.guide = guide;
         Ok(req)
     }
@@ -309,6 +320,7 @@ impl InputProcessor {
             min_tokens_stop_ids,
             bad_words: Vec::new(),
             guide: None,
+            guide_after: Vec::new(),
             scaled_logprobs: false,
         })
     }

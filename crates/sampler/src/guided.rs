@@ -46,6 +46,11 @@ pub struct GuidedDecodingParams {
     pub whitespace_pattern: Option<String>,
     /// `auto` (default: `guidance`), `guidance` (also spelled `llguidance`) or `outlines`.
     pub backend: Option<String>,
+    /// Text after which the constraint starts: a reasoning model's end-of-thinking tag, set by
+    /// the server's reasoning parser while the thinking is still open at the output's start
+    /// (vLLM applies structured output after the reasoning). Not a request field.
+    #[serde(skip)]
+    pub starts_after: Option<String>,
 }
 
 fn invalid(param: &'static str, message: impl Into<String>) -> InvalidParam {

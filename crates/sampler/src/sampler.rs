@@ -32,6 +32,9 @@ pub struct SeqSampler {
     scaled_logprobs: bool,
     /// The guided-decoding automaton and this sequence's state in it.
     guide: Option<Guide>,
+    /// Tokens after which the guide starts (a reasoning model's end-of-thinking tag): until
+    /// the output ends with them the guide neither masks nor follows.
+    guide_after: Option<Vec<u32>>,
 }
 
 impl SeqSampler {
@@ -48,12 +51,20 @@ impl SeqSampler {
             bad_words: Vec::new(),
             scaled_logprobs: false,
             guide: None,
+            guide_after: None,
         }
     }
 
     /// Constrains the sequence with a guided-decoding automaton.
     pub fn with_guide(mut self, guide: Guide) -> Self {
         self.guide = Some(guide);
+        self
+    }
+
+    /// Holds the guide back until the output ends with `tokens` (vLLM's structured output
+    /// after reasoning: the thinking is free, the answer constrained). Empty: no effect.
+    pub fn with_guide_after(mut self, tokens: Vec<u32>) -> Self {
+        self.guide_after = Some(tokens).filter(|t| !t.is_empty());
         self
     }
 
@@ -85,7 +96,7 @@ impl SeqSampler {
     /// mask, bad words, logit bias, then repetition, frequency and presence penalties.
     fn process(&mut self, logits: &mut [f32]) {
         let p = &self.params;
-        if let Some(g) = self.guide.as_mut() {
+        if let (Some(g), None) = (self.guide.as_mut(), &self.guide_after) {
             g.mask(logits);
         }
         if let Some(allowed) = &p.allowed_token_ids {
@@ -131,8 +142,17 @@ impl SeqSampler {
     fn record(&mut self, token: u32) {
         self.output.push(token);
         *self.counts.entry(token).or_insert(0) += 1;
-        if let Some(g) = self.guide.as_mut() {
-            g.advance(token);
+        match &self.guide_after {
+            Some(after) => {
+                if self.output.ends_with(after) {
+                    self.guide_after = None;
+                }
+            }
+            None => {
+                if let Some(g) = self.guide.as_mut() {
+                    g.advance(token);
+                }
+            }
         }
     }
 
@@ -523,5 +543,35 @@ mod tests {
         assert!((f0 - 0.5).abs() < 0.02, "token 0 frequency {f0}");
         let f1 = counts[1] as f64 / 20_000.0;
         assert!((f1 - 0.25).abs() < 0.02, "token 1 frequency {f1}");
+    }
+}
+
+#[cfg(test)]
+mod guide_after_tests {
+    use super::*;
+    use crate::{GuideCompiler, GuidedDecodingParams};
+
+    /// Byte vocabulary: token `b` is byte `b`, EOS 256. The guide allows only "ok"; it waits
+    /// for "</t>" (the reasoning's end), before which the model's own choices pass.
+    #[test]
+    fn the_guide_starts_after_the_end_tag() {
+        let compiler = GuideCompiler::new((0..=255u32).map(|b| (b, vec![b as u8])), 256);
+        let g = GuidedDecodingParams { choice: Some(vec!["ok".into()]), ..Default::default() };
+        let compiled = compiler.compile(&g.constraint().unwrap()).unwrap();
+        let params = SamplingParams { guided_decoding: Some(g), ..SamplingParams::greedy(16) };
+        let after: Vec<u32> = "</t>".bytes().map(u32::from).collect();
+        let mut s = SeqSampler::new(params, 0).with_guide(Guide::new(&compiled)).with_guide_after(after);
+        // The model wants "hm</t>zz": "hm</t>" passes untouched, then the guide forces "ok".
+        let mut out = Vec::new();
+        for want in "hm</t>zz".bytes() {
+            let mut row = vec![0.0f32; 257];
+            row[want as usize] = 10.0;
+            out.push(s.sample(&mut row).token as u8);
+        }
+        assert_eq!(&out[..6], b"hm</t>");
+        assert_eq!(&out[6..], b"ok");
+        let mut row = vec![0.0f32; 257];
+        row[b'z' as usize] = 10.0;
+        assert_eq!(s.sample(&mut row).token, 256, "the constraint is complete: only EOS");
     }
 }

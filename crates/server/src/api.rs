@@ -100,6 +100,12 @@ pub struct ChatMessage {
     /// `{"id", "type": "function", "function": {"name", "arguments"}}` per call.
     #[schema(value_type = Vec<Object>)]
     pub tool_calls: Vec<Value>,
+    /// The thinking, split off by `--reasoning-parser` (vLLM's current name).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning: Option<String>,
+    /// The same, under the name vLLM used before 0.13 (clients still read it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
 }
 
 /// One choice of a chat completion.

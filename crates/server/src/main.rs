@@ -9,6 +9,7 @@ mod batch;
 mod error;
 mod logging;
 mod protocol;
+mod reasoning;
 mod render;
 mod routes;
 mod tools;
@@ -259,6 +260,14 @@ struct ServeArgs {
     /// (qwen3_coder), deepseek_v3 (deepseek_v31), openai.
     #[arg(long)]
     tool_call_parser: Option<String>,
+    /// Split thinking models' outputs into `reasoning` and `content` (vLLM's flag):
+    /// deepseek_r1, qwen3, glm45, mistral.
+    #[arg(long)]
+    reasoning_parser: Option<String>,
+    /// vLLM's structured-output settings as JSON: `backend` (auto, guidance, outlines) and
+    /// `enable_in_reasoning` (constraints apply while the model thinks too).
+    #[arg(long)]
+    structured_outputs_config: Option<String>,
     #[command(flatten)]
     gpu_only: GpuOnlyArgs,
     /// Test hook: `POST /debug/crash-engine` makes the engine core panic, so tests can check
@@ -310,6 +319,43 @@ impl ServeArgs {
                 None => anyhow::bail!("--tool-call-parser: '{name}' is not one of {}", tools::PARSERS.join(", ")),
             },
         }
+    }
+
+    fn reasoning_parser(&self) -> Result<Option<Arc<dyn reasoning::ReasoningParser>>> {
+        let Some(name) = &self.reasoning_parser else { return Ok(None) };
+        match reasoning::parser(name) {
+            Some(p) => Ok(Some(Arc::from(p))),
+            None => anyhow::bail!("--reasoning-parser: '{name}' is not one of {}", reasoning::PARSERS.join(", ")),
+        }
+    }
+
+    /// `--structured-outputs-config`: (default backend, constrain while reasoning).
+    fn structured_outputs_config(&self) -> Result<(Option<String>, bool)> {
+        let Some(text) = &self.structured_outputs_config else { return Ok((None, false)) };
+        let v: serde_json::Value = serde_json::from_str(text).context("--structured-outputs-config is not JSON")?;
+        let obj = v.as_object().context("--structured-outputs-config must be a JSON object")?;
+        let (mut backend, mut in_reasoning) = (None, false);
+        for (k, v) in obj {
+            match (k.as_str(), v) {
+                ("backend", serde_json::Value::String(b)) => match b.as_str() {
+                    "auto" | "guidance" | "llguidance" | "outlines" => backend = Some(b.clone()),
+                    "xgrammar" => {
+                        tracing::info!("--structured-outputs-config backend xgrammar: using llguidance (xgrammar is not built in)");
+                        backend = Some("guidance".into());
+                    }
+                    other => anyhow::bail!("--structured-outputs-config: backend '{other}' is not one of auto, guidance, outlines, xgrammar"),
+                },
+                ("enable_in_reasoning", serde_json::Value::Bool(b)) => in_reasoning = *b,
+                ("reasoning_parser", serde_json::Value::String(_)) => {
+                    anyhow::bail!("--structured-outputs-config: give the reasoning parser as --reasoning-parser")
+                }
+                ("disable_fallback" | "disable_any_whitespace" | "disable_additional_properties", _) => {
+                    tracing::info!("--structured-outputs-config {k} has no effect on this server");
+                }
+                _ => anyhow::bail!("--structured-outputs-config: unknown or mistyped setting '{k}'"),
+            }
+        }
+        Ok((backend, in_reasoning))
     }
 
     fn chat_template(&self) -> Result<Option<String>> {
@@ -381,6 +427,8 @@ async fn build_state(
 ) -> Result<Arc<AppState>> {
     let chat_template = args.chat_template()?;
     let tool_parser = args.tool_parser()?;
+    let reasoning_parser = args.reasoning_parser()?;
+    let (default_guided_backend, constrain_reasoning) = args.structured_outputs_config()?;
     let engine_args = args.engine_args()?;
     tracing::info!(model = %engine_args.model, cpu_kernels = vllm_engine::cpu_kernel_path(), "loading the model");
     // An embedding model (BertModel) gets an encoder and serves /v1/embeddings; any other
@@ -404,6 +452,9 @@ async fn build_state(
         metrics,
         next_id: AtomicU64::new(0),
         tool_parser,
+        reasoning_parser,
+        constrain_reasoning,
+        default_guided_backend,
     }))
 }
 

@@ -21,7 +21,8 @@ pub struct SamplingFields {
     pub min_p: Option<f32>,
     pub n: Option<usize>,
     pub best_of: Option<usize>,
-    pub seed: Option<u64>,
+    /// Any 64-bit integer (vLLM's range); negative seeds are as good as positive ones.
+    pub seed: Option<i64>,
     pub stop: Option<Value>,
     pub stop_token_ids: Option<Vec<u32>>,
     pub ignore_eos: Option<bool>,
@@ -53,6 +54,12 @@ pub struct SamplingFields {
     /// vLLM >= 0.12's constraint object (`json`, `regex`, `choice`, `grammar`, `json_object`,
     /// `whitespace_pattern`).
     pub structured_outputs: Option<Value>,
+    /// vLLM's: the response's id is `<prefix>-<request_id>` (at most 128 printable ASCII
+    /// characters); the `X-Request-Id` header does the same.
+    pub request_id: Option<String>,
+    /// vLLM's: log-probability tokens are written `token_id:<id>` (for tokens that are not
+    /// valid UTF-8 on their own).
+    pub return_tokens_as_token_ids: Option<bool>,
 }
 
 /// Request fields that OpenAI or vLLM define and that this server cannot honour: a 400 naming
@@ -71,12 +78,11 @@ const UNSUPPORTED_FIELDS: &[&str] = &[
     "mm_processor_kwargs",
     "kv_transfer_params",
     "vllm_xargs",
-    "return_tokens_as_token_ids",
     "structural_tag",
 ];
 
 /// Informational fields that change nothing in the output: accepted and ignored.
-const INFORMATIONAL_FIELDS: &[&str] = &["user", "metadata", "store", "service_tier", "request_id", "n_threads"];
+const INFORMATIONAL_FIELDS: &[&str] = &["user", "metadata", "store", "service_tier", "n_threads"];
 
 /// The policy for request fields this server does not know: a field OpenAI or vLLM defines
 /// and this server cannot honour is a 400 naming it; an informational one is ignored; any
@@ -161,6 +167,7 @@ fn structured_outputs(v: &Value) -> Result<Option<GuidedDecodingParams>, ApiErro
         json_object: o.get("json_object").and_then(|b| b.as_bool()).unwrap_or(false),
         whitespace_pattern: str_field("whitespace_pattern")?,
         backend: str_field("backend")?,
+        ..Default::default()
     }))
 }
 
@@ -254,6 +261,7 @@ impl SamplingFields {
             json_object: false,
             whitespace_pattern: self.guided_whitespace_pattern.clone(),
             backend: self.guided_decoding_backend.clone(),
+            ..Default::default()
         };
         let any =
             guided.json.is_some() || guided.regex.is_some() || guided.choice.is_some() || guided.grammar.is_some();
@@ -292,7 +300,7 @@ impl SamplingFields {
             top_p: self.top_p.unwrap_or(d.top_p),
             top_k: self.top_k.unwrap_or(d.top_k),
             min_p: self.min_p.unwrap_or(d.min_p),
-            seed: self.seed,
+            seed: self.seed.map(|s| s as u64),
             max_tokens: self.max_tokens.or(default_max_tokens),
             min_tokens: self.min_tokens.unwrap_or(0),
             ignore_eos: self.ignore_eos.unwrap_or(false),
@@ -319,8 +327,12 @@ impl SamplingFields {
 
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 pub struct StreamOptions {
+    /// A last chunk with the whole request's usage.
     #[serde(default)]
     pub include_usage: bool,
+    /// vLLM's: every chunk carries the usage so far.
+    #[serde(default)]
+    pub continuous_usage_stats: bool,
 }
 
 /// `POST /v1/completions`.
@@ -400,6 +412,8 @@ pub struct ChatRequest {
     pub chat_template: Option<String>,
     pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
     pub documents: Option<Value>,
+    /// With `--reasoning-parser`: `false` leaves the thinking out of the response (vLLM).
+    pub include_reasoning: Option<bool>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
     /// Fields not named above (see [`check_extra_fields`]).

@@ -37,6 +37,12 @@ pub(crate) struct Render {
     pub echo: Vec<String>,
     pub top_logprobs: Option<usize>,
     pub tools: Tools,
+    /// Chat with `--reasoning-parser`: each choice's split, at its start.
+    pub reasoning: Option<crate::reasoning::Splitter>,
+    /// Whether the thinking is returned (`include_reasoning`); it is split off either way.
+    pub include_reasoning: bool,
+    /// `return_tokens_as_token_ids`: log-probability tokens written `token_id:<id>`.
+    pub token_ids_as_tokens: bool,
 }
 
 /// How a chat output becomes tool calls.
@@ -111,19 +117,19 @@ impl Tools {
 
 /// OpenAI's completions `logprobs` object for a run of positions; `offset` is the text offset
 /// (in characters) of the first token.
-fn completion_logprobs(positions: &[PositionLogprobs], mut offset: usize) -> Value {
+fn completion_logprobs(positions: &[PositionLogprobs], mut offset: usize, ids: bool) -> Value {
     let mut tokens = Vec::new();
     let mut token_logprobs = Vec::new();
     let mut top = Vec::new();
     let mut offsets = Vec::new();
     for p in positions {
-        tokens.push(json!(p.sampled.decoded_token));
+        tokens.push(json!(token_text(&p.sampled, ids)));
         token_logprobs.push(json!(p.sampled.logprob));
         let mut m = serde_json::Map::new();
         for t in &p.top {
-            m.entry(t.decoded_token.clone()).or_insert(json!(t.logprob));
+            m.entry(token_text(t, ids)).or_insert(json!(t.logprob));
         }
-        m.entry(p.sampled.decoded_token.clone()).or_insert(json!(p.sampled.logprob));
+        m.entry(token_text(&p.sampled, ids)).or_insert(json!(p.sampled.logprob));
         top.push(Value::Object(m));
         offsets.push(json!(offset));
         offset += p.sampled.decoded_token.chars().count();
@@ -131,10 +137,20 @@ fn completion_logprobs(positions: &[PositionLogprobs], mut offset: usize) -> Val
     json!({"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets})
 }
 
+/// A log probability's token as the response writes it: its text, or `token_id:<id>`
+/// (`return_tokens_as_token_ids`).
+fn token_text(t: &Logprob, ids: bool) -> String {
+    if ids {
+        format!("token_id:{}", t.token_id)
+    } else {
+        t.decoded_token.clone()
+    }
+}
+
 /// OpenAI's chat `logprobs` object (`{"content": [...]}`) for a run of positions.
-fn chat_logprobs(positions: &[PositionLogprobs], k: usize) -> Value {
+fn chat_logprobs(positions: &[PositionLogprobs], k: usize, ids: bool) -> Value {
     let entry =
-        |t: &Logprob| json!({"token": t.decoded_token, "logprob": t.logprob, "bytes": t.decoded_token.as_bytes()});
+        |t: &Logprob| json!({"token": token_text(t, ids), "logprob": t.logprob, "bytes": t.decoded_token.as_bytes()});
     let content: Vec<Value> = positions
         .iter()
         .map(|p| {
@@ -152,8 +168,8 @@ impl Render {
     fn logprobs(&self, c: &CompletionOutput, positions: &[PositionLogprobs], offset: usize) -> Option<Value> {
         match (self.top_logprobs, c.logprobs.is_some()) {
             (Some(k), true) => Some(match self.api {
-                Api::Completion => completion_logprobs(positions, offset),
-                Api::Chat => chat_logprobs(positions, k),
+                Api::Completion => completion_logprobs(positions, offset, self.token_ids_as_tokens),
+                Api::Chat => chat_logprobs(positions, k, self.token_ids_as_tokens),
             }),
             _ => None,
         }
@@ -225,11 +241,28 @@ pub(crate) fn full_response(model: &str, render: &Render, id: &str, outs: &[Requ
                     prompt_logprobs: prompt_lps.clone(),
                 }),
                 Api::Chat => {
-                    let (content, tool_calls) = render.tools.split(&text, &format!("{id}-{index}"));
+                    let (reasoning, text) = match &render.reasoning {
+                        Some(sp) => {
+                            let split = sp.clone().split_all(&c.text);
+                            let r = Some(split.reasoning).filter(|r| render.include_reasoning && !r.is_empty());
+                            (r, format!("{echo}{}", split.content))
+                        }
+                        None => (None, text),
+                    };
+                    let (mut content, tool_calls) = render.tools.split(&text, &format!("{id}-{index}"));
+                    if render.reasoning.is_some() && content.as_deref() == Some("") {
+                        content = None; // all thinking (vLLM: null, not "")
+                    }
                     let finish_reason = if tool_calls.is_empty() { finish_reason } else { Some("tool_calls".into()) };
                     chat.push(ChatChoice {
                         index,
-                        message: ChatMessage { role: "assistant".into(), content, tool_calls },
+                        message: ChatMessage {
+                            role: "assistant".into(),
+                            content,
+                            tool_calls,
+                            reasoning_content: reasoning.clone(),
+                            reasoning,
+                        },
                         logprobs,
                         finish_reason,
                         stop_reason,
@@ -266,10 +299,12 @@ struct Sent {
     held: String,
     /// The call tag was seen: everything from it on is held.
     in_call: bool,
+    /// The reasoning split, with `--reasoning-parser`.
+    reasoning: Option<crate::reasoning::Splitter>,
 }
 
 /// Bytes at the end of `text` that could be the start of `marker` (held back while streaming).
-fn partial_tail(text: &str, marker: &str) -> usize {
+pub(crate) fn partial_tail(text: &str, marker: &str) -> usize {
     (1..marker.len().min(text.len() + 1))
         .rev()
         .find(|&n| text.is_char_boundary(text.len() - n) && marker.is_char_boundary(n) && text.ends_with(&marker[..n]))
@@ -286,7 +321,7 @@ pub(crate) fn sse(
     model: String,
     streams: Vec<OutputStream>,
     n: usize,
-    include_usage: bool,
+    options: crate::protocol::StreamOptions,
 ) -> Response {
     let (tx, rx) = tokio::sync::mpsc::channel::<Event>(64);
     let num_prompts = streams.len();
@@ -294,24 +329,31 @@ pub(crate) fn sse(
         let created = now();
         let api = render.api;
         let object = if api == Api::Chat { "chat.completion.chunk" } else { "text_completion" };
-        let chunk = |choices: Value, usage: Option<Value>| {
+        // Token counts so far, per prompt (its length) and over all choices (generated).
+        let mut prompt_lens = vec![0usize; num_prompts];
+        let mut generated = 0usize;
+        let continuous = options.continuous_usage_stats;
+        // A chunk; with `continuous_usage_stats` each carries the usage so far.
+        let chunk = |choices: Value, usage: Option<Value>, so_far: (usize, usize)| {
             let mut v = json!({"id": id, "object": object, "created": created, "model": model, "choices": choices});
             if let Some(u) = usage {
                 v["usage"] = u;
+            } else if continuous {
+                v["usage"] = json!(Usage::new(so_far.0, so_far.1, 0));
             }
             Event::default().data(v.to_string())
         };
         if api == Api::Chat {
             for i in 0..num_prompts * n {
                 let c = json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]);
-                if tx.send(chunk(c, None)).await.is_err() {
+                if tx.send(chunk(c, None, (0, 0))).await.is_err() {
                     return;
                 }
             }
         }
         let mut merged =
             select_all(streams.into_iter().enumerate().map(|(i, rx)| rx.into_stream().map(move |o| (i, o)).boxed()));
-        let mut sent = vec![Sent::default(); num_prompts * n];
+        let mut sent = vec![Sent { reasoning: render.reasoning.clone(), ..Sent::default() }; num_prompts * n];
         let (mut prompt_tokens, mut completion_tokens, mut cached) = (0, 0, 0);
         while let Some((i, res)) = merged.next().await {
             let o = match res {
@@ -325,6 +367,10 @@ pub(crate) fn sse(
                 prompt_tokens += o.prompt_token_ids.len();
                 cached += o.num_cached_tokens;
             }
+            if !o.prompt_token_ids.is_empty() {
+                prompt_lens[i] = o.prompt_token_ids.len();
+            }
+            generated += o.outputs.iter().map(|c| c.token_ids.len()).sum::<usize>();
             for (j, c) in o.outputs.iter().enumerate() {
                 let k = i * n + j;
                 let st = &mut sent[k];
@@ -332,8 +378,26 @@ pub(crate) fn sse(
                 // The echoed prompt goes in front of the choice's first chunk.
                 let echo = if st.started { "" } else { render.echo[i].as_str() };
                 st.started = true;
-                let delta = format!("{echo}{}", c.text);
+                let mut delta = format!("{echo}{}", c.text);
                 let positions = c.logprobs.as_deref().unwrap_or_default();
+                if let Some(sp) = st.reasoning.as_mut() {
+                    // The thinking goes out as `reasoning` deltas; the answer continues below.
+                    let mut split = sp.feed(&c.text);
+                    if c.finished() {
+                        let rest = sp.finish();
+                        split.reasoning.push_str(&rest.reasoning);
+                        split.content.push_str(&rest.content);
+                    }
+                    if render.include_reasoning && !split.reasoning.is_empty() {
+                        let r = &split.reasoning;
+                        let choice = json!({"index": k, "delta": {"reasoning": r, "reasoning_content": r},
+                                            "logprobs": null, "finish_reason": null});
+                        if tx.send(chunk(json!([choice]), None, (prompt_lens.iter().sum(), generated))).await.is_err() {
+                            return;
+                        }
+                    }
+                    delta = format!("{echo}{}", split.content);
+                }
                 if render.tools.buffers() {
                     // Tool calls are read from the text once the choice ends: content before the
                     // format's call tag streams as it comes (less any tail that could begin the
@@ -352,7 +416,11 @@ pub(crate) fn sse(
                             let out: String = st.held.drain(..cut).collect();
                             let choice =
                                 json!({"index": k, "delta": {"content": out}, "logprobs": null, "finish_reason": null});
-                            if tx.send(chunk(json!([choice]), None)).await.is_err() {
+                            if tx
+                                .send(chunk(json!([choice]), None, (prompt_lens.iter().sum(), generated)))
+                                .await
+                                .is_err()
+                            {
                                 return;
                             }
                         }
@@ -381,7 +449,7 @@ pub(crate) fn sse(
                         };
                         let choice = json!({"index": k, "delta": d, "logprobs": null, "finish_reason": reason,
                                             "stop_reason": c.stop_reason});
-                        if tx.send(chunk(json!([choice]), None)).await.is_err() {
+                        if tx.send(chunk(json!([choice]), None, (prompt_lens.iter().sum(), generated))).await.is_err() {
                             return;
                         }
                     }
@@ -392,15 +460,15 @@ pub(crate) fn sse(
                 st.chars += delta.chars().count();
                 if !delta.is_empty() || !positions.is_empty() || c.finished() {
                     let choice = render.stream_choice(k, c, &delta, positions, offset);
-                    if tx.send(chunk(json!([choice]), None)).await.is_err() {
+                    if tx.send(chunk(json!([choice]), None, (prompt_lens.iter().sum(), generated))).await.is_err() {
                         return;
                     }
                 }
             }
         }
-        if include_usage
+        if options.include_usage
             && tx
-                .send(chunk(json!([]), Some(json!(Usage::new(prompt_tokens, completion_tokens, cached)))))
+                .send(chunk(json!([]), Some(json!(Usage::new(prompt_tokens, completion_tokens, cached))), (0, 0)))
                 .await
                 .is_err()
         {

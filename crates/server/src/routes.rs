@@ -7,7 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -47,6 +47,13 @@ pub struct AppState {
     pub next_id: AtomicU64,
     /// `--enable-auto-tool-choice --tool-call-parser <name>`: how `auto` tool calls are read.
     pub tool_parser: Option<Arc<dyn crate::tools::ToolParser>>,
+    /// `--reasoning-parser <name>`: how chat outputs split into reasoning and answer.
+    pub reasoning_parser: Option<Arc<dyn crate::reasoning::ReasoningParser>>,
+    /// `--structured-outputs-config '{"enable_in_reasoning": true}'`: constraints apply
+    /// from the output's first token even while the model thinks.
+    pub constrain_reasoning: bool,
+    /// `--structured-outputs-config '{"backend": ...}'`: the backend for requests that name none.
+    pub default_guided_backend: Option<String>,
 }
 
 pub type Shared = Arc<AppState>;
@@ -59,6 +66,21 @@ impl AppState {
     fn new_id(&self, prefix: &str) -> String {
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
         format!("{prefix}-{:x}{n:06x}", now())
+    }
+
+    /// A response's id: `<prefix>-<request_id>` when the client names the request (the
+    /// `request_id` field, else the `X-Request-Id` header, as vLLM), else a fresh one.
+    fn response_id(&self, prefix: &str, request_id: Option<&str>, headers: &HeaderMap) -> Result<String, ApiError> {
+        let given = request_id.or_else(|| headers.get("x-request-id").and_then(|v| v.to_str().ok()));
+        match given {
+            None => Ok(self.new_id(prefix)),
+            Some(r) if !r.is_empty() && r.len() <= 128 && r.bytes().all(|b| b.is_ascii_graphic()) => {
+                Ok(format!("{prefix}-{r}"))
+            }
+            Some(_) => {
+                Err(ApiError::invalid_param("request_id", "a request id is 1 to 128 printable ASCII characters"))
+            }
+        }
     }
 
     /// The generation engine, or a 400 saying this server only embeds.
@@ -356,11 +378,17 @@ async fn respond(
     }
     // Streams carry only what is new each step; a full response needs only the final output.
     let kind = if stream.is_some() { RequestOutputKind::Delta } else { RequestOutputKind::FinalOnly };
-    let params = SamplingParams { output_kind: kind, ..params.clone() };
-    let streams = submit(s, &id, prompts, &params).await?;
+    let mut params = SamplingParams { output_kind: kind, ..params.clone() };
+    if let Some(g) = params.guided_decoding.as_mut() {
+        if g.backend.is_none() {
+            g.backend = s.default_guided_backend.clone();
+        }
+    }
+    // The engine's ids are the server's own: a client's `request_id` names only the response.
+    let streams = submit(s, &s.new_id("req"), prompts, &params).await?;
     if let Some(opts) = stream {
-        let usage = opts.is_some_and(|o| o.include_usage);
-        return Ok(sse(render, id, s.model_name.clone(), streams, params.n, usage));
+        let opts = opts.unwrap_or_default();
+        return Ok(sse(render, id, s.model_name.clone(), streams, params.n, opts));
     }
     let outs = collect(streams).await?;
     Ok(full_response(&s.model_name, &render, &id, &outs))
@@ -380,7 +408,11 @@ fn check_stream(stream: bool, params: &SamplingParams) -> Result<(), ApiError> {
     (status = 400, body = ErrorResponse), (status = 401, body = ErrorResponse), (status = 404, body = ErrorResponse),
     (status = 413, body = ErrorResponse), (status = 503, body = ErrorResponse),
 ))]
-pub async fn completions(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+pub async fn completions(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     let req: CompletionRequest = parse(body)?;
     s.check_model(req.model.as_deref())?;
     check_extra_fields(&req.extra)?;
@@ -409,10 +441,19 @@ pub async fn completions(State(s): State<Shared>, body: Result<Bytes, BytesRejec
             (true, Prompt::TokenIds(ids)) => tok.decode(ids, false).map_err(ApiError::from),
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let render = Render { api: Api::Completion, echo, top_logprobs: req.logprobs, tools: Tools::Off };
+    let render = Render {
+        api: Api::Completion,
+        echo,
+        top_logprobs: req.logprobs,
+        tools: Tools::Off,
+        reasoning: None,
+        include_reasoning: false,
+        token_ids_as_tokens: req.sampling.return_tokens_as_token_ids == Some(true),
+    };
     let stream = req.stream.then_some(req.stream_options);
     let beam = req.sampling.beam_params(&params)?;
-    respond(&s, render, s.new_id("cmpl"), prompts, &params, stream, beam).await
+    let id = s.response_id("cmpl", req.sampling.request_id.as_deref(), &headers)?;
+    respond(&s, render, id, prompts, &params, stream, beam).await
 }
 
 #[utoipa::path(post, path = "/v1/chat/completions", request_body = ChatRequest, responses(
@@ -421,7 +462,11 @@ pub async fn completions(State(s): State<Shared>, body: Result<Bytes, BytesRejec
     (status = 400, body = ErrorResponse), (status = 401, body = ErrorResponse), (status = 404, body = ErrorResponse),
     (status = 413, body = ErrorResponse), (status = 503, body = ErrorResponse),
 ))]
-pub async fn chat(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+pub async fn chat(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     let req: ChatRequest = parse(body)?;
     s.check_model(req.model.as_deref())?;
     check_extra_fields(&req.extra)?;
@@ -442,7 +487,8 @@ pub async fn chat(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) 
     // The template runs on the blocking pool under its instruction and output budgets.
     let engine = s.engine()?.clone();
     let (state, msgs) = (s.clone(), messages.clone());
-    let ids = s
+    let reasoning_parser = s.reasoning_parser.clone();
+    let (ids, thinking) = s
         .blocking(move || {
             let tok = engine.tokenizer();
             let tpl = tok
@@ -466,9 +512,23 @@ pub async fn chat(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) 
                     format!("the conversation has {} bytes, more than the context holds", text.len()),
                 ));
             }
-            Ok(tok.encode(&text, false)?)
+            let thinking = state.reasoning_parser.as_deref().map(|p| crate::reasoning::prompt_state(p, &text));
+            Ok((tok.encode(&text, false)?, thinking))
         })
         .await?;
+    // With a reasoning parser, a constraint (structured output, a required or named tool)
+    // starts once the thinking ends, unless the prompt closed it.
+    let reasoning = match (&reasoning_parser, thinking) {
+        (Some(p), Some(state)) => {
+            if let Some(g) = params.guided_decoding.as_mut() {
+                if state != crate::reasoning::PromptState::Closed && !s.constrain_reasoning {
+                    g.starts_after = Some(p.end().to_string());
+                }
+            }
+            Some(crate::reasoning::Splitter::new(p.as_ref(), state))
+        }
+        _ => None,
+    };
     let top_logprobs = (req.logprobs == Some(true)).then(|| req.top_logprobs.unwrap_or(0));
     params.logprobs = top_logprobs;
     check_stream(req.stream, &params)?;
@@ -479,10 +539,19 @@ pub async fn chat(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) 
         }
         _ => String::new(),
     };
-    let render = Render { api: Api::Chat, echo: vec![echo], top_logprobs, tools };
+    let render = Render {
+        api: Api::Chat,
+        echo: vec![echo],
+        top_logprobs,
+        tools,
+        reasoning,
+        include_reasoning: req.include_reasoning != Some(false),
+        token_ids_as_tokens: sampling.return_tokens_as_token_ids == Some(true),
+    };
     let stream = req.stream.then_some(req.stream_options.clone());
     let beam = sampling.beam_params(&params)?;
-    respond(&s, render, s.new_id("chatcmpl"), vec![Prompt::TokenIds(ids)], &params, stream, beam).await
+    let id = s.response_id("chatcmpl", sampling.request_id.as_deref(), &headers)?;
+    respond(&s, render, id, vec![Prompt::TokenIds(ids)], &params, stream, beam).await
 }
 
 /// How a chat request's tools are honoured, as vLLM does: `none` (or no tools) is plain text;
@@ -615,18 +684,20 @@ pub async fn generate(State(s): State<Shared>, body: Result<Bytes, BytesRejectio
         .map_err(|e| ApiError::internal(e.to_string()))
 }
 
-/// `POST /v1/embeddings`: a string, a list of strings, token ids or lists of token ids;
-/// `encoding_format` `float` (default) or `base64` (little-endian float32, like OpenAI).
 /// SageMaker's `POST /invocations`, as vLLM routes it: a body with `messages` is a chat
 /// completion, one with `prompt` a completion, one with `input` an embedding request.
-pub async fn invocations(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+pub async fn invocations(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     let bytes = body_bytes(body)?;
     let probe: serde_json::Value = parse(Ok(bytes.clone()))?;
     let has = |k: &str| probe.get(k).is_some();
     if has("messages") {
-        chat(State(s), Ok(bytes)).await
+        chat(State(s), headers, Ok(bytes)).await
     } else if has("prompt") {
-        completions(State(s), Ok(bytes)).await
+        completions(State(s), headers, Ok(bytes)).await
     } else if has("input") {
         Ok(embeddings(State(s), Ok(bytes)).await?.into_response())
     } else {
@@ -642,6 +713,8 @@ pub async fn invocations(State(s): State<Shared>, body: Result<Bytes, BytesRejec
     (status = 400, body = ErrorResponse), (status = 401, body = ErrorResponse), (status = 404, body = ErrorResponse),
     (status = 413, body = ErrorResponse), (status = 503, body = ErrorResponse),
 ))]
+/// `POST /v1/embeddings`: a string, a list of strings, token ids or lists of token ids;
+/// `encoding_format` `float` (default) or `base64` (little-endian float32, like OpenAI).
 pub async fn embeddings(
     State(s): State<Shared>,
     body: Result<Bytes, BytesRejection>,
