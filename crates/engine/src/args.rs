@@ -164,6 +164,13 @@ pub struct EngineArgs {
     pub max_output_buffer_steps: usize,
     /// Guided-decoding budgets: constraint sizes, compile time and threads, cache bytes.
     pub guided_decoding: vllm_sampler::GuideLimits,
+    /// A tokenizer other than the model's: a folder with `tokenizer.json` (and
+    /// `tokenizer_config.json`), or a Hugging Face id (vLLM's `--tokenizer`).
+    pub tokenizer: Option<String>,
+    /// Hugging Face Hub revision (branch, tag or commit) of the model and tokenizer.
+    pub revision: Option<String>,
+    /// Where Hub downloads go (and are looked for), instead of the Hugging Face cache.
+    pub download_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for EngineArgs {
@@ -185,6 +192,9 @@ impl Default for EngineArgs {
             max_waiting_requests: 1024,
             max_output_buffer_steps: 1024,
             guided_decoding: vllm_sampler::GuideLimits::default(),
+            tokenizer: None,
+            revision: None,
+            download_dir: None,
         }
     }
 }
@@ -193,6 +203,11 @@ impl EngineArgs {
     /// Default args for a given model.
     pub fn new(model: impl Into<String>) -> Self {
         Self { model: model.into(), ..Self::default() }
+    }
+
+    /// Where Hub files come from.
+    pub fn hub(&self) -> crate::source::HubOptions {
+        crate::source::HubOptions { revision: self.revision.clone(), download_dir: self.download_dir.clone() }
     }
 }
 

@@ -111,7 +111,7 @@ pub struct AsyncEngine {
 impl AsyncEngine {
     /// Loads the model (on the calling thread) and starts the engine thread.
     pub fn new(args: EngineArgs) -> Result<Self> {
-        let files = crate::source::resolve(&args.model)?;
+        let files = crate::source::resolve_with(&args.model, &args.hub())?;
         Self::from_files(args, files)
     }
 

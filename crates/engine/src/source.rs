@@ -41,8 +41,86 @@ pub fn cache_dir() -> PathBuf {
 
 const HF_FILES: [&str; 4] = ["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"];
 
+/// A tokenizer named apart from the model (`--tokenizer`): a folder with `tokenizer.json`,
+/// that file itself, a `.gguf` file (its tokenizer), or a Hugging Face id (cache, then the
+/// Hub). Returns the folder or the GGUF file.
+pub fn resolve_tokenizer(spec: &str, hub: &HubOptions) -> Result<PathBuf, Error> {
+    let path = Path::new(spec);
+    let not_found = |why: String| Error::ModelNotFound { model: spec.into(), tried: vec![why] };
+    if path.is_file() && path.file_name().is_some_and(|n| n == "tokenizer.json") {
+        return Ok(path.parent().unwrap_or(Path::new(".")).to_path_buf());
+    }
+    if path.is_file() && path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+        return Ok(path.to_path_buf());
+    }
+    if path.is_dir() {
+        return if path.join("tokenizer.json").is_file() {
+            Ok(path.to_path_buf())
+        } else {
+            Err(not_found(format!("{spec}: a folder without tokenizer.json")))
+        };
+    }
+    if path.exists() || !spec.contains('/') || spec.starts_with('.') || spec.starts_with('/') {
+        return Err(not_found(format!("{spec}: not a tokenizer.json, a folder holding one, or a Hub id")));
+    }
+    let repo = hub.cache().repo(hub.repo(spec));
+    if let Some(dir) = repo.get("tokenizer.json").and_then(|f| f.parent().map(Path::to_path_buf)) {
+        return Ok(dir);
+    }
+    if std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true")) {
+        return Err(not_found("not in the Hugging Face cache, and HF_HUB_OFFLINE is set".into()));
+    }
+    let endpoint = std::env::var("HF_ENDPOINT").unwrap_or_else(|_| "https://huggingface.co".into());
+    let fetch = || -> Result<PathBuf, String> {
+        hub_reachable(&endpoint)?;
+        let api = hub.api(spec)?;
+        let file = api.get("tokenizer.json").map_err(|e| format!("tokenizer.json: {e}"))?;
+        let _ = api.get("tokenizer_config.json");
+        Ok(file.parent().unwrap_or(Path::new(".")).to_path_buf())
+    };
+    fetch().map_err(|why| not_found(format!("Hugging Face Hub: {why}")))
+}
+
+/// Where Hugging Face Hub files come from: a revision and a download folder.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HubOptions {
+    /// Branch, tag or commit (default `main`).
+    pub revision: Option<String>,
+    /// A folder used instead of the Hugging Face cache (vLLM's `--download-dir`).
+    pub download_dir: Option<PathBuf>,
+}
+
+impl HubOptions {
+    fn repo(&self, id: &str) -> hf_hub::Repo {
+        match &self.revision {
+            Some(r) => hf_hub::Repo::with_revision(id.to_string(), hf_hub::RepoType::Model, r.clone()),
+            None => hf_hub::Repo::model(id.to_string()),
+        }
+    }
+
+    fn cache(&self) -> hf_hub::Cache {
+        match &self.download_dir {
+            Some(d) => hf_hub::Cache::new(d.clone()),
+            None => hf_hub::Cache::from_env(),
+        }
+    }
+
+    fn api(&self, id: &str) -> Result<hf_hub::api::sync::ApiRepo, String> {
+        let mut b = hf_hub::api::sync::ApiBuilder::from_env().with_progress(true);
+        if let Some(d) = &self.download_dir {
+            b = b.with_cache_dir(d.clone());
+        }
+        Ok(b.build().map_err(|e| e.to_string())?.repo(self.repo(id)))
+    }
+}
+
 /// Finds (or fetches) the files of `model`, recording what was tried for the error message.
 pub fn resolve(model: &str) -> Result<ModelFiles, Error> {
+    resolve_with(model, &HubOptions::default())
+}
+
+/// [`resolve`] with a Hub revision and download folder.
+pub fn resolve_with(model: &str, hub: &HubOptions) -> Result<ModelFiles, Error> {
     let path = Path::new(model);
     if path.is_file() {
         return if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
@@ -65,7 +143,7 @@ pub fn resolve(model: &str) -> Result<ModelFiles, Error> {
         return Err(Error::ModelNotFound { model: model.into(), tried });
     }
     // Hugging Face cache (standard layout, shared with other tools).
-    match hf_cached(model) {
+    match hf_cached(model, hub) {
         Some(dir) => return Ok(ModelFiles::HfDir(dir)),
         None => tried.push("Hugging Face cache: not there".into()),
     }
@@ -77,7 +155,7 @@ pub fn resolve(model: &str) -> Result<ModelFiles, Error> {
             return Ok(files(cached));
         }
     }
-    match hf_download(model) {
+    match hf_download(model, hub) {
         Ok(dir) => return Ok(ModelFiles::HfDir(dir)),
         Err(why) => tried.push(format!("Hugging Face Hub: {why}")),
     }
@@ -90,9 +168,8 @@ pub fn resolve(model: &str) -> Result<ModelFiles, Error> {
     Err(Error::ModelNotFound { model: model.into(), tried })
 }
 
-fn hf_cached(model: &str) -> Option<PathBuf> {
-    let cache = hf_hub::Cache::from_env();
-    let repo = cache.model(model.to_string());
+fn hf_cached(model: &str, hub: &HubOptions) -> Option<PathBuf> {
+    let repo = hub.cache().repo(hub.repo(model));
     let config = repo.get("config.json")?;
     let dir = config.parent()?.to_path_buf();
     let has_weights = dir.join("model.safetensors").is_file() || dir.join("model.safetensors.index.json").is_file();
@@ -125,14 +202,13 @@ fn hub_reachable(endpoint: &str) -> Result<(), String> {
     rx.recv_timeout(Duration::from_secs(5)).unwrap_or_else(|_| Err(format!("no answer from {host} within 5 s")))
 }
 
-fn hf_download(model: &str) -> Result<PathBuf, String> {
+fn hf_download(model: &str, hub: &HubOptions) -> Result<PathBuf, String> {
     if std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true")) {
         return Err("HF_HUB_OFFLINE is set".into());
     }
     let endpoint = std::env::var("HF_ENDPOINT").unwrap_or_else(|_| "https://huggingface.co".into());
     hub_reachable(&endpoint)?;
-    let api = hf_hub::api::sync::ApiBuilder::from_env().with_progress(true).build().map_err(|e| e.to_string())?;
-    let repo = api.model(model.to_string());
+    let repo = hub.api(model)?;
     let config = repo.get("config.json").map_err(|e| e.to_string())?;
     for f in &HF_FILES[1..] {
         if let Err(e) = repo.get(f) {

@@ -107,6 +107,45 @@ fn hf_folder_and_hf_cache_layout() {
     std::env::set_var("HF_HOME", home.path());
     std::env::set_var("HF_HUB_OFFLINE", "1");
     assert_eq!(vllm_engine::resolve("Test/SmolLM2-HF").unwrap(), ModelFiles::HfDir(snap.clone()));
+    // --tokenizer by id finds the cached tokenizer's folder; a .gguf gives its own file.
+    let hub = vllm_engine::HubOptions::default();
+    assert_eq!(vllm_engine::resolve_tokenizer("Test/SmolLM2-HF", &hub).unwrap(), snap);
+    assert_eq!(vllm_engine::resolve_tokenizer(&gguf.to_string_lossy(), &hub).unwrap(), gguf);
+    assert!(vllm_engine::resolve_tokenizer("Test/none", &hub).is_err());
+
+    // --download-dir and --revision: another cache folder, a named revision in it.
+    let downloads = tempfile::tempdir().unwrap();
+    let rev2 = "fedcba9876543210fedcba9876543210fedcba98";
+    let repo2 = downloads.path().join("models--Test--SmolLM2-HF");
+    let snap2 = repo2.join("snapshots").join(rev2);
+    std::fs::create_dir_all(&snap2).unwrap();
+    std::fs::create_dir_all(repo2.join("refs")).unwrap();
+    std::fs::write(repo2.join("refs").join("v1"), rev2).unwrap();
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"] {
+        std::os::unix::fs::symlink(snap.join(f), snap2.join(f)).unwrap();
+    }
+    let at = |revision: Option<&str>| vllm_engine::HubOptions {
+        revision: revision.map(String::from),
+        download_dir: Some(downloads.path().to_path_buf()),
+    };
+    assert_eq!(
+        vllm_engine::resolve_with("Test/SmolLM2-HF", &at(Some("v1"))).unwrap(),
+        ModelFiles::HfDir(snap2.clone())
+    );
+    assert!(vllm_engine::resolve_with("Test/SmolLM2-HF", &at(Some("v2"))).is_err(), "a revision not there");
+    assert!(vllm_engine::resolve_with("Test/SmolLM2-HF", &at(None)).is_err(), "main is not in the download dir");
+    // The model from the download dir at that revision, with the tokenizer from the GGUF.
+    let mut args = EngineArgs::new("Test/SmolLM2-HF");
+    args.revision = Some("v1".into());
+    args.download_dir = Some(downloads.path().to_path_buf());
+    args.tokenizer = Some(gguf.to_string_lossy().to_string());
+    args.dtype = ModelDtype::Float32;
+    args.kv_cache_memory = 64 << 20;
+    let llm = vllm_engine::LLM::new(args).unwrap();
+    let p = SamplingParams { ignore_eos: true, ..SamplingParams::greedy(16) };
+    let out = llm.generate(prompts.iter().copied(), &p).unwrap();
+    let ids: Vec<Vec<u32>> = out.into_iter().map(|o| o.outputs[0].token_ids.clone()).collect();
+    assert_eq!(ids, from_gguf, "same weights, same tokenizer, same tokens");
 
     // An unknown id fails fast and says what was tried.
     let t = Instant::now();

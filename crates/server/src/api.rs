@@ -147,6 +147,26 @@ pub struct ModelCard {
     pub root: String,
     pub parent: Option<String>,
     pub max_model_len: usize,
+    /// vLLM's permission record (always the same: sampling and log probabilities allowed).
+    pub permission: Vec<ModelPermission>,
+}
+
+/// vLLM's `ModelPermission`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ModelPermission {
+    pub id: String,
+    /// `model_permission`.
+    pub object: String,
+    pub created: u64,
+    pub allow_create_engine: bool,
+    pub allow_sampling: bool,
+    pub allow_logprobs: bool,
+    pub allow_search_indices: bool,
+    pub allow_view: bool,
+    pub allow_fine_tuning: bool,
+    pub organization: String,
+    pub group: Option<String>,
+    pub is_blocking: bool,
 }
 
 /// `GET /v1/models`.
@@ -245,6 +265,7 @@ pub struct EmbeddingResponse {
         CompletionResponse,
         ChatCompletionResponse,
         ModelList,
+        ModelPermission,
         TokenizeResponse,
         DetokenizeResponse,
         GenerateResponse,

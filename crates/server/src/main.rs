@@ -8,12 +8,14 @@ mod api;
 mod batch;
 mod error;
 mod logging;
+mod net;
 mod protocol;
 mod reasoning;
 mod render;
 mod routes;
 mod tools;
 
+use std::future::IntoFuture;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
@@ -161,18 +163,70 @@ struct ServeArgs {
     /// Model: a local folder, a .gguf file, or a Hugging Face id.
     #[arg(long, default_value = DEFAULT_MODEL)]
     model: String,
-    /// Name the API reports and accepts in `model` (defaults to --model).
-    #[arg(long)]
-    served_model_name: Option<String>,
+    /// Names the API accepts in `model` and lists in /v1/models; responses report the first
+    /// (defaults to --model). Several may follow the flag, as in vLLM.
+    #[arg(long, num_args = 1..)]
+    served_model_name: Vec<String>,
     /// Address to bind. 127.0.0.1 serves this machine only; use 0.0.0.0 to expose it.
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
     /// Port to bind.
     #[arg(long, default_value_t = 8000)]
     port: u16,
-    /// Require `Authorization: Bearer <key>` on /v1 routes.
-    #[arg(long, env = "VLLM_API_KEY", hide_env_values = true)]
-    api_key: Option<String>,
+    /// Require `Authorization: Bearer <key>` on every computing route; several keys may
+    /// follow the flag (any one is accepted).
+    #[arg(long, env = "VLLM_API_KEY", hide_env_values = true, num_args = 1..)]
+    api_key: Vec<String>,
+    /// A path prefix a proxy adds (vLLM's --root-path): routes answer under it and at /.
+    #[arg(long)]
+    root_path: Option<String>,
+    /// CORS: the origins allowed, a JSON list (vLLM's default: any).
+    #[arg(long, default_value = r#"["*"]"#)]
+    allowed_origins: String,
+    /// CORS: the methods allowed, a JSON list.
+    #[arg(long, default_value = r#"["*"]"#)]
+    allowed_methods: String,
+    /// CORS: the request headers allowed, a JSON list.
+    #[arg(long, default_value = r#"["*"]"#)]
+    allowed_headers: String,
+    /// CORS: allow credentials (cookies, Authorization) on cross-origin requests.
+    #[arg(long)]
+    allow_credentials: bool,
+    /// TLS: the private key (PEM). With --ssl-certfile the server speaks HTTPS only.
+    #[arg(long, requires = "ssl_certfile")]
+    ssl_keyfile: Option<std::path::PathBuf>,
+    /// TLS: the certificate chain (PEM).
+    #[arg(long, requires = "ssl_keyfile")]
+    ssl_certfile: Option<std::path::PathBuf>,
+    /// TLS: CA certificates (PEM) for client certificates.
+    #[arg(long)]
+    ssl_ca_certs: Option<std::path::PathBuf>,
+    /// TLS: client certificates 0 not asked for, 1 optional, 2 required (Python's ssl numbers).
+    #[arg(long, default_value_t = 0)]
+    ssl_cert_reqs: u8,
+    /// A tokenizer other than the model's: a folder with tokenizer.json, that file, or a
+    /// Hugging Face id.
+    #[arg(long)]
+    tokenizer: Option<String>,
+    /// Hugging Face Hub revision (branch, tag or commit) of the model.
+    #[arg(long)]
+    revision: Option<String>,
+    /// Where Hub downloads go (and are looked for) instead of the Hugging Face cache.
+    #[arg(long)]
+    download_dir: Option<std::path::PathBuf>,
+    /// Most log probabilities a request may ask for (logprobs, top_logprobs,
+    /// prompt_logprobs), as vLLM's flag.
+    #[arg(long, default_value_t = 20)]
+    max_logprobs: usize,
+    /// Sampling defaults for fields a request leaves out: auto (the model's
+    /// generation_config.json, vLLM's default), vllm (none), or a folder holding a
+    /// generation_config.json.
+    #[arg(long, default_value = "auto")]
+    generation_config: String,
+    /// JSON applied over the generation config's defaults, e.g. '{"temperature": 0.6}'
+    /// (temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens).
+    #[arg(long)]
+    override_generation_config: Option<String>,
     /// Weight/activation dtype: auto, float32, float16, bfloat16.
     #[arg(long, default_value = "auto")]
     dtype: String,
@@ -294,6 +348,9 @@ impl ServeArgs {
             long_prefill_token_threshold: self.long_prefill_token_threshold,
             max_waiting_requests: self.max_waiting_requests,
             max_output_buffer_steps: self.max_output_buffer_steps,
+            tokenizer: self.tokenizer.clone(),
+            revision: self.revision.clone(),
+            download_dir: self.download_dir.clone(),
             guided_decoding: vllm_engine::GuideLimits {
                 compile_timeout: seconds("--guided-decoding-compile-timeout", self.guided_decoding_compile_timeout)?,
                 compile_threads: self.guided_decoding_compile_threads.max(1),
@@ -356,6 +413,39 @@ impl ServeArgs {
             }
         }
         Ok((backend, in_reasoning))
+    }
+
+    /// The sampling defaults from `--generation-config` (for a model folder `dir`, with
+    /// `auto`) and `--override-generation-config`.
+    fn sampling_defaults(&self, dir: Option<&std::path::Path>) -> Result<protocol::SamplingDefaults> {
+        let mut d = protocol::SamplingDefaults::default();
+        let file = match self.generation_config.as_str() {
+            "vllm" => None,
+            "auto" => dir.map(|d| d.join("generation_config.json")).filter(|f| f.is_file()),
+            folder => {
+                let f = std::path::Path::new(folder).join("generation_config.json");
+                if !f.is_file() {
+                    anyhow::bail!(
+                        "--generation-config {folder}: no generation_config.json there (or say auto or vllm)"
+                    );
+                }
+                Some(f)
+            }
+        };
+        if let Some(f) = &file {
+            let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).with_context(|| format!("{} is not JSON", f.display()))?;
+            d.merge(&v, false).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
+        }
+        if let Some(o) = &self.override_generation_config {
+            let v: serde_json::Value = serde_json::from_str(o).context("--override-generation-config is not JSON")?;
+            d.merge(&v, true).map_err(|e| anyhow::anyhow!("--override-generation-config: {e}"))?;
+        }
+        if !d.is_empty() {
+            tracing::info!(defaults = ?d, source = ?file, "sampling defaults for fields a request leaves out (the model's generation config; --generation-config vllm turns them off)");
+        }
+        Ok(d)
     }
 
     fn chat_template(&self) -> Result<Option<String>> {
@@ -429,25 +519,34 @@ async fn build_state(
     let tool_parser = args.tool_parser()?;
     let reasoning_parser = args.reasoning_parser()?;
     let (default_guided_backend, constrain_reasoning) = args.structured_outputs_config()?;
+    let model_names =
+        if args.served_model_name.is_empty() { vec![args.model.clone()] } else { args.served_model_name.clone() };
     let engine_args = args.engine_args()?;
     tracing::info!(model = %engine_args.model, cpu_kernels = vllm_engine::cpu_kernel_path(), "loading the model");
     // An embedding model (BertModel) gets an encoder and serves /v1/embeddings; any other
     // model gets the generation engine.
-    let (engine, embedder) = tokio::task::spawn_blocking(move || -> Result<_> {
-        let files = vllm_engine::resolve(&engine_args.model)?;
-        if let vllm_engine::ModelFiles::HfDir(dir) = &files {
+    let a = args.clone();
+    let (engine, embedder, sampling_defaults) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let files = vllm_engine::resolve_with(&engine_args.model, &engine_args.hub())?;
+        let dir = match &files {
+            vllm_engine::ModelFiles::HfDir(dir) => Some(dir.clone()),
+            vllm_engine::ModelFiles::Gguf(_) => None,
+        };
+        let defaults = a.sampling_defaults(dir.as_deref())?;
+        if let Some(dir) = &dir {
             if Embedder::is_embedding_model(dir) {
-                return Ok((None, Some(Arc::new(Embedder::load(dir, &engine_args)?))));
+                return Ok((None, Some(Arc::new(Embedder::load(dir, &engine_args)?)), defaults));
             }
         }
-        Ok((Some(AsyncEngine::from_files(engine_args, files)?), None))
+        Ok((Some(AsyncEngine::from_files(engine_args, files)?), None, defaults))
     })
     .await??;
     Ok(Arc::new(AppState {
         engine,
         embedder,
-        model_name: args.served_model_name.clone().unwrap_or_else(|| args.model.clone()),
-        api_key: args.api_key.clone(),
+        model_name: model_names[0].clone(),
+        model_names,
+        api_keys: args.api_key.clone(),
         chat_template,
         metrics,
         next_id: AtomicU64::new(0),
@@ -455,6 +554,8 @@ async fn build_state(
         reasoning_parser,
         constrain_reasoning,
         default_guided_backend,
+        sampling_defaults,
+        max_logprobs: args.max_logprobs,
     }))
 }
 
@@ -466,11 +567,18 @@ async fn serve(args: ServeArgs) -> Result<()> {
         ])
         .ok()
         .and_then(|b| b.install_recorder().ok());
+    // The network settings are checked before the model loads, so a typo fails fast.
+    let cors = net::cors(&args.allowed_origins, &args.allowed_methods, &args.allowed_headers, args.allow_credentials)?;
+    let root = args.root_path.as_deref().map(net::root_path).transpose()?.flatten();
+    let root_label = root.clone().unwrap_or_default();
+    let tls = match (&args.ssl_certfile, &args.ssl_keyfile) {
+        (Some(cert), Some(key)) => Some(net::tls_config(cert, key, args.ssl_ca_certs.as_deref(), args.ssl_cert_reqs)?),
+        _ => None,
+    };
     let state = build_state(&args, metrics).await?;
     let engine = state.engine.clone();
     let addr = format!("{}:{}", args.host, args.port);
     let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("binding {addr}"))?;
-    tracing::info!(model = %state.model_name, "serving on http://{addr} (OpenAI-compatible routes under /v1)");
     // Stops on SIGTERM/Ctrl-C, or when the engine core dies (then the process exits non-zero,
     // so a supervisor restarts it).
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(None::<String>);
@@ -492,10 +600,29 @@ async fn serve(args: ServeArgs) -> Result<()> {
         let _ = stop_tx.send(Some(reason.unwrap_or_default()));
     });
     let mut graceful = stop_rx.clone();
-    let server = axum::serve(listener, router(state, args.max_body_bytes, args.enable_crash_route_for_tests))
-        .with_graceful_shutdown(async move {
-            let _ = graceful.wait_for(Option::is_some).await;
-        });
+    let graceful = async move {
+        let _ = graceful.wait_for(Option::is_some).await;
+    };
+    let model_name = state.model_name.clone();
+    let app = router(state, args.max_body_bytes, args.enable_crash_route_for_tests);
+    let app = tower::ServiceBuilder::new()
+        .map_request(move |mut req: axum::extract::Request| {
+            if let Some(uri) = root.as_deref().and_then(|p| net::strip_prefix(req.uri(), p)) {
+                *req.uri_mut() = uri;
+            }
+            req
+        })
+        .layer(cors)
+        .service(app);
+    let make = axum::ServiceExt::<axum::extract::Request>::into_make_service(app);
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(model = %model_name, "serving on {scheme}://{addr}{} (OpenAI-compatible routes under /v1)", root_label);
+    let server: std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>> + Send>> = match tls {
+        Some(config) => Box::pin(
+            axum::serve(net::TlsListener::new(listener, config)?, make).with_graceful_shutdown(graceful).into_future(),
+        ),
+        None => Box::pin(axum::serve(listener, make).with_graceful_shutdown(graceful).into_future()),
+    };
     let mut deadline = stop_rx.clone();
     let drain = seconds("--shutdown-timeout", args.shutdown_timeout)?;
     tokio::select! {
@@ -540,7 +667,7 @@ fn main() -> Result<()> {
         Command::Serve(c) => rt.block_on(serve(c.args)),
         Command::RunBatch(b) => rt.block_on(async {
             let mut serve = b.serve.clone();
-            serve.api_key = None;
+            serve.api_key = Vec::new();
             let state = build_state(&serve, None).await?;
             let engine = state.engine.clone();
             let r = batch::run(router(state, usize::MAX, false), &b.input, &b.output).await;

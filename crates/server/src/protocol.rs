@@ -525,3 +525,63 @@ impl EmbeddingRequest {
             .collect())
     }
 }
+
+/// Sampling defaults for requests that leave a field out: the model's
+/// `generation_config.json` (vLLM's `--generation-config auto`, the default), a folder's, or
+/// none (`vllm`), with `--override-generation-config` on top. vLLM reads the same keys.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SamplingDefaults {
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<i32>,
+    pub min_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    /// `max_new_tokens`.
+    pub max_tokens: Option<usize>,
+}
+
+impl SamplingDefaults {
+    /// Takes the keys vLLM takes from a generation config (others are ignored, as there);
+    /// `strict`: an unknown key is an error (for the override flag, where it is a typo).
+    pub fn merge(&mut self, v: &Value, strict: bool) -> Result<(), String> {
+        let obj = v.as_object().ok_or("a generation config is a JSON object")?;
+        for (k, x) in obj {
+            let num = || x.as_f64().ok_or_else(|| format!("{k} must be a number"));
+            match k.as_str() {
+                "temperature" => self.temperature = Some(num()? as f32),
+                "top_p" => self.top_p = Some(num()? as f32),
+                "min_p" => self.min_p = Some(num()? as f32),
+                "repetition_penalty" => self.repetition_penalty = Some(num()? as f32),
+                "top_k" => {
+                    self.top_k = Some(x.as_i64().and_then(|n| i32::try_from(n).ok()).ok_or("top_k must be an integer")?)
+                }
+                "max_new_tokens" => {
+                    self.max_tokens =
+                        Some(x.as_u64().and_then(|n| usize::try_from(n).ok()).ok_or("max_new_tokens must be a count")?)
+                }
+                _ if strict => {
+                    return Err(format!(
+                        "unknown key '{k}' (temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens)"
+                    ))
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether any default is set.
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// Fills the fields a request left out.
+    pub fn apply(&self, f: &mut SamplingFields) {
+        f.temperature = f.temperature.or(self.temperature);
+        f.top_p = f.top_p.or(self.top_p);
+        f.top_k = f.top_k.or(self.top_k);
+        f.min_p = f.min_p.or(self.min_p);
+        f.repetition_penalty = f.repetition_penalty.or(self.repetition_penalty);
+        f.max_tokens = f.max_tokens.or(self.max_tokens);
+    }
+}

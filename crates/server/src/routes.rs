@@ -25,7 +25,7 @@ use vllm_tokenizer::ChatRequest as TemplateRequest;
 
 use crate::api::{
     ChatCompletionResponse, CompletionResponse, DetokenizeResponse, EmbeddingData, EmbeddingResponse, EmbeddingUsage,
-    ErrorResponse, GenerateResponse, ModelCard, ModelList, TokenizeResponse, VersionResponse,
+    ErrorResponse, GenerateResponse, ModelCard, ModelList, ModelPermission, TokenizeResponse, VersionResponse,
 };
 use crate::error::ApiError;
 use crate::render::{beam_outputs, full_response, sse, Api, Render, Tools};
@@ -40,8 +40,12 @@ pub struct AppState {
     pub engine: Option<AsyncEngine>,
     /// The encoder of an embedding model (`/v1/embeddings`).
     pub embedder: Option<Arc<Embedder>>,
+    /// The first `--served-model-name`: what responses report.
     pub model_name: String,
-    pub api_key: Option<String>,
+    /// Every `--served-model-name`: each is accepted in `model` and listed by /v1/models.
+    pub model_names: Vec<String>,
+    /// `--api-key`s (any one of them is accepted); empty: no key needed.
+    pub api_keys: Vec<String>,
     pub chat_template: Option<String>,
     pub metrics: Option<PrometheusHandle>,
     pub next_id: AtomicU64,
@@ -54,6 +58,11 @@ pub struct AppState {
     pub constrain_reasoning: bool,
     /// `--structured-outputs-config '{"backend": ...}'`: the backend for requests that name none.
     pub default_guided_backend: Option<String>,
+    /// Defaults for the sampling fields a request leaves out (`--generation-config`).
+    pub sampling_defaults: crate::protocol::SamplingDefaults,
+    /// `--max-logprobs`: the most `logprobs` / `top_logprobs` / `prompt_logprobs` a request
+    /// may ask for.
+    pub max_logprobs: usize,
 }
 
 pub type Shared = Arc<AppState>;
@@ -66,6 +75,13 @@ impl AppState {
     fn new_id(&self, prefix: &str) -> String {
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
         format!("{prefix}-{:x}{n:06x}", now())
+    }
+
+    /// A request's sampling fields with the server's defaults filled in.
+    fn sampling_fields(&self, f: &SamplingFields) -> SamplingFields {
+        let mut f = f.clone();
+        self.sampling_defaults.apply(&mut f);
+        f
     }
 
     /// A response's id: `<prefix>-<request_id>` when the client names the request (the
@@ -130,7 +146,9 @@ impl AppState {
 
     fn check_model(&self, model: Option<&str>) -> Result<(), ApiError> {
         match model {
-            Some(m) if m != self.model_name => Err(ApiError::not_found(format!("The model `{m}` does not exist."))),
+            Some(m) if !self.model_names.iter().any(|n| n == m) => {
+                Err(ApiError::not_found(format!("The model `{m}` does not exist.")))
+            }
             _ => Ok(()),
         }
     }
@@ -156,17 +174,17 @@ const OPEN_ROUTES: &[&str] = &["/health", "/ping", "/version", "/metrics", "/ope
 /// (constant-time). Also turns a panic while handling one request into a 500 for it alone.
 pub async fn auth(State(s): State<Shared>, req: Request, next: Next) -> Response {
     use futures::FutureExt;
-    if let Some(key) = &s.api_key {
-        if !OPEN_ROUTES.contains(&req.uri().path()) {
-            let given = req
-                .headers()
-                .get(header::AUTHORIZATION)
-                .and_then(|h| h.to_str().ok())
-                .and_then(|h| h.strip_prefix("Bearer "))
-                .unwrap_or("");
-            if !bool::from(given.as_bytes().ct_eq(key.as_bytes())) {
-                return ApiError::unauthorized().into_response();
-            }
+    if !s.api_keys.is_empty() && !OPEN_ROUTES.contains(&req.uri().path()) {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .unwrap_or("");
+        // Every key is compared (constant time each), so timing tells nothing about which.
+        let ok = s.api_keys.iter().fold(false, |ok, key| ok | bool::from(given.as_bytes().ct_eq(key.as_bytes())));
+        if !ok {
+            return ApiError::unauthorized().into_response();
         }
     }
     use tracing::Instrument;
@@ -240,18 +258,35 @@ pub async fn version() -> Json<VersionResponse> {
 ))]
 pub async fn models(State(s): State<Shared>) -> Json<ModelList> {
     let root = s.engine.as_ref().map_or_else(|| s.model_name.clone(), |e| e.info().model.clone());
-    Json(ModelList {
-        object: "list".into(),
-        data: vec![ModelCard {
-            id: s.model_name.clone(),
+    let created = now();
+    let data = s
+        .model_names
+        .iter()
+        .map(|name| ModelCard {
+            id: name.clone(),
             object: "model".into(),
-            created: now(),
-            owned_by: "vllm-rs".into(),
-            root,
+            created,
+            owned_by: "vllm".into(),
+            root: root.clone(),
             parent: None,
             max_model_len: s.max_model_len(),
-        }],
-    })
+            permission: vec![ModelPermission {
+                id: s.new_id("modelperm"),
+                object: "model_permission".into(),
+                created,
+                allow_create_engine: false,
+                allow_sampling: true,
+                allow_logprobs: true,
+                allow_search_indices: false,
+                allow_view: true,
+                allow_fine_tuning: false,
+                organization: "*".into(),
+                group: None,
+                is_blocking: false,
+            }],
+        })
+        .collect();
+    Json(ModelList { object: "list".into(), data })
 }
 
 #[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
@@ -379,6 +414,17 @@ async fn respond(
     // Streams carry only what is new each step; a full response needs only the final output.
     let kind = if stream.is_some() { RequestOutputKind::Delta } else { RequestOutputKind::FinalOnly };
     let mut params = SamplingParams { output_kind: kind, ..params.clone() };
+    for (field, k) in [("logprobs", params.logprobs), ("prompt_logprobs", params.prompt_logprobs)] {
+        if let Some(k) = k.filter(|&k| k > s.max_logprobs) {
+            return Err(ApiError::invalid_param(
+                field,
+                format!(
+                    "{k} log probabilities asked for; this server returns at most {} (--max-logprobs)",
+                    s.max_logprobs
+                ),
+            ));
+        }
+    }
     if let Some(g) = params.guided_decoding.as_mut() {
         if g.backend.is_none() {
             g.backend = s.default_guided_backend.clone();
@@ -429,7 +475,7 @@ pub async fn completions(
             WirePrompt::Ids(i) => Prompt::TokenIds(i),
         })
         .collect();
-    let mut params = req.sampling.to_params(Some(16))?;
+    let mut params = s.sampling_fields(&req.sampling).to_params(Some(16))?;
     params.logprobs = req.logprobs;
     check_stream(req.stream, &params)?;
     let tok = s.engine()?.tokenizer();
@@ -482,6 +528,7 @@ pub async fn chat(
     let messages = normalize_messages(&req.messages)?;
     let mut sampling = req.sampling.clone();
     sampling.max_tokens = req.max_completion_tokens.or(sampling.max_tokens);
+    let sampling = s.sampling_fields(&sampling);
     let mut params = sampling.to_params(None)?;
     let tools = tool_mode(&s, &req, &mut params)?;
     // The template runs on the blocking pool under its instruction and output budgets.
@@ -641,7 +688,7 @@ fn tool_mode(s: &AppState, req: &ChatRequest, params: &mut SamplingParams) -> Re
 pub async fn generate(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let req: GenerateRequest = parse(body)?;
     check_extra_fields(&req.extra)?;
-    let params = req.sampling.to_params(Some(16))?;
+    let params = s.sampling_fields(&req.sampling).to_params(Some(16))?;
     check_stream(req.stream, &params)?;
     let id = s.new_id("gen");
     let prompt = req.prompt.clone();
