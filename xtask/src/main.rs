@@ -32,8 +32,12 @@ enum Task {
     FetchModel,
     /// Fetch test models, then run the whole test suite in release mode.
     Test,
-    /// What CI runs: cargo fmt --check, clippy -D warnings, then the tests.
+    /// What CI runs: cargo fmt --check, the feature check, clippy -D warnings, then the tests.
     Ci,
+    /// Fails when the server, the engine's example, xtask and the test suite would build a
+    /// shared dependency with different features (and so rebuild it): the fix is to add the
+    /// union of features to crates/workspace-hack/Cargo.toml.
+    CheckFeatures,
     /// schemathesis against the release server binary (also the last step of `test`).
     FuzzApi,
     /// Benchmarks: throughput, serve, latency (optionally side by side with llama.cpp).
@@ -61,6 +65,50 @@ fn cargo(args: &[&str]) -> Result<()> {
         .with_context(|| format!("running cargo {}", args[0]))?;
     if !status.success() {
         bail!("cargo {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+/// Each dependency's resolved features when building `args` (`cargo tree -e features`).
+fn resolved_features(args: &[&str]) -> Result<std::collections::BTreeMap<String, String>> {
+    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .arg("tree")
+        .args(args)
+        .args(["-f", "{p} {f}", "--prefix", "none"])
+        .output()
+        .context("running cargo tree")?;
+    if !out.status.success() {
+        bail!("cargo tree {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    }
+    let mut map = std::collections::BTreeMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let mut parts = line.trim_end_matches(" (*)").split(' ');
+        let (Some(name), Some(version)) = (parts.next(), parts.next()) else { continue };
+        let features = parts.next().filter(|f| !f.starts_with('(')).unwrap_or("");
+        if !name.starts_with("vllm") && name != "xtask" {
+            map.insert(format!("{name} {version}"), features.to_string());
+        }
+    }
+    Ok(map)
+}
+
+/// See `Task::CheckFeatures`.
+fn check_features() -> Result<()> {
+    eprintln!("xtask: checking that the server, the example, xtask and the tests resolve the same dependency features");
+    let tests = resolved_features(&["--workspace", "-e", "normal,build,dev"])?;
+    let mut bad = Vec::new();
+    for (what, sel) in [("the server", "vllm-server"), ("the engine's example", "vllm-engine"), ("xtask", "xtask")] {
+        for (dep, features) in resolved_features(&["-p", sel, "-e", "normal,build"])? {
+            if let Some(t) = tests.get(&dep).filter(|t| **t != features) {
+                bad.push(format!("{dep}: {what} [{features}] vs the tests [{t}]"));
+            }
+        }
+    }
+    if !bad.is_empty() {
+        bail!(
+            "these dependencies would be rebuilt between builds; add the tests' features to crates/workspace-hack/Cargo.toml:\n  {}",
+            bad.join("\n  ")
+        );
     }
     Ok(())
 }
@@ -192,8 +240,10 @@ fn main() -> Result<()> {
             print!("{}", vllm_models::inspect(&path)?);
             Ok(())
         }
+        Task::CheckFeatures => check_features(),
         Task::Ci => {
             cargo(&["fmt", "--all", "--check"])?;
+            check_features()?;
             cargo(&["clippy", "--release", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
             test()
         }

@@ -645,7 +645,22 @@ async fn serve(args: ServeArgs) -> Result<()> {
     Ok(())
 }
 
-fn main() -> Result<()> {
+/// A failing start prints its error and the causes under it on one line each, never a
+/// backtrace (even with RUST_BACKTRACE set), and exits 1.
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
     let cli = Cli::parse();
     let command = match cli.command {
         Some(Command::Serve(c)) => Command::Serve(ServeCmd { model_tag: None, args: c.into_args() }),

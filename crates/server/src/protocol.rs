@@ -60,6 +60,11 @@ pub struct SamplingFields {
     /// vLLM's: log-probability tokens are written `token_id:<id>` (for tokens that are not
     /// valid UTF-8 on their own).
     pub return_tokens_as_token_ids: Option<bool>,
+    /// vLLM's: the prompt's and the output's token ids in the response.
+    pub return_token_ids: Option<bool>,
+    /// vLLM's: add the tokenizer's special tokens (BOS) to the prompt; default true for
+    /// completions, false for chat (the template writes them).
+    pub add_special_tokens: Option<bool>,
 }
 
 /// Request fields that OpenAI or vLLM define and that this server cannot honour: a 400 naming
@@ -79,10 +84,13 @@ const UNSUPPORTED_FIELDS: &[&str] = &[
     "kv_transfer_params",
     "vllm_xargs",
     "structural_tag",
+    "verbosity",
+    "thinking_token_budget",
 ];
 
 /// Informational fields that change nothing in the output: accepted and ignored.
-const INFORMATIONAL_FIELDS: &[&str] = &["user", "metadata", "store", "service_tier", "n_threads"];
+const INFORMATIONAL_FIELDS: &[&str] =
+    &["user", "metadata", "store", "service_tier", "n_threads", "prompt_cache_key", "safety_identifier"];
 
 /// The policy for request fields this server does not know: a field OpenAI or vLLM defines
 /// and this server cannot honour is a 400 naming it; an informational one is ignored; any

@@ -43,6 +43,8 @@ pub(crate) struct Render {
     pub include_reasoning: bool,
     /// `return_tokens_as_token_ids`: log-probability tokens written `token_id:<id>`.
     pub token_ids_as_tokens: bool,
+    /// `return_token_ids`: prompt and output token ids in the response.
+    pub token_ids: bool,
 }
 
 /// How a chat output becomes tool calls.
@@ -186,7 +188,7 @@ impl Render {
     ) -> Value {
         let reason = json!(c.finish_reason.map(|r| r.as_str()));
         let logprobs = self.logprobs(c, positions, offset);
-        match self.api {
+        let mut choice = match self.api {
             Api::Completion => {
                 json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason, "stop_reason": c.stop_reason})
             }
@@ -194,7 +196,11 @@ impl Render {
                 let d = if text.is_empty() { json!({}) } else { json!({"content": text}) };
                 json!({"index": index, "delta": d, "logprobs": logprobs, "finish_reason": reason, "stop_reason": c.stop_reason})
             }
+        };
+        if self.token_ids {
+            choice["token_ids"] = json!(c.token_ids); // this chunk's new ids
         }
+        choice
     }
 }
 
@@ -239,6 +245,8 @@ pub(crate) fn full_response(model: &str, render: &Render, id: &str, outs: &[Requ
                     finish_reason,
                     stop_reason,
                     prompt_logprobs: prompt_lps.clone(),
+                    prompt_token_ids: render.token_ids.then(|| o.prompt_token_ids.clone()),
+                    token_ids: render.token_ids.then(|| c.token_ids.clone()),
                 }),
                 Api::Chat => {
                     let (reasoning, text) = match &render.reasoning {
@@ -267,6 +275,7 @@ pub(crate) fn full_response(model: &str, render: &Render, id: &str, outs: &[Requ
                         finish_reason,
                         stop_reason,
                         prompt_logprobs: prompt_lps.clone(),
+                        token_ids: render.token_ids.then(|| c.token_ids.clone()),
                     })
                 }
             }
@@ -284,8 +293,18 @@ pub(crate) fn full_response(model: &str, render: &Render, id: &str, outs: &[Requ
         })
         .into_response(),
         Api::Chat => {
-            Json(ChatCompletionResponse { id, object: "chat.completion".into(), created, model, choices: chat, usage })
-                .into_response()
+            let prompt_token_ids =
+                (render.token_ids).then(|| outs.first().map(|o| o.prompt_token_ids.clone()).unwrap_or_default());
+            Json(ChatCompletionResponse {
+                id,
+                object: "chat.completion".into(),
+                created,
+                model,
+                choices: chat,
+                usage,
+                prompt_token_ids,
+            })
+            .into_response()
         }
     }
 }

@@ -487,6 +487,27 @@ pub async fn completions(
             (true, Prompt::TokenIds(ids)) => tok.decode(ids, false).map_err(ApiError::from),
         })
         .collect::<Result<Vec<_>, _>>()?;
+    // `add_special_tokens: false`: the prompt is tokenized here without BOS (off the async
+    // threads, each text first checked against the context's byte bound).
+    let prompts = if req.sampling.add_special_tokens == Some(false) {
+        let (engine, max) = (s.engine()?.clone(), s.engine()?.input_processor().max_prompt_bytes());
+        s.blocking(move || {
+            prompts
+                .into_iter()
+                .map(|p| match p {
+                    Prompt::Text(t) if t.len() > max => Err(ApiError::invalid_param(
+                        "prompt",
+                        format!("the prompt has {} bytes, more than the context holds", t.len()),
+                    )),
+                    Prompt::Text(t) => Ok(Prompt::TokenIds(engine.tokenizer().encode(&t, false)?)),
+                    p => Ok(p),
+                })
+                .collect::<Result<Vec<_>, ApiError>>()
+        })
+        .await?
+    } else {
+        prompts
+    };
     let render = Render {
         api: Api::Completion,
         echo,
@@ -495,6 +516,7 @@ pub async fn completions(
         reasoning: None,
         include_reasoning: false,
         token_ids_as_tokens: req.sampling.return_tokens_as_token_ids == Some(true),
+        token_ids: req.sampling.return_token_ids == Some(true),
     };
     let stream = req.stream.then_some(req.stream_options);
     let beam = req.sampling.beam_params(&params)?;
@@ -535,6 +557,7 @@ pub async fn chat(
     let engine = s.engine()?.clone();
     let (state, msgs) = (s.clone(), messages.clone());
     let reasoning_parser = s.reasoning_parser.clone();
+    let add_special = sampling.add_special_tokens.unwrap_or(false);
     let (ids, thinking) = s
         .blocking(move || {
             let tok = engine.tokenizer();
@@ -560,7 +583,7 @@ pub async fn chat(
                 ));
             }
             let thinking = state.reasoning_parser.as_deref().map(|p| crate::reasoning::prompt_state(p, &text));
-            Ok((tok.encode(&text, false)?, thinking))
+            Ok((tok.encode(&text, add_special)?, thinking))
         })
         .await?;
     // With a reasoning parser, a constraint (structured output, a required or named tool)
@@ -594,6 +617,7 @@ pub async fn chat(
         reasoning,
         include_reasoning: req.include_reasoning != Some(false),
         token_ids_as_tokens: sampling.return_tokens_as_token_ids == Some(true),
+        token_ids: sampling.return_token_ids == Some(true),
     };
     let stream = req.stream.then_some(req.stream_options.clone());
     let beam = sampling.beam_params(&params)?;
@@ -688,6 +712,18 @@ fn tool_mode(s: &AppState, req: &ChatRequest, params: &mut SamplingParams) -> Re
 pub async fn generate(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let req: GenerateRequest = parse(body)?;
     check_extra_fields(&req.extra)?;
+    // `/generate` answers `{"text": [...]}`: the OpenAI routes' response options mean nothing.
+    let f = &req.sampling;
+    for (field, set) in [
+        ("request_id", f.request_id.is_some()),
+        ("return_token_ids", f.return_token_ids.is_some()),
+        ("return_tokens_as_token_ids", f.return_tokens_as_token_ids.is_some()),
+        ("add_special_tokens", f.add_special_tokens.is_some()),
+    ] {
+        if set {
+            return Err(ApiError::unsupported(field, "on /generate (use /v1/completions)"));
+        }
+    }
     let params = s.sampling_fields(&req.sampling).to_params(Some(16))?;
     check_stream(req.stream, &params)?;
     let id = s.new_id("gen");

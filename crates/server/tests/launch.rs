@@ -75,6 +75,17 @@ fn values_we_cannot_serve_fail_at_start_naming_the_flag() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(flag), "{flag}: {err}");
     }
+    // A start that fails (here: no such model) prints the error, not a stack dump, even with
+    // RUST_BACKTRACE set, and exits 1.
+    let out = Command::new(env!("CARGO_BIN_EXE_vllm-server"))
+        .args(["serve", "/nonexistent/model.gguf"])
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .expect("run vllm-server");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("error: model '/nonexistent/model.gguf' not found"), "{err}");
+    assert!(!err.to_lowercase().contains("backtrace"), "{err}");
 }
 
 /// `curl` over HTTPS trusting `ca`: the status and the body (headers too with `-i` in `extra`).
@@ -260,6 +271,52 @@ async fn vllm_request_fields() {
         tokens.iter().all(|t| t.as_str().unwrap().strip_prefix("token_id:").unwrap().parse::<u32>().is_ok()),
         "{v}"
     );
+    // Token ids in the response (`return_token_ids`): the prompt's as /tokenize gives them,
+    // the output's as many as were generated; streamed, each chunk's new ids.
+    let (_, tk) = post(&c, &format!("{b}/tokenize"), json!({"prompt": "Hello there"})).await;
+    let (s, v) = post(
+        &c,
+        &format!("{b}/v1/completions"),
+        json!({"prompt": "Hello there", "max_tokens": 4, "ignore_eos": true, "return_token_ids": true}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["choices"][0]["prompt_token_ids"], tk["tokens"], "{v}");
+    assert_eq!(v["choices"][0]["token_ids"].as_array().unwrap().len(), 4, "{v}");
+    let (s, v) = post(&c, &format!("{b}/v1/chat/completions"),
+        json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "ignore_eos": true, "return_token_ids": true})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["prompt_token_ids"].as_array().unwrap().len() as u64, v["usage"]["prompt_tokens"].as_u64().unwrap());
+    assert_eq!(v["choices"][0]["token_ids"].as_array().unwrap().len(), 3, "{v}");
+    let text = c
+        .post(format!("{b}/v1/completions"))
+        .json(&json!({"prompt": "Hi", "max_tokens": 4, "ignore_eos": true, "stream": true, "return_token_ids": true}))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let streamed: usize = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|l| *l != "[DONE]")
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .map(|ch| ch["choices"][0]["token_ids"].as_array().map_or(0, |a| a.len()))
+        .sum();
+    assert_eq!(streamed, 4, "{text}");
+    // Fields this server cannot honour are refused by name; informational ones pass.
+    let (s, v) = post(
+        &c,
+        &format!("{b}/v1/chat/completions"),
+        json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "verbosity": "low"}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(v["error"]["param"], "verbosity");
+    let (s, v) = post(&c, &format!("{b}/v1/chat/completions"),
+        json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "prompt_cache_key": "k", "safety_identifier": "u1"})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
     // Usage in every chunk, growing; the last usage chunk has the totals.
     let text = c
         .post(format!("{b}/v1/chat/completions"))
