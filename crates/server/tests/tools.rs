@@ -1,7 +1,8 @@
 //! Tool calling through the real server, vLLM's way, on the default model:
 //! - `auto` with each `--tool-call-parser`: the model is made to write a fixture in that
 //!   family's real format (forced with a one-choice `structured_outputs`), and the response
-//!   carries the parsed `tool_calls` (ids, `finish_reason: "tool_calls"`), streamed and not;
+//!   carries the parsed `tool_calls` (ids, `finish_reason: "tool_calls"`), streamed and not,
+//!   read with reqwest and with the official `openai` client;
 //! - `required` and a named function, enforced by guided decoding: the arguments parse and
 //!   have the schema's required fields;
 //! - a full loop: the call, the tool's result as a `tool` message, a final answer;
@@ -87,6 +88,19 @@ async fn every_parser_reads_its_format_streamed_and_not() {
         assert_eq!(scalls.len(), 1, "{parser}");
         assert_eq!(scalls[0].0, "get_weather");
         assert_eq!(serde_json::from_str::<Value>(&scalls[0].1).unwrap(), json!({"city": "Paris"}), "{parser}");
+        // The official openai client reads the same calls, streamed and not.
+        let python = concat!(env!("CARGO_MANIFEST_DIR"), "/../../.venv/bin/python");
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/openai_tools.py");
+        let out = std::process::Command::new(python)
+            .args([script, &server.base, common::KEY, fixture])
+            .output()
+            .expect("the openai client in .venv (cargo xtask test installs it)");
+        assert!(
+            out.status.success(),
+            "{parser}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
