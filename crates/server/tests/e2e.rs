@@ -377,15 +377,7 @@ async fn server_end_to_end() {
     assert_eq!(v["choices"][0]["text"], full_text.as_str());
 
     // The official `openai` Python client (installed into .venv by `cargo xtask test`).
-    let python = concat!(env!("CARGO_MANIFEST_DIR"), "/../../.venv/bin/python");
-    assert!(
-        std::path::Path::new(python).exists(),
-        "{python} is missing: run `cargo xtask test`, which creates it with the openai client"
-    );
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/openai_client.py");
-    let out = Command::new(python).args([script, &b, KEY]).output().unwrap();
-    let log = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "openai client checks failed:\n{log}");
+    let log = common::openai_script("openai_client.py", &[&b, KEY]);
     eprintln!("{}", log.trim());
     wait_idle(&c, &b).await;
 

@@ -71,18 +71,7 @@ async fn thinking_is_split_from_the_answer_streamed_and_not() {
 
         if parser == "qwen3" {
             // The official openai client reads the split too (extra fields it keeps).
-            let python = concat!(env!("CARGO_MANIFEST_DIR"), "/../../.venv/bin/python");
-            let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/openai_reasoning.py");
-            let out = std::process::Command::new(python)
-                .args([script, &server.base, common::KEY])
-                .output()
-                .expect("the openai client in .venv (cargo xtask test installs it)");
-            assert!(
-                out.status.success(),
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
+            common::openai_script("openai_reasoning.py", &[&server.base, common::KEY]);
         }
 
         let mut body = ask(fixture);

@@ -89,18 +89,7 @@ async fn every_parser_reads_its_format_streamed_and_not() {
         assert_eq!(scalls[0].0, "get_weather");
         assert_eq!(serde_json::from_str::<Value>(&scalls[0].1).unwrap(), json!({"city": "Paris"}), "{parser}");
         // The official openai client reads the same calls, streamed and not.
-        let python = concat!(env!("CARGO_MANIFEST_DIR"), "/../../.venv/bin/python");
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/openai_tools.py");
-        let out = std::process::Command::new(python)
-            .args([script, &server.base, common::KEY, fixture])
-            .output()
-            .expect("the openai client in .venv (cargo xtask test installs it)");
-        assert!(
-            out.status.success(),
-            "{parser}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        common::openai_script("openai_tools.py", &[&server.base, common::KEY, fixture]);
     }
 }
 

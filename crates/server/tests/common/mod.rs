@@ -107,3 +107,22 @@ pub async fn wait_idle(c: &Client, base: &str, within: Duration) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Runs `tests/<script>` with the official `openai` client's Python (`.venv`, made by
+/// `cargo xtask test`) and `args`; panics with its output unless it succeeds. Returns the output.
+pub fn openai_script(script: &str, args: &[&str]) -> String {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+    let python = format!("{root}/.venv/bin/python");
+    assert!(
+        std::path::Path::new(&python).exists(),
+        "{python} is missing: run `cargo xtask test`, which creates it with the openai client"
+    );
+    let out = Command::new(&python)
+        .arg(format!("{root}/tests/{script}"))
+        .args(args)
+        .output()
+        .expect("run the openai client script");
+    let log = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{script} {args:?} failed:\n{log}");
+    log
+}
