@@ -138,7 +138,7 @@ pub(crate) fn build(args: EngineArgs, files: ModelFiles) -> Result<(EngineCore, 
         None => tokenizer,
         Some(spec) => {
             let at = crate::source::resolve_tokenizer(spec, &args.hub())?;
-            let t = if at.is_file() { tokenizer_from_gguf(&at)? } else { Tokenizer::from_hf_dir(&at)? };
+            let t = if at.is_file() { tokenizer_from_gguf(&at, opts)? } else { Tokenizer::from_hf_dir(&at)? };
             if t.vocab_size() > model.vocab_size() {
                 return Err(Error::InvalidArgument {
                     param: "tokenizer",
@@ -208,12 +208,14 @@ pub(crate) fn build(args: EngineArgs, files: ModelFiles) -> Result<(EngineCore, 
     Ok((EngineCore::new(scheduler, runner, args.seed, eos), input))
 }
 
-/// The tokenizer stored in a GGUF file (its metadata only is read).
-fn tokenizer_from_gguf(path: &std::path::Path) -> Result<Tokenizer> {
-    let bad = |e: String| Error::InvalidArgument { param: "tokenizer", message: format!("{}: {e}", path.display()) };
-    let mut f = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
-    let content = candle_core::quantized::gguf_file::Content::read(&mut f).map_err(|e| bad(e.to_string()))?;
-    Ok(Tokenizer::from_gguf(&content.metadata)?)
+/// The tokenizer stored in a GGUF file (opening it reads the metadata only).
+fn tokenizer_from_gguf(path: &std::path::Path, opts: LoadOptions) -> Result<Tokenizer> {
+    let w = vllm_models::Weights::from_gguf(path, opts, &Device::Cpu)?;
+    let md = w.gguf_metadata().ok_or_else(|| Error::InvalidArgument {
+        param: "tokenizer",
+        message: format!("{}: GGUF without metadata", path.display()),
+    })?;
+    Ok(Tokenizer::from_gguf(md)?)
 }
 
 /// One line at start: which file, its format and stored precision, and how it will run.

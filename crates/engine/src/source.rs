@@ -67,12 +67,8 @@ pub fn resolve_tokenizer(spec: &str, hub: &HubOptions) -> Result<PathBuf, Error>
     if let Some(dir) = repo.get("tokenizer.json").and_then(|f| f.parent().map(Path::to_path_buf)) {
         return Ok(dir);
     }
-    if std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true")) {
-        return Err(not_found("not in the Hugging Face cache, and HF_HUB_OFFLINE is set".into()));
-    }
-    let endpoint = std::env::var("HF_ENDPOINT").unwrap_or_else(|_| "https://huggingface.co".into());
     let fetch = || -> Result<PathBuf, String> {
-        hub_reachable(&endpoint)?;
+        hub_online()?;
         let api = hub.api(spec)?;
         let file = api.get("tokenizer.json").map_err(|e| format!("tokenizer.json: {e}"))?;
         let _ = api.get("tokenizer_config.json");
@@ -176,6 +172,15 @@ fn hf_cached(model: &str, hub: &HubOptions) -> Option<PathBuf> {
     (has_weights && dir.join("tokenizer.json").is_file()).then_some(dir)
 }
 
+/// Whether downloads may be tried: not `HF_HUB_OFFLINE`, and the Hub (`HF_ENDPOINT`)
+/// answers.
+fn hub_online() -> Result<(), String> {
+    if std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true")) {
+        return Err("HF_HUB_OFFLINE is set".into());
+    }
+    hub_reachable(&std::env::var("HF_ENDPOINT").unwrap_or_else(|_| "https://huggingface.co".into()))
+}
+
 /// Whether the Hub answers at all, within a few seconds (DNS and TCP connect).
 fn hub_reachable(endpoint: &str) -> Result<(), String> {
     let host = endpoint
@@ -203,11 +208,7 @@ fn hub_reachable(endpoint: &str) -> Result<(), String> {
 }
 
 fn hf_download(model: &str, hub: &HubOptions) -> Result<PathBuf, String> {
-    if std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true")) {
-        return Err("HF_HUB_OFFLINE is set".into());
-    }
-    let endpoint = std::env::var("HF_ENDPOINT").unwrap_or_else(|_| "https://huggingface.co".into());
-    hub_reachable(&endpoint)?;
+    hub_online()?;
     let repo = hub.api(model)?;
     let config = repo.get("config.json").map_err(|e| e.to_string())?;
     for f in &HF_FILES[1..] {

@@ -13,6 +13,7 @@ mod protocol;
 mod reasoning;
 mod render;
 mod routes;
+mod state;
 mod tools;
 
 use std::future::IntoFuture;
@@ -378,10 +379,10 @@ impl ServeArgs {
         }
     }
 
-    fn reasoning_parser(&self) -> Result<Option<Arc<dyn reasoning::ReasoningParser>>> {
+    fn reasoning_parser(&self) -> Result<Option<reasoning::ReasoningParser>> {
         let Some(name) = &self.reasoning_parser else { return Ok(None) };
         match reasoning::parser(name) {
-            Some(p) => Ok(Some(Arc::from(p))),
+            Some(p) => Ok(Some(p)),
             None => anyhow::bail!("--reasoning-parser: '{name}' is not one of {}", reasoning::PARSERS.join(", ")),
         }
     }

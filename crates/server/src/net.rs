@@ -134,49 +134,44 @@ pub fn cors(origins: &str, methods: &str, headers: &str, credentials: bool) -> R
         json_list("--allowed-methods", methods)?,
         json_list("--allowed-headers", headers)?,
     );
-    let star = |l: &[String]| l.iter().any(|x| x == "*");
-    let origin = if star(&origins) {
-        if credentials {
-            AllowOrigin::mirror_request()
-        } else {
-            AllowOrigin::any()
+    // `*` allows any; with credentials it echoes the request's value instead.
+    fn pick<T>(
+        list: &[String],
+        credentials: bool,
+        any: T,
+        mirror: T,
+        parse: impl Fn(&[String]) -> Result<T>,
+    ) -> Result<T> {
+        match (list.iter().any(|x| x == "*"), credentials) {
+            (true, false) => Ok(any),
+            (true, true) => Ok(mirror),
+            (false, _) => parse(list),
         }
-    } else {
-        let list: Vec<HeaderValue> = origins
+    }
+    let origin = pick(&origins, credentials, AllowOrigin::any(), AllowOrigin::mirror_request(), |l| {
+        let list: Vec<HeaderValue> = l
             .iter()
             .map(|o| HeaderValue::from_str(o).with_context(|| format!("--allowed-origins: '{o}'")))
             .collect::<Result<_>>()?;
-        AllowOrigin::list(list)
-    };
-    let method = if star(&methods) {
-        if credentials {
-            AllowMethods::mirror_request()
-        } else {
-            AllowMethods::any()
-        }
-    } else {
-        let list: Vec<Method> = methods
+        Ok(AllowOrigin::list(list))
+    })?;
+    let method = pick(&methods, credentials, AllowMethods::any(), AllowMethods::mirror_request(), |l| {
+        let list: Vec<Method> = l
             .iter()
             .map(|m| {
                 Method::from_bytes(m.to_ascii_uppercase().as_bytes())
                     .with_context(|| format!("--allowed-methods: '{m}'"))
             })
             .collect::<Result<_>>()?;
-        AllowMethods::list(list)
-    };
-    let header = if star(&headers) {
-        if credentials {
-            AllowHeaders::mirror_request()
-        } else {
-            AllowHeaders::any()
-        }
-    } else {
-        let list: Vec<HeaderName> = headers
+        Ok(AllowMethods::list(list))
+    })?;
+    let header = pick(&headers, credentials, AllowHeaders::any(), AllowHeaders::mirror_request(), |l| {
+        let list: Vec<HeaderName> = l
             .iter()
             .map(|h| HeaderName::from_bytes(h.as_bytes()).with_context(|| format!("--allowed-headers: '{h}'")))
             .collect::<Result<_>>()?;
-        AllowHeaders::list(list)
-    };
+        Ok(AllowHeaders::list(list))
+    })?;
     Ok(CorsLayer::new().allow_origin(origin).allow_methods(method).allow_headers(header).allow_credentials(credentials))
 }
 

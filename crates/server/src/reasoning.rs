@@ -13,62 +13,28 @@
 //! model). Structured output waits for the end tag unless the prompt closed the thinking, as
 //! in vLLM: the reasoning is free, the answer constrained.
 
-/// A model family's reasoning tags.
-pub trait ReasoningParser: Send + Sync {
+/// A model family's reasoning tags (every family differs only in these).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReasoningParser {
     /// The tag that opens the reasoning.
-    fn start(&self) -> &'static str;
+    pub start: &'static str,
     /// The tag that ends it.
-    fn end(&self) -> &'static str;
+    pub end: &'static str,
     /// Whether an output whose prompt says nothing starts in reasoning even without the
     /// start tag (DeepSeek R1 writes its thinking straight away).
-    fn open_by_default(&self) -> bool;
+    pub open_by_default: bool,
 }
 
-struct DeepSeekR1;
-impl ReasoningParser for DeepSeekR1 {
-    fn start(&self) -> &'static str {
-        "<think>"
-    }
-    fn end(&self) -> &'static str {
-        "</think>"
-    }
-    fn open_by_default(&self) -> bool {
-        true
-    }
-}
-
-struct Qwen3;
-impl ReasoningParser for Qwen3 {
-    fn start(&self) -> &'static str {
-        "<think>"
-    }
-    fn end(&self) -> &'static str {
-        "</think>"
-    }
-    fn open_by_default(&self) -> bool {
-        false
-    }
-}
-
-struct Mistral;
-impl ReasoningParser for Mistral {
-    fn start(&self) -> &'static str {
-        "[THINK]"
-    }
-    fn end(&self) -> &'static str {
-        "[/THINK]"
-    }
-    fn open_by_default(&self) -> bool {
-        false
-    }
-}
+const DEEPSEEK_R1: ReasoningParser = ReasoningParser { start: "<think>", end: "</think>", open_by_default: true };
+const QWEN3: ReasoningParser = ReasoningParser { start: "<think>", end: "</think>", open_by_default: false };
+const MISTRAL: ReasoningParser = ReasoningParser { start: "[THINK]", end: "[/THINK]", open_by_default: false };
 
 /// The parser `--reasoning-parser <name>` names.
-pub fn parser(name: &str) -> Option<Box<dyn ReasoningParser>> {
+pub fn parser(name: &str) -> Option<ReasoningParser> {
     Some(match name {
-        "deepseek_r1" => Box::new(DeepSeekR1),
-        "qwen3" | "glm45" => Box::new(Qwen3),
-        "mistral" => Box::new(Mistral),
+        "deepseek_r1" => DEEPSEEK_R1,
+        "qwen3" | "glm45" => QWEN3,
+        "mistral" => MISTRAL,
         _ => return None,
     })
 }
@@ -88,10 +54,10 @@ pub enum PromptState {
 }
 
 /// Where `prompt` leaves the thinking for `p`'s tags.
-pub fn prompt_state(p: &dyn ReasoningParser, prompt: &str) -> PromptState {
-    match (prompt.rfind(p.start()), prompt.rfind(p.end())) {
+pub fn prompt_state(p: &ReasoningParser, prompt: &str) -> PromptState {
+    match (prompt.rfind(p.start), prompt.rfind(p.end)) {
         (Some(s), e) if e.is_none_or(|e| e < s) => PromptState::Open,
-        (_, Some(e)) if prompt[e + p.end().len()..].trim().is_empty() => PromptState::Closed,
+        (_, Some(e)) if prompt[e + p.end.len()..].trim().is_empty() => PromptState::Closed,
         _ => PromptState::Unsaid,
     }
 }
@@ -129,13 +95,13 @@ pub struct Split {
 
 impl Splitter {
     /// A split for an output of a prompt in `state`.
-    pub fn new(p: &dyn ReasoningParser, state: PromptState) -> Self {
+    pub fn new(p: &ReasoningParser, state: PromptState) -> Self {
         let (phase, open) = match state {
             PromptState::Open => (Phase::Start, true),
             PromptState::Closed => (Phase::Answer, false),
-            PromptState::Unsaid => (Phase::Start, p.open_by_default()),
+            PromptState::Unsaid => (Phase::Start, p.open_by_default),
         };
-        Self { start: p.start(), end: p.end(), open, phase, pending: String::new() }
+        Self { start: p.start, end: p.end, open, phase, pending: String::new() }
     }
 
     /// Splits a finished output at once.
@@ -206,7 +172,7 @@ impl Splitter {
 mod tests {
     use super::*;
 
-    fn both(p: &dyn ReasoningParser, state: PromptState, text: &str) -> (String, String) {
+    fn both(p: &ReasoningParser, state: PromptState, text: &str) -> (String, String) {
         let whole = Splitter::new(p, state).split_all(text);
         // Streamed one character at a time, the pieces add up to the same split.
         let mut s = Splitter::new(p, state);
@@ -225,7 +191,7 @@ mod tests {
 
     #[test]
     fn deepseek_r1_thinks_from_the_start() {
-        let p = DeepSeekR1;
+        let p = DEEPSEEK_R1;
         let u = PromptState::Unsaid;
         assert_eq!(both(&p, u, "Let me see.</think>\n\nIt is 4."), ("Let me see.".into(), "\n\nIt is 4.".into()));
         assert_eq!(both(&p, u, "<think>\nhm</think>4"), ("\nhm".into(), "4".into()));
@@ -236,7 +202,7 @@ mod tests {
 
     #[test]
     fn qwen3_thinks_only_when_it_says_so() {
-        let p = Qwen3;
+        let p = QWEN3;
         let u = PromptState::Unsaid;
         assert_eq!(both(&p, u, "<think>\nok\n</think>\n\nHi!"), ("\nok\n".into(), "\n\nHi!".into()));
         assert_eq!(both(&p, u, "Hi there"), (String::new(), "Hi there".into()));
@@ -244,13 +210,13 @@ mod tests {
         assert_eq!(both(&p, u, "  <think>a"), ("a".into(), String::new()));
         // The template opened the block: the output is the thinking's inside.
         assert_eq!(both(&p, PromptState::Open, "a</think>b"), ("a".into(), "b".into()));
-        let m = Mistral;
+        let m = MISTRAL;
         assert_eq!(both(&m, u, "[THINK]x[/THINK]y"), ("x".into(), "y".into()));
     }
 
     #[test]
     fn prompt_states() {
-        let p = Qwen3;
+        let p = QWEN3;
         assert_eq!(prompt_state(&p, "<|im_start|>assistant\n<think>\n"), PromptState::Open);
         assert_eq!(prompt_state(&p, "<|im_start|>assistant\n<think>\n\n</think>\n\n"), PromptState::Closed);
         assert_eq!(prompt_state(&p, "<|im_start|>assistant\n"), PromptState::Unsaid);

@@ -1,25 +1,17 @@
 //! Route handlers. Thin: parse the wire type, submit to the engine, shape the answer.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine as _;
 use futures::stream::StreamExt;
-use metrics_exporter_prometheus::PrometheusHandle;
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
-use subtle::ConstantTimeEq;
 use vllm_engine::{
-    AsyncEngine, BeamSearchParams, Embedder, EngineHealth, OutputStream, Prompt, RequestOutput, RequestOutputKind,
-    SamplingParams,
+    BeamSearchParams, EngineHealth, OutputStream, Prompt, RequestOutput, RequestOutputKind, SamplingParams,
 };
 use vllm_tokenizer::ChatRequest as TemplateRequest;
 
@@ -34,125 +26,8 @@ use crate::render::{beam_outputs, full_response, sse, Api, Render, Tools};
 const MAX_REQUEST_TEMPLATE_BYTES: usize = 64 << 10;
 use crate::protocol::*;
 
-/// Shared server state (cheap to clone through the `Arc`).
-pub struct AppState {
-    /// The generation engine (`None` when serving an embedding model).
-    pub engine: Option<AsyncEngine>,
-    /// The encoder of an embedding model (`/v1/embeddings`).
-    pub embedder: Option<Arc<Embedder>>,
-    /// The first `--served-model-name`: what responses report.
-    pub model_name: String,
-    /// Every `--served-model-name`: each is accepted in `model` and listed by /v1/models.
-    pub model_names: Vec<String>,
-    /// `--api-key`s (any one of them is accepted); empty: no key needed.
-    pub api_keys: Vec<String>,
-    pub chat_template: Option<String>,
-    pub metrics: Option<PrometheusHandle>,
-    pub next_id: AtomicU64,
-    /// `--enable-auto-tool-choice --tool-call-parser <name>`: how `auto` tool calls are read.
-    pub tool_parser: Option<Arc<dyn crate::tools::ToolParser>>,
-    /// `--reasoning-parser <name>`: how chat outputs split into reasoning and answer.
-    pub reasoning_parser: Option<Arc<dyn crate::reasoning::ReasoningParser>>,
-    /// `--structured-outputs-config '{"enable_in_reasoning": true}'`: constraints apply
-    /// from the output's first token even while the model thinks.
-    pub constrain_reasoning: bool,
-    /// `--structured-outputs-config '{"backend": ...}'`: the backend for requests that name none.
-    pub default_guided_backend: Option<String>,
-    /// Defaults for the sampling fields a request leaves out (`--generation-config`).
-    pub sampling_defaults: crate::protocol::SamplingDefaults,
-    /// `--max-logprobs`: the most `logprobs` / `top_logprobs` / `prompt_logprobs` a request
-    /// may ask for.
-    pub max_logprobs: usize,
-}
-
-pub type Shared = Arc<AppState>;
-
-pub(crate) fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
-impl AppState {
-    fn new_id(&self, prefix: &str) -> String {
-        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
-        format!("{prefix}-{:x}{n:06x}", now())
-    }
-
-    /// A request's sampling fields with the server's defaults filled in.
-    fn sampling_fields(&self, f: &SamplingFields) -> SamplingFields {
-        let mut f = f.clone();
-        self.sampling_defaults.apply(&mut f);
-        f
-    }
-
-    /// A response's id: `<prefix>-<request_id>` when the client names the request (the
-    /// `request_id` field, else the `X-Request-Id` header, as vLLM), else a fresh one.
-    fn response_id(&self, prefix: &str, request_id: Option<&str>, headers: &HeaderMap) -> Result<String, ApiError> {
-        let given = request_id.or_else(|| headers.get("x-request-id").and_then(|v| v.to_str().ok()));
-        match given {
-            None => Ok(self.new_id(prefix)),
-            Some(r) if !r.is_empty() && r.len() <= 128 && r.bytes().all(|b| b.is_ascii_graphic()) => {
-                Ok(format!("{prefix}-{r}"))
-            }
-            Some(_) => {
-                Err(ApiError::invalid_param("request_id", "a request id is 1 to 128 printable ASCII characters"))
-            }
-        }
-    }
-
-    /// The generation engine, or a 400 saying this server only embeds.
-    fn engine(&self) -> Result<&AsyncEngine, ApiError> {
-        self.engine.as_ref().ok_or_else(|| {
-            ApiError::bad_request(format!(
-                "The model `{}` is an embedding model: it serves /v1/embeddings only.",
-                self.model_name
-            ))
-        })
-    }
-
-    fn tokenizer(&self) -> &vllm_engine::Tokenizer {
-        match (&self.engine, &self.embedder) {
-            (Some(e), _) => e.tokenizer(),
-            (None, Some(m)) => m.tokenizer(),
-            (None, None) => unreachable!("a server has an engine or an embedder"),
-        }
-    }
-
-    fn max_model_len(&self) -> usize {
-        match (&self.engine, &self.embedder) {
-            (Some(e), _) => e.info().max_model_len,
-            (None, Some(m)) => m.max_len(),
-            (None, None) => 0,
-        }
-    }
-
-    /// Runs request-sized work (templates, tokenizing) on the blocking pool, at most a few at
-    /// a time; a panic in it fails this request alone.
-    async fn blocking<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
-    ) -> Result<T, ApiError> {
-        static PERMITS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
-        let _permit = PERMITS.acquire().await.map_err(|_| ApiError::internal("the worker pool is closed"))?;
-        tokio::task::spawn_blocking(f).await.map_err(|_| ApiError::internal("processing this request failed"))?
-    }
-
-    /// The most prompt bytes worth tokenizing (more cannot fit the context).
-    fn max_prompt_bytes(&self) -> usize {
-        match &self.engine {
-            Some(e) => e.input_processor().max_prompt_bytes(),
-            None => self.max_model_len().saturating_mul(64),
-        }
-    }
-
-    fn check_model(&self, model: Option<&str>) -> Result<(), ApiError> {
-        match model {
-            Some(m) if !self.model_names.iter().any(|n| n == m) => {
-                Err(ApiError::not_found(format!("The model `{m}` does not exist.")))
-            }
-            _ => Ok(()),
-        }
-    }
-}
+pub(crate) use crate::state::now;
+pub use crate::state::{auth, AppState, Shared};
 
 /// Parses a JSON body, turning every failure (too large, malformed, wrong types) into an
 /// OpenAI-shaped error.
@@ -163,46 +38,6 @@ fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, 
 /// The body, or the OpenAI-shaped error for one that could not be read (too large, ...).
 fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     body.map_err(|e| ApiError { status: e.status(), message: e.body_text(), param: None })
-}
-
-/// Routes that compute nothing for the caller stay open when an API key is set (a load
-/// balancer's health check, the version, Prometheus, the API description): everything else
-/// needs the key.
-const OPEN_ROUTES: &[&str] = &["/health", "/ping", "/version", "/metrics", "/openapi.json"];
-
-/// `Authorization: Bearer <key>` on every route but [`OPEN_ROUTES`] when an API key is set
-/// (constant-time). Also turns a panic while handling one request into a 500 for it alone.
-pub async fn auth(State(s): State<Shared>, req: Request, next: Next) -> Response {
-    use futures::FutureExt;
-    if !s.api_keys.is_empty() && !OPEN_ROUTES.contains(&req.uri().path()) {
-        let given = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|h| h.to_str().ok())
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .unwrap_or("");
-        // Every key is compared (constant time each), so timing tells nothing about which.
-        let ok = s.api_keys.iter().fold(false, |ok, key| ok | bool::from(given.as_bytes().ct_eq(key.as_bytes())));
-        if !ok {
-            return ApiError::unauthorized().into_response();
-        }
-    }
-    use tracing::Instrument;
-    let (method, path) = (req.method().clone(), req.uri().path().to_string());
-    let started = std::time::Instant::now();
-    // A span per HTTP request: the engine's "finished request" lines carry it.
-    let span = tracing::info_span!("http", %method, %path);
-    let response = match std::panic::AssertUnwindSafe(next.run(req).instrument(span.clone())).catch_unwind().await {
-        Ok(r) => r,
-        Err(_) => ApiError::internal("the request failed unexpectedly (a bug, reported in the log)").into_response(),
-    };
-    let (status, ms) = (response.status().as_u16(), started.elapsed().as_millis() as u64);
-    if response.status().is_server_error() {
-        tracing::warn!(parent: &span, status, ms, "request failed");
-    } else {
-        tracing::info!(target: "vllm_server::requests", parent: &span, status, ms, "request");
-    }
-    response
 }
 
 /// 200 while the engine runs; 503 once its core has died (the server is exiting).
@@ -556,7 +391,7 @@ pub async fn chat(
     // The template runs on the blocking pool under its instruction and output budgets.
     let engine = s.engine()?.clone();
     let (state, msgs) = (s.clone(), messages.clone());
-    let reasoning_parser = s.reasoning_parser.clone();
+    let reasoning_parser = s.reasoning_parser;
     let add_special = sampling.add_special_tokens.unwrap_or(false);
     let (ids, thinking) = s
         .blocking(move || {
@@ -582,7 +417,7 @@ pub async fn chat(
                     format!("the conversation has {} bytes, more than the context holds", text.len()),
                 ));
             }
-            let thinking = state.reasoning_parser.as_deref().map(|p| crate::reasoning::prompt_state(p, &text));
+            let thinking = state.reasoning_parser.as_ref().map(|p| crate::reasoning::prompt_state(p, &text));
             Ok((tok.encode(&text, add_special)?, thinking))
         })
         .await?;
@@ -592,10 +427,10 @@ pub async fn chat(
         (Some(p), Some(state)) => {
             if let Some(g) = params.guided_decoding.as_mut() {
                 if state != crate::reasoning::PromptState::Closed && !s.constrain_reasoning {
-                    g.starts_after = Some(p.end().to_string());
+                    g.starts_after = Some(p.end.to_string());
                 }
             }
-            Some(crate::reasoning::Splitter::new(p.as_ref(), state))
+            Some(crate::reasoning::Splitter::new(p, state))
         }
         _ => None,
     };

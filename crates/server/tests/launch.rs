@@ -297,11 +297,8 @@ async fn vllm_request_fields() {
         .text()
         .await
         .unwrap();
-    let streamed: usize = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .filter(|l| *l != "[DONE]")
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+    let streamed: usize = common::sse_chunks(&text)
+        .iter()
         .map(|ch| ch["choices"][0]["token_ids"].as_array().map_or(0, |a| a.len()))
         .sum();
     assert_eq!(streamed, 4, "{text}");
@@ -328,12 +325,7 @@ async fn vllm_request_fields() {
         .text()
         .await
         .unwrap();
-    let chunks: Vec<serde_json::Value> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .filter(|l| *l != "[DONE]")
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let chunks = common::sse_chunks(&text);
     assert!(chunks.iter().all(|ch| ch["usage"].is_object()), "{text}");
     let completion: Vec<u64> = chunks.iter().map(|ch| ch["usage"]["completion_tokens"].as_u64().unwrap()).collect();
     assert!(completion.windows(2).all(|w| w[0] <= w[1]), "{completion:?}");

@@ -19,11 +19,7 @@ use serde_json::{json, Value};
 async fn streamed(c: &reqwest::Client, url: &str, body: Value) -> (String, String, bool) {
     let text = c.post(url).json(&body).send().await.unwrap().text().await.unwrap();
     let (mut reasoning, mut content, mut out_of_order) = (String::new(), String::new(), false);
-    for line in text.lines().filter_map(|l| l.strip_prefix("data: ")) {
-        if line == "[DONE]" {
-            break;
-        }
-        let v: Value = serde_json::from_str(line).unwrap();
+    for v in common::sse_chunks(&text) {
         for ch in v["choices"].as_array().unwrap() {
             let d = &ch["delta"];
             if let Some(r) = d["reasoning"].as_str() {

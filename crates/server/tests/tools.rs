@@ -25,11 +25,7 @@ async fn streamed_calls(c: &reqwest::Client, url: &str, body: Value) -> (Vec<(St
     let text = c.post(url).json(&body).send().await.unwrap().text().await.unwrap();
     let (mut calls, mut content, mut finish): (Vec<(String, String)>, String, String) =
         (Vec::new(), String::new(), String::new());
-    for line in text.lines().filter_map(|l| l.strip_prefix("data: ")) {
-        if line == "[DONE]" {
-            break;
-        }
-        let v: Value = serde_json::from_str(line).unwrap();
+    for v in common::sse_chunks(&text) {
         for ch in v["choices"].as_array().unwrap() {
             let d = &ch["delta"];
             if let Some(t) = d["content"].as_str() {

@@ -126,3 +126,12 @@ pub fn openai_script(script: &str, args: &[&str]) -> String {
     assert!(out.status.success(), "{script} {args:?} failed:\n{log}");
     log
 }
+
+/// The JSON chunks of a server-sent event stream, up to `[DONE]`.
+pub fn sse_chunks(text: &str) -> Vec<Value> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .take_while(|l| *l != "[DONE]")
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("chunk {l}: {e}")))
+        .collect()
+}

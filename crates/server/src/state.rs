@@ -1,0 +1,183 @@
+//! The server's shared state (the engine, the served names, keys, parsers and request
+//! defaults) and the middleware every route runs under (API keys, panic isolation, request
+//! logs).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use metrics_exporter_prometheus::PrometheusHandle;
+use subtle::ConstantTimeEq;
+use vllm_engine::{AsyncEngine, Embedder};
+
+use crate::error::ApiError;
+use crate::protocol::SamplingFields;
+
+/// Shared server state (cheap to clone through the `Arc`).
+pub struct AppState {
+    /// The generation engine (`None` when serving an embedding model).
+    pub engine: Option<AsyncEngine>,
+    /// The encoder of an embedding model (`/v1/embeddings`).
+    pub embedder: Option<Arc<Embedder>>,
+    /// The first `--served-model-name`: what responses report.
+    pub model_name: String,
+    /// Every `--served-model-name`: each is accepted in `model` and listed by /v1/models.
+    pub model_names: Vec<String>,
+    /// `--api-key`s (any one of them is accepted); empty: no key needed.
+    pub api_keys: Vec<String>,
+    pub chat_template: Option<String>,
+    pub metrics: Option<PrometheusHandle>,
+    pub next_id: AtomicU64,
+    /// `--enable-auto-tool-choice --tool-call-parser <name>`: how `auto` tool calls are read.
+    pub tool_parser: Option<Arc<dyn crate::tools::ToolParser>>,
+    /// `--reasoning-parser <name>`: how chat outputs split into reasoning and answer.
+    pub reasoning_parser: Option<crate::reasoning::ReasoningParser>,
+    /// `--structured-outputs-config '{"enable_in_reasoning": true}'`: constraints apply
+    /// from the output's first token even while the model thinks.
+    pub constrain_reasoning: bool,
+    /// `--structured-outputs-config '{"backend": ...}'`: the backend for requests that name none.
+    pub default_guided_backend: Option<String>,
+    /// Defaults for the sampling fields a request leaves out (`--generation-config`).
+    pub sampling_defaults: crate::protocol::SamplingDefaults,
+    /// `--max-logprobs`: the most `logprobs` / `top_logprobs` / `prompt_logprobs` a request
+    /// may ask for.
+    pub max_logprobs: usize,
+}
+
+pub type Shared = Arc<AppState>;
+
+pub(crate) fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+impl AppState {
+    pub(crate) fn new_id(&self, prefix: &str) -> String {
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        format!("{prefix}-{:x}{n:06x}", now())
+    }
+
+    /// A request's sampling fields with the server's defaults filled in.
+    pub(crate) fn sampling_fields(&self, f: &SamplingFields) -> SamplingFields {
+        let mut f = f.clone();
+        self.sampling_defaults.apply(&mut f);
+        f
+    }
+
+    /// A response's id: `<prefix>-<request_id>` when the client names the request (the
+    /// `request_id` field, else the `X-Request-Id` header, as vLLM), else a fresh one.
+    pub(crate) fn response_id(
+        &self,
+        prefix: &str,
+        request_id: Option<&str>,
+        headers: &HeaderMap,
+    ) -> Result<String, ApiError> {
+        let given = request_id.or_else(|| headers.get("x-request-id").and_then(|v| v.to_str().ok()));
+        match given {
+            None => Ok(self.new_id(prefix)),
+            Some(r) if !r.is_empty() && r.len() <= 128 && r.bytes().all(|b| b.is_ascii_graphic()) => {
+                Ok(format!("{prefix}-{r}"))
+            }
+            Some(_) => {
+                Err(ApiError::invalid_param("request_id", "a request id is 1 to 128 printable ASCII characters"))
+            }
+        }
+    }
+
+    /// The generation engine, or a 400 saying this server only embeds.
+    pub(crate) fn engine(&self) -> Result<&AsyncEngine, ApiError> {
+        self.engine.as_ref().ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "The model `{}` is an embedding model: it serves /v1/embeddings only.",
+                self.model_name
+            ))
+        })
+    }
+
+    pub(crate) fn tokenizer(&self) -> &vllm_engine::Tokenizer {
+        match (&self.engine, &self.embedder) {
+            (Some(e), _) => e.tokenizer(),
+            (None, Some(m)) => m.tokenizer(),
+            (None, None) => unreachable!("a server has an engine or an embedder"),
+        }
+    }
+
+    pub(crate) fn max_model_len(&self) -> usize {
+        match (&self.engine, &self.embedder) {
+            (Some(e), _) => e.info().max_model_len,
+            (None, Some(m)) => m.max_len(),
+            (None, None) => 0,
+        }
+    }
+
+    /// Runs request-sized work (templates, tokenizing) on the blocking pool, at most a few at
+    /// a time; a panic in it fails this request alone.
+    pub(crate) async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        static PERMITS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
+        let _permit = PERMITS.acquire().await.map_err(|_| ApiError::internal("the worker pool is closed"))?;
+        tokio::task::spawn_blocking(f).await.map_err(|_| ApiError::internal("processing this request failed"))?
+    }
+
+    /// The most prompt bytes worth tokenizing (more cannot fit the context).
+    pub(crate) fn max_prompt_bytes(&self) -> usize {
+        match &self.engine {
+            Some(e) => e.input_processor().max_prompt_bytes(),
+            None => self.max_model_len().saturating_mul(64),
+        }
+    }
+
+    pub(crate) fn check_model(&self, model: Option<&str>) -> Result<(), ApiError> {
+        match model {
+            Some(m) if !self.model_names.iter().any(|n| n == m) => {
+                Err(ApiError::not_found(format!("The model `{m}` does not exist.")))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Routes that compute nothing for the caller stay open when an API key is set (a load
+/// balancer's health check, the version, Prometheus, the API description): everything else
+/// needs the key.
+const OPEN_ROUTES: &[&str] = &["/health", "/ping", "/version", "/metrics", "/openapi.json"];
+
+/// `Authorization: Bearer <key>` on every route but [`OPEN_ROUTES`] when an API key is set
+/// (constant-time). Also turns a panic while handling one request into a 500 for it alone.
+pub async fn auth(State(s): State<Shared>, req: Request, next: Next) -> Response {
+    use futures::FutureExt;
+    if !s.api_keys.is_empty() && !OPEN_ROUTES.contains(&req.uri().path()) {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .unwrap_or("");
+        // Every key is compared (constant time each), so timing tells nothing about which.
+        let ok = s.api_keys.iter().fold(false, |ok, key| ok | bool::from(given.as_bytes().ct_eq(key.as_bytes())));
+        if !ok {
+            return ApiError::unauthorized().into_response();
+        }
+    }
+    use tracing::Instrument;
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let started = std::time::Instant::now();
+    // A span per HTTP request: the engine's "finished request" lines carry it.
+    let span = tracing::info_span!("http", %method, %path);
+    let response = match std::panic::AssertUnwindSafe(next.run(req).instrument(span.clone())).catch_unwind().await {
+        Ok(r) => r,
+        Err(_) => ApiError::internal("the request failed unexpectedly (a bug, reported in the log)").into_response(),
+    };
+    let (status, ms) = (response.status().as_u16(), started.elapsed().as_millis() as u64);
+    if response.status().is_server_error() {
+        tracing::warn!(parent: &span, status, ms, "request failed");
+    } else {
+        tracing::info!(target: "vllm_server::requests", parent: &span, status, ms, "request");
+    }
+    response
+}
