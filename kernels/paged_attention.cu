@@ -58,7 +58,8 @@ constexpr int WARPS = 4;
 // r belongs to sequence row_seq[r] and sees its first row_ctx[r] tokens (causal: a prompt
 // token at position p sees p + 1). Each warp takes tiles of 32 context
 // tokens in turn: lane j scores token j (keys read coalesced across lanes), the warp updates
-// its running max / sum / accumulator (HEAD_DIM / 32 dimensions per lane) online; the warps'
+// its running max / sum / accumulator (ceil(HEAD_DIM / 32) dimensions per lane: lane j owns
+// dimensions j, j + 32, ...) online; the warps'
 // partial results are merged through shared memory at the end.
 //   q        [num_rows, num_heads, HEAD_DIM]; out like q
 //   block_tables [num_seqs, max_blocks] int32; row_seq, row_ctx [num_rows] int32
@@ -72,7 +73,7 @@ __device__ void paged_attention(T* __restrict__ out, const T* __restrict__ q,
                                        const int32_t* __restrict__ row_ctx, int max_blocks,
                                        int num_heads, int num_kv_heads, int block_size,
                                        float scale, int window, float softcap) {
-  constexpr int PER_LANE = HEAD_DIM / 32;
+  constexpr int PER_LANE = (HEAD_DIM + 31) / 32;
   const int head = blockIdx.x;
   const int64_t row = blockIdx.y;
   const int seq = row_seq[row];
@@ -123,7 +124,8 @@ __device__ void paged_attention(T* __restrict__ out, const T* __restrict__ q,
       const int64_t block = table[tj / block_size];
       const T* v = value_cache + ((block * block_size + tj % block_size) * num_kv_heads + kv_head) * HEAD_DIM;
 #pragma unroll
-      for (int r = 0; r < PER_LANE; ++r) acc[r] += pj * to_f(v[lane + 32 * r]);
+      for (int r = 0; r < PER_LANE; ++r)
+        if (HEAD_DIM % 32 == 0 || lane + 32 * r < HEAD_DIM) acc[r] += pj * to_f(v[lane + 32 * r]);
     }
     m = m_new;
   }
@@ -132,7 +134,8 @@ __device__ void paged_attention(T* __restrict__ out, const T* __restrict__ q,
   __shared__ float m_s[WARPS], l_s[WARPS], acc_s[WARPS][HEAD_DIM];
   if (lane == 0) { m_s[warp] = m; l_s[warp] = l; }
 #pragma unroll
-  for (int r = 0; r < PER_LANE; ++r) acc_s[warp][lane + 32 * r] = acc[r];
+  for (int r = 0; r < PER_LANE; ++r)
+    if (HEAD_DIM % 32 == 0 || lane + 32 * r < HEAD_DIM) acc_s[warp][lane + 32 * r] = acc[r];
   __syncthreads();
   float m_all = -INFINITY;
   for (int w = 0; w < WARPS; ++w) m_all = fmaxf(m_all, m_s[w]);
@@ -172,9 +175,32 @@ CACHE_KERNELS(bf16, __nv_bfloat16)
                                  max_blocks, num_heads, num_kv_heads,                          \
                                  block_size, scale, window, softcap);                          \
   }
-ATTENTION_KERNEL(paged_attention_f32_64, float, 64)
-ATTENTION_KERNEL(paged_attention_f32_128, float, 128)
-ATTENTION_KERNEL(paged_attention_f16_64, __half, 64)
-ATTENTION_KERNEL(paged_attention_f16_128, __half, 128)
-ATTENTION_KERNEL(paged_attention_bf16_64, __nv_bfloat16, 64)
-ATTENTION_KERNEL(paged_attention_bf16_128, __nv_bfloat16, 128)
+#define ATTENTION_HEAD_SIZES(SUFFIX, T)                                                         \
+  ATTENTION_KERNEL(paged_attention_##SUFFIX##_16, T, 16)                                         \
+  ATTENTION_KERNEL(paged_attention_##SUFFIX##_32, T, 32)                                         \
+  ATTENTION_KERNEL(paged_attention_##SUFFIX##_64, T, 64)                                         \
+  ATTENTION_KERNEL(paged_attention_##SUFFIX##_80, T, 80)                                         \
+  ATTENTION_KERNEL(paged_attention_##SUFFIX##_96, T, 96)                                         \
+  ATTENTION_KERNEL(paged_attention_##SUFFIX##_128, T, 128)                                       \
+  ATTENTION_KERNEL(paged_attention_##SUFFIX##_256, T, 256)
+// The head sizes of crates/kernels/src/lib.rs's CUDA_HEAD_SIZES.
+ATTENTION_HEAD_SIZES(f32, float)
+ATTENTION_HEAD_SIZES(f16, __half)
+ATTENTION_HEAD_SIZES(bf16, __nv_bfloat16)
+
+// copy_blocks (copy-on-write of shared blocks for parallel sampling and beam search): pair p
+// copies block pairs[2p] to block pairs[2p + 1] in one cache (launched for the key and the
+// value cache; both hold block_len elements per block). grid: num_pairs; the pairs of one
+// launch never chain (the caller splits chains into ordered launches).
+template <typename T>
+__device__ void copy_blocks(T* __restrict__ cache, const int64_t* __restrict__ pairs, int64_t block_len) {
+  const int64_t src = pairs[2 * blockIdx.x] * block_len, dst = pairs[2 * blockIdx.x + 1] * block_len;
+  for (int64_t j = threadIdx.x; j < block_len; j += blockDim.x) cache[dst + j] = cache[src + j];
+}
+#define COPY_KERNEL(SUFFIX, T)                                                                   \
+  extern "C" __global__ void copy_blocks_##SUFFIX(T* cache, const int64_t* pairs, int64_t block_len) { \
+    copy_blocks<T>(cache, pairs, block_len);                                                     \
+  }
+COPY_KERNEL(f32, float)
+COPY_KERNEL(f16, __half)
+COPY_KERNEL(bf16, __nv_bfloat16)

@@ -15,7 +15,8 @@ Windowed attention (Mistral, Gemma 2) uses an 8-token window so that it matters 
 prompts and continuations.
 
 Mixtures of experts (Mixtral, Qwen3 MoE) have 4 experts with 2 per token; Gemma 3 has six
-layers (five local, one global).
+layers (five local, one global). `llama_hd64` and `qwen3_hd128` are 128 wide with two query
+heads over one key/value head of size 64 and 128: head sizes the CUDA kernels are built for.
 
 Usage (torch is only needed here, never at run or test time):
     python3 -m venv .cache/refvenv && .cache/refvenv/bin/pip install torch transformers
@@ -61,6 +62,14 @@ ARCHS = {
     "qwen3_moe": (tf.Qwen3MoeConfig, tf.Qwen3MoeForCausalLM,
                   dict(COMMON, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
                        norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])),
+    # Head sizes the GPU kernels are built for (the others use 16): the same model tests run on
+    # CUDA with these (crates/kernels CUDA_HEAD_SIZES).
+    "llama_hd64": (tf.LlamaConfig, tf.LlamaForCausalLM,
+                   dict(COMMON, hidden_size=128, intermediate_size=256, num_attention_heads=2,
+                        num_key_value_heads=1, head_dim=64, rope_theta=10000.0)),
+    "qwen3_hd128": (tf.Qwen3Config, tf.Qwen3ForCausalLM,
+                    dict(COMMON, hidden_size=128, intermediate_size=256, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=128)),
 }
 
 

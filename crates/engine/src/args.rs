@@ -149,8 +149,22 @@ pub struct EngineArgs {
     pub kv_cache_dtype: KvCacheDtype,
     /// Reuse cached prompt prefixes.
     pub enable_prefix_caching: bool,
-    /// `cpu` (or `cuda`, when built with the feature).
+    /// `cpu`, or `cuda` / `cuda:N` when built with the `cuda` feature.
     pub device: String,
+    /// Fraction of the GPU's memory this engine may take for weights, activations and the KV
+    /// cache together (vLLM's `gpu_memory_utilization`, default 0.9); the KV cache gets what is
+    /// left after the weights and a profiled step of `max_num_batched_tokens`. CUDA only (the
+    /// CPU cache is sized by `kv_cache_memory`).
+    pub gpu_memory_utilization: f64,
+    /// Run every step eagerly: no CUDA graphs for decode steps (vLLM's `enforce_eager`).
+    pub enforce_eager: bool,
+    /// Longest context a captured decode graph covers (vLLM's `max_seq_len_to_capture`,
+    /// default 8192); steps with a longer sequence run eagerly.
+    pub max_seq_len_to_capture: usize,
+    /// Sample on the model's device (greedy and temperature / top-k / top-p steps; only token
+    /// ids come back): `None` does so on a GPU only, where it saves copying every logit row to
+    /// the host; `Some(true)` also on the CPU (tests use it to run that path here).
+    pub device_sampling: Option<bool>,
     /// Prompts are computed at most this many tokens per step, so a request arriving during
     /// a long prefill waits one short step, not the whole prefill (vLLM's
     /// `long_prefill_token_threshold`); `None`: 4% of `max_model_len`, at least 256 tokens;
@@ -188,6 +202,10 @@ impl Default for EngineArgs {
             kv_cache_dtype: KvCacheDtype::Auto,
             enable_prefix_caching: true,
             device: "cpu".to_string(),
+            gpu_memory_utilization: 0.9,
+            enforce_eager: false,
+            max_seq_len_to_capture: 8192,
+            device_sampling: None,
             long_prefill_token_threshold: None,
             max_waiting_requests: 1024,
             max_output_buffer_steps: 1024,

@@ -122,7 +122,7 @@ impl AsyncEngine {
         let output_buffer = args.max_output_buffer_steps.max(1);
         let (core, input) = crate::engine::build(args, files)?;
         let info = Arc::new(EngineInfo { model, max_model_len: input.max_model_len() });
-        let stats = Arc::new(Mutex::new(EngineStats::of(&core.scheduler)));
+        let stats = Arc::new(Mutex::new(EngineStats::of(&core)));
         let (tx, rx) = std_mpsc::channel();
         let (health_tx, health) = watch::channel(EngineHealth::Alive);
         let st = stats.clone();
@@ -433,7 +433,7 @@ impl CoreLoop {
                 return;
             }
             if !self.core.has_unfinished() {
-                crate::metrics::record_stats(&EngineStats::of(&self.core.scheduler));
+                crate::metrics::record_stats(&EngineStats::of(&self.core));
                 match rx.recv() {
                     Ok(cmd) => {
                         if !self.fe.handle(&mut self.core, cmd) {
@@ -574,7 +574,7 @@ impl Frontend {
     }
 
     fn publish_stats(&self, core: &EngineCore) {
-        let s = EngineStats::of(&core.scheduler);
+        let s = EngineStats::of(core);
         crate::metrics::record_stats(&s);
         *self.stats.lock().unwrap_or_else(|p| p.into_inner()) = s;
     }
@@ -637,6 +637,6 @@ impl Frontend {
             b.job.abort(core);
             let _ = b.reply.send(Err(Error::EngineDead("the engine has stopped".into())));
         }
-        *self.stats.lock().unwrap_or_else(|p| p.into_inner()) = EngineStats::of(&core.scheduler);
+        *self.stats.lock().unwrap_or_else(|p| p.into_inner()) = EngineStats::of(core);
     }
 }

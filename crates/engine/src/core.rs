@@ -11,6 +11,7 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::ops::Range;
 use std::sync::Arc;
 
+use candle_core::Tensor;
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use vllm_block::SeqId;
@@ -83,6 +84,10 @@ pub(crate) struct EngineCore {
     /// Context past which a step carrying a prompt chunk may be suspended
     /// ([`SUSPEND_CONTEXT`]; tests lower it).
     pub(crate) suspend_context: usize,
+    /// Draw eligible steps' tokens on the model's device ([`vllm_kernels::sample`]).
+    pub(crate) device_sampling: bool,
+    /// Tokens drawn there so far.
+    pub(crate) device_sampled_tokens: u64,
 }
 
 impl EngineCore {
@@ -97,6 +102,8 @@ impl EngineCore {
             seed_rng: ChaCha8Rng::seed_from_u64(seed),
             eos,
             suspend_context: SUSPEND_CONTEXT,
+            device_sampling: false,
+            device_sampled_tokens: 0,
         }
     }
 
@@ -255,7 +262,8 @@ impl EngineCore {
             }
             _ => runner.execute(&out, None),
         };
-        let (logits, ranges) = executed?;
+        let (executed_logits, ranges) = executed?;
+        let logits = &executed_logits;
         let vocab = self.runner.model().vocab_size();
         let mut outputs: Vec<CoreOutput> = Vec::new();
         let mut slot: HashMap<String, usize> = HashMap::new();
@@ -279,17 +287,49 @@ impl EngineCore {
                 }
             }
         }
-        for (rid, lp) in self.prompt_logprobs(&out, &logits, &ranges, vocab) {
-            let i = output_for(&mut outputs, &self.requests, &rid);
-            outputs[i].prompt_logprobs.extend(lp);
-        }
         let sample_ids: Vec<SeqId> = out.sampling_ids().collect();
         // A sequence aborted while its step was suspended has no sampler: it gets no row, and
         // a placeholder token that the scheduler drops.
         let live: Vec<bool> = sample_ids.iter().map(|id| self.samplers.contains_key(id)).collect();
         let live_ids: Vec<SeqId> = sample_ids.iter().zip(&live).filter(|(_, &l)| l).map(|(&id, _)| id).collect();
+        // On the device, when every row's draw can happen there: only token ids come back.
+        let on_device = self.device_sampling
+            && !live_ids.is_empty()
+            && !out.seqs.iter().any(|s| s.all_logits)
+            && live_ids.iter().all(|id| self.samplers.get(id).is_some_and(|s| s.device_eligible()));
+        let logits = if on_device { Vec::new() } else { logits.to_host()? };
+        for (rid, lp) in self.prompt_logprobs(&out, &logits, &ranges, vocab) {
+            let i = output_for(&mut outputs, &self.requests, &rid);
+            outputs[i].prompt_logprobs.extend(lp);
+        }
         let samples = if live_ids.is_empty() {
             Vec::new()
+        } else if on_device {
+            let mut rows = Vec::with_capacity(live_ids.len());
+            let mut k = 0;
+            for (s, r) in out.seqs.iter().zip(&ranges).filter(|(s, _)| s.sample) {
+                for _ in 0..=s.forks.len() {
+                    if live[k] {
+                        rows.push((r.end - 1) as u32);
+                    }
+                    k += 1;
+                }
+            }
+            let n = rows.len();
+            let rows = executed_logits.0.index_select(&Tensor::from_vec(rows, n, executed_logits.0.device())?, 0)?;
+            let mut params = Vec::with_capacity(n);
+            for id in &live_ids {
+                let s = self.samplers.get_mut(id).ok_or(Error::Internal("a scheduled sequence has no sampler"))?;
+                params.push(s.device_params());
+            }
+            let tokens = vllm_kernels::sample::sample_rows(&rows, &params)?;
+            self.device_sampled_tokens += tokens.len() as u64;
+            let mut samples = Vec::with_capacity(n);
+            for (id, t) in live_ids.iter().zip(tokens) {
+                let s = self.samplers.get_mut(id).ok_or(Error::Internal("a scheduled sequence has no sampler"))?;
+                samples.push(s.record_device_sample(t));
+            }
+            samples
         } else {
             // Each sampling sequence's last row, once per sequence drawing from it (forks draw
             // from their parent's row, each from its own copy).

@@ -4,7 +4,7 @@
 //! [`crate::LLM`] drives it; the server uses [`crate::AsyncEngine`], which runs the same
 //! stages on different threads.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
@@ -50,11 +50,14 @@ pub struct EngineStats {
     /// KV blocks in use against the tokens they hold ([`KvMemoryUsage::waste`] is the share of
     /// allocated slots holding no token).
     pub kv_memory: KvMemoryUsage,
+    /// Tokens drawn on the model's device so far (only their ids came back to the host).
+    pub num_device_sampled_tokens: u64,
 }
 
 impl EngineStats {
-    /// The statistics of a scheduler now.
-    pub(crate) fn of(scheduler: &Scheduler) -> Self {
+    /// The statistics of an engine core now.
+    pub(crate) fn of(core: &EngineCore) -> Self {
+        let scheduler = &core.scheduler;
         let kv = scheduler.kv_cache();
         let (q, h) = kv.prefix_cache_stats();
         EngineStats {
@@ -69,6 +72,7 @@ impl EngineStats {
             num_computed_tokens: scheduler.num_computed_tokens().0,
             num_computed_prompt_tokens: scheduler.num_computed_tokens().1,
             kv_memory: kv.memory_usage(),
+            num_device_sampled_tokens: core.device_sampled_tokens,
         }
     }
 }
@@ -104,12 +108,20 @@ pub struct LLMEngine {
 /// The parts an engine is built from: the core (scheduler, model runner, samplers) and the
 /// input processor over the same model.
 pub(crate) fn build(args: EngineArgs, files: ModelFiles) -> Result<(EngineCore, InputProcessor)> {
+    if args.device.starts_with("cuda") && args.quantization == Quantization::Int8 {
+        return Err(Error::InvalidArgument {
+            param: "quantization",
+            message: "int8: our int8 kernels are CPU kernels; on CUDA leave --quantization out (GGUF files run \
+                      on candle's CUDA quantized matmul, other checkpoints in their own dtype)"
+                .into(),
+        });
+    }
     let dev = device(&args.device)?;
-    let dtype = match args.dtype {
-        ModelDtype::Auto | ModelDtype::Float32 => DType::F32,
-        ModelDtype::Float16 => DType::F16,
-        ModelDtype::BFloat16 => DType::BF16,
+    let path = match &files {
+        ModelFiles::Gguf(p) | ModelFiles::HfDir(p) => p.clone(),
     };
+    let info = vllm_models::inspect(&path).ok();
+    let dtype = resolve_dtype(args.dtype, dev.is_cuda(), info.as_ref().map(|i| &i.dtypes));
     let opts = LoadOptions {
         dtype,
         // Our quantized kernels are CPU kernels; on CUDA, candle's quantized matmul.
@@ -121,7 +133,9 @@ pub(crate) fn build(args: EngineArgs, files: ModelFiles) -> Result<(EngineCore, 
         ModelFiles::Gguf(_) => FilesKind::Gguf,
         ModelFiles::HfDir(_) => FilesKind::HfDir,
     };
-    log_what_is_served(&files, &args, dtype);
+    if let Some(info) = &info {
+        log_what_is_served(info, &files, &args, dtype, &dev);
+    }
     let (model, tokenizer) = match files {
         ModelFiles::Gguf(path) => {
             let (model, w) = vllm_models::load_gguf(&path, opts, &dev)?;
@@ -175,20 +189,32 @@ pub(crate) fn build(args: EngineArgs, files: ModelFiles) -> Result<(EngineCore, 
         KvCacheDtype::Float16 => DType::F16,
         KvCacheDtype::BFloat16 => DType::BF16,
     };
-    let per_block = KvCache::bytes_per_token(model.attn_shape(), kv_dtype) * model.num_layers() * args.block_size;
-    let num_blocks = (args.kv_cache_memory / per_block as u64) as usize;
-    if num_blocks == 0 {
-        return Err(Error::InvalidArgument {
-            param: "kv_cache_memory",
-            message: format!("{} bytes hold no block (one block takes {per_block} bytes)", args.kv_cache_memory),
-        });
-    }
-    // No point in more blocks than max_num_seqs full-length sequences.
-    let num_blocks = num_blocks.min(args.max_num_seqs.saturating_mul(max_model_len.div_ceil(args.block_size))).max(1);
     let max_num_batched_tokens = args.max_num_batched_tokens.unwrap_or(2048.max(args.max_num_seqs));
     if max_num_batched_tokens == 0 {
         return Err(Error::InvalidArgument { param: "max_num_batched_tokens", message: "must be positive".into() });
     }
+    let per_block = KvCache::bytes_per_token(model.attn_shape(), kv_dtype) * model.num_layers() * args.block_size;
+    let num_blocks = if dev.is_cpu() {
+        let n = (args.kv_cache_memory / per_block as u64) as usize;
+        if n == 0 {
+            return Err(Error::InvalidArgument {
+                param: "kv_cache_memory",
+                message: format!("{} bytes hold no block (one block takes {per_block} bytes)", args.kv_cache_memory),
+            });
+        }
+        n
+    } else {
+        let step = crate::runner::ProfileStep {
+            tokens: max_num_batched_tokens.min(max_model_len),
+            rows: args.max_num_seqs.min(max_num_batched_tokens),
+            block_size: args.block_size,
+            kv_dtype,
+        };
+        let mem = crate::cuda::memory_after_profile(&dev, &*model, step)?;
+        gpu_kv_blocks(mem, args.gpu_memory_utilization, per_block as u64)?
+    };
+    // No point in more blocks than max_num_seqs full-length sequences.
+    let num_blocks = num_blocks.min(args.max_num_seqs.saturating_mul(max_model_len.div_ceil(args.block_size))).max(1);
     let scheduler = Scheduler::new(SchedulerConfig {
         max_num_seqs: args.max_num_seqs,
         max_num_batched_tokens,
@@ -201,11 +227,14 @@ pub(crate) fn build(args: EngineArgs, files: ModelFiles) -> Result<(EngineCore, 
             .unwrap_or_else(|| (max_model_len / 25).max(256)),
     });
     tracing::info!(dtype = ?kv_dtype, blocks = num_blocks, block_size = args.block_size, "KV cache");
+    let on_gpu = dev.is_cuda();
     let runner = ModelRunner::new(model, num_blocks, args.block_size, kv_dtype, dev)?;
     let vocab = runner.model().vocab_size();
     let input = InputProcessor::new(tokenizer, vocab, max_model_len, args.max_num_seqs, args.guided_decoding.clone());
     let eos = input.tokenizer().eos_token_ids().to_vec();
-    Ok((EngineCore::new(scheduler, runner, args.seed, eos), input))
+    let mut core = EngineCore::new(scheduler, runner, args.seed, eos);
+    core.device_sampling = args.device_sampling.unwrap_or(on_gpu);
+    Ok((core, input))
 }
 
 /// The tokenizer stored in a GGUF file (opening it reads the metadata only).
@@ -219,11 +248,14 @@ fn tokenizer_from_gguf(path: &std::path::Path, opts: LoadOptions) -> Result<Toke
 }
 
 /// One line at start: which file, its format and stored precision, and how it will run.
-fn log_what_is_served(files: &ModelFiles, args: &EngineArgs, dtype: DType) {
-    let path = match files {
-        ModelFiles::Gguf(p) | ModelFiles::HfDir(p) => p,
-    };
-    let Ok(info) = vllm_models::inspect(path) else { return };
+fn log_what_is_served(
+    info: &vllm_models::ModelInfo,
+    files: &ModelFiles,
+    args: &EngineArgs,
+    dtype: DType,
+    dev: &Device,
+) {
+    let path = &info.path;
     let stored: Vec<String> = info
         .dtypes
         .iter()
@@ -232,14 +264,18 @@ fn log_what_is_served(files: &ModelFiles, args: &EngineArgs, dtype: DType) {
     let run = match (args.quantization, matches!(files, ModelFiles::Gguf(_))) {
         (Quantization::Int8, _) => "every matrix requantized to int8".to_string(),
         (Quantization::None, true) => format!("dequantized to {dtype:?}"),
+        (_, true) if info.quantization.is_some() && dev.is_cuda() => {
+            format!("kept in its own quantization (candle's CUDA kernels), other tensors {dtype:?}")
+        }
         (_, true) if info.quantization.is_some() => format!(
             "kept in its own quantization ({} kernels), other tensors {dtype:?}",
             vllm_kernels::cpu_kernel_path()
         ),
         _ => format!("in {dtype:?}"),
     };
+    let on = if dev.is_cuda() { "CUDA" } else { "CPU" };
     tracing::info!(
-        "serving {} ({}, {}, {:.1}M parameters, stored {}): {run}",
+        "serving {} ({}, {}, {:.1}M parameters, stored {}) on the {on}: {run}",
         path.display(),
         info.format,
         info.architecture,
@@ -248,26 +284,100 @@ fn log_what_is_served(files: &ModelFiles, args: &EngineArgs, dtype: DType) {
     );
 }
 
+/// The dtype weights and activations run in. `auto` is float32 on the CPU (quantized weights
+/// keep their own formats there); on a GPU it is the checkpoint's own half precision, as in
+/// vLLM: float16 for a float16 checkpoint, bfloat16 for bfloat16 and float32 ones and for
+/// GGUF files (whose float tensors are dequantized to it). `stored` counts parameters per
+/// stored dtype (`F16`, `BF16`, `F32`, `Q4_K`, ...).
+pub(crate) fn resolve_dtype(requested: ModelDtype, cuda: bool, stored: Option<&BTreeMap<String, u64>>) -> DType {
+    match requested {
+        ModelDtype::Float32 => DType::F32,
+        ModelDtype::Float16 => DType::F16,
+        ModelDtype::BFloat16 => DType::BF16,
+        ModelDtype::Auto if !cuda => DType::F32,
+        ModelDtype::Auto => {
+            let count = |k: &str| stored.and_then(|m| m.get(k)).copied().unwrap_or(0);
+            if count("F16") > count("BF16") && count("F16") >= count("F32") {
+                DType::F16
+            } else {
+                DType::BF16
+            }
+        }
+    }
+}
+
+/// GPU memory as the KV-cache sizing sees it, after the weights are loaded and one profiled
+/// step of the largest batch has run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct GpuMemory {
+    /// The device's memory.
+    pub total: u64,
+    /// Taken now: weights, the CUDA context, other processes.
+    pub in_use: u64,
+    /// What the profiled step allocated on top of `in_use` at its peak (activations, logits).
+    pub activation_peak: u64,
+}
+
+/// KV blocks that fit in `utilization` of the GPU once the weights and the activation peak are
+/// accounted for (vLLM's sizing): `total * utilization - in_use - activation_peak` bytes.
+pub(crate) fn gpu_kv_blocks(mem: GpuMemory, utilization: f64, per_block: u64) -> Result<usize> {
+    if !(utilization > 0.0 && utilization <= 1.0) {
+        return Err(Error::InvalidArgument {
+            param: "gpu_memory_utilization",
+            message: format!("{utilization} (a fraction in (0, 1])"),
+        });
+    }
+    let budget = (mem.total as f64 * utilization) as u64;
+    let needed = mem.in_use.saturating_add(mem.activation_peak);
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let blocks = budget.saturating_sub(needed) / per_block.max(1);
+    if blocks == 0 {
+        return Err(Error::InvalidArgument {
+            param: "gpu_memory_utilization",
+            message: format!(
+                "{utilization}: {:.2} GiB of the GPU's {:.2} GiB leaves no room for the KV cache after {:.2} GiB in \
+                 use (weights, context) and a {:.2} GiB activation peak; raise it, or lower --max-num-batched-tokens \
+                 / --max-num-seqs",
+                gib(budget),
+                gib(mem.total),
+                gib(mem.in_use),
+                gib(mem.activation_peak)
+            ),
+        });
+    }
+    tracing::info!(
+        "GPU memory: {:.2} GiB total, {:.2} GiB in use after loading, {:.2} GiB activation peak; KV cache {:.2} GiB \
+         ({blocks} blocks) within --gpu-memory-utilization {utilization}",
+        gib(mem.total),
+        gib(mem.in_use),
+        gib(mem.activation_peak),
+        gib(blocks * per_block)
+    );
+    usize::try_from(blocks).map_err(|_| Error::Internal("block count overflows"))
+}
+
 enum FilesKind {
     Gguf,
     HfDir,
 }
 
+/// The device a name asks for: `cpu`, or `cuda` / `cuda:N` (a GPU, with one explicit stream
+/// that loading, every step and the sampler share) when built with the `cuda` feature.
 pub(crate) fn device(name: &str) -> Result<Device> {
-    match name {
-        "cpu" | "" => Ok(Device::Cpu),
-        "cuda" if cfg!(feature = "cuda") => Err(Error::InvalidArgument {
-            param: "device",
-            message: "cuda: this build has the CUDA kernels (vllm-kernels), but the engine's CUDA path is not \
-                      wired yet (docs/cuda.md)"
-                .into(),
-        }),
-        "cuda" => Err(Error::InvalidArgument {
-            param: "device",
-            message: "cuda: this build has no CUDA support (build with `cargo xtask build-cuda`)".into(),
-        }),
-        other => Err(Error::InvalidArgument { param: "device", message: format!("'{other}' (choose cpu or cuda)") }),
-    }
+    let ordinal = match name {
+        "cpu" | "" => return Ok(Device::Cpu),
+        "cuda" => 0,
+        n => match n.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(i)) => i,
+            _ => {
+                return Err(Error::InvalidArgument {
+                    param: "device",
+                    message: format!("'{name}' (choose cpu, cuda or cuda:N)"),
+                })
+            }
+        },
+    };
+    crate::cuda::open(ordinal)
 }
 
 impl LLMEngine {
@@ -306,7 +416,7 @@ impl LLMEngine {
 
     /// Current statistics.
     pub fn stats(&self) -> EngineStats {
-        EngineStats::of(&self.core.scheduler)
+        EngineStats::of(&self.core)
     }
 
     /// A handle that aborts requests from any thread (see [`AbortHandle`]).
@@ -385,5 +495,62 @@ impl LLMEngine {
     /// The core and the input processor (beam search drives them directly).
     pub(crate) fn parts(&mut self) -> (&mut EngineCore, &InputProcessor) {
         (&mut self.core, &self.input)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_dtype_is_float32_on_the_cpu_and_the_checkpoints_half_precision_on_a_gpu() {
+        let stored = |pairs: &[(&str, u64)]| pairs.iter().map(|(k, n)| (k.to_string(), *n)).collect::<BTreeMap<_, _>>();
+        let bf16 = stored(&[("BF16", 1000), ("F32", 10)]);
+        let f16 = stored(&[("F16", 1000), ("F32", 10)]);
+        let f32 = stored(&[("F32", 1000)]);
+        let gguf = stored(&[("Q4_K", 900), ("Q6_K", 90), ("F32", 10)]);
+        for m in [&bf16, &f16, &f32, &gguf] {
+            assert_eq!(resolve_dtype(ModelDtype::Auto, false, Some(m)), DType::F32);
+        }
+        assert_eq!(resolve_dtype(ModelDtype::Auto, true, Some(&bf16)), DType::BF16);
+        assert_eq!(resolve_dtype(ModelDtype::Auto, true, Some(&f16)), DType::F16);
+        assert_eq!(resolve_dtype(ModelDtype::Auto, true, Some(&f32)), DType::BF16);
+        assert_eq!(resolve_dtype(ModelDtype::Auto, true, Some(&gguf)), DType::BF16);
+        assert_eq!(resolve_dtype(ModelDtype::Auto, true, None), DType::BF16);
+        assert_eq!(resolve_dtype(ModelDtype::Float16, true, Some(&bf16)), DType::F16);
+        assert_eq!(resolve_dtype(ModelDtype::Float32, true, Some(&bf16)), DType::F32);
+    }
+
+    #[test]
+    fn the_gpu_cache_gets_what_the_utilization_leaves() {
+        let gib = 1u64 << 30;
+        // An 80 GiB GPU, 16 GiB of weights and context, a 2 GiB activation peak, 2 MiB blocks:
+        // 0.9 * 80 - 18 = 54 GiB of cache.
+        let mem = GpuMemory { total: 80 * gib, in_use: 16 * gib, activation_peak: 2 * gib };
+        let blocks = gpu_kv_blocks(mem, 0.9, 2 << 20).unwrap();
+        assert_eq!(blocks as u64, (72 * gib - 18 * gib) / (2 << 20));
+        assert!(gpu_kv_blocks(mem, 0.5, 2 << 20).unwrap() < blocks);
+        // Nothing left, or a nonsense fraction: a clear error naming the flag.
+        let err = gpu_kv_blocks(mem, 0.2, 2 << 20).unwrap_err().to_string();
+        assert!(err.contains("gpu_memory_utilization") && err.contains("no room"), "{err}");
+        for bad in [0.0, -0.5, 1.5, f64::NAN] {
+            assert!(gpu_kv_blocks(mem, bad, 2 << 20).is_err(), "{bad}");
+        }
+        // Counts near the limits neither overflow nor panic.
+        let huge = GpuMemory { total: u64::MAX, in_use: u64::MAX, activation_peak: u64::MAX };
+        assert!(gpu_kv_blocks(huge, 1.0, 1).is_err());
+    }
+
+    #[test]
+    fn device_names() {
+        assert!(matches!(device("cpu"), Ok(Device::Cpu)));
+        for bad in ["tpu", "cuda:x", "cuda:", "CUDA"] {
+            let err = device(bad).unwrap_err().to_string();
+            assert!(err.contains("choose cpu, cuda or cuda:N"), "{bad}: {err}");
+        }
+        if !cfg!(feature = "cuda") {
+            let err = device("cuda:1").unwrap_err().to_string();
+            assert!(err.contains("no CUDA support") && err.contains("build-cuda"), "{err}");
+        }
     }
 }

@@ -28,6 +28,7 @@ mod args;
 mod async_engine;
 pub mod beam;
 mod core;
+mod cuda;
 pub mod embed;
 mod engine;
 mod input;

@@ -39,6 +39,7 @@ pub mod int8;
 pub mod kquant;
 mod ops;
 pub mod q4;
+pub mod sample;
 pub mod team;
 
 pub use ops::{gelu_erf, KvCache};
@@ -94,15 +95,52 @@ pub struct SeqAttn {
     pub block_table: Vec<u32>,
 }
 
-/// Attention metadata for one step, shared by every layer.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Attention metadata for one step, shared by every layer: built once per step, and on a GPU
+/// uploaded once per step ([`AttnMetadata::upload`]) so that no layer copies anything to the
+/// device (which is also what lets a decode step be captured as a CUDA graph).
+#[derive(Debug, Clone)]
 pub struct AttnMetadata {
     /// Tokens per block.
     pub block_size: usize,
     /// Sequences in batch order; their query tokens are contiguous in that order.
     pub seqs: Vec<SeqAttn>,
-    /// Cache slot of each query token (`block * block_size + offset`).
+    /// Cache slot of each query token (`block * block_size + offset`); negative slots
+    /// (padding rows of a graph-shaped step) are not written.
     pub slot_mapping: Vec<i64>,
+    device: Option<DeviceMeta>,
+}
+
+impl PartialEq for AttnMetadata {
+    fn eq(&self, other: &Self) -> bool {
+        self.block_size == other.block_size && self.seqs == other.seqs && self.slot_mapping == other.slot_mapping
+    }
+}
+
+/// The per-row form of a step's metadata that the GPU kernels read: each query row's
+/// sequence and visible context, and the block tables padded to one width.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelRows {
+    /// Sequence index of each query row.
+    pub row_seq: Vec<i32>,
+    /// Tokens row r sees (causal: a prompt token at position p sees p + 1).
+    pub row_ctx: Vec<i32>,
+    /// `[num_seqs, max_blocks]` block tables, padded with block 0.
+    pub tables: Vec<i32>,
+    /// Width of `tables`.
+    pub max_blocks: usize,
+}
+
+/// A step's metadata on the device (see [`AttnMetadata::upload`]).
+#[derive(Debug, Clone)]
+pub struct DeviceMeta {
+    /// `slot_mapping` as i64.
+    pub slots: candle_core::Tensor,
+    /// [`KernelRows::row_seq`] as i32.
+    pub row_seq: candle_core::Tensor,
+    /// [`KernelRows::row_ctx`] as i32.
+    pub row_ctx: candle_core::Tensor,
+    /// [`KernelRows::tables`] as i32, `[num_seqs, max_blocks]`.
+    pub tables: candle_core::Tensor,
 }
 
 impl AttnMetadata {
@@ -115,11 +153,83 @@ impl AttnMetadata {
                 slot_mapping.push(block * block_size as i64 + (pos % block_size) as i64);
             }
         }
-        Self { block_size, seqs, slot_mapping }
+        Self { block_size, seqs, slot_mapping, device: None }
+    }
+
+    /// Metadata with an explicit slot per token (negative: not written), for steps padded to
+    /// a fixed shape.
+    pub fn with_slots(block_size: usize, seqs: Vec<SeqAttn>, slot_mapping: Vec<i64>) -> Self {
+        Self { block_size, seqs, slot_mapping, device: None }
     }
 
     /// Query tokens in the batch.
     pub fn num_tokens(&self) -> usize {
         self.slot_mapping.len()
     }
+
+    /// The per-row form the GPU kernels read; tables padded to at least `min_blocks` wide.
+    pub fn kernel_rows(&self, min_blocks: usize) -> KernelRows {
+        let max_blocks = self.seqs.iter().map(|s| s.block_table.len()).max().unwrap_or(0).max(min_blocks).max(1);
+        let mut r = KernelRows { row_seq: Vec::new(), row_ctx: Vec::new(), tables: Vec::new(), max_blocks };
+        for (i, s) in self.seqs.iter().enumerate() {
+            for q in 0..s.query_len {
+                r.row_seq.push(i as i32);
+                r.row_ctx.push((s.context_len - s.query_len + q + 1) as i32);
+            }
+            r.tables.extend(s.block_table.iter().map(|&b| b as i32));
+            r.tables.extend(std::iter::repeat_n(0, max_blocks - s.block_table.len()));
+        }
+        r
+    }
+
+    /// Copies the step's metadata to `device` once, for every layer's kernels to read. Does
+    /// nothing on the CPU, whose kernels read the host vectors.
+    pub fn upload(&mut self, device: &candle_core::Device) -> candle_core::Result<()> {
+        if device.is_cpu() {
+            return Ok(());
+        }
+        let r = self.kernel_rows(1);
+        let n = self.slot_mapping.len();
+        self.device = Some(DeviceMeta {
+            slots: candle_core::Tensor::from_slice(&self.slot_mapping, n, device)?,
+            row_seq: candle_core::Tensor::from_slice(&r.row_seq, r.row_seq.len(), device)?,
+            row_ctx: candle_core::Tensor::from_slice(&r.row_ctx, r.row_ctx.len(), device)?,
+            tables: candle_core::Tensor::from_slice(&r.tables, (self.seqs.len(), r.max_blocks), device)?,
+        });
+        Ok(())
+    }
+
+    /// Uses tensors already on the device (a captured step's static buffers) as this step's
+    /// device metadata.
+    pub fn set_device(&mut self, meta: DeviceMeta) {
+        self.device = Some(meta);
+    }
+
+    /// The metadata on the device, if uploaded.
+    pub fn device(&self) -> Option<&DeviceMeta> {
+        self.device.as_ref()
+    }
+}
+
+/// Head sizes the CUDA paged-attention kernel is built for.
+pub const CUDA_HEAD_SIZES: &[usize] = &[16, 32, 64, 80, 96, 128, 256];
+
+/// Splits block copies into rounds that can each run in parallel (one GPU launch) with the
+/// same result as running every copy in order: a copy starts a new round when it reads or
+/// writes a block an earlier copy of the round wrote, or writes one it read.
+pub fn copy_rounds(pairs: &[(u32, u32)]) -> Vec<Vec<(u32, u32)>> {
+    let mut rounds: Vec<Vec<(u32, u32)>> = Vec::new();
+    let (mut read, mut written) = (std::collections::HashSet::new(), std::collections::HashSet::new());
+    for &(src, dst) in pairs {
+        let conflict = written.contains(&src) || written.contains(&dst) || read.contains(&dst);
+        if conflict || rounds.is_empty() {
+            rounds.push(Vec::new());
+            read.clear();
+            written.clear();
+        }
+        read.insert(src);
+        written.insert(dst);
+        rounds.last_mut().expect("a round was pushed").push((src, dst));
+    }
+    rounds
 }

@@ -39,7 +39,7 @@ fn cache_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<KvSlice<
 }
 
 struct WriteCache<'a> {
-    slots: &'a [i64],
+    meta: &'a AttnMetadata,
     shape: AttnShape,
     /// `Some(block_size)` for the (block-transposed) key cache.
     keys: Option<usize>,
@@ -49,8 +49,8 @@ impl WriteCache<'_> {
     fn write<T: Copy>(&self, src: &[T], cache: &mut [T]) {
         let AttnShape { num_kv_heads, head_dim, .. } = self.shape;
         match self.keys {
-            Some(bs) => cpu::reshape_and_cache_keys(src, cache, self.slots, num_kv_heads, head_dim, bs),
-            None => cpu::reshape_and_cache(src, cache, self.slots, num_kv_heads * head_dim),
+            Some(bs) => cpu::reshape_and_cache_keys(src, cache, &self.meta.slot_mapping, num_kv_heads, head_dim, bs),
+            None => cpu::reshape_and_cache(src, cache, &self.meta.slot_mapping, num_kv_heads * head_dim),
         }
     }
 }
@@ -80,7 +80,7 @@ impl InplaceOp2 for WriteCache<'_> {
         src: &candle_core::CudaStorage,
         src_l: &Layout,
     ) -> Result<()> {
-        crate::cuda::reshape_and_cache(dst, dst_l, src, src_l, self.slots, self.shape, self.keys)
+        crate::cuda::reshape_and_cache(dst, dst_l, src, src_l, self.meta, self.shape, self.keys)
     }
 }
 
@@ -103,6 +103,11 @@ impl InplaceOp1 for CopyBlocks<'_> {
             other => bail!("a {:?} kv cache", other.dtype()),
         }
         Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, dst: &mut candle_core::CudaStorage, l: &Layout) -> Result<()> {
+        crate::cuda::copy_blocks(dst, l, self.pairs, self.block_len)
     }
 }
 
@@ -235,7 +240,7 @@ impl KvCache {
             // later softmax of the sequence with NaN).
             let t = if cache.dtype() == DType::F16 { t.clamp(-65504f32, 65504f32)? } else { t.clone() };
             let t = t.to_dtype(cache.dtype())?.contiguous()?;
-            cache.inplace_op2(&t, &WriteCache { slots: &meta.slot_mapping, shape: self.shape, keys })?;
+            cache.inplace_op2(&t, &WriteCache { meta, shape: self.shape, keys })?;
         }
         Ok(())
     }

@@ -4,7 +4,8 @@
 //! of 4 interleaved between sequences). Float32 logits of every prompt position within 1e-4
 //! of the reference (relative to the row's largest logit), 16-token greedy continuations equal.
 //! The same checkpoints stored in f16 and bf16 and run in that dtype stay within 2e-2 / 1e-1
-//! and follow the reference continuation up to a near tie.
+//! and follow the reference continuation up to a near tie. `VLLM_TEST_DEVICE=cuda` runs them
+//! all on the GPU (a `--features cuda` build; scripts/gpu_acceptance.sh does).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -23,7 +24,7 @@ fn fixture(name: &str, dtype: DType) -> (Box<dyn CausalLM>, Value) {
     let text = std::fs::read_to_string(dir.join("reference.json")).unwrap();
     let opts = LoadOptions { dtype, keep_quantized: false, int8: false, native: false };
     let model = if dtype == DType::F32 {
-        load_hf_dir(&dir, opts, &Device::Cpu)
+        load_hf_dir(&dir, opts, &common::device())
     } else {
         let copy = tempfile::tempdir().unwrap();
         std::fs::copy(dir.join("config.json"), copy.path().join("config.json")).unwrap();
@@ -31,7 +32,7 @@ fn fixture(name: &str, dtype: DType) -> (Box<dyn CausalLM>, Value) {
         let converted: HashMap<String, Tensor> =
             tensors.into_iter().map(|(k, t)| (k, t.to_dtype(dtype).unwrap())).collect();
         candle_core::safetensors::save(&converted, copy.path().join("model.safetensors")).unwrap();
-        load_hf_dir(copy.path(), opts, &Device::Cpu)
+        load_hf_dir(copy.path(), opts, &common::device())
     };
     let model = model.unwrap_or_else(|e| panic!("{name} ({dtype:?}): {e}"));
     (model, serde_json::from_str(&text).unwrap())
@@ -61,6 +62,19 @@ fn check_dtype(name: &str, dtype: DType) -> f32 {
 #[test]
 fn llama() {
     check("llama");
+}
+
+/// Head size 64 (two query heads over one key/value head): a size the CUDA kernels are built
+/// for, so this fixture also runs there (`VLLM_TEST_DEVICE=cuda`).
+#[test]
+fn llama_head_size_64() {
+    check("llama_hd64");
+}
+
+/// Head size 128, as most served models have.
+#[test]
+fn qwen3_head_size_128() {
+    check("qwen3_hd128");
 }
 
 #[test]
@@ -130,9 +144,21 @@ fn unknown_architectures_are_named() {
 /// float32 reference.
 #[test]
 fn half_precision_checkpoints() {
-    for name in
-        ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "mixtral", "qwen3_moe", "opt", "gpt2"]
-    {
+    for name in [
+        "llama",
+        "llama_hd64",
+        "qwen3_hd128",
+        "mistral",
+        "qwen2",
+        "qwen3",
+        "phi3",
+        "gemma2",
+        "gemma3",
+        "mixtral",
+        "qwen3_moe",
+        "opt",
+        "gpt2",
+    ] {
         check_dtype(name, DType::F16);
         // bf16 rounding of the Qwen3 MoE fixture's weights flips one token's near-tie choice
         // between its second and third expert (a different model, not a different path: the

@@ -156,6 +156,34 @@ impl SeqSampler {
         }
     }
 
+    /// Whether this sequence's next token can be drawn on the model's device
+    /// ([`vllm_kernels::sample`]): greedy or temperature / top-k / top-p with nothing else
+    /// (no logprobs, penalties, bias, masks, min_p or guide), so only its id has to come back.
+    pub fn device_eligible(&self) -> bool {
+        !self.params.needs_logprobs()
+            && !self.params.has_processors()
+            && self.params.min_p <= 0.0
+            && self.guide.is_none()
+    }
+
+    /// The device sampler's parameters for this sequence's next token, with a uniform draw
+    /// from its own seeded generator (so a seeded request repeats on the same device).
+    pub fn device_params(&mut self) -> vllm_kernels::sample::RowParams {
+        let greedy = self.params.is_greedy();
+        vllm_kernels::sample::RowParams {
+            temperature: if greedy { 0.0 } else { self.params.temperature },
+            top_k: self.params.top_k().map_or(0, |k| k.min(u32::MAX as usize) as u32),
+            top_p: self.params.top_p,
+            u: if greedy { 0.0 } else { self.rng.random::<f32>() },
+        }
+    }
+
+    /// Notes a token the device sampler drew for this sequence.
+    pub fn record_device_sample(&mut self, token: u32) -> Sample {
+        self.record(token);
+        Sample { token, logprobs: None }
+    }
+
     /// Samples one token from a row of logits (the row is used as scratch space), with its
     /// log probabilities when the parameters ask for them. Log probabilities come from the
     /// raw row, before any processor, penalty or temperature (vLLM's `raw_logprobs`).

@@ -66,17 +66,20 @@ impl ServeCmd {
     }
 }
 
-/// vLLM flags that launch scripts pass and that change nothing on this server: GPU memory,
-/// CUDA graphs, parallelism, swap space, remote code. Accepted, with one log line each.
+/// vLLM's GPU and deployment flags. GPU memory and CUDA graphs act with `--device cuda`; the
+/// rest (parallelism, swap space, remote code), and the GPU ones on the CPU, change nothing
+/// here and are accepted for launch scripts, with one log line each.
 #[derive(Args, Clone, Default)]
 struct GpuOnlyArgs {
-    /// (vLLM, GPU) Fraction of GPU memory to use: no effect on CPU (see --kv-cache-memory).
+    /// (vLLM, GPU) Fraction of GPU memory for weights, activations and KV cache (default
+    /// 0.9); no effect on CPU (see --kv-cache-memory).
     #[arg(long)]
     gpu_memory_utilization: Option<f64>,
-    /// (vLLM, GPU) Disable CUDA graphs: no effect on CPU.
+    /// (vLLM, GPU) Run decode steps eagerly, without CUDA graphs; no effect on CPU.
     #[arg(long)]
     enforce_eager: bool,
-    /// (vLLM, GPU) Largest sequence length captured in CUDA graphs: no effect on CPU.
+    /// (vLLM, GPU) Longest context a captured decode graph covers (default 8192); no effect
+    /// on CPU.
     #[arg(long)]
     max_seq_len_to_capture: Option<usize>,
     /// (vLLM) CPU swap space per GPU in GiB: no effect (preemption recomputes).
@@ -114,7 +117,7 @@ struct GpuOnlyArgs {
 
 impl GpuOnlyArgs {
     /// Errors for values we cannot serve; a log line for each flag that has no effect.
-    fn check(&self) -> Result<()> {
+    fn check(&self, device: &str) -> Result<()> {
         for (flag, n) in [
             ("--tensor-parallel-size", self.tensor_parallel_size),
             ("--pipeline-parallel-size", self.pipeline_parallel_size),
@@ -126,10 +129,11 @@ impl GpuOnlyArgs {
         if self.enable_chunked_prefill == Some(false) {
             tracing::warn!("--enable-chunked-prefill false: prompts are always prefilled in chunks here; set --long-prefill-token-threshold 0 to turn the per-step limit off");
         }
+        let cpu = !device.starts_with("cuda");
         let unused = [
-            ("--gpu-memory-utilization", self.gpu_memory_utilization.is_some()),
-            ("--enforce-eager", self.enforce_eager),
-            ("--max-seq-len-to-capture", self.max_seq_len_to_capture.is_some()),
+            ("--gpu-memory-utilization", cpu && self.gpu_memory_utilization.is_some()),
+            ("--enforce-eager", cpu && self.enforce_eager),
+            ("--max-seq-len-to-capture", cpu && self.max_seq_len_to_capture.is_some()),
             ("--swap-space", self.swap_space.is_some()),
             ("--cpu-offload-gb", self.cpu_offload_gb.is_some()),
             ("--distributed-executor-backend", self.distributed_executor_backend.is_some()),
@@ -268,7 +272,7 @@ struct ServeArgs {
     /// Seed for requests without one.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Device: cpu (cuda needs a build with --features cuda).
+    /// Device: cpu, or cuda / cuda:N (a build with --features cuda: `cargo xtask build-cuda`).
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Largest accepted request body, in bytes.
@@ -346,6 +350,10 @@ impl ServeArgs {
             kv_cache_dtype: self.kv_cache_dtype.parse()?,
             enable_prefix_caching: !self.no_enable_prefix_caching,
             device: self.device.clone(),
+            gpu_memory_utilization: self.gpu_only.gpu_memory_utilization.unwrap_or(0.9),
+            enforce_eager: self.gpu_only.enforce_eager,
+            max_seq_len_to_capture: self.gpu_only.max_seq_len_to_capture.unwrap_or(8192),
+            device_sampling: None,
             long_prefill_token_threshold: self.long_prefill_token_threshold,
             max_waiting_requests: self.max_waiting_requests,
             max_output_buffer_steps: self.max_output_buffer_steps,
@@ -677,7 +685,7 @@ fn run() -> Result<()> {
         !serve_args.disable_log_requests,
         serve_args.gpu_only.uvicorn_log_level.as_deref(),
     )?;
-    serve_args.gpu_only.check()?;
+    serve_args.gpu_only.check(&serve_args.device)?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match command {
         Command::Serve(c) => rt.block_on(serve(c.args)),

@@ -31,7 +31,7 @@ pub fn step(model: &dyn CausalLM, caches: &[KvCache], seqs: &[(Vec<u32>, usize)]
         attn.push(SeqAttn { query_len: toks.len(), context_len: len, block_table: table });
     }
     let meta = AttnMetadata::new(BLOCK, attn);
-    let t = |v: Vec<u32>| Tensor::new(v, &Device::Cpu).unwrap();
+    let t = |v: Vec<u32>| Tensor::new(v, &device()).unwrap();
     let step = StepInput {
         input_ids: t(input),
         positions: t(positions),
@@ -42,6 +42,17 @@ pub fn step(model: &dyn CausalLM, caches: &[KvCache], seqs: &[(Vec<u32>, usize)]
     model.forward(&step, caches).unwrap().to_vec2::<f32>().unwrap()
 }
 
+/// The device the model tests run on: the CPU, or the GPU with `VLLM_TEST_DEVICE=cuda` (a
+/// build with `--features cuda`; asking for a GPU that is not there fails the tests, it never
+/// falls back).
+pub fn device() -> Device {
+    match std::env::var("VLLM_TEST_DEVICE").as_deref() {
+        Err(_) | Ok("") | Ok("cpu") => Device::Cpu,
+        Ok("cuda") => Device::new_cuda(0).unwrap_or_else(|e| panic!("VLLM_TEST_DEVICE=cuda: {e}")),
+        Ok(other) => panic!("VLLM_TEST_DEVICE={other}: cpu or cuda"),
+    }
+}
+
 /// Index of the largest value (the first on ties).
 pub fn argmax(row: &[f32]) -> u32 {
     row.iter().enumerate().fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| if v > bv { (i, v) } else { (bi, bv) }).0
@@ -50,7 +61,7 @@ pub fn argmax(row: &[f32]) -> u32 {
 
 /// One paged cache per layer, `blocks` blocks each.
 pub fn caches(model: &dyn CausalLM, blocks: usize) -> Vec<KvCache> {
-    (0..model.num_layers()).map(|_| KvCache::new(blocks, BLOCK, model.attn_shape(), &Device::Cpu).unwrap()).collect()
+    (0..model.num_layers()).map(|_| KvCache::new(blocks, BLOCK, model.attn_shape(), &device()).unwrap()).collect()
 }
 
 fn ids(v: &serde_json::Value) -> Vec<u32> {
