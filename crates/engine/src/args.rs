@@ -165,6 +165,11 @@ pub struct EngineArgs {
     /// ids come back): `None` does so on a GPU only, where it saves copying every logit row to
     /// the host; `Some(true)` also on the CPU (tests use it to run that path here).
     pub device_sampling: Option<bool>,
+    /// Decode steps in fixed shapes, padded to batch-size buckets (see `max_seq_len_to_capture`):
+    /// `None` on a GPU unless `enforce_eager`, where each bucket is captured once as a CUDA
+    /// graph and replayed; `Some(true)` also on the CPU, where the same padded steps run
+    /// eagerly (tests compare them with plain steps).
+    pub cuda_graphs: Option<bool>,
     /// Prompts are computed at most this many tokens per step, so a request arriving during
     /// a long prefill waits one short step, not the whole prefill (vLLM's
     /// `long_prefill_token_threshold`); `None`: 4% of `max_model_len`, at least 256 tokens;
@@ -206,6 +211,7 @@ impl Default for EngineArgs {
             enforce_eager: false,
             max_seq_len_to_capture: 8192,
             device_sampling: None,
+            cuda_graphs: None,
             long_prefill_token_threshold: None,
             max_waiting_requests: 1024,
             max_output_buffer_steps: 1024,

@@ -87,3 +87,124 @@ pub(crate) fn memory_after_profile(dev: &Device, model: &dyn CausalLM, step: Pro
     );
     Ok(GpuMemory { total, in_use: total - free.min(total), activation_peak: peak })
 }
+
+/// Captured decode graphs, one per batch-size bucket (see [`crate::runner::DecodeGraphs`]).
+#[cfg(feature = "cuda")]
+#[derive(Default)]
+pub(crate) struct Captures {
+    by_bucket: std::collections::HashMap<usize, Captured>,
+    /// A capture failed (a model whose step copies to the host, say): eager from then on.
+    failed: bool,
+}
+
+/// One bucket's graph and the device buffers it reads and writes: each replay copies the
+/// step's inputs into them and launches the graph, which leaves the logits in `logits`.
+#[cfg(feature = "cuda")]
+struct Captured {
+    graph: candle_core::cuda_backend::cudarc::driver::CudaGraph,
+    ids: candle_core::Tensor,
+    positions: candle_core::Tensor,
+    meta: vllm_kernels::DeviceMeta,
+    _rows: candle_core::Tensor,
+    logits: candle_core::Tensor,
+}
+
+// SAFETY: a graph is used only under the `Captures` mutex, so by one thread at a time, and on
+// the stream it was captured on (the device's one stream).
+#[cfg(feature = "cuda")]
+unsafe impl Send for Captured {}
+
+/// Runs a fixed-shape decode step through its bucket's graph (captured on first use).
+#[cfg(feature = "cuda")]
+pub(crate) fn run_decode_graph(
+    runner: &crate::runner::ModelRunner,
+    graphs: &crate::runner::DecodeGraphs,
+    meta: &vllm_kernels::AttnMetadata,
+    ids: &[u32],
+    positions: &[u32],
+    bucket: usize,
+    width: usize,
+) -> Result<candle_core::Tensor> {
+    use candle_core::Tensor;
+    let dev = runner.device().clone();
+    let mut caps = graphs.captured.lock().unwrap_or_else(|p| p.into_inner());
+    if !caps.failed && !caps.by_bucket.contains_key(&bucket) {
+        match capture(runner, &dev, bucket, width) {
+            Ok(c) => {
+                tracing::info!(bucket, "captured a CUDA graph for decode steps of this batch size");
+                caps.by_bucket.insert(bucket, c);
+            }
+            Err(e) => {
+                tracing::warn!("CUDA graph capture failed, decode steps run eagerly from now on: {e}");
+                caps.failed = true;
+            }
+        }
+    }
+    let Some(c) = caps.by_bucket.get(&bucket) else {
+        return runner.forward_fixed_shape(meta.clone(), ids, positions, bucket, width);
+    };
+    let rows = meta.kernel_rows(width);
+    c.ids.slice_set(&Tensor::from_slice(ids, bucket, &dev)?, 0, 0)?;
+    c.positions.slice_set(&Tensor::from_slice(positions, bucket, &dev)?, 0, 0)?;
+    c.meta.slots.slice_set(&Tensor::from_slice(&meta.slot_mapping, bucket, &dev)?, 0, 0)?;
+    c.meta.row_seq.slice_set(&Tensor::from_slice(&rows.row_seq, bucket, &dev)?, 0, 0)?;
+    c.meta.row_ctx.slice_set(&Tensor::from_slice(&rows.row_ctx, bucket, &dev)?, 0, 0)?;
+    c.meta.tables.slice_set(&Tensor::from_slice(&rows.tables, (bucket, width), &dev)?, 0, 0)?;
+    c.graph.launch().map_err(|e| Error::StepFailed(format!("CUDA graph launch: {e}")))?;
+    Ok(c.logits.clone())
+}
+
+/// Captures one bucket's decode step: static buffers, one eager warm-up (kernels loaded,
+/// candle's upload cache filled), then the same forward recorded as a graph.
+#[cfg(feature = "cuda")]
+fn capture(runner: &crate::runner::ModelRunner, dev: &Device, bucket: usize, width: usize) -> Result<Captured> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    use candle_core::{DType, Tensor};
+    use vllm_kernels::{AttnMetadata, DeviceMeta, SeqAttn};
+    let Device::Cuda(cuda) = dev else { return Err(Error::Internal("graph capture on a CPU device")) };
+    let ids = Tensor::zeros(bucket, DType::U32, dev)?;
+    let positions = Tensor::zeros(bucket, DType::U32, dev)?;
+    let rows = Tensor::arange(0u32, bucket as u32, dev)?;
+    let dm = DeviceMeta {
+        slots: Tensor::full(-1i64, bucket, dev)?,
+        row_seq: Tensor::arange(0i32, bucket as i32, dev)?,
+        row_ctx: Tensor::ones(bucket, DType::I32, dev)?,
+        tables: Tensor::zeros((bucket, width), DType::I32, dev)?,
+    };
+    let mut meta = AttnMetadata::with_slots(
+        runner.block_size(),
+        vec![SeqAttn { query_len: 1, context_len: 1, block_table: vec![0] }; bucket],
+        vec![-1; bucket],
+    );
+    meta.set_device(dm.clone());
+    let input = vllm_models::StepInput {
+        input_ids: ids.clone(),
+        positions: positions.clone(),
+        logits_indices: rows.clone(),
+        attn: &meta,
+        between_layers: None,
+    };
+    let vocab = runner.model().vocab_size();
+    let logits = Tensor::zeros((bucket, vocab), DType::F32, dev)?;
+    let step = || -> Result<()> {
+        let l = runner.model().forward(&input, runner.caches())?.to_dtype(DType::F32)?;
+        logits.slice_set(&l, 0, 0)?;
+        Ok(())
+    };
+    let _uploads = cuda.enable_cuda_graph_htod_cache();
+    step()?;
+    let stream = cuda.cuda_stream();
+    let gpu = |what: &str, e: candle_core::cuda_backend::cudarc::driver::DriverError| {
+        Error::StepFailed(format!("CUDA graph {what}: {e}"))
+    };
+    stream.synchronize().map_err(|e| gpu("warm-up", e))?;
+    stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(|e| gpu("begin", e))?;
+    let recorded = step();
+    // End the capture whatever happened, so the stream leaves capture mode.
+    let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
+    recorded?;
+    let graph =
+        graph.map_err(|e| gpu("instantiate", e))?.ok_or(Error::StepFailed("CUDA graph: nothing captured".into()))?;
+    graph.upload().map_err(|e| gpu("upload", e))?;
+    Ok(Captured { graph, ids, positions, meta: dm, _rows: rows, logits })
+}

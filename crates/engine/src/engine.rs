@@ -52,6 +52,8 @@ pub struct EngineStats {
     pub kv_memory: KvMemoryUsage,
     /// Tokens drawn on the model's device so far (only their ids came back to the host).
     pub num_device_sampled_tokens: u64,
+    /// Decode steps run in fixed shapes (replayed CUDA graphs on a GPU) so far.
+    pub num_graph_steps: u64,
 }
 
 impl EngineStats {
@@ -73,6 +75,7 @@ impl EngineStats {
             num_computed_prompt_tokens: scheduler.num_computed_tokens().1,
             kv_memory: kv.memory_usage(),
             num_device_sampled_tokens: core.device_sampled_tokens,
+            num_graph_steps: core.runner.fixed_shape_steps(),
         }
     }
 }
@@ -228,7 +231,12 @@ pub(crate) fn build(args: EngineArgs, files: ModelFiles) -> Result<(EngineCore, 
     });
     tracing::info!(dtype = ?kv_dtype, blocks = num_blocks, block_size = args.block_size, "KV cache");
     let on_gpu = dev.is_cuda();
-    let runner = ModelRunner::new(model, num_blocks, args.block_size, kv_dtype, dev)?;
+    let mut runner = ModelRunner::new(model, num_blocks, args.block_size, kv_dtype, dev)?;
+    if args.cuda_graphs.unwrap_or(on_gpu && !args.enforce_eager) && args.max_seq_len_to_capture > 0 {
+        let max_len = args.max_seq_len_to_capture.min(max_model_len);
+        runner = runner.with_graphs(crate::runner::DecodeGraphs::new(max_len, args.max_num_seqs));
+        tracing::info!(max_len, "decode steps in fixed shapes{}", if on_gpu { " (CUDA graphs)" } else { "" });
+    }
     let vocab = runner.model().vocab_size();
     let input = InputProcessor::new(tokenizer, vocab, max_model_len, args.max_num_seqs, args.guided_decoding.clone());
     let eos = input.tokenizer().eos_token_ids().to_vec();

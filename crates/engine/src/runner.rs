@@ -16,6 +16,47 @@ pub struct ModelRunner {
     caches: Vec<KvCache>,
     block_size: usize,
     device: Device,
+    graphs: Option<DecodeGraphs>,
+}
+
+/// Decode steps in fixed shapes (vLLM's CUDA graphs): a step whose sequences each feed one
+/// token, with no context past `max_len`, is padded to the next batch-size bucket (padding
+/// rows write no cache slot) and its block tables to `max_len / block_size` columns, so every
+/// step of a bucket has the same shapes and the same device buffers. On a GPU each bucket's
+/// step is captured once as a CUDA graph and replayed; on the CPU the same padded steps run
+/// eagerly (the shape path is tested here without a GPU).
+pub(crate) struct DecodeGraphs {
+    /// Longest context a fixed-shape step covers (`max_seq_len_to_capture`).
+    pub max_len: usize,
+    /// The largest bucket (`max_num_seqs`, rounded up to a bucket).
+    pub max_batch: usize,
+    /// Steps run in fixed shapes so far.
+    steps: std::sync::atomic::AtomicU64,
+    #[cfg(feature = "cuda")]
+    pub(crate) captured: std::sync::Mutex<crate::cuda::Captures>,
+}
+
+/// The batch sizes fixed-shape steps are padded to (vLLM's capture sizes): 1, 2, 4, then every
+/// multiple of 8.
+pub(crate) fn graph_bucket(n: usize) -> usize {
+    match n {
+        0..=1 => 1,
+        2 => 2,
+        3..=4 => 4,
+        _ => n.div_ceil(8) * 8,
+    }
+}
+
+impl DecodeGraphs {
+    pub(crate) fn new(max_len: usize, max_num_seqs: usize) -> Self {
+        Self {
+            max_len,
+            max_batch: graph_bucket(max_num_seqs),
+            steps: Default::default(),
+            #[cfg(feature = "cuda")]
+            captured: Default::default(),
+        }
+    }
 }
 
 impl ModelRunner {
@@ -31,7 +72,96 @@ impl ModelRunner {
         let caches = (0..model.num_layers())
             .map(|_| KvCache::with_dtype(num_blocks, block_size, shape, kv_dtype, &device))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(Self { model, caches, block_size, device })
+        Ok(Self { model, caches, block_size, device, graphs: None })
+    }
+
+    /// Runs decode steps in fixed shapes (see [`DecodeGraphs`]).
+    pub(crate) fn with_graphs(mut self, graphs: DecodeGraphs) -> Self {
+        self.graphs = Some(graphs);
+        self
+    }
+
+    /// The bucket a step runs in, if it is a decode step a fixed shape covers.
+    fn graph_shape(&self, out: &SchedulerOutput, between_layers: bool) -> Option<usize> {
+        let g = self.graphs.as_ref()?;
+        let fits = !between_layers
+            && !out.seqs.is_empty()
+            && out.seqs.len() <= g.max_batch
+            && out.seqs.iter().all(|s| s.token_ids.len() == 1 && s.sample && !s.all_logits && s.start_pos < g.max_len);
+        fits.then(|| graph_bucket(out.seqs.len()))
+    }
+
+    /// A decode step padded to `bucket` rows and `max_len / block_size` table columns.
+    fn execute_fixed_shape(&self, out: &SchedulerOutput, bucket: usize) -> Result<(Logits, Vec<Range<usize>>)> {
+        let g = self.graphs.as_ref().ok_or(crate::Error::Internal("fixed-shape step without graphs"))?;
+        g.steps.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let n = out.seqs.len();
+        let mut ids = vec![0u32; bucket];
+        let mut positions = vec![0u32; bucket];
+        let mut slots = vec![-1i64; bucket];
+        let mut seqs = Vec::with_capacity(bucket);
+        for (i, s) in out.seqs.iter().enumerate() {
+            ids[i] = s.token_ids[0];
+            positions[i] = s.start_pos as u32;
+            let block = s.block_ids[s.start_pos / self.block_size] as i64;
+            slots[i] = block * self.block_size as i64 + (s.start_pos % self.block_size) as i64;
+            seqs.push(SeqAttn { query_len: 1, context_len: s.start_pos + 1, block_table: s.block_ids.clone() });
+        }
+        // Padding rows: one token of context in block 0, never written (slot -1).
+        seqs.resize(bucket, SeqAttn { query_len: 1, context_len: 1, block_table: vec![0] });
+        let meta = AttnMetadata::with_slots(self.block_size, seqs, slots);
+        let table_width = g.max_len.div_ceil(self.block_size);
+        let ranges = (0..n).map(|i| i..i + 1).collect();
+        #[cfg(feature = "cuda")]
+        if self.device.is_cuda() {
+            let logits = crate::cuda::run_decode_graph(self, g, &meta, &ids, &positions, bucket, table_width)?;
+            return Ok((Logits(logits.narrow(0, 0, n)?), ranges));
+        }
+        let logits = self.forward_fixed_shape(meta, &ids, &positions, bucket, table_width)?;
+        Ok((Logits(logits.narrow(0, 0, n)?), ranges))
+    }
+
+    /// A fixed-shape step run eagerly: `[bucket, vocab]` f32 logits.
+    pub(crate) fn forward_fixed_shape(
+        &self,
+        mut meta: AttnMetadata,
+        ids: &[u32],
+        positions: &[u32],
+        bucket: usize,
+        table_width: usize,
+    ) -> Result<Tensor> {
+        meta.upload_padded(&self.device, table_width)?;
+        let input = StepInput {
+            input_ids: Tensor::from_slice(ids, bucket, &self.device)?,
+            positions: Tensor::from_slice(positions, bucket, &self.device)?,
+            logits_indices: Tensor::arange(0u32, bucket as u32, &self.device)?,
+            attn: &meta,
+            between_layers: None,
+        };
+        Ok(self.model.forward(&input, &self.caches)?.to_dtype(DType::F32)?)
+    }
+
+    /// The device the model runs on.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Tokens per KV block.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    /// Decode steps run in fixed shapes (CUDA graphs on a GPU) so far.
+    pub(crate) fn fixed_shape_steps(&self) -> u64 {
+        self.graphs.as_ref().map_or(0, |g| g.steps.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// The caches (one per layer).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn caches(&self) -> &[KvCache] {
+        &self.caches
     }
 
     /// The model.
@@ -52,6 +182,9 @@ impl ModelRunner {
             for cache in &self.caches {
                 cache.copy_blocks(&pairs)?;
             }
+        }
+        if let Some(bucket) = self.graph_shape(out, between_layers.is_some()) {
+            return self.execute_fixed_shape(out, bucket);
         }
         let n: usize = out.seqs.iter().map(|s| s.token_ids.len()).sum();
         let mut ids = Vec::with_capacity(n);
@@ -144,4 +277,26 @@ pub(crate) fn profile_step(model: &dyn CausalLM, step: ProfileStep, device: &Dev
     // Wait for the device: the peak is read after the step has run.
     logits.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_one_two_four_then_multiples_of_eight() {
+        let got: Vec<usize> = [1, 2, 3, 4, 5, 8, 9, 16, 17, 255, 256].iter().map(|&n| graph_bucket(n)).collect();
+        assert_eq!(got, [1, 2, 4, 4, 8, 8, 16, 16, 24, 256, 256]);
+        assert_eq!(DecodeGraphs::new(8192, 100).max_batch, 104);
+    }
+
+    /// The profile step (the GPU's KV sizing runs it) over a real model on the CPU.
+    #[test]
+    fn the_profile_step_runs_a_full_batch() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/models/llama");
+        let opts = vllm_models::LoadOptions { dtype: DType::F32, keep_quantized: false, int8: false, native: false };
+        let model = vllm_models::load_hf_dir(dir.as_ref(), opts, &Device::Cpu).unwrap();
+        let step = ProfileStep { tokens: 100, rows: 8, block_size: 16, kv_dtype: DType::F16 };
+        profile_step(&*model, step, &Device::Cpu).unwrap();
+    }
 }

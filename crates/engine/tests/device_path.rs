@@ -106,3 +106,61 @@ fn gpu_flags_are_checked_before_anything_loads() {
         assert!(err.to_string().contains("build-cuda"), "{err}");
     }
 }
+
+fn fixed_shape(max_len: usize) -> LLM {
+    llm_with(|a| {
+        a.cuda_graphs = Some(true);
+        a.max_seq_len_to_capture = max_len;
+    })
+}
+
+/// Decode steps padded to batch-size buckets with fixed-width block tables (what a CUDA graph
+/// replays) give the plain steps' results: the padding rows write nothing and are dropped.
+#[test]
+fn fixed_shape_decode_steps_match_plain_steps() {
+    let plain = on_device(false);
+    // 40 tokens of context at most in fixed shapes: these prompts (6-14 tokens) decode 32
+    // tokens, so steps switch from fixed shapes to plain ones mid-request.
+    let graphs = fixed_shape(40);
+    let p = SamplingParams { ignore_eos: true, logprobs: Some(2), ..SamplingParams::greedy(32) };
+    // 1, 3 (bucket 4) and 5 (bucket 8) sequences at once.
+    for batch in [&PROMPTS[..1], &PROMPTS[..], &[PROMPTS[0], PROMPTS[1], PROMPTS[2], "Hello", "Water boils at"][..]] {
+        let a = plain.generate(batch.iter().copied(), p.clone()).unwrap();
+        let b = graphs.generate(batch.iter().copied(), p.clone()).unwrap();
+        for (x, y) in a.iter().zip(&b) {
+            let (x, y) = (&x.outputs[0], &y.outputs[0]);
+            assert_eq!(x.token_ids, y.token_ids);
+            for (lx, ly) in x.logprobs.as_ref().unwrap().iter().zip(y.logprobs.as_ref().unwrap()) {
+                for (l, m) in
+                    std::iter::once(&lx.sampled).chain(&lx.top).zip(std::iter::once(&ly.sampled).chain(&ly.top))
+                {
+                    assert_eq!(l.token_id, m.token_id);
+                    assert!((l.logprob - m.logprob).abs() < 1e-3, "{} vs {}", l.logprob, m.logprob);
+                }
+            }
+        }
+    }
+    // Parallel samples (forked blocks, copy-on-write) and a prefix-cache hit, in fixed shapes.
+    let p = SamplingParams {
+        n: 2,
+        seed: Some(5),
+        temperature: 0.8,
+        ignore_eos: true,
+        max_tokens: Some(12),
+        ..Default::default()
+    };
+    let a = plain.generate(PROMPTS, p.clone()).unwrap();
+    let b = graphs.generate(PROMPTS, p.clone()).unwrap();
+    let ids = |o: &[vllm_engine::RequestOutput]| {
+        o.iter().flat_map(|r| r.outputs.iter().map(|c| c.token_ids.clone())).collect::<Vec<_>>()
+    };
+    assert_eq!(ids(&a), ids(&b));
+    assert_eq!(ids(&graphs.generate(PROMPTS, p).unwrap()), ids(&b), "prefix-cached prompts");
+    let steps = |l: &LLM| l.with_engine(|e| e.stats().num_graph_steps);
+    assert_eq!(steps(&plain), 0);
+    // Each batch of 32 tokens runs at most 40 - 6 of its decode steps in fixed shapes; the
+    // two n = 2 runs, 11 each.
+    let fixed = steps(&graphs);
+    assert!(fixed >= 3 * 20 + 2 * 11 && fixed <= 3 * 31 + 2 * 11, "{fixed} fixed-shape steps");
+    assert_clean(&graphs);
+}

@@ -185,10 +185,15 @@ impl AttnMetadata {
     /// Copies the step's metadata to `device` once, for every layer's kernels to read. Does
     /// nothing on the CPU, whose kernels read the host vectors.
     pub fn upload(&mut self, device: &candle_core::Device) -> candle_core::Result<()> {
+        self.upload_padded(device, 1)
+    }
+
+    /// [`Self::upload`] with block tables at least `min_blocks` wide (fixed-shape steps).
+    pub fn upload_padded(&mut self, device: &candle_core::Device, min_blocks: usize) -> candle_core::Result<()> {
         if device.is_cpu() {
             return Ok(());
         }
-        let r = self.kernel_rows(1);
+        let r = self.kernel_rows(min_blocks);
         let n = self.slot_mapping.len();
         self.device = Some(DeviceMeta {
             slots: candle_core::Tensor::from_slice(&self.slot_mapping, n, device)?,
@@ -232,4 +237,56 @@ pub fn copy_rounds(pairs: &[(u32, u32)]) -> Vec<Vec<(u32, u32)>> {
         rounds.last_mut().expect("a round was pushed").push((src, dst));
     }
     rounds
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Running each round's copies "at once" (all reads before any write) equals running
+    /// every copy in order.
+    #[test]
+    fn copy_rounds_keep_the_order_of_chained_copies() {
+        let cases: &[&[(u32, u32)]] = &[
+            &[(0, 1), (2, 3), (4, 5)],
+            &[(0, 1), (1, 2)],
+            &[(0, 1), (2, 0)],
+            &[(3, 4), (3, 5), (4, 6), (6, 3), (7, 7)],
+            &[],
+        ];
+        for pairs in cases {
+            let mut seq: Vec<u32> = (0..8).map(|b| b * 10).collect();
+            for &(s, d) in *pairs {
+                seq[d as usize] = seq[s as usize];
+            }
+            let mut par: Vec<u32> = (0..8).map(|b| b * 10).collect();
+            let rounds = copy_rounds(pairs);
+            assert_eq!(rounds.concat(), pairs.to_vec());
+            for round in rounds {
+                let read: Vec<u32> = round.iter().map(|&(s, _)| par[s as usize]).collect();
+                for (&(_, d), v) in round.iter().zip(read) {
+                    par[d as usize] = v;
+                }
+            }
+            assert_eq!(par, seq, "{pairs:?}");
+        }
+        assert_eq!(copy_rounds(&[(0, 1), (2, 3)]).len(), 1, "independent copies share one launch");
+    }
+
+    #[test]
+    fn kernel_rows_pad_tables_and_give_each_row_its_causal_context() {
+        let meta = AttnMetadata::new(
+            4,
+            vec![
+                SeqAttn { query_len: 3, context_len: 5, block_table: vec![7, 2] },
+                SeqAttn { query_len: 1, context_len: 9, block_table: vec![1, 4, 6] },
+            ],
+        );
+        let r = meta.kernel_rows(4);
+        assert_eq!(r.row_seq, [0, 0, 0, 1]);
+        assert_eq!(r.row_ctx, [3, 4, 5, 9]);
+        assert_eq!(r.max_blocks, 4);
+        assert_eq!(r.tables, [7, 2, 0, 0, 1, 4, 6, 0]);
+        assert_eq!(meta.slot_mapping, [2 * 4 + 2, 2 * 4 + 3, 7 * 4 + 0, 6 * 4]);
+    }
 }

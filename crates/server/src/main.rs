@@ -354,6 +354,7 @@ impl ServeArgs {
             enforce_eager: self.gpu_only.enforce_eager,
             max_seq_len_to_capture: self.gpu_only.max_seq_len_to_capture.unwrap_or(8192),
             device_sampling: None,
+            cuda_graphs: None,
             long_prefill_token_threshold: self.long_prefill_token_threshold,
             max_waiting_requests: self.max_waiting_requests,
             max_output_buffer_steps: self.max_output_buffer_steps,
