@@ -287,6 +287,6 @@ mod tests {
         assert_eq!(r.row_ctx, [3, 4, 5, 9]);
         assert_eq!(r.max_blocks, 4);
         assert_eq!(r.tables, [7, 2, 0, 0, 1, 4, 6, 0]);
-        assert_eq!(meta.slot_mapping, [2 * 4 + 2, 2 * 4 + 3, 7 * 4 + 0, 6 * 4]);
+        assert_eq!(meta.slot_mapping, [7 * 4 + 2, 7 * 4 + 3, 2 * 4, 6 * 4]);
     }
 }
