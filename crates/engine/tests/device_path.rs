@@ -161,6 +161,6 @@ fn fixed_shape_decode_steps_match_plain_steps() {
     // Each batch of 32 tokens runs at most 40 - 6 of its decode steps in fixed shapes; the
     // two n = 2 runs, 11 each.
     let fixed = steps(&graphs);
-    assert!(fixed >= 3 * 20 + 2 * 11 && fixed <= 3 * 31 + 2 * 11, "{fixed} fixed-shape steps");
+    assert!((3 * 20 + 2 * 11..=3 * 31 + 2 * 11).contains(&fixed), "{fixed} fixed-shape steps");
     assert_clean(&graphs);
 }
