@@ -192,3 +192,45 @@ pub fn build() -> Result<()> {
     eprintln!("xtask: built target/cuda/release/vllm-server and the CUDA kernel tests");
     Ok(())
 }
+
+/// Most bytes the bundle may take: what goes to the GPU machine (64 MiB) less the tracked
+/// source tree (about 21 MiB, fixtures included) and a margin.
+const BUNDLE_LIMIT: u64 = 36 << 20;
+
+/// `build`, then the server binary stripped and xz-compressed into
+/// target/gpu-bundle/vllm-server.xz.
+pub fn bundle() -> Result<()> {
+    build()?;
+    let bin = Path::new("target/cuda/release/vllm-server");
+    let dir = Path::new("target/gpu-bundle");
+    std::fs::create_dir_all(dir)?;
+    let stripped = dir.join("vllm-server");
+    std::fs::copy(bin, &stripped).with_context(|| format!("copying {}", bin.display()))?;
+    let ok = Command::new("strip").arg(&stripped).status().context("running strip")?;
+    if !ok.success() {
+        bail!("strip failed on {}", stripped.display());
+    }
+    let xz = dir.join("vllm-server.xz");
+    let _ = std::fs::remove_file(&xz);
+    eprintln!("xtask: compressing {} ({} MiB) with xz -9", stripped.display(), size(&stripped)? >> 20);
+    let ok = Command::new("xz").args(["-9", "-T0", "-k", "-f"]).arg(&stripped).status().context("running xz")?;
+    if !ok.success() {
+        bail!("xz failed on {}", stripped.display());
+    }
+    let bytes = size(&xz)?;
+    eprintln!(
+        "xtask: {} is {:.1} MiB (stripped binary {:.1} MiB); on the GPU machine run scripts/gpu_acceptance.sh",
+        xz.display(),
+        bytes as f64 / (1u64 << 20) as f64,
+        size(&stripped)? as f64 / (1u64 << 20) as f64
+    );
+    if bytes > BUNDLE_LIMIT {
+        bail!("the bundle is {} MiB, over the {} MiB it may take", bytes >> 20, BUNDLE_LIMIT >> 20);
+    }
+    std::fs::remove_file(&stripped)?;
+    Ok(())
+}
+
+fn size(p: &Path) -> Result<u64> {
+    Ok(std::fs::metadata(p).with_context(|| format!("reading {}", p.display()))?.len())
+}

@@ -6,7 +6,8 @@
 //! - `ci`: formatting check, clippy with warnings as errors, then `test`.
 //! - `fuzz-api`: schemathesis over every route of the release server (the last step of `test`).
 //! - `bench throughput | serve | latency | embed`: benchmarks, with `--peer llama.cpp` side by side.
-//! - `cuda-toolkit`, `build-cuda`: CUDA 13.0 from PyPI and the `--features cuda` build.
+//! - `cuda-toolkit`, `build-cuda`, `gpu-bundle`: CUDA 13.0 from PyPI, the `--features cuda`
+//!   build, and that build stripped and compressed for the GPU machine.
 //! - `model-info <path|id>`: architecture, parameters, dtype, quantization, context length and
 //!   KV-cache bytes per token of a checkpoint, read from its headers.
 
@@ -49,6 +50,10 @@ enum Task {
     /// Build vllm-server with `--features cuda` against that toolkit (into target/cuda), and
     /// the CUDA kernel tests (`cargo test --no-run -p vllm-kernels --features cuda`).
     BuildCuda,
+    /// Build the CUDA server (as `build-cuda`), strip it and compress it with xz into
+    /// target/gpu-bundle/vllm-server.xz: one file small enough to go to a GPU machine with the
+    /// source tree (64 MiB in all), where scripts/gpu_acceptance.sh unpacks and runs it.
+    GpuBundle,
     /// Describe a checkpoint (GGUF file, Hugging Face folder or model id) without loading it:
     /// architecture, parameters, dtype, quantization, context length, KV-cache bytes per token.
     ModelInfo {
@@ -233,6 +238,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Task::BuildCuda => cuda::build(),
+        Task::GpuBundle => cuda::bundle(),
         Task::ModelInfo { model } => {
             let path = match vllm_engine::resolve(&model)? {
                 vllm_engine::ModelFiles::Gguf(p) | vllm_engine::ModelFiles::HfDir(p) => p,

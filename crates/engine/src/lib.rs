@@ -31,6 +31,7 @@ mod core;
 mod cuda;
 pub mod embed;
 mod engine;
+pub mod gpu_check;
 mod input;
 mod llm;
 mod metrics;

@@ -32,6 +32,7 @@
 //! assert_eq!(out.dims(), &[3, 2, 4]);
 //! ```
 
+pub mod check;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;

@@ -5,149 +5,17 @@
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use vllm_kernels::check::{gqa_mixed_case, head_dim_128_case, max_error, window_and_softcap_cases, Case};
 use vllm_kernels::{cpu, AttnMetadata, AttnParams, AttnShape, KvCache, SeqAttn};
-
-/// softmax(q k^T * scale) v for one head over keys 0..=pos (the last `window` of them, scores
-/// soft-capped), on contiguous per-sequence K/V.
-fn naive(q: &[f32], ks: &[Vec<f32>], vs: &[Vec<f32>], pos: usize, p: AttnParams) -> Vec<f32> {
-    let lo = p.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
-    let scores: Vec<f64> = (0..=pos)
-        .map(|j| {
-            let s = q.iter().zip(&ks[j]).map(|(a, b)| (*a as f64) * (*b as f64)).sum::<f64>() * p.scale as f64;
-            let s = p.softcap.map_or(s, |c| c as f64 * (s / c as f64).tanh());
-            if j < lo {
-                f64::NEG_INFINITY
-            } else {
-                s
-            }
-        })
-        .collect();
-    let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-    let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
-    let sum: f64 = e.iter().sum();
-    let d = q.len();
-    let mut out = vec![0f64; d];
-    for j in 0..=pos {
-        for i in 0..d {
-            out[i] += e[j] / sum * vs[j][i] as f64;
-        }
-    }
-    out.into_iter().map(|x| x as f32).collect()
-}
-
-struct Case {
-    shape: AttnShape,
-    block_size: usize,
-    /// (tokens already cached, new query tokens) per sequence
-    seqs: Vec<(usize, usize)>,
-    /// Window and soft-cap (the scale is 1 / sqrt(head_dim) whatever this says).
-    params: AttnParams,
-}
 
 fn run_case(case: Case, seed: u64) {
     run_case_on(&case, seed, &Device::Cpu, DType::F32, 1e-5);
 }
 
-/// Runs `case` with the cache and queries in `dtype` on `dev`; the reference uses the float32
-/// values before rounding to `dtype`, so `tol` covers that rounding.
+/// Runs `case` in `dtype` on `dev` against the naive attention.
 fn run_case_on(case: &Case, seed: u64, dev: &Device, dtype: DType, tol: f32) {
-    let AttnShape { num_heads, num_kv_heads, head_dim } = case.shape;
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut randv = |n: usize| (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect::<Vec<f32>>();
-    let bs = case.block_size;
-    let total_blocks: usize = case.seqs.iter().map(|(c, q)| (c + q).div_ceil(bs)).sum::<usize>() + 3;
-    // Hand out blocks in a scrambled order so tables are not contiguous.
-    let mut free: Vec<u32> = (0..total_blocks as u32).rev().collect();
-    free.swap(0, total_blocks / 2);
-    let cache = KvCache::with_dtype(total_blocks, bs, case.shape, dtype, dev).unwrap();
-    let tensor = |v: Vec<f32>, shape: (usize, usize, usize)| {
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap().to_device(dev).unwrap()
-    };
-    let kvw = num_kv_heads * head_dim;
-
-    // Per sequence: full K/V history [len][kv_heads*d].
-    let mut hist_k = Vec::new();
-    let mut hist_v = Vec::new();
-    let mut seqs = Vec::new();
-    for &(cached, new) in &case.seqs {
-        let len = cached + new;
-        let table: Vec<u32> = (0..len.div_ceil(bs)).map(|_| free.pop().unwrap()).collect();
-        hist_k.push((0..len).map(|_| randv(kvw)).collect::<Vec<_>>());
-        hist_v.push((0..len).map(|_| randv(kvw)).collect::<Vec<_>>());
-        seqs.push((cached, table));
-    }
-    // Step 1: write the already-cached part (as a previous step would have).
-    let prev = AttnMetadata::new(
-        bs,
-        seqs.iter()
-            .filter(|(c, _)| *c > 0)
-            .map(|(c, t)| SeqAttn { query_len: *c, context_len: *c, block_table: t.clone() })
-            .collect(),
-    );
-    let flat = |h: &Vec<Vec<Vec<f32>>>, range: &dyn Fn(usize) -> std::ops::Range<usize>| -> Vec<f32> {
-        h.iter().enumerate().flat_map(|(i, s)| s[range(i)].iter().flatten().copied().collect::<Vec<_>>()).collect()
-    };
-    if prev.num_tokens() > 0 {
-        let kf = flat(&hist_k, &|i| 0..case.seqs[i].0);
-        let vf = flat(&hist_v, &|i| 0..case.seqs[i].0);
-        let n = prev.num_tokens();
-        cache.write(&tensor(kf, (n, num_kv_heads, head_dim)), &tensor(vf, (n, num_kv_heads, head_dim)), &prev).unwrap();
-    }
-    // Step 2: the mixed batch.
-    let meta = AttnMetadata::new(
-        bs,
-        case.seqs
-            .iter()
-            .zip(&seqs)
-            .map(|(&(c, n), (_, t))| SeqAttn { query_len: n, context_len: c + n, block_table: t.clone() })
-            .collect(),
-    );
-    let n = meta.num_tokens();
-    let kf = flat(&hist_k, &|i| case.seqs[i].0..case.seqs[i].0 + case.seqs[i].1);
-    let vf = flat(&hist_v, &|i| case.seqs[i].0..case.seqs[i].0 + case.seqs[i].1);
-    cache.write(&tensor(kf, (n, num_kv_heads, head_dim)), &tensor(vf, (n, num_kv_heads, head_dim)), &meta).unwrap();
-    let q = randv(n * num_heads * head_dim);
-    let params = AttnParams { scale: 1.0 / (head_dim as f32).sqrt(), ..case.params };
-    let qt = tensor(q.clone(), (n, num_heads, head_dim));
-    let out = cache.attend_with(&qt, &meta, params).unwrap();
-    assert_eq!(out.dtype(), dtype);
-    let out = out.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-
-    let group = num_heads / num_kv_heads;
-    let mut t = 0;
-    let mut max_err = 0f32;
-    for (si, &(c, nq)) in case.seqs.iter().enumerate() {
-        for i in 0..nq {
-            let pos = c + i;
-            for h in 0..num_heads {
-                let kvh = h / group;
-                let ks: Vec<Vec<f32>> =
-                    hist_k[si].iter().map(|r| r[kvh * head_dim..(kvh + 1) * head_dim].to_vec()).collect();
-                let vs: Vec<Vec<f32>> =
-                    hist_v[si].iter().map(|r| r[kvh * head_dim..(kvh + 1) * head_dim].to_vec()).collect();
-                let qv = &q[(t * num_heads + h) * head_dim..][..head_dim];
-                let want = naive(qv, &ks, &vs, pos, params);
-                let got = &out[(t * num_heads + h) * head_dim..][..head_dim];
-                for (a, b) in want.iter().zip(got) {
-                    max_err = max_err.max((a - b).abs());
-                }
-            }
-            t += 1;
-        }
-    }
-    assert!(max_err < tol, "{dev:?} {dtype:?}: max abs error {max_err} (tolerance {tol})");
-}
-
-fn window_and_softcap_cases() -> Vec<Case> {
-    [(Some(5), None), (None, Some(0.5)), (Some(16), Some(1.0)), (Some(1), None)]
-        .into_iter()
-        .map(|(window, softcap)| Case {
-            shape: AttnShape { num_heads: 8, num_kv_heads: 2, head_dim: 64 },
-            block_size: 16,
-            seqs: vec![(0, 23), (37, 1), (20, 13), (3, 1)],
-            params: AttnParams { scale: 1.0, sliding_window: window, softcap },
-        })
-        .collect()
+    let err = max_error(case, seed, dev, dtype).unwrap();
+    assert!(err < tol, "{dev:?} {dtype:?}: max abs error {err} (tolerance {tol})");
 }
 
 #[test]
@@ -168,16 +36,6 @@ fn single_prompt_mha() {
         },
         1,
     );
-}
-
-fn gqa_mixed_case() -> Case {
-    Case {
-        shape: AttnShape { num_heads: 9, num_kv_heads: 3, head_dim: 64 },
-        block_size: 16,
-        // fresh prompt, a decode token after 37 cached, a prompt chunk after 20, a decode at a block edge
-        seqs: vec![(0, 23), (37, 1), (20, 13), (31, 1), (0, 1)],
-        params: AttnParams::new(1.0),
-    }
 }
 
 #[test]
@@ -267,15 +125,6 @@ fn long_chunks_span_several_query_tiles() {
     );
 }
 
-fn head_dim_128_case() -> Case {
-    Case {
-        shape: AttnShape { num_heads: 8, num_kv_heads: 2, head_dim: 128 },
-        block_size: 16,
-        seqs: vec![(0, 21), (17, 1), (5, 9), (300, 1)],
-        params: AttnParams::new(1.0),
-    }
-}
-
 #[test]
 fn head_dim_128_with_four_heads_per_kv_head() {
     run_case(head_dim_128_case(), 5);
@@ -358,14 +207,23 @@ mod cuda {
     }
 
     #[test]
+    fn every_head_size() {
+        for &d in vllm_kernels::CUDA_HEAD_SIZES {
+            for (dtype, tol) in DTYPES {
+                run_case_on(&vllm_kernels::check::head_size_case(d), 6, &gpu(), dtype, tol);
+            }
+        }
+    }
+
+    #[test]
     fn unsupported_head_size_is_an_error() {
-        let shape = AttnShape { num_heads: 2, num_kv_heads: 1, head_dim: 32 };
+        let shape = AttnShape { num_heads: 2, num_kv_heads: 1, head_dim: 48 };
         let dev = gpu();
         let cache = KvCache::with_dtype(2, 2, shape, DType::F32, &dev).unwrap();
         let meta = AttnMetadata::new(2, vec![SeqAttn { query_len: 1, context_len: 1, block_table: vec![0] }]);
-        let q = Tensor::zeros((1, 2, 32), DType::F32, &dev).unwrap();
+        let q = Tensor::zeros((1, 2, 48), DType::F32, &dev).unwrap();
         let err = cache.attend(&q, &meta, 1.0).unwrap_err().to_string();
-        assert!(err.contains("head sizes 64 and 128"), "{err}");
+        assert!(err.contains("not 48"), "{err}");
     }
 }
 

@@ -45,6 +45,58 @@ enum Command {
     Serve(ServeCmd),
     /// Run an OpenAI batch file (JSONL of /v1/completions or /v1/chat/completions requests).
     RunBatch(BatchArgs),
+    /// The GPU acceptance checks (kernels, fixtures, engine features, throughput) in one run;
+    /// `--device cpu` rehearses them on the CPU. scripts/gpu_acceptance.sh runs it.
+    GpuCheck(GpuCheckArgs),
+}
+
+#[derive(Args, Clone)]
+struct GpuCheckArgs {
+    /// cuda (cuda:N), or cpu to rehearse.
+    #[arg(long, default_value = "cuda")]
+    device: String,
+    /// The fixtures folder of the source tree.
+    #[arg(long, default_value = "fixtures/models")]
+    fixtures: std::path::PathBuf,
+    /// A model folder (config.json + safetensors) for the throughput run.
+    #[arg(long)]
+    bench_model: Option<std::path::PathBuf>,
+    /// Prompts in the throughput run.
+    #[arg(long, default_value_t = 1000)]
+    bench_prompts: usize,
+    /// Prompt tokens per throughput request.
+    #[arg(long, default_value_t = 256)]
+    bench_input_len: usize,
+    /// Output tokens per throughput request.
+    #[arg(long, default_value_t = 256)]
+    bench_output_len: usize,
+    /// Only these groups: kernels, fixtures, engine, bench (all when absent).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Write the report (every check and figure) here as JSON.
+    #[arg(long)]
+    report: Option<std::path::PathBuf>,
+}
+
+/// Runs the acceptance checks; fails when one fails.
+fn gpu_check(a: GpuCheckArgs) -> Result<()> {
+    let opts = vllm_engine::gpu_check::GpuCheckOptions {
+        device: a.device,
+        fixtures: a.fixtures,
+        bench_model: a.bench_model,
+        bench_prompts: a.bench_prompts,
+        bench_len: (a.bench_input_len, a.bench_output_len),
+        only: a.only,
+    };
+    let report = vllm_engine::gpu_check::run(&opts)?;
+    if let Some(path) = a.report {
+        std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if !report.passed() {
+        anyhow::bail!("{} of {} checks failed", report.checks.iter().filter(|c| !c.pass).count(), report.checks.len());
+    }
+    Ok(())
 }
 
 /// `serve [model]`: the model as vLLM's positional argument, or `--model`.
@@ -673,6 +725,10 @@ fn main() -> std::process::ExitCode {
 fn run() -> Result<()> {
     let cli = Cli::parse();
     let command = match cli.command {
+        Some(Command::GpuCheck(a)) => {
+            logging::init("text", false, None)?;
+            return gpu_check(a);
+        }
         Some(Command::Serve(c)) => Command::Serve(ServeCmd { model_tag: None, args: c.into_args() }),
         Some(c) => c,
         None => Command::Serve(ServeCmd { model_tag: None, args: cli.serve }),
@@ -680,6 +736,7 @@ fn run() -> Result<()> {
     let serve_args = match &command {
         Command::Serve(c) => &c.args,
         Command::RunBatch(b) => &b.serve,
+        Command::GpuCheck(_) => unreachable!("handled above"),
     };
     logging::init(
         &serve_args.log_format,
@@ -689,6 +746,7 @@ fn run() -> Result<()> {
     serve_args.gpu_only.check(&serve_args.device)?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match command {
+        Command::GpuCheck(a) => gpu_check(a),
         Command::Serve(c) => rt.block_on(serve(c.args)),
         Command::RunBatch(b) => rt.block_on(async {
             let mut serve = b.serve.clone();
