@@ -162,14 +162,15 @@ fn capture(runner: &crate::runner::ModelRunner, dev: &Device, bucket: usize, wid
     use candle_core::{DType, Tensor};
     use vllm_kernels::{AttnMetadata, DeviceMeta, SeqAttn};
     let Device::Cuda(cuda) = dev else { return Err(Error::Internal("graph capture on a CPU device")) };
-    let ids = Tensor::zeros(bucket, DType::U32, dev)?;
-    let positions = Tensor::zeros(bucket, DType::U32, dev)?;
-    let rows = Tensor::arange(0u32, bucket as u32, dev)?;
+    // Every buffer a real allocation (not a broadcast view): replays copy into them.
+    let ids = Tensor::from_vec(vec![0u32; bucket], bucket, dev)?;
+    let positions = Tensor::from_vec(vec![0u32; bucket], bucket, dev)?;
+    let rows = Tensor::from_vec((0..bucket as u32).collect::<Vec<_>>(), bucket, dev)?;
     let dm = DeviceMeta {
-        slots: Tensor::full(-1i64, bucket, dev)?,
-        row_seq: Tensor::arange(0i32, bucket as i32, dev)?,
-        row_ctx: Tensor::ones(bucket, DType::I32, dev)?,
-        tables: Tensor::zeros((bucket, width), DType::I32, dev)?,
+        slots: Tensor::from_vec(vec![-1i64; bucket], bucket, dev)?,
+        row_seq: Tensor::from_vec((0..bucket as i32).collect::<Vec<_>>(), bucket, dev)?,
+        row_ctx: Tensor::from_vec(vec![1i32; bucket], bucket, dev)?,
+        tables: Tensor::from_vec(vec![0i32; bucket * width], (bucket, width), dev)?,
     };
     let mut meta = AttnMetadata::with_slots(
         runner.block_size(),
@@ -185,7 +186,7 @@ fn capture(runner: &crate::runner::ModelRunner, dev: &Device, bucket: usize, wid
         between_layers: None,
     };
     let vocab = runner.model().vocab_size();
-    let logits = Tensor::zeros((bucket, vocab), DType::F32, dev)?;
+    let logits = Tensor::from_vec(vec![0f32; bucket * vocab], (bucket, vocab), dev)?;
     let step = || -> Result<()> {
         let l = runner.model().forward(&input, runner.caches())?.to_dtype(DType::F32)?;
         logits.slice_set(&l, 0, 0)?;

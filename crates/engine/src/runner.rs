@@ -84,10 +84,17 @@ impl ModelRunner {
     /// The bucket a step runs in, if it is a decode step a fixed shape covers.
     fn graph_shape(&self, out: &SchedulerOutput, between_layers: bool) -> Option<usize> {
         let g = self.graphs.as_ref()?;
+        let width = g.max_len.div_ceil(self.block_size);
         let fits = !between_layers
             && !out.seqs.is_empty()
             && out.seqs.len() <= g.max_batch
-            && out.seqs.iter().all(|s| s.token_ids.len() == 1 && s.sample && !s.all_logits && s.start_pos < g.max_len);
+            && out.seqs.iter().all(|s| {
+                s.token_ids.len() == 1
+                    && s.sample
+                    && !s.all_logits
+                    && s.start_pos < g.max_len
+                    && s.block_ids.len() <= width
+            });
         fits.then(|| graph_bucket(out.seqs.len()))
     }
 
