@@ -46,6 +46,11 @@ elif [ -x target/release/vllm-server ] && [ "$DEVICE" = cpu ]; then
 else
   say "no bundle at $BUNDLE (make it with: cargo xtask gpu-bundle)"; exit 2
 fi
+if [ "$DEVICE" = cpu ]; then
+  # The CUDA binary's CPU half, here: the toolkit's libraries and the driver link stub.
+  TK=${VLLM_RS_CACHE:-$HOME/.cache/vllm-rs}/cuda13/nvidia/cu13/lib
+  [ -d "$TK" ] && export LD_LIBRARY_PATH="$TK:$TK/stubs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
 if [ "$DEVICE" = cuda ]; then
   LIBS=$(python3 - <<'PY'
 import glob, os

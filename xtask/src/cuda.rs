@@ -69,6 +69,12 @@ pub fn toolkit() -> Result<PathBuf> {
     if !stub.exists() {
         driver_stub(&stub)?;
     }
+    // The name the binary asks the loader for, so that the CUDA build also starts here (its
+    // CPU half runs; `--device cuda` fails with the stub's error).
+    let soname = lib.join("stubs").join("libcuda.so.1");
+    if !soname.exists() {
+        std::os::unix::fs::symlink("libcuda.so", &soname).with_context(|| format!("linking {}", soname.display()))?;
+    }
     eprintln!("xtask: CUDA toolkit at {} ({})", root.display(), nvcc_version(&nvcc)?);
     Ok(root)
 }

@@ -1,5 +1,8 @@
 //! The engine's GPU side: opening a device with its own stream, and measuring memory for the
 //! KV-cache sizing. Without the `cuda` feature, asking for a GPU is a clear error.
+// Driver calls (memory-pool statistics, graph objects) are FFI: each `unsafe` states why it is
+// sound.
+#![cfg_attr(feature = "cuda", allow(unsafe_code))]
 
 use candle_core::Device;
 use vllm_models::CausalLM;
@@ -48,10 +51,12 @@ pub(crate) fn memory_after_profile(dev: &Device, model: &dyn CausalLM, step: Pro
     let pool = unsafe { result::device::get_mem_pool(ctx.cu_device()) }.map_err(gpu)?;
     let attr = |a: sys::CUmemPool_attribute| -> Result<u64> {
         let mut v = 0u64;
+        // SAFETY: as above; `v` is a u64 that outlives the call.
         unsafe { result::mem_pool::get_attribute(pool, a, (&mut v as *mut u64).cast()) }.map_err(gpu)?;
         Ok(v)
     };
     let mut zero = 0u64;
+    // SAFETY: resetting the high-water mark takes a u64 zero, the only value it accepts.
     unsafe {
         result::mem_pool::set_attribute(
             pool,
@@ -66,6 +71,7 @@ pub(crate) fn memory_after_profile(dev: &Device, model: &dyn CausalLM, step: Pro
     stream.synchronize().map_err(gpu)?;
     let high = attr(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?;
     // Hand the step's freed memory back, so that "in use" below is the weights and context.
+    // SAFETY: the pool is valid (above); trimming frees only memory no allocation holds.
     unsafe { result::mem_pool::trim_to(pool, 0) }.map_err(gpu)?;
     let (free, total) = ctx.mem_get_info().map_err(gpu)?;
     let (total, free) = (total as u64, free as u64);

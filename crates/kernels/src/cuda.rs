@@ -29,7 +29,7 @@ fn suffix(dtype: DType) -> Result<&'static str> {
 
 /// The step's device metadata: uploaded once per step by the runner, or now for callers that
 /// did not.
-fn device_meta(meta: &AttnMetadata, dev: &CudaDevice) -> Result<std::borrow::Cow<'_, DeviceMeta>> {
+fn device_meta<'a>(meta: &'a AttnMetadata, dev: &CudaDevice) -> Result<std::borrow::Cow<'a, DeviceMeta>> {
     if let Some(d) = meta.device() {
         return Ok(std::borrow::Cow::Borrowed(d));
     }
