@@ -235,8 +235,10 @@ async fn unread_streams_are_aborted_and_do_not_block_shutdown() {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(metric(&c, &b, "vllm:num_requests_running").await > 0.0, "the streams should be running");
-    // Without a reader, each fills its socket, its event channel and its output buffer.
-    wait_idle(&c, &b, Duration::from_secs(120)).await;
+    // Without a reader, each fills its socket, its event channel and its output buffer: about a
+    // hundred steps of 64 sequences, which takes over two minutes on a CPU without AVX-512
+    // (the int8 kernel's portable loops there), hence the generous bound.
+    wait_idle(&c, &b, Duration::from_secs(360)).await;
     assert!(metric(&c, &b, "vllm:num_aborted_slow_consumers_total").await >= 4.0);
     let rss = server.rss_mib();
     eprintln!("RSS with 4 unread streams of 16 sequences: {rss_before:.0} -> {rss:.0} MiB");
