@@ -292,6 +292,17 @@ impl EngineCore {
         // a placeholder token that the scheduler drops.
         let live: Vec<bool> = sample_ids.iter().map(|id| self.samplers.contains_key(id)).collect();
         let live_ids: Vec<SeqId> = sample_ids.iter().zip(&live).filter(|(_, &l)| l).map(|(&id, _)| id).collect();
+        // Each live sampling sequence's logits row: its last, once per sequence drawing from it
+        // (forks draw from their parent's row, each with its own sampler).
+        let sample_rows: Vec<usize> = out
+            .seqs
+            .iter()
+            .zip(&ranges)
+            .filter(|(s, _)| s.sample)
+            .flat_map(|(s, r)| std::iter::repeat_n(r.end - 1, s.forks.len() + 1))
+            .zip(&live)
+            .filter_map(|(row, &l)| l.then_some(row))
+            .collect();
         // On the device, when every row's draw can happen there: only token ids come back.
         let on_device = self.device_sampling
             && !live_ids.is_empty()
@@ -305,16 +316,7 @@ impl EngineCore {
         let samples = if live_ids.is_empty() {
             Vec::new()
         } else if on_device {
-            let mut rows = Vec::with_capacity(live_ids.len());
-            let mut k = 0;
-            for (s, r) in out.seqs.iter().zip(&ranges).filter(|(s, _)| s.sample) {
-                for _ in 0..=s.forks.len() {
-                    if live[k] {
-                        rows.push((r.end - 1) as u32);
-                    }
-                    k += 1;
-                }
-            }
+            let rows: Vec<u32> = sample_rows.iter().map(|&r| r as u32).collect();
             let n = rows.len();
             let rows = executed_logits.0.index_select(&Tensor::from_vec(rows, n, executed_logits.0.device())?, 0)?;
             let mut params = Vec::with_capacity(n);
@@ -331,18 +333,9 @@ impl EngineCore {
             }
             samples
         } else {
-            // Each sampling sequence's last row, once per sequence drawing from it (forks draw
-            // from their parent's row, each from its own copy).
             let mut rows = Vec::with_capacity(live_ids.len() * vocab);
-            let mut k = 0;
-            for (s, r) in out.seqs.iter().zip(&ranges).filter(|(s, _)| s.sample) {
-                let last = r.end - 1;
-                for _ in 0..=s.forks.len() {
-                    if live[k] {
-                        rows.extend_from_slice(&logits[last * vocab..(last + 1) * vocab]);
-                    }
-                    k += 1;
-                }
+            for &last in &sample_rows {
+                rows.extend_from_slice(&logits[last * vocab..(last + 1) * vocab]);
             }
             drop(logits);
             let mut taken: Vec<SeqSampler> = Vec::with_capacity(live_ids.len());
