@@ -70,17 +70,21 @@ impl Activations {
         let mut mins = vec![0f32; x.len() / BLOCK];
         // Rows in parallel when there are many (prompts); one row is not worth a dispatch.
         let per_task = (16384 / cols).max(1) * cols;
-        q.par_chunks_mut(per_task)
-            .zip(scales.par_chunks_mut(per_task / BLOCK))
-            .zip(mins.par_chunks_mut(per_task / BLOCK))
-            .zip(x.par_chunks(per_task))
-            .for_each(|(((q, s), m), x)| {
-                #[cfg(target_arch = "x86_64")]
-                if vnni::available() {
-                    return vnni::quantize_activations(x, q, s, m);
-                }
-                quantize_activations(x, q, s, m)
-            });
+        // On the team, as the 4-bit kernel's activations (`crate::q4`).
+        let mut parts: Vec<_> = q
+            .chunks_mut(per_task)
+            .zip(scales.chunks_mut(per_task / BLOCK))
+            .zip(mins.chunks_mut(per_task / BLOCK))
+            .zip(x.chunks(per_task))
+            .collect();
+        crate::team::for_each_mut(&mut parts, |(((q, s), m), x)| {
+            #[cfg(target_arch = "x86_64")]
+            if vnni::available() {
+                return vnni::quantize_activations(x, q, s, m);
+            }
+            quantize_activations(x, q, s, m)
+        });
+        drop(parts);
         Self { q, scales, mins }
     }
 }

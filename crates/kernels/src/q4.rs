@@ -261,13 +261,18 @@ impl Activations {
         let mut scales = vec![0f32; x.len() / BLOCK];
         let mut sums = vec![0f32; x.len() / BLOCK];
         let mut half_sums = vec![0i32; 2 * x.len() / BLOCK];
+        // Rows in parallel on the team when there are many (prompts; on rayon, its workers
+        // would compete for the cores with the team's spinning ones); one row runs here.
         let per_task = (16384 / cols).max(1) * cols;
-        q.par_chunks_mut(per_task)
-            .zip(scales.par_chunks_mut(per_task / BLOCK))
-            .zip(sums.par_chunks_mut(per_task / BLOCK))
-            .zip(half_sums.par_chunks_mut(2 * per_task / BLOCK))
-            .zip(x.par_chunks(per_task))
-            .for_each(|((((q, s), m), h), x)| quantize_activations(x, q, s, m, h));
+        let mut parts: Vec<_> = q
+            .chunks_mut(per_task)
+            .zip(scales.chunks_mut(per_task / BLOCK))
+            .zip(sums.chunks_mut(per_task / BLOCK))
+            .zip(half_sums.chunks_mut(2 * per_task / BLOCK))
+            .zip(x.chunks(per_task))
+            .collect();
+        crate::team::for_each_mut(&mut parts, |((((q, s), m), h), x)| quantize_activations(x, q, s, m, h));
+        drop(parts);
         Self { q, scales, sums, half_sums }
     }
 }
@@ -281,26 +286,40 @@ fn quantize_activations(x: &[f32], q: &mut [i8], scales: &mut [f32], sums: &mut 
         .zip(sums.iter_mut())
         .zip(half_sums.chunks_exact_mut(2))
     {
+        // Written so that the compiler vectorizes it (a comparison for the maximum, not
+        // `f32::max`'s NaN rule; rounding by adding 1.5 x 2^23, not a saturating cast).
         let mut lanes = [0f32; 16];
         for ch in xb.chunks_exact(16) {
             for l in 0..16 {
-                lanes[l] = lanes[l].max(ch[l].abs());
+                let a = ch[l].abs();
+                lanes[l] = if a > lanes[l] { a } else { lanes[l] };
             }
         }
-        let amax = lanes.iter().fold(0f32, |m, &v| m.max(v));
+        let amax = lanes.iter().fold(0f32, |m, &v| if v > m { v } else { m });
         let d = amax / 127.0;
         let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
         let mut halves = [0i32; 2];
-        for (i, (o, v)) in qb.iter_mut().zip(xb).enumerate() {
-            // |v * inv| <= 127 by construction, so the conversion cannot saturate.
-            let r = (v * inv).round_ties_even() as i32;
-            halves[i / 16] += r;
-            *o = r as i8;
+        for ((h, xs), qs) in halves.iter_mut().zip(xb.chunks_exact(16)).zip(qb.chunks_exact_mut(16)) {
+            for (o, &v) in qs.iter_mut().zip(xs) {
+                let r = round_small(v * inv);
+                // Wrapping: a non-finite input gives garbage here, never a panic.
+                *h = h.wrapping_add(r);
+                *o = r as i8;
+            }
         }
         *s = d;
-        *sum = d * (halves[0] + halves[1]) as f32;
+        *sum = d * halves[0].wrapping_add(halves[1]) as f32;
         hs.copy_from_slice(&halves);
     }
+}
+
+/// `v` rounded to the nearest integer, ties to even, for `|v| < 2^22` (here at most 127 by
+/// construction): adding 1.5 x 2^23 leaves the rounded integer in the low mantissa bits,
+/// which vectorizes where a float-to-int cast (saturating, NaN to 0) does not.
+#[inline(always)]
+pub(crate) fn round_small(v: f32) -> i32 {
+    const MAGIC: f32 = 12_582_912.0;
+    (v + MAGIC).to_bits() as i32 - MAGIC.to_bits() as i32
 }
 
 /// Row groups `g0..g0 + ng` (at most [`GROUPS_PER_TASK`]) times every activation row, into
@@ -569,6 +588,17 @@ mod tests {
                 let got = y[j * rows + r];
                 assert!((got - exact).abs() <= 0.01 * norm + 1e-5, "m={m} row {j} col {r}: {got} vs {exact}");
             }
+        }
+    }
+
+    #[test]
+    fn rounding_by_the_magic_constant_is_round_ties_even() {
+        for i in -300_000..=300_000 {
+            let v = i as f32 / 1000.0;
+            assert_eq!(round_small(v), v.round_ties_even() as i32, "{v}");
+        }
+        for v in [0.5f32, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, -126.5, 127.0, -127.0, 0.49999997, -0.0] {
+            assert_eq!(round_small(v), v.round_ties_even() as i32, "{v}");
         }
     }
 

@@ -158,6 +158,11 @@ pub fn for_each_chunk_mut<T: Send>(data: &mut [T], chunk: usize, f: impl Fn(usiz
     });
 }
 
+/// Runs `f` on each element of `items` across the team (one task per element).
+pub fn for_each_mut<T: Send>(items: &mut [T], f: impl Fn(&mut T) + Sync) {
+    for_each_chunk_mut(items, 1, |_, one| one.iter_mut().for_each(&f));
+}
+
 /// A raw pointer shared by the tasks of one loop.
 struct SendPtr<T>(*mut T);
 

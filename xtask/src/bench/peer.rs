@@ -116,6 +116,37 @@ pub fn our_server() -> Result<PathBuf> {
     Ok(root.join("target").join("release").join("vllm-server"))
 }
 
+/// Both engines' versions for a report: ours (the workspace version and the checkout's commit,
+/// `-dirty` with uncommitted changes) and llama.cpp's (what its `llama-server --version` says,
+/// and the sdist it was built from); a peer that is not built yet is reported as such.
+pub fn versions() -> serde_json::Value {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .args(args)
+            .current_dir(&root)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let commit = git(&["rev-parse", "--short=12", "HEAD"]).unwrap_or_else(|| "unknown".into());
+    let dirty = git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
+    let ours = format!("{} ({commit}{})", env!("CARGO_PKG_VERSION"), if dirty { "-dirty" } else { "" });
+    let bin = vllm_engine::cache_dir().join("peers").join(format!("llama.cpp-{LLAMA_CPP_PYTHON}")).join("bin");
+    let theirs = Command::new(bin.join("llama-server"))
+        .arg("--version")
+        .output()
+        .ok()
+        .map(|o| {
+            let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+            text.lines().find(|l| l.starts_with("version")).unwrap_or("version unknown").trim().to_string()
+        })
+        .map(|v| format!("{v}, from the llama-cpp-python=={LLAMA_CPP_PYTHON} sdist, native flags minus AMX"))
+        .unwrap_or_else(|| "not built".into());
+    serde_json::json!({"vllm-rs": ours, "llama.cpp": theirs})
+}
+
 /// A free local port.
 pub fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
@@ -129,6 +160,8 @@ pub struct Server {
     pub base_url: String,
     /// Process start to the first streamed token of a first request, seconds.
     pub cold_start: f64,
+    /// The command line it was started with (program first), for the report.
+    pub command: Vec<String>,
     child: Child,
 }
 
@@ -185,6 +218,8 @@ pub async fn start(engine: &Engine, model: &Path, threads: usize, limit: Duratio
             ("llama.cpp".to_string(), c)
         }
     };
+    let command: Vec<String> =
+        std::iter::once(cmd.get_program()).chain(cmd.get_args()).map(|a| a.to_string_lossy().into_owned()).collect();
     let logfile = std::fs::File::create(log.join(format!("{name}-server.log")))?;
     let t0 = Instant::now();
     let child = cmd
@@ -192,7 +227,7 @@ pub async fn start(engine: &Engine, model: &Path, threads: usize, limit: Duratio
         .stderr(Stdio::from(logfile))
         .spawn()
         .with_context(|| format!("starting the {name} server"))?;
-    let mut server = Server { name: name.clone(), base_url, cold_start: 0.0, child };
+    let mut server = Server { name: name.clone(), base_url, cold_start: 0.0, command, child };
     // Time to the first token of a first request, retrying until the server answers.
     let client = reqwest::Client::new();
     let cfg = ServeConfig {

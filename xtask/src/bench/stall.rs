@@ -66,6 +66,39 @@ pub fn cpu_model() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
+/// What a report needs to say which CPU it ran on: the model name (a VM often shows only
+/// "Intel(R) Xeon(R) Processor"), vendor, family / model / stepping, the SIMD extensions our
+/// kernels and llama.cpp's choose between, the last-level cache and the logical CPUs.
+pub fn cpu_details() -> serde_json::Value {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                (k.trim() == name).then(|| v.trim().to_string())
+            })
+            .unwrap_or_default()
+    };
+    let flags = field("flags");
+    let isa: Vec<&str> = flags
+        .split_whitespace()
+        .filter(|f| {
+            matches!(*f, "avx2" | "fma" | "f16c" | "avx512f" | "avx512bw" | "avx512vl" | "avx512_vnni" | "avx_vnni")
+                || f.starts_with("avx512_bf16")
+                || f.starts_with("avx512_fp16")
+                || f.starts_with("amx")
+        })
+        .collect();
+    let l3 = std::fs::read_to_string("/sys/devices/system/cpu/cpu0/cache/index3/size")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    serde_json::json!({
+        "model_name": field("model name"), "vendor": field("vendor_id"), "family": field("cpu family"),
+        "model": field("model"), "stepping": field("stepping"), "isa": isa, "l3": l3,
+        "logical_cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
+    })
+}
+
 fn rss_mib(pid: u32) -> f64 {
     status_mib(pid, "VmRSS:")
 }
