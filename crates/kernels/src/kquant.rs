@@ -766,11 +766,16 @@ mod avx2 {
         for gi in 0..ng {
             let mut i = 0;
             while i < m {
-                let r = 2.min(m - i);
+                // Prompts and batches: 4 activation rows per pass, so each weight load and
+                // its high-bit merge serve 4 rows.
+                let r = if m - i >= 4 { 4 } else { 2.min(m - i) };
                 // SAFETY: CPU features checked by the caller; the asserts above bound every
                 // access: group g0 + gi < g0 + ng, rows i..i+r < m, blocks < nb.
                 unsafe {
                     match (w.format, r) {
+                        (super::KFormat::Q4K, 4) => group::<4, 4>(w, g0 + gi, gi, a, i, m, out),
+                        (super::KFormat::Q5K, 4) => group::<4, 5>(w, g0 + gi, gi, a, i, m, out),
+                        (super::KFormat::Q6K, 4) => group::<4, 6>(w, g0 + gi, gi, a, i, m, out),
                         (super::KFormat::Q4K, 2) => group::<2, 4>(w, g0 + gi, gi, a, i, m, out),
                         (super::KFormat::Q4K, _) => group::<1, 4>(w, g0 + gi, gi, a, i, m, out),
                         (super::KFormat::Q5K, 2) => group::<2, 5>(w, g0 + gi, gi, a, i, m, out),
@@ -1004,7 +1009,7 @@ mod tests {
         for (format, t) in FORMATS {
             let (data, _) = quantized(t, rows, cols, 13);
             let q = KMatrix::from_gguf(format, &data, rows, cols).unwrap();
-            for m in [1, 2, 3] {
+            for m in [1, 2, 3, 4, 7] {
                 let x: Vec<f32> = (0..m * cols).map(|_| rng.random::<f32>() - 0.5).collect();
                 let a = Activations::quantize(&x, cols);
                 let mut fast = vec![0f32; 4 * m * LANES];

@@ -500,11 +500,14 @@ mod avx2 {
         for gi in 0..ng {
             let mut i = 0;
             while i < m {
-                let r = 2.min(m - i);
+                // Prompts and batches: 4 activation rows per pass over the group's tiles.
+                let r = if m - i >= 4 { 4 } else { 2.min(m - i) };
                 // SAFETY: CPU features checked by the caller; the asserts above bound every
                 // access: group g0 + gi, rows i..i+r < m, blocks < nb, offsets only when present.
                 unsafe {
                     match (has_min, r) {
+                        (true, 4) => group::<4, true>(w, g0 + gi, gi, a, i, m, out),
+                        (false, 4) => group::<4, false>(w, g0 + gi, gi, a, i, m, out),
                         (true, 2) => group::<2, true>(w, g0 + gi, gi, a, i, m, out),
                         (true, _) => group::<1, true>(w, g0 + gi, gi, a, i, m, out),
                         (false, 2) => group::<2, false>(w, g0 + gi, gi, a, i, m, out),
@@ -676,7 +679,7 @@ mod tests {
         let w: Vec<f32> = (0..rows * cols).map(|_| rng.random::<f32>() - 0.5).collect();
         for format in [Q4Format::Q4_0, Q4Format::Q4_1] {
             let q = Q4Matrix::quantize(format, &w, rows, cols).unwrap();
-            for m in [1, 2, 3] {
+            for m in [1, 2, 3, 4, 7] {
                 let x: Vec<f32> = (0..m * cols).map(|_| rng.random::<f32>() - 0.5).collect();
                 let a = Activations::quantize(&x, cols);
                 let mut fast = vec![0f32; 4 * m * LANES];
