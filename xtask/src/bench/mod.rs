@@ -341,8 +341,7 @@ fn latency(a: LatencyArgs) -> Result<()> {
         })?;
         report["llama.cpp"] =
             json!({"prompt_tokens_per_second": fig.0, "decode_tokens_per_second": fig.1, "command": fig.2});
-        let fig = (fig.0, fig.1);
-        peer_fig = Some(fig);
+        peer_fig = Some((fig.0, fig.1));
     }
     println!("{:<28}{:>14}{:>14}{:>10}", "single request", "vllm-rs", "llama.cpp", "ratio");
     let row = |name: &str, ours: f64, theirs: Option<f64>| match theirs {
@@ -379,9 +378,9 @@ fn latency(a: LatencyArgs) -> Result<()> {
     write_json(&a.output_json, &report)
 }
 
-/// The machine's read bandwidth in bytes per second with `threads` threads: the best of five
+/// The machine's read bandwidth in bytes per second with `threads` threads: the best of ten
 /// passes summing a 1 GiB buffer (four times the largest L3 seen on these machines, 260 MiB),
-/// split evenly, each pass once as plain loads and once with software prefetches 8 KiB ahead.
+/// split evenly, alternately with plain loads and with software prefetches 8 KiB ahead.
 /// On a core whose reads are bound by the misses it can keep in flight (Sapphire/Emerald
 /// Rapids: 9.7 GB/s a core plainly, 13.6 with prefetches), the plain figure understates what
 /// a kernel that prefetches (ours) can read; the bound takes the better of the two.

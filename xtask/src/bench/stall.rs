@@ -57,13 +57,16 @@ fn pct(v: &[f64], p: f64) -> f64 {
 
 /// The first CPU's model name.
 pub fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find_map(|l| l.strip_prefix("model name").map(|m| m.trim_start_matches([' ', '\t', ':']).to_string()))
-        })
+    cpuinfo_field(&std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default(), "model name")
         .unwrap_or_else(|| "unknown".into())
+}
+
+/// The first value of `name` in `/proc/cpuinfo`'s text.
+fn cpuinfo_field(info: &str, name: &str) -> Option<String> {
+    info.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        (k.trim() == name).then(|| v.trim().to_string())
+    })
 }
 
 /// What a report needs to say which CPU it ran on: the model name (a VM often shows only
@@ -71,14 +74,7 @@ pub fn cpu_model() -> String {
 /// kernels and llama.cpp's choose between, the last-level cache and the logical CPUs.
 pub fn cpu_details() -> serde_json::Value {
     let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let field = |name: &str| {
-        info.lines()
-            .find_map(|l| {
-                let (k, v) = l.split_once(':')?;
-                (k.trim() == name).then(|| v.trim().to_string())
-            })
-            .unwrap_or_default()
-    };
+    let field = |name: &str| cpuinfo_field(&info, name).unwrap_or_default();
     let flags = field("flags");
     let isa: Vec<&str> = flags
         .split_whitespace()
