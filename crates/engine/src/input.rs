@@ -146,6 +146,28 @@ impl InputProcessor {
         })
     }
 
+    /// Tokenizes text that is to be a prompt (or a rendered conversation), refusing first
+    /// what could never fit the context: more bytes than [`Self::max_prompt_bytes`].
+    /// `add_special_tokens`: the tokenizer's BOS (and the like) are added.
+    pub fn encode_text(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        self.check_text_bytes(text)?;
+        Ok(self.inner.tokenizer.encode(text, add_special_tokens)?)
+    }
+
+    /// Text longer than [`Self::max_prompt_bytes`] cannot fit the context.
+    fn check_text_bytes(&self, text: &str) -> Result<()> {
+        if text.len() > self.max_prompt_bytes() {
+            return Err(Error::InvalidPrompt(format!(
+                "the prompt has {} bytes: more than the {} tokens of the context can hold (no token is longer than {} \
+                 bytes)",
+                text.len(),
+                self.inner.max_model_len,
+                self.inner.max_token_bytes
+            )));
+        }
+        Ok(())
+    }
+
     /// Tokenizes (if needed) and checks a prompt; with `truncate` keeps only its last
     /// `truncate` tokens. Text that could never fit the context is refused before tokenizing.
     pub fn prompt_ids(&self, prompt: &Prompt, truncate: Option<usize>) -> Result<Vec<u32>> {
@@ -157,13 +179,8 @@ impl InputProcessor {
                     Some(k) => k.min(max_len).saturating_add(16).saturating_mul(inner.max_token_bytes),
                     None => self.max_prompt_bytes(),
                 };
-                if t.len() > cap && truncate.is_none() {
-                    return Err(Error::InvalidPrompt(format!(
-                        "the prompt has {} bytes: more than the {max_len} tokens of the context can hold (no token is \
-                         longer than {} bytes)",
-                        t.len(),
-                        inner.max_token_bytes
-                    )));
+                if truncate.is_none() {
+                    self.check_text_bytes(t)?;
                 }
                 // With truncation only the tail can survive: tokenize no more of it than that.
                 let mut from = t.len().saturating_sub(cap);

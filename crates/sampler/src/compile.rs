@@ -26,25 +26,73 @@ use crate::guided::{
 };
 use crate::params::InvalidParam;
 
-/// Budgets for guided decoding. Every field is a server flag.
-#[derive(Debug, Clone, PartialEq)]
+/// Budgets for guided decoding; the ones a deployment tunes are engine flags (the engine's
+/// `EngineArgs` flattens this), the others keep their defaults.
+#[derive(Debug, Clone, PartialEq, clap::Args)]
 pub struct GuideLimits {
-    /// Longest constraint text (schema, regex, choices, grammar), in bytes.
+    /// Longest guided-decoding constraint (schema, regex, choices, grammar), in bytes.
+    #[arg(long = "guided-decoding-max-constraint-bytes", default_value_t = 64 << 10)]
     pub max_spec_bytes: usize,
     /// outlines: most bytes of the determinized regex automaton.
+    #[arg(skip = 32usize << 20)]
     pub max_dfa_bytes: usize,
     /// outlines: most bytes of the token index (estimated before it is built).
+    #[arg(skip = 1usize << 30)]
     pub max_index_bytes: usize,
     /// guidance: most lexer states per constraint (1-2 kB each).
+    #[arg(skip = 50_000usize)]
     pub max_lexer_states: usize,
-    /// Bytes of compiled constraints kept for reuse (least recently used evicted first).
+    /// Memory kept for compiled constraints (least recently used evicted first), e.g. 512MiB.
+    #[arg(long = "guided-decoding-cache", value_parser = parse_cache_bytes, default_value = "512MiB")]
     pub cache_bytes: usize,
-    /// How long a request waits for its constraint to compile.
+    /// Seconds a request waits for its guided-decoding constraint to compile (then 400).
+    #[arg(long = "guided-decoding-compile-timeout", value_parser = parse_seconds, default_value = "10")]
     pub compile_timeout: Duration,
-    /// Compile threads.
+    /// Threads compiling guided-decoding constraints.
+    #[arg(long = "guided-decoding-compile-threads", default_value_t = 1,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub compile_threads: usize,
     /// Compiles waiting for a thread; past this, requests get a capacity error.
+    #[arg(skip = 16usize)]
     pub max_queued_compiles: usize,
+}
+
+/// A non-negative, finite number of seconds.
+fn parse_seconds(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s.trim().parse().map_err(|_| format!("'{s}' is not a number of seconds"))?;
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("'{s}': seconds must be non-negative and finite"))
+}
+
+/// A byte size as a `usize`.
+fn parse_cache_bytes(s: &str) -> Result<usize, String> {
+    usize::try_from(parse_bytes(s)?).map_err(|_| format!("'{s}' is more bytes than this machine can address"))
+}
+
+/// Parses a byte size such as `4GiB`, `512MiB`, `2G`, `1000000` (the error says what a size
+/// looks like; the caller names the setting). Every size flag of the engine takes this form.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let bad = || format!("'{s}' is not a size like 4GiB");
+    let n: f64 = num.parse().map_err(|_| bad())?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "kib" => 1024.0,
+        "m" | "mb" => 1e6,
+        "mib" => 1024.0 * 1024.0,
+        "g" | "gb" => 1e9,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        "t" | "tb" => 1e12,
+        "tib" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        _ => return Err(bad()),
+    };
+    let bytes = n * mult;
+    if !bytes.is_finite() || bytes >= u64::MAX as f64 {
+        return Err(format!("'{s}' is more bytes than there can be"));
+    }
+    Ok(bytes as u64)
 }
 
 impl Default for GuideLimits {

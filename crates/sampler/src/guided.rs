@@ -70,6 +70,12 @@ pub enum GuideBackendKind {
     Guidance,
 }
 
+/// The backends' registry: each row the names a request or flag may use for it. `auto` is
+/// llguidance: it compiles lazily under fuel and size limits, so a hostile schema or regex
+/// costs a bounded amount, while outlines builds the whole automaton up front.
+const BACKENDS: &[(&[&str], GuideBackendKind)] =
+    &[(&["auto", "guidance", "llguidance"], GuideBackendKind::Guidance), (&["outlines"], GuideBackendKind::Outlines)];
+
 impl GuideBackendKind {
     /// The name requests use (`guided_decoding_backend`).
     pub fn name(self) -> &'static str {
@@ -77,6 +83,16 @@ impl GuideBackendKind {
             Self::Outlines => "outlines",
             Self::Guidance => "guidance",
         }
+    }
+
+    /// The backend a name selects (`auto` included).
+    pub fn from_name(name: &str) -> Option<Self> {
+        BACKENDS.iter().find(|(names, _)| names.contains(&name)).map(|&(_, kind)| kind)
+    }
+
+    /// Every name a request or flag may use.
+    pub fn names() -> impl Iterator<Item = &'static str> {
+        BACKENDS.iter().flat_map(|(names, _)| names.iter().copied())
     }
 }
 
@@ -96,16 +112,16 @@ impl GuidedDecodingParams {
     pub fn constraint(&self) -> Result<Constraint, InvalidParam> {
         self.check_one()?;
         let backend = match self.backend.as_deref() {
-            // llguidance compiles lazily under fuel and size limits, so a hostile schema or
-            // regex costs a bounded amount; outlines builds the whole automaton up front.
-            None | Some("auto") | Some("guidance") | Some("llguidance") => GuideBackendKind::Guidance,
-            Some("outlines") => GuideBackendKind::Outlines,
-            Some(other) => {
-                return Err(invalid(
+            None => GuideBackendKind::Guidance,
+            Some(name) => GuideBackendKind::from_name(name).ok_or_else(|| {
+                invalid(
                     "guided_decoding_backend",
-                    format!("'{other}' is not available (choose auto, outlines or guidance)"),
-                ))
-            }
+                    format!(
+                        "'{name}' is not available (choose {})",
+                        GuideBackendKind::names().collect::<Vec<_>>().join(", ")
+                    ),
+                )
+            })?,
         };
         let spec = match backend {
             GuideBackendKind::Outlines => self.to_regex()?,

@@ -19,7 +19,7 @@ mod guided;
 mod params;
 mod sampler;
 
-pub use compile::{GuideCompiler, GuideError, GuideLimits};
+pub use compile::{parse_bytes, GuideCompiler, GuideError, GuideLimits};
 pub use guided::{CompiledGuide, Constraint, Guide, GuideBackend, GuideBackendKind, GuideState, GuidedDecodingParams};
 pub use params::{InvalidParam, RequestOutputKind, SamplingParams, MAX_LOGPROBS, SAMPLING_EPS};
 pub use sampler::{argmax, log_sum_exp, sample_batch, top_k_indices, Sample, SeqSampler, TokenLogprobs};

@@ -103,15 +103,35 @@ pub struct ChatMessage {
     pub role: String,
     /// The text; null when the message is only tool calls.
     pub content: Option<String>,
-    /// `{"id", "type": "function", "function": {"name", "arguments"}}` per call.
-    #[schema(value_type = Vec<Object>)]
-    pub tool_calls: Vec<Value>,
+    /// The calls the model made (`--tool-call-parser`, or a required / named tool choice).
+    pub tool_calls: Vec<ToolCallOut>,
     /// The thinking, split off by `--reasoning-parser` (vLLM's current name).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reasoning: Option<String>,
     /// The same, under the name vLLM used before 0.13 (clients still read it).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reasoning_content: Option<String>,
+}
+
+/// One tool call in a response: `{"id", "type": "function", "function": {"name",
+/// "arguments"}}`, with its position among the choice's calls when streamed.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ToolCallOut {
+    /// The call's position in the choice (streamed deltas only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub index: Option<usize>,
+    pub id: String,
+    /// `function`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: FunctionCallOut,
+}
+
+/// The function a tool call names and its arguments (a JSON object, as text).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct FunctionCallOut {
+    pub name: String,
+    pub arguments: String,
 }
 
 /// One choice of a chat completion.
@@ -146,6 +166,89 @@ pub struct ChatCompletionResponse {
     /// With `return_token_ids`: the prompt's token ids (vLLM's place for them in chat).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prompt_token_ids: Option<Vec<u32>>,
+}
+
+/// One streamed choice of a completion.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct CompletionChunkChoice {
+    pub index: usize,
+    /// The new text.
+    pub text: String,
+    /// The new tokens' log probabilities (OpenAI's completions format), when asked for.
+    #[schema(value_type = Option<Object>)]
+    pub logprobs: Option<Value>,
+    /// Set on the choice's last chunk.
+    pub finish_reason: Option<String>,
+    #[schema(value_type = Option<Object>)]
+    pub stop_reason: Option<Value>,
+    /// With `return_token_ids`: this chunk's new token ids.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_ids: Option<Vec<u32>>,
+}
+
+/// A server-sent event of a streamed `POST /v1/completions`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct CompletionChunk {
+    pub id: String,
+    /// `text_completion`.
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    /// The choices that progressed (none in the usage chunk).
+    pub choices: Vec<CompletionChunkChoice>,
+    /// The usage so far (`continuous_usage_stats`), or the whole request's in a last chunk
+    /// (`include_usage`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+/// What a chat chunk adds to its choice's message.
+#[derive(Debug, Clone, Default, Serialize, ToSchema)]
+pub struct ChatDelta {
+    /// `assistant`, in each choice's first chunk.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+    /// Thinking (`--reasoning-parser`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning: Option<String>,
+    /// The same, under its older name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCallOut>,
+}
+
+/// One streamed choice of a chat completion.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ChatChunkChoice {
+    pub index: usize,
+    pub delta: ChatDelta,
+    /// The new tokens' log probabilities (OpenAI's chat format), when asked for.
+    #[schema(value_type = Option<Object>)]
+    pub logprobs: Option<Value>,
+    /// Set on the choice's last chunk (`tool_calls` when it made calls).
+    pub finish_reason: Option<String>,
+    #[schema(value_type = Option<Object>)]
+    pub stop_reason: Option<Value>,
+    /// With `return_token_ids`: this chunk's new token ids.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_ids: Option<Vec<u32>>,
+}
+
+/// A server-sent event of a streamed `POST /v1/chat/completions`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ChatCompletionChunk {
+    pub id: String,
+    /// `chat.completion.chunk`.
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<ChatChunkChoice>,
+    /// As in [`CompletionChunk`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
 }
 
 /// A served model.
@@ -250,7 +353,7 @@ pub struct EmbeddingResponse {
 #[openapi(
     info(
         title = "vllm-rs",
-        description = "vLLM's OpenAI-compatible API, served by vllm-rs. With --api-key, every route but /health, /version and /metrics needs `Authorization: Bearer <key>`."
+        description = "vLLM's OpenAI-compatible API, served by vllm-rs. With --api-key, every route but /health, /version and /metrics needs `Authorization: Bearer <key>`. Streamed responses are server-sent events whose data are `CompletionChunk`s or `ChatCompletionChunk`s, then `[DONE]`."
     ),
     paths(
         crate::routes::models,
@@ -276,6 +379,8 @@ pub struct EmbeddingResponse {
         ErrorResponse,
         CompletionResponse,
         ChatCompletionResponse,
+        CompletionChunk,
+        ChatCompletionChunk,
         ModelList,
         ModelPermission,
         TokenizeResponse,

@@ -29,18 +29,20 @@ const DEEPSEEK_R1: ReasoningParser = ReasoningParser { start: "<think>", end: "<
 const QWEN3: ReasoningParser = ReasoningParser { start: "<think>", end: "</think>", open_by_default: false };
 const MISTRAL: ReasoningParser = ReasoningParser { start: "[THINK]", end: "[/THINK]", open_by_default: false };
 
+/// The parsers' registry: each row the names `--reasoning-parser` takes for it (vLLM's
+/// names and aliases) and its tags. `--help`, the flag's check and [`parser`] read it.
+const PARSERS: &[(&[&str], ReasoningParser)] =
+    &[(&["deepseek_r1"], DEEPSEEK_R1), (&["qwen3", "glm45"], QWEN3), (&["mistral"], MISTRAL)];
+
 /// The parser `--reasoning-parser <name>` names.
 pub fn parser(name: &str) -> Option<ReasoningParser> {
-    Some(match name {
-        "deepseek_r1" => DEEPSEEK_R1,
-        "qwen3" | "glm45" => QWEN3,
-        "mistral" => MISTRAL,
-        _ => return None,
-    })
+    PARSERS.iter().find(|(names, _)| names.contains(&name)).map(|&(_, p)| p)
 }
 
-/// The names [`parser`] knows.
-pub const PARSERS: &[&str] = &["deepseek_r1", "qwen3", "glm45", "mistral"];
+/// Every name [`parser`] knows.
+pub fn names() -> impl Iterator<Item = &'static str> + Clone {
+    PARSERS.iter().flat_map(|(names, _)| names.iter().copied())
+}
 
 /// Where a prompt leaves the thinking.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,7 +1,9 @@
-//! Rendering engine outputs as the OpenAI API's responses: full completion and chat
-//! responses (typed, see `api.rs`), server-sent event streams of deltas, log probabilities in
-//! each API's format, and beam search results.
+//! Rendering engine outputs as the API's responses: full completion, chat and `/generate`
+//! responses and their streamed chunks (all typed, see `api.rs`), log probabilities in each
+//! API's format, and beam search results.
 
+use axum::body::{Body, Bytes};
+use axum::http::header;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -10,8 +12,12 @@ use serde_json::{json, Value};
 use tokio_stream::wrappers::ReceiverStream;
 use vllm_engine::{CompletionOutput, Logprob, OutputStream, PositionLogprobs, RequestOutput};
 
-use crate::api::{ChatChoice, ChatCompletionResponse, ChatMessage, CompletionChoice, CompletionResponse, Usage};
+use crate::api::{
+    ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse, ChatDelta, ChatMessage, CompletionChoice,
+    CompletionChunk, CompletionChunkChoice, CompletionResponse, FunctionCallOut, GenerateResponse, ToolCallOut, Usage,
+};
 use crate::error::ApiError;
+use crate::protocol::StreamOptions;
 use crate::routes::now;
 
 pub(crate) fn usage(outs: &[RequestOutput]) -> Usage {
@@ -26,6 +32,8 @@ pub(crate) fn usage(outs: &[RequestOutput]) -> Usage {
 pub(crate) enum Api {
     Completion,
     Chat,
+    /// vLLM's simple API: each choice's whole text, prompt first (the prompt is the echo).
+    Generate,
 }
 
 /// How choices are rendered: which API, what to echo before each prompt's output, whether
@@ -35,6 +43,8 @@ pub(crate) struct Render {
     pub api: Api,
     /// Per prompt: text put before the generated text (`echo`).
     pub echo: Vec<String>,
+    /// Choices per prompt (`n`): prompt `i`'s output `j` is choice `i * n + j`.
+    pub n: usize,
     pub top_logprobs: Option<usize>,
     pub tools: Tools,
     /// Chat with `--reasoning-parser`: each choice's split, at its start.
@@ -76,7 +86,7 @@ impl Tools {
     }
 
     /// The content and the calls (as OpenAI's `tool_calls` entries) of a finished text.
-    pub(crate) fn split(&self, text: &str, id: &str) -> (Option<String>, Vec<Value>) {
+    pub(crate) fn split(&self, text: &str, id: &str) -> (Option<String>, Vec<ToolCallOut>) {
         let parsed = match self {
             Tools::Off => return (Some(text.to_string()), Vec::new()),
             Tools::Parse(p) => p.parse(text),
@@ -108,9 +118,11 @@ impl Tools {
             .calls
             .iter()
             .enumerate()
-            .map(|(k, c)| {
-                json!({"id": format!("chatcmpl-tool-{id}-{k}"), "type": "function",
-                       "function": {"name": c.name, "arguments": c.arguments}})
+            .map(|(k, c)| ToolCallOut {
+                index: None,
+                id: format!("chatcmpl-tool-{id}-{k}"),
+                kind: "function".into(),
+                function: FunctionCallOut { name: c.name.clone(), arguments: c.arguments.clone() },
             })
             .collect();
         (parsed.content, calls)
@@ -169,38 +181,13 @@ impl Render {
     /// first one's text in the choice's whole text.
     fn logprobs(&self, c: &CompletionOutput, positions: &[PositionLogprobs], offset: usize) -> Option<Value> {
         match (self.top_logprobs, c.logprobs.is_some()) {
-            (Some(k), true) => Some(match self.api {
-                Api::Completion => completion_logprobs(positions, offset, self.token_ids_as_tokens),
-                Api::Chat => chat_logprobs(positions, k, self.token_ids_as_tokens),
-            }),
+            (Some(k), true) => match self.api {
+                Api::Completion => Some(completion_logprobs(positions, offset, self.token_ids_as_tokens)),
+                Api::Chat => Some(chat_logprobs(positions, k, self.token_ids_as_tokens)),
+                Api::Generate => None,
+            },
             _ => None,
         }
-    }
-
-    /// One streamed choice: `text` and `positions` are the new part.
-    fn stream_choice(
-        &self,
-        index: usize,
-        c: &CompletionOutput,
-        text: &str,
-        positions: &[PositionLogprobs],
-        offset: usize,
-    ) -> Value {
-        let reason = json!(c.finish_reason.map(|r| r.as_str()));
-        let logprobs = self.logprobs(c, positions, offset);
-        let mut choice = match self.api {
-            Api::Completion => {
-                json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason, "stop_reason": c.stop_reason})
-            }
-            Api::Chat => {
-                let d = if text.is_empty() { json!({}) } else { json!({"content": text}) };
-                json!({"index": index, "delta": d, "logprobs": logprobs, "finish_reason": reason, "stop_reason": c.stop_reason})
-            }
-        };
-        if self.token_ids {
-            choice["token_ids"] = json!(c.token_ids); // this chunk's new ids
-        }
-        choice
     }
 }
 
@@ -226,6 +213,7 @@ fn prompt_logprobs(p: &[Option<PositionLogprobs>]) -> Vec<Value> {
 pub(crate) fn full_response(model: &str, render: &Render, id: &str, outs: &[RequestOutput]) -> Response {
     let mut completion = Vec::new();
     let mut chat = Vec::new();
+    let mut texts = Vec::new();
     for (i, o) in outs.iter().enumerate() {
         let n = o.outputs.len();
         let prompt_lps = o.prompt_logprobs.as_deref().map(prompt_logprobs);
@@ -238,6 +226,7 @@ pub(crate) fn full_response(model: &str, render: &Render, id: &str, outs: &[Requ
             let stop_reason = c.stop_reason.as_ref().map(|r| json!(r));
             let index = i * n + j;
             match render.api {
+                Api::Generate => texts.push(text),
                 Api::Completion => completion.push(CompletionChoice {
                     index,
                     text,
@@ -283,6 +272,7 @@ pub(crate) fn full_response(model: &str, render: &Render, id: &str, outs: &[Requ
     }
     let (id, created, model, usage) = (id.to_string(), now(), model.to_string(), usage(outs));
     match render.api {
+        Api::Generate => Json(GenerateResponse { text: texts }).into_response(),
         Api::Completion => Json(CompletionResponse {
             id,
             object: "text_completion".into(),
@@ -330,42 +320,126 @@ pub(crate) fn partial_tail(text: &str, marker: &str) -> usize {
         .unwrap_or(0)
 }
 
-/// Streams deltas as server-sent events (the streams were submitted with delta outputs). The
-/// producer task ends when the client goes away (the event channel closes), dropping the
-/// engine streams, which aborts their requests. A client that stops reading fills the event
-/// channel, then its requests' output buffers, and is aborted.
-pub(crate) fn sse(
+/// One streamed choice, of either API.
+enum ChunkChoice {
+    Completion(CompletionChunkChoice),
+    Chat(ChatChunkChoice),
+}
+
+/// A chat choice's chunk: its delta, and the finish reason on its last.
+fn chat_choice(index: usize, delta: ChatDelta, finish: Option<String>, stop: Option<Value>) -> ChunkChoice {
+    ChunkChoice::Chat(ChatChunkChoice {
+        index,
+        delta,
+        logprobs: None,
+        finish_reason: finish,
+        stop_reason: stop,
+        token_ids: None,
+    })
+}
+
+/// Builds a stream's events: every chunk carries the stream's id, creation time and model,
+/// and with `continuous_usage_stats` the usage so far.
+struct Chunker {
+    id: String,
+    model: String,
+    created: u64,
+    continuous: bool,
+}
+
+impl Chunker {
+    /// The event of one chunk: `choice` (none in the usage chunk); `usage` for the last one,
+    /// else (continuous usage) the counts so far.
+    fn event(&self, api: Api, choice: Option<ChunkChoice>, usage: Option<Usage>, so_far: (usize, usize)) -> Event {
+        let usage = usage.or_else(|| self.continuous.then(|| Usage::new(so_far.0, so_far.1, 0)));
+        let (id, created, model) = (self.id.clone(), self.created, self.model.clone());
+        let data = match api {
+            Api::Chat => serde_json::to_string(&ChatCompletionChunk {
+                id,
+                object: "chat.completion.chunk",
+                created,
+                model,
+                choices: match choice {
+                    Some(ChunkChoice::Chat(c)) => vec![c],
+                    _ => Vec::new(),
+                },
+                usage,
+            }),
+            _ => serde_json::to_string(&CompletionChunk {
+                id,
+                object: "text_completion",
+                created,
+                model,
+                choices: match choice {
+                    Some(ChunkChoice::Completion(c)) => vec![c],
+                    _ => Vec::new(),
+                },
+                usage,
+            }),
+        };
+        Event::default().data(data.unwrap_or_default())
+    }
+}
+
+/// A streamed answer: server-sent events of chunks for the OpenAI routes, NUL-terminated
+/// objects of each choice's whole text for `/generate` (the streams were submitted with delta
+/// outputs).
+pub(crate) fn stream_response(
     render: Render,
     id: String,
     model: String,
     streams: Vec<OutputStream>,
-    n: usize,
-    options: crate::protocol::StreamOptions,
+    options: StreamOptions,
 ) -> Response {
+    if render.api == Api::Generate {
+        return generate_stream(render, streams);
+    }
+    sse(render, Chunker { id, model, created: now(), continuous: options.continuous_usage_stats }, streams, options)
+}
+
+/// vLLM's `/generate` stream: each output sends every choice's whole text so far (prompt
+/// first), rebuilt here from the deltas, as a JSON object followed by a NUL byte.
+fn generate_stream(render: Render, mut streams: Vec<OutputStream>) -> Response {
+    let Some(rx) = streams.pop() else { return ApiError::internal("no stream").into_response() };
+    let prompt = render.echo.first().cloned().unwrap_or_default();
+    let mut texts: Vec<String> = vec![prompt; render.n];
+    let body = rx.into_stream().map(move |o| {
+        let v = match o {
+            Ok(o) => {
+                for c in &o.outputs {
+                    if let Some(t) = texts.get_mut(c.index) {
+                        t.push_str(&c.text);
+                    }
+                }
+                json!(GenerateResponse { text: texts.clone() })
+            }
+            Err(e) => ApiError::from(e).body(),
+        };
+        Ok::<_, std::convert::Infallible>(Bytes::from(format!("{v}\0")))
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .body(Body::from_stream(body))
+        .unwrap_or_else(|e| ApiError::internal(e.to_string()).into_response())
+}
+
+/// Streams deltas as server-sent events. The producer task ends when the client goes away
+/// (the event channel closes), dropping the engine streams, which aborts their requests. A
+/// client that stops reading fills the event channel, then its requests' output buffers, and
+/// is aborted.
+fn sse(render: Render, chunker: Chunker, streams: Vec<OutputStream>, options: StreamOptions) -> Response {
     let (tx, rx) = tokio::sync::mpsc::channel::<Event>(64);
     let num_prompts = streams.len();
+    let n = render.n;
     tokio::spawn(async move {
-        let created = now();
         let api = render.api;
-        let object = if api == Api::Chat { "chat.completion.chunk" } else { "text_completion" };
         // Token counts so far, per prompt (its length) and over all choices (generated).
         let mut prompt_lens = vec![0usize; num_prompts];
         let mut generated = 0usize;
-        let continuous = options.continuous_usage_stats;
-        // A chunk; with `continuous_usage_stats` each carries the usage so far.
-        let chunk = |choices: Value, usage: Option<Value>, so_far: (usize, usize)| {
-            let mut v = json!({"id": id, "object": object, "created": created, "model": model, "choices": choices});
-            if let Some(u) = usage {
-                v["usage"] = u;
-            } else if continuous {
-                v["usage"] = json!(Usage::new(so_far.0, so_far.1, 0));
-            }
-            Event::default().data(v.to_string())
-        };
         if api == Api::Chat {
             for i in 0..num_prompts * n {
-                let c = json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]);
-                if tx.send(chunk(c, None, (0, 0))).await.is_err() {
+                let delta = ChatDelta { role: Some("assistant"), content: Some(String::new()), ..Default::default() };
+                if tx.send(chunker.event(api, Some(chat_choice(i, delta, None, None)), None, (0, 0))).await.is_err() {
                     return;
                 }
             }
@@ -394,6 +468,8 @@ pub(crate) fn sse(
                 let k = i * n + j;
                 let st = &mut sent[k];
                 completion_tokens += c.token_ids.len();
+                let so_far = (prompt_lens.iter().sum(), generated);
+                let emit = |choice: ChunkChoice| chunker.event(api, Some(choice), None, so_far);
                 // The echoed prompt goes in front of the choice's first chunk.
                 let echo = if st.started { "" } else { render.echo[i].as_str() };
                 st.started = true;
@@ -408,10 +484,10 @@ pub(crate) fn sse(
                         split.content.push_str(&rest.content);
                     }
                     if render.include_reasoning && !split.reasoning.is_empty() {
-                        let r = &split.reasoning;
-                        let choice = json!({"index": k, "delta": {"reasoning": r, "reasoning_content": r},
-                                            "logprobs": null, "finish_reason": null});
-                        if tx.send(chunk(json!([choice]), None, (prompt_lens.iter().sum(), generated))).await.is_err() {
+                        let r = split.reasoning;
+                        let d =
+                            ChatDelta { reasoning: Some(r.clone()), reasoning_content: Some(r), ..Default::default() };
+                        if tx.send(emit(chat_choice(k, d, None, None))).await.is_err() {
                             return;
                         }
                     }
@@ -433,42 +509,27 @@ pub(crate) fn sse(
                         };
                         if cut > 0 {
                             let out: String = st.held.drain(..cut).collect();
-                            let choice =
-                                json!({"index": k, "delta": {"content": out}, "logprobs": null, "finish_reason": null});
-                            if tx
-                                .send(chunk(json!([choice]), None, (prompt_lens.iter().sum(), generated)))
-                                .await
-                                .is_err()
-                            {
+                            let d = ChatDelta { content: Some(out), ..Default::default() };
+                            if tx.send(emit(chat_choice(k, d, None, None))).await.is_err() {
                                 return;
                             }
                         }
                     }
                     if c.finished() {
-                        let (content, calls) = render.tools.split(&st.held, &format!("{id}-{k}"));
-                        let mut d = json!({});
-                        if let Some(text) = content {
-                            d["content"] = json!(text);
-                        }
-                        if !calls.is_empty() {
-                            let indexed: Vec<Value> = calls
-                                .into_iter()
-                                .enumerate()
-                                .map(|(x, mut call)| {
-                                    call["index"] = json!(x);
-                                    call
-                                })
-                                .collect();
-                            d["tool_calls"] = json!(indexed);
-                        }
-                        let reason = if d.get("tool_calls").is_some() {
-                            json!("tool_calls")
+                        let (content, calls) = render.tools.split(&st.held, &format!("{}-{k}", chunker.id));
+                        let tool_calls: Vec<ToolCallOut> = calls
+                            .into_iter()
+                            .enumerate()
+                            .map(|(x, call)| ToolCallOut { index: Some(x), ..call })
+                            .collect();
+                        let reason = if tool_calls.is_empty() {
+                            c.finish_reason.map(|r| r.as_str().to_string())
                         } else {
-                            json!(c.finish_reason.map(|r| r.as_str()))
+                            Some("tool_calls".to_string())
                         };
-                        let choice = json!({"index": k, "delta": d, "logprobs": null, "finish_reason": reason,
-                                            "stop_reason": c.stop_reason});
-                        if tx.send(chunk(json!([choice]), None, (prompt_lens.iter().sum(), generated))).await.is_err() {
+                        let d = ChatDelta { content, tool_calls, ..Default::default() };
+                        let stop = c.stop_reason.as_ref().map(|r| json!(r));
+                        if tx.send(emit(chat_choice(k, d, reason, stop))).await.is_err() {
                             return;
                         }
                     }
@@ -478,8 +539,29 @@ pub(crate) fn sse(
                 let offset = st.chars + echo.chars().count();
                 st.chars += delta.chars().count();
                 if !delta.is_empty() || !positions.is_empty() || c.finished() {
-                    let choice = render.stream_choice(k, c, &delta, positions, offset);
-                    if tx.send(chunk(json!([choice]), None, (prompt_lens.iter().sum(), generated))).await.is_err() {
+                    let logprobs = render.logprobs(c, positions, offset);
+                    let finish_reason = c.finish_reason.map(|r| r.as_str().to_string());
+                    let stop_reason = c.stop_reason.as_ref().map(|r| json!(r));
+                    let token_ids = render.token_ids.then(|| c.token_ids.clone()); // this chunk's new ids
+                    let choice = match api {
+                        Api::Chat => ChunkChoice::Chat(ChatChunkChoice {
+                            index: k,
+                            delta: ChatDelta { content: Some(delta).filter(|d| !d.is_empty()), ..Default::default() },
+                            logprobs,
+                            finish_reason,
+                            stop_reason,
+                            token_ids,
+                        }),
+                        _ => ChunkChoice::Completion(CompletionChunkChoice {
+                            index: k,
+                            text: delta,
+                            logprobs,
+                            finish_reason,
+                            stop_reason,
+                            token_ids,
+                        }),
+                    };
+                    if tx.send(emit(choice)).await.is_err() {
                         return;
                     }
                 }
@@ -487,7 +569,7 @@ pub(crate) fn sse(
         }
         if options.include_usage
             && tx
-                .send(chunk(json!([]), Some(json!(Usage::new(prompt_tokens, completion_tokens, cached))), (0, 0)))
+                .send(chunker.event(api, None, Some(Usage::new(prompt_tokens, completion_tokens, cached)), (0, 0)))
                 .await
                 .is_err()
         {

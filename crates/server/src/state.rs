@@ -15,7 +15,6 @@ use subtle::ConstantTimeEq;
 use vllm_engine::{AsyncEngine, Embedder};
 
 use crate::error::ApiError;
-use crate::protocol::SamplingFields;
 
 /// Shared server state (cheap to clone through the `Arc`).
 pub struct AppState {
@@ -58,13 +57,6 @@ impl AppState {
     pub(crate) fn new_id(&self, prefix: &str) -> String {
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
         format!("{prefix}-{:x}{n:06x}", now())
-    }
-
-    /// A request's sampling fields with the server's defaults filled in.
-    pub(crate) fn sampling_fields(&self, f: &SamplingFields) -> SamplingFields {
-        let mut f = f.clone();
-        self.sampling_defaults.apply(&mut f);
-        f
     }
 
     /// A response's id: `<prefix>-<request_id>` when the client names the request (the

@@ -50,34 +50,30 @@ pub trait ToolParser: Send + Sync {
     fn start_marker(&self) -> Option<&'static str>;
 }
 
+/// Builds a parser.
+type BuildParser = fn() -> Box<dyn ToolParser>;
+
+/// The parsers' registry: each row the names `--tool-call-parser` takes for it (vLLM's
+/// names and aliases) and how it is built. `--help`, the flag's check and [`parser`] read it.
+const PARSERS: &[(&[&str], BuildParser)] = &[
+    (&["hermes"], || Box::new(Hermes)),
+    (&["llama3_json", "llama4_json"], || Box::new(Llama3Json)),
+    (&["mistral"], || Box::new(Mistral)),
+    (&["pythonic", "llama4_pythonic"], || Box::new(Pythonic)),
+    (&["qwen3_xml", "qwen3_coder"], || Box::new(Qwen3Xml)),
+    (&["deepseek_v3", "deepseek_v31"], || Box::new(DeepSeekV3)),
+    (&["openai"], || Box::new(OpenAiJson)),
+];
+
 /// The parser `--tool-call-parser <name>` names.
 pub fn parser(name: &str) -> Option<Box<dyn ToolParser>> {
-    Some(match name {
-        "hermes" => Box::new(Hermes),
-        "llama3_json" | "llama4_json" => Box::new(Llama3Json),
-        "mistral" => Box::new(Mistral),
-        "pythonic" | "llama4_pythonic" => Box::new(Pythonic),
-        "qwen3_xml" | "qwen3_coder" => Box::new(Qwen3Xml),
-        "deepseek_v3" | "deepseek_v31" => Box::new(DeepSeekV3),
-        "openai" => Box::new(OpenAiJson),
-        _ => return None,
-    })
+    PARSERS.iter().find(|(names, _)| names.contains(&name)).map(|(_, build)| build())
 }
 
-/// The names [`parser`] knows.
-pub const PARSERS: &[&str] = &[
-    "hermes",
-    "llama3_json",
-    "llama4_json",
-    "mistral",
-    "pythonic",
-    "llama4_pythonic",
-    "qwen3_xml",
-    "qwen3_coder",
-    "deepseek_v3",
-    "deepseek_v31",
-    "openai",
-];
+/// Every name [`parser`] knows.
+pub fn names() -> impl Iterator<Item = &'static str> + Clone {
+    PARSERS.iter().flat_map(|(names, _)| names.iter().copied())
+}
 
 /// A call from a JSON object with `name` and `arguments` (or `parameters`), the arguments
 /// given as an object or as JSON text.
@@ -590,7 +586,8 @@ mod tests {
 
     #[test]
     fn every_listed_parser_exists() {
-        for name in PARSERS {
+        assert_eq!(names().count(), 11);
+        for name in names() {
             assert!(parser(name).is_some(), "{name}");
         }
         assert!(parser("nope").is_none());

@@ -1,0 +1,265 @@
+//! Parse, don't validate: each route family's one conversion from its wire request into a
+//! [`ValidRequest`], the engine request with every default filled and every limit checked,
+//! plus what the response needs. Handlers call one of these, submit, and render; nothing
+//! downstream reads the wire type again.
+//!
+//! | route family | conversion | `max_tokens` when absent |
+//! |--------------|------------|--------------------------|
+//! | `/v1/completions` | [`completion`] | [`DEFAULT_MAX_TOKENS`] |
+//! | `/v1/chat/completions` | [`chat::chat`] | the rest of the context |
+//! | `/generate` | [`generate`] | [`DEFAULT_MAX_TOKENS`] |
+//! | `/v1/embeddings` | [`embedding`] | (no generation) |
+//!
+//! (The model's `generation_config.json` and `--override-generation-config` come first: a
+//! `max_new_tokens` there is the default for every route.)
+
+pub(crate) mod chat;
+mod sampling;
+
+use axum::http::HeaderMap;
+use vllm_engine::{BeamSearchParams, Prompt, RequestOutputKind, SamplingParams};
+
+use crate::error::ApiError;
+use crate::protocol::{
+    check_extra_fields, parse_prompts, CompletionRequest, EmbeddingRequest, GenerateRequest, SamplingFields,
+    StreamOptions, WirePrompt,
+};
+use crate::render::{Api, Render, Tools};
+use crate::state::AppState;
+
+/// OpenAI's default `max_tokens` for completions (and vLLM's `/generate`).
+pub(crate) const DEFAULT_MAX_TOKENS: usize = 16;
+
+/// A request ready for the engine, and how its answer is shaped.
+pub(crate) struct ValidRequest {
+    /// The response's id (`<prefix>-<request_id>` when the client named the request).
+    pub id: String,
+    /// The model name the response reports (the served name; a LoRA adapter's name later).
+    pub model: String,
+    /// One engine request per prompt.
+    pub prompts: Vec<Prompt>,
+    /// Complete engine parameters: output kind, log probabilities, the constraint with its
+    /// backend and start, limits checked against the server's flags.
+    pub params: SamplingParams,
+    /// `use_beam_search`: the prompts run as a beam search instead.
+    pub beam: Option<BeamSearchParams>,
+    /// `Some` when streamed (with the stream's options).
+    pub stream: Option<StreamOptions>,
+    /// How outputs become the response.
+    pub render: Render,
+}
+
+/// Which wire format a request came in, for the parts of the conversion they share.
+#[derive(Clone, Copy)]
+enum Family {
+    Completion,
+    Chat,
+    Generate,
+}
+
+impl Family {
+    /// `max_tokens` when neither the request nor the generation config gives one.
+    fn default_max_tokens(self) -> Option<usize> {
+        match self {
+            Family::Completion | Family::Generate => Some(DEFAULT_MAX_TOKENS),
+            Family::Chat => None,
+        }
+    }
+}
+
+/// The sampling fields as complete engine parameters, shared by every generating route:
+/// the server's defaults under the request's fields, the route's `max_tokens` default, the
+/// output kind (deltas when streamed, the final output otherwise), `--max-logprobs`, the
+/// default guided-decoding backend, and beam search's own parameters.
+fn engine_params(
+    s: &AppState,
+    fields: &SamplingFields,
+    family: Family,
+    stream: bool,
+    logprobs: Option<usize>,
+) -> Result<(SamplingParams, Option<BeamSearchParams>), ApiError> {
+    let mut fields = fields.clone();
+    s.sampling_defaults.apply(&mut fields);
+    let mut params = sampling::sampling_params(&fields, family.default_max_tokens())?;
+    params.logprobs = logprobs;
+    params.output_kind = if stream { RequestOutputKind::Delta } else { RequestOutputKind::FinalOnly };
+    for (field, k) in [("logprobs", params.logprobs), ("prompt_logprobs", params.prompt_logprobs)] {
+        if let Some(k) = k.filter(|&k| k > s.max_logprobs) {
+            return Err(ApiError::invalid_param(
+                field,
+                format!(
+                    "{k} log probabilities asked for; this server returns at most {} (--max-logprobs)",
+                    s.max_logprobs
+                ),
+            ));
+        }
+    }
+    default_backend(s, &mut params);
+    // Streaming sends every sequence as it is generated: `best_of` candidates cannot be ranked.
+    if stream && params.num_sequences() > params.n {
+        return Err(ApiError::invalid_param("best_of", "best_of must equal n when streaming"));
+    }
+    let beam = sampling::beam_params(&fields, &params)?;
+    if beam.is_some() && stream {
+        return Err(ApiError::unsupported("use_beam_search", "together with stream"));
+    }
+    Ok((params, beam))
+}
+
+/// A constraint that names no backend gets the server's (`--structured-outputs-config`).
+fn default_backend(s: &AppState, params: &mut SamplingParams) {
+    if let Some(g) = params.guided_decoding.as_mut() {
+        if g.backend.is_none() {
+            g.backend = s.default_guided_backend.clone();
+        }
+    }
+}
+
+/// Wire prompts as engine prompts.
+fn prompts(v: &serde_json::Value) -> Result<Vec<Prompt>, ApiError> {
+    Ok(parse_prompts(v)?
+        .into_iter()
+        .map(|p| match p {
+            WirePrompt::Text(t) => Prompt::Text(t),
+            WirePrompt::Ids(i) => Prompt::TokenIds(i),
+        })
+        .collect())
+}
+
+/// `POST /v1/completions`.
+pub(crate) async fn completion(
+    s: &AppState,
+    req: CompletionRequest,
+    headers: &HeaderMap,
+) -> Result<ValidRequest, ApiError> {
+    s.check_model(req.model.as_deref())?;
+    check_extra_fields(&req.extra)?;
+    if req.suffix.is_some() {
+        return Err(ApiError::unsupported("suffix", "(fill-in-the-middle)"));
+    }
+    if req.echo && req.logprobs.is_some() {
+        return Err(ApiError::unsupported("echo", "together with logprobs (prompt log probabilities)"));
+    }
+    let prompts = prompts(&req.prompt)?;
+    let (params, beam) = engine_params(s, &req.sampling, Family::Completion, req.stream, req.logprobs)?;
+    let engine = s.engine()?;
+    let echo = prompts
+        .iter()
+        .map(|p| match (req.echo, p) {
+            (false, _) => Ok(String::new()),
+            (true, Prompt::Text(t)) => Ok(t.clone()),
+            (true, Prompt::TokenIds(ids)) => engine.tokenizer().decode(ids, false).map_err(ApiError::from),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    // `add_special_tokens: false`: the prompt is tokenized here without BOS, on the blocking
+    // pool, by the input processor (which refuses text that cannot fit first).
+    let prompts = if req.sampling.add_special_tokens == Some(false) {
+        let input = engine.input_processor().clone();
+        s.blocking(move || {
+            prompts
+                .into_iter()
+                .map(|p| match p {
+                    Prompt::Text(t) => Ok(Prompt::TokenIds(input.encode_text(&t, false)?)),
+                    p => Ok(p),
+                })
+                .collect::<Result<Vec<_>, ApiError>>()
+        })
+        .await?
+    } else {
+        prompts
+    };
+    let f = &req.sampling;
+    Ok(ValidRequest {
+        id: s.response_id("cmpl", f.request_id.as_deref(), headers)?,
+        model: s.model_name.clone(),
+        prompts,
+        beam,
+        stream: req.stream.then(|| req.stream_options.unwrap_or_default()),
+        render: Render {
+            api: Api::Completion,
+            echo,
+            n: params.n,
+            top_logprobs: req.logprobs,
+            tools: Tools::Off,
+            reasoning: None,
+            include_reasoning: false,
+            token_ids_as_tokens: f.return_tokens_as_token_ids == Some(true),
+            token_ids: f.return_token_ids == Some(true),
+        },
+        params,
+    })
+}
+
+/// `POST /generate` (vLLM's simple API): `{"text": [prompt + output, ...]}`.
+pub(crate) fn generate(s: &AppState, req: GenerateRequest) -> Result<ValidRequest, ApiError> {
+    check_extra_fields(&req.extra)?;
+    // `/generate` answers `{"text": [...]}`: the OpenAI routes' response options mean nothing.
+    let f = &req.sampling;
+    for (field, set) in [
+        ("request_id", f.request_id.is_some()),
+        ("return_token_ids", f.return_token_ids.is_some()),
+        ("return_tokens_as_token_ids", f.return_tokens_as_token_ids.is_some()),
+        ("add_special_tokens", f.add_special_tokens.is_some()),
+    ] {
+        if set {
+            return Err(ApiError::unsupported(field, "on /generate (use /v1/completions)"));
+        }
+    }
+    let (params, beam) = engine_params(s, f, Family::Generate, req.stream, None)?;
+    s.engine()?;
+    Ok(ValidRequest {
+        id: s.new_id("gen"),
+        model: s.model_name.clone(),
+        prompts: vec![Prompt::Text(req.prompt.clone())],
+        beam,
+        stream: req.stream.then(StreamOptions::default),
+        render: Render {
+            api: Api::Generate,
+            // Each text starts with the prompt (vLLM's simple API).
+            echo: vec![req.prompt],
+            n: params.n,
+            top_logprobs: None,
+            tools: Tools::Off,
+            reasoning: None,
+            include_reasoning: false,
+            token_ids_as_tokens: false,
+            token_ids: false,
+        },
+        params,
+    })
+}
+
+/// An embedding request, checked against the model.
+pub(crate) struct ValidEmbedding {
+    pub prompts: Vec<Prompt>,
+    /// `encoding_format: base64`.
+    pub base64: bool,
+}
+
+/// `POST /v1/embeddings`: a string, a list of strings, token ids or lists of token ids;
+/// `encoding_format` `float` (default) or `base64`.
+pub(crate) fn embedding(s: &AppState, req: &EmbeddingRequest) -> Result<ValidEmbedding, ApiError> {
+    s.check_model(req.model.as_deref())?;
+    let Some(embedder) = &s.embedder else {
+        return Err(ApiError::bad_request(format!(
+            "The model `{}` does not support embeddings (serve an embedding model such as {}).",
+            s.model_name,
+            vllm_engine::EMBEDDING_MODEL
+        )));
+    };
+    let prompts = req.prompts()?;
+    let base64 = match req.encoding_format.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(other) => {
+            return Err(ApiError::invalid_param("encoding_format", format!("'{other}' (choose float or base64)")))
+        }
+    };
+    if req.dimensions.is_some_and(|d| d != embedder.dimensions()) {
+        return Err(ApiError::invalid_param(
+            "dimensions",
+            format!("this model's embeddings have {} dimensions", embedder.dimensions()),
+        ));
+    }
+    Ok(ValidEmbedding { prompts, base64 })
+}
