@@ -25,7 +25,7 @@ use std::time::Instant;
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use vllm_sampler::SamplingParams;
 
-use crate::beam::{BeamJob, BeamSearchOutput, BeamSearchParams};
+use crate::beam::{BeamSearch, BeamSearchOutput, BeamSearchParams};
 use crate::core::{CoreOutput, EngineCore};
 use crate::engine::EngineStats;
 use crate::input::{EngineRequest, InputProcessor};
@@ -47,10 +47,6 @@ enum Command {
     Abort(String),
     /// The output processor matched a stop string: the core stops the sequence.
     FinishSeq(String, usize),
-    BeamSearch {
-        job: Box<BeamJob>,
-        reply: oneshot::Sender<Result<BeamJob>>,
-    },
     /// Makes the core thread panic (tests of the liveness path).
     #[doc(hidden)]
     Crash,
@@ -126,10 +122,9 @@ impl AsyncEngine {
         let (tx, rx) = std_mpsc::channel();
         let (health_tx, health) = watch::channel(EngineHealth::Alive);
         let st = stats.clone();
-        let thread_input = input.clone();
         let thread = std::thread::Builder::new()
             .name("vllm-engine-core".into())
-            .spawn(move || run_core(core, thread_input, rx, st, health_tx))
+            .spawn(move || run_core(core, rx, st, health_tx))
             .map_err(|_| Error::Internal("cannot start the engine thread"))?;
         Ok(Self {
             tx,
@@ -236,6 +231,12 @@ impl AsyncEngine {
         let _cancel_on_drop = CancelOnDrop(cancel.clone());
         let input = self.input.clone();
         let req = self.off_thread(move || input.process(id, prompt, params, &cancel)).await?;
+        self.submit(req, Some(guard)).await
+    }
+
+    /// Queues a processed request; its stream once the core has it. `guard`: the admission it
+    /// counts against (a beam search's requests share their search's).
+    async fn submit(&self, req: EngineRequest, guard: Option<InflightGuard>) -> Result<OutputStream> {
         let state = RequestState::new(&req);
         let prompt_tokens = req.prompt_ids.len();
         let (accepted, accepted_rx) = oneshot::channel();
@@ -253,19 +254,33 @@ impl AsyncEngine {
         })
     }
 
-    /// Beam search for every prompt, run by the engine thread between its other requests'
-    /// steps (prompts are tokenized off it); dropping the future aborts it.
+    /// Beam search for every prompt: a driver above the engine (prompts are tokenized off the
+    /// engine thread); each round's beams are ordinary requests that run between the others.
+    /// Dropping the future aborts the round in flight.
     pub async fn beam_search(&self, prompts: Vec<Prompt>, params: BeamSearchParams) -> Result<Vec<BeamSearchOutput>> {
         let _guard = self.admit()?;
         static COUNTER: AtomicUsize = AtomicUsize::new(0);
         let prefix = format!("\u{1}beam-{}", COUNTER.fetch_add(1, Ordering::Relaxed));
         let input = self.input.clone();
-        let job = self.off_thread(move || BeamJob::new(&input, prefix, prompts, params)).await?;
-        let (reply, rx) = oneshot::channel();
-        self.send(Command::BeamSearch { job: Box::new(job), reply })?;
-        let job = rx.await.map_err(|_| self.stopped())??;
+        let mut search = self.off_thread(move || BeamSearch::new(&input, prompts, params)).await?;
+        for round in 1.. {
+            let reqs = search.round(&self.input, &prefix, round)?;
+            if reqs.is_empty() {
+                break;
+            }
+            let mut streams = Vec::with_capacity(reqs.len());
+            for (req, key) in reqs {
+                streams.push((key, self.submit(req, None).await?));
+            }
+            let results = futures::future::try_join_all(streams.into_iter().map(|(key, mut s)| async move {
+                let out = s.final_output().await?;
+                Ok::<_, Error>((key, crate::beam::tops(&out)?))
+            }))
+            .await?;
+            search.advance(results);
+        }
         let input = self.input.clone();
-        self.off_thread(move || job.finish(input.tokenizer())).await
+        self.off_thread(move || search.finish(input.tokenizer())).await
     }
 
     /// Aborts a request (no-op if unknown or finished).
@@ -298,7 +313,7 @@ pub struct OutputStream {
     tx: std_mpsc::Sender<Command>,
     metrics: StepMetrics,
     done: bool,
-    _inflight: InflightGuard,
+    _inflight: Option<InflightGuard>,
 }
 
 impl OutputStream {
@@ -348,6 +363,17 @@ impl OutputStream {
         None
     }
 
+    /// The request's final output (the others are skipped); an error if it ends without one.
+    pub async fn final_output(&mut self) -> Result<RequestOutput> {
+        while let Some(o) = self.recv().await {
+            let o = o?;
+            if o.finished {
+                return Ok(o);
+            }
+        }
+        Err(Error::Aborted(format!("the request {} was aborted", self.state.request_id())))
+    }
+
     /// Ends the stream with an error (the request is aborted).
     fn fail(&mut self, e: Error) -> Result<RequestOutput> {
         self.done = true;
@@ -369,23 +395,15 @@ impl Drop for OutputStream {
     }
 }
 
-/// A beam search the engine thread is running, and where its result goes.
-struct BeamTask {
-    job: Box<BeamJob>,
-    reply: oneshot::Sender<Result<BeamJob>>,
-}
-
 /// The core thread's state: the core, and what it answers to.
 struct CoreLoop {
     core: EngineCore,
     fe: Frontend,
 }
 
-/// The core thread's side of the requests: where outputs go, the beam searches, the stats.
+/// The core thread's side of the requests: where outputs go, the stats.
 struct Frontend {
-    input: InputProcessor,
     live: HashMap<String, mpsc::Sender<Result<CoreOutput>>>,
-    beams: Vec<BeamTask>,
     stats: Arc<Mutex<EngineStats>>,
     /// A shutdown arrived while a step was suspended.
     stopping: bool,
@@ -395,12 +413,11 @@ struct Frontend {
 
 fn run_core(
     core: EngineCore,
-    input: InputProcessor,
     rx: std_mpsc::Receiver<Command>,
     stats: Arc<Mutex<EngineStats>>,
     health: watch::Sender<EngineHealth>,
 ) {
-    let fe = Frontend { input, live: HashMap::new(), beams: Vec::new(), stats, stopping: false, fresh: false };
+    let fe = Frontend { live: HashMap::new(), stats, stopping: false, fresh: false };
     let mut state = CoreLoop { core, fe };
     let run = std::panic::catch_unwind(AssertUnwindSafe(|| state.run(&rx)));
     match run {
@@ -416,9 +433,6 @@ fn run_core(
             // The core's state may be broken: tell everyone and touch nothing else.
             for (_, out) in state.fe.live.drain() {
                 let _ = out.try_send(Err(Error::EngineDead(reason.clone())));
-            }
-            for b in state.fe.beams.drain(..) {
-                let _ = b.reply.send(Err(Error::EngineDead(reason.clone())));
             }
             // Commands still queued get their reply channels dropped (an error each).
             drop(rx);
@@ -482,18 +496,6 @@ impl Frontend {
                 self.live.remove(&id);
             }
             Command::FinishSeq(id, index) => core.finish_seq(&id, index),
-            Command::BeamSearch { mut job, reply } => match job.submit(core, &self.input) {
-                Ok(true) => {
-                    self.beams.push(BeamTask { job, reply });
-                    self.fresh = true;
-                }
-                Ok(false) => {
-                    let _ = reply.send(Ok(*job));
-                }
-                Err(e) => {
-                    let _ = reply.send(Err(e));
-                }
-            },
             Command::Crash => panic!("crash requested (crash_for_tests)"),
             Command::Shutdown => return false,
         }
@@ -519,14 +521,8 @@ impl Frontend {
         }
     }
 
-    /// Beam searches and clients that went away: aborted before anything is computed for them.
+    /// Clients that went away: aborted before anything is computed for them.
     fn reap(&mut self, core: &mut EngineCore) {
-        self.beams.retain_mut(|b| {
-            if b.reply.is_closed() {
-                b.job.abort(core);
-            }
-            !b.reply.is_closed()
-        });
         let gone: Vec<String> = self.live.iter().filter(|(_, o)| o.is_closed()).map(|(id, _)| id.clone()).collect();
         for id in gone {
             core.abort(&id);
@@ -534,27 +530,15 @@ impl Frontend {
         }
     }
 
-    /// Sends a step's outputs to their requests' channels and beam searches.
+    /// Sends a step's outputs to their requests' channels.
     fn after_step(&mut self, core: &mut EngineCore, result: Result<Vec<CoreOutput>>) {
         // The gauges first: a client that reads its output and then /metrics sees the step.
         self.publish_stats(core);
         match result {
             Ok(outs) => {
-                'outputs: for o in outs {
-                    for b in self.beams.iter_mut() {
-                        match b.job.accept(&o) {
-                            Ok(true) => continue 'outputs,
-                            Ok(false) => {}
-                            Err(e) => {
-                                b.job.abort(core);
-                                let reply = std::mem::replace(&mut b.reply, oneshot::channel().0);
-                                let _ = reply.send(Err(e));
-                            }
-                        }
-                    }
+                for o in outs {
                     self.deliver(core, o);
                 }
-                self.advance_beams(core);
             }
             Err(e) => {
                 // A failed step fails every request in flight (and frees their blocks).
@@ -562,10 +546,6 @@ impl Frontend {
                 for (id, out) in self.live.drain() {
                     core.abort(&id);
                     let _ = out.try_send(Err(Error::StepFailed(msg.clone())));
-                }
-                for mut b in self.beams.drain(..) {
-                    b.job.abort(core);
-                    let _ = b.reply.send(Err(Error::StepFailed(msg.clone())));
                 }
             }
         }
@@ -602,40 +582,12 @@ impl Frontend {
         }
     }
 
-    /// Beam searches whose round is complete: the next round, or the answer.
-    fn advance_beams(&mut self, core: &mut EngineCore) {
-        let mut i = 0;
-        while i < self.beams.len() {
-            let b = &mut self.beams[i];
-            if b.reply.is_closed() || !b.job.round_done() {
-                i += 1;
-                continue;
-            }
-            b.job.advance();
-            match b.job.submit(core, &self.input) {
-                Ok(true) => i += 1,
-                Ok(false) => {
-                    let b = self.beams.swap_remove(i);
-                    let _ = b.reply.send(Ok(*b.job));
-                }
-                Err(e) => {
-                    let b = self.beams.swap_remove(i);
-                    let _ = b.reply.send(Err(e));
-                }
-            }
-        }
-    }
-
     /// Aborts everything in flight; each request gets its final (aborted) output.
     fn shutdown(&mut self, core: &mut EngineCore) {
         for (id, out) in self.live.drain() {
             if let Some(o) = core.abort(&id) {
                 let _ = out.try_send(Ok(o));
             }
-        }
-        for mut b in self.beams.drain(..) {
-            b.job.abort(core);
-            let _ = b.reply.send(Err(Error::EngineDead("the engine has stopped".into())));
         }
         *self.stats.lock().unwrap_or_else(|p| p.into_inner()) = EngineStats::of(core);
     }

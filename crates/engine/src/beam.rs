@@ -1,9 +1,13 @@
 //! Beam search (vLLM's `LLM.beam_search`), with Hugging Face's selection rules.
 //!
-//! Each step every running beam is one engine request of one token that returns the top
-//! `2 * beam_width` log probabilities of its next position; the prefix cache makes the beams of
-//! a prompt share the blocks of their prompt and common prefix by reference count, so a step
-//! computes little more than each beam's last partial block. Candidates are ranked exactly
+//! It runs above the engine, as in vLLM v1: each round, every running beam is one ordinary
+//! engine request of one token that returns the top `2 * beam_width` log probabilities of its
+//! next position ([`BeamSearch::round`]); a driver submits them, waits for their outputs and
+//! [`BeamSearch::advance`]s the search ([`run`] on the synchronous engine, `AsyncEngine::
+//! beam_search` between the other requests of the async one). The engine core knows nothing
+//! of beams. The prefix cache makes the beams of a prompt share the blocks of their prompt and
+//! common prefix by reference count, so a round computes little more than each beam's last
+//! partial block. Candidates are ranked exactly
 //! like `transformers`' `generate(num_beams=..., length_penalty=..., early_stopping=...)`:
 //! the top `2 * beam_width` continuations over all beams; an EOS (or a continuation reaching
 //! `max_tokens`) among the first `beam_width` of them becomes a finished hypothesis scored
@@ -12,12 +16,11 @@
 use std::collections::HashMap;
 
 use serde::Serialize;
-use vllm_sampler::{SamplingParams, MAX_LOGPROBS};
+use vllm_sampler::{RequestOutputKind, SamplingParams, MAX_LOGPROBS};
 
-use crate::core::{CoreOutput, EngineCore};
 use crate::engine::LLMEngine;
-use crate::input::InputProcessor;
-use crate::output::{FinishReason, Prompt};
+use crate::input::{EngineRequest, InputProcessor};
+use crate::output::{FinishReason, Prompt, RequestOutput};
 use crate::{Error, Result, Tokenizer};
 
 /// When beam search stops (Hugging Face's `early_stopping`).
@@ -182,30 +185,20 @@ impl Search {
     }
 }
 
-/// A beam search in progress, driven by whoever steps the engine (`LLM::beam_search` in a
-/// loop of its own; the async engine between its other requests): each round submits one
-/// request per running beam, collects their outputs and advances every prompt's search.
-pub(crate) struct BeamJob {
-    prefix: String,
+/// Which search and which of its running beams a round's request is for.
+pub(crate) type BeamKey = (usize, usize);
+
+/// A beam search over several prompts, one round at a time (see the module docs).
+pub(crate) struct BeamSearch {
     params: BeamSearchParams,
     eos: Vec<u32>,
     searches: Vec<Search>,
     texts: Vec<Option<String>>,
-    round: u64,
-    /// Request id of each submitted beam -> (prompt, beam).
-    pending: HashMap<String, (usize, usize)>,
-    tops: Vec<Vec<Vec<(u32, f32)>>>,
 }
 
-impl BeamJob {
-    /// Validates and tokenizes (the input processor's work: call it off the engine thread);
-    /// request ids start with `prefix`.
-    pub(crate) fn new(
-        input: &InputProcessor,
-        prefix: String,
-        prompts: Vec<Prompt>,
-        p: BeamSearchParams,
-    ) -> Result<Self> {
+impl BeamSearch {
+    /// Validates and tokenizes (the input processor's work: call it off the engine thread).
+    pub(crate) fn new(input: &InputProcessor, prompts: Vec<Prompt>, p: BeamSearchParams) -> Result<Self> {
         p.validate()?;
         let mut searches = Vec::with_capacity(prompts.len());
         let mut texts = Vec::with_capacity(prompts.len());
@@ -231,74 +224,51 @@ impl BeamJob {
             });
         }
         let eos = input.tokenizer().eos_token_ids().to_vec();
-        Ok(Self { prefix, params: p, eos, searches, texts, round: 0, pending: HashMap::new(), tops: Vec::new() })
+        Ok(Self { params: p, eos, searches, texts })
     }
 
-    /// Submits the next round; false when every search is done (nothing submitted).
-    pub(crate) fn submit(&mut self, core: &mut EngineCore, input: &InputProcessor) -> Result<bool> {
-        if self.searches.iter().all(|s| s.done) {
-            return Ok(false);
-        }
-        self.round += 1;
+    /// Round `round`'s requests, ids starting with `prefix`: one per running beam, of one
+    /// token, asking for the top `2 * beam_width` log probabilities after temperature (and
+    /// nothing detokenized). None once every search is done.
+    pub(crate) fn round(
+        &self,
+        input: &InputProcessor,
+        prefix: &str,
+        round: u64,
+    ) -> Result<Vec<(EngineRequest, BeamKey)>> {
         let params = SamplingParams {
             logprobs: Some(2 * self.params.beam_width),
             ignore_eos: true,
             temperature: self.params.temperature,
             seed: Some(0),
+            detokenize: false,
+            output_kind: RequestOutputKind::FinalOnly,
             ..SamplingParams::greedy(1)
         };
-        self.tops = self.searches.iter().map(|s| vec![Vec::new(); if s.done { 0 } else { s.running.len() }]).collect();
+        let mut reqs = Vec::new();
         for (i, s) in self.searches.iter().enumerate().filter(|(_, s)| !s.done) {
             for (b, (gen, _)) in s.running.iter().enumerate() {
-                let id = format!("{}-{}-{i}-{b}", self.prefix, self.round);
                 let ids = [s.prompt.as_slice(), gen].concat();
-                let added = input.request_from_ids(id.clone(), ids, params.clone()).and_then(|mut req| {
-                    req.scaled_logprobs = true;
-                    core.add(req)
-                });
-                if let Err(e) = added {
-                    self.abort(core);
-                    return Err(e);
-                }
-                self.pending.insert(id, (i, b));
+                let mut req = input.request_from_ids(format!("{prefix}-{round}-{i}-{b}"), ids, params.clone())?;
+                req.scaled_logprobs = true;
+                reqs.push((req, (i, b)));
             }
         }
-        Ok(true)
+        Ok(reqs)
     }
 
-    /// Takes a finished output of this job's current round; false if it is not one.
-    pub(crate) fn accept(&mut self, o: &CoreOutput) -> Result<bool> {
-        if !self.pending.contains_key(&o.request_id) {
-            return Ok(false);
+    /// Advances every search with a round's results: each beam's top continuations.
+    pub(crate) fn advance(&mut self, results: Vec<(BeamKey, Vec<(u32, f32)>)>) {
+        let mut tops: Vec<Vec<Vec<(u32, f32)>>> =
+            self.searches.iter().map(|s| vec![Vec::new(); if s.done { 0 } else { s.running.len() }]).collect();
+        for ((i, b), top) in results {
+            if let Some(slot) = tops.get_mut(i).and_then(|t| t.get_mut(b)) {
+                *slot = top;
+            }
         }
-        let Some(lp) = o.seqs.first().and_then(|d| d.logprobs.as_ref()) else {
-            // Not this round's token yet (a prompt chunk), or an abort.
-            return if o.finished { Err(Error::Internal("beam step without logprobs")) } else { Ok(true) };
-        };
-        if let Some((i, b)) = self.pending.remove(&o.request_id) {
-            self.tops[i][b] = lp.top.clone();
-        }
-        Ok(true)
-    }
-
-    /// Whether the current round's outputs are all in.
-    pub(crate) fn round_done(&self) -> bool {
-        self.pending.is_empty()
-    }
-
-    /// Advances every search with the round's results.
-    pub(crate) fn advance(&mut self) {
-        for (s, top) in self.searches.iter_mut().zip(&self.tops).filter(|(s, _)| !s.done) {
+        for (s, top) in self.searches.iter_mut().zip(&tops).filter(|(s, _)| !s.done) {
             s.advance(&self.params, &self.eos, top);
         }
-    }
-
-    /// Aborts the round's requests (their blocks are freed).
-    pub(crate) fn abort(&mut self, core: &mut EngineCore) {
-        for id in self.pending.keys() {
-            core.abort(id);
-        }
-        self.pending.clear();
     }
 
     /// The outputs, once every search is done.
@@ -328,28 +298,47 @@ impl BeamJob {
     }
 }
 
+/// The top continuations in a beam request's final output.
+pub(crate) fn tops(o: &RequestOutput) -> Result<Vec<(u32, f32)>> {
+    let position = o.outputs.first().and_then(|c| c.logprobs.as_ref()).and_then(|lp| lp.first());
+    let Some(p) = position else {
+        return Err(Error::Aborted(format!("beam search step {} ended without its token", o.request_id)));
+    };
+    Ok(p.top.iter().map(|t| (t.token_id, t.logprob)).collect())
+}
+
 /// Runs beam search for every prompt on `engine`, stepping it until done (`LLM::beam_search`;
 /// other requests on the engine keep running, their outputs are dropped).
 pub(crate) fn run(engine: &mut LLMEngine, prompts: Vec<Prompt>, p: &BeamSearchParams) -> Result<Vec<BeamSearchOutput>> {
-    let mut job = BeamJob::new(engine.input_processor(), "\u{1}beam".into(), prompts, p.clone())?;
-    loop {
-        let (core, input) = engine.parts();
-        if !job.submit(core, input)? {
+    let mut search = BeamSearch::new(engine.input_processor(), prompts, p.clone())?;
+    for round in 1.. {
+        let reqs = search.round(engine.input_processor(), "\u{1}beam", round)?;
+        if reqs.is_empty() {
             break;
         }
-        while !job.round_done() {
-            let mut accepted = Ok(());
-            let stepped = engine.step_with(|o| {
-                if let Err(e) = job.accept(&o) {
-                    accepted = Err(e);
-                }
-            });
-            if let Err(e) = stepped.and(accepted) {
-                job.abort(engine.parts().0);
-                return Err(e);
+        let mut pending: HashMap<String, BeamKey> = HashMap::with_capacity(reqs.len());
+        let mut results = Vec::with_capacity(reqs.len());
+        let outcome = (|| {
+            for (req, key) in reqs {
+                pending.insert(req.request_id().to_string(), key);
+                engine.add_processed(req)?;
             }
+            while !pending.is_empty() {
+                for o in engine.step()? {
+                    if let Some(key) = pending.remove(&o.request_id) {
+                        results.push((key, tops(&o)?));
+                    }
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = outcome {
+            for id in pending.keys() {
+                engine.abort_request(id);
+            }
+            return Err(e);
         }
-        job.advance();
+        search.advance(results);
     }
-    job.finish(engine.tokenizer())
+    search.finish(engine.tokenizer())
 }

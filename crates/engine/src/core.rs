@@ -6,7 +6,7 @@
 //! processor's ([`crate::input`]).
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::ops::Range;
 use std::sync::Arc;
@@ -53,10 +53,18 @@ pub(crate) struct CoreOutput {
     pub finished: bool,
 }
 
-/// The core's record of a request: which sequence is which, and which have ended.
+/// One sequence of a request: its id in the scheduler, and its sampler while it runs.
+struct CoreSeq {
+    id: SeqId,
+    /// `None` once the sequence has ended.
+    sampler: Option<SeqSampler>,
+}
+
+/// The core's record of a request: its sequences (sample `i` is `seqs[i]`), their samplers,
+/// and what its outputs report.
 struct CoreRequest {
-    seqs: Vec<SeqId>,
-    done: Vec<bool>,
+    request_id: String,
+    seqs: Vec<CoreSeq>,
     num_cached_tokens: usize,
     /// With prompt log probabilities: how many alternatives, and the next prompt position to
     /// score (positions arrive in order; a recomputation after preemption is skipped).
@@ -65,7 +73,7 @@ struct CoreRequest {
 
 impl CoreRequest {
     fn finished(&self) -> bool {
-        self.done.iter().all(|&d| d)
+        self.seqs.iter().all(|s| s.sampler.is_none())
     }
 }
 
@@ -74,17 +82,18 @@ pub(crate) struct EngineCore {
     pub(crate) scheduler: Scheduler,
     /// Shared with the step in flight, so that a suspended step's core can run other steps.
     pub(crate) runner: Arc<ModelRunner>,
-    requests: HashMap<String, CoreRequest>,
-    /// Each running sequence's request id and index.
-    owners: HashMap<SeqId, (String, usize)>,
-    samplers: HashMap<SeqId, SeqSampler>,
+    /// Every unfinished request, by its first sequence's id: a request's sequences have
+    /// consecutive ids, so the record of any sequence is the last one at or before it.
+    requests: BTreeMap<SeqId, CoreRequest>,
+    /// Request ids to their first sequence (aborts and stop strings name requests).
+    ids: HashMap<String, SeqId>,
     next_seq: SeqId,
     seed_rng: ChaCha8Rng,
     eos: Vec<u32>,
     /// Context past which a step carrying a prompt chunk may be suspended
     /// ([`SUSPEND_CONTEXT`]; tests lower it).
     pub(crate) suspend_context: usize,
-    /// Draw eligible steps' tokens on the model's device ([`vllm_kernels::sample`]).
+    /// Draw eligible steps' tokens on the model's device ([`vllm_sampler::sample_batch_on_device`]).
     pub(crate) device_sampling: bool,
     /// Tokens drawn there so far.
     pub(crate) device_sampled_tokens: u64,
@@ -95,9 +104,8 @@ impl EngineCore {
         Self {
             scheduler,
             runner: Arc::new(runner),
-            requests: HashMap::new(),
-            owners: HashMap::new(),
-            samplers: HashMap::new(),
+            requests: BTreeMap::new(),
+            ids: HashMap::new(),
             next_seq: 0,
             seed_rng: ChaCha8Rng::seed_from_u64(seed),
             eos,
@@ -109,13 +117,26 @@ impl EngineCore {
 
     /// Whether a request id is in use.
     pub(crate) fn contains(&self, request_id: &str) -> bool {
-        self.requests.contains_key(request_id)
+        self.ids.contains_key(request_id)
+    }
+
+    /// The request a sequence belongs to (its first sequence's id) and the sequence's index.
+    fn owner(&self, seq: SeqId) -> Option<(SeqId, usize)> {
+        let (&first, r) = self.requests.range(..=seq).next_back()?;
+        let index = usize::try_from(seq - first).ok()?;
+        (index < r.seqs.len()).then_some((first, index))
+    }
+
+    /// A running sequence's sampler.
+    fn sampler(&self, seq: SeqId) -> Option<&SeqSampler> {
+        let (first, index) = self.owner(seq)?;
+        self.requests.get(&first)?.seqs[index].sampler.as_ref()
     }
 
     /// Queues a processed request (with `n` / `best_of` > 1, one sequence per sample, all
     /// sharing the prompt's blocks). Nothing is recorded on error.
     pub(crate) fn add(&mut self, req: EngineRequest) -> Result<()> {
-        if self.requests.contains_key(&req.request_id) {
+        if self.ids.contains_key(&req.request_id) {
             return Err(Error::DuplicateRequestId(req.request_id));
         }
         let EngineRequest {
@@ -141,7 +162,6 @@ impl EngineCore {
         let prompt_ids = &self.scheduler.request(first).ok_or(Error::Internal("request just added"))?.token_ids;
         let mut seqs = Vec::with_capacity(num_seqs);
         for i in 0..num_seqs {
-            let seq = first + i as SeqId;
             // Sample i of a seeded request uses seed + i (vLLM's parallel sampling).
             let fallback_seed = self.seed_rng.next_u64();
             let child_params = SamplingParams { seed: params.seed.map(|s| s.wrapping_add(i as u64)), ..params.clone() };
@@ -156,15 +176,14 @@ impl EngineCore {
             if let Some(c) = &guide {
                 sampler = sampler.with_guide(Guide::new(c)).with_guide_after(guide_after.clone());
             }
-            self.samplers.insert(seq, sampler);
-            self.owners.insert(seq, (request_id.clone(), i));
-            seqs.push(seq);
+            seqs.push(CoreSeq { id: first + i as SeqId, sampler: Some(sampler) });
         }
         self.next_seq += num_seqs as SeqId;
+        self.ids.insert(request_id.clone(), first);
         self.requests.insert(
-            request_id,
+            first,
             CoreRequest {
-                done: vec![false; num_seqs],
+                request_id,
                 seqs,
                 num_cached_tokens: 0,
                 prompt_logprobs: params.prompt_logprobs.map(|k| (k, 0)),
@@ -173,40 +192,39 @@ impl EngineCore {
         Ok(())
     }
 
-    /// Drops a sequence's state; returns whether its request has no running sequence left.
-    fn end_seq(&mut self, request_id: &str, index: usize) -> bool {
-        let Some(r) = self.requests.get_mut(request_id) else { return true };
-        if let (Some(&seq), Some(done)) = (r.seqs.get(index), r.done.get_mut(index)) {
-            if !*done {
-                *done = true;
-                self.scheduler.abort(seq);
-                self.samplers.remove(&seq);
-                self.owners.remove(&seq);
+    /// Ends a sequence (`free`: its blocks go back to the pool; the scheduler frees those of
+    /// sequences it finished itself); forgets its request once none is left.
+    fn end_seq(&mut self, first: SeqId, index: usize, free: bool) {
+        let Some(r) = self.requests.get_mut(&first) else { return };
+        if let Some(seq) = r.seqs.get_mut(index) {
+            if seq.sampler.take().is_some() && free {
+                self.scheduler.abort(seq.id);
             }
         }
-        let finished = r.finished();
-        if finished {
-            self.requests.remove(request_id);
+        if r.finished() {
+            self.ids.remove(&r.request_id);
+            self.requests.remove(&first);
         }
-        finished
     }
 
     /// Ends one sequence early (the output processor matched a stop string): its blocks are
     /// freed now.
     pub(crate) fn finish_seq(&mut self, request_id: &str, index: usize) {
-        self.end_seq(request_id, index);
+        if let Some(&first) = self.ids.get(request_id) {
+            self.end_seq(first, index, true);
+        }
     }
 
     /// Aborts a request: its blocks are freed now. Returns its final output (every sequence
     /// still running ends with `abort`), if it was known.
     pub(crate) fn abort(&mut self, request_id: &str) -> Option<CoreOutput> {
-        let r = self.requests.get(request_id)?;
-        let running: Vec<usize> = (0..r.seqs.len()).filter(|&i| !r.done[i]).collect();
+        let first = *self.ids.get(request_id)?;
+        let r = self.requests.get(&first)?;
+        let running: Vec<usize> = (0..r.seqs.len()).filter(|&i| r.seqs[i].sampler.is_some()).collect();
         let num_cached_tokens = r.num_cached_tokens;
         for &i in &running {
-            self.end_seq(request_id, i);
+            self.end_seq(first, i, true);
         }
-        self.requests.remove(request_id);
         Some(CoreOutput {
             request_id: request_id.to_string(),
             seqs: running
@@ -263,34 +281,33 @@ impl EngineCore {
             _ => runner.execute(&out, None),
         };
         let (executed_logits, ranges) = executed?;
-        let logits = &executed_logits;
         let vocab = self.runner.model().vocab_size();
         let mut outputs: Vec<CoreOutput> = Vec::new();
-        let mut slot: HashMap<String, usize> = HashMap::new();
-        let mut output_for = |outputs: &mut Vec<CoreOutput>, requests: &HashMap<String, CoreRequest>, rid: &str| {
-            let i = *slot.entry(rid.to_string()).or_insert_with(|| {
+        // Each request's output in `outputs`, by its first sequence.
+        let mut slot: HashMap<SeqId, usize> = HashMap::new();
+        let mut output_for = |outputs: &mut Vec<CoreOutput>, first: SeqId, r: &CoreRequest| {
+            *slot.entry(first).or_insert_with(|| {
                 outputs.push(CoreOutput {
-                    request_id: rid.to_string(),
+                    request_id: r.request_id.clone(),
                     seqs: Vec::new(),
                     prompt_logprobs: Vec::new(),
-                    num_cached_tokens: requests.get(rid).map_or(0, |r| r.num_cached_tokens),
+                    num_cached_tokens: r.num_cached_tokens,
                     finished: false,
                 });
                 outputs.len() - 1
-            });
-            i
+            })
         };
         for s in &out.seqs {
-            if let (Some((rid, 0)), Some(r)) = (self.owners.get(&s.id), self.scheduler.request(s.id)) {
-                if let Some(g) = self.requests.get_mut(rid) {
-                    g.num_cached_tokens = r.num_cached_tokens;
+            if let (Some((first, 0)), Some(sched)) = (self.owner(s.id), self.scheduler.request(s.id)) {
+                if let Some(r) = self.requests.get_mut(&first) {
+                    r.num_cached_tokens = sched.num_cached_tokens;
                 }
             }
         }
         let sample_ids: Vec<SeqId> = out.sampling_ids().collect();
         // A sequence aborted while its step was suspended has no sampler: it gets no row, and
         // a placeholder token that the scheduler drops.
-        let live: Vec<bool> = sample_ids.iter().map(|id| self.samplers.contains_key(id)).collect();
+        let live: Vec<bool> = sample_ids.iter().map(|&id| self.sampler(id).is_some()).collect();
         let live_ids: Vec<SeqId> = sample_ids.iter().zip(&live).filter(|(_, &l)| l).map(|(&id, _)| id).collect();
         // Each live sampling sequence's logits row: its last, once per sequence drawing from it
         // (forks draw from their parent's row, each with its own sampler).
@@ -307,53 +324,55 @@ impl EngineCore {
         let on_device = self.device_sampling
             && !live_ids.is_empty()
             && !out.seqs.iter().any(|s| s.all_logits)
-            && live_ids.iter().all(|id| self.samplers.get(id).is_some_and(|s| s.device_eligible()));
-        let logits = if on_device { Vec::new() } else { logits.to_host()? };
-        for (rid, lp) in self.prompt_logprobs(&out, &logits, &ranges, vocab) {
-            let i = output_for(&mut outputs, &self.requests, &rid);
-            outputs[i].prompt_logprobs.extend(lp);
+            && live_ids.iter().all(|&id| self.sampler(id).is_some_and(|s| s.device_eligible()));
+        let logits = if on_device { Vec::new() } else { executed_logits.to_host()? };
+        for (first, lp) in self.prompt_logprobs(&out, &logits, &ranges, vocab) {
+            if let Some(r) = self.requests.get(&first) {
+                let i = output_for(&mut outputs, first, r);
+                outputs[i].prompt_logprobs.extend(lp);
+            }
         }
         let samples = if live_ids.is_empty() {
             Vec::new()
-        } else if on_device {
-            let rows: Vec<u32> = sample_rows.iter().map(|&r| r as u32).collect();
-            let n = rows.len();
-            let rows = executed_logits.0.index_select(&Tensor::from_vec(rows, n, executed_logits.0.device())?, 0)?;
-            let mut params = Vec::with_capacity(n);
-            for id in &live_ids {
-                let s = self.samplers.get_mut(id).ok_or(Error::Internal("a scheduled sequence has no sampler"))?;
-                params.push(s.device_params());
-            }
-            let tokens = vllm_kernels::sample::sample_rows(&rows, &params)?;
-            self.device_sampled_tokens += tokens.len() as u64;
-            let mut samples = Vec::with_capacity(n);
-            for (id, t) in live_ids.iter().zip(tokens) {
-                let s = self.samplers.get_mut(id).ok_or(Error::Internal("a scheduled sequence has no sampler"))?;
-                samples.push(s.record_device_sample(t));
-            }
-            samples
         } else {
-            let mut rows = Vec::with_capacity(live_ids.len() * vocab);
-            for &last in &sample_rows {
-                rows.extend_from_slice(&logits[last * vocab..(last + 1) * vocab]);
+            // The live sequences' samplers, in row order.
+            let mut running: HashMap<SeqId, &mut SeqSampler> = self
+                .requests
+                .values_mut()
+                .flat_map(|r| r.seqs.iter_mut())
+                .filter_map(|s| Some((s.id, s.sampler.as_mut()?)))
+                .collect();
+            let mut samplers: Vec<&mut SeqSampler> = live_ids
+                .iter()
+                .map(|id| running.remove(id))
+                .collect::<Option<_>>()
+                .ok_or(Error::Internal("a scheduled sequence has no sampler"))?;
+            if on_device {
+                let n = sample_rows.len();
+                let rows: Vec<u32> = sample_rows.iter().map(|&r| r as u32).collect();
+                let device = executed_logits.0.device();
+                let rows = executed_logits.0.index_select(&Tensor::from_vec(rows, n, device)?, 0)?;
+                let samples = vllm_sampler::sample_batch_on_device(&rows, &mut samplers)?;
+                self.device_sampled_tokens += samples.len() as u64;
+                samples
+            } else {
+                let mut rows = Vec::with_capacity(live_ids.len() * vocab);
+                for &last in &sample_rows {
+                    rows.extend_from_slice(&logits[last * vocab..(last + 1) * vocab]);
+                }
+                drop(logits);
+                sample_batch(&mut rows, vocab, &mut samplers)
             }
-            drop(logits);
-            let mut taken: Vec<SeqSampler> = Vec::with_capacity(live_ids.len());
-            for id in &live_ids {
-                taken.push(self.samplers.remove(id).ok_or(Error::Internal("a scheduled sequence has no sampler"))?);
-            }
-            let mut refs: Vec<&mut SeqSampler> = taken.iter_mut().collect();
-            let samples = sample_batch(&mut rows, vocab, &mut refs);
-            for (id, s) in live_ids.iter().zip(taken) {
-                self.samplers.insert(*id, s);
-            }
-            samples
         };
         let mut drawn = samples.iter().map(|s| s.token);
         let token_ids: Vec<u32> = live.iter().map(|&l| if l { drawn.next().unwrap_or(0) } else { 0 }).collect();
         let mut sample_of: HashMap<SeqId, vllm_sampler::Sample> = live_ids.into_iter().zip(samples).collect();
         for u in self.scheduler.update_from_output(&out, &token_ids) {
-            let Some((rid, index)) = self.owners.get(&u.id).cloned() else { continue };
+            let Some((first, index)) = self.owner(u.id) else { continue };
+            let Some(r) = self.requests.get(&first) else { continue };
+            if r.seqs[index].sampler.is_none() {
+                continue;
+            }
             let finish = u.finished.map(|f| match f {
                 vllm_scheduler::FinishReason::Stop(t) => {
                     (FinishReason::Stop, (!self.eos.contains(&t)).then_some(StopReason::Token(t)))
@@ -361,23 +380,16 @@ impl EngineCore {
                 vllm_scheduler::FinishReason::Length => (FinishReason::Length, None),
                 vllm_scheduler::FinishReason::Abort => (FinishReason::Abort, None),
             });
-            let i = output_for(&mut outputs, &self.requests, &rid);
+            let i = output_for(&mut outputs, first, r);
             let logprobs = sample_of.remove(&u.id).and_then(|s| s.logprobs);
             outputs[i].seqs.push(SeqDelta { index, token: Some(u.new_token), logprobs, finish: finish.clone() });
             if finish.is_some() {
                 // The scheduler already freed the sequence.
-                if let Some(r) = self.requests.get_mut(&rid) {
-                    r.done[index] = true;
-                    if r.finished() {
-                        self.requests.remove(&rid);
-                    }
-                }
-                self.owners.remove(&u.id);
-                self.samplers.remove(&u.id);
+                self.end_seq(first, index, false);
             }
         }
         for o in &mut outputs {
-            o.finished = !self.requests.contains_key(&o.request_id);
+            o.finished = !self.ids.contains_key(&o.request_id);
         }
         Ok(outputs)
     }
@@ -390,11 +402,13 @@ impl EngineCore {
         logits: &[f32],
         ranges: &[Range<usize>],
         vocab: usize,
-    ) -> Vec<(String, Vec<(u32, TokenLogprobs)>)> {
+    ) -> Vec<(SeqId, Vec<(u32, TokenLogprobs)>)> {
         let mut found = Vec::new();
         for (s, r) in out.seqs.iter().zip(ranges).filter(|(s, _)| s.all_logits) {
-            let Some((rid, 0)) = self.owners.get(&s.id) else { continue };
-            let (Some(req), Some(sched)) = (self.requests.get_mut(rid), self.scheduler.request(s.id)) else { continue };
+            let Some((first, 0)) = self.owner(s.id) else { continue };
+            let (Some(req), Some(sched)) = (self.requests.get_mut(&first), self.scheduler.request(s.id)) else {
+                continue;
+            };
             let Some((k, next)) = req.prompt_logprobs.as_mut() else { continue };
             let prompt = &sched.token_ids[..sched.num_prompt_tokens];
             let mut lps = Vec::new();
@@ -408,7 +422,7 @@ impl EngineCore {
                 *next += 1;
             }
             if !lps.is_empty() {
-                found.push((rid.clone(), lps));
+                found.push((first, lps));
             }
         }
         found

@@ -15,7 +15,7 @@ use vllm_sampler::SamplingParams;
 use vllm_scheduler::{KvMemoryUsage, Scheduler, SchedulerConfig};
 
 use crate::args::{EngineArgs, KvCacheDtype, ModelDtype, Quantization};
-use crate::core::{CoreOutput, EngineCore};
+use crate::core::EngineCore;
 use crate::input::{EngineRequest, InputProcessor};
 use crate::output::{Prompt, RequestOutput};
 use crate::output_processor::RequestState;
@@ -473,19 +473,10 @@ impl LLMEngine {
     /// kind asks), and the final outputs of requests aborted through an [`AbortHandle`] since
     /// the last step.
     pub fn step(&mut self) -> Result<Vec<RequestOutput>> {
-        self.step_with(|_| {})
-    }
-
-    /// [`Self::step`], handing the core outputs of requests added straight to the core (beam
-    /// search's) to `other`.
-    pub(crate) fn step_with(&mut self, mut other: impl FnMut(CoreOutput)) -> Result<Vec<RequestOutput>> {
         let mut outputs: Vec<RequestOutput> =
             self.aborts.take().iter().filter_map(|id| self.abort_request(id)).collect();
         for out in self.core.step()? {
-            let Some(state) = self.states.get_mut(&out.request_id) else {
-                other(out);
-                continue;
-            };
+            let Some(state) = self.states.get_mut(&out.request_id) else { continue };
             let processed = state.process(out, self.input.tokenizer())?;
             for index in processed.stopped {
                 self.core.finish_seq(state.request_id(), index);
@@ -498,11 +489,6 @@ impl LLMEngine {
             outputs.extend(processed.output);
         }
         Ok(outputs)
-    }
-
-    /// The core and the input processor (beam search drives them directly).
-    pub(crate) fn parts(&mut self) -> (&mut EngineCore, &InputProcessor) {
-        (&mut self.core, &self.input)
     }
 }
 

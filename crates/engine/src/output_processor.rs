@@ -101,6 +101,9 @@ pub(crate) struct RequestState {
     prompt_logprobs: Option<Vec<Option<PositionLogprobs>>>,
     /// Whether an output was returned yet (delta outputs carry the prompt only in the first).
     sent_any: bool,
+    /// Whether tokens are decoded (`detokenize`): without it, log probabilities carry no
+    /// token text either.
+    detokenize: bool,
 }
 
 impl RequestState {
@@ -129,6 +132,7 @@ impl RequestState {
             kind: p.output_kind,
             prompt_logprobs: p.prompt_logprobs.map(|_| vec![None]),
             sent_any: false,
+            detokenize: p.detokenize,
         }
     }
 
@@ -152,7 +156,7 @@ impl RequestState {
         self.num_cached_tokens = out.num_cached_tokens;
         if let Some(lps) = self.prompt_logprobs.as_mut() {
             for (token, lp) in &out.prompt_logprobs {
-                lps.push(Some(position_logprobs(tok, *token, lp)));
+                lps.push(Some(position_logprobs(tok, *token, lp, self.detokenize)));
             }
         }
         let mut stopped = Vec::new();
@@ -173,7 +177,7 @@ impl RequestState {
                         *cum += lp.logprob as f64;
                     }
                     if let Some(v) = c.logprobs.as_mut() {
-                        v.push(position_logprobs(tok, token, lp));
+                        v.push(position_logprobs(tok, token, lp, self.detokenize));
                     }
                 }
             }
@@ -255,9 +259,9 @@ impl RequestState {
     }
 }
 
-/// A position's log probabilities with decoded tokens.
-fn position_logprobs(tokenizer: &Tokenizer, token: u32, lp: &TokenLogprobs) -> PositionLogprobs {
-    let decode = |id: u32| tokenizer.decode(&[id], false).unwrap_or_default();
+/// A position's log probabilities, with decoded tokens when `detokenize`.
+fn position_logprobs(tokenizer: &Tokenizer, token: u32, lp: &TokenLogprobs, detokenize: bool) -> PositionLogprobs {
+    let decode = |id: u32| if detokenize { tokenizer.decode(&[id], false).unwrap_or_default() } else { String::new() };
     PositionLogprobs {
         sampled: Logprob { token_id: token, logprob: lp.logprob, rank: lp.rank, decoded_token: decode(token) },
         top: lp

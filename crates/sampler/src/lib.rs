@@ -22,4 +22,6 @@ mod sampler;
 pub use compile::{parse_bytes, GuideCompiler, GuideError, GuideLimits};
 pub use guided::{CompiledGuide, Constraint, Guide, GuideBackend, GuideBackendKind, GuideState, GuidedDecodingParams};
 pub use params::{InvalidParam, RequestOutputKind, SamplingParams, MAX_LOGPROBS, SAMPLING_EPS};
-pub use sampler::{argmax, log_sum_exp, sample_batch, top_k_indices, Sample, SeqSampler, TokenLogprobs};
+pub use sampler::{
+    argmax, log_sum_exp, sample_batch, sample_batch_on_device, top_k_indices, Sample, SeqSampler, TokenLogprobs,
+};

@@ -168,7 +168,7 @@ impl SeqSampler {
 
     /// The device sampler's parameters for this sequence's next token, with a uniform draw
     /// from its own seeded generator (so a seeded request repeats on the same device).
-    pub fn device_params(&mut self) -> vllm_kernels::sample::RowParams {
+    fn device_params(&mut self) -> vllm_kernels::sample::RowParams {
         let greedy = self.params.is_greedy();
         vllm_kernels::sample::RowParams {
             temperature: if greedy { 0.0 } else { self.params.temperature },
@@ -179,7 +179,7 @@ impl SeqSampler {
     }
 
     /// Notes a token the device sampler drew for this sequence.
-    pub fn record_device_sample(&mut self, token: u32) -> Sample {
+    fn record_device_sample(&mut self, token: u32) -> Sample {
         self.record(token);
         Sample { token, logprobs: None }
     }
@@ -391,6 +391,19 @@ pub fn sample_batch(logits: &mut [f32], vocab: usize, seqs: &mut [&mut SeqSample
             .collect();
     }
     logits.par_chunks_mut(vocab).zip(seqs.par_iter_mut()).map(|(row, s)| s.sample(row)).collect()
+}
+
+/// Samples one token per row of `logits` (a `[rows, vocab]` tensor on the model's device)
+/// on that device, row `i` with `seqs[i]`: only the ids come back. Every sequence must be
+/// [`SeqSampler::device_eligible`]; each draws with its own seeded generator, so a seeded
+/// request repeats on the same device.
+pub fn sample_batch_on_device(
+    logits: &candle_core::Tensor,
+    seqs: &mut [&mut SeqSampler],
+) -> candle_core::Result<Vec<Sample>> {
+    let params: Vec<vllm_kernels::sample::RowParams> = seqs.iter_mut().map(|s| s.device_params()).collect();
+    let tokens = vllm_kernels::sample::sample_rows(logits, &params)?;
+    Ok(seqs.iter_mut().zip(tokens).map(|(s, t)| s.record_device_sample(t)).collect())
 }
 
 #[cfg(test)]
