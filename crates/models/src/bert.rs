@@ -15,7 +15,8 @@ use candle_core::{DType, Device, Tensor, D};
 use serde::Deserialize;
 
 use crate::layers::LayerNorm;
-use crate::weights::{Linear, LoadOptions, Weights};
+use crate::linear::Linear;
+use crate::weights::{LoadOptions, Weights};
 use crate::{safetensors_files, Error, Result};
 
 /// `config.json` of a BERT checkpoint.

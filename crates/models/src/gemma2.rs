@@ -22,8 +22,9 @@ use vllm_kernels::{AttnParams, AttnShape, KvCache};
 
 use crate::attention::{PagedAttention, RopeStyle, Rotary};
 use crate::layers::{check_caches, output_layer, GgufKeys};
+use crate::linear::Linear;
 use crate::llama::head_rms_norm;
-use crate::weights::{Linear, Weights};
+use crate::weights::Weights;
 use crate::{CausalLM, Error, Result, StepInput};
 
 /// The configuration of a Gemma 2 or Gemma 3 (text) checkpoint.

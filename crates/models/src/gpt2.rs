@@ -15,7 +15,8 @@ use vllm_kernels::{AttnShape, KvCache};
 
 use crate::attention::PagedAttention;
 use crate::layers::{check_caches, output_layer, GgufKeys, LayerNorm};
-use crate::weights::{Linear, Weights};
+use crate::linear::Linear;
+use crate::weights::Weights;
 use crate::{CausalLM, Error, Result, StepInput};
 
 /// `config.json` of a GPT-2 checkpoint.

@@ -34,6 +34,7 @@ pub mod gemma2;
 pub mod gpt2;
 pub mod info;
 mod layers;
+mod linear;
 pub mod llama;
 pub mod opt;
 mod weights;
@@ -44,7 +45,8 @@ use candle_core::{DType, Device, Tensor};
 use vllm_kernels::{AttnMetadata, AttnShape, KvCache};
 
 pub use info::{inspect, KvLayout, ModelInfo};
-pub use weights::{gguf_name, GgufTensor, Linear, LoadOptions, Weights};
+pub use linear::Linear;
+pub use weights::{gguf_name, GgufTensor, LoadOptions, Weights};
 
 /// Model errors.
 #[derive(Debug, thiserror::Error)]

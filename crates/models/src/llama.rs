@@ -24,7 +24,8 @@ use vllm_kernels::{AttnParams, AttnShape, KvCache};
 
 use crate::attention::{PagedAttention, RopeStyle, Rotary};
 use crate::layers::{check_caches, GgufKeys};
-use crate::weights::{Linear, Weights};
+use crate::linear::Linear;
+use crate::weights::Weights;
 use crate::{CausalLM, Error, Result, StepInput};
 
 fn default_eps() -> f64 {
@@ -398,7 +399,7 @@ impl Layer {
             // rounded score flips which experts run.
             let router = m.get("gate.weight")?.to_dtype(DType::F32)?;
             Mlp::Experts {
-                router: Linear::Dense { weight_t: router.t()?.contiguous()?, bias: None },
+                router: Linear::dense(router, None)?,
                 experts: (0..experts)
                     .map(|e| SwiGlu::load(&m.pp(format!("experts.{e}")), width))
                     .collect::<Result<_>>()?,
@@ -463,7 +464,7 @@ impl Llama {
         let native_head =
             if tied && w.options().native && w.device().is_cpu() { Some(model.linear("embed_tokens")?) } else { None };
         let embed = match &native_head {
-            Some(Linear::Int8 { .. } | Linear::Q4 { .. } | Linear::K { .. }) => None,
+            Some(head) if head.is_quantized() => None,
             _ => Some(model.get("embed_tokens.weight")?),
         };
         // Layers load in parallel: dequantizing and repacking weights is most of a cold start.
