@@ -6,7 +6,7 @@ use std::path::Path;
 
 use candle_core::Device;
 use vllm_models::bert::BertEmbedder;
-use vllm_models::LoadOptions;
+use vllm_models::{LoadOptions, MatrixFormat};
 use vllm_tokenizer::Tokenizer;
 
 use crate::{EngineArgs, Error, Prompt, Quantization, Result};
@@ -48,8 +48,8 @@ impl Embedder {
     pub fn load(dir: &Path, args: &EngineArgs) -> Result<Self> {
         let device: Device = crate::engine::device(&args.device)?;
         let device = &device;
-        let int8 = args.quantization == Quantization::Int8;
-        let opts = LoadOptions { dtype: candle_core::DType::F32, keep_quantized: false, int8, native: false };
+        let matrices = if args.quantization == Quantization::Int8 { MatrixFormat::Int8 } else { MatrixFormat::Dense };
+        let opts = LoadOptions { dtype: candle_core::DType::F32, matrices };
         let model = BertEmbedder::load_dir(dir, opts, device)?;
         let tokenizer = Tokenizer::from_hf_dir(dir)?;
         // sentence-transformers truncates to `max_seq_length` (sentence_bert_config.json).

@@ -20,9 +20,9 @@
 //!
 //! ```no_run
 //! use candle_core::{DType, Device};
-//! use vllm_models::{load_gguf, LoadOptions};
+//! use vllm_models::{load_gguf, LoadOptions, MatrixFormat};
 //!
-//! let opts = LoadOptions { dtype: DType::F32, keep_quantized: false, int8: false, native: false };
+//! let opts = LoadOptions { dtype: DType::F32, matrices: MatrixFormat::Dense };
 //! let (model, weights) = load_gguf("model.gguf".as_ref(), opts, &Device::Cpu).unwrap();
 //! println!("{} layers", model.num_layers());
 //! # let _ = weights;
@@ -46,7 +46,7 @@ use vllm_kernels::{AttnMetadata, AttnShape, KvCache};
 
 pub use info::{inspect, KvLayout, ModelInfo};
 pub use linear::Linear;
-pub use weights::{gguf_name, GgufTensor, LoadOptions, Weights};
+pub use weights::{gguf_name, GgufTensor, LoadOptions, MatrixFormat, Weights};
 
 /// Model errors.
 #[derive(Debug, thiserror::Error)]

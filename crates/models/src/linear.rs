@@ -36,7 +36,7 @@ enum LinearWeight {
     /// matmul streams rows (about 30% faster than a transposed view for the vocabulary-sized
     /// head).
     Dense(Tensor),
-    /// An int8 matrix on our kernel ([`crate::LoadOptions::int8`], or a GGUF `Q8_0` matrix).
+    /// An int8 matrix on our kernel ([`crate::MatrixFormat::Int8`], or a GGUF `Q8_0` matrix).
     Int8(Arc<Int8Matrix>),
     /// A GGUF 4-bit matrix (`Q4_0`, `Q4_1`) on our kernel.
     Q4(Arc<Q4Matrix>),

@@ -25,7 +25,7 @@ use vllm_kernels::{AttnParams, AttnShape, KvCache};
 use crate::attention::{PagedAttention, RopeStyle, Rotary};
 use crate::layers::{check_caches, GgufKeys};
 use crate::linear::Linear;
-use crate::weights::Weights;
+use crate::weights::{MatrixFormat, Weights};
 use crate::{CausalLM, Error, Result, StepInput};
 
 fn default_eps() -> f64 {
@@ -461,8 +461,11 @@ impl Llama {
         let tied = cfg.tie_word_embeddings || !w.contains("lm_head.weight");
         // Tied, on our kernels: the output matrix in the file's own form. When that is quantized
         // the embedding is looked up in it, not also held dequantized.
-        let native_head =
-            if tied && w.options().native && w.device().is_cpu() { Some(model.linear("embed_tokens")?) } else { None };
+        let native_head = if tied && w.options().matrices == MatrixFormat::Native && w.device().is_cpu() {
+            Some(model.linear("embed_tokens")?)
+        } else {
+            None
+        };
         let embed = match &native_head {
             Some(head) if head.is_quantized() => None,
             _ => Some(model.get("embed_tokens.weight")?),
@@ -476,7 +479,7 @@ impl Llama {
             (Some(l), _) => l,
             _ if !tied => w.linear("lm_head")?,
             // Tied: the embedding matrix, kept quantized when it is.
-            _ if w.options().keep_quantized => model.linear("embed_tokens")?,
+            _ if w.options().matrices == MatrixFormat::CandleQuantized => model.linear("embed_tokens")?,
             // Tied: reuse the embedding tensor already loaded.
             (None, Some(e)) => w.linear_from(e.clone(), None)?,
             (None, None) => unreachable!("the embedding is loaded unless the output matrix is"),

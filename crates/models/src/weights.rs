@@ -29,22 +29,31 @@ enum Source {
 pub struct LoadOptions {
     /// Dtype of dense weights and activations.
     pub dtype: DType,
-    /// Keep GGUF matrices quantized (candle's quantized matmul) instead of dequantizing.
-    pub keep_quantized: bool,
-    /// Quantize float32 matrices to int8 (per block of 32, like Q8_0) and run every matmul
-    /// with our int8 kernel ([`vllm_kernels::int8`]); the float copies are dropped.
-    pub int8: bool,
-    /// Run GGUF-quantized matrices on our own kernels in their own block format: `Q4_0` and
-    /// `Q4_1` on [`vllm_kernels::q4`], `Q8_0` on [`vllm_kernels::int8`] (both repacked, not
-    /// requantized); other quantized types are requantized to int8 for now. Float tensors
-    /// stay float. CPU only.
-    pub native: bool,
+    /// The form linear layers' matrices take.
+    pub matrices: MatrixFormat,
+}
+
+/// The form a checkpoint's matrices (linear layers' weights) are held in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MatrixFormat {
+    /// Float matrices in the load dtype, GGUF-quantized ones dequantized (the reference path).
+    Dense,
+    /// Every matrix quantized to int8 (per block of 32, like `Q8_0`), every matmul on
+    /// our int8 kernel ([`vllm_kernels::int8`]); the float copies are dropped. CPU only.
+    Int8,
+    /// GGUF-quantized matrices on our own kernels in their own block format: `Q4_0` and `Q4_1`
+    /// on [`vllm_kernels::q4`], k-quants on [`vllm_kernels::kquant`], `Q8_0` on
+    /// [`vllm_kernels::int8`] (repacked, not requantized); other quantized types are
+    /// requantized to int8 for now. Float tensors stay float. CPU only.
+    Native,
+    /// GGUF-quantized matrices kept quantized on candle's quantized matmul (what CUDA runs).
+    CandleQuantized,
 }
 
 impl LoadOptions {
     /// Float32 weights, dequantized (the reference path).
     pub fn float32() -> Self {
-        Self { dtype: DType::F32, keep_quantized: false, int8: false, native: false }
+        Self { dtype: DType::F32, matrices: MatrixFormat::Dense }
     }
 }
 
@@ -279,7 +288,7 @@ impl Weights {
     pub fn linear(&self, name: &str) -> Result<Linear> {
         let w = format!("{name}.weight");
         let bias = if self.contains(&format!("{name}.bias")) { Some(self.get(&format!("{name}.bias"))?) } else { None };
-        if self.opts.native && self.device.is_cpu() {
+        if self.opts.matrices == MatrixFormat::Native && self.device.is_cpu() {
             if let Some(q) = self.qtensor(&self.full(&w))? {
                 if let Some(l) = Linear::native(&q, bias.clone())? {
                     return Ok(l);
@@ -295,7 +304,7 @@ impl Weights {
                 return self.linear_from(dense, bias);
             }
         }
-        if self.opts.keep_quantized {
+        if self.opts.matrices == MatrixFormat::CandleQuantized {
             if let Some(q) = self.qtensor(&self.full(&w))? {
                 if bias.is_none() {
                     return Linear::candle_quantized(q);
@@ -308,7 +317,7 @@ impl Weights {
     /// A linear layer over an already loaded `[out, in]` weight (e.g. tied embeddings), in the
     /// form the load options ask for (int8 or dense).
     pub fn linear_from(&self, weight: Tensor, bias: Option<Tensor>) -> Result<Linear> {
-        if self.opts.int8 {
+        if self.opts.matrices == MatrixFormat::Int8 {
             if let Some(l) = Linear::int8(&weight, bias.clone())? {
                 return Ok(l);
             }
