@@ -17,7 +17,7 @@ use crate::attention::PagedAttention;
 use crate::layers::{check_caches, output_layer, GgufKeys, LayerNorm};
 use crate::linear::Linear;
 use crate::weights::Weights;
-use crate::{CausalLM, Error, Result, StepInput};
+use crate::{CausalLM, Error, ModelSpec, Result, StepInput};
 
 /// `config.json` of a GPT-2 checkpoint.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -82,8 +82,7 @@ pub struct Gpt2 {
     blocks: Vec<Block>,
     ln_f: LayerNorm,
     lm_head: Linear,
-    shape: AttnShape,
-    dtype: DType,
+    spec: ModelSpec,
 }
 
 impl Gpt2Config {
@@ -145,10 +144,15 @@ impl Gpt2 {
             wpe: t.get("wpe.weight")?,
             ln_f: LayerNorm::load(&t, "ln_f")?,
             wte,
+            spec: ModelSpec {
+                attn_shape: shape,
+                num_layers: blocks.len(),
+                vocab_size: cfg.vocab_size,
+                max_model_len: cfg.n_positions,
+                dtype: w.options().dtype,
+            },
             blocks,
             lm_head,
-            shape,
-            dtype: w.options().dtype,
             cfg,
         })
     }
@@ -173,23 +177,7 @@ impl CausalLM for Gpt2 {
         Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
     }
 
-    fn attn_shape(&self) -> AttnShape {
-        self.shape
-    }
-
-    fn num_layers(&self) -> usize {
-        self.blocks.len()
-    }
-
-    fn vocab_size(&self) -> usize {
-        self.cfg.vocab_size
-    }
-
-    fn max_model_len(&self) -> usize {
-        self.cfg.n_positions
-    }
-
-    fn dtype(&self) -> DType {
-        self.dtype
+    fn spec(&self) -> &ModelSpec {
+        &self.spec
     }
 }

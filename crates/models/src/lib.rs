@@ -122,20 +122,48 @@ impl std::fmt::Debug for StepInput<'_> {
     }
 }
 
+/// What the engine needs to know of a loaded model to size its cache and read its outputs;
+/// each model builds it once at load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelSpec {
+    /// Attention head layout (for sizing the cache).
+    pub attn_shape: AttnShape,
+    /// Decoder layers (one cache each).
+    pub num_layers: usize,
+    /// Logit rows' width.
+    pub vocab_size: usize,
+    /// Context length the model was trained for.
+    pub max_model_len: usize,
+    /// Activation dtype.
+    pub dtype: DType,
+}
+
 /// A causal language model running on the paged cache.
 pub trait CausalLM: Send + Sync {
     /// Runs one step; returns f32 logits `[rows, vocab]` for `input.logits_indices`.
     fn forward(&self, input: &StepInput, caches: &[KvCache]) -> Result<Tensor>;
+    /// The model's shape and dtype.
+    fn spec(&self) -> &ModelSpec;
     /// Attention head layout (for sizing the cache).
-    fn attn_shape(&self) -> AttnShape;
+    fn attn_shape(&self) -> AttnShape {
+        self.spec().attn_shape
+    }
     /// Decoder layers (one cache each).
-    fn num_layers(&self) -> usize;
+    fn num_layers(&self) -> usize {
+        self.spec().num_layers
+    }
     /// Logit rows' width.
-    fn vocab_size(&self) -> usize;
+    fn vocab_size(&self) -> usize {
+        self.spec().vocab_size
+    }
     /// Context length the model was trained for.
-    fn max_model_len(&self) -> usize;
+    fn max_model_len(&self) -> usize {
+        self.spec().max_model_len
+    }
     /// Activation dtype.
-    fn dtype(&self) -> DType;
+    fn dtype(&self) -> DType {
+        self.spec().dtype
+    }
 }
 
 /// The GGUF architectures (`general.architecture`) [`load_gguf`] knows.

@@ -26,7 +26,7 @@ use crate::attention::{PagedAttention, RopeStyle, Rotary};
 use crate::layers::{check_caches, GgufKeys};
 use crate::linear::Linear;
 use crate::weights::{MatrixFormat, Weights};
-use crate::{CausalLM, Error, Result, StepInput};
+use crate::{CausalLM, Error, ModelSpec, Result, StepInput};
 
 fn default_eps() -> f64 {
     1e-6
@@ -442,8 +442,7 @@ pub struct Llama {
     norm: Tensor,
     lm_head: Linear,
     rotary: Rotary,
-    shape: AttnShape,
-    dtype: DType,
+    spec: ModelSpec,
 }
 
 impl Llama {
@@ -486,7 +485,14 @@ impl Llama {
         };
         let dtype = w.options().dtype;
         let rotary = Rotary::from_inv_freq(&cfg.inv_freq(), cfg.max_position_embeddings, rope, dtype, w.device())?;
-        Ok(Self { norm: model.get("norm.weight")?, embed, layers, lm_head, rotary, shape, cfg, dtype })
+        let spec = ModelSpec {
+            attn_shape: shape,
+            num_layers: layers.len(),
+            vocab_size: cfg.vocab_size,
+            max_model_len: cfg.max_position_embeddings,
+            dtype,
+        };
+        Ok(Self { norm: model.get("norm.weight")?, embed, layers, lm_head, rotary, spec, cfg })
     }
 
     /// The configuration.
@@ -501,7 +507,9 @@ impl CausalLM for Llama {
         let eps = self.cfg.rms_norm_eps as f32;
         let mut x = match &self.embed {
             Some(e) => e.index_select(&input.input_ids, 0)?,
-            None => self.lm_head.rows(&input.input_ids, self.dtype)?.ok_or(Error::Config("no embedding".into()))?,
+            None => {
+                self.lm_head.rows(&input.input_ids, self.spec.dtype)?.ok_or(Error::Config("no embedding".into()))?
+            }
         };
         let (cos, sin) = self.rotary.for_positions(&input.positions)?;
         for (i, (layer, cache)) in self.layers.iter().zip(caches).enumerate() {
@@ -509,8 +517,8 @@ impl CausalLM for Llama {
             let h = candle_nn::ops::rms_norm(&x, &layer.input_norm, eps)?;
             let mut qkv = layer.qkv.forward(&h)?;
             if let Some((qn, kn)) = &layer.qk_norm {
-                qkv[0] = head_rms_norm(&qkv[0], qn, self.shape.head_dim, eps)?;
-                qkv[1] = head_rms_norm(&qkv[1], kn, self.shape.head_dim, eps)?;
+                qkv[0] = head_rms_norm(&qkv[0], qn, self.spec.attn_shape.head_dim, eps)?;
+                qkv[1] = head_rms_norm(&qkv[1], kn, self.spec.attn_shape.head_dim, eps)?;
             }
             let a = layer.attn.forward(&qkv[0], &qkv[1], &qkv[2], Some((&self.rotary, &cos, &sin)), cache, input)?;
             x = (x + layer.o.forward(&a)?)?;
@@ -523,24 +531,8 @@ impl CausalLM for Llama {
         Ok(logits.to_dtype(DType::F32)?)
     }
 
-    fn attn_shape(&self) -> AttnShape {
-        self.shape
-    }
-
-    fn num_layers(&self) -> usize {
-        self.layers.len()
-    }
-
-    fn vocab_size(&self) -> usize {
-        self.cfg.vocab_size
-    }
-
-    fn max_model_len(&self) -> usize {
-        self.cfg.max_position_embeddings
-    }
-
-    fn dtype(&self) -> DType {
-        self.dtype
+    fn spec(&self) -> &ModelSpec {
+        &self.spec
     }
 }
 

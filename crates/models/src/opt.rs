@@ -15,7 +15,7 @@ use crate::attention::PagedAttention;
 use crate::layers::{check_caches, output_layer, LayerNorm};
 use crate::linear::Linear;
 use crate::weights::Weights;
-use crate::{CausalLM, Error, Result, StepInput};
+use crate::{CausalLM, Error, ModelSpec, Result, StepInput};
 
 /// `config.json` of an OPT checkpoint.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -74,8 +74,7 @@ pub struct Opt {
     layers: Vec<Layer>,
     final_norm: Option<LayerNorm>,
     lm_head: Linear,
-    shape: AttnShape,
-    dtype: DType,
+    spec: ModelSpec,
 }
 
 impl OptConfig {
@@ -124,11 +123,16 @@ impl Opt {
         Ok(Self {
             positions: d.get("embed_positions.weight")?,
             embed,
+            spec: ModelSpec {
+                attn_shape: shape,
+                num_layers: layers.len(),
+                vocab_size: cfg.vocab_size,
+                max_model_len: cfg.max_position_embeddings,
+                dtype: w.options().dtype,
+            },
             layers,
             final_norm,
             lm_head,
-            shape,
-            dtype: w.options().dtype,
             cfg,
         })
     }
@@ -161,23 +165,7 @@ impl CausalLM for Opt {
         Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
     }
 
-    fn attn_shape(&self) -> AttnShape {
-        self.shape
-    }
-
-    fn num_layers(&self) -> usize {
-        self.layers.len()
-    }
-
-    fn vocab_size(&self) -> usize {
-        self.cfg.vocab_size
-    }
-
-    fn max_model_len(&self) -> usize {
-        self.cfg.max_position_embeddings
-    }
-
-    fn dtype(&self) -> DType {
-        self.dtype
+    fn spec(&self) -> &ModelSpec {
+        &self.spec
     }
 }
