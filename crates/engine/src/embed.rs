@@ -62,9 +62,11 @@ impl Embedder {
         Ok(Self { model, tokenizer, max_len })
     }
 
-    /// Whether a folder holds an embedding model this type loads.
+    /// Whether a folder holds an embedding model this type loads (an encoder row of the
+    /// model registry).
     pub fn is_embedding_model(dir: &Path) -> bool {
-        vllm_models::read_hf_config(dir).is_ok_and(|(_, arch)| arch == "BertModel")
+        vllm_models::read_hf_config(dir)
+            .is_ok_and(|(_, arch)| vllm_models::registry::by_hf_class(&arch).is_some_and(|a| a.is_encoder()))
     }
 
     /// The tokenizer.

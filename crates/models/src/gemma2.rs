@@ -21,9 +21,11 @@ use rayon::prelude::*;
 use vllm_kernels::{AttnParams, AttnShape, KvCache};
 
 use crate::attention::{PagedAttention, RopeStyle, Rotary};
+use crate::info::KvLayout;
 use crate::layers::{check_caches, output_layer, GgufKeys};
 use crate::linear::Linear;
 use crate::llama::head_rms_norm;
+use crate::registry::{DecoderConfig, Summary};
 use crate::weights::Weights;
 use crate::{CausalLM, Error, ModelSpec, Result, StepInput};
 
@@ -173,6 +175,17 @@ impl Gemma2Config {
         } else {
             None
         }
+    }
+}
+
+impl DecoderConfig for Gemma2Config {
+    fn summary(&self) -> Summary {
+        let kv = KvLayout::new(self.num_hidden_layers, self.attn_shape(), |i| self.window(i));
+        Summary { context_length: self.max_position_embeddings, kv }
+    }
+
+    fn load(self: Box<Self>, w: &Weights, _rope: RopeStyle) -> Result<Box<dyn CausalLM>> {
+        Ok(Box::new(Gemma2::load(w, *self)?))
     }
 }
 

@@ -23,8 +23,10 @@ use serde::Deserialize;
 use vllm_kernels::{AttnParams, AttnShape, KvCache};
 
 use crate::attention::{PagedAttention, RopeStyle, Rotary};
+use crate::info::KvLayout;
 use crate::layers::{check_caches, GgufKeys};
 use crate::linear::Linear;
+use crate::registry::{DecoderConfig, Summary};
 use crate::weights::{MatrixFormat, Weights};
 use crate::{CausalLM, Error, ModelSpec, Result, StepInput};
 
@@ -239,6 +241,17 @@ impl LlamaConfig {
         self.num_experts.unwrap_or(0) > 0
             && !self.mlp_only_layers.as_ref().is_some_and(|l| l.contains(&i))
             && (i + 1).is_multiple_of(step)
+    }
+}
+
+impl DecoderConfig for LlamaConfig {
+    fn summary(&self) -> Summary {
+        let kv = KvLayout::new(self.num_hidden_layers, self.attn_shape(), |i| self.window(i));
+        Summary { context_length: self.max_position_embeddings, kv }
+    }
+
+    fn load(self: Box<Self>, w: &Weights, rope: RopeStyle) -> Result<Box<dyn CausalLM>> {
+        Ok(Box::new(Llama::load(w, *self, rope)?))
     }
 }
 

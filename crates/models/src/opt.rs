@@ -11,9 +11,11 @@ use rayon::prelude::*;
 use serde::Deserialize;
 use vllm_kernels::{AttnShape, KvCache};
 
-use crate::attention::PagedAttention;
+use crate::attention::{PagedAttention, RopeStyle};
+use crate::info::KvLayout;
 use crate::layers::{check_caches, output_layer, LayerNorm};
 use crate::linear::Linear;
+use crate::registry::{DecoderConfig, Summary};
 use crate::weights::Weights;
 use crate::{CausalLM, Error, ModelSpec, Result, StepInput};
 
@@ -78,10 +80,27 @@ pub struct Opt {
 }
 
 impl OptConfig {
+    /// Parses a Hugging Face `config.json`.
+    pub fn from_hf(raw: serde_json::Value) -> Result<Self> {
+        serde_json::from_value(raw).map_err(|e| Error::Config(format!("config.json: {e}")))
+    }
+
     /// The attention head layout (sizes the KV cache): multi-head, width over heads.
     pub fn attn_shape(&self) -> AttnShape {
         let heads = self.num_attention_heads;
         AttnShape { num_heads: heads, num_kv_heads: heads, head_dim: self.hidden_size / heads }
+    }
+}
+
+impl DecoderConfig for OptConfig {
+    fn summary(&self) -> Summary {
+        let kv = KvLayout::new(self.num_hidden_layers, self.attn_shape(), |_| None);
+        Summary { context_length: self.max_position_embeddings, kv }
+    }
+
+    /// OPT has no rotary embeddings: `rope` is not used.
+    fn load(self: Box<Self>, w: &Weights, _rope: RopeStyle) -> Result<Box<dyn CausalLM>> {
+        Ok(Box::new(Opt::load(w, *self)?))
     }
 }
 

@@ -21,7 +21,14 @@ use crate::{Error, Result};
 
 enum Source {
     Safetensors(MmapedSafetensors),
-    Gguf { content: gguf_file::Content, reader: Mutex<BufReader<File>>, path: PathBuf, arch: String },
+    Gguf {
+        content: gguf_file::Content,
+        reader: Mutex<BufReader<File>>,
+        path: PathBuf,
+        arch: String,
+        /// The architecture's tensor-name map (none for an architecture we do not read).
+        tensors: fn(&str) -> Option<GgufTensor>,
+    },
 }
 
 /// How weights are materialised.
@@ -77,13 +84,25 @@ pub struct GgufTensor {
 }
 
 /// Maps a Hugging Face tensor name to llama.cpp's GGUF name for a GGUF architecture
-/// (`general.architecture`): the Llama family (llama, qwen2, qwen3, qwen3moe, phi3, gemma2,
-/// gemma3) and GPT-2, as llama.cpp's converter writes them.
+/// (`general.architecture`), as llama.cpp's converter writes them: the map of the
+/// architecture's row in [`crate::registry::ARCHITECTURES`]; `None` for an architecture we do
+/// not read.
 pub fn gguf_name(arch: &str, hf: &str) -> Option<GgufTensor> {
+    crate::registry::by_gguf_name(arch).and_then(|g| (g.tensors)(hf))
+}
+
+/// The Llama family's GGUF names (llama, qwen2, qwen3, qwen3moe, phi3).
+pub(crate) fn llama_tensor(hf: &str) -> Option<GgufTensor> {
+    llama_family_tensor(hf, false)
+}
+
+/// Gemma 2 and 3's GGUF names: the Llama family's, with Gemma's extra norms.
+pub(crate) fn gemma_tensor(hf: &str) -> Option<GgufTensor> {
+    llama_family_tensor(hf, true)
+}
+
+fn llama_family_tensor(hf: &str, gemma: bool) -> Option<GgufTensor> {
     let plain = |n: &str| Some(GgufTensor { name: n.to_string(), expert: None });
-    if arch == "gpt2" {
-        return gpt2_gguf_name(hf.strip_prefix("transformer.").unwrap_or(hf));
-    }
     match hf {
         "model.embed_tokens.weight" => return plain("token_embd.weight"),
         "model.norm.weight" => return plain("output_norm.weight"),
@@ -93,7 +112,6 @@ pub fn gguf_name(arch: &str, hf: &str) -> Option<GgufTensor> {
     let rest = hf.strip_prefix("model.layers.")?;
     let (layer, name) = rest.split_once('.')?;
     let blk = |n: &str| Some(GgufTensor { name: format!("blk.{layer}.{n}"), expert: None });
-    let gemma = arch.starts_with("gemma");
     // Experts: `block_sparse_moe.experts.E.w1` (Mixtral), `mlp.experts.E.gate_proj` (Qwen MoE).
     let experts = name.strip_prefix("block_sparse_moe.experts.").or_else(|| name.strip_prefix("mlp.experts."));
     if let Some(e) = experts {
@@ -132,7 +150,9 @@ pub fn gguf_name(arch: &str, hf: &str) -> Option<GgufTensor> {
     blk(&format!("{mapped}.{suffix}"))
 }
 
-fn gpt2_gguf_name(hf: &str) -> Option<GgufTensor> {
+/// GPT-2's GGUF names (with or without the `transformer.` prefix).
+pub(crate) fn gpt2_tensor(hf: &str) -> Option<GgufTensor> {
+    let hf = hf.strip_prefix("transformer.").unwrap_or(hf);
     let plain = |n: String| Some(GgufTensor { name: n, expert: None });
     let (base, suffix) = hf.rsplit_once('.')?;
     match base {
@@ -153,6 +173,11 @@ fn gpt2_gguf_name(hf: &str) -> Option<GgufTensor> {
         _ => return None,
     };
     plain(format!("blk.{layer}.{mapped}.{suffix}"))
+}
+
+/// The tensor-name map of a GGUF architecture we do not read: no tensor.
+fn no_tensors(_: &str) -> Option<GgufTensor> {
+    None
 }
 
 impl Weights {
@@ -177,7 +202,8 @@ impl Weights {
             .and_then(|v| v.to_string().ok())
             .cloned()
             .unwrap_or_else(|| "llama".into());
-        let src = Source::Gguf { content, reader: Mutex::new(reader), path: path.to_path_buf(), arch };
+        let tensors = crate::registry::by_gguf_name(&arch).map_or(no_tensors as fn(&str) -> _, |g| g.tensors);
+        let src = Source::Gguf { content, reader: Mutex::new(reader), path: path.to_path_buf(), arch, tensors };
         Ok(Self { src: Arc::new(src), prefix: String::new(), opts, device: device.clone() })
     }
 
@@ -222,10 +248,10 @@ impl Weights {
     }
 
     fn qtensor(&self, hf: &str) -> Result<Option<QTensor>> {
-        let Source::Gguf { content, reader, path, arch } = &*self.src else {
+        let Source::Gguf { content, reader, path, tensors, .. } = &*self.src else {
             return Ok(None);
         };
-        let Some(GgufTensor { name, expert }) = gguf_name(arch, hf) else {
+        let Some(GgufTensor { name, expert }) = tensors(hf) else {
             return Ok(None);
         };
         let Some(info) = content.tensor_infos.get(&name) else {
@@ -261,8 +287,8 @@ impl Weights {
         let full = self.full(name);
         match &*self.src {
             Source::Safetensors(st) => st.get(&full).is_ok(),
-            Source::Gguf { content, arch, .. } => {
-                gguf_name(arch, &full).is_some_and(|t| content.tensor_infos.contains_key(&t.name))
+            Source::Gguf { content, tensors, .. } => {
+                tensors(&full).is_some_and(|t| content.tensor_infos.contains_key(&t.name))
             }
         }
     }
