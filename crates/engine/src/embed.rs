@@ -6,7 +6,7 @@ use std::path::Path;
 
 use candle_core::Device;
 use vllm_models::bert::BertEmbedder;
-use vllm_models::LoadOptions;
+use vllm_models::{LoadOptions, MatrixFormat};
 use vllm_tokenizer::Tokenizer;
 
 use crate::{EngineArgs, Error, Prompt, Quantization, Result};
@@ -48,8 +48,8 @@ impl Embedder {
     pub fn load(dir: &Path, args: &EngineArgs) -> Result<Self> {
         let device: Device = crate::engine::device(&args.device)?;
         let device = &device;
-        let int8 = args.quantization == Quantization::Int8;
-        let opts = LoadOptions { dtype: candle_core::DType::F32, keep_quantized: false, int8, native: false };
+        let matrices = if args.quantization == Quantization::Int8 { MatrixFormat::Int8 } else { MatrixFormat::Dense };
+        let opts = LoadOptions { dtype: candle_core::DType::F32, matrices };
         let model = BertEmbedder::load_dir(dir, opts, device)?;
         let tokenizer = Tokenizer::from_hf_dir(dir)?;
         // sentence-transformers truncates to `max_seq_length` (sentence_bert_config.json).
@@ -62,9 +62,11 @@ impl Embedder {
         Ok(Self { model, tokenizer, max_len })
     }
 
-    /// Whether a folder holds an embedding model this type loads.
+    /// Whether a folder holds an embedding model this type loads (an encoder row of the
+    /// model registry).
     pub fn is_embedding_model(dir: &Path) -> bool {
-        vllm_models::read_hf_config(dir).is_ok_and(|(_, arch)| arch == "BertModel")
+        vllm_models::read_hf_config(dir)
+            .is_ok_and(|(_, arch)| vllm_models::registry::by_hf_class(&arch).is_some_and(|a| a.is_encoder()))
     }
 
     /// The tokenizer.

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device};
 use vllm_kernels::KvCache;
-use vllm_models::LoadOptions;
+use vllm_models::{LoadOptions, MatrixFormat};
 use vllm_sampler::SamplingParams;
 use vllm_scheduler::{KvMemoryUsage, Scheduler, SchedulerConfig};
 
@@ -125,13 +125,14 @@ pub(crate) fn build(args: EngineArgs, files: ModelFiles) -> Result<(EngineCore, 
     };
     let info = vllm_models::inspect(&path).ok();
     let dtype = resolve_dtype(args.dtype, dev.is_cuda(), info.as_ref().map(|i| &i.dtypes));
-    let opts = LoadOptions {
-        dtype,
+    let matrices = match args.quantization {
+        Quantization::Int8 => MatrixFormat::Int8,
         // Our quantized kernels are CPU kernels; on CUDA, candle's quantized matmul.
-        keep_quantized: matches!(args.quantization, Quantization::Auto | Quantization::Gguf) && !dev.is_cpu(),
-        int8: args.quantization == Quantization::Int8,
-        native: matches!(args.quantization, Quantization::Auto | Quantization::Gguf) && dev.is_cpu(),
+        Quantization::Auto | Quantization::Gguf if dev.is_cpu() => MatrixFormat::Native,
+        Quantization::Auto | Quantization::Gguf => MatrixFormat::CandleQuantized,
+        Quantization::None => MatrixFormat::Dense,
     };
+    let opts = LoadOptions { dtype, matrices };
     let files_kind = match &files {
         ModelFiles::Gguf(_) => FilesKind::Gguf,
         ModelFiles::HfDir(_) => FilesKind::HfDir,
@@ -184,7 +185,11 @@ pub(crate) fn build(args: EngineArgs, files: ModelFiles) -> Result<(EngineCore, 
             message: "block_size and max_num_seqs must be positive".into(),
         });
     }
-    let quantized = opts.int8 || (opts.native && matches!(files_kind, FilesKind::Gguf));
+    let quantized = match opts.matrices {
+        MatrixFormat::Int8 => true,
+        MatrixFormat::Native => matches!(files_kind, FilesKind::Gguf),
+        MatrixFormat::Dense | MatrixFormat::CandleQuantized => false,
+    };
     let kv_dtype = match args.kv_cache_dtype {
         KvCacheDtype::Auto if dev.is_cpu() && quantized => DType::F16,
         KvCacheDtype::Auto => dtype,

@@ -170,7 +170,11 @@ impl LLM {
         let Some(embedder) = &self.embedder else {
             return Err(Error::InvalidArgument {
                 param: "model",
-                message: format!("'{}' is not an embedding model (supported: BertModel)", self.model),
+                message: format!(
+                    "'{}' is not an embedding model (supported: {})",
+                    self.model,
+                    vllm_models::registry::encoder_classes().collect::<Vec<_>>().join(", ")
+                ),
             });
         };
         let prompts: Vec<Prompt> = prompts.into_iter().map(Into::into).collect();

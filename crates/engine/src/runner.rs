@@ -301,7 +301,7 @@ mod tests {
     #[test]
     fn the_profile_step_runs_a_full_batch() {
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/models/llama");
-        let opts = vllm_models::LoadOptions { dtype: DType::F32, keep_quantized: false, int8: false, native: false };
+        let opts = vllm_models::LoadOptions::float32();
         let model = vllm_models::load_hf_dir(dir.as_ref(), opts, &Device::Cpu).unwrap();
         let step = ProfileStep { tokens: 100, rows: 8, block_size: 16, kv_dtype: DType::F16 };
         profile_step(&*model, step, &Device::Cpu).unwrap();

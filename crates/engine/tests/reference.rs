@@ -6,14 +6,14 @@ mod common;
 use candle_core::{DType, Device};
 use common::{default_gguf, fixtures, next_token_logprobs, position_logprobs};
 use vllm_engine::{EngineArgs, Quantization, SamplingParams, LLM};
-use vllm_models::LoadOptions;
+use vllm_models::{LoadOptions, MatrixFormat};
 
 #[test]
 fn gguf_tokenizer_matches_the_reference_ids() {
     let path = default_gguf();
     let (_, w) = vllm_models::load_gguf(
         &path,
-        LoadOptions { dtype: DType::F32, keep_quantized: true, int8: false, native: false },
+        LoadOptions { dtype: DType::F32, matrices: MatrixFormat::CandleQuantized },
         &Device::Cpu,
     )
     .unwrap();
@@ -39,12 +39,9 @@ fn float32_path_reproduces_reference_greedy_and_logprobs() {
     let fx = fixtures();
     let path = default_gguf();
     // Logprobs through the model's paged path.
-    let (model, _) = vllm_models::load_gguf(
-        &path,
-        LoadOptions { dtype: DType::F32, keep_quantized: false, int8: false, native: false },
-        &Device::Cpu,
-    )
-    .unwrap();
+    let (model, _) =
+        vllm_models::load_gguf(&path, LoadOptions { dtype: DType::F32, matrices: MatrixFormat::Dense }, &Device::Cpu)
+            .unwrap();
     let mut max_lp_err = 0f32;
     for case in &fx.cases {
         let lp = next_token_logprobs(&*model, &case.prompt_ids);
@@ -136,9 +133,9 @@ fn quantized_paths_stay_close_to_the_reference() {
         Errors { kl, max_first_token: max_err }
     };
     let (candle, native, int8) = (
-        LoadOptions { keep_quantized: true, ..f32 },
-        LoadOptions { native: true, ..f32 },
-        LoadOptions { int8: true, ..f32 },
+        LoadOptions { matrices: MatrixFormat::CandleQuantized, ..f32 },
+        LoadOptions { matrices: MatrixFormat::Native, ..f32 },
+        LoadOptions { matrices: MatrixFormat::Int8, ..f32 },
     );
     let llama_cpp = measure("Q4_1, llama.cpp arithmetic (candle), f16 KV", candle, DType::F16);
     let default = measure("Q4_1, ours (the default), f16 KV", native, DType::F16);

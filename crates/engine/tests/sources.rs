@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use vllm_engine::{EngineArgs, Error, ModelDtype, ModelFiles, SamplingParams, LLM};
-use vllm_models::{llama::LlamaConfig, LoadOptions};
+use vllm_models::{llama::LlamaConfig, LoadOptions, MatrixFormat};
 
 /// llama.cpp stores Q/K rows permuted for interleaved rotary; undo it.
 fn unpermute(w: &Tensor, heads: usize) -> Tensor {
@@ -29,7 +29,7 @@ fn unpermute(w: &Tensor, heads: usize) -> Tensor {
 }
 
 fn write_hf_folder(gguf: &Path, dir: &Path) {
-    let opts = LoadOptions { dtype: DType::F32, keep_quantized: false, int8: false, native: false };
+    let opts = LoadOptions { dtype: DType::F32, matrices: MatrixFormat::Dense };
     let w = vllm_models::Weights::from_gguf(gguf, opts, &Device::Cpu).unwrap();
     let md = w.gguf_metadata().unwrap();
     let cfg = LlamaConfig::from_gguf(md).unwrap();

@@ -15,8 +15,9 @@ use candle_core::{DType, Device, Tensor, D};
 use serde::Deserialize;
 
 use crate::layers::LayerNorm;
-use crate::weights::{Linear, LoadOptions, Weights};
-use crate::{safetensors_files, Error, Result};
+use crate::linear::Linear;
+use crate::weights::{LoadOptions, Weights};
+use crate::{registry, safetensors_files, Error, Result};
 
 /// `config.json` of a BERT checkpoint.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -42,6 +43,13 @@ pub struct BertConfig {
     /// Only `absolute` positions are supported.
     #[serde(default = "absolute")]
     pub position_embedding_type: String,
+}
+
+impl BertConfig {
+    /// The longest input a `config.json` allows, read without parsing the rest.
+    pub fn context_length(raw: &serde_json::Value) -> Option<usize> {
+        raw.get("max_position_embeddings").and_then(|v| v.as_u64()).map(|v| v as usize)
+    }
 }
 
 fn eps() -> f64 {
@@ -136,8 +144,9 @@ impl BertEmbedder {
     /// pooling files).
     pub fn load_dir(dir: &Path, opts: LoadOptions, device: &Device) -> Result<Self> {
         let (raw, arch) = crate::read_hf_config(dir)?;
-        if arch != "BertModel" {
-            return Err(Error::UnsupportedArchitecture { name: arch, supported: "BertModel".into() });
+        if !registry::by_hf_class(&arch).is_some_and(|a| a.is_encoder()) {
+            let supported = registry::encoder_classes().collect::<Vec<_>>().join(", ");
+            return Err(Error::UnsupportedArchitecture { name: arch, supported });
         }
         let cfg: BertConfig = serde_json::from_value(raw).map_err(|e| Error::Config(e.to_string()))?;
         if cfg.hidden_act != "gelu" || cfg.position_embedding_type != "absolute" {

@@ -21,10 +21,13 @@ use rayon::prelude::*;
 use vllm_kernels::{AttnParams, AttnShape, KvCache};
 
 use crate::attention::{PagedAttention, RopeStyle, Rotary};
+use crate::info::KvLayout;
 use crate::layers::{check_caches, output_layer, GgufKeys};
+use crate::linear::Linear;
 use crate::llama::head_rms_norm;
-use crate::weights::{Linear, Weights};
-use crate::{CausalLM, Error, Result, StepInput};
+use crate::registry::{DecoderConfig, Summary};
+use crate::weights::Weights;
+use crate::{CausalLM, Error, ModelSpec, Result, StepInput};
 
 /// The configuration of a Gemma 2 or Gemma 3 (text) checkpoint.
 #[derive(Debug, Clone, PartialEq)]
@@ -175,6 +178,17 @@ impl Gemma2Config {
     }
 }
 
+impl DecoderConfig for Gemma2Config {
+    fn summary(&self) -> Summary {
+        let kv = KvLayout::new(self.num_hidden_layers, self.attn_shape(), |i| self.window(i));
+        Summary { context_length: self.max_position_embeddings, kv }
+    }
+
+    fn load(self: Box<Self>, w: &Weights, _rope: RopeStyle) -> Result<Box<dyn CausalLM>> {
+        Ok(Box::new(Gemma2::load(w, *self)?))
+    }
+}
+
 /// Which layers slide when the config does not list them: Gemma 2's even layers; Gemma 3's
 /// all but every `pattern`-th (6).
 fn default_pattern(gemma3: bool, layers: usize, pattern: Option<usize>) -> Vec<bool> {
@@ -218,8 +232,7 @@ pub struct Gemma2 {
     rotary: Rotary,
     /// Gemma 3's local-layer tables.
     local_rotary: Option<Rotary>,
-    shape: AttnShape,
-    dtype: DType,
+    spec: ModelSpec,
 }
 
 impl Gemma2 {
@@ -284,17 +297,14 @@ impl Gemma2 {
             |inv: &[f32]| Rotary::from_inv_freq(inv, cfg.max_position_embeddings, RopeStyle::Halves, dtype, w.device());
         let rotary = table(&inv(cfg.rope_theta, cfg.rope_factor))?;
         let local_rotary = if cfg.gemma3 { Some(table(&inv(cfg.rope_local_theta, 1.0))?) } else { None };
-        Ok(Self {
-            norm: gemma_norm(&model, "norm.weight")?,
-            embed,
-            layers,
-            lm_head,
-            rotary,
-            local_rotary,
-            shape,
+        let spec = ModelSpec {
+            attn_shape: shape,
+            num_layers: layers.len(),
+            vocab_size: cfg.vocab_size,
+            max_model_len: cfg.max_position_embeddings,
             dtype,
-            cfg,
-        })
+        };
+        Ok(Self { norm: gemma_norm(&model, "norm.weight")?, embed, layers, lm_head, rotary, local_rotary, spec, cfg })
     }
 }
 
@@ -312,7 +322,7 @@ impl CausalLM for Gemma2 {
         let rms = candle_nn::ops::rms_norm;
         // The normalizer is rounded to the activation dtype, as in transformers.
         let normalizer =
-            Tensor::new((self.cfg.hidden_size as f32).sqrt(), self.embed.device())?.to_dtype(self.dtype)?;
+            Tensor::new((self.cfg.hidden_size as f32).sqrt(), self.embed.device())?.to_dtype(self.spec.dtype)?;
         let mut x = self.embed.index_select(&input.input_ids, 0)?.broadcast_mul(&normalizer)?;
         let global = self.rotary.for_positions(&input.positions)?;
         let local = self.local_rotary.as_ref().map(|r| r.for_positions(&input.positions)).transpose()?;
@@ -321,8 +331,8 @@ impl CausalLM for Gemma2 {
             let h = rms(&x, &l.input_norm, eps)?;
             let (mut q, mut k) = (l.q.forward(&h)?, l.k.forward(&h)?);
             if let Some((qn, kn)) = &l.qk_norm {
-                q = head_rms_norm(&q, qn, self.shape.head_dim, eps)?;
-                k = head_rms_norm(&k, kn, self.shape.head_dim, eps)?;
+                q = head_rms_norm(&q, qn, self.spec.attn_shape.head_dim, eps)?;
+                k = head_rms_norm(&k, kn, self.spec.attn_shape.head_dim, eps)?;
             }
             let rope = match (&self.local_rotary, &local) {
                 (Some(r), Some((cos, sin))) if l.local => (r, cos, sin),
@@ -339,23 +349,7 @@ impl CausalLM for Gemma2 {
         softcap(&logits, self.cfg.final_logit_softcapping)
     }
 
-    fn attn_shape(&self) -> AttnShape {
-        self.shape
-    }
-
-    fn num_layers(&self) -> usize {
-        self.layers.len()
-    }
-
-    fn vocab_size(&self) -> usize {
-        self.cfg.vocab_size
-    }
-
-    fn max_model_len(&self) -> usize {
-        self.cfg.max_position_embeddings
-    }
-
-    fn dtype(&self) -> DType {
-        self.dtype
+    fn spec(&self) -> &ModelSpec {
+        &self.spec
     }
 }

@@ -13,10 +13,13 @@ use rayon::prelude::*;
 use serde::Deserialize;
 use vllm_kernels::{AttnShape, KvCache};
 
-use crate::attention::PagedAttention;
+use crate::attention::{PagedAttention, RopeStyle};
+use crate::info::KvLayout;
 use crate::layers::{check_caches, output_layer, GgufKeys, LayerNorm};
-use crate::weights::{Linear, Weights};
-use crate::{CausalLM, Error, Result, StepInput};
+use crate::linear::Linear;
+use crate::registry::{DecoderConfig, Summary};
+use crate::weights::Weights;
+use crate::{CausalLM, Error, ModelSpec, Result, StepInput};
 
 /// `config.json` of a GPT-2 checkpoint.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -81,11 +84,15 @@ pub struct Gpt2 {
     blocks: Vec<Block>,
     ln_f: LayerNorm,
     lm_head: Linear,
-    shape: AttnShape,
-    dtype: DType,
+    spec: ModelSpec,
 }
 
 impl Gpt2Config {
+    /// Parses a Hugging Face `config.json`.
+    pub fn from_hf(raw: serde_json::Value) -> Result<Self> {
+        serde_json::from_value(raw).map_err(|e| Error::Config(format!("config.json: {e}")))
+    }
+
     /// Reads the configuration from GGUF metadata (`gpt2.*` keys).
     pub fn from_gguf(md: &HashMap<String, Value>) -> Result<Self> {
         let g = GgufKeys::new(md);
@@ -105,6 +112,17 @@ impl Gpt2Config {
     /// The attention head layout (sizes the KV cache): multi-head, width over heads.
     pub fn attn_shape(&self) -> AttnShape {
         AttnShape { num_heads: self.n_head, num_kv_heads: self.n_head, head_dim: self.n_embd / self.n_head }
+    }
+}
+
+impl DecoderConfig for Gpt2Config {
+    fn summary(&self) -> Summary {
+        Summary { context_length: self.n_positions, kv: KvLayout::new(self.n_layer, self.attn_shape(), |_| None) }
+    }
+
+    /// GPT-2 has no rotary embeddings: `rope` is not used.
+    fn load(self: Box<Self>, w: &Weights, _rope: RopeStyle) -> Result<Box<dyn CausalLM>> {
+        Ok(Box::new(Gpt2::load(w, *self)?))
     }
 }
 
@@ -144,10 +162,15 @@ impl Gpt2 {
             wpe: t.get("wpe.weight")?,
             ln_f: LayerNorm::load(&t, "ln_f")?,
             wte,
+            spec: ModelSpec {
+                attn_shape: shape,
+                num_layers: blocks.len(),
+                vocab_size: cfg.vocab_size,
+                max_model_len: cfg.n_positions,
+                dtype: w.options().dtype,
+            },
             blocks,
             lm_head,
-            shape,
-            dtype: w.options().dtype,
             cfg,
         })
     }
@@ -172,23 +195,7 @@ impl CausalLM for Gpt2 {
         Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
     }
 
-    fn attn_shape(&self) -> AttnShape {
-        self.shape
-    }
-
-    fn num_layers(&self) -> usize {
-        self.blocks.len()
-    }
-
-    fn vocab_size(&self) -> usize {
-        self.cfg.vocab_size
-    }
-
-    fn max_model_len(&self) -> usize {
-        self.cfg.n_positions
-    }
-
-    fn dtype(&self) -> DType {
-        self.dtype
+    fn spec(&self) -> &ModelSpec {
+        &self.spec
     }
 }

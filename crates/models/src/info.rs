@@ -14,7 +14,8 @@ use candle_core::DType;
 
 use vllm_kernels::AttnShape;
 
-use crate::{gemma2, gpt2, llama, opt, read_hf_config, safetensors_files, Error, Result};
+use crate::registry::{self, Kind};
+use crate::{read_hf_config, safetensors_files, Error, Result};
 
 /// The attention layout that sizes the KV cache.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,7 +34,7 @@ pub struct KvLayout {
 
 impl KvLayout {
     /// The layout of `layers` layers of `shape`; `window(i)` is layer i's sliding window.
-    fn new(layers: usize, shape: AttnShape, window: impl Fn(usize) -> Option<usize>) -> Self {
+    pub(crate) fn new(layers: usize, shape: AttnShape, window: impl Fn(usize) -> Option<usize>) -> Self {
         let windows: Vec<usize> = (0..layers).filter_map(window).collect();
         Self {
             layers,
@@ -143,21 +144,12 @@ fn inspect_gguf(path: &Path) -> Result<ModelInfo> {
         // No (known) file type: the quantized type holding the most parameters.
         _ => quantized.iter().max_by_key(|(_, n)| **n).map(|(t, _)| t.clone()),
     };
-    let (supported, context_length, kv) = match arch.as_str() {
-        "llama" | "qwen2" | "qwen3" | "qwen3moe" | "phi3" => {
-            let cfg = llama::LlamaConfig::from_gguf(md)?;
-            (true, Some(cfg.max_position_embeddings), Some(llama_kv(&cfg)))
+    let (supported, context_length, kv) = match registry::by_gguf_name(&arch) {
+        Some(gguf) => {
+            let s = (gguf.config)(md)?.summary();
+            (true, Some(s.context_length), Some(s.kv))
         }
-        "gemma2" | "gemma3" => {
-            let cfg = gemma2::Gemma2Config::from_gguf(md)?;
-            let kv = KvLayout::new(cfg.num_hidden_layers, cfg.attn_shape(), |i| cfg.window(i));
-            (true, Some(cfg.max_position_embeddings), Some(kv))
-        }
-        "gpt2" => {
-            let cfg = gpt2::Gpt2Config::from_gguf(md)?;
-            (true, Some(cfg.n_positions), Some(KvLayout::new(cfg.n_layer, cfg.attn_shape(), |_| None)))
-        }
-        _ => {
+        None => {
             let ctx = md.get(&format!("{arch}.context_length")).and_then(|v| v.to_u32().ok()).map(|v| v as usize);
             (false, ctx, None)
         }
@@ -174,10 +166,6 @@ fn inspect_gguf(path: &Path) -> Result<ModelInfo> {
         context_length,
         kv,
     })
-}
-
-fn llama_kv(cfg: &llama::LlamaConfig) -> KvLayout {
-    KvLayout::new(cfg.num_hidden_layers, cfg.attn_shape(), |i| cfg.window(i))
 }
 
 fn inspect_hf_dir(dir: &Path) -> Result<ModelInfo> {
@@ -200,37 +188,13 @@ fn inspect_hf_dir(dir: &Path) -> Result<ModelInfo> {
     let quantization = raw
         .get("quantization_config")
         .map(|q| q.get("quant_method").and_then(|m| m.as_str()).unwrap_or("unnamed").to_string());
-    let config = |e: serde_json::Error| Error::Config(format!("{}: {e}", dir.join("config.json").display()));
-    let (supported, context_length, kv) = match arch.as_str() {
-        "LlamaForCausalLM"
-        | "MistralForCausalLM"
-        | "Qwen2ForCausalLM"
-        | "Qwen3ForCausalLM"
-        | "Phi3ForCausalLM"
-        | "MixtralForCausalLM"
-        | "Qwen3MoeForCausalLM" => {
-            let cfg = llama::LlamaConfig::from_hf(raw.clone())?;
-            (true, Some(cfg.max_position_embeddings), Some(llama_kv(&cfg)))
+    let (supported, context_length, kv) = match registry::by_hf_class(&arch).map(|a| &a.kind) {
+        Some(Kind::Decoder { config, .. }) => {
+            let s = config(raw.clone())?.summary();
+            (true, Some(s.context_length), Some(s.kv))
         }
-        "Gemma2ForCausalLM" | "Gemma3ForCausalLM" => {
-            let cfg = gemma2::Gemma2Config::from_hf(raw.clone())?;
-            let kv = KvLayout::new(cfg.num_hidden_layers, cfg.attn_shape(), |i| cfg.window(i));
-            (true, Some(cfg.max_position_embeddings), Some(kv))
-        }
-        "OPTForCausalLM" => {
-            let cfg: opt::OptConfig = serde_json::from_value(raw.clone()).map_err(config)?;
-            let kv = KvLayout::new(cfg.num_hidden_layers, cfg.attn_shape(), |_| None);
-            (true, Some(cfg.max_position_embeddings), Some(kv))
-        }
-        "GPT2LMHeadModel" => {
-            let cfg: gpt2::Gpt2Config = serde_json::from_value(raw.clone()).map_err(config)?;
-            (true, Some(cfg.n_positions), Some(KvLayout::new(cfg.n_layer, cfg.attn_shape(), |_| None)))
-        }
-        "BertModel" => {
-            let ctx = raw.get("max_position_embeddings").and_then(|v| v.as_u64()).map(|v| v as usize);
-            (true, ctx, None)
-        }
-        _ => {
+        Some(Kind::Encoder { context_length }) => (true, context_length(&raw), None),
+        None => {
             let ctx = ["max_position_embeddings", "n_positions", "max_sequence_length"]
                 .iter()
                 .find_map(|k| raw.get(*k).and_then(|v| v.as_u64()))

@@ -6,7 +6,8 @@ use std::collections::HashMap;
 use candle_core::quantized::gguf_file::Value;
 use candle_core::Tensor;
 
-use crate::weights::{Linear, Weights};
+use crate::linear::Linear;
+use crate::weights::Weights;
 use crate::{Error, Result};
 
 /// LayerNorm with weight and bias (OPT, GPT-2, BERT).

@@ -3,26 +3,18 @@
 //! The model zoo of vllm-rs. A model is a configuration, weights ([`Weights`]: safetensors via
 //! mmap, or GGUF with quantized tensors kept quantized or dequantized) and a forward pass over
 //! a flattened batch ([`StepInput`]) that writes K/V into the paged cache and returns logits
-//! only for the rows that sample. Every architecture shares [`attention::PagedAttention`].
+//! only for the rows that sample. Every architecture shares [`attention::PagedAttention`], and
+//! every linear layer is one [`Linear`] whatever format its weight is stored in.
 //!
-//! | architecture | `config.json` | GGUF |
-//! |--------------|---------------|------|
-//! | Llama family (Llama 2/3, SmolLM2) | `LlamaForCausalLM` | `llama` |
-//! | Mistral (sliding window) | `MistralForCausalLM` | `llama` |
-//! | Qwen2 (Q/K/V bias), Qwen3 (Q/K norm) | `Qwen2ForCausalLM`, `Qwen3ForCausalLM` | `qwen2`, `qwen3` |
-//! | Phi-3 (fused projections) | `Phi3ForCausalLM` | `phi3` |
-//! | Gemma 2 (soft-capping, alternating windows) | `Gemma2ForCausalLM` | `gemma2` |
-//! | Gemma 3 (text: 5 local : 1 global layers, Q/K norm, two RoPE bases) | `Gemma3ForCausalLM` | `gemma3` |
-//! | Mixtral (top-2 of 8 experts) | `MixtralForCausalLM` | `llama` with experts |
-//! | Qwen3 MoE (top-k, renormalized) | `Qwen3MoeForCausalLM` | `qwen3moe` |
-//! | OPT | `OPTForCausalLM` | |
-//! | GPT-2 | `GPT2LMHeadModel` | `gpt2` |
+//! The architectures are the rows of [`registry::ARCHITECTURES`]; docs/models.md holds their
+//! table (`config.json` classes, GGUF names, model file, what is special), rendered by
+//! [`registry::markdown_table`] and checked by a test.
 //!
 //! ```no_run
 //! use candle_core::{DType, Device};
-//! use vllm_models::{load_gguf, LoadOptions};
+//! use vllm_models::{load_gguf, LoadOptions, MatrixFormat};
 //!
-//! let opts = LoadOptions { dtype: DType::F32, keep_quantized: false, int8: false, native: false };
+//! let opts = LoadOptions { dtype: DType::F32, matrices: MatrixFormat::Dense };
 //! let (model, weights) = load_gguf("model.gguf".as_ref(), opts, &Device::Cpu).unwrap();
 //! println!("{} layers", model.num_layers());
 //! # let _ = weights;
@@ -34,8 +26,10 @@ pub mod gemma2;
 pub mod gpt2;
 pub mod info;
 mod layers;
+mod linear;
 pub mod llama;
 pub mod opt;
+pub mod registry;
 mod weights;
 
 use std::path::{Path, PathBuf};
@@ -44,7 +38,8 @@ use candle_core::{DType, Device, Tensor};
 use vllm_kernels::{AttnMetadata, AttnShape, KvCache};
 
 pub use info::{inspect, KvLayout, ModelInfo};
-pub use weights::{gguf_name, GgufTensor, Linear, LoadOptions, Weights};
+pub use linear::Linear;
+pub use weights::{gguf_name, GgufTensor, LoadOptions, MatrixFormat, Weights};
 
 /// Model errors.
 #[derive(Debug, thiserror::Error)]
@@ -120,70 +115,67 @@ impl std::fmt::Debug for StepInput<'_> {
     }
 }
 
+/// What the engine needs to know of a loaded model to size its cache and read its outputs;
+/// each model builds it once at load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelSpec {
+    /// Attention head layout (for sizing the cache).
+    pub attn_shape: AttnShape,
+    /// Decoder layers (one cache each).
+    pub num_layers: usize,
+    /// Logit rows' width.
+    pub vocab_size: usize,
+    /// Context length the model was trained for.
+    pub max_model_len: usize,
+    /// Activation dtype.
+    pub dtype: DType,
+}
+
 /// A causal language model running on the paged cache.
 pub trait CausalLM: Send + Sync {
     /// Runs one step; returns f32 logits `[rows, vocab]` for `input.logits_indices`.
     fn forward(&self, input: &StepInput, caches: &[KvCache]) -> Result<Tensor>;
+    /// The model's shape and dtype.
+    fn spec(&self) -> &ModelSpec;
     /// Attention head layout (for sizing the cache).
-    fn attn_shape(&self) -> AttnShape;
+    fn attn_shape(&self) -> AttnShape {
+        self.spec().attn_shape
+    }
     /// Decoder layers (one cache each).
-    fn num_layers(&self) -> usize;
+    fn num_layers(&self) -> usize {
+        self.spec().num_layers
+    }
     /// Logit rows' width.
-    fn vocab_size(&self) -> usize;
+    fn vocab_size(&self) -> usize {
+        self.spec().vocab_size
+    }
     /// Context length the model was trained for.
-    fn max_model_len(&self) -> usize;
+    fn max_model_len(&self) -> usize {
+        self.spec().max_model_len
+    }
     /// Activation dtype.
-    fn dtype(&self) -> DType;
+    fn dtype(&self) -> DType {
+        self.spec().dtype
+    }
 }
 
-/// The GGUF architectures (`general.architecture`) [`load_gguf`] knows.
-pub const GGUF_ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3", "qwen3moe", "phi3", "gemma2", "gemma3", "gpt2"];
-
-/// Loads a GGUF checkpoint; returns the model and the weight handle (for its metadata).
+/// Loads a GGUF checkpoint; returns the model and the weight handle (for its metadata). The
+/// architecture is the row of [`registry::ARCHITECTURES`] whose GGUF names hold the file's
+/// `general.architecture`.
 ///
 /// llama.cpp's converter permutes the query and key rows of `llama` checkpoints (Llama,
 /// Mistral, Mixtral, SmolLM) for its interleaved rotary layout; the other architectures keep
-/// Hugging Face's (NeoX) layout.
+/// Hugging Face's (NeoX) layout ([`registry::GgufForm::rope`]).
 pub fn load_gguf(path: &Path, opts: LoadOptions, device: &Device) -> Result<(Box<dyn CausalLM>, Weights)> {
     let w = Weights::from_gguf(path, opts, device)?;
     let md = w.gguf_metadata().expect("GGUF source has metadata");
-    let arch = w.gguf_arch().unwrap_or_default().to_string();
-    let llama = |style| -> Result<Box<dyn CausalLM>> {
-        Ok(Box::new(llama::Llama::load(&w, llama::LlamaConfig::from_gguf(md)?, style)?))
+    let arch = w.gguf_arch().unwrap_or_default();
+    let Some(gguf) = registry::by_gguf_name(arch) else {
+        return Err(Error::UnsupportedArchitecture { name: arch.into(), supported: registry::supported() });
     };
-    let model: Box<dyn CausalLM> = match arch.as_str() {
-        "llama" => llama(attention::RopeStyle::Interleaved)?,
-        "qwen2" | "qwen3" | "qwen3moe" | "phi3" => llama(attention::RopeStyle::Halves)?,
-        "gemma2" | "gemma3" => Box::new(gemma2::Gemma2::load(&w, gemma2::Gemma2Config::from_gguf(md)?)?),
-        "gpt2" => Box::new(gpt2::Gpt2::load(&w, gpt2::Gpt2Config::from_gguf(md)?)?),
-        other => {
-            return Err(Error::UnsupportedArchitecture {
-                name: other.into(),
-                supported: format!(
-                    "GGUF: {}; config.json: {}",
-                    GGUF_ARCHITECTURES.join(", "),
-                    CAUSAL_ARCHITECTURES.join(", ")
-                ),
-            })
-        }
-    };
+    let model = (gguf.config)(md)?.load(&w, gguf.rope)?;
     Ok((model, w))
 }
-
-/// The `config.json` architectures [`load_hf_dir`] knows.
-pub const CAUSAL_ARCHITECTURES: &[&str] = &[
-    "LlamaForCausalLM",
-    "MistralForCausalLM",
-    "Qwen2ForCausalLM",
-    "Qwen3ForCausalLM",
-    "Phi3ForCausalLM",
-    "Gemma2ForCausalLM",
-    "Gemma3ForCausalLM",
-    "MixtralForCausalLM",
-    "Qwen3MoeForCausalLM",
-    "OPTForCausalLM",
-    "GPT2LMHeadModel",
-];
 
 /// Reads a folder's `config.json` and its first `architectures` entry.
 pub fn read_hf_config(dir: &Path) -> Result<(serde_json::Value, String)> {
@@ -197,23 +189,16 @@ pub fn read_hf_config(dir: &Path) -> Result<(serde_json::Value, String)> {
 }
 
 /// Loads a Hugging Face folder (`config.json` + safetensors, single or sharded); the model
-/// class comes from `config.json`'s `architectures`.
+/// class comes from `config.json`'s `architectures`, looked up in [`registry::ARCHITECTURES`].
 pub fn load_hf_dir(dir: &Path, opts: LoadOptions, device: &Device) -> Result<Box<dyn CausalLM>> {
     let (raw, arch) = read_hf_config(dir)?;
-    if !CAUSAL_ARCHITECTURES.contains(&arch.as_str()) {
-        return Err(Error::UnsupportedArchitecture { name: arch, supported: CAUSAL_ARCHITECTURES.join(", ") });
-    }
+    let Some(registry::Kind::Decoder { config, .. }) = registry::by_hf_class(&arch).map(|a| &a.kind) else {
+        let supported = registry::causal_classes().collect::<Vec<_>>().join(", ");
+        return Err(Error::UnsupportedArchitecture { name: arch, supported });
+    };
     let files = safetensors_files(dir)?;
     let w = Weights::from_safetensors(&files, opts, device)?;
-    let config = |e: serde_json::Error| Error::Config(format!("{}: {e}", dir.join("config.json").display()));
-    Ok(match arch.as_str() {
-        "Gemma2ForCausalLM" | "Gemma3ForCausalLM" => {
-            Box::new(gemma2::Gemma2::load(&w, gemma2::Gemma2Config::from_hf(raw)?)?)
-        }
-        "OPTForCausalLM" => Box::new(opt::Opt::load(&w, serde_json::from_value(raw).map_err(config)?)?),
-        "GPT2LMHeadModel" => Box::new(gpt2::Gpt2::load(&w, serde_json::from_value(raw).map_err(config)?)?),
-        _ => Box::new(llama::Llama::load(&w, llama::LlamaConfig::from_hf(raw)?, attention::RopeStyle::Halves)?),
-    })
+    config(raw)?.load(&w, attention::RopeStyle::Halves)
 }
 
 /// The safetensors files of a folder: the shards listed in `model.safetensors.index.json`, or

@@ -23,9 +23,12 @@ use serde::Deserialize;
 use vllm_kernels::{AttnParams, AttnShape, KvCache};
 
 use crate::attention::{PagedAttention, RopeStyle, Rotary};
+use crate::info::KvLayout;
 use crate::layers::{check_caches, GgufKeys};
-use crate::weights::{Linear, Weights};
-use crate::{CausalLM, Error, Result, StepInput};
+use crate::linear::Linear;
+use crate::registry::{DecoderConfig, Summary};
+use crate::weights::{MatrixFormat, Weights};
+use crate::{CausalLM, Error, ModelSpec, Result, StepInput};
 
 fn default_eps() -> f64 {
     1e-6
@@ -241,6 +244,17 @@ impl LlamaConfig {
     }
 }
 
+impl DecoderConfig for LlamaConfig {
+    fn summary(&self) -> Summary {
+        let kv = KvLayout::new(self.num_hidden_layers, self.attn_shape(), |i| self.window(i));
+        Summary { context_length: self.max_position_embeddings, kv }
+    }
+
+    fn load(self: Box<Self>, w: &Weights, rope: RopeStyle) -> Result<Box<dyn CausalLM>> {
+        Ok(Box::new(Llama::load(w, *self, rope)?))
+    }
+}
+
 /// Projections of one input (Q/K/V, gate/up): separate layers, or one fused int8 layer whose
 /// output is split (one product and one activation quantization instead of several).
 struct Projections {
@@ -398,7 +412,7 @@ impl Layer {
             // rounded score flips which experts run.
             let router = m.get("gate.weight")?.to_dtype(DType::F32)?;
             Mlp::Experts {
-                router: Linear::Dense { weight_t: router.t()?.contiguous()?, bias: None },
+                router: Linear::dense(router, None)?,
                 experts: (0..experts)
                     .map(|e| SwiGlu::load(&m.pp(format!("experts.{e}")), width))
                     .collect::<Result<_>>()?,
@@ -441,8 +455,7 @@ pub struct Llama {
     norm: Tensor,
     lm_head: Linear,
     rotary: Rotary,
-    shape: AttnShape,
-    dtype: DType,
+    spec: ModelSpec,
 }
 
 impl Llama {
@@ -460,10 +473,13 @@ impl Llama {
         let tied = cfg.tie_word_embeddings || !w.contains("lm_head.weight");
         // Tied, on our kernels: the output matrix in the file's own form. When that is quantized
         // the embedding is looked up in it, not also held dequantized.
-        let native_head =
-            if tied && w.options().native && w.device().is_cpu() { Some(model.linear("embed_tokens")?) } else { None };
+        let native_head = if tied && w.options().matrices == MatrixFormat::Native && w.device().is_cpu() {
+            Some(model.linear("embed_tokens")?)
+        } else {
+            None
+        };
         let embed = match &native_head {
-            Some(Linear::Int8 { .. } | Linear::Q4 { .. } | Linear::K { .. }) => None,
+            Some(head) if head.is_quantized() => None,
             _ => Some(model.get("embed_tokens.weight")?),
         };
         // Layers load in parallel: dequantizing and repacking weights is most of a cold start.
@@ -475,14 +491,21 @@ impl Llama {
             (Some(l), _) => l,
             _ if !tied => w.linear("lm_head")?,
             // Tied: the embedding matrix, kept quantized when it is.
-            _ if w.options().keep_quantized => model.linear("embed_tokens")?,
+            _ if w.options().matrices == MatrixFormat::CandleQuantized => model.linear("embed_tokens")?,
             // Tied: reuse the embedding tensor already loaded.
             (None, Some(e)) => w.linear_from(e.clone(), None)?,
             (None, None) => unreachable!("the embedding is loaded unless the output matrix is"),
         };
         let dtype = w.options().dtype;
         let rotary = Rotary::from_inv_freq(&cfg.inv_freq(), cfg.max_position_embeddings, rope, dtype, w.device())?;
-        Ok(Self { norm: model.get("norm.weight")?, embed, layers, lm_head, rotary, shape, cfg, dtype })
+        let spec = ModelSpec {
+            attn_shape: shape,
+            num_layers: layers.len(),
+            vocab_size: cfg.vocab_size,
+            max_model_len: cfg.max_position_embeddings,
+            dtype,
+        };
+        Ok(Self { norm: model.get("norm.weight")?, embed, layers, lm_head, rotary, spec, cfg })
     }
 
     /// The configuration.
@@ -497,7 +520,9 @@ impl CausalLM for Llama {
         let eps = self.cfg.rms_norm_eps as f32;
         let mut x = match &self.embed {
             Some(e) => e.index_select(&input.input_ids, 0)?,
-            None => self.lm_head.rows(&input.input_ids, self.dtype)?.ok_or(Error::Config("no embedding".into()))?,
+            None => {
+                self.lm_head.rows(&input.input_ids, self.spec.dtype)?.ok_or(Error::Config("no embedding".into()))?
+            }
         };
         let (cos, sin) = self.rotary.for_positions(&input.positions)?;
         for (i, (layer, cache)) in self.layers.iter().zip(caches).enumerate() {
@@ -505,8 +530,8 @@ impl CausalLM for Llama {
             let h = candle_nn::ops::rms_norm(&x, &layer.input_norm, eps)?;
             let mut qkv = layer.qkv.forward(&h)?;
             if let Some((qn, kn)) = &layer.qk_norm {
-                qkv[0] = head_rms_norm(&qkv[0], qn, self.shape.head_dim, eps)?;
-                qkv[1] = head_rms_norm(&qkv[1], kn, self.shape.head_dim, eps)?;
+                qkv[0] = head_rms_norm(&qkv[0], qn, self.spec.attn_shape.head_dim, eps)?;
+                qkv[1] = head_rms_norm(&qkv[1], kn, self.spec.attn_shape.head_dim, eps)?;
             }
             let a = layer.attn.forward(&qkv[0], &qkv[1], &qkv[2], Some((&self.rotary, &cos, &sin)), cache, input)?;
             x = (x + layer.o.forward(&a)?)?;
@@ -519,24 +544,8 @@ impl CausalLM for Llama {
         Ok(logits.to_dtype(DType::F32)?)
     }
 
-    fn attn_shape(&self) -> AttnShape {
-        self.shape
-    }
-
-    fn num_layers(&self) -> usize {
-        self.layers.len()
-    }
-
-    fn vocab_size(&self) -> usize {
-        self.cfg.vocab_size
-    }
-
-    fn max_model_len(&self) -> usize {
-        self.cfg.max_position_embeddings
-    }
-
-    fn dtype(&self) -> DType {
-        self.dtype
+    fn spec(&self) -> &ModelSpec {
+        &self.spec
     }
 }
 

@@ -11,10 +11,13 @@ use rayon::prelude::*;
 use serde::Deserialize;
 use vllm_kernels::{AttnShape, KvCache};
 
-use crate::attention::PagedAttention;
+use crate::attention::{PagedAttention, RopeStyle};
+use crate::info::KvLayout;
 use crate::layers::{check_caches, output_layer, LayerNorm};
-use crate::weights::{Linear, Weights};
-use crate::{CausalLM, Error, Result, StepInput};
+use crate::linear::Linear;
+use crate::registry::{DecoderConfig, Summary};
+use crate::weights::Weights;
+use crate::{CausalLM, Error, ModelSpec, Result, StepInput};
 
 /// `config.json` of an OPT checkpoint.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -73,15 +76,31 @@ pub struct Opt {
     layers: Vec<Layer>,
     final_norm: Option<LayerNorm>,
     lm_head: Linear,
-    shape: AttnShape,
-    dtype: DType,
+    spec: ModelSpec,
 }
 
 impl OptConfig {
+    /// Parses a Hugging Face `config.json`.
+    pub fn from_hf(raw: serde_json::Value) -> Result<Self> {
+        serde_json::from_value(raw).map_err(|e| Error::Config(format!("config.json: {e}")))
+    }
+
     /// The attention head layout (sizes the KV cache): multi-head, width over heads.
     pub fn attn_shape(&self) -> AttnShape {
         let heads = self.num_attention_heads;
         AttnShape { num_heads: heads, num_kv_heads: heads, head_dim: self.hidden_size / heads }
+    }
+}
+
+impl DecoderConfig for OptConfig {
+    fn summary(&self) -> Summary {
+        let kv = KvLayout::new(self.num_hidden_layers, self.attn_shape(), |_| None);
+        Summary { context_length: self.max_position_embeddings, kv }
+    }
+
+    /// OPT has no rotary embeddings: `rope` is not used.
+    fn load(self: Box<Self>, w: &Weights, _rope: RopeStyle) -> Result<Box<dyn CausalLM>> {
+        Ok(Box::new(Opt::load(w, *self)?))
     }
 }
 
@@ -123,11 +142,16 @@ impl Opt {
         Ok(Self {
             positions: d.get("embed_positions.weight")?,
             embed,
+            spec: ModelSpec {
+                attn_shape: shape,
+                num_layers: layers.len(),
+                vocab_size: cfg.vocab_size,
+                max_model_len: cfg.max_position_embeddings,
+                dtype: w.options().dtype,
+            },
             layers,
             final_norm,
             lm_head,
-            shape,
-            dtype: w.options().dtype,
             cfg,
         })
     }
@@ -160,23 +184,7 @@ impl CausalLM for Opt {
         Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
     }
 
-    fn attn_shape(&self) -> AttnShape {
-        self.shape
-    }
-
-    fn num_layers(&self) -> usize {
-        self.layers.len()
-    }
-
-    fn vocab_size(&self) -> usize {
-        self.cfg.vocab_size
-    }
-
-    fn max_model_len(&self) -> usize {
-        self.cfg.max_position_embeddings
-    }
-
-    fn dtype(&self) -> DType {
-        self.dtype
+    fn spec(&self) -> &ModelSpec {
+        &self.spec
     }
 }

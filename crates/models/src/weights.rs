@@ -12,19 +12,23 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use candle_core::quantized::ggml_file::qtensor_from_ggml;
-use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Tensor};
 
-use vllm_kernels::int8::Int8Matrix;
-use vllm_kernels::kquant::{KFormat, KMatrix};
-use vllm_kernels::q4::{Q4Format, Q4Matrix};
-
+use crate::linear::Linear;
 use crate::{Error, Result};
 
 enum Source {
     Safetensors(MmapedSafetensors),
-    Gguf { content: gguf_file::Content, reader: Mutex<BufReader<File>>, path: PathBuf, arch: String },
+    Gguf {
+        content: gguf_file::Content,
+        reader: Mutex<BufReader<File>>,
+        path: PathBuf,
+        arch: String,
+        /// The architecture's tensor-name map (none for an architecture we do not read).
+        tensors: fn(&str) -> Option<GgufTensor>,
+    },
 }
 
 /// How weights are materialised.
@@ -32,22 +36,31 @@ enum Source {
 pub struct LoadOptions {
     /// Dtype of dense weights and activations.
     pub dtype: DType,
-    /// Keep GGUF matrices quantized (candle's quantized matmul) instead of dequantizing.
-    pub keep_quantized: bool,
-    /// Quantize float32 matrices to int8 (per block of 32, like Q8_0) and run every matmul
-    /// with our int8 kernel ([`vllm_kernels::int8`]); the float copies are dropped.
-    pub int8: bool,
-    /// Run GGUF-quantized matrices on our own kernels in their own block format: `Q4_0` and
-    /// `Q4_1` on [`vllm_kernels::q4`], `Q8_0` on [`vllm_kernels::int8`] (both repacked, not
-    /// requantized); other quantized types are requantized to int8 for now. Float tensors
-    /// stay float. CPU only.
-    pub native: bool,
+    /// The form linear layers' matrices take.
+    pub matrices: MatrixFormat,
+}
+
+/// The form a checkpoint's matrices (linear layers' weights) are held in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MatrixFormat {
+    /// Float matrices in the load dtype, GGUF-quantized ones dequantized (the reference path).
+    Dense,
+    /// Every matrix quantized to int8 (per block of 32, like `Q8_0`), every matmul on
+    /// our int8 kernel ([`vllm_kernels::int8`]); the float copies are dropped. CPU only.
+    Int8,
+    /// GGUF-quantized matrices on our own kernels in their own block format: `Q4_0` and `Q4_1`
+    /// on [`vllm_kernels::q4`], k-quants on [`vllm_kernels::kquant`], `Q8_0` on
+    /// [`vllm_kernels::int8`] (repacked, not requantized); other quantized types are
+    /// requantized to int8 for now. Float tensors stay float. CPU only.
+    Native,
+    /// GGUF-quantized matrices kept quantized on candle's quantized matmul (what CUDA runs).
+    CandleQuantized,
 }
 
 impl LoadOptions {
     /// Float32 weights, dequantized (the reference path).
     pub fn float32() -> Self {
-        Self { dtype: DType::F32, keep_quantized: false, int8: false, native: false }
+        Self { dtype: DType::F32, matrices: MatrixFormat::Dense }
     }
 }
 
@@ -58,171 +71,6 @@ pub struct Weights {
     prefix: String,
     opts: LoadOptions,
     device: Device,
-}
-
-/// A linear layer's weight: dense (`[out, in]`), int8, or GGUF-quantized.
-#[derive(Debug, Clone)]
-pub enum Linear {
-    /// A float matrix with an optional bias.
-    Dense {
-        /// `[in_features, out_features]`: stored transposed and contiguous, so the matmul
-        /// streams rows (about 30% faster than a transposed view for the vocabulary-sized head).
-        weight_t: Tensor,
-        /// `[out_features]`.
-        bias: Option<Tensor>,
-    },
-    /// An int8 matrix (see [`LoadOptions::int8`]) with an optional bias.
-    Int8 {
-        /// The packed weights.
-        matrix: Arc<Int8Matrix>,
-        /// `[out_features]`.
-        bias: Option<Tensor>,
-    },
-    /// A GGUF 4-bit matrix run by our kernel (see [`LoadOptions::native`]).
-    Q4 {
-        /// The packed blocks.
-        matrix: Arc<Q4Matrix>,
-        /// `[out_features]`.
-        bias: Option<Tensor>,
-    },
-    /// A GGUF k-quant matrix (`Q4_K`, `Q5_K`, `Q6_K`) run by our kernel.
-    K {
-        /// The packed super-blocks.
-        matrix: Arc<KMatrix>,
-        /// `[out_features]`.
-        bias: Option<Tensor>,
-    },
-    /// A GGUF quantized matrix (candle's quantized matmul).
-    Quantized(QMatMul),
-}
-
-impl Linear {
-    /// One layer computing every part's outputs side by side (for projections of the same
-    /// input), with each part's output width, when all parts are int8 (or all 4-bit, or all
-    /// k-quants, of one format) without bias and stack; `None` otherwise.
-    pub fn fuse(parts: &[&Linear]) -> Option<(Linear, Vec<usize>)> {
-        if let Some(mats) = parts
-            .iter()
-            .map(|p| match p {
-                Linear::K { matrix, bias: None } => Some(&**matrix),
-                _ => None,
-            })
-            .collect::<Option<Vec<_>>>()
-        {
-            let widths = mats.iter().map(|m| m.rows()).collect();
-            return Some((Linear::K { matrix: Arc::new(KMatrix::concat(&mats)?), bias: None }, widths));
-        }
-        if let Some(mats) = parts
-            .iter()
-            .map(|p| match p {
-                Linear::Q4 { matrix, bias: None } => Some(&**matrix),
-                _ => None,
-            })
-            .collect::<Option<Vec<_>>>()
-        {
-            let widths = mats.iter().map(|m| m.rows()).collect();
-            return Some((Linear::Q4 { matrix: Arc::new(Q4Matrix::concat(&mats)?), bias: None }, widths));
-        }
-        let mats = parts
-            .iter()
-            .map(|p| match p {
-                Linear::Int8 { matrix, bias: None } => Some(&**matrix),
-                _ => None,
-            })
-            .collect::<Option<Vec<_>>>()?;
-        let widths = mats.iter().map(|m| m.rows()).collect();
-        Some((Linear::Int8 { matrix: Arc::new(Int8Matrix::concat(&mats)?), bias: None }, widths))
-    }
-
-    /// Rows `ids` of a quantized weight as a float `[ids, in_features]` tensor (embedding
-    /// lookups in a tied output matrix, so the embedding is not also held dequantized); `None`
-    /// for other kinds. An id past the rows is an error.
-    pub fn rows(&self, ids: &Tensor, dtype: DType) -> Result<Option<Tensor>> {
-        type RowFn<'a> = &'a dyn Fn(usize, &mut [f32]);
-        let (rows, cols, row): (usize, usize, RowFn) = match self {
-            Linear::Int8 { matrix, .. } => (matrix.rows(), matrix.cols(), &|r, o| matrix.row(r, o)),
-            Linear::Q4 { matrix, .. } => (matrix.rows(), matrix.cols(), &|r, o| matrix.row(r, o)),
-            Linear::K { matrix, .. } => (matrix.rows(), matrix.cols(), &|r, o| matrix.row(r, o)),
-            _ => return Ok(None),
-        };
-        let ids = ids.to_vec1::<u32>()?;
-        let mut out = vec![0f32; ids.len() * cols];
-        for (&id, o) in ids.iter().zip(out.chunks_exact_mut(cols)) {
-            if id as usize >= rows {
-                return Err(Error::Format(format!("token id {id} is past the embedding's {rows} rows")));
-            }
-            row(id as usize, o);
-        }
-        Ok(Some(Tensor::from_vec(out, (ids.len(), cols), &Device::Cpu)?.to_dtype(dtype)?))
-    }
-
-    /// `x @ W^T (+ b)` for `x` of shape `[tokens, in_features]`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (y, bias) = match self {
-            Linear::Dense { weight_t, bias } => (x.matmul(weight_t)?, bias),
-            Linear::Int8 { matrix, bias } => {
-                let rows = x.dim(0)?;
-                let y = with_f32_slice(x, |host| matrix.matmul(host, rows))?;
-                let y = Tensor::from_vec(y, (rows, matrix.rows()), x.device())?;
-                (y.to_dtype(x.dtype())?, bias)
-            }
-            Linear::Q4 { matrix, bias } => {
-                let rows = x.dim(0)?;
-                let y = with_f32_slice(x, |host| matrix.matmul(host, rows))?;
-                let y = Tensor::from_vec(y, (rows, matrix.rows()), x.device())?;
-                (y.to_dtype(x.dtype())?, bias)
-            }
-            Linear::K { matrix, bias } => {
-                let rows = x.dim(0)?;
-                let y = with_f32_slice(x, |host| matrix.matmul(host, rows))?;
-                let y = Tensor::from_vec(y, (rows, matrix.rows()), x.device())?;
-                (y.to_dtype(x.dtype())?, bias)
-            }
-            Linear::Quantized(q) => {
-                let dtype = x.dtype();
-                return Ok(q.forward(&x.to_dtype(DType::F32)?)?.to_dtype(dtype)?);
-            }
-        };
-        Ok(match bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        })
-    }
-}
-
-/// A GGUF-quantized matrix on our kernels in its own block format: `None` for types without
-/// one (float types, and quantized types the caller requantizes).
-fn native_linear(q: &QTensor, bias: Option<Tensor>) -> Result<Option<Linear>> {
-    let Ok((rows, cols)) = q.shape().dims2() else { return Ok(None) };
-    let data = q.data()?;
-    let q4 = |format| {
-        Q4Matrix::from_gguf(format, &data, rows, cols).map(|m| Linear::Q4 { matrix: Arc::new(m), bias: bias.clone() })
-    };
-    let k = |format| {
-        KMatrix::from_gguf(format, &data, rows, cols).map(|m| Linear::K { matrix: Arc::new(m), bias: bias.clone() })
-    };
-    Ok(match q.dtype() {
-        GgmlDType::Q4_0 => q4(Q4Format::Q4_0),
-        GgmlDType::Q4_1 => q4(Q4Format::Q4_1),
-        GgmlDType::Q4K => k(KFormat::Q4K),
-        GgmlDType::Q5K => k(KFormat::Q5K),
-        GgmlDType::Q6K => k(KFormat::Q6K),
-        GgmlDType::Q8_0 => Int8Matrix::from_gguf_q8_0(&data, rows, cols)
-            .map(|m| Linear::Int8 { matrix: Arc::new(m), bias: bias.clone() }),
-        _ => None,
-    })
-}
-
-/// Runs `f` on a CPU tensor's values as float32, borrowing its storage when it already is a
-/// contiguous float32 tensor (no copy of a weight matrix or of a step's activations).
-fn with_f32_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    let t = t.to_dtype(DType::F32)?.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    let candle_core::Storage::Cpu(cpu) = &*storage else {
-        return Err(Error::Format("int8 matrices run on CPU tensors only".into()));
-    };
-    let (start, end) = layout.contiguous_offsets().expect("made contiguous above");
-    Ok(f(&cpu.as_slice::<f32>()?[start..end]))
 }
 
 /// Where a Hugging Face tensor lives in a GGUF file: llama.cpp's name, and for a mixture of
@@ -236,13 +84,25 @@ pub struct GgufTensor {
 }
 
 /// Maps a Hugging Face tensor name to llama.cpp's GGUF name for a GGUF architecture
-/// (`general.architecture`): the Llama family (llama, qwen2, qwen3, qwen3moe, phi3, gemma2,
-/// gemma3) and GPT-2, as llama.cpp's converter writes them.
+/// (`general.architecture`), as llama.cpp's converter writes them: the map of the
+/// architecture's row in [`crate::registry::ARCHITECTURES`]; `None` for an architecture we do
+/// not read.
 pub fn gguf_name(arch: &str, hf: &str) -> Option<GgufTensor> {
+    crate::registry::by_gguf_name(arch).and_then(|g| (g.tensors)(hf))
+}
+
+/// The Llama family's GGUF names (llama, qwen2, qwen3, qwen3moe, phi3).
+pub(crate) fn llama_tensor(hf: &str) -> Option<GgufTensor> {
+    llama_family_tensor(hf, false)
+}
+
+/// Gemma 2 and 3's GGUF names: the Llama family's, with Gemma's extra norms.
+pub(crate) fn gemma_tensor(hf: &str) -> Option<GgufTensor> {
+    llama_family_tensor(hf, true)
+}
+
+fn llama_family_tensor(hf: &str, gemma: bool) -> Option<GgufTensor> {
     let plain = |n: &str| Some(GgufTensor { name: n.to_string(), expert: None });
-    if arch == "gpt2" {
-        return gpt2_gguf_name(hf.strip_prefix("transformer.").unwrap_or(hf));
-    }
     match hf {
         "model.embed_tokens.weight" => return plain("token_embd.weight"),
         "model.norm.weight" => return plain("output_norm.weight"),
@@ -252,7 +112,6 @@ pub fn gguf_name(arch: &str, hf: &str) -> Option<GgufTensor> {
     let rest = hf.strip_prefix("model.layers.")?;
     let (layer, name) = rest.split_once('.')?;
     let blk = |n: &str| Some(GgufTensor { name: format!("blk.{layer}.{n}"), expert: None });
-    let gemma = arch.starts_with("gemma");
     // Experts: `block_sparse_moe.experts.E.w1` (Mixtral), `mlp.experts.E.gate_proj` (Qwen MoE).
     let experts = name.strip_prefix("block_sparse_moe.experts.").or_else(|| name.strip_prefix("mlp.experts."));
     if let Some(e) = experts {
@@ -291,7 +150,9 @@ pub fn gguf_name(arch: &str, hf: &str) -> Option<GgufTensor> {
     blk(&format!("{mapped}.{suffix}"))
 }
 
-fn gpt2_gguf_name(hf: &str) -> Option<GgufTensor> {
+/// GPT-2's GGUF names (with or without the `transformer.` prefix).
+pub(crate) fn gpt2_tensor(hf: &str) -> Option<GgufTensor> {
+    let hf = hf.strip_prefix("transformer.").unwrap_or(hf);
     let plain = |n: String| Some(GgufTensor { name: n, expert: None });
     let (base, suffix) = hf.rsplit_once('.')?;
     match base {
@@ -312,6 +173,11 @@ fn gpt2_gguf_name(hf: &str) -> Option<GgufTensor> {
         _ => return None,
     };
     plain(format!("blk.{layer}.{mapped}.{suffix}"))
+}
+
+/// The tensor-name map of a GGUF architecture we do not read: no tensor.
+fn no_tensors(_: &str) -> Option<GgufTensor> {
+    None
 }
 
 impl Weights {
@@ -336,7 +202,8 @@ impl Weights {
             .and_then(|v| v.to_string().ok())
             .cloned()
             .unwrap_or_else(|| "llama".into());
-        let src = Source::Gguf { content, reader: Mutex::new(reader), path: path.to_path_buf(), arch };
+        let tensors = crate::registry::by_gguf_name(&arch).map_or(no_tensors as fn(&str) -> _, |g| g.tensors);
+        let src = Source::Gguf { content, reader: Mutex::new(reader), path: path.to_path_buf(), arch, tensors };
         Ok(Self { src: Arc::new(src), prefix: String::new(), opts, device: device.clone() })
     }
 
@@ -381,10 +248,10 @@ impl Weights {
     }
 
     fn qtensor(&self, hf: &str) -> Result<Option<QTensor>> {
-        let Source::Gguf { content, reader, path, arch } = &*self.src else {
+        let Source::Gguf { content, reader, path, tensors, .. } = &*self.src else {
             return Ok(None);
         };
-        let Some(GgufTensor { name, expert }) = gguf_name(arch, hf) else {
+        let Some(GgufTensor { name, expert }) = tensors(hf) else {
             return Ok(None);
         };
         let Some(info) = content.tensor_infos.get(&name) else {
@@ -420,8 +287,8 @@ impl Weights {
         let full = self.full(name);
         match &*self.src {
             Source::Safetensors(st) => st.get(&full).is_ok(),
-            Source::Gguf { content, arch, .. } => {
-                gguf_name(arch, &full).is_some_and(|t| content.tensor_infos.contains_key(&t.name))
+            Source::Gguf { content, tensors, .. } => {
+                tensors(&full).is_some_and(|t| content.tensor_infos.contains_key(&t.name))
             }
         }
     }
@@ -447,9 +314,9 @@ impl Weights {
     pub fn linear(&self, name: &str) -> Result<Linear> {
         let w = format!("{name}.weight");
         let bias = if self.contains(&format!("{name}.bias")) { Some(self.get(&format!("{name}.bias"))?) } else { None };
-        if self.opts.native && self.device.is_cpu() {
+        if self.opts.matrices == MatrixFormat::Native && self.device.is_cpu() {
             if let Some(q) = self.qtensor(&self.full(&w))? {
-                if let Some(l) = native_linear(&q, bias.clone())? {
+                if let Some(l) = Linear::native(&q, bias.clone())? {
                     return Ok(l);
                 }
                 let dense = q.dequantize(&self.device)?;
@@ -457,17 +324,16 @@ impl Weights {
                     return self.linear_from(dense, bias);
                 }
                 // A quantized type without a kernel of its own yet: int8 (8.5 bits per weight).
-                let (rows, cols) = dense.dims2()?;
-                if let Some(m) = with_f32_slice(&dense, |w| Int8Matrix::from_f32(w, rows, cols))? {
-                    return Ok(Linear::Int8 { matrix: Arc::new(m), bias });
+                if let Some(l) = Linear::int8(&dense, bias.clone())? {
+                    return Ok(l);
                 }
                 return self.linear_from(dense, bias);
             }
         }
-        if self.opts.keep_quantized {
+        if self.opts.matrices == MatrixFormat::CandleQuantized {
             if let Some(q) = self.qtensor(&self.full(&w))? {
                 if bias.is_none() {
-                    return Ok(Linear::Quantized(QMatMul::from_qtensor(q)?));
+                    return Linear::candle_quantized(q);
                 }
             }
         }
@@ -477,49 +343,11 @@ impl Weights {
     /// A linear layer over an already loaded `[out, in]` weight (e.g. tied embeddings), in the
     /// form the load options ask for (int8 or dense).
     pub fn linear_from(&self, weight: Tensor, bias: Option<Tensor>) -> Result<Linear> {
-        if self.opts.int8 && weight.device().is_cpu() {
-            let (rows, cols) = weight.dims2()?;
-            if let Some(m) = with_f32_slice(&weight, |w| Int8Matrix::from_f32(w, rows, cols))? {
-                return Ok(Linear::Int8 { matrix: Arc::new(m), bias });
+        if self.opts.matrices == MatrixFormat::Int8 {
+            if let Some(l) = Linear::int8(&weight, bias.clone())? {
+                return Ok(l);
             }
         }
-        let weight = weight.to_dtype(self.opts.dtype)?;
-        Ok(Linear::Dense { weight_t: weight.t()?.contiguous()?, bias })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Each GGUF quantization type runs on the kernel made for it, in its own format.
-    #[test]
-    fn quantized_types_get_their_own_kernels() {
-        let w = Tensor::from_vec(
-            (0..32 * 512).map(|i| ((i % 97) as f32 - 48.0) / 50.0).collect::<Vec<f32>>(),
-            (32, 512),
-            &Device::Cpu,
-        )
-        .unwrap();
-        for (t, want) in [
-            (GgmlDType::Q4_0, "Q4(Q4_0)"),
-            (GgmlDType::Q4_1, "Q4(Q4_1)"),
-            (GgmlDType::Q4K, "K(Q4K)"),
-            (GgmlDType::Q5K, "K(Q5K)"),
-            (GgmlDType::Q6K, "K(Q6K)"),
-            (GgmlDType::Q8_0, "Int8"),
-            (GgmlDType::Q5_0, "none"),
-            (GgmlDType::F16, "none"),
-        ] {
-            let q = QTensor::quantize(&w, t).unwrap();
-            let got = match native_linear(&q, None).unwrap() {
-                Some(Linear::Q4 { matrix, .. }) => format!("Q4({:?})", matrix.format()),
-                Some(Linear::K { matrix, .. }) => format!("K({:?})", matrix.format()),
-                Some(Linear::Int8 { .. }) => "Int8".into(),
-                Some(_) => "other".into(),
-                None => "none".into(),
-            };
-            assert_eq!(got, want, "{t:?}");
-        }
+        Linear::dense(weight.to_dtype(self.opts.dtype)?, bias)
     }
 }

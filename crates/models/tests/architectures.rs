@@ -12,7 +12,7 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
-use vllm_models::{load_hf_dir, CausalLM, LoadOptions};
+use vllm_models::{load_hf_dir, CausalLM, LoadOptions, MatrixFormat};
 
 mod common;
 use common::compare;
@@ -22,7 +22,7 @@ use common::compare;
 fn fixture(name: &str, dtype: DType) -> (Box<dyn CausalLM>, Value) {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models").join(name);
     let text = std::fs::read_to_string(dir.join("reference.json")).unwrap();
-    let opts = LoadOptions { dtype, keep_quantized: false, int8: false, native: false };
+    let opts = LoadOptions { dtype, matrices: MatrixFormat::Dense };
     let model = if dtype == DType::F32 {
         load_hf_dir(&dir, opts, &common::device())
     } else {
@@ -132,7 +132,7 @@ fn unknown_architectures_are_named() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("config.json"), r#"{"architectures": ["FalconForCausalLM"]}"#).unwrap();
     std::fs::write(dir.path().join("model.safetensors"), b"").unwrap();
-    let opts = LoadOptions { dtype: DType::F32, keep_quantized: false, int8: false, native: false };
+    let opts = LoadOptions { dtype: DType::F32, matrices: MatrixFormat::Dense };
     let err = load_hf_dir(dir.path(), opts, &Device::Cpu).err().expect("unsupported").to_string();
     assert!(
         err.contains("FalconForCausalLM") && err.contains("Gemma2ForCausalLM") && err.contains("OPTForCausalLM"),

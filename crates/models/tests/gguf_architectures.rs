@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device};
 use serde_json::Value;
-use vllm_models::{load_gguf, LoadOptions};
+use vllm_models::{load_gguf, LoadOptions, MatrixFormat};
 
 mod common;
 use common::{compare, logit_error};
@@ -37,7 +37,7 @@ fn check(name: &str, kind: &str) {
     let opts = if kind == "f32" {
         LoadOptions::float32()
     } else {
-        LoadOptions { dtype: DType::F32, keep_quantized: false, int8: false, native: true }
+        LoadOptions { dtype: DType::F32, matrices: MatrixFormat::Native }
     };
     let (model, _) = load_gguf(&path, opts, &Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let label = format!("{name} GGUF {kind}");
@@ -161,7 +161,7 @@ fn table_row(name: &str) -> String {
     if gguf.exists() {
         let measured = json(gguf);
         for kind in ["f32", "q8_0", "q4_k_m"] {
-            let native = LoadOptions { dtype: DType::F32, keep_quantized: false, int8: false, native: true };
+            let native = LoadOptions { dtype: DType::F32, matrices: MatrixFormat::Native };
             let opts = if kind == "f32" { LoadOptions::float32() } else { native };
             let (model, w) = load_gguf(&dir(name).join(format!("model.{kind}.gguf")), opts, &Device::Cpu).unwrap();
             gguf_arch = w.gguf_arch().unwrap_or_default().to_string();
@@ -249,7 +249,7 @@ fn inconsistent_gguf_metadata_is_an_error() {
     ];
     for (name, key, value) in cases {
         let file = with_metadata(name, "q8_0", &[(key, value.clone())]);
-        let native = LoadOptions { dtype: DType::F32, keep_quantized: false, int8: false, native: true };
+        let native = LoadOptions { dtype: DType::F32, matrices: MatrixFormat::Native };
         let err =
             load_gguf(file.path(), native, &Device::Cpu).err().unwrap_or_else(|| panic!("{name}: {key} accepted"));
         println!("{name} {key}={value:?}: {err}");

@@ -16,7 +16,7 @@ use std::path::Path;
 
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use vllm_models::{load_gguf, CausalLM, LoadOptions};
+use vllm_models::{load_gguf, CausalLM, LoadOptions, MatrixFormat};
 
 mod common;
 use common::{argmax, caches, step};
@@ -113,7 +113,8 @@ fn write_gguf(path: &Path, weights: &[(String, Tensor)], dtype_of: impl Fn(&str)
 }
 
 fn load(path: &Path, keep_quantized: bool) -> Box<dyn CausalLM> {
-    load_with(path, LoadOptions { keep_quantized, ..LoadOptions::float32() })
+    let matrices = if keep_quantized { MatrixFormat::CandleQuantized } else { MatrixFormat::Dense };
+    load_with(path, LoadOptions { matrices, ..LoadOptions::float32() })
 }
 
 fn load_with(path: &Path, opts: LoadOptions) -> Box<dyn CausalLM> {
@@ -204,7 +205,10 @@ fn check(label: &str, dtype_of: impl Fn(&str) -> GgmlDType, reference: &[Vec<f32
     // the 4-bit kernel, Q4_K, Q5_K, Q6_K on the k-quant kernel, Q8_0 on the int8 kernel; the
     // rest requantized to int8).
     let ours = compare(
-        &run(load_with(&quant_path, LoadOptions { native: true, ..LoadOptions::float32() }).as_ref(), tokens),
+        &run(
+            load_with(&quant_path, LoadOptions { matrices: MatrixFormat::Native, ..LoadOptions::float32() }).as_ref(),
+            tokens,
+        ),
         &exact,
     );
     println!(
