@@ -113,10 +113,15 @@ impl AsyncEngine {
 
     /// [`Self::new`] for a model already resolved (`args.model` only names it).
     pub fn from_files(args: EngineArgs, files: crate::ModelFiles) -> Result<Self> {
-        let model = args.model.clone();
-        let max_inflight = args.max_num_seqs.saturating_add(args.max_waiting_requests);
-        let output_buffer = args.max_output_buffer_steps.max(1);
-        let (core, input) = crate::engine::build(args, files)?;
+        Self::from_config(crate::EngineConfig::resolve(&args, files)?)
+    }
+
+    /// Builds the engine for a resolved configuration and starts its thread.
+    pub fn from_config(config: crate::EngineConfig) -> Result<Self> {
+        let model = config.model.clone();
+        let max_inflight = config.max_num_seqs.saturating_add(config.args.max_waiting_requests);
+        let output_buffer = config.args.max_output_buffer_steps.max(1);
+        let (core, input) = crate::engine::build(config)?;
         let info = Arc::new(EngineInfo { model, max_model_len: input.max_model_len() });
         let stats = Arc::new(Mutex::new(EngineStats::of(&core)));
         let (tx, rx) = std_mpsc::channel();

@@ -463,7 +463,7 @@ mod tests {
         let mut args = EngineArgs::new(path.to_string_lossy());
         args.kv_cache_memory = 64 << 20;
         args.long_prefill_token_threshold = Some(32);
-        crate::engine::build(args, ModelFiles::Gguf(path)).unwrap()
+        crate::engine::build(crate::EngineConfig::resolve(&args, ModelFiles::Gguf(path)).unwrap()).unwrap()
     }
 
     fn request(input: &InputProcessor, id: &str, prompt: Vec<u32>) -> EngineRequest {

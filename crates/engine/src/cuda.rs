@@ -7,9 +7,58 @@
 use candle_core::Device;
 use vllm_models::CausalLM;
 
-use crate::engine::GpuMemory;
 use crate::runner::ProfileStep;
 use crate::{Error, Result};
+
+/// GPU memory as the KV-cache sizing sees it, after the weights are loaded and one profiled
+/// step of the largest batch has run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct GpuMemory {
+    /// The device's memory.
+    pub total: u64,
+    /// Taken now: weights, the CUDA context, other processes.
+    pub in_use: u64,
+    /// What the profiled step allocated on top of `in_use` at its peak (activations, logits).
+    pub activation_peak: u64,
+}
+
+/// KV blocks that fit in `utilization` of the GPU once the weights and the activation peak are
+/// accounted for (vLLM's sizing): `total * utilization - in_use - activation_peak` bytes.
+pub(crate) fn gpu_kv_blocks(mem: GpuMemory, utilization: f64, per_block: u64) -> Result<usize> {
+    if !(utilization > 0.0 && utilization <= 1.0) {
+        return Err(Error::InvalidArgument {
+            param: "gpu_memory_utilization",
+            message: format!("{utilization} (a fraction in (0, 1])"),
+        });
+    }
+    let budget = (mem.total as f64 * utilization) as u64;
+    let needed = mem.in_use.saturating_add(mem.activation_peak);
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let blocks = budget.saturating_sub(needed) / per_block.max(1);
+    if blocks == 0 {
+        return Err(Error::InvalidArgument {
+            param: "gpu_memory_utilization",
+            message: format!(
+                "{utilization}: {:.2} GiB of the GPU's {:.2} GiB leaves no room for the KV cache after {:.2} GiB in \
+                 use (weights, context) and a {:.2} GiB activation peak; raise it, or lower --max-num-batched-tokens \
+                 / --max-num-seqs",
+                gib(budget),
+                gib(mem.total),
+                gib(mem.in_use),
+                gib(mem.activation_peak)
+            ),
+        });
+    }
+    tracing::info!(
+        "GPU memory: {:.2} GiB total, {:.2} GiB in use after loading, {:.2} GiB activation peak; KV cache {:.2} GiB \
+         ({blocks} blocks) within --gpu-memory-utilization {utilization}",
+        gib(mem.total),
+        gib(mem.in_use),
+        gib(mem.activation_peak),
+        gib(blocks * per_block)
+    );
+    usize::try_from(blocks).map_err(|_| Error::Internal("block count overflows"))
+}
 
 #[cfg(not(feature = "cuda"))]
 pub(crate) fn open(ordinal: usize) -> Result<Device> {
@@ -214,4 +263,29 @@ fn capture(runner: &crate::runner::ModelRunner, dev: &Device, bucket: usize, wid
         graph.map_err(|e| gpu("instantiate", e))?.ok_or(Error::StepFailed("CUDA graph: nothing captured".into()))?;
     graph.upload().map_err(|e| gpu("upload", e))?;
     Ok(Captured { graph, ids, positions, meta: dm, _rows: rows, logits })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_gpu_cache_gets_what_the_utilization_leaves() {
+        let gib = 1u64 << 30;
+        // An 80 GiB GPU, 16 GiB of weights and context, a 2 GiB activation peak, 2 MiB blocks:
+        // 0.9 * 80 - 18 = 54 GiB of cache.
+        let mem = GpuMemory { total: 80 * gib, in_use: 16 * gib, activation_peak: 2 * gib };
+        let blocks = gpu_kv_blocks(mem, 0.9, 2 << 20).unwrap();
+        assert_eq!(blocks as u64, (72 * gib - 18 * gib) / (2 << 20));
+        assert!(gpu_kv_blocks(mem, 0.5, 2 << 20).unwrap() < blocks);
+        // Nothing left, or a nonsense fraction: a clear error naming the flag.
+        let err = gpu_kv_blocks(mem, 0.2, 2 << 20).unwrap_err().to_string();
+        assert!(err.contains("gpu_memory_utilization") && err.contains("no room"), "{err}");
+        for bad in [0.0, -0.5, 1.5, f64::NAN] {
+            assert!(gpu_kv_blocks(mem, bad, 2 << 20).is_err(), "{bad}");
+        }
+        // Counts near the limits neither overflow nor panic.
+        let huge = GpuMemory { total: u64::MAX, in_use: u64::MAX, activation_peak: u64::MAX };
+        assert!(gpu_kv_blocks(huge, 1.0, 1).is_err());
+    }
 }

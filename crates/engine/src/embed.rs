@@ -46,7 +46,7 @@ impl Embedder {
     /// with `args.quantization` int8 every encoder matmul runs on int8 weights and activations
     /// (faster, vectors within about 1e-3 of float32's; see docs/models.md).
     pub fn load(dir: &Path, args: &EngineArgs) -> Result<Self> {
-        let device: Device = crate::engine::device(&args.device)?;
+        let device: Device = crate::config::device(&args.device)?;
         let device = &device;
         let matrices = if args.quantization == Quantization::Int8 { MatrixFormat::Int8 } else { MatrixFormat::Dense };
         let opts = LoadOptions { dtype: candle_core::DType::F32, matrices };

@@ -81,7 +81,7 @@ fn err(e: impl std::fmt::Display) -> String {
 
 /// Runs the acceptance checks.
 pub fn run(opts: &GpuCheckOptions) -> Result<GpuCheckReport> {
-    let dev = crate::engine::device(&opts.device)?;
+    let dev = crate::config::device(&opts.device)?;
     let mut report = GpuCheckReport { device: format!("{:?}", dev.location()), ..Default::default() };
     let want = |g: &str| opts.only.is_empty() || opts.only.iter().any(|o| o == g);
     if want("kernels") {

@@ -27,6 +27,7 @@
 mod args;
 mod async_engine;
 pub mod beam;
+mod config;
 mod core;
 mod cuda;
 pub mod embed;
@@ -43,6 +44,7 @@ mod source;
 pub use args::{parse_bytes, EngineArgs, KvCacheDtype, ModelDtype, Quantization, DEFAULT_MODEL};
 pub use async_engine::{AsyncEngine, EngineHealth, EngineInfo, OutputStream};
 pub use beam::{BeamSearchOutput, BeamSearchParams, BeamSequence, EarlyStopping};
+pub use config::{EngineConfig, KvBudget};
 pub use embed::{Embedder, EmbeddingOutput, EmbeddingRequestOutput};
 pub use engine::{AbortHandle, EngineStats, LLMEngine};
 pub use input::{EngineRequest, InputProcessor, MAX_STOP_STRINGS, MAX_STOP_STRING_BYTES};
