@@ -50,6 +50,9 @@ enum Command {
     /// Makes the core thread panic (tests of the liveness path).
     #[doc(hidden)]
     Crash,
+    /// Makes the next step panic midway (tests of the step-failure path).
+    #[doc(hidden)]
+    FailNextStep,
     Shutdown,
 }
 
@@ -183,6 +186,12 @@ impl AsyncEngine {
         }
     }
 
+    /// The most requests in flight at once (`max_num_seqs + max_waiting_requests`): a batch
+    /// that needs more sequences than this can never be admitted.
+    pub fn max_inflight(&self) -> usize {
+        self.max_inflight
+    }
+
     /// Requests submitted and not yet finished (including those being processed).
     pub fn num_inflight(&self) -> usize {
         self.inflight.load(Ordering::Relaxed)
@@ -298,6 +307,13 @@ impl AsyncEngine {
     #[doc(hidden)]
     pub fn crash_for_tests(&self) {
         let _ = self.tx.send(Command::Crash);
+    }
+
+    /// Makes the next engine step panic midway, as a bug in a request's step would: the
+    /// requests in flight fail, and the engine goes on serving. For tests of that path.
+    #[doc(hidden)]
+    pub fn fail_next_step_for_tests(&self) {
+        let _ = self.tx.send(Command::FailNextStep);
     }
 
     /// Stops the engine thread after aborting everything in flight, and waits for it.
@@ -428,12 +444,7 @@ fn run_core(
     match run {
         Ok(()) => state.fe.shutdown(&mut state.core),
         Err(panic) => {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
-            let reason = format!("the engine core panicked: {what}");
+            let reason = format!("the engine core panicked: {}", panic_message(&*panic));
             health.send_replace(EngineHealth::Dead(reason.clone()));
             // The core's state may be broken: tell everyone and touch nothing else.
             for (_, out) in state.fe.live.drain() {
@@ -470,10 +481,29 @@ impl CoreLoop {
             self.fe.reap(&mut self.core);
             self.fe.fresh = false;
             let fe = &mut self.fe;
-            let result = self.core.step_interruptible(&mut |core| fe.between_layers(core, rx));
-            self.fe.after_step(&mut self.core, result);
+            let core = &mut self.core;
+            let step = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                core.step_interruptible(&mut |core| fe.between_layers(core, rx))
+            }));
+            match step {
+                Ok(result) => self.fe.after_step(&mut self.core, result),
+                Err(panic) => self.fe.recover(&mut self.core, panic),
+            }
         }
     }
+}
+
+/// The payload of a requested crash (`crash_for_tests`): never recovered from.
+struct CoreCrash;
+
+/// A panic's message.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .or_else(|| panic.is::<CoreCrash>().then(|| "crash requested (crash_for_tests)".to_string()))
+        .unwrap_or_else(|| "unknown panic".into())
 }
 
 impl Frontend {
@@ -501,7 +531,8 @@ impl Frontend {
                 self.live.remove(&id);
             }
             Command::FinishSeq(id, index) => core.finish_seq(&id, index),
-            Command::Crash => panic!("crash requested (crash_for_tests)"),
+            Command::Crash => std::panic::panic_any(CoreCrash),
+            Command::FailNextStep => core.panic_next_step = true,
             Command::Shutdown => return false,
         }
         true
@@ -555,6 +586,33 @@ impl Frontend {
             }
         }
         // Again: delivery may have aborted requests whose clients stopped reading.
+        self.publish_stats(core);
+    }
+
+    /// After a step panicked: its requests (every request in the core) fail with an error,
+    /// their blocks are freed, and the core goes on if that left it whole. If it did not (the
+    /// panic broke its bookkeeping), the panic goes on and the engine is declared dead.
+    fn recover(&mut self, core: &mut EngineCore, panic: Box<dyn std::any::Any + Send>) {
+        let what = panic_message(&*panic);
+        tracing::error!(panic = %what, "an engine step panicked (a bug): failing its requests");
+        if panic.is::<CoreCrash>() {
+            std::panic::resume_unwind(panic);
+        }
+        let cleared = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            // A step suspended between layers left its sequences held out of the others.
+            core.scheduler.release();
+            let ids = core.abort_all();
+            core.is_empty().then_some(ids)
+        }));
+        let Ok(Some(ids)) = cleared else {
+            std::panic::resume_unwind(panic);
+        };
+        for id in ids {
+            if let Some(out) = self.live.remove(&id) {
+                let _ = out.try_send(Err(Error::StepFailed(format!("the engine step failed (a bug): {what}"))));
+            }
+        }
+        metrics::counter!("vllm:num_failed_steps_total").increment(1);
         self.publish_stats(core);
     }
 

@@ -97,6 +97,8 @@ pub(crate) struct EngineCore {
     pub(crate) device_sampling: bool,
     /// Tokens drawn there so far.
     pub(crate) device_sampled_tokens: u64,
+    /// Test hook: the next step panics midway (after scheduling), as a bug would.
+    pub(crate) panic_next_step: bool,
 }
 
 impl EngineCore {
@@ -112,6 +114,7 @@ impl EngineCore {
             suspend_context: SUSPEND_CONTEXT,
             device_sampling: false,
             device_sampled_tokens: 0,
+            panic_next_step: false,
         }
     }
 
@@ -237,6 +240,20 @@ impl EngineCore {
         })
     }
 
+    /// Aborts every request (their blocks are freed); returns their ids.
+    pub(crate) fn abort_all(&mut self) -> Vec<String> {
+        let ids: Vec<String> = self.ids.keys().cloned().collect();
+        for id in &ids {
+            self.abort(id);
+        }
+        ids
+    }
+
+    /// Whether the core holds nothing: no request, no sequence holding KV blocks.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.requests.is_empty() && !self.scheduler.has_unfinished() && self.scheduler.kv_cache().num_seqs() == 0
+    }
+
     /// Whether any request is unfinished.
     pub(crate) fn has_unfinished(&self) -> bool {
         self.scheduler.has_unfinished()
@@ -261,6 +278,9 @@ impl EngineCore {
         let out = self.scheduler.schedule();
         if out.is_empty() {
             return Ok(Vec::new());
+        }
+        if std::mem::take(&mut self.panic_next_step) {
+            panic!("a step panic requested by a test (fail_next_step_for_tests)");
         }
         let runner = Arc::clone(&self.runner);
         let executed = match between {

@@ -1,7 +1,6 @@
 //! The application: the shared state built from the flags, the router, and serving it until
 //! a signal or the engine's death (graceful shutdown, then the exit status).
 
-use std::future::IntoFuture;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
@@ -21,7 +20,9 @@ const DEATH_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 pub(crate) fn router(state: Arc<AppState>, max_body: usize, crash_route: bool) -> Router {
     let mut r = Router::new();
     if crash_route {
-        r = r.route("/debug/crash-engine", post(routes::crash_engine));
+        r = r
+            .route("/debug/crash-engine", post(routes::crash_engine))
+            .route("/debug/fail-step", post(routes::fail_step));
     }
     r.route("/v1/models", get(routes::models))
         .route("/v1/completions", post(routes::completions))
@@ -164,19 +165,13 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
         })
         .layer(cors)
         .service(app);
-    let make = axum::ServiceExt::<axum::extract::Request>::into_make_service(app);
     let scheme = if tls.is_some() { "https" } else { "http" };
     tracing::info!(model = %model_name, "serving on {scheme}://{addr}{} (OpenAI-compatible routes under /v1)", root_label);
-    let server: std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>> + Send>> = match tls {
-        Some(config) => Box::pin(
-            axum::serve(net::TlsListener::new(listener, config)?, make).with_graceful_shutdown(graceful).into_future(),
-        ),
-        None => Box::pin(axum::serve(listener, make).with_graceful_shutdown(graceful).into_future()),
-    };
+    let server = crate::conn::serve(listener, tls, app, args.conn, graceful);
     let mut deadline = stop_rx.clone();
     let drain = args.shutdown_timeout()?;
     tokio::select! {
-        r = server => r?,
+        () = server => {}
         _ = async {
             let _ = deadline.wait_for(Option::is_some).await;
             tracing::info!("shutting down: letting in-flight requests finish for up to {drain:?}");

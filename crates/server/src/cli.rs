@@ -185,6 +185,9 @@ pub(crate) struct ServeArgs {
     /// `enable_in_reasoning` (constraints apply while the model thinks too).
     #[arg(long)]
     pub structured_outputs_config: Option<String>,
+    /// Connection limits and deadlines.
+    #[command(flatten)]
+    pub conn: crate::conn::ConnLimits,
     #[command(flatten)]
     pub compat: CompatArgs,
     /// Test hook: `POST /debug/crash-engine` makes the engine core panic, so tests can check

@@ -8,6 +8,7 @@
 //! |--------|-------|
 //! | `cli` | the command line (the engine's `EngineArgs` flattened in) |
 //! | `app` | the shared state, the router, serving and shutdown |
+//! | `conn` | the accept loop: connection and TLS-handshake admission, deadlines |
 //! | `validate` | each route family's one conversion from its wire request to the engine's |
 //! | `routes` | thin handlers: validate, submit, render |
 //! | `render` | engine outputs as responses and server-sent events |
@@ -18,6 +19,7 @@ mod api;
 mod app;
 mod batch;
 mod cli;
+mod conn;
 mod error;
 mod logging;
 mod net;

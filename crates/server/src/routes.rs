@@ -63,6 +63,14 @@ pub async fn crash_engine(State(s): State<Shared>) -> StatusCode {
     StatusCode::ACCEPTED
 }
 
+/// Test hook (`--enable-crash-route-for-tests`): makes the engine's next step panic midway.
+pub async fn fail_step(State(s): State<Shared>) -> StatusCode {
+    if let Some(e) = &s.engine {
+        e.fail_next_step_for_tests();
+    }
+    StatusCode::ACCEPTED
+}
+
 /// Unknown routes: a 404 in the OpenAI error shape.
 pub async fn not_found(req: Request) -> ApiError {
     ApiError::not_found(format!("no route for {} {}", req.method(), req.uri().path()))
@@ -144,6 +152,9 @@ pub async fn tokenize(
 ) -> Result<Json<TokenizeResponse>, ApiError> {
     let req: TokenizeRequest = parse(body)?;
     s.check_model(req.model.as_deref())?;
+    if let Some(m) = &req.messages {
+        validate::check_count("messages", m.len(), validate::chat::MAX_MESSAGES, "messages")?;
+    }
     let max_bytes = s.max_prompt_bytes();
     let state = s.clone();
     let tokens = s

@@ -298,6 +298,56 @@ async fn engine_death_is_reported_and_exits_non_zero() {
     assert!(saw_503, "/health should have answered 503 before the exit");
 }
 
+/// Lists are counted before any of their items is processed: a batch of prompts that could
+/// never be admitted, or too many messages or tools, is refused at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lists_are_counted_before_work() {
+    let server = start(&["--max-num-seqs", "8", "--max-waiting-requests", "8"]).await;
+    let (b, c) = (server.base.clone(), client());
+    let rss = server.rss_mib();
+    let t = Instant::now();
+    let prompts: Vec<Vec<u32>> = (0..10_000).map(|i| vec![1 + i % 1000; 8]).collect();
+    let (s, v) = post(&c, &format!("{b}/v1/completions"), json!({"prompt": prompts, "max_tokens": 1})).await;
+    assert_error(s, &v, StatusCode::BAD_REQUEST, Some("prompt"));
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    // Two prompts of n = 9 each are 18 sequences, more than the 16 in flight.
+    let (s, v) = post(&c, &format!("{b}/v1/completions"), json!({"prompt": ["a", "b"], "n": 9, "max_tokens": 1})).await;
+    assert_error(s, &v, StatusCode::BAD_REQUEST, Some("prompt"));
+    let chat = format!("{b}/v1/chat/completions");
+    let messages: Vec<Value> = (0..5000).map(|_| json!({"role": "user", "content": "hi"})).collect();
+    let (s, v) = post(&c, &chat, json!({"messages": messages, "max_tokens": 1})).await;
+    assert_error(s, &v, StatusCode::BAD_REQUEST, Some("messages"));
+    let tools: Vec<Value> =
+        (0..2000).map(|i| json!({"type": "function", "function": {"name": format!("f{i}")}})).collect();
+    let (s, v) = post(&c, &chat, json!({"messages": [{"role": "user", "content": "hi"}], "tools": tools})).await;
+    assert_error(s, &v, StatusCode::BAD_REQUEST, Some("tools"));
+    assert!(server.rss_mib() < rss + 100.0, "{} MiB -> {} MiB", rss, server.rss_mib());
+    plain(&c, &b).await;
+}
+
+/// A panic in one step (a bug a request's data could trigger) fails the requests in flight
+/// and nothing else: their blocks are freed, /health stays 200, and the next request is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_panicking_step_fails_its_requests_and_the_engine_goes_on() {
+    let server = start(&["--enable-crash-route-for-tests"]).await;
+    let (b, c) = (server.base.clone(), client());
+    let (c1, b1) = (c.clone(), b.clone());
+    let inflight = tokio::spawn(async move {
+        post(&c1, &format!("{b1}/v1/completions"), json!({"prompt": "Once", "max_tokens": 400, "ignore_eos": true}))
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = c.post(format!("{b}/debug/fail-step")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let (s, v) = inflight.await.unwrap();
+    assert!(s.is_server_error(), "{s} {v}");
+    assert!(v["error"]["message"].as_str().unwrap_or_default().contains("step failed"), "{v}");
+    assert_eq!(reqwest::get(format!("{b}/health")).await.unwrap().status(), StatusCode::OK);
+    plain(&c, &b).await;
+    wait_idle(&c, &b, Duration::from_secs(10)).await;
+    assert_eq!(metric(&c, &b, "vllm:num_failed_steps_total").await, 1.0);
+}
+
 /// Auth covers every route that computes; errors of every kind have the OpenAI shape;
 /// capacity is a 503 with Retry-After; unknown fields follow the documented policy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

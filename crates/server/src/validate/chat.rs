@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 use vllm_engine::{Prompt, SamplingParams};
 use vllm_tokenizer::ChatRequest as TemplateRequest;
 
-use super::{default_backend, engine_params, Family, ValidRequest};
+use super::{check_count, default_backend, engine_params, Family, ValidRequest};
 use crate::error::ApiError;
 use crate::protocol::{check_extra_fields, ChatRequest};
 use crate::render::{Api, Render, Tools};
@@ -15,6 +15,12 @@ use crate::state::AppState;
 
 /// Longest chat template a request may bring (`chat_template`).
 const MAX_REQUEST_TEMPLATE_BYTES: usize = 64 << 10;
+/// Most messages in one conversation.
+pub(crate) const MAX_MESSAGES: usize = 4096;
+/// Most tools one request may offer (OpenAI's limit is 128).
+const MAX_TOOLS: usize = 1024;
+/// Most documents one request may give the template.
+const MAX_DOCUMENTS: usize = 1024;
 
 /// `POST /v1/chat/completions`.
 pub(crate) async fn chat(s: &AppState, req: ChatRequest, headers: &HeaderMap) -> Result<ValidRequest, ApiError> {
@@ -28,6 +34,13 @@ pub(crate) async fn chat(s: &AppState, req: ChatRequest, headers: &HeaderMap) ->
             "chat_template",
             format!("a request's chat template is limited to {MAX_REQUEST_TEMPLATE_BYTES} bytes"),
         ));
+    }
+    // Lists are counted before any of them is copied or rendered.
+    check_count("messages", req.messages.len(), MAX_MESSAGES, "messages")?;
+    for (param, v, max) in [("tools", &req.tools, MAX_TOOLS), ("documents", &req.documents, MAX_DOCUMENTS)] {
+        if let Some(list) = v.as_ref().and_then(Value::as_array) {
+            check_count(param, list.len(), max, param)?;
+        }
     }
     let messages = normalize_messages(&req.messages)?;
     let mut fields = req.sampling.clone();

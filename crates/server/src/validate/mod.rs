@@ -30,6 +30,48 @@ use crate::state::AppState;
 /// OpenAI's default `max_tokens` for completions (and vLLM's `/generate`).
 pub(crate) const DEFAULT_MAX_TOKENS: usize = 16;
 
+/// Most inputs one embeddings request may carry (OpenAI's limit).
+pub(crate) const MAX_EMBEDDING_INPUTS: usize = 2048;
+
+/// A request list's length against its limit, checked before any of it is processed.
+pub(crate) fn check_count(param: &str, count: usize, max: usize, what: &str) -> Result<(), ApiError> {
+    if count > max {
+        return Err(ApiError::invalid_param(param, format!("{count} {what}: at most {max} per request")));
+    }
+    Ok(())
+}
+
+/// How many prompts a `prompt` / `input` field holds (a list of strings or of token lists is
+/// several), counted without converting any of them.
+fn count_prompts(v: &serde_json::Value) -> usize {
+    match v.as_array() {
+        Some(a) if a.iter().all(|x| x.is_string() || x.is_array()) => a.len(),
+        _ => 1,
+    }
+}
+
+/// The sequences a request would add (prompts times samples or beams) against what the
+/// engine can ever hold in flight: a batch past that could never be admitted, so it is refused
+/// before anything is tokenized or queued.
+fn check_capacity(s: &AppState, prompts: usize, per_prompt: usize) -> Result<(), ApiError> {
+    let capacity = s.engine()?.max_inflight();
+    if prompts <= 1 {
+        // One prompt's `n` / `best_of` are checked by the engine, which names them.
+        return Ok(());
+    }
+    let seqs = prompts.saturating_mul(per_prompt);
+    if seqs > capacity {
+        return Err(ApiError::invalid_param(
+            "prompt",
+            format!(
+                "{prompts} prompts of {per_prompt} sequences each: more than the {capacity} this server holds in \
+                 flight (--max-num-seqs + --max-waiting-requests)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// A request ready for the engine, and how its answer is shaped.
 pub(crate) struct ValidRequest {
     /// The response's id (`<prefix>-<request_id>` when the client named the request).
@@ -140,8 +182,10 @@ pub(crate) async fn completion(
     if req.echo && req.logprobs.is_some() {
         return Err(ApiError::unsupported("echo", "together with logprobs (prompt log probabilities)"));
     }
-    let prompts = prompts(&req.prompt)?;
     let (params, beam) = engine_params(s, &req.sampling, Family::Completion, req.stream, req.logprobs)?;
+    let per_prompt = beam.as_ref().map_or(params.num_sequences(), |b| b.beam_width);
+    check_capacity(s, count_prompts(&req.prompt), per_prompt)?;
+    let prompts = prompts(&req.prompt)?;
     let engine = s.engine()?;
     let echo = prompts
         .iter()
@@ -247,6 +291,7 @@ pub(crate) fn embedding(s: &AppState, req: &EmbeddingRequest) -> Result<ValidEmb
             vllm_engine::EMBEDDING_MODEL
         )));
     };
+    check_count("input", count_prompts(&req.input), MAX_EMBEDDING_INPUTS, "inputs")?;
     let prompts = req.prompts()?;
     let base64 = match req.encoding_format.as_deref() {
         None | Some("float") => false,
