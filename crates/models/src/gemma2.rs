@@ -293,8 +293,7 @@ impl Gemma2 {
             let d = cfg.head_dim;
             (0..d / 2).map(|i| 1.0 / theta.powf(2.0 * i as f32 / d as f32) / factor).collect()
         };
-        let table =
-            |inv: &[f32]| Rotary::from_inv_freq(inv, cfg.max_position_embeddings, RopeStyle::Halves, dtype, w.device());
+        let table = |inv: &[f32]| Rotary::from_inv_freq(inv, RopeStyle::Halves, dtype, w.device());
         let rotary = table(&inv(cfg.rope_theta, cfg.rope_factor))?;
         let local_rotary = if cfg.gemma3 { Some(table(&inv(cfg.rope_local_theta, 1.0))?) } else { None };
         let spec = ModelSpec {

@@ -497,7 +497,7 @@ impl Llama {
             (None, None) => unreachable!("the embedding is loaded unless the output matrix is"),
         };
         let dtype = w.options().dtype;
-        let rotary = Rotary::from_inv_freq(&cfg.inv_freq(), cfg.max_position_embeddings, rope, dtype, w.device())?;
+        let rotary = Rotary::from_inv_freq(&cfg.inv_freq(), rope, dtype, w.device())?;
         let spec = ModelSpec {
             attn_shape: shape,
             num_layers: layers.len(),
