@@ -15,59 +15,40 @@ pub enum RopeStyle {
     Interleaved,
 }
 
-/// Precomputed rotary tables.
+/// Rotary embeddings. The cosines and sines of a step's positions are computed when the step
+/// runs (positions times the inverse frequencies, in float32, then `cos` and `sin`), all on the
+/// device: nothing is sized by the context length, so a checkpoint claiming a context of 2^32
+/// tokens costs no more memory than one of 2,048. On the CPU the values are bit-identical to
+/// a precomputed table's (the same float32 product and float32 `cos`/`sin`).
 #[derive(Debug, Clone)]
 pub struct Rotary {
-    cos: Tensor,
-    sin: Tensor,
+    /// `[1, d/2]` float32 inverse frequencies.
+    inv_freq: Tensor,
+    /// The dtype of the cosines and sines (the activations').
+    dtype: DType,
     style: RopeStyle,
 }
 
 impl Rotary {
-    /// Tables for `max_positions` positions of a `head_dim`-sized head.
-    pub fn new(
-        theta: f32,
-        head_dim: usize,
-        max_positions: usize,
-        style: RopeStyle,
-        dtype: DType,
-        dev: &Device,
-    ) -> Result<Self> {
+    /// Rotary embeddings of a `head_dim`-sized head with base `theta`.
+    pub fn new(theta: f32, head_dim: usize, style: RopeStyle, dtype: DType, dev: &Device) -> Result<Self> {
         let inv: Vec<f32> = (0..head_dim / 2).map(|i| 1.0 / theta.powf(2.0 * i as f32 / head_dim as f32)).collect();
-        Self::from_inv_freq(&inv, max_positions, style, dtype, dev)
+        Self::from_inv_freq(&inv, style, dtype, dev)
     }
 
-    /// Tables from explicit inverse frequencies (one per dimension pair).
-    pub fn from_inv_freq(
-        inv: &[f32],
-        max_positions: usize,
-        style: RopeStyle,
-        dtype: DType,
-        dev: &Device,
-    ) -> Result<Self> {
-        let half = inv.len();
-        let mut cos = Vec::with_capacity(max_positions * half);
-        let mut sin = Vec::with_capacity(max_positions * half);
-        for p in 0..max_positions {
-            for &f in inv {
-                let a = p as f32 * f;
-                cos.push(a.cos());
-                sin.push(a.sin());
-            }
-        }
-        Ok(Self {
-            cos: Tensor::from_vec(cos, (max_positions, half), dev)?.to_dtype(dtype)?,
-            sin: Tensor::from_vec(sin, (max_positions, half), dev)?.to_dtype(dtype)?,
-            style,
-        })
+    /// Rotary embeddings with explicit inverse frequencies (one per dimension pair).
+    pub fn from_inv_freq(inv: &[f32], style: RopeStyle, dtype: DType, dev: &Device) -> Result<Self> {
+        Ok(Self { inv_freq: Tensor::from_slice(inv, (1, inv.len()), dev)?, dtype, style })
     }
 
-    /// Per-token tables for a step: `[tokens, 1, d/2]` each.
+    /// Per-token cosines and sines for a step's `[tokens]` u32 positions: `[tokens, 1, d/2]`
+    /// each.
     pub fn for_positions(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
         let n = positions.dim(0)?;
-        let half = self.cos.dim(1)?;
-        let cos = self.cos.index_select(positions, 0)?.reshape((n, 1, half))?;
-        let sin = self.sin.index_select(positions, 0)?.reshape((n, 1, half))?;
+        let half = self.inv_freq.dim(1)?;
+        let angles = positions.to_dtype(DType::F32)?.reshape((n, 1))?.broadcast_mul(&self.inv_freq)?;
+        let cos = angles.cos()?.to_dtype(self.dtype)?.reshape((n, 1, half))?;
+        let sin = angles.sin()?.to_dtype(self.dtype)?.reshape((n, 1, half))?;
         Ok((cos, sin))
     }
 
@@ -131,5 +112,30 @@ impl PagedAttention {
         cache.write(&k, &v, input.attn)?;
         let o = cache.attend_with(&q, input.attn, self.params)?;
         Ok(o.reshape((t, num_heads * head_dim))?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A step's cosines and sines are a precomputed table's, bit for bit (the reference tests
+    /// rely on it), at any position a u32 holds.
+    #[test]
+    fn cosines_match_a_table_bit_for_bit() {
+        let inv: Vec<f32> = (0..32).map(|i| 1.0 / 10_000f32.powf(2.0 * i as f32 / 64.0)).collect();
+        let rotary = Rotary::from_inv_freq(&inv, RopeStyle::Halves, DType::F32, &Device::Cpu).unwrap();
+        let positions = [0u32, 1, 7, 4095, 1 << 20, (1 << 24) + 1, u32::MAX];
+        let (cos, sin) = rotary.for_positions(&Tensor::new(&positions, &Device::Cpu).unwrap()).unwrap();
+        assert_eq!(cos.dims(), [positions.len(), 1, inv.len()]);
+        let (cos, sin) = (cos.flatten_all().unwrap().to_vec1::<f32>().unwrap(), sin.flatten_all().unwrap());
+        let sin = sin.to_vec1::<f32>().unwrap();
+        for (i, &p) in positions.iter().enumerate() {
+            for (j, &f) in inv.iter().enumerate() {
+                let a = p as f32 * f;
+                assert_eq!(cos[i * inv.len() + j].to_bits(), a.cos().to_bits(), "cos at position {p}, pair {j}");
+                assert_eq!(sin[i * inv.len() + j].to_bits(), a.sin().to_bits(), "sin at position {p}, pair {j}");
+            }
+        }
     }
 }

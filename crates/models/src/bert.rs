@@ -14,8 +14,12 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor, D};
 use serde::Deserialize;
 
+use vllm_kernels::AttnShape;
+
+use crate::info::KvLayout;
 use crate::layers::LayerNorm;
 use crate::linear::Linear;
+use crate::validate::{Names, Summary, TensorNames};
 use crate::weights::{LoadOptions, Weights};
 use crate::{registry, safetensors_files, Error, Result};
 
@@ -46,9 +50,44 @@ pub struct BertConfig {
 }
 
 impl BertConfig {
-    /// The longest input a `config.json` allows, read without parsing the rest.
-    pub fn context_length(raw: &serde_json::Value) -> Option<usize> {
-        raw.get("max_position_embeddings").and_then(|v| v.as_u64()).map(|v| v as usize)
+    /// Parses a Hugging Face `config.json`.
+    pub fn from_hf(raw: serde_json::Value) -> Result<Self> {
+        let cfg: Self = serde_json::from_value(raw).map_err(|e| Error::Config(format!("config.json: {e}")))?;
+        if cfg.hidden_act != "gelu" || cfg.position_embedding_type != "absolute" {
+            return Err(Error::Config("BERT with other than gelu and absolute positions is not supported".into()));
+        }
+        Ok(cfg)
+    }
+
+    /// Its size, for [`Summary::validate`] (run before any weight is read) and model-info:
+    /// multi-head attention of width over heads, learned positions.
+    pub fn summary(&self) -> Summary {
+        let heads = self.num_attention_heads;
+        let shape = AttnShape {
+            num_heads: heads,
+            num_kv_heads: heads,
+            head_dim: self.hidden_size.checked_div(heads).unwrap_or(0),
+        };
+        Summary {
+            context_length: self.max_position_embeddings,
+            kv: KvLayout::new(self.num_hidden_layers, shape, |_| None),
+            hidden_size: self.hidden_size,
+            intermediate_size: Some(self.intermediate_size),
+            experts: None,
+            vocab_size: self.vocab_size,
+            head_dim_derived: true,
+            rotary: false,
+            scalars: vec![("layer_norm_eps", self.layer_norm_eps)],
+            names: Names::CONFIG_JSON,
+            tensors: TensorNames {
+                embedding: &["bert.embeddings.word_embeddings.weight", "embeddings.word_embeddings.weight"],
+                head: None,
+                positions: Some((
+                    &["bert.embeddings.position_embeddings.weight", "embeddings.position_embeddings.weight"],
+                    0,
+                )),
+            },
+        }
     }
 }
 
@@ -148,13 +187,13 @@ impl BertEmbedder {
             let supported = registry::encoder_classes().collect::<Vec<_>>().join(", ");
             return Err(Error::UnsupportedArchitecture { name: arch, supported });
         }
-        let cfg: BertConfig = serde_json::from_value(raw).map_err(|e| Error::Config(e.to_string()))?;
-        if cfg.hidden_act != "gelu" || cfg.position_embedding_type != "absolute" {
-            return Err(Error::Config("BERT with other than gelu and absolute positions is not supported".into()));
-        }
+        let cfg = BertConfig::from_hf(raw)?;
+        let summary = cfg.summary();
+        summary.validate()?;
         // Encoders run in float32 (their cost is small; pooling is sensitive).
         let opts = LoadOptions { dtype: DType::F32, ..opts };
         let w = Weights::from_safetensors(&safetensors_files(dir)?, opts, device)?;
+        summary.check_tensors(&w)?;
         let w = if w.contains("bert.embeddings.word_embeddings.weight") { w.pp("bert") } else { w };
         let e = w.pp("embeddings");
         let layers = (0..cfg.num_hidden_layers)

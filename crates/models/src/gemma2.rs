@@ -25,7 +25,8 @@ use crate::info::KvLayout;
 use crate::layers::{check_caches, output_layer, GgufKeys};
 use crate::linear::Linear;
 use crate::llama::head_rms_norm;
-use crate::registry::{DecoderConfig, Summary};
+use crate::registry::DecoderConfig;
+use crate::validate::{Names, Summary, TensorNames, MAX_LAYERS};
 use crate::weights::Weights;
 use crate::{CausalLM, Error, ModelSpec, Result, StepInput};
 
@@ -181,7 +182,30 @@ impl Gemma2Config {
 impl DecoderConfig for Gemma2Config {
     fn summary(&self) -> Summary {
         let kv = KvLayout::new(self.num_hidden_layers, self.attn_shape(), |i| self.window(i));
-        Summary { context_length: self.max_position_embeddings, kv }
+        let mut scalars = vec![
+            ("rope_theta", f64::from(self.rope_theta)),
+            ("rms_norm_eps", self.rms_norm_eps),
+            ("query_pre_attn_scalar", f64::from(self.query_pre_attn_scalar)),
+            ("rope_scaling.factor", f64::from(self.rope_factor)),
+        ];
+        if self.gemma3 {
+            scalars.push(("rope_local_base_freq", f64::from(self.rope_local_theta)));
+        }
+        scalars.extend(self.attn_logit_softcapping.map(|c| ("attn_logit_softcapping", f64::from(c))));
+        scalars.extend(self.final_logit_softcapping.map(|c| ("final_logit_softcapping", f64::from(c))));
+        Summary {
+            context_length: self.max_position_embeddings,
+            kv,
+            hidden_size: self.hidden_size,
+            intermediate_size: Some(self.intermediate_size),
+            experts: None,
+            vocab_size: self.vocab_size,
+            head_dim_derived: false,
+            rotary: true,
+            scalars,
+            names: Names::CONFIG_JSON,
+            tensors: TensorNames::LLAMA,
+        }
     }
 
     fn load(self: Box<Self>, w: &Weights, _rope: RopeStyle) -> Result<Box<dyn CausalLM>> {
@@ -190,10 +214,10 @@ impl DecoderConfig for Gemma2Config {
 }
 
 /// Which layers slide when the config does not list them: Gemma 2's even layers; Gemma 3's
-/// all but every `pattern`-th (6).
+/// all but every `pattern`-th (6). (At most [`MAX_LAYERS`]: validation refuses more.)
 fn default_pattern(gemma3: bool, layers: usize, pattern: Option<usize>) -> Vec<bool> {
     let pattern = pattern.unwrap_or(if gemma3 { 6 } else { 2 }).max(1);
-    (0..layers).map(|i| !(i + 1).is_multiple_of(pattern)).collect()
+    (0..layers.min(MAX_LAYERS)).map(|i| !(i + 1).is_multiple_of(pattern)).collect()
 }
 
 struct Layer {
@@ -238,20 +262,8 @@ pub struct Gemma2 {
 impl Gemma2 {
     /// Loads from a Hugging Face weight source.
     pub fn load(w: &Weights, cfg: Gemma2Config) -> Result<Self> {
-        crate::layers::check_heads(
-            cfg.hidden_size,
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            Some(cfg.head_dim),
-            true,
-        )?;
+        cfg.summary().validate()?;
         let shape = cfg.attn_shape();
-        if !shape.num_heads.is_multiple_of(shape.num_kv_heads) {
-            return Err(Error::Config(format!(
-                "{} heads not divisible by {} kv heads",
-                shape.num_heads, shape.num_kv_heads
-            )));
-        }
         let model = w.pp("model");
         let layers = (0..cfg.num_hidden_layers)
             .into_par_iter()
@@ -293,8 +305,7 @@ impl Gemma2 {
             let d = cfg.head_dim;
             (0..d / 2).map(|i| 1.0 / theta.powf(2.0 * i as f32 / d as f32) / factor).collect()
         };
-        let table =
-            |inv: &[f32]| Rotary::from_inv_freq(inv, cfg.max_position_embeddings, RopeStyle::Halves, dtype, w.device());
+        let table = |inv: &[f32]| Rotary::from_inv_freq(inv, RopeStyle::Halves, dtype, w.device());
         let rotary = table(&inv(cfg.rope_theta, cfg.rope_factor))?;
         let local_rotary = if cfg.gemma3 { Some(table(&inv(cfg.rope_local_theta, 1.0))?) } else { None };
         let spec = ModelSpec {

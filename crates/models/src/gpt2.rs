@@ -17,7 +17,8 @@ use crate::attention::{PagedAttention, RopeStyle};
 use crate::info::KvLayout;
 use crate::layers::{check_caches, output_layer, GgufKeys, LayerNorm};
 use crate::linear::Linear;
-use crate::registry::{DecoderConfig, Summary};
+use crate::registry::DecoderConfig;
+use crate::validate::{Field, Names, Summary, TensorNames};
 use crate::weights::Weights;
 use crate::{CausalLM, Error, ModelSpec, Result, StepInput};
 
@@ -109,15 +110,48 @@ impl Gpt2Config {
         })
     }
 
-    /// The attention head layout (sizes the KV cache): multi-head, width over heads.
+    /// The attention head layout (sizes the KV cache): multi-head, width over heads (0
+    /// without heads).
     pub fn attn_shape(&self) -> AttnShape {
-        AttnShape { num_heads: self.n_head, num_kv_heads: self.n_head, head_dim: self.n_embd / self.n_head }
+        let head_dim = self.n_embd.checked_div(self.n_head).unwrap_or(0);
+        AttnShape { num_heads: self.n_head, num_kv_heads: self.n_head, head_dim }
+    }
+
+    /// The MLP width: `n_inner`, else four times the width.
+    pub fn inner(&self) -> usize {
+        self.n_inner.unwrap_or(self.n_embd.saturating_mul(4))
     }
 }
 
+/// GPT-2's `config.json` spelling.
+const GPT2_NAMES: &[(Field, &str)] = &[
+    (Field::Layers, "n_layer"),
+    (Field::Hidden, "n_embd"),
+    (Field::Heads, "n_head"),
+    (Field::KvHeads, "n_head"),
+    (Field::Intermediate, "n_inner"),
+    (Field::Context, "n_positions"),
+];
+
 impl DecoderConfig for Gpt2Config {
     fn summary(&self) -> Summary {
-        Summary { context_length: self.n_positions, kv: KvLayout::new(self.n_layer, self.attn_shape(), |_| None) }
+        Summary {
+            context_length: self.n_positions,
+            kv: KvLayout::new(self.n_layer, self.attn_shape(), |_| None),
+            hidden_size: self.n_embd,
+            intermediate_size: Some(self.inner()),
+            experts: None,
+            vocab_size: self.vocab_size,
+            head_dim_derived: true,
+            rotary: false,
+            scalars: vec![("layer_norm_epsilon", self.layer_norm_epsilon)],
+            names: Names::ConfigJson(GPT2_NAMES),
+            tensors: TensorNames {
+                embedding: &["transformer.wte.weight", "wte.weight"],
+                head: Some("lm_head.weight"),
+                positions: Some((&["transformer.wpe.weight", "wpe.weight"], 0)),
+            },
+        }
     }
 
     /// GPT-2 has no rotary embeddings: `rope` is not used.
@@ -129,7 +163,7 @@ impl DecoderConfig for Gpt2Config {
 impl Gpt2 {
     /// Loads from a Hugging Face weight source.
     pub fn load(w: &Weights, cfg: Gpt2Config) -> Result<Self> {
-        crate::layers::check_heads(cfg.n_embd, cfg.n_head, cfg.n_head, None, false)?;
+        cfg.summary().validate()?;
         if !matches!(cfg.activation_function.as_str(), "gelu_new" | "gelu_pytorch_tanh") {
             return Err(Error::Config(format!(
                 "GPT-2 activation '{}' is not supported (gelu_new)",

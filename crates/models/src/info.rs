@@ -4,18 +4,16 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::fs::File;
-use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::{gguf_file, GgmlDType};
+use candle_core::quantized::GgmlDType;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::DType;
 
 use vllm_kernels::AttnShape;
 
 use crate::registry::{self, Kind};
-use crate::{read_hf_config, safetensors_files, Error, Result};
+use crate::{read_hf_config, safetensors_files, Result};
 
 /// The attention layout that sizes the KV cache.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,8 +32,10 @@ pub struct KvLayout {
 
 impl KvLayout {
     /// The layout of `layers` layers of `shape`; `window(i)` is layer i's sliding window.
+    /// Only the first [`crate::validate::MAX_LAYERS`] layers are looked at: more is refused
+    /// by validation, which runs on the layout.
     pub(crate) fn new(layers: usize, shape: AttnShape, window: impl Fn(usize) -> Option<usize>) -> Self {
-        let windows: Vec<usize> = (0..layers).filter_map(window).collect();
+        let windows: Vec<usize> = (0..layers.min(crate::validate::MAX_LAYERS)).filter_map(window).collect();
         Self {
             layers,
             heads: shape.num_heads,
@@ -45,9 +45,15 @@ impl KvLayout {
         }
     }
 
-    /// Bytes one token takes in the cache (keys and values of every layer) at `dtype`.
+    /// Bytes one token takes in the cache (keys and values of every layer) at `dtype` (of a
+    /// validated layout: it cannot overflow).
     pub fn bytes_per_token(&self, dtype: DType) -> usize {
-        2 * self.layers * self.kv_heads * self.head_dim * dtype.size_in_bytes()
+        self.checked_bytes_per_token(dtype.size_in_bytes()).unwrap_or(usize::MAX)
+    }
+
+    /// [`Self::bytes_per_token`] for values of `bytes` bytes; `None` if it overflows.
+    pub fn checked_bytes_per_token(&self, bytes: usize) -> Option<usize> {
+        [self.layers, self.kv_heads, self.head_dim, bytes].iter().try_fold(2usize, |n, &d| n.checked_mul(d))
     }
 }
 
@@ -119,10 +125,7 @@ pub fn inspect(path: &Path) -> Result<ModelInfo> {
 }
 
 fn inspect_gguf(path: &Path) -> Result<ModelInfo> {
-    let io = |e| Error::Io { path: path.display().to_string(), source: e };
-    let mut reader = BufReader::new(File::open(path).map_err(io)?);
-    let content = gguf_file::Content::read(&mut reader)
-        .map_err(|e| Error::Format(format!("{} is not a valid GGUF file: {e}", path.display())))?;
+    let content = crate::gguf::open(path)?.content;
     let md = &content.metadata;
     let arch = md.get("general.architecture").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
     let (mut parameters, mut weight_bytes, mut dtypes) = (0u64, 0u64, BTreeMap::new());
@@ -130,12 +133,15 @@ fn inspect_gguf(path: &Path) -> Result<ModelInfo> {
     for info in content.tensor_infos.values() {
         let n = info.shape.elem_count() as u64;
         let t = info.ggml_dtype;
-        parameters += n;
-        weight_bytes += n / t.block_size() as u64 * t.type_size() as u64;
+        // (Each tensor's size was checked to fit the file; tensors may overlap, so the sums
+        // saturate.)
+        parameters = parameters.saturating_add(n);
+        weight_bytes = weight_bytes.saturating_add(n / t.block_size() as u64 * t.type_size() as u64);
         let name = ggml_name(t);
-        *dtypes.entry(name.clone()).or_default() += n;
+        let add = |e: &mut u64| *e = e.saturating_add(n);
+        add(dtypes.entry(name.clone()).or_default());
         if t.block_size() > 1 {
-            *quantized.entry(name).or_default() += n;
+            add(quantized.entry(name).or_default());
         }
     }
     let file_type = md.get("general.file_type").and_then(|v| v.to_u32().ok());
@@ -146,7 +152,8 @@ fn inspect_gguf(path: &Path) -> Result<ModelInfo> {
     };
     let (supported, context_length, kv) = match registry::by_gguf_name(&arch) {
         Some(gguf) => {
-            let s = (gguf.config)(md)?.summary();
+            let s = (gguf.config)(md)?.summary().from_gguf(&arch);
+            s.validate()?;
             (true, Some(s.context_length), Some(s.kv))
         }
         None => {
@@ -191,9 +198,14 @@ fn inspect_hf_dir(dir: &Path) -> Result<ModelInfo> {
     let (supported, context_length, kv) = match registry::by_hf_class(&arch).map(|a| &a.kind) {
         Some(Kind::Decoder { config, .. }) => {
             let s = config(raw.clone())?.summary();
+            s.validate()?;
             (true, Some(s.context_length), Some(s.kv))
         }
-        Some(Kind::Encoder { context_length }) => (true, context_length(&raw), None),
+        Some(Kind::Encoder { summary }) => {
+            let s = summary(raw.clone())?;
+            s.validate()?;
+            (true, Some(s.context_length), None)
+        }
         None => {
             let ctx = ["max_position_embeddings", "n_positions", "max_sequence_length"]
                 .iter()
@@ -306,8 +318,8 @@ impl fmt::Display for ModelInfo {
                 f,
                 "                 one full {}-token sequence: {} in f32, {} in f16/bf16",
                 grouped(c as u64),
-                bytes((f32_tok * c) as u64),
-                bytes((half_tok * c) as u64)
+                bytes((f32_tok as u64).saturating_mul(c as u64)),
+                bytes((half_tok as u64).saturating_mul(c as u64))
             )?;
         }
         Ok(())

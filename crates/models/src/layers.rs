@@ -44,26 +44,6 @@ pub(crate) fn check_caches(caches: usize, layers: usize) -> Result<()> {
     Ok(())
 }
 
-/// A checkpoint's head counts, whatever file they came from: at least one query and one
-/// key/value head, and a non-empty head, even when rotated (a zero here would divide by zero
-/// later).
-pub(crate) fn check_heads(
-    hidden: usize,
-    heads: usize,
-    kv_heads: usize,
-    head_dim: Option<usize>,
-    rotary: bool,
-) -> Result<()> {
-    let head = head_dim.unwrap_or(hidden.checked_div(heads).unwrap_or(0));
-    if hidden == 0 || heads == 0 || kv_heads == 0 || head == 0 || (rotary && head % 2 == 1) {
-        return Err(Error::Config(format!(
-            "{heads} heads, {kv_heads} key/value heads, width {hidden}, head size {head}: need at least one of \
-             each and a non-empty head, even if rotated"
-        )));
-    }
-    Ok(())
-}
-
 /// GGUF metadata under the file's architecture prefix (`{arch}.block_count`, ...).
 pub(crate) struct GgufKeys<'a> {
     md: &'a HashMap<String, Value>,

@@ -23,6 +23,7 @@
 pub mod attention;
 pub mod bert;
 pub mod gemma2;
+mod gguf;
 pub mod gpt2;
 pub mod info;
 mod layers;
@@ -30,6 +31,7 @@ mod linear;
 pub mod llama;
 pub mod opt;
 pub mod registry;
+pub mod validate;
 mod weights;
 
 use std::path::{Path, PathBuf};
@@ -64,6 +66,17 @@ pub enum Error {
     /// The configuration is invalid or incomplete.
     #[error("invalid model configuration: {0}")]
     Config(String),
+    /// A configuration value no model can have, or one that disagrees with another value or
+    /// with the tensors ([`validate::Summary::validate`]).
+    #[error("invalid model configuration: {field} = {value}: {reason}")]
+    InvalidConfig {
+        /// The key, as the file spells it (`vocab_size`, `llama.context_length`).
+        field: String,
+        /// Its value.
+        value: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// An architecture we do not implement.
     #[error("unsupported architecture '{name}' (supported: {supported})")]
     UnsupportedArchitecture {
@@ -166,14 +179,21 @@ pub trait CausalLM: Send + Sync {
 /// llama.cpp's converter permutes the query and key rows of `llama` checkpoints (Llama,
 /// Mistral, Mixtral, SmolLM) for its interleaved rotary layout; the other architectures keep
 /// Hugging Face's (NeoX) layout ([`registry::GgufForm::rope`]).
+///
+/// The configuration is validated, and checked against the tensors' shapes, before any
+/// weight is read ([`validate`]).
 pub fn load_gguf(path: &Path, opts: LoadOptions, device: &Device) -> Result<(Box<dyn CausalLM>, Weights)> {
     let w = Weights::from_gguf(path, opts, device)?;
-    let md = w.gguf_metadata().expect("GGUF source has metadata");
+    let md = w.gguf_metadata().expect("a GGUF source has metadata");
     let arch = w.gguf_arch().unwrap_or_default();
     let Some(gguf) = registry::by_gguf_name(arch) else {
         return Err(Error::UnsupportedArchitecture { name: arch.into(), supported: registry::supported() });
     };
-    let model = (gguf.config)(md)?.load(&w, gguf.rope)?;
+    let config = (gguf.config)(md)?;
+    let summary = config.summary().from_gguf(arch);
+    summary.validate()?;
+    summary.check_tensors(&w)?;
+    let model = config.load(&w, gguf.rope)?;
     Ok((model, w))
 }
 
@@ -190,15 +210,21 @@ pub fn read_hf_config(dir: &Path) -> Result<(serde_json::Value, String)> {
 
 /// Loads a Hugging Face folder (`config.json` + safetensors, single or sharded); the model
 /// class comes from `config.json`'s `architectures`, looked up in [`registry::ARCHITECTURES`].
+/// The configuration is validated, and checked against the tensors' shapes, before any
+/// weight is read ([`validate`]).
 pub fn load_hf_dir(dir: &Path, opts: LoadOptions, device: &Device) -> Result<Box<dyn CausalLM>> {
     let (raw, arch) = read_hf_config(dir)?;
     let Some(registry::Kind::Decoder { config, .. }) = registry::by_hf_class(&arch).map(|a| &a.kind) else {
         let supported = registry::causal_classes().collect::<Vec<_>>().join(", ");
         return Err(Error::UnsupportedArchitecture { name: arch, supported });
     };
+    let config = config(raw)?;
+    let summary = config.summary();
+    summary.validate()?;
     let files = safetensors_files(dir)?;
     let w = Weights::from_safetensors(&files, opts, device)?;
-    config(raw)?.load(&w, attention::RopeStyle::Halves)
+    summary.check_tensors(&w)?;
+    config.load(&w, attention::RopeStyle::Halves)
 }
 
 /// The safetensors files of a folder: the shards listed in `model.safetensors.index.json`, or
@@ -215,6 +241,13 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
             .unwrap_or_default();
         files.sort();
         files.dedup();
+        // Shards are files of the folder: a name reaching elsewhere (`../x`, `/x`) is refused.
+        if let Some(bad) = files.iter().find(|f| Path::new(f).file_name() != Some(std::ffi::OsStr::new(f.as_str()))) {
+            return Err(Error::Format(format!("{}: shard '{bad}' is not a file name of the folder", index.display())));
+        }
+        if files.is_empty() {
+            return Err(Error::Format(format!("{}: the weight map lists no file", index.display())));
+        }
         return Ok(files.into_iter().map(|f| dir.join(f)).collect());
     }
     let rd = std::fs::read_dir(dir).map_err(|e| Error::Io { path: dir.display().to_string(), source: e })?;

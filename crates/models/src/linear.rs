@@ -173,8 +173,14 @@ impl Linear {
         Ok(Some(Tensor::from_vec(out, (ids.len(), cols), &Device::Cpu)?.to_dtype(dtype)?))
     }
 
-    /// `x @ W^T (+ b)` for `x` of shape `[tokens, in_features]`.
+    /// `x @ W^T (+ b)` for `x` of shape `[tokens, in_features]`. Any other shape is an error
+    /// (the kernels assert theirs: a checkpoint whose matrices disagree with its configuration
+    /// must not reach them).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (out, inp) = self.dims()?;
+        if x.rank() != 2 || x.dim(1)? != inp {
+            return Err(Error::Format(format!("a {:?} input to a [{out}, {inp}] linear layer", x.dims())));
+        }
         let y = match &self.weight {
             LinearWeight::Dense(weight_t) => x.matmul(weight_t)?,
             LinearWeight::Int8(m) => host_matmul(x, m.rows(), |host, rows| m.matmul(host, rows))?,
@@ -297,5 +303,25 @@ mod tests {
         assert!(diff < 1e-6, "{diff}");
         assert!(Linear::dense(w, None).unwrap().rows(&ids, DType::F32).unwrap().is_none());
         assert!(l.rows(&Tensor::new(&[8u32], &Device::Cpu).unwrap(), DType::F32).is_err());
+    }
+
+    /// An input of the wrong width is an error in every format (the quantized kernels would
+    /// assert).
+    #[test]
+    fn a_wrong_input_width_is_an_error() {
+        let w = matrix(32, 256);
+        let layers = [
+            Linear::dense(w.clone(), None).unwrap(),
+            Linear::int8(&w, None).unwrap().unwrap(),
+            Linear::native(&QTensor::quantize(&w, GgmlDType::Q4_0).unwrap(), None).unwrap().unwrap(),
+            Linear::native(&QTensor::quantize(&w, GgmlDType::Q6K).unwrap(), None).unwrap().unwrap(),
+        ];
+        for l in &layers {
+            assert_eq!(l.forward(&matrix(3, 256)).unwrap().dims(), [3, 32]);
+            for bad in [matrix(3, 128), matrix(1, 768).reshape((3, 256)).unwrap().unsqueeze(0).unwrap()] {
+                let err = l.forward(&bad).unwrap_err().to_string();
+                assert!(err.contains("input to a [32, 256] linear layer"), "{err}");
+            }
+        }
     }
 }

@@ -26,7 +26,8 @@ use crate::attention::{PagedAttention, RopeStyle, Rotary};
 use crate::info::KvLayout;
 use crate::layers::{check_caches, GgufKeys};
 use crate::linear::Linear;
-use crate::registry::{DecoderConfig, Summary};
+use crate::registry::DecoderConfig;
+use crate::validate::{Experts, Names, Summary, TensorNames, MAX_LAYERS};
 use crate::weights::{MatrixFormat, Weights};
 use crate::{CausalLM, Error, ModelSpec, Result, StepInput};
 
@@ -137,9 +138,9 @@ impl LlamaConfig {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
 
-    /// Head size (`head_dim`, else width over heads).
+    /// Head size (`head_dim`, else width over heads; 0 without heads).
     pub fn head_size(&self) -> usize {
-        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
+        self.head_dim.unwrap_or(self.hidden_size.checked_div(self.num_attention_heads).unwrap_or(0))
     }
 
     /// The attention head layout (sizes the KV cache).
@@ -247,7 +248,38 @@ impl LlamaConfig {
 impl DecoderConfig for LlamaConfig {
     fn summary(&self) -> Summary {
         let kv = KvLayout::new(self.num_hidden_layers, self.attn_shape(), |i| self.window(i));
-        Summary { context_length: self.max_position_embeddings, kv }
+        let experts = self.num_experts.filter(|&e| e > 0).map(|count| Experts {
+            count,
+            per_token: self.num_experts_per_tok.unwrap_or(2),
+            width: self.moe_intermediate_size.unwrap_or(self.intermediate_size),
+        });
+        let dense = experts.is_none() || (0..self.num_hidden_layers.min(MAX_LAYERS)).any(|i| !self.is_sparse(i));
+        let mut scalars = vec![("rope_theta", f64::from(self.rope_theta)), ("rms_norm_eps", self.rms_norm_eps)];
+        if let Some(rp) = self.rope_parameters.as_ref().filter(|r| r.rope_type.as_deref() == Some("llama3")) {
+            let f = |v: Option<f32>, default: f32| f64::from(v.unwrap_or(default));
+            scalars.extend([
+                ("rope_parameters.factor", f(rp.factor, 8.0)),
+                ("rope_parameters.low_freq_factor", f(rp.low_freq_factor, 1.0)),
+                ("rope_parameters.high_freq_factor", f(rp.high_freq_factor, 4.0)),
+                (
+                    "rope_parameters.original_max_position_embeddings",
+                    rp.original_max_position_embeddings.unwrap_or(8192) as f64,
+                ),
+            ]);
+        }
+        Summary {
+            context_length: self.max_position_embeddings,
+            kv,
+            hidden_size: self.hidden_size,
+            intermediate_size: dense.then_some(self.intermediate_size),
+            experts,
+            vocab_size: self.vocab_size,
+            head_dim_derived: self.head_dim.is_none(),
+            rotary: true,
+            scalars,
+            names: Names::CONFIG_JSON,
+            tensors: TensorNames::LLAMA,
+        }
     }
 
     fn load(self: Box<Self>, w: &Weights, rope: RopeStyle) -> Result<Box<dyn CausalLM>> {
@@ -402,11 +434,9 @@ impl Layer {
         let mlp = if cfg.is_sparse(index) {
             // Mixtral keeps its experts under `block_sparse_moe`, Qwen MoE under `mlp`.
             let m = if w.contains("block_sparse_moe.gate.weight") { w.pp("block_sparse_moe") } else { m };
+            // (Validated: 1 <= top_k <= experts.)
             let experts = cfg.num_experts.unwrap_or(0);
             let top_k = cfg.num_experts_per_tok.unwrap_or(2);
-            if top_k == 0 || top_k > experts {
-                return Err(Error::Config(format!("{top_k} experts per token of {experts}")));
-            }
             let width = cfg.moe_intermediate_size.unwrap_or(cfg.intermediate_size);
             // The router stays in float32 whatever the activation dtype: it is tiny, and a
             // rounded score flips which experts run.
@@ -461,14 +491,8 @@ pub struct Llama {
 impl Llama {
     /// Loads from a weight source. `rope` is `Interleaved` for GGUF checkpoints.
     pub fn load(w: &Weights, cfg: LlamaConfig, rope: RopeStyle) -> Result<Self> {
-        crate::layers::check_heads(cfg.hidden_size, cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim, true)?;
+        cfg.summary().validate()?;
         let shape = cfg.attn_shape();
-        if !shape.num_heads.is_multiple_of(shape.num_kv_heads) {
-            return Err(Error::Config(format!(
-                "{} heads not divisible by {} kv heads",
-                shape.num_heads, shape.num_kv_heads
-            )));
-        }
         let model = w.pp("model");
         let tied = cfg.tie_word_embeddings || !w.contains("lm_head.weight");
         // Tied, on our kernels: the output matrix in the file's own form. When that is quantized
@@ -497,7 +521,7 @@ impl Llama {
             (None, None) => unreachable!("the embedding is loaded unless the output matrix is"),
         };
         let dtype = w.options().dtype;
-        let rotary = Rotary::from_inv_freq(&cfg.inv_freq(), cfg.max_position_embeddings, rope, dtype, w.device())?;
+        let rotary = Rotary::from_inv_freq(&cfg.inv_freq(), rope, dtype, w.device())?;
         let spec = ModelSpec {
             attn_shape: shape,
             num_layers: layers.len(),

@@ -15,7 +15,8 @@ use crate::attention::{PagedAttention, RopeStyle};
 use crate::info::KvLayout;
 use crate::layers::{check_caches, output_layer, LayerNorm};
 use crate::linear::Linear;
-use crate::registry::{DecoderConfig, Summary};
+use crate::registry::DecoderConfig;
+use crate::validate::{Field, Names, Summary, TensorNames};
 use crate::weights::Weights;
 use crate::{CausalLM, Error, ModelSpec, Result, StepInput};
 
@@ -82,20 +83,49 @@ pub struct Opt {
 impl OptConfig {
     /// Parses a Hugging Face `config.json`.
     pub fn from_hf(raw: serde_json::Value) -> Result<Self> {
-        serde_json::from_value(raw).map_err(|e| Error::Config(format!("config.json: {e}")))
+        let cfg: Self = serde_json::from_value(raw).map_err(|e| Error::Config(format!("config.json: {e}")))?;
+        if cfg.word_embed_proj_dim.is_some_and(|d| d != cfg.hidden_size) {
+            return Err(Error::Config(
+                "OPT with word_embed_proj_dim != hidden_size (project_in/out) is not supported".into(),
+            ));
+        }
+        if cfg.activation_function != "relu" {
+            return Err(Error::Config(format!("OPT activation '{}' is not supported (relu)", cfg.activation_function)));
+        }
+        Ok(cfg)
     }
 
-    /// The attention head layout (sizes the KV cache): multi-head, width over heads.
+    /// The attention head layout (sizes the KV cache): multi-head, width over heads (0
+    /// without heads).
     pub fn attn_shape(&self) -> AttnShape {
         let heads = self.num_attention_heads;
-        AttnShape { num_heads: heads, num_kv_heads: heads, head_dim: self.hidden_size / heads }
+        AttnShape { num_heads: heads, num_kv_heads: heads, head_dim: self.hidden_size.checked_div(heads).unwrap_or(0) }
     }
 }
+
+/// OPT's `config.json` spelling: Llama's, but `ffn_dim` for the MLP width.
+const OPT_NAMES: &[(Field, &str)] = &[(Field::Intermediate, "ffn_dim")];
 
 impl DecoderConfig for OptConfig {
     fn summary(&self) -> Summary {
         let kv = KvLayout::new(self.num_hidden_layers, self.attn_shape(), |_| None);
-        Summary { context_length: self.max_position_embeddings, kv }
+        Summary {
+            context_length: self.max_position_embeddings,
+            kv,
+            hidden_size: self.hidden_size,
+            intermediate_size: Some(self.ffn_dim),
+            experts: None,
+            vocab_size: self.vocab_size,
+            head_dim_derived: true,
+            rotary: false,
+            scalars: Vec::new(),
+            names: Names::ConfigJson(OPT_NAMES),
+            tensors: TensorNames {
+                embedding: &["model.decoder.embed_tokens.weight"],
+                head: Some("lm_head.weight"),
+                positions: Some((&["model.decoder.embed_positions.weight"], POSITION_OFFSET as usize)),
+            },
+        }
     }
 
     /// OPT has no rotary embeddings: `rope` is not used.
@@ -107,14 +137,7 @@ impl DecoderConfig for OptConfig {
 impl Opt {
     /// Loads from a Hugging Face weight source.
     pub fn load(w: &Weights, cfg: OptConfig) -> Result<Self> {
-        if cfg.word_embed_proj_dim.is_some_and(|d| d != cfg.hidden_size) {
-            return Err(Error::Config(
-                "OPT with word_embed_proj_dim != hidden_size (project_in/out) is not supported".into(),
-            ));
-        }
-        if cfg.activation_function != "relu" {
-            return Err(Error::Config(format!("OPT activation '{}' is not supported (relu)", cfg.activation_function)));
-        }
+        cfg.summary().validate()?;
         let shape = cfg.attn_shape();
         let d = w.pp("model.decoder");
         let layers = (0..cfg.num_hidden_layers)

@@ -15,11 +15,12 @@ use crate::attention::RopeStyle;
 use crate::bert::BertConfig;
 use crate::gemma2::Gemma2Config;
 use crate::gpt2::Gpt2Config;
-use crate::info::KvLayout;
 use crate::llama::LlamaConfig;
 use crate::opt::OptConfig;
 use crate::weights::{gemma_tensor, gpt2_tensor, llama_tensor, GgufTensor, Weights};
 use crate::{CausalLM, Result};
+
+pub use crate::validate::Summary;
 
 /// GGUF metadata, as the file stores it.
 pub type GgufMetadata = HashMap<String, gguf_file::Value>;
@@ -51,8 +52,8 @@ pub enum Kind {
     },
     /// An encoder for embeddings ([`crate::bert::BertEmbedder`]): no KV cache, no causal model.
     Encoder {
-        /// Its context length, from `config.json`.
-        context_length: fn(&serde_json::Value) -> Option<usize>,
+        /// Reads `config.json` into its size (validated by the caller).
+        summary: fn(serde_json::Value) -> Result<Summary>,
     },
 }
 
@@ -70,18 +71,11 @@ pub struct GgufForm {
     pub config: fn(&GgufMetadata) -> Result<Box<dyn DecoderConfig>>,
 }
 
-/// What a decoder's configuration says about its size, before any weight is loaded.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Summary {
-    /// Context length the model was trained for.
-    pub context_length: usize,
-    /// The KV-cache layout.
-    pub kv: KvLayout,
-}
-
 /// A decoder's configuration, read from `config.json` or GGUF metadata.
 pub trait DecoderConfig: Send {
-    /// Its size (model-info).
+    /// Its size, for model-info and for [`Summary::validate`], which every loader runs before
+    /// [`DecoderConfig::load`] (names in `config.json`'s spelling; the GGUF loaders rename).
+    /// It must not assume the configuration valid (no division by a head count that may be 0).
     fn summary(&self) -> Summary;
     /// Builds the model over `w`; `rope` is the order of the checkpoint's query and key rows.
     fn load(self: Box<Self>, w: &Weights, rope: RopeStyle) -> Result<Box<dyn CausalLM>>;
@@ -218,7 +212,7 @@ pub static ARCHITECTURES: &[Architecture] = &[
         hf_classes: &["BertModel"],
         file: "bert.rs",
         special: "bidirectional encoder + sentence-transformers pooling (mean / CLS / max, normalize)",
-        kind: Kind::Encoder { context_length: BertConfig::context_length },
+        kind: Kind::Encoder { summary: |raw| Ok(BertConfig::from_hf(raw)?.summary()) },
     },
 ];
 

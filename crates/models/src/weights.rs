@@ -190,12 +190,10 @@ impl Weights {
         Ok(Self { src: Arc::new(Source::Safetensors(st)), prefix: String::new(), opts, device: device.clone() })
     }
 
-    /// Opens a GGUF file (metadata is read now, tensors on demand).
+    /// Opens a GGUF file (metadata is read now, tensors on demand). Every tensor's size is
+    /// checked to lie inside the file first (`gguf.rs`).
     pub fn from_gguf(path: &Path, opts: LoadOptions, device: &Device) -> Result<Self> {
-        let io = |e| Error::Io { path: path.display().to_string(), source: e };
-        let mut reader = BufReader::new(File::open(path).map_err(io)?);
-        let content = gguf_file::Content::read(&mut reader)
-            .map_err(|e| Error::Format(format!("{} is not a valid GGUF file: {e}", path.display())))?;
+        let crate::gguf::GgufFile { content, reader } = crate::gguf::open(path)?;
         let arch = content
             .metadata
             .get("general.architecture")
@@ -270,9 +268,8 @@ impl Weights {
             return Err(Error::Format(format!("{}: {name} has {experts} experts, not {}", path.display(), e + 1)));
         }
         let dtype = info.ggml_dtype;
-        if !(rows * cols).is_multiple_of(dtype.block_size()) {
-            return Err(Error::Format(format!("{}: {name} rows do not fill whole blocks", path.display())));
-        }
+        // (The whole stacked tensor was checked to lie inside the file, in whole blocks: one
+        // expert's slice is smaller.)
         let bytes = rows * cols / dtype.block_size() * dtype.type_size();
         let start = content.tensor_data_offset + info.offset + (e * bytes) as u64;
         let mut raw = vec![0u8; bytes];
@@ -280,6 +277,28 @@ impl Weights {
         r.seek(SeekFrom::Start(start)).map_err(io)?;
         r.read_exact(&mut raw).map_err(io)?;
         Ok(Some(qtensor_from_ggml(dtype, &raw, vec![rows, cols], &self.device).map_err(bad)?))
+    }
+
+    /// The shape of tensor `name` (under the prefix) from the file's headers, without reading
+    /// it; `None` if absent (or one expert's slice of a stacked GGUF tensor).
+    pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        let full = self.full(name);
+        match &*self.src {
+            Source::Safetensors(st) => st.get(&full).ok().map(|v| v.shape().to_vec()),
+            Source::Gguf { content, tensors, .. } => {
+                let t = tensors(&full).filter(|t| t.expert.is_none())?;
+                content.tensor_infos.get(&t.name).map(|i| i.shape.dims().to_vec())
+            }
+        }
+    }
+
+    /// The name tensor `name` (under the prefix) has in the file: llama.cpp's in a GGUF file.
+    pub fn stored_name(&self, name: &str) -> String {
+        let full = self.full(name);
+        match &*self.src {
+            Source::Gguf { tensors, .. } => tensors(&full).map_or(full, |t| t.name),
+            Source::Safetensors(_) => full,
+        }
     }
 
     /// Whether the checkpoint has tensor `name` (under the prefix).

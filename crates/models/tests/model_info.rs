@@ -64,7 +64,8 @@ fn hf_folders() {
 #[test]
 fn embedding_models_have_no_kv_cache() {
     let dir = tempfile::tempdir().unwrap();
-    let config = r#"{"architectures": ["BertModel"], "hidden_size": 8, "max_position_embeddings": 512}"#;
+    let config = r#"{"architectures": ["BertModel"], "hidden_size": 8, "max_position_embeddings": 512,
+        "num_attention_heads": 2, "num_hidden_layers": 1, "intermediate_size": 16, "vocab_size": 4}"#;
     std::fs::write(dir.path().join("config.json"), config).unwrap();
     let t = Tensor::zeros((4, 8), DType::F32, &Device::Cpu).unwrap();
     candle_core::safetensors::save(

@@ -79,20 +79,61 @@ pub struct Tokenizer {
     vocab_size: usize,
 }
 
+/// Runs one of the `tokenizers` crate's operations. Some of its parts panic on settings a
+/// hostile `tokenizer.json` can hold (a `Strip` decoder cutting more than an empty text has):
+/// that is contained here and becomes an error, never a panic in a request.
+fn guard<T>(op: impl FnOnce() -> tokenizers::Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(op))
+        .unwrap_or_else(|_| Err("the tokenizer failed on this input (a part of it is malformed)".into()))
+        .map_err(Error::from)
+}
+
+/// Parses a `tokenizer.json`. The `tokenizers` crate panics on some malformed files (an
+/// `expect` where a decoder or normalizer fails to deserialize): that is contained here and
+/// becomes an error like any other malformed file.
+fn parse(json: &str) -> Result<tokenizers::Tokenizer> {
+    // Not JSON at all: said plainly (the crate's decoder reader panics on some syntax errors).
+    serde_json::from_str::<serde::de::IgnoredAny>(json).map_err(|e| Error::Tokenizers(e.into()))?;
+    std::panic::catch_unwind(|| tokenizers::Tokenizer::from_str(json))
+        .unwrap_or_else(|_| {
+            Err("tokenizer.json is malformed (the tokenizers crate could not read one of its parts)".into())
+        })
+        .map_err(Error::from)
+}
+
 fn read(path: &Path) -> Result<String> {
     std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.display().to_string(), source })
 }
 
 impl Tokenizer {
-    fn wrap(inner: tokenizers::Tokenizer, bos: Option<u32>, eos: Vec<u32>, add_bos: bool, tpl: Option<String>) -> Self {
+    /// The tokenizer, once it has encoded and decoded a few things without failing (a
+    /// tokenizer that cannot is refused when it loads, not at each request).
+    fn wrap(
+        inner: tokenizers::Tokenizer,
+        bos: Option<u32>,
+        eos: Vec<u32>,
+        add_bos: bool,
+        tpl: Option<String>,
+    ) -> Result<Self> {
         let vocab_size = inner.get_vocab_size(true);
-        Self { inner, bos_token_id: bos, eos_token_ids: eos, add_bos, chat_template: tpl, vocab_size }
+        let t = Self { inner, bos_token_id: bos, eos_token_ids: eos, add_bos, chat_template: tpl, vocab_size };
+        let some_ids: Vec<u32> = (0..vocab_size.min(8) as u32).collect();
+        let probe = || -> Result<()> {
+            for skip in [false, true] {
+                t.decode(&[], skip)?;
+                t.decode(&some_ids, skip)?;
+            }
+            t.encode("Hello world, 123 héllo", true)?;
+            Ok(())
+        };
+        probe().map_err(|e| Error::Tokenizers(format!("the tokenizer does not work: {e}").into()))?;
+        Ok(t)
     }
 
     /// Loads `tokenizer.json` from a model folder, with `tokenizer_config.json` (BOS/EOS,
     /// `add_bos_token`, `chat_template`) and `generation_config.json` (EOS ids) when present.
     pub fn from_hf_dir(dir: &Path) -> Result<Self> {
-        let mut inner = tokenizers::Tokenizer::from_str(&read(&dir.join("tokenizer.json"))?)?;
+        let mut inner = parse(&read(&dir.join("tokenizer.json"))?)?;
         // Truncation and padding saved in tokenizer.json (sentence-transformers folders set
         // both to 128) are the engine's business (max_seq_length, truncate_prompt_tokens).
         inner.with_truncation(None)?;
@@ -122,26 +163,26 @@ impl Tokenizer {
         eos.dedup();
         let add_bos = config.get("add_bos_token").and_then(|v| v.as_bool()).unwrap_or(false);
         let tpl = config.get("chat_template").and_then(|v| v.as_str()).map(String::from);
-        Ok(Self::wrap(inner, bos, eos, add_bos, tpl))
+        Self::wrap(inner, bos, eos, add_bos, tpl)
     }
 
     /// Loads a bare `tokenizer.json` with the given special tokens.
     pub fn from_file(path: &Path, bos: Option<u32>, eos: Vec<u32>) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_str(&read(path)?)?;
-        Ok(Self::wrap(inner, bos, eos, false, None))
+        let inner = parse(&read(path)?)?;
+        Self::wrap(inner, bos, eos, false, None)
     }
 
     /// Rebuilds the tokenizer from GGUF metadata.
     pub fn from_gguf(metadata: &HashMap<String, Value>) -> Result<Self> {
         let (json, sp) = gguf::tokenizer_json(metadata)?;
-        let inner = tokenizers::Tokenizer::from_str(&json)?;
-        Ok(Self::wrap(inner, sp.bos, sp.eos.into_iter().collect(), sp.add_bos, sp.chat_template))
+        let inner = parse(&json)?;
+        Self::wrap(inner, sp.bos, sp.eos.into_iter().collect(), sp.add_bos, sp.chat_template)
     }
 
     /// Encodes text. With `add_special_tokens`, BOS is prepended if the model asks for it.
     /// Special tokens written in the text (`<|im_start|>`) are always recognised.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, false)?;
+        let enc = guard(|| self.inner.encode(text, false))?;
         let mut ids = Vec::with_capacity(enc.len() + 1);
         if add_special_tokens && self.add_bos {
             if let Some(b) = self.bos_token_id {
@@ -155,12 +196,12 @@ impl Tokenizer {
     /// Encodes with the tokenizer's own post-processor (e.g. BERT's `[CLS] ... [SEP]`), as
     /// encoder models expect.
     pub fn encode_with_post_processor(&self, text: &str) -> Result<Vec<u32>> {
-        Ok(self.inner.encode(text, true)?.get_ids().to_vec())
+        Ok(guard(|| self.inner.encode(text, true))?.get_ids().to_vec())
     }
 
     /// Decodes ids to text, optionally dropping special tokens.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
-        Ok(self.inner.decode(ids, skip_special_tokens)?)
+        guard(|| self.inner.decode(ids, skip_special_tokens))
     }
 
     /// Checks that every id is inside the vocabulary.
