@@ -199,6 +199,42 @@ impl Int8Matrix {
         Some(Self { rows, cols, q, scales, sums })
     }
 
+    /// Packs a row-major `[rows, cols]` matrix of signed 8-bit integers with one `f32` scale
+    /// per row and block of 32 (`scales[r * cols / 32 + b]`, `w = d q`) as they are: an int8
+    /// checkpoint (GPTQ 8-bit, compressed-tensors W8A8 / W8A16) without requantization. `None`
+    /// unless `cols` is a whole number of blocks and the lengths match.
+    pub fn from_blocks(q: &[i8], scales: &[f32], rows: usize, cols: usize) -> Option<Self> {
+        if cols == 0 || !cols.is_multiple_of(BLOCK) {
+            return None;
+        }
+        let nb = cols / BLOCK;
+        if rows.checked_mul(cols)? != q.len() || rows.checked_mul(nb)? != scales.len() {
+            return None;
+        }
+        let groups = rows.div_ceil(LANES);
+        let mut packed = vec![0i8; groups * nb * TILE];
+        let mut block_scales = vec![0f32; groups * nb * LANES];
+        let mut sums = vec![0f32; groups * nb * LANES];
+        packed
+            .par_chunks_mut(nb * TILE)
+            .zip(block_scales.par_chunks_mut(nb * LANES))
+            .zip(sums.par_chunks_mut(nb * LANES))
+            .enumerate()
+            .for_each(|(g, ((packed, block_scales), sums))| {
+                for lane in 0..LANES {
+                    let r = g * LANES + lane;
+                    if r >= rows {
+                        break;
+                    }
+                    for b in 0..nb {
+                        let qb = &q[r * cols + b * BLOCK..][..BLOCK];
+                        pack_block(packed, block_scales, sums, b, lane, qb, scales[r * nb + b]);
+                    }
+                }
+            });
+        Some(Self { rows, cols, q: packed, scales: block_scales, sums })
+    }
+
     /// Row `r`'s weights as floats (an embedding lookup in a tied output matrix).
     pub fn row(&self, r: usize, out: &mut [f32]) {
         assert!(r < self.rows && out.len() == self.cols, "row {r} of {} into {} values", self.rows, out.len());
@@ -546,6 +582,26 @@ mod vnni {
                 _mm512_storeu_ps(out.as_mut_ptr().add((g * m + i0 + r) * LANES), acc[g][r]);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod from_blocks_tests {
+    use super::*;
+
+    /// Integer blocks with their own scales come back exactly.
+    #[test]
+    fn blocks_pack_as_they_are() {
+        let (rows, cols) = (20, 64);
+        let q: Vec<i8> = (0..rows * cols).map(|i| ((i * 37) % 255) as i32 as i8).collect();
+        let scales: Vec<f32> = (0..rows * cols / BLOCK).map(|i| 0.001 * (i + 1) as f32).collect();
+        let m = Int8Matrix::from_blocks(&q, &scales, rows, cols).unwrap();
+        let w = m.dequantize();
+        for (i, (&v, &qv)) in w.iter().zip(&q).enumerate() {
+            assert_eq!(v, scales[i / BLOCK] * qv as f32, "{i}");
+        }
+        assert!(Int8Matrix::from_blocks(&q, &scales, rows, cols + 1).is_none());
+        assert!(Int8Matrix::from_blocks(&q[1..], &scales, rows, cols).is_none());
     }
 }
 

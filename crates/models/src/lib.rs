@@ -30,6 +30,7 @@ mod layers;
 mod linear;
 pub mod llama;
 pub mod opt;
+pub mod quant;
 pub mod registry;
 pub mod validate;
 mod weights;
@@ -41,6 +42,7 @@ use vllm_kernels::{AttnMetadata, AttnShape, KvCache};
 
 pub use info::{inspect, KvLayout, ModelInfo};
 pub use linear::Linear;
+pub use quant::{QuantConfig, QuantMethod};
 pub use weights::{gguf_name, GgufTensor, LoadOptions, MatrixFormat, Weights};
 
 /// Model errors.
@@ -218,13 +220,29 @@ pub fn load_hf_dir(dir: &Path, opts: LoadOptions, device: &Device) -> Result<Box
         let supported = registry::causal_classes().collect::<Vec<_>>().join(", ");
         return Err(Error::UnsupportedArchitecture { name: arch, supported });
     };
+    let quant = quant::QuantConfig::from_config(&raw)?.map(std::sync::Arc::new);
+    if let Some(q) = &quant {
+        if !matches!(opts.matrices, MatrixFormat::Native | MatrixFormat::Dense) {
+            return Err(Error::Config(format!(
+                "a {} checkpoint runs on its own quantization ({:?} asked for: leave --quantization at auto, \
+                 or none to dequantize it)",
+                q.method().name(),
+                opts.matrices
+            )));
+        }
+    }
     let config = config(raw)?;
     let summary = config.summary();
     summary.validate()?;
     let files = safetensors_files(dir)?;
-    let w = Weights::from_safetensors(&files, opts, device)?;
+    let w = Weights::from_safetensors(&files, opts, device)?.with_quantization(quant.clone());
     summary.check_tensors(&w)?;
-    config.load(&w, attention::RopeStyle::Halves)
+    let model = config.load(&w, attention::RopeStyle::Halves)?;
+    if let Some(q) = &quant {
+        q.check_ignore_matched()?;
+        tracing::info!("{} checkpoint: {}", q.method().name(), q.summary());
+    }
+    Ok(model)
 }
 
 /// The safetensors files of a folder: the shards listed in `model.safetensors.index.json`, or

@@ -27,6 +27,9 @@ pub struct Linear {
     weight: LinearWeight,
     /// `[out_features]`.
     bias: Option<Tensor>,
+    /// Act-order checkpoints: the weight's column `j` is input channel `perm[j]`, so the
+    /// input's columns are gathered in that order first (`[in_features]` u32).
+    input_perm: Option<Tensor>,
 }
 
 /// The stored formats of a linear layer's weight.
@@ -49,7 +52,40 @@ enum LinearWeight {
 impl Linear {
     /// A float layer over a `[out_features, in_features]` weight, kept in its dtype.
     pub fn dense(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
-        Ok(Self { weight: LinearWeight::Dense(weight.t()?.contiguous()?), bias })
+        Ok(Self { weight: LinearWeight::Dense(weight.t()?.contiguous()?), bias, input_perm: None })
+    }
+
+    /// A 4-bit matrix already packed (a quantized safetensors checkpoint's groups).
+    pub fn q4(matrix: Q4Matrix, bias: Option<Tensor>) -> Self {
+        Self { weight: LinearWeight::Q4(Arc::new(matrix)), bias, input_perm: None }
+    }
+
+    /// An int8 matrix already packed (an 8-bit checkpoint's blocks).
+    pub fn int8_matrix(matrix: Int8Matrix, bias: Option<Tensor>) -> Self {
+        Self { weight: LinearWeight::Int8(Arc::new(matrix)), bias, input_perm: None }
+    }
+
+    /// The layer with its weight's columns in `perm` order of the input channels (act order):
+    /// each step gathers the input's columns in that order before the product.
+    pub fn with_input_permutation(self, perm: Vec<u32>) -> Result<Self> {
+        let (_, inp) = self.dims()?;
+        if perm.len() != inp || perm.iter().any(|&p| p as usize >= inp) {
+            return Err(Error::Format(format!("an input permutation of {} for {inp} channels", perm.len())));
+        }
+        let n = perm.len();
+        Ok(Self { input_perm: Some(Tensor::from_vec(perm, n, &Device::Cpu)?), ..self })
+    }
+
+    /// The kernel the weight runs on, for the start log.
+    pub fn kernel_name(&self) -> &'static str {
+        match &self.weight {
+            LinearWeight::Dense(_) => "dense matmul",
+            LinearWeight::Int8(_) => "int8 kernel",
+            LinearWeight::Q4(m) if m.format() == Q4Format::Q4_0 => "4-bit kernel (Q4_0 blocks)",
+            LinearWeight::Q4(_) => "4-bit kernel (Q4_1 blocks)",
+            LinearWeight::K(_) => "k-quant kernel",
+            LinearWeight::Quantized(_) => "candle quantized matmul",
+        }
     }
 
     /// A float `[out_features, in_features]` weight on CPU quantized to int8 (per block of 32,
@@ -60,7 +96,7 @@ impl Linear {
         }
         let (rows, cols) = weight.dims2()?;
         let matrix = with_f32_slice(weight, |w| Int8Matrix::from_f32(w, rows, cols))?;
-        Ok(matrix.map(|m| Self { weight: LinearWeight::Int8(Arc::new(m)), bias }))
+        Ok(matrix.map(|m| Self { weight: LinearWeight::Int8(Arc::new(m)), bias, input_perm: None }))
     }
 
     /// A GGUF-quantized matrix on our kernels in its own block format: `Q4_0` and `Q4_1` on
@@ -83,12 +119,12 @@ impl Linear {
             GgmlDType::Q8_0 => Int8Matrix::from_gguf_q8_0(&data, rows, cols).map(|m| LinearWeight::Int8(m.into())),
             _ => None,
         };
-        Ok(weight.map(|weight| Self { weight, bias }))
+        Ok(weight.map(|weight| Self { weight, bias, input_perm: None }))
     }
 
     /// A GGUF matrix on candle's quantized matmul (no bias).
     pub fn candle_quantized(q: QTensor) -> Result<Self> {
-        Ok(Self { weight: LinearWeight::Quantized(QMatMul::from_qtensor(q)?), bias: None })
+        Ok(Self { weight: LinearWeight::Quantized(QMatMul::from_qtensor(q)?), bias: None, input_perm: None })
     }
 
     /// Whether the weight is held quantized (int8, 4-bit, k-quant, or candle's quantized
@@ -133,6 +169,14 @@ impl Linear {
         if parts.iter().any(|p| p.bias.is_some()) {
             return None;
         }
+        // Fused parts share one input: they must gather it the same way.
+        let perm = parts.first()?.input_perm.as_ref().map(|t| t.to_vec1::<u32>().ok()).unwrap_or(Some(Vec::new()))?;
+        for p in parts {
+            let other = p.input_perm.as_ref().map(|t| t.to_vec1::<u32>().ok()).unwrap_or(Some(Vec::new()))?;
+            if other != perm {
+                return None;
+            }
+        }
         let (weight, widths) = match &parts.first()?.weight {
             LinearWeight::K(_) => {
                 let mats = all_of(parts, |w| if let LinearWeight::K(m) = w { Some(&**m) } else { None })?;
@@ -148,7 +192,7 @@ impl Linear {
             }
             LinearWeight::Dense(_) | LinearWeight::Quantized(_) => return None,
         };
-        Some((Linear { weight, bias: None }, widths))
+        Some((Linear { weight, bias: None, input_perm: parts.first()?.input_perm.clone() }, widths))
     }
 
     /// Rows `ids` of a weight on our quantized kernels as a float `[ids, in_features]` tensor
@@ -156,6 +200,9 @@ impl Linear {
     /// dequantized); `None` for other formats. An id past the rows is an error.
     pub fn rows(&self, ids: &Tensor, dtype: DType) -> Result<Option<Tensor>> {
         type RowFn<'a> = &'a dyn Fn(usize, &mut [f32]);
+        if self.input_perm.is_some() {
+            return Ok(None);
+        }
         let (rows, cols, row): (usize, usize, RowFn) = match &self.weight {
             LinearWeight::Int8(m) => (m.rows(), m.cols(), &|r, o| m.row(r, o)),
             LinearWeight::Q4(m) => (m.rows(), m.cols(), &|r, o| m.row(r, o)),
@@ -181,6 +228,14 @@ impl Linear {
         if x.rank() != 2 || x.dim(1)? != inp {
             return Err(Error::Format(format!("a {:?} input to a [{out}, {inp}] linear layer", x.dims())));
         }
+        let gathered;
+        let x = match &self.input_perm {
+            Some(perm) => {
+                gathered = x.index_select(&perm.to_device(x.device())?, 1)?.contiguous()?;
+                &gathered
+            }
+            None => x,
+        };
         let y = match &self.weight {
             LinearWeight::Dense(weight_t) => x.matmul(weight_t)?,
             LinearWeight::Int8(m) => host_matmul(x, m.rows(), |host, rows| m.matmul(host, rows))?,

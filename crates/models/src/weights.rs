@@ -71,6 +71,8 @@ pub struct Weights {
     prefix: String,
     opts: LoadOptions,
     device: Device,
+    /// A quantized safetensors checkpoint's `quantization_config`.
+    quant: Option<Arc<crate::quant::QuantConfig>>,
 }
 
 /// Where a Hugging Face tensor lives in a GGUF file: llama.cpp's name, and for a mixture of
@@ -187,7 +189,24 @@ impl Weights {
         // safetensors, PyTorch) we rely on them not being truncated while the model lives.
         #[allow(unsafe_code)]
         let st = unsafe { MmapedSafetensors::multi(files)? };
-        Ok(Self { src: Arc::new(Source::Safetensors(st)), prefix: String::new(), opts, device: device.clone() })
+        Ok(Self {
+            src: Arc::new(Source::Safetensors(st)),
+            prefix: String::new(),
+            opts,
+            device: device.clone(),
+            quant: None,
+        })
+    }
+
+    /// The handle with a quantized checkpoint's configuration: [`Self::linear`] repacks the
+    /// layers it covers (see [`crate::quant`]).
+    pub fn with_quantization(self, quant: Option<Arc<crate::quant::QuantConfig>>) -> Self {
+        Self { quant, ..self }
+    }
+
+    /// The quantized checkpoint's configuration, if any.
+    pub fn quantization(&self) -> Option<&crate::quant::QuantConfig> {
+        self.quant.as_deref()
     }
 
     /// Opens a GGUF file (metadata is read now, tensors on demand). Every tensor's size is
@@ -202,7 +221,7 @@ impl Weights {
             .unwrap_or_else(|| "llama".into());
         let tensors = crate::registry::by_gguf_name(&arch).map_or(no_tensors as fn(&str) -> _, |g| g.tensors);
         let src = Source::Gguf { content, reader: Mutex::new(reader), path: path.to_path_buf(), arch, tensors };
-        Ok(Self { src: Arc::new(src), prefix: String::new(), opts, device: device.clone() })
+        Ok(Self { src: Arc::new(src), prefix: String::new(), opts, device: device.clone(), quant: None })
     }
 
     /// GGUF metadata (empty for safetensors).
@@ -321,7 +340,20 @@ impl Weights {
     fn get_raw(&self, name: &str) -> Result<Tensor> {
         let full = self.full(name);
         let t = match &*self.src {
-            Source::Safetensors(st) => st.load(&full, &self.device).map_err(|_| Error::MissingTensor(full.clone()))?,
+            Source::Safetensors(st) => {
+                let view = st.get(&full).map_err(|_| Error::MissingTensor(full.clone()))?;
+                // Integer or 8-bit float storage is a quantized checkpoint's: read as plain
+                // floats it would run without its scales (garbage), so it is refused.
+                use safetensors::Dtype as D;
+                if !matches!(view.dtype(), D::F32 | D::F16 | D::BF16 | D::F64) {
+                    return Err(Error::Format(format!(
+                        "{full} is stored as {:?}, not as floats: a quantized checkpoint needs its \
+                         quantization_config (with its scales) in config.json",
+                        view.dtype()
+                    )));
+                }
+                st.load(&full, &self.device).map_err(|_| Error::MissingTensor(full.clone()))?
+            }
             Source::Gguf { .. } => {
                 self.qtensor(&full)?.ok_or_else(|| Error::MissingTensor(full.clone()))?.dequantize(&self.device)?
             }
@@ -333,6 +365,14 @@ impl Weights {
     pub fn linear(&self, name: &str) -> Result<Linear> {
         let w = format!("{name}.weight");
         let bias = if self.contains(&format!("{name}.bias")) { Some(self.get(&format!("{name}.bias"))?) } else { None };
+        if let (Some(q), Source::Safetensors(st)) = (&self.quant, &*self.src) {
+            // A quantized checkpoint's layer on our kernels, or dequantized for the reference
+            // path (`MatrixFormat::Dense`); other formats are refused by the engine.
+            let dense = self.opts.matrices == MatrixFormat::Dense;
+            if let Some(l) = q.load_linear(st, &self.full(name), bias.clone(), dense, &self.device)? {
+                return Ok(l);
+            }
+        }
         if self.opts.matrices == MatrixFormat::Native && self.device.is_cpu() {
             if let Some(q) = self.qtensor(&self.full(&w))? {
                 if let Some(l) = Linear::native(&q, bias.clone())? {
