@@ -46,6 +46,32 @@ pub enum Quantization {
     /// batched steps than float32 on SmolLM2-135M, a quarter of the memory, at the cost of
     /// int8 rounding (greedy output checked against the float32 reference in tests).
     Int8,
+    /// An AWQ checkpoint (`quant_method: awq`), on our 4-bit kernel (`awq_marlin`, vLLM's
+    /// GPU kernel's name, is the same here).
+    #[value(alias = "awq_marlin")]
+    Awq,
+    /// A GPTQ checkpoint (`quant_method: gptq`), on our 4-bit or int8 kernel (`gptq_marlin`
+    /// is the same here).
+    #[value(alias = "gptq_marlin")]
+    Gptq,
+    /// A compressed-tensors checkpoint (llm-compressor's W4A16, W8A16, W8A8, FP8).
+    #[value(name = "compressed-tensors", alias = "compressed_tensors")]
+    CompressedTensors,
+    /// An FP8 checkpoint (`quant_method: fp8`), its 8-bit floats as int8 blocks on the CPU.
+    Fp8,
+}
+
+impl Quantization {
+    /// The `quant_method` a checkpoint must have for this choice, when it names one.
+    pub fn quant_method(self) -> Option<&'static str> {
+        match self {
+            Self::Awq => Some("awq"),
+            Self::Gptq => Some("gptq"),
+            Self::CompressedTensors => Some("compressed-tensors"),
+            Self::Fp8 => Some("fp8"),
+            Self::Auto | Self::None | Self::Gguf | Self::Int8 => None,
+        }
+    }
 }
 
 /// What the paged KV cache holds (`--kv-cache-dtype`, vLLM's flag).
@@ -120,10 +146,11 @@ pub struct EngineArgs {
     /// precision on a GPU).
     #[arg(long, value_enum, ignore_case = true, default_value = "auto")]
     pub dtype: ModelDtype,
-    /// How weight matrices run: auto (the checkpoint's own quantization: a GGUF file's Q4_0,
-    /// Q4_1, Q4_K, Q5_K, Q6_K and Q8_0 blocks on our kernels as they are), gguf (the same,
-    /// vLLM's name), none (dequantize to float32: the reference path), or int8 (every matrix
-    /// requantized to int8).
+    /// How weight matrices run: auto (the checkpoint's own quantization on our kernels: a GGUF
+    /// file's blocks, an AWQ / GPTQ / compressed-tensors / FP8 folder's groups), a method by
+    /// vLLM's name (gguf, awq, gptq, compressed-tensors, fp8: checked against the
+    /// checkpoint), none (dequantize to float32: the reference path), or int8 (every float
+    /// matrix requantized to int8).
     #[arg(long, value_enum, ignore_case = true, default_value = "auto")]
     pub quantization: Quantization,
     /// Seed for requests that bring none.
@@ -253,7 +280,9 @@ mod tests {
         let e = "fp8_e4m3".parse::<KvCacheDtype>().unwrap_err().to_string();
         assert!(e.contains("fp8") && e.contains("float16"), "{e}");
         assert_eq!("BF16".parse::<ModelDtype>().unwrap(), ModelDtype::BFloat16);
-        assert!("int3".parse::<Quantization>().unwrap_err().to_string().contains("auto, none, gguf, int8"));
+        assert!("int3".parse::<Quantization>().unwrap_err().to_string().contains("auto, none, gguf, int8, awq"));
+        assert_eq!("gptq_marlin".parse::<Quantization>().unwrap(), Quantization::Gptq);
+        assert_eq!("compressed-tensors".parse::<Quantization>().unwrap(), Quantization::CompressedTensors);
     }
 
     /// The defaults written on the flags are `EngineArgs::default()` (one place for them).

@@ -86,12 +86,13 @@ impl EngineConfig {
         };
         let info = vllm_models::inspect(&path)?;
         let dtype = resolve_dtype(args.dtype, device.is_cuda(), &info);
+        check_quantization(args.quantization, &files, &info, &device)?;
         let matrices = match args.quantization {
             Quantization::Int8 => MatrixFormat::Int8,
-            // Our quantized kernels are CPU kernels; on CUDA, candle's quantized matmul.
-            Quantization::Auto | Quantization::Gguf if device.is_cpu() => MatrixFormat::Native,
-            Quantization::Auto | Quantization::Gguf => MatrixFormat::CandleQuantized,
             Quantization::None => MatrixFormat::Dense,
+            // Our quantized kernels are CPU kernels; on CUDA, candle's quantized matmul.
+            _ if device.is_cpu() => MatrixFormat::Native,
+            _ => MatrixFormat::CandleQuantized,
         };
         let model_max = info.context_length.unwrap_or(usize::MAX);
         let max_model_len = args.max_model_len.unwrap_or(model_max);
@@ -154,6 +155,15 @@ impl EngineConfig {
     fn how_it_runs(&self) -> String {
         let dtype = self.load.dtype;
         let gguf = matches!(self.files, ModelFiles::Gguf(_));
+        if let (false, Some(m)) = (gguf, &self.info.quantization) {
+            return match self.load.matrices {
+                MatrixFormat::Dense => format!("{m} layers dequantized to {dtype:?}"),
+                _ => format!(
+                    "{m} layers repacked as stored onto our {} kernels (each kind below), other tensors {dtype:?}",
+                    vllm_kernels::cpu_kernel_path()
+                ),
+            };
+        }
         match self.load.matrices {
             MatrixFormat::Int8 => "every matrix requantized to int8".to_string(),
             MatrixFormat::Dense if gguf => format!("dequantized to {dtype:?}"),
@@ -209,6 +219,47 @@ impl fmt::Display for EngineConfig {
                 None => "eager".into(),
             }
         )
+    }
+}
+
+/// `--quantization` against the checkpoint: a method names the checkpoint's own (vLLM checks
+/// the same); `gguf` needs a GGUF file; `int8` requantizes float matrices only.
+fn check_quantization(q: Quantization, files: &ModelFiles, info: &ModelInfo, device: &Device) -> Result<()> {
+    let gguf = matches!(files, ModelFiles::Gguf(_));
+    let stored = if gguf { None } else { info.quantization.as_deref() };
+    let what = |s: Option<&str>| {
+        s.map_or("an unquantized checkpoint".to_string(), |m| format!("a checkpoint quantized with {m}"))
+    };
+    match q {
+        Quantization::Gguf if !gguf => {
+            Err(invalid("quantization", format!("gguf: {} is {}, not a GGUF file", info.path.display(), what(stored))))
+        }
+        Quantization::Int8 if stored.is_some() => Err(invalid(
+            "quantization",
+            format!(
+                "int8: {} is {}: it runs on its own quantization (leave --quantization out)",
+                info.path.display(),
+                what(stored)
+            ),
+        )),
+        _ => match q.quant_method() {
+            Some(m) if stored != Some(m) => Err(invalid(
+                "quantization",
+                format!("{m}: {} is {}", info.path.display(), if gguf { "a GGUF file".into() } else { what(stored) }),
+            )),
+            Some(m) if device.is_cuda() => Err(invalid(
+                "quantization",
+                format!("{m} checkpoints run on our CPU kernels; on CUDA they are not supported yet"),
+            )),
+            _ if stored.is_some() && device.is_cuda() && q != Quantization::None => Err(invalid(
+                "quantization",
+                format!(
+                    "{} checkpoints run on our CPU kernels; on CUDA they are not supported yet",
+                    stored.unwrap_or("")
+                ),
+            )),
+            _ => Ok(()),
+        },
     }
 }
 
