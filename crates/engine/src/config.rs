@@ -312,6 +312,7 @@ mod tests {
             weight_bytes: 0,
             dtypes: pairs.iter().map(|(k, n)| (k.to_string(), *n)).collect(),
             quantization: None,
+            quantization_detail: None,
             context_length: Some(2048),
             kv: None,
         }

@@ -76,6 +76,9 @@ pub struct ModelInfo {
     pub dtypes: BTreeMap<String, u64>,
     /// The quantization: a GGUF file type, `quantization_config.quant_method`, or `None`.
     pub quantization: Option<String>,
+    /// A quantized safetensors checkpoint's schemes in words (bits, groups, zero points, act
+    /// order, the layers left unquantized).
+    pub quantization_detail: Option<String>,
     /// Context length the model was trained for.
     pub context_length: Option<usize>,
     /// The KV-cache layout; `None` for encoder (embedding) models, which keep no cache.
@@ -170,6 +173,7 @@ fn inspect_gguf(path: &Path) -> Result<ModelInfo> {
         weight_bytes,
         dtypes,
         quantization,
+        quantization_detail: None,
         context_length,
         kv,
     })
@@ -181,20 +185,27 @@ fn inspect_hf_dir(dir: &Path) -> Result<ModelInfo> {
     // SAFETY: read-only mapping of the headers' files, dropped before returning.
     #[allow(unsafe_code)]
     let st = unsafe { MmapedSafetensors::multi(&files)? };
+    let quant = crate::quant::QuantConfig::from_config(&raw)?;
     let (mut parameters, mut weight_bytes, mut dtypes) = (0u64, 0u64, BTreeMap::new());
-    for (_, view) in st.tensors() {
-        let n = view.shape().iter().product::<usize>() as u64;
-        parameters += n;
+    for (tensor, view) in st.tensors() {
+        // Packed words hold several weights; scales and zero points are not parameters.
+        let per = quant.as_ref().map_or(1, |q| q.weights_per_element(&tensor));
+        let n = view.shape().iter().product::<usize>() as u64 * per;
         weight_bytes += view.data().len() as u64;
+        if n == 0 {
+            continue;
+        }
+        parameters += n;
         let name = match DType::try_from(view.dtype()) {
+            // Packed words: the weights' own width.
+            Ok(_) if per > 1 => format!("I{} (packed)", 32 / per),
             Ok(d) => d.as_str().to_uppercase(),
             Err(_) => format!("{:?}", view.dtype()),
         };
         *dtypes.entry(name).or_default() += n;
     }
-    let quantization = raw
-        .get("quantization_config")
-        .map(|q| q.get("quant_method").and_then(|m| m.as_str()).unwrap_or("unnamed").to_string());
+    let quantization = quant.as_ref().map(|q| q.method().name().to_string());
+    let quantization_detail = quant.as_ref().map(|q| q.describe());
     let (supported, context_length, kv) = match registry::by_hf_class(&arch).map(|a| &a.kind) {
         Some(Kind::Decoder { config, .. }) => {
             let s = config(raw.clone())?.summary();
@@ -223,6 +234,7 @@ fn inspect_hf_dir(dir: &Path) -> Result<ModelInfo> {
         weight_bytes,
         dtypes,
         quantization,
+        quantization_detail,
         context_length,
         kv,
     })
@@ -285,7 +297,8 @@ impl fmt::Display for ModelInfo {
             })
             .collect();
         writeln!(f, "dtype:           {} (share of parameters)", dtypes.join(", "))?;
-        writeln!(f, "quantization:    {}", self.quantization.as_deref().unwrap_or("none"))?;
+        let q = self.quantization_detail.as_deref().or(self.quantization.as_deref()).unwrap_or("none");
+        writeln!(f, "quantization:    {q}")?;
         match self.context_length {
             Some(c) => writeln!(f, "context length:  {} tokens", grouped(c as u64))?,
             None => writeln!(f, "context length:  unknown")?,

@@ -312,6 +312,36 @@ impl QuantConfig {
         self.method
     }
 
+    /// What the checkpoint's layers are, in words (model-info): each scheme, and the layers
+    /// left unquantized.
+    pub fn describe(&self) -> String {
+        let mut parts: Vec<String> = self.groups.iter().map(|(_, s)| s.describe()).collect();
+        parts.dedup();
+        if !self.ignore.is_empty() {
+            let names: Vec<&str> = self.ignore.iter().map(|(_, t)| t.as_str()).collect();
+            parts.push(format!("unquantized: {}", names.join(", ")));
+        }
+        format!("{} ({})", self.method.name(), parts.join("; "))
+    }
+
+    /// How many weights one stored element of tensor `name` holds: 32 / bits for the int32
+    /// words of packed 4- and 8-bit weights, 0 for a quantization's own metadata (scales,
+    /// zero points, group indices, shapes), 1 otherwise.
+    pub fn weights_per_element(&self, name: &str) -> u64 {
+        let suffix = name.rsplit('.').next().unwrap_or_default();
+        let bits = self.groups.iter().find_map(|(_, s)| match s {
+            Scheme::Awq { .. } => Some(4),
+            Scheme::Gptq { bits, .. } | Scheme::CtInt { bits, .. } => Some(*bits),
+            Scheme::Fp8 => None,
+        });
+        match suffix {
+            "qweight" | "weight_packed" => 32 / u64::from(bits.unwrap_or(32)),
+            "qzeros" | "scales" | "g_idx" | "weight_scale" | "weight_scale_inv" | "weight_zero_point"
+            | "weight_shape" | "weight_g_idx" | "input_scale" => 0,
+            _ => 1,
+        }
+    }
+
     /// The scheme of layer `module` (`model.layers.0.self_attn.q_proj`), or `None` when the
     /// checkpoint leaves it in full precision.
     fn scheme(&self, module: &str) -> Option<&Scheme> {
