@@ -223,6 +223,23 @@ pub struct EngineArgs {
     /// Guided-decoding budgets: constraint sizes, compile time and threads, cache bytes.
     #[command(flatten)]
     pub guided_decoding: vllm_sampler::GuideLimits,
+    /// Serve LoRA adapters: every linear layer is recorded so adapters can be installed on it
+    /// (a request names its adapter; see `--max-loras` and the server's `--lora-modules`).
+    #[arg(long)]
+    pub enable_lora: bool,
+    /// Most distinct LoRA adapters in one step (requests of others wait their turn).
+    #[arg(long, default_value_t = 1)]
+    pub max_loras: usize,
+    /// Largest LoRA rank an adapter may have.
+    #[arg(long, default_value_t = 16)]
+    pub max_lora_rank: usize,
+    /// Most LoRA adapters kept loaded at once (least recently used unloaded first); defaults
+    /// to --max-loras.
+    #[arg(long)]
+    pub max_cpu_loras: Option<usize>,
+    /// The dtype adapters compute in: auto (float32 here, whatever the base's dtype), float32.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "float32", "float16", "bfloat16"])]
+    pub lora_dtype: String,
     /// A tokenizer other than the model's: a folder with `tokenizer.json` (and
     /// `tokenizer_config.json`), that file, or a Hugging Face id (vLLM's `--tokenizer`).
     #[arg(long)]

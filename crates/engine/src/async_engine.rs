@@ -240,11 +240,22 @@ impl AsyncEngine {
     /// Processes a request (off the engine thread) and submits it; returns its output stream
     /// once the core has queued it, or the error.
     pub async fn generate(&self, id: String, prompt: Prompt, params: SamplingParams) -> Result<OutputStream> {
+        self.generate_with_lora(id, prompt, params, None).await
+    }
+
+    /// [`Self::generate`] with a LoRA adapter (loaded on first use, off the engine thread).
+    pub async fn generate_with_lora(
+        &self,
+        id: String,
+        prompt: Prompt,
+        params: SamplingParams,
+        lora: Option<crate::LoraRequest>,
+    ) -> Result<OutputStream> {
         let guard = self.admit()?;
         let cancel = Arc::new(AtomicBool::new(false));
         let _cancel_on_drop = CancelOnDrop(cancel.clone());
         let input = self.input.clone();
-        let req = self.off_thread(move || input.process(id, prompt, params, &cancel)).await?;
+        let req = self.off_thread(move || input.process_with_lora(id, prompt, params, lora.as_ref(), &cancel)).await?;
         self.submit(req, Some(guard)).await
     }
 
@@ -272,11 +283,22 @@ impl AsyncEngine {
     /// engine thread); each round's beams are ordinary requests that run between the others.
     /// Dropping the future aborts the round in flight.
     pub async fn beam_search(&self, prompts: Vec<Prompt>, params: BeamSearchParams) -> Result<Vec<BeamSearchOutput>> {
+        self.beam_search_with_lora(prompts, params, None).await
+    }
+
+    /// [`Self::beam_search`] with a LoRA adapter.
+    pub async fn beam_search_with_lora(
+        &self,
+        prompts: Vec<Prompt>,
+        params: BeamSearchParams,
+        lora: Option<crate::LoraRequest>,
+    ) -> Result<Vec<BeamSearchOutput>> {
         let _guard = self.admit()?;
         static COUNTER: AtomicUsize = AtomicUsize::new(0);
         let prefix = format!("\u{1}beam-{}", COUNTER.fetch_add(1, Ordering::Relaxed));
         let input = self.input.clone();
-        let mut search = self.off_thread(move || BeamSearch::new(&input, prompts, params)).await?;
+        let mut search =
+            self.off_thread(move || BeamSearch::new(&input, prompts, params)?.with_lora(&input, lora.as_ref())).await?;
         for round in 1.. {
             let reqs = search.round(&self.input, &prefix, round)?;
             if reqs.is_empty() {

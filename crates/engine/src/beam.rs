@@ -194,6 +194,8 @@ pub(crate) struct BeamSearch {
     eos: Vec<u32>,
     searches: Vec<Search>,
     texts: Vec<Option<String>>,
+    /// The LoRA adapter every beam runs with.
+    lora: Option<crate::lora::LoraLease>,
 }
 
 impl BeamSearch {
@@ -224,7 +226,13 @@ impl BeamSearch {
             });
         }
         let eos = input.tokenizer().eos_token_ids().to_vec();
-        Ok(Self { params: p, eos, searches, texts })
+        Ok(Self { params: p, eos, searches, texts, lora: None })
+    }
+
+    /// The search run with a LoRA adapter (loaded on first use).
+    pub(crate) fn with_lora(mut self, input: &InputProcessor, lora: Option<&crate::LoraRequest>) -> Result<Self> {
+        self.lora = input.lora_lease(lora)?;
+        Ok(self)
     }
 
     /// Round `round`'s requests, ids starting with `prefix`: one per running beam, of one
@@ -251,6 +259,7 @@ impl BeamSearch {
                 let ids = [s.prompt.as_slice(), gen].concat();
                 let mut req = input.request_from_ids(format!("{prefix}-{round}-{i}-{b}"), ids, params.clone())?;
                 req.scaled_logprobs = true;
+                req.lora = self.lora.clone();
                 reqs.push((req, (i, b)));
             }
         }
@@ -309,8 +318,14 @@ pub(crate) fn tops(o: &RequestOutput) -> Result<Vec<(u32, f32)>> {
 
 /// Runs beam search for every prompt on `engine`, stepping it until done (`LLM::beam_search`;
 /// other requests on the engine keep running, their outputs are dropped).
-pub(crate) fn run(engine: &mut LLMEngine, prompts: Vec<Prompt>, p: &BeamSearchParams) -> Result<Vec<BeamSearchOutput>> {
-    let mut search = BeamSearch::new(engine.input_processor(), prompts, p.clone())?;
+pub(crate) fn run(
+    engine: &mut LLMEngine,
+    prompts: Vec<Prompt>,
+    p: &BeamSearchParams,
+    lora: Option<&crate::LoraRequest>,
+) -> Result<Vec<BeamSearchOutput>> {
+    let input = engine.input_processor().clone();
+    let mut search = BeamSearch::new(&input, prompts, p.clone())?.with_lora(&input, lora)?;
     for round in 1.. {
         let reqs = search.round(engine.input_processor(), "\u{1}beam", round)?;
         if reqs.is_empty() {

@@ -56,6 +56,8 @@ pub struct EngineConfig {
     pub fixed_shape_decode: Option<usize>,
     /// Draw tokens on the model's device.
     pub device_sampling: bool,
+    /// LoRA adapters (`--enable-lora`): their limits.
+    pub lora: Option<crate::lora::LoraLimits>,
     /// The arguments it was resolved from (seed, tokenizer, limits are read from them).
     pub args: EngineArgs,
 }
@@ -125,6 +127,33 @@ impl EngineConfig {
             }
             KvBudget::GpuFraction(u)
         };
+        let lora = if args.enable_lora {
+            if device.is_cuda() {
+                return Err(invalid("enable_lora", "LoRA adapters run on the CPU; on CUDA they are not supported yet"));
+            }
+            if args.max_loras == 0 || args.max_lora_rank == 0 {
+                return Err(invalid("max_loras", "--max-loras and --max-lora-rank must be positive"));
+            }
+            if args.max_lora_rank > 1024 {
+                return Err(invalid("max_lora_rank", format!("{} (at most 1024)", args.max_lora_rank)));
+            }
+            let max_cpu_loras = args.max_cpu_loras.unwrap_or(args.max_loras);
+            if max_cpu_loras < args.max_loras {
+                return Err(invalid(
+                    "max_cpu_loras",
+                    format!(
+                        "{max_cpu_loras} is fewer than --max-loras {} (every adapter of a step is loaded)",
+                        args.max_loras
+                    ),
+                ));
+            }
+            if matches!(args.lora_dtype.as_str(), "float16" | "bfloat16") {
+                tracing::info!("--lora-dtype {}: adapters compute in float32 here", args.lora_dtype);
+            }
+            Some(crate::lora::LoraLimits { max_loras: args.max_loras, max_rank: args.max_lora_rank, max_cpu_loras })
+        } else {
+            None
+        };
         let on_gpu = device.is_cuda();
         let fixed_shape_decode = (args.cuda_graphs.unwrap_or(on_gpu && !args.enforce_eager)
             && args.max_seq_len_to_capture > 0)
@@ -147,6 +176,7 @@ impl EngineConfig {
                 .unwrap_or_else(|| (max_model_len / 25).max(256)),
             fixed_shape_decode,
             device_sampling: args.device_sampling.unwrap_or(on_gpu),
+            lora,
             args: args.clone(),
         })
     }
@@ -203,6 +233,13 @@ impl fmt::Display for EngineConfig {
             KvBudget::Bytes(b) => format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64),
             KvBudget::GpuFraction(u) => format!("what {u} of the GPU leaves"),
         };
+        if let Some(l) = &self.lora {
+            writeln!(
+                f,
+                "LoRA adapters: at most {} per step, rank up to {}, {} kept loaded",
+                l.max_loras, l.max_rank, l.max_cpu_loras
+            )?;
+        }
         write!(
             f,
             "context {} tokens; KV cache {:?} in blocks of {} within {budget}, prefix caching {}; at most {} \

@@ -69,6 +69,8 @@ struct CoreRequest {
     /// With prompt log probabilities: how many alternatives, and the next prompt position to
     /// score (positions arrive in order; a recomputation after preemption is skipped).
     prompt_logprobs: Option<(usize, usize)>,
+    /// Its LoRA adapter, held installed until the request is gone.
+    _lora: Option<crate::lora::LoraLease>,
 }
 
 impl CoreRequest {
@@ -152,14 +154,24 @@ impl EngineCore {
             guide,
             guide_after,
             scaled_logprobs,
+            lora,
             ..
         } = req;
         let num_seqs = params.num_sequences();
         let first = self.next_seq;
         let forks: Vec<SeqId> = (1..num_seqs as SeqId).map(|i| first + i).collect();
-        let extra = params.cache_salt.as_deref().map(salt_key).into_iter().collect();
+        // Prefix-cache keys: the salt, and the adapter (its K/V differ from the base model's).
+        let lora_id = lora.as_ref().map(|l| l.id);
+        let extra = params
+            .cache_salt
+            .as_deref()
+            .map(salt_key)
+            .into_iter()
+            .chain(lora_id.map(|id| salt_key(&format!("\u{1}lora:{id}"))))
+            .collect();
         // Rejects a request that could never fit before anything is recorded.
-        let mut request = Request::new(first, prompt_ids, stop).with_forks(forks).with_cache_extra(extra);
+        let mut request =
+            Request::new(first, prompt_ids, stop).with_forks(forks).with_cache_extra(extra).with_lora(lora_id);
         request.all_logits = params.prompt_logprobs.is_some();
         self.scheduler.add_request(request)?;
         let prompt_ids = &self.scheduler.request(first).ok_or(Error::Internal("request just added"))?.token_ids;
@@ -190,6 +202,7 @@ impl EngineCore {
                 seqs,
                 num_cached_tokens: 0,
                 prompt_logprobs: params.prompt_logprobs.map(|k| (k, 0)),
+                _lora: lora,
             },
         );
         Ok(())

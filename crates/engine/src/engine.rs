@@ -114,16 +114,21 @@ pub struct LLMEngine {
 pub(crate) fn build(config: EngineConfig) -> Result<(EngineCore, InputProcessor)> {
     tracing::info!("{config}");
     let EngineConfig { files, device: dev, load: opts, max_model_len, kv_dtype, block_size, args, .. } = &config;
+    // With LoRA, every linear layer is recorded so adapters can be installed on it.
+    let lora = config.lora.map(|limits| (Arc::new(vllm_models::lora::LoraRegistry::default()), limits));
+    let registry = lora.as_ref().map(|(r, _)| r.clone());
     let (model, tokenizer) = match files {
         ModelFiles::Gguf(path) => {
-            let (model, w) = vllm_models::load_gguf(path, *opts, dev)?;
+            let (model, w) = vllm_models::load_gguf_with(path, *opts, dev, registry)?;
             let md = w.gguf_metadata().ok_or_else(|| Error::InvalidArgument {
                 param: "model",
                 message: format!("{}: GGUF without metadata", path.display()),
             })?;
             (model, Tokenizer::from_gguf(md)?)
         }
-        ModelFiles::HfDir(dir) => (vllm_models::load_hf_dir(dir, *opts, dev)?, Tokenizer::from_hf_dir(dir)?),
+        ModelFiles::HfDir(dir) => {
+            (vllm_models::load_hf_dir_with(dir, *opts, dev, registry)?, Tokenizer::from_hf_dir(dir)?)
+        }
     };
     // `--tokenizer`: another tokenizer, as long as its ids fit the model's vocabulary.
     let tokenizer = match &args.tokenizer {
@@ -185,7 +190,8 @@ pub(crate) fn build(config: EngineConfig) -> Result<(EngineCore, InputProcessor)
         num_blocks,
         enable_prefix_caching: config.enable_prefix_caching,
         long_prefill_token_threshold: config.long_prefill_token_threshold,
-    });
+    })
+    .with_max_loras(config.lora.map_or(0, |l| l.max_loras));
     tracing::info!(dtype = ?kv_dtype, blocks = num_blocks, block_size, "KV cache");
     let mut runner = ModelRunner::new(model, num_blocks, *block_size, *kv_dtype, dev.clone())?;
     if let Some(max_len) = config.fixed_shape_decode {
@@ -193,7 +199,11 @@ pub(crate) fn build(config: EngineConfig) -> Result<(EngineCore, InputProcessor)
         tracing::info!(max_len, "decode steps in fixed shapes{}", if dev.is_cuda() { " (CUDA graphs)" } else { "" });
     }
     let vocab = runner.model().vocab_size();
-    let input = InputProcessor::new(tokenizer, vocab, max_model_len, config.max_num_seqs, args.guided_decoding.clone());
+    let mut input =
+        InputProcessor::new(tokenizer, vocab, max_model_len, config.max_num_seqs, args.guided_decoding.clone());
+    if let Some((registry, limits)) = lora {
+        input = input.with_lora(Arc::new(crate::lora::LoraManager::new(registry, limits)));
+    }
     let eos = input.tokenizer().eos_token_ids().to_vec();
     let mut core = EngineCore::new(scheduler, runner, args.seed, eos);
     core.device_sampling = config.device_sampling;
@@ -268,11 +278,22 @@ impl LLMEngine {
     /// all sharing the prompt's blocks). Everything is checked first, and a guided-decoding
     /// constraint compiled: nothing is queued on error.
     pub fn add_request(&mut self, request_id: impl Into<String>, prompt: Prompt, params: SamplingParams) -> Result<()> {
+        self.add_request_with_lora(request_id, prompt, params, None)
+    }
+
+    /// [`Self::add_request`] with a LoRA adapter (vLLM's `lora_request`; loaded on first use).
+    pub fn add_request_with_lora(
+        &mut self,
+        request_id: impl Into<String>,
+        prompt: Prompt,
+        params: SamplingParams,
+        lora: Option<&crate::LoraRequest>,
+    ) -> Result<()> {
         let request_id = request_id.into();
         if self.core.contains(&request_id) {
             return Err(Error::DuplicateRequestId(request_id));
         }
-        let req = self.input.process(request_id, prompt, params, &AtomicBool::new(false))?;
+        let req = self.input.process_with_lora(request_id, prompt, params, lora, &AtomicBool::new(false))?;
         self.add_processed(req)
     }
 

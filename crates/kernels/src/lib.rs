@@ -38,6 +38,7 @@ pub mod cpu;
 mod cuda;
 pub mod int8;
 pub mod kquant;
+pub mod lora;
 mod ops;
 pub mod q4;
 pub mod sample;

@@ -64,7 +64,7 @@ fn conv1d(w: &Weights, name: &str) -> Result<Linear> {
     }
     let weight = w.get(&format!("{name}.weight"))?.t()?.contiguous()?;
     let bias = Some(w.get(&format!("{name}.bias"))?);
-    w.linear_from(weight, bias)
+    w.linear_from_named(name, weight, bias)
 }
 
 struct Block {

@@ -29,6 +29,7 @@ pub mod info;
 mod layers;
 mod linear;
 pub mod llama;
+pub mod lora;
 pub mod opt;
 pub mod quant;
 pub mod registry;
@@ -185,7 +186,17 @@ pub trait CausalLM: Send + Sync {
 /// The configuration is validated, and checked against the tensors' shapes, before any
 /// weight is read ([`validate`]).
 pub fn load_gguf(path: &Path, opts: LoadOptions, device: &Device) -> Result<(Box<dyn CausalLM>, Weights)> {
-    let w = Weights::from_gguf(path, opts, device)?;
+    load_gguf_with(path, opts, device, None)
+}
+
+/// [`load_gguf`], recording every linear layer in `lora` for LoRA adapters.
+pub fn load_gguf_with(
+    path: &Path,
+    opts: LoadOptions,
+    device: &Device,
+    lora: Option<std::sync::Arc<lora::LoraRegistry>>,
+) -> Result<(Box<dyn CausalLM>, Weights)> {
+    let w = Weights::from_gguf(path, opts, device)?.with_lora(lora);
     let md = w.gguf_metadata().expect("a GGUF source has metadata");
     let arch = w.gguf_arch().unwrap_or_default();
     let Some(gguf) = registry::by_gguf_name(arch) else {
@@ -215,6 +226,16 @@ pub fn read_hf_config(dir: &Path) -> Result<(serde_json::Value, String)> {
 /// The configuration is validated, and checked against the tensors' shapes, before any
 /// weight is read ([`validate`]).
 pub fn load_hf_dir(dir: &Path, opts: LoadOptions, device: &Device) -> Result<Box<dyn CausalLM>> {
+    load_hf_dir_with(dir, opts, device, None)
+}
+
+/// [`load_hf_dir`], recording every linear layer in `lora` for LoRA adapters.
+pub fn load_hf_dir_with(
+    dir: &Path,
+    opts: LoadOptions,
+    device: &Device,
+    lora: Option<std::sync::Arc<lora::LoraRegistry>>,
+) -> Result<Box<dyn CausalLM>> {
     let (raw, arch) = read_hf_config(dir)?;
     let Some(registry::Kind::Decoder { config, .. }) = registry::by_hf_class(&arch).map(|a| &a.kind) else {
         let supported = registry::causal_classes().collect::<Vec<_>>().join(", ");
@@ -235,7 +256,7 @@ pub fn load_hf_dir(dir: &Path, opts: LoadOptions, device: &Device) -> Result<Box
     let summary = config.summary();
     summary.validate()?;
     let files = safetensors_files(dir)?;
-    let w = Weights::from_safetensors(&files, opts, device)?.with_quantization(quant.clone());
+    let w = Weights::from_safetensors(&files, opts, device)?.with_quantization(quant.clone()).with_lora(lora);
     summary.check_tensors(&w)?;
     let model = config.load(&w, attention::RopeStyle::Halves)?;
     if let Some(q) = &quant {

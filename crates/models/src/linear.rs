@@ -11,6 +11,7 @@ use vllm_kernels::int8::Int8Matrix;
 use vllm_kernels::kquant::{KFormat, KMatrix};
 use vllm_kernels::q4::{Q4Format, Q4Matrix};
 
+use crate::lora::LoraSlots;
 use crate::{Error, Result};
 
 /// A linear layer: a weight in one of the stored formats and an optional bias.
@@ -30,6 +31,9 @@ pub struct Linear {
     /// Act-order checkpoints: the weight's column `j` is input channel `perm[j]`, so the
     /// input's columns are gathered in that order first (`[in_features]` u32).
     input_perm: Option<Tensor>,
+    /// LoRA adapters of this layer (of each part of a fused layer, with the part's first
+    /// output column): their products are added for the rows whose request uses one.
+    lora: Vec<(usize, Arc<LoraSlots>)>,
 }
 
 /// The stored formats of a linear layer's weight.
@@ -52,17 +56,17 @@ enum LinearWeight {
 impl Linear {
     /// A float layer over a `[out_features, in_features]` weight, kept in its dtype.
     pub fn dense(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
-        Ok(Self { weight: LinearWeight::Dense(weight.t()?.contiguous()?), bias, input_perm: None })
+        Ok(Self { weight: LinearWeight::Dense(weight.t()?.contiguous()?), bias, input_perm: None, lora: Vec::new() })
     }
 
     /// A 4-bit matrix already packed (a quantized safetensors checkpoint's groups).
     pub fn q4(matrix: Q4Matrix, bias: Option<Tensor>) -> Self {
-        Self { weight: LinearWeight::Q4(Arc::new(matrix)), bias, input_perm: None }
+        Self { weight: LinearWeight::Q4(Arc::new(matrix)), bias, input_perm: None, lora: Vec::new() }
     }
 
     /// An int8 matrix already packed (an 8-bit checkpoint's blocks).
     pub fn int8_matrix(matrix: Int8Matrix, bias: Option<Tensor>) -> Self {
-        Self { weight: LinearWeight::Int8(Arc::new(matrix)), bias, input_perm: None }
+        Self { weight: LinearWeight::Int8(Arc::new(matrix)), bias, input_perm: None, lora: Vec::new() }
     }
 
     /// The layer with its weight's columns in `perm` order of the input channels (act order):
@@ -74,6 +78,26 @@ impl Linear {
         }
         let n = perm.len();
         Ok(Self { input_perm: Some(Tensor::from_vec(perm, n, &Device::Cpu)?), ..self })
+    }
+
+    /// The layer with adapter slots (a model loaded for LoRA: see [`crate::lora`]).
+    pub(crate) fn with_lora(mut self, slots: Arc<LoraSlots>) -> Self {
+        self.lora = vec![(0, slots)];
+        self
+    }
+
+    /// Adds the products of the adapters the rows use (`ids[r]`) to `y` (`[rows, out]`) for
+    /// the input `x` (`[rows, in]`).
+    fn add_lora(&self, x: &[f32], y: &mut [f32], out: usize, ids: &[Option<u32>]) {
+        for (offset, slots) in &self.lora {
+            let pairs = slots.pairs();
+            if pairs.is_empty() {
+                continue;
+            }
+            let rows: Vec<Option<&vllm_kernels::lora::LoraPair>> =
+                ids.iter().map(|id| id.and_then(|id| pairs.get(&id)).map(|p| &**p)).collect();
+            vllm_kernels::lora::add_lora(x, y, out, *offset, &rows);
+        }
     }
 
     /// The kernel the weight runs on, for the start log.
@@ -96,7 +120,7 @@ impl Linear {
         }
         let (rows, cols) = weight.dims2()?;
         let matrix = with_f32_slice(weight, |w| Int8Matrix::from_f32(w, rows, cols))?;
-        Ok(matrix.map(|m| Self { weight: LinearWeight::Int8(Arc::new(m)), bias, input_perm: None }))
+        Ok(matrix.map(|m| Self { weight: LinearWeight::Int8(Arc::new(m)), bias, input_perm: None, lora: Vec::new() }))
     }
 
     /// A GGUF-quantized matrix on our kernels in its own block format: `Q4_0` and `Q4_1` on
@@ -119,12 +143,17 @@ impl Linear {
             GgmlDType::Q8_0 => Int8Matrix::from_gguf_q8_0(&data, rows, cols).map(|m| LinearWeight::Int8(m.into())),
             _ => None,
         };
-        Ok(weight.map(|weight| Self { weight, bias, input_perm: None }))
+        Ok(weight.map(|weight| Self { weight, bias, input_perm: None, lora: Vec::new() }))
     }
 
     /// A GGUF matrix on candle's quantized matmul (no bias).
     pub fn candle_quantized(q: QTensor) -> Result<Self> {
-        Ok(Self { weight: LinearWeight::Quantized(QMatMul::from_qtensor(q)?), bias: None, input_perm: None })
+        Ok(Self {
+            weight: LinearWeight::Quantized(QMatMul::from_qtensor(q)?),
+            bias: None,
+            input_perm: None,
+            lora: Vec::new(),
+        })
     }
 
     /// Whether the weight is held quantized (int8, 4-bit, k-quant, or candle's quantized
@@ -192,7 +221,14 @@ impl Linear {
             }
             LinearWeight::Dense(_) | LinearWeight::Quantized(_) => return None,
         };
-        Some((Linear { weight, bias: None, input_perm: parts.first()?.input_perm.clone() }, widths))
+        // Each part's adapters act on its own columns of the fused output.
+        let mut lora = Vec::new();
+        let mut offset = 0;
+        for (p, w) in parts.iter().zip(&widths) {
+            lora.extend(p.lora.iter().map(|(o, s)| (offset + o, s.clone())));
+            offset += w;
+        }
+        Some((Linear { weight, bias: None, input_perm: parts.first()?.input_perm.clone(), lora }, widths))
     }
 
     /// Rows `ids` of a weight on our quantized kernels as a float `[ids, in_features]` tensor
@@ -228,20 +264,38 @@ impl Linear {
         if x.rank() != 2 || x.dim(1)? != inp {
             return Err(Error::Format(format!("a {:?} input to a [{out}, {inp}] linear layer", x.dims())));
         }
-        let gathered;
-        let x = match &self.input_perm {
-            Some(perm) => {
-                gathered = x.index_select(&perm.to_device(x.device())?, 1)?.contiguous()?;
-                &gathered
-            }
-            None => x,
+        // The adapter of each row, when this step has any and this layer holds adapters.
+        let adapters = if self.lora.is_empty() { None } else { crate::lora::current_rows(x.dim(0)?)? };
+        // Act order: the base product reads the input's columns in the weight's order; the
+        // adapters read them in the input's own (then added apart from the base product).
+        let (base_x, fused_lora) = match &self.input_perm {
+            Some(perm) => (x.index_select(&perm.to_device(x.device())?, 1)?.contiguous()?, None),
+            None => (x.clone(), adapters.as_deref()),
         };
         let y = match &self.weight {
-            LinearWeight::Dense(weight_t) => x.matmul(weight_t)?,
-            LinearWeight::Int8(m) => host_matmul(x, m.rows(), |host, rows| m.matmul(host, rows))?,
-            LinearWeight::Q4(m) => host_matmul(x, m.rows(), |host, rows| m.matmul(host, rows))?,
-            LinearWeight::K(m) => host_matmul(x, m.rows(), |host, rows| m.matmul(host, rows))?,
-            LinearWeight::Quantized(q) => q.forward(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?,
+            LinearWeight::Dense(weight_t) => base_x.matmul(weight_t)?,
+            LinearWeight::Int8(m) => self.host_matmul(&base_x, out, fused_lora, |h, rows| m.matmul(h, rows))?,
+            LinearWeight::Q4(m) => self.host_matmul(&base_x, out, fused_lora, |h, rows| m.matmul(h, rows))?,
+            LinearWeight::K(m) => self.host_matmul(&base_x, out, fused_lora, |h, rows| m.matmul(h, rows))?,
+            LinearWeight::Quantized(q) => {
+                if adapters.is_some() {
+                    return Err(Error::Config(
+                        "LoRA adapters on candle's quantized matmul (CUDA) are not served".into(),
+                    ));
+                }
+                q.forward(&base_x.to_dtype(DType::F32)?)?.to_dtype(base_x.dtype())?
+            }
+        };
+        let host_fused = fused_lora.is_some() && !matches!(self.weight, LinearWeight::Dense(_));
+        let y = match (&adapters, host_fused) {
+            (Some(ids), false) => {
+                // Dense weights, or act order: the products added to the finished output.
+                let (rows, dtype) = (y.dim(0)?, y.dtype());
+                let mut host = y.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                with_f32_slice(x, |xs| self.add_lora(xs, &mut host, out, ids))?;
+                Tensor::from_vec(host, (rows, out), x.device())?.to_dtype(dtype)?
+            }
+            _ => y,
         };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
@@ -255,12 +309,26 @@ fn all_of<'a, M>(parts: &[&'a Linear], pick: impl Fn(&'a LinearWeight) -> Option
     parts.iter().map(|p| pick(&p.weight)).collect()
 }
 
-/// `x @ W^T` by one of our CPU kernels: `matmul(x as float32, rows of x)` returns the
-/// `[rows, out]` product, cast back to `x`'s dtype.
-fn host_matmul(x: &Tensor, out: usize, matmul: impl FnOnce(&[f32], usize) -> Vec<f32>) -> Result<Tensor> {
-    let rows = x.dim(0)?;
-    let y = with_f32_slice(x, |host| matmul(host, rows))?;
-    Ok(Tensor::from_vec(y, (rows, out), x.device())?.to_dtype(x.dtype())?)
+impl Linear {
+    /// `x @ W^T` by one of our CPU kernels: `matmul(x as float32, rows of x)` returns the
+    /// `[rows, out]` product, to which the rows' adapters are added, cast back to `x`'s dtype.
+    fn host_matmul(
+        &self,
+        x: &Tensor,
+        out: usize,
+        adapters: Option<&[Option<u32>]>,
+        matmul: impl FnOnce(&[f32], usize) -> Vec<f32>,
+    ) -> Result<Tensor> {
+        let rows = x.dim(0)?;
+        let y = with_f32_slice(x, |host| {
+            let mut y = matmul(host, rows);
+            if let Some(ids) = adapters {
+                self.add_lora(host, &mut y, out, ids);
+            }
+            y
+        })?;
+        Ok(Tensor::from_vec(y, (rows, out), x.device())?.to_dtype(x.dtype())?)
+    }
 }
 
 /// Runs `f` on a CPU tensor's values as float32, borrowing its storage when it already is a

@@ -73,6 +73,8 @@ pub struct Weights {
     device: Device,
     /// A quantized safetensors checkpoint's `quantization_config`.
     quant: Option<Arc<crate::quant::QuantConfig>>,
+    /// Where the layers are recorded for LoRA adapters (a model loaded for them).
+    lora: Option<Arc<crate::lora::LoraRegistry>>,
 }
 
 /// Where a Hugging Face tensor lives in a GGUF file: llama.cpp's name, and for a mixture of
@@ -195,6 +197,7 @@ impl Weights {
             opts,
             device: device.clone(),
             quant: None,
+            lora: None,
         })
     }
 
@@ -202,6 +205,12 @@ impl Weights {
     /// layers it covers (see [`crate::quant`]).
     pub fn with_quantization(self, quant: Option<Arc<crate::quant::QuantConfig>>) -> Self {
         Self { quant, ..self }
+    }
+
+    /// The handle recording every linear layer it builds in `registry`, so LoRA adapters can
+    /// be installed on them.
+    pub fn with_lora(self, registry: Option<Arc<crate::lora::LoraRegistry>>) -> Self {
+        Self { lora: registry, ..self }
     }
 
     /// The quantized checkpoint's configuration, if any.
@@ -221,7 +230,7 @@ impl Weights {
             .unwrap_or_else(|| "llama".into());
         let tensors = crate::registry::by_gguf_name(&arch).map_or(no_tensors as fn(&str) -> _, |g| g.tensors);
         let src = Source::Gguf { content, reader: Mutex::new(reader), path: path.to_path_buf(), arch, tensors };
-        Ok(Self { src: Arc::new(src), prefix: String::new(), opts, device: device.clone(), quant: None })
+        Ok(Self { src: Arc::new(src), prefix: String::new(), opts, device: device.clone(), quant: None, lora: None })
     }
 
     /// GGUF metadata (empty for safetensors).
@@ -361,8 +370,62 @@ impl Weights {
         Ok(t)
     }
 
-    /// A linear layer `name.weight` (+ `name.bias` if present).
+    /// A linear layer `name.weight` (+ `name.bias` if present), recorded for LoRA adapters
+    /// when the model is loaded for them.
     pub fn linear(&self, name: &str) -> Result<Linear> {
+        let linear = self.linear_weights(name)?;
+        self.recorded(name, linear)
+    }
+
+    /// [`Self::linear_from`] for layer `name` (a weight the model file prepared, such as a
+    /// transposed `Conv1D`), recorded for LoRA adapters like [`Self::linear`].
+    pub fn linear_from_named(&self, name: &str, weight: Tensor, bias: Option<Tensor>) -> Result<Linear> {
+        let linear = self.linear_from(weight, bias)?;
+        self.recorded(name, linear)
+    }
+
+    /// `linear`, recorded as layer `name` when the model is loaded for LoRA adapters.
+    fn recorded(&self, name: &str, linear: Linear) -> Result<Linear> {
+        Ok(match &self.lora {
+            Some(registry) => {
+                let (full, out, inp) = (self.full(name), linear.out_features()?, linear.in_features()?);
+                let perm = self.gguf_row_permutation(&full, out);
+                linear.with_lora(registry.layer(&full, out, inp, perm))
+            }
+            None => linear,
+        })
+    }
+
+    /// How a GGUF file orders a layer's output rows, when not as the Hugging Face checkpoint
+    /// does: llama.cpp's converter permutes a `llama` model's query and key rows for
+    /// interleaved rotary (per head, row `2b + a` of the file is row `a d/2 + b` of the
+    /// checkpoint). Row `g` of the layer is checkpoint row `perm[g]`.
+    fn gguf_row_permutation(&self, module: &str, out: usize) -> Option<Vec<u32>> {
+        let Source::Gguf { content, arch, .. } = &*self.src else { return None };
+        if crate::registry::by_gguf_name(arch)?.rope != crate::attention::RopeStyle::Interleaved {
+            return None;
+        }
+        let key = if module.ends_with("self_attn.q_proj") {
+            "attention.head_count"
+        } else if module.ends_with("self_attn.k_proj") {
+            "attention.head_count_kv"
+        } else {
+            return None;
+        };
+        let heads = content.metadata.get(&format!("{arch}.{key}")).and_then(|v| v.to_u32().ok())? as usize;
+        let hd = out.checked_div(heads).filter(|&d| d > 0 && d % 2 == 0 && d * heads == out)?;
+        Some(
+            (0..out)
+                .map(|g| {
+                    let (h, w) = (g / hd, g % hd);
+                    (h * hd + (w % 2) * (hd / 2) + w / 2) as u32
+                })
+                .collect(),
+        )
+    }
+
+    /// The linear layer `name` in the format the load options and the checkpoint ask for.
+    fn linear_weights(&self, name: &str) -> Result<Linear> {
         let w = format!("{name}.weight");
         let bias = if self.contains(&format!("{name}.bias")) { Some(self.get(&format!("{name}.bias"))?) } else { None };
         if let (Some(q), Source::Safetensors(st)) = (&self.quant, &*self.src) {

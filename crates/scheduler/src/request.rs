@@ -67,6 +67,8 @@ pub struct Request {
     /// Logits are needed at every prompt position (prompt log probabilities): the prompt is
     /// always computed, never served from the prefix cache.
     pub all_logits: bool,
+    /// The LoRA adapter the request runs with (its id), if any.
+    pub lora: Option<u32>,
 }
 
 impl Request {
@@ -84,7 +86,14 @@ impl Request {
             num_preemptions: 0,
             forks: Vec::new(),
             all_logits: false,
+            lora: None,
         }
+    }
+
+    /// Sets the LoRA adapter the request runs with.
+    pub fn with_lora(mut self, lora: Option<u32>) -> Self {
+        self.lora = lora;
+        self
     }
 
     /// Adds parallel samples (`n` / `best_of` > 1) that fork from this request after its

@@ -99,6 +99,8 @@ pub struct ScheduledSeq {
     /// Logits are needed for every token of this step (a prompt chunk of a request with
     /// prompt log probabilities), not only the last.
     pub all_logits: bool,
+    /// The LoRA adapter the sequence runs with, if any.
+    pub lora: Option<u32>,
 }
 
 /// What to compute in one step: plain data for the model runner.
@@ -156,6 +158,8 @@ pub struct Scheduler {
     computed: (u64, u64),
     /// A step suspended mid-way ([`Self::hold`]), while other steps run.
     held: Option<Held>,
+    /// Most distinct LoRA adapters in one step (`--max-loras`); 0: no limit.
+    max_loras: usize,
 }
 
 /// The sequences of a suspended step and what they keep until it completes.
@@ -186,7 +190,24 @@ impl Scheduler {
             num_preemptions: 0,
             computed: (0, 0),
             held: None,
+            max_loras: 0,
         }
+    }
+
+    /// At most `n` distinct LoRA adapters run in one step (vLLM's `max_loras`): a waiting
+    /// request of another adapter waits, keeping its place, while requests after it that fit
+    /// are admitted.
+    pub fn with_max_loras(mut self, n: usize) -> Self {
+        self.max_loras = n;
+        self
+    }
+
+    /// The adapters of the running and held sequences, and of the waiting ones.
+    pub fn lora_sets(&self) -> (std::collections::BTreeSet<u32>, std::collections::BTreeSet<u32>) {
+        let held = self.held.iter().flat_map(|h| h.seqs.iter());
+        let running = self.running.iter().chain(held).filter_map(|id| self.requests.get(id)?.lora).collect();
+        let waiting = self.waiting.iter().filter_map(|id| self.requests.get(id)?.lora).collect();
+        (running, waiting)
     }
 
     /// Suspends a scheduled step: until [`Self::release`], its sequences are left out of the
@@ -370,6 +391,7 @@ impl Scheduler {
             sample,
             forks: if sample { r.forks.clone() } else { Vec::new() },
             all_logits: r.all_logits && start < r.num_prompt_tokens,
+            lora: r.lora,
         }
     }
 
@@ -439,13 +461,23 @@ impl Scheduler {
             i += 1;
         }
 
-        // 2. Waiting requests, unless this step had to preempt.
+        // 2. Waiting requests, unless this step had to preempt. With a LoRA limit, a request
+        // whose adapter would be one too many keeps its place and later ones may go first.
+        let mut adapters: std::collections::BTreeSet<u32> =
+            if self.max_loras > 0 { self.lora_sets().0 } else { Default::default() };
         if out.preempted.is_empty() {
+            let mut idx = 0;
             while budget > 0 {
-                let Some(&id) = self.waiting.front() else {
+                let Some(&id) = self.waiting.get(idx) else {
                     break;
                 };
                 let r = &self.requests[&id];
+                if let Some(l) = r.lora.filter(|_| self.max_loras > 0) {
+                    if !adapters.contains(&l) && adapters.len() >= self.max_loras {
+                        idx += 1;
+                        continue;
+                    }
+                }
                 // A request joins with room for all its parallel samples.
                 let held = self.held.as_ref().map_or(0, |h| h.seqs.len());
                 if self.running.len() + held + self.reserved + 1 + r.forks.len() > self.config.max_num_seqs {
@@ -470,7 +502,7 @@ impl Scheduler {
                 if self.kv.allocate_slots(id, computed, computed + num_new, &hit).is_err() {
                     break;
                 }
-                self.waiting.pop_front();
+                self.waiting.remove(idx);
                 self.kv.record_prefix_lookup(total, computed);
                 let r = self.requests.get_mut(&id).expect("waiting request is tracked");
                 r.num_computed_tokens = computed;
@@ -478,6 +510,7 @@ impl Scheduler {
                     r.num_cached_tokens = computed;
                 }
                 r.status = Status::Running;
+                adapters.extend(r.lora);
                 self.reserved += r.forks.len();
                 self.running.push(id);
                 self.cache_scheduled_blocks(id, computed + num_new);

@@ -437,3 +437,43 @@ proptest! {
         }
     }
 }
+
+/// At most `max_loras` distinct adapters per step: a request of one adapter too many waits,
+/// keeping its place, while later requests of adapters already running (or none) go ahead;
+/// it is admitted as soon as an adapter's last sequence finishes.
+#[test]
+fn at_most_max_loras_adapters_run_at_once() {
+    let mut s = Scheduler::new(config(64, 64, 8)).with_max_loras(2);
+    let add = |s: &mut Scheduler, id: u64, lora: Option<u32>, max_tokens: usize| {
+        s.add_request(Request::new(id, vec![1, 2, 3], stop(max_tokens)).with_lora(lora)).unwrap();
+    };
+    add(&mut s, 0, Some(10), 1);
+    add(&mut s, 1, Some(20), 4);
+    add(&mut s, 2, Some(30), 4); // a third adapter: waits
+    add(&mut s, 3, Some(10), 4); // adapter 10 is running: goes ahead of request 2
+    add(&mut s, 4, None, 4); // the base model: always fits
+    let out = s.schedule();
+    let ids: Vec<u64> = out.seqs.iter().map(|q| q.id).collect();
+    assert_eq!(ids, vec![0, 1, 3, 4]);
+    assert_eq!(out.seqs.iter().map(|q| q.lora).collect::<Vec<_>>(), vec![Some(10), Some(20), Some(10), None]);
+    let (running, waiting) = s.lora_sets();
+    assert_eq!(
+        (running.into_iter().collect::<Vec<_>>(), waiting.into_iter().collect::<Vec<_>>()),
+        (vec![10, 20], vec![30])
+    );
+    // Request 0 finishes after one token; adapter 10 still runs (request 3): 30 still waits.
+    s.update_from_output(&out, &[5, 5, 5, 5]);
+    let out = s.schedule();
+    assert!(out.seqs.iter().all(|q| q.id != 2), "{out:?}");
+    s.update_from_output(&out, &vec![5; out.seqs.len()]);
+    // Finish everything but request 2, which then runs.
+    for _ in 0..8 {
+        let out = s.schedule();
+        if out.seqs.iter().any(|q| q.id == 2) {
+            assert!(out.seqs.iter().filter_map(|q| q.lora).collect::<std::collections::BTreeSet<_>>().len() <= 2);
+            return;
+        }
+        s.update_from_output(&out, &vec![5; out.seqs.len()]);
+    }
+    panic!("the request of the third adapter never ran");
+}

@@ -11,6 +11,28 @@ pub const BLOCK: usize = 4;
 /// One step over several sequences: `(tokens, context before them)` each; returns the logits
 /// of every row when `all_rows`, else of each sequence's last row.
 pub fn step(model: &dyn CausalLM, caches: &[KvCache], seqs: &[(Vec<u32>, usize)], all_rows: bool) -> Vec<Vec<f32>> {
+    step_lora(model, caches, seqs, all_rows, &[])
+}
+
+/// [`step`] with sequence `i` running with LoRA adapter `loras[i]` (none when `loras` is
+/// empty or the entry is `None`).
+pub fn step_lora(
+    model: &dyn CausalLM,
+    caches: &[KvCache],
+    seqs: &[(Vec<u32>, usize)],
+    all_rows: bool,
+    loras: &[Option<u32>],
+) -> Vec<Vec<f32>> {
+    let lora = |i: usize| loras.get(i).copied().flatten();
+    let adapters = (!loras.is_empty()).then(|| {
+        let tokens = seqs.iter().enumerate().flat_map(|(i, (t, _))| std::iter::repeat_n(lora(i), t.len())).collect();
+        let logits = seqs
+            .iter()
+            .enumerate()
+            .flat_map(|(i, (t, _))| std::iter::repeat_n(lora(i), if all_rows { t.len() } else { 1 }))
+            .collect();
+        std::sync::Arc::new(vllm_models::lora::StepAdapters { tokens, logits })
+    });
     let n = seqs.len();
     let mut input = Vec::new();
     let mut positions = Vec::new();
@@ -39,7 +61,7 @@ pub fn step(model: &dyn CausalLM, caches: &[KvCache], seqs: &[(Vec<u32>, usize)]
         attn: &meta,
         between_layers: None,
     };
-    model.forward(&step, caches).unwrap().to_vec2::<f32>().unwrap()
+    vllm_models::lora::with_step_adapters(adapters, || model.forward(&step, caches)).unwrap().to_vec2::<f32>().unwrap()
 }
 
 /// The device the model tests run on: the CPU, or the GPU with `VLLM_TEST_DEVICE=cuda` (a
@@ -86,11 +108,11 @@ struct Prefilled {
 
 /// Prefills a fixture's `reference.json` prompts (scripts/make_model_fixtures.py) in one
 /// paged batched step and measures every position's logits.
-fn prefill(model: &dyn CausalLM, reference: &serde_json::Value) -> Prefilled {
+fn prefill(model: &dyn CausalLM, reference: &serde_json::Value, loras: &[Option<u32>]) -> Prefilled {
     let cases = reference["cases"].as_array().unwrap();
     let caches = caches(model, 64);
     let prompts: Vec<Vec<u32>> = cases.iter().map(|c| ids(&c["prompt"])).collect();
-    let logits = step(model, &caches, &prompts.iter().map(|p| (p.clone(), 0)).collect::<Vec<_>>(), true);
+    let logits = step_lora(model, &caches, &prompts.iter().map(|p| (p.clone(), 0)).collect::<Vec<_>>(), true, loras);
     let (mut max, mut sum, mut row) = (0f32, 0f32, 0);
     for c in cases {
         for expected in c["logits"].as_array().unwrap() {
@@ -109,7 +131,7 @@ fn prefill(model: &dyn CausalLM, reference: &serde_json::Value) -> Prefilled {
 
 /// Only the prompt positions' logit error (no greedy comparison).
 pub fn logit_error(model: &dyn CausalLM, reference: &serde_json::Value) -> LogitError {
-    prefill(model, reference).error
+    prefill(model, reference, &[]).error
 }
 
 /// Runs a fixture's `reference.json` cases through the paged batched path: every prompt
@@ -125,8 +147,20 @@ pub fn compare(
     near_ties: bool,
     label: &str,
 ) -> LogitError {
+    compare_lora(model, reference, tolerance, near_ties, label, &[])
+}
+
+/// [`compare`] with case `i` running with LoRA adapter `loras[i]` (all in the same steps).
+pub fn compare_lora(
+    model: &dyn CausalLM,
+    reference: &serde_json::Value,
+    tolerance: f32,
+    near_ties: bool,
+    label: &str,
+    loras: &[Option<u32>],
+) -> LogitError {
     let cases = reference["cases"].as_array().unwrap();
-    let Prefilled { caches, prompts, logits, error } = prefill(model, reference);
+    let Prefilled { caches, prompts, logits, error } = prefill(model, reference, loras);
     let max_err = error.max;
     assert!(max_err < tolerance, "{label}: logits differ by {max_err:e} (relative)");
     let wants: Vec<Vec<u32>> = cases.iter().map(|c| ids(&c["greedy"])).collect();
@@ -161,7 +195,7 @@ pub fn compare(
         }
         let seqs: Vec<(Vec<u32>, usize)> =
             prompts.iter().zip(&outputs).map(|(p, o)| (vec![*o.last().unwrap()], p.len() + o.len() - 1)).collect();
-        rows = step(model, &caches, &seqs, false);
+        rows = step_lora(model, &caches, &seqs, false, loras);
     }
     let left: Vec<String> = diverged.iter().flatten().map(|k| format!("step {k}")).collect();
     let greedy =

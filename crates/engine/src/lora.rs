@@ -1,0 +1,199 @@
+//! The engine's LoRA adapters (vLLM's `LoRARequest` and its CPU-resident adapter cache): an
+//! adapter named by a request is read from disk, checked against the model and installed on
+//! its layers the first time it is used (or when loaded ahead), kept resident up to
+//! `max_cpu_loras` (least recently used evicted first, never one a request is using), and each
+//! request holds a [`LoraLease`] on its adapter until it finishes, so an adapter unloaded or
+//! evicted meanwhile stays installed for the requests already using it.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use vllm_models::lora::{LoraAdapter, LoraRegistry};
+
+use crate::{Error, Result};
+
+/// An adapter a request runs with (vLLM's `LoRARequest`): its name (what the API calls it),
+/// a positive id unique among adapters, and its folder.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LoraRequest {
+    /// The adapter's name.
+    pub name: String,
+    /// Its id (`lora_int_id`): positive, one per adapter.
+    pub id: u32,
+    /// A PEFT folder (`adapter_config.json` + `adapter_model.safetensors`).
+    pub path: PathBuf,
+}
+
+impl LoraRequest {
+    /// An adapter request.
+    pub fn new(name: impl Into<String>, id: u32, path: impl Into<PathBuf>) -> Self {
+        Self { name: name.into(), id, path: path.into() }
+    }
+}
+
+/// LoRA limits (the engine's flags).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoraLimits {
+    /// Most distinct adapters in one step (`--max-loras`).
+    pub max_loras: usize,
+    /// Largest rank an adapter may have (`--max-lora-rank`).
+    pub max_rank: usize,
+    /// Most adapters kept installed at once (`--max-cpu-loras`).
+    pub max_cpu_loras: usize,
+}
+
+/// A request's hold on its adapter: while any lease lives, the adapter stays installed.
+#[derive(Debug, Clone)]
+pub struct LoraLease {
+    /// The adapter's id.
+    pub id: u32,
+    _held: Arc<()>,
+}
+
+/// An installed adapter.
+struct Resident {
+    request: LoraRequest,
+    held: Arc<()>,
+    last_used: u64,
+}
+
+struct Inner {
+    residents: HashMap<u32, Resident>,
+    /// Unloaded or evicted while in use: removed from the layers once their leases are gone.
+    retired: Vec<(u32, Arc<()>)>,
+    clock: u64,
+}
+
+/// The adapters of one engine.
+pub struct LoraManager {
+    registry: Arc<LoraRegistry>,
+    limits: LoraLimits,
+    inner: Mutex<Inner>,
+}
+
+fn invalid(message: impl Into<String>) -> Error {
+    Error::InvalidArgument { param: "lora", message: message.into() }
+}
+
+impl LoraManager {
+    /// The adapters of a model whose layers were recorded in `registry`.
+    pub fn new(registry: Arc<LoraRegistry>, limits: LoraLimits) -> Self {
+        let inner = Inner { residents: HashMap::new(), retired: Vec::new(), clock: 0 };
+        Self { registry, limits, inner: Mutex::new(inner) }
+    }
+
+    /// The limits.
+    pub fn limits(&self) -> LoraLimits {
+        self.limits
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adapters retired while in use whose last request has finished leave the layers.
+    fn purge(&self, inner: &mut Inner) {
+        let registry = &self.registry;
+        inner.retired.retain(|(id, held)| {
+            let free = Arc::strong_count(held) == 1;
+            if free {
+                registry.remove(*id);
+            }
+            !free
+        });
+    }
+
+    /// Makes `req`'s adapter resident (read, checked and installed on first use) and returns
+    /// a lease on it. A name or id already taken by another adapter, a bad adapter, or no room
+    /// (every resident adapter in use and `max_cpu_loras` reached) is an error; nothing
+    /// changes then.
+    pub fn acquire(&self, req: &LoraRequest) -> Result<LoraLease> {
+        if req.id == 0 {
+            return Err(invalid(format!("adapter '{}': ids start at 1", req.name)));
+        }
+        if let Some(lease) = self.resident(req)? {
+            return Ok(lease);
+        }
+        // Read and checked without the lock (a large adapter takes a while); the registry
+        // then takes it whole or refuses it whole.
+        let adapter =
+            LoraAdapter::from_peft_dir(&req.path, self.limits.max_rank).map_err(|e| invalid(e.to_string()))?;
+        let mut inner = self.lock();
+        self.purge(&mut inner);
+        if let Some(lease) = self.resident_locked(&mut inner, req)? {
+            return Ok(lease); // another request loaded it meanwhile
+        }
+        if let Some(other) = inner.residents.values().find(|r| r.request.name == req.name) {
+            return Err(invalid(format!("the name '{}' is taken by adapter id {}", req.name, other.request.id)));
+        }
+        if inner.retired.iter().any(|(id, _)| *id == req.id) {
+            return Err(invalid(format!("id {} belongs to an adapter still finishing its requests", req.id)));
+        }
+        // Room: evict the least recently used adapter no request is using.
+        if inner.residents.len() >= self.limits.max_cpu_loras {
+            let victim = inner
+                .residents
+                .iter()
+                .filter(|(_, r)| Arc::strong_count(&r.held) == 1)
+                .min_by_key(|(_, r)| r.last_used)
+                .map(|(&id, _)| id);
+            let Some(victim) = victim else {
+                return Err(Error::Overloaded(format!(
+                    "{} adapters are in use, the most --max-cpu-loras keeps at once",
+                    inner.residents.len()
+                )));
+            };
+            inner.residents.remove(&victim);
+            self.registry.remove(victim);
+        }
+        self.registry.install(req.id, &adapter).map_err(|e| invalid(format!("adapter '{}': {e}", req.name)))?;
+        let held = Arc::new(());
+        inner.clock += 1;
+        let last_used = inner.clock;
+        inner.residents.insert(req.id, Resident { request: req.clone(), held: held.clone(), last_used });
+        tracing::info!(adapter = %req.name, id = req.id, rank = adapter.rank, modules = adapter.modules.len(), "LoRA adapter loaded");
+        Ok(LoraLease { id: req.id, _held: held })
+    }
+
+    /// A lease on `req`'s adapter when it is resident already.
+    fn resident(&self, req: &LoraRequest) -> Result<Option<LoraLease>> {
+        let mut inner = self.lock();
+        self.resident_locked(&mut inner, req)
+    }
+
+    fn resident_locked(&self, inner: &mut Inner, req: &LoraRequest) -> Result<Option<LoraLease>> {
+        inner.clock += 1;
+        let clock = inner.clock;
+        let Some(r) = inner.residents.get_mut(&req.id) else { return Ok(None) };
+        if r.request.name != req.name {
+            return Err(invalid(format!("id {} is adapter '{}', not '{}'", req.id, r.request.name, req.name)));
+        }
+        r.last_used = clock;
+        Ok(Some(LoraLease { id: req.id, _held: r.held.clone() }))
+    }
+
+    /// Loads an adapter ahead of its first request (so that request is not slowed by it).
+    pub fn load(&self, req: &LoraRequest) -> Result<()> {
+        self.acquire(req).map(drop)
+    }
+
+    /// Unloads an adapter by name: new requests can no longer use it; requests using it now
+    /// finish with it. Returns whether it was loaded.
+    pub fn unload(&self, name: &str) -> bool {
+        let mut inner = self.lock();
+        let Some(id) = inner.residents.iter().find(|(_, r)| r.request.name == name).map(|(&id, _)| id) else {
+            return false;
+        };
+        if let Some(r) = inner.residents.remove(&id) {
+            inner.retired.push((id, r.held));
+        }
+        self.purge(&mut inner);
+        true
+    }
+
+    /// The names of adapters by id (for metrics and logs).
+    pub fn names(&self) -> HashMap<u32, String> {
+        self.lock().residents.iter().map(|(&id, r)| (id, r.request.name.clone())).collect()
+    }
+}

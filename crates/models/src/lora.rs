@@ -1,0 +1,367 @@
+//! LoRA adapters on the one weight seam. A model loaded with a [`LoraRegistry`] records every
+//! linear layer it builds under its checkpoint name; installing an adapter checks each of its
+//! modules against those layers (present, shapes, finite weights) and then gives each layer its
+//! pair of matrices under the adapter's id. Each step, the engine says which adapter each row
+//! uses ([`with_step_adapters`]); [`crate::Linear::forward`] adds the rows' low-rank products
+//! after the base product, grouped by adapter, so requests of many adapters and of the base
+//! model share one step (Punica / S-LoRA). Model files are unchanged.
+//!
+//! Adapters are read from PEFT folders (`adapter_config.json` + `adapter_model.safetensors`):
+//! `r`, `lora_alpha`, `use_rslora` (scale `alpha / sqrt(r)`), `rank_pattern` / `alpha_pattern`,
+//! `target_modules` and `layers_to_transform` (the file's tensors say which modules it has),
+//! `bias: none`. A module name is the base checkpoint's (`model.layers.0.self_attn.q_proj`),
+//! so a PEFT adapter applies to the same model's GGUF file too (its layers are named the
+//! Hugging Face way).
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex, RwLock};
+
+use half::{bf16, f16};
+use safetensors::{Dtype, SafeTensors};
+use serde_json::Value;
+pub use vllm_kernels::lora::LoraPair;
+
+use crate::{Error, Result};
+
+/// One module's matrices in an adapter file: `A [rank, in]`, `B [out, rank]`, and its scale.
+#[derive(Debug, Clone)]
+pub struct LoraWeights {
+    /// The rank.
+    pub rank: usize,
+    /// Input width.
+    pub inp: usize,
+    /// Output width.
+    pub out: usize,
+    /// `A`, `[rank, in]` row-major.
+    pub a: Vec<f32>,
+    /// `B`, `[out, rank]` row-major.
+    pub b: Vec<f32>,
+    /// `lora_alpha / r` (or `/ sqrt(r)` with rsLoRA), after the config's patterns.
+    pub scale: f32,
+}
+
+/// An adapter read from disk: its modules (by the base checkpoint's module names).
+#[derive(Debug, Clone)]
+pub struct LoraAdapter {
+    /// The largest rank of its modules.
+    pub rank: usize,
+    /// Its matrices, by the base checkpoint's module name.
+    pub modules: BTreeMap<String, LoraWeights>,
+    /// `base_model_name_or_path` of its `adapter_config.json`.
+    pub base_model: Option<String>,
+}
+
+fn bad(path: &Path, msg: impl Into<String>) -> Error {
+    Error::Format(format!("LoRA adapter {}: {}", path.display(), msg.into()))
+}
+
+/// A PEFT pattern key applies to a module when it matches its name's end (PEFT's
+/// `re.match(rf"(.*\.)?({key})$", name)`).
+fn pattern_matches(key: &str, module: &str) -> bool {
+    regex::RegexBuilder::new(&format!(r"^(.*\.)?({key})$"))
+        .size_limit(1 << 20)
+        .build()
+        .is_ok_and(|re| re.is_match(module))
+}
+
+impl LoraAdapter {
+    /// Reads a PEFT adapter folder; `max_rank` bounds every module's rank.
+    pub fn from_peft_dir(dir: &Path, max_rank: usize) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(bad(dir, "no such folder"));
+        }
+        let cfg_path = dir.join("adapter_config.json");
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| bad(dir, format!("adapter_config.json: {e}")))?;
+        if text.len() > 1 << 20 {
+            return Err(bad(dir, "adapter_config.json is larger than 1 MiB"));
+        }
+        let cfg: Value = serde_json::from_str(&text).map_err(|e| bad(dir, format!("adapter_config.json: {e}")))?;
+        let peft_type = cfg.get("peft_type").and_then(Value::as_str).unwrap_or("LORA");
+        if !peft_type.eq_ignore_ascii_case("lora") {
+            return Err(bad(dir, format!("peft_type {peft_type}: only LoRA adapters are served")));
+        }
+        match cfg.get("bias").and_then(Value::as_str).unwrap_or("none") {
+            "none" => {}
+            other => return Err(bad(dir, format!("bias '{other}': only adapters without biases ('none') are served"))),
+        }
+        if cfg.get("use_dora").and_then(Value::as_bool) == Some(true) {
+            return Err(bad(dir, "DoRA adapters (use_dora) are not served"));
+        }
+        let r = cfg.get("r").and_then(Value::as_u64).ok_or_else(|| bad(dir, "adapter_config.json has no rank 'r'"))?;
+        let alpha = cfg.get("lora_alpha").and_then(Value::as_f64).unwrap_or(r as f64);
+        let rslora = cfg.get("use_rslora").and_then(Value::as_bool).unwrap_or(false);
+        let patterns = |k: &str| -> Vec<(String, f64)> {
+            cfg.get(k)
+                .and_then(Value::as_object)
+                .map(|o| o.iter().filter_map(|(k, v)| Some((k.clone(), v.as_f64()?))).collect())
+                .unwrap_or_default()
+        };
+        let (rank_pattern, alpha_pattern) = (patterns("rank_pattern"), patterns("alpha_pattern"));
+        let base_model = cfg.get("base_model_name_or_path").and_then(Value::as_str).map(String::from);
+        let st_path = dir.join("adapter_model.safetensors");
+        if !st_path.is_file() {
+            return Err(bad(
+                dir,
+                if dir.join("adapter_model.bin").is_file() {
+                    "adapter_model.bin is a PyTorch pickle, which is never loaded: save the adapter as safetensors \
+                     (PEFT's default, safe_serialization=True)"
+                } else {
+                    "no adapter_model.safetensors in it"
+                },
+            ));
+        }
+        let bytes = std::fs::read(&st_path).map_err(|e| bad(dir, format!("adapter_model.safetensors: {e}")))?;
+        let st = SafeTensors::deserialize(&bytes)
+            .map_err(|e| bad(dir, format!("adapter_model.safetensors is not a safetensors file: {e}")))?;
+        let mut parts: BTreeMap<String, (Option<(Vec<usize>, Vec<f32>)>, Option<(Vec<usize>, Vec<f32>)>)> =
+            BTreeMap::new();
+        for (name, view) in st.tensors() {
+            let (module, which) = if let Some(m) = name.strip_suffix(".lora_A.weight") {
+                (m, 0)
+            } else if let Some(m) = name.strip_suffix(".lora_B.weight") {
+                (m, 1)
+            } else if name.contains("lora_embedding_") || name.ends_with(".modules_to_save") {
+                return Err(bad(dir, format!("{name}: embedding adapters and modules_to_save are not served yet")));
+            } else {
+                return Err(bad(dir, format!("{name}: not a LoRA matrix (lora_A / lora_B)")));
+            };
+            let module = module.strip_prefix("base_model.model.").unwrap_or(module).to_string();
+            let values = floats(&view).map_err(|m| bad(dir, format!("{name}: {m}")))?;
+            if let Some(v) = values.iter().find(|v| !v.is_finite()) {
+                return Err(bad(dir, format!("{name}: a weight of {v}")));
+            }
+            let entry = parts.entry(module).or_default();
+            let slot = if which == 0 { &mut entry.0 } else { &mut entry.1 };
+            *slot = Some((view.shape().to_vec(), values));
+        }
+        let mut modules = BTreeMap::new();
+        let mut max = 0;
+        for (module, (a, b)) in parts {
+            let (Some((a_shape, a)), Some((b_shape, b))) = (a, b) else {
+                return Err(bad(dir, format!("{module} has only one of lora_A and lora_B")));
+            };
+            let (&[rank, inp], &[out, rank_b]) = (&a_shape[..], &b_shape[..]) else {
+                return Err(bad(dir, format!("{module}: lora_A {a_shape:?} and lora_B {b_shape:?} are not matrices")));
+            };
+            if rank != rank_b || rank == 0 {
+                return Err(bad(
+                    dir,
+                    format!("{module}: lora_A {a_shape:?} and lora_B {b_shape:?} disagree on the rank"),
+                ));
+            }
+            if rank > max_rank {
+                return Err(bad(dir, format!("{module} has rank {rank}, above --max-lora-rank {max_rank}")));
+            }
+            let key_rank = rank_pattern.iter().find(|(k, _)| pattern_matches(k, &module)).map_or(r as f64, |p| p.1);
+            let key_alpha = alpha_pattern.iter().find(|(k, _)| pattern_matches(k, &module)).map_or(alpha, |p| p.1);
+            if key_rank as usize != rank {
+                return Err(bad(dir, format!("{module}: rank {rank} in the file, {key_rank} in adapter_config.json")));
+            }
+            let scale = if rslora { key_alpha / (key_rank).sqrt() } else { key_alpha / key_rank } as f32;
+            if !scale.is_finite() {
+                return Err(bad(dir, format!("{module}: scale {scale}")));
+            }
+            max = max.max(rank);
+            modules.insert(module, LoraWeights { rank, inp, out, a, b, scale });
+        }
+        if modules.is_empty() {
+            return Err(bad(dir, "it has no LoRA matrices"));
+        }
+        Ok(Self { rank: max, modules, base_model })
+    }
+}
+
+/// A tensor's values as `f32` (F32, F16 or BF16 storage).
+fn floats(v: &safetensors::tensor::TensorView) -> std::result::Result<Vec<f32>, String> {
+    let d = v.data();
+    Ok(match v.dtype() {
+        Dtype::F32 => d.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        Dtype::F16 => d.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        Dtype::BF16 => d.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        other => return Err(format!("stored as {other:?}, not floats")),
+    })
+}
+
+/// The adapters one linear layer holds, by adapter id.
+#[derive(Debug)]
+pub struct LoraSlots {
+    out: usize,
+    inp: usize,
+    /// The layer's output row `g` is the checkpoint module's row `out_perm[g]` (a GGUF file
+    /// stores a `llama` model's query and key rows permuted for interleaved rotary): an
+    /// adapter's `B` rows are permuted the same way when installed.
+    out_perm: Option<Vec<u32>>,
+    pairs: RwLock<HashMap<u32, Arc<LoraPair>>>,
+}
+
+impl LoraSlots {
+    /// The pairs held now (read-locked for a step's products).
+    pub(crate) fn pairs(&self) -> std::sync::RwLockReadGuard<'_, HashMap<u32, Arc<LoraPair>>> {
+        self.pairs.read().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Every layer of a model that adapters may target, by its checkpoint module name.
+#[derive(Debug, Default)]
+pub struct LoraRegistry {
+    layers: Mutex<HashMap<String, Arc<LoraSlots>>>,
+}
+
+impl LoraRegistry {
+    /// The slots of layer `module` (`[out, in]`), created on first use (at load).
+    pub(crate) fn layer(&self, module: &str, out: usize, inp: usize, out_perm: Option<Vec<u32>>) -> Arc<LoraSlots> {
+        let mut layers = self.layers.lock().unwrap_or_else(|p| p.into_inner());
+        layers
+            .entry(module.to_string())
+            .or_insert_with(|| Arc::new(LoraSlots { out, inp, out_perm, pairs: RwLock::default() }))
+            .clone()
+    }
+
+    /// The layer an adapter's module name means: the same name, or the one name that differs
+    /// only by a leading prefix (PEFT writes GPT-2's `transformer.h.0.attn.c_attn` where the
+    /// model's layer may be `h.0.attn.c_attn`, and the other way round).
+    fn find<'a>(layers: &'a HashMap<String, Arc<LoraSlots>>, module: &str) -> Option<&'a Arc<LoraSlots>> {
+        if let Some(s) = layers.get(module) {
+            return Some(s);
+        }
+        let ends = |long: &str, short: &str| {
+            long.len() > short.len() && long.ends_with(short) && long[..long.len() - short.len()].ends_with('.')
+        };
+        let mut found = layers.iter().filter(|(k, _)| ends(module, k) || ends(k, module));
+        match (found.next(), found.next()) {
+            (Some((_, s)), None) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// Whether the model has layer `module`.
+    pub fn has_layer(&self, module: &str) -> bool {
+        self.layers.lock().unwrap_or_else(|p| p.into_inner()).contains_key(module)
+    }
+
+    /// Installs `adapter` under `id`: every module is checked first (a layer of the model, of
+    /// the same shape; experts of a mixture are not targets), then each layer gets its pair.
+    /// Nothing changes on error.
+    pub fn install(&self, id: u32, adapter: &LoraAdapter) -> Result<()> {
+        let layers = self.layers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut plan = Vec::with_capacity(adapter.modules.len());
+        for (module, w) in &adapter.modules {
+            let Some(slots) = Self::find(&layers, module) else {
+                return Err(Error::Config(format!("the adapter targets {module}, which this model does not have")));
+            };
+            if module.contains(".experts.") {
+                return Err(Error::Config(format!("{module}: adapters on a mixture's experts are not served")));
+            }
+            if (w.out, w.inp) != (slots.out, slots.inp) {
+                return Err(Error::Config(format!(
+                    "the adapter's {module} is [{}, {}], the model's layer is [{}, {}]",
+                    w.out, w.inp, slots.out, slots.inp
+                )));
+            }
+            let mut b: Vec<f32> = w.b.iter().map(|v| v * w.scale).collect();
+            if let Some(perm) = &slots.out_perm {
+                let r = w.rank;
+                b = perm
+                    .iter()
+                    .flat_map(|&p| w.b[p as usize * r..(p as usize + 1) * r].iter().map(|v| v * w.scale))
+                    .collect();
+            }
+            plan.push((slots.clone(), LoraPair { rank: w.rank, inp: w.inp, out: w.out, a: w.a.clone(), b }));
+        }
+        for (slots, pair) in plan {
+            slots.pairs.write().unwrap_or_else(|p| p.into_inner()).insert(id, Arc::new(pair));
+        }
+        Ok(())
+    }
+
+    /// Removes adapter `id` from every layer.
+    pub fn remove(&self, id: u32) {
+        for slots in self.layers.lock().unwrap_or_else(|p| p.into_inner()).values() {
+            slots.pairs.write().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        }
+    }
+}
+
+/// Which adapter each row of a step uses: per token row (every layer's input) and per logits
+/// row (the output head's input); `None` is the base model.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StepAdapters {
+    /// Per token row of the step.
+    pub tokens: Vec<Option<u32>>,
+    /// Per logits row (the rows that sample).
+    pub logits: Vec<Option<u32>>,
+}
+
+thread_local! {
+    /// The steps running on this thread, innermost last (a suspended step runs others between
+    /// its layers).
+    static STEPS: RefCell<Vec<Option<Arc<StepAdapters>>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Pops the step when dropped (also on a panic).
+struct StepGuard;
+
+impl Drop for StepGuard {
+    fn drop(&mut self) {
+        STEPS.with(|s| s.borrow_mut().pop());
+    }
+}
+
+/// Runs `f` (a model's forward pass) with `step` saying which adapter each row uses.
+pub fn with_step_adapters<R>(step: Option<Arc<StepAdapters>>, f: impl FnOnce() -> R) -> R {
+    STEPS.with(|s| s.borrow_mut().push(step));
+    let _guard = StepGuard;
+    f()
+}
+
+/// The adapter of each of an input's `rows` rows under the current step, when any row has one:
+/// token rows, or the output head's logits rows.
+pub(crate) fn current_rows(rows: usize) -> Result<Option<Vec<Option<u32>>>> {
+    STEPS.with(|s| {
+        let s = s.borrow();
+        let Some(Some(step)) = s.last() else { return Ok(None) };
+        if !step.tokens.iter().any(Option::is_some) {
+            return Ok(None);
+        }
+        if rows == step.tokens.len() {
+            Ok(Some(step.tokens.clone()))
+        } else if rows == step.logits.len() {
+            Ok(Some(step.logits.clone()))
+        } else {
+            Err(Error::Config(format!(
+                "a layer's input of {rows} rows is neither the step's {} tokens nor its {} logits rows",
+                step.tokens.len(),
+                step.logits.len()
+            )))
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peft_patterns_match_name_ends() {
+        assert!(pattern_matches("q_proj", "model.layers.0.self_attn.q_proj"));
+        assert!(pattern_matches("layers.1.self_attn.q_proj", "model.layers.1.self_attn.q_proj"));
+        assert!(!pattern_matches("q_proj", "model.layers.0.self_attn.qq_proj"));
+        assert!(!pattern_matches("layers.1.self_attn.q_proj", "model.layers.11.self_attn.q_proj"));
+    }
+
+    #[test]
+    fn steps_nest_and_unwind() {
+        assert_eq!(current_rows(3).unwrap(), None);
+        let outer = Arc::new(StepAdapters { tokens: vec![Some(1), None, Some(1)], logits: vec![Some(1)] });
+        with_step_adapters(Some(outer), || {
+            assert_eq!(current_rows(3).unwrap(), Some(vec![Some(1), None, Some(1)]));
+            assert_eq!(current_rows(1).unwrap(), Some(vec![Some(1)]));
+            assert!(current_rows(2).is_err());
+            with_step_adapters(None, || assert_eq!(current_rows(3).unwrap(), None));
+            assert!(current_rows(3).unwrap().is_some());
+        });
+        assert_eq!(current_rows(3).unwrap(), None);
+    }
+}
