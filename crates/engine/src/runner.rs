@@ -263,7 +263,10 @@ pub(crate) struct ProfileStep {
 /// whose shapes disagree fails there, not at each request.
 pub(crate) fn warm_up(model: &dyn CausalLM, block_size: usize, kv_dtype: DType, device: &Device) -> Result<()> {
     let step = ProfileStep { tokens: 1, rows: 1, block_size, kv_dtype };
-    let dims = profile_step(model, step, device)?;
+    let dims = profile_step(model, step, device).map_err(|e| crate::Error::InvalidArgument {
+        param: "model",
+        message: format!("a first step fails ({e}); do the checkpoint's tensors match its configuration?"),
+    })?;
     if dims != [1, model.vocab_size()] {
         return Err(crate::Error::InvalidArgument {
             param: "model",

@@ -313,3 +313,13 @@ async fn a_bert_config_without_heads_or_width_is_refused() {
         refused(&folder, &[], needles).await;
     }
 }
+
+/// A configuration that passes validation but disagrees with tensors the headers check does
+/// not cover (here the head size against the attention projections) fails the engine's
+/// warm-up step at start, not every request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tensors_that_disagree_with_a_valid_config_fail_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = llama_folder(dir.path(), |c| c["head_dim"] = json!(32));
+    refused(&folder, &[], &["invalid model: a first step fails"]).await;
+}
