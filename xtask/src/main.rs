@@ -5,6 +5,8 @@
 //!   `.venv`), then run every test (release profile).
 //! - `ci`: formatting check, clippy with warnings as errors, then `test`.
 //! - `fuzz-api`: schemathesis over every route of the release server (the last step of `test`).
+//! - `fuzz <gguf|safetensors|config|tokenizer> --time <s>`: one model-file fuzz target run longer
+//!   than `test` runs it (each runs for 20 s as an ordinary test; docs/models.md).
 //! - `bench throughput | serve | latency | embed`: benchmarks, with `--peer llama.cpp` side by side.
 //! - `cuda-toolkit`, `build-cuda`, `gpu-bundle`: CUDA 13.0 from PyPI, the `--features cuda`
 //!   build, and that build stripped and compressed for the GPU machine.
@@ -41,6 +43,21 @@ enum Task {
     CheckFeatures,
     /// schemathesis against the release server binary (also the last step of `test`).
     FuzzApi,
+    /// Run one model-file fuzz target (a test that `test` runs for 20 s) for longer, from a
+    /// new seed: mutants of the committed seeds in fixtures/fuzz/<target>/ must be refused with
+    /// a typed error or load and run, never panic or allocate past the harness's cap.
+    Fuzz {
+        /// The loader fuzzed.
+        #[arg(value_parser = FUZZ_TARGETS.iter().map(|t| t.0).collect::<Vec<_>>())]
+        target: String,
+        /// Seconds to run.
+        #[arg(long, default_value_t = 600)]
+        time: u64,
+        /// The first mutant's seed (default: the clock's seconds, so each run tries new mutants;
+        /// a failure prints the seed that replays it).
+        #[arg(long)]
+        seed: Option<u64>,
+    },
     /// Benchmarks: throughput, serve, latency (optionally side by side with llama.cpp).
     #[command(subcommand)]
     Bench(bench::Bench),
@@ -171,6 +188,37 @@ fn test() -> Result<()> {
     fuzz_api()
 }
 
+/// The model-file fuzz targets: the name, and the package and test file whose test of that
+/// name runs it.
+const FUZZ_TARGETS: &[(&str, &str, &str)] = &[
+    ("gguf", "vllm-models", "fuzz_loader"),
+    ("safetensors", "vllm-models", "fuzz_loader"),
+    ("config", "vllm-models", "fuzz_loader"),
+    ("tokenizer", "vllm-tokenizer", "fuzz_tokenizer"),
+];
+
+/// See `Task::Fuzz`.
+fn fuzz(target: &str, time: u64, seed: Option<u64>) -> Result<()> {
+    let Some(&(_, package, test)) = FUZZ_TARGETS.iter().find(|t| t.0 == target) else {
+        bail!("unknown fuzz target {target}");
+    };
+    let seed = match seed {
+        Some(s) => s,
+        None => std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs(),
+    };
+    eprintln!("xtask: fuzzing {target} for {time} s from seed {seed}");
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["test", "--release", "-p", package, "--test", test, "--", "--exact", target, "--nocapture"])
+        .env("VLLM_FUZZ_SECONDS", time.to_string())
+        .env("VLLM_FUZZ_SEED", seed.to_string())
+        .status()
+        .context("running cargo test")?;
+    if !status.success() {
+        bail!("fuzz target {target} failed ({status}): the output above names the mutant's seed");
+    }
+    Ok(())
+}
+
 /// Kills the server when dropped.
 struct Child(std::process::Child);
 
@@ -233,6 +281,7 @@ fn main() -> Result<()> {
         Task::Bench(b) => bench::run(b),
         Task::Test => test(),
         Task::FuzzApi => fuzz_api(),
+        Task::Fuzz { target, time, seed } => fuzz(&target, time, seed),
         Task::CudaToolkit => {
             println!("{}", cuda::toolkit()?.display());
             Ok(())

@@ -315,6 +315,11 @@ impl EngineCore {
         };
         let (executed_logits, ranges) = executed?;
         let vocab = self.runner.model().vocab_size();
+        // The engine checked this at start (a warm-up step); a step that breaks it fails
+        // instead of reading past a row.
+        if executed_logits.0.dims2()?.1 != vocab {
+            return Err(Error::Internal("the model's logits are not as wide as its vocabulary"));
+        }
         let mut outputs: Vec<CoreOutput> = Vec::new();
         // Each request's output in `outputs`, by its first sequence.
         let mut slot: HashMap<SeqId, usize> = HashMap::new();
@@ -359,7 +364,7 @@ impl EngineCore {
             && !out.seqs.iter().any(|s| s.all_logits)
             && live_ids.iter().all(|&id| self.sampler(id).is_some_and(|s| s.device_eligible()));
         let logits = if on_device { Vec::new() } else { executed_logits.to_host()? };
-        for (first, lp) in self.prompt_logprobs(&out, &logits, &ranges, vocab) {
+        for (first, lp) in self.prompt_logprobs(&out, &logits, &ranges, vocab)? {
             if let Some(r) = self.requests.get(&first) {
                 let i = output_for(&mut outputs, first, r);
                 outputs[i].prompt_logprobs.extend(lp);
@@ -391,7 +396,7 @@ impl EngineCore {
             } else {
                 let mut rows = Vec::with_capacity(live_ids.len() * vocab);
                 for &last in &sample_rows {
-                    rows.extend_from_slice(&logits[last * vocab..(last + 1) * vocab]);
+                    rows.extend_from_slice(logits_row(&logits, last, vocab)?);
                 }
                 drop(logits);
                 sample_batch(&mut rows, vocab, &mut samplers)
@@ -435,7 +440,7 @@ impl EngineCore {
         logits: &[f32],
         ranges: &[Range<usize>],
         vocab: usize,
-    ) -> Vec<(SeqId, Vec<(u32, TokenLogprobs)>)> {
+    ) -> Result<Vec<(SeqId, PromptLogprobs)>> {
         let mut found = Vec::new();
         for (s, r) in out.seqs.iter().zip(ranges).filter(|(s, _)| s.all_logits) {
             let Some((first, 0)) = self.owner(s.id) else { continue };
@@ -451,15 +456,24 @@ impl EngineCore {
                     continue;
                 }
                 let token = prompt[pos + 1];
-                lps.push((token, TokenLogprobs::new(&logits[row * vocab..(row + 1) * vocab], token, *k)));
+                lps.push((token, TokenLogprobs::new(logits_row(logits, row, vocab)?, token, *k)));
                 *next += 1;
             }
             if !lps.is_empty() {
                 found.push((first, lps));
             }
         }
-        found
+        Ok(found)
     }
+}
+
+/// A prompt chunk's log probabilities: each scored prompt token with its distribution.
+type PromptLogprobs = Vec<(u32, TokenLogprobs)>;
+
+/// Row `row` of a step's flattened `[rows, vocab]` logits; an error, not a panic, past the end.
+fn logits_row(logits: &[f32], row: usize, vocab: usize) -> Result<&[f32]> {
+    let range = row.checked_mul(vocab).and_then(|start| Some(start..start.checked_add(vocab)?));
+    range.and_then(|r| logits.get(r)).ok_or(Error::Internal("a logits row past the step's output"))
 }
 
 /// Context past which a step that carries any prompt chunk may be suspended (where the

@@ -52,6 +52,17 @@ impl Embedder {
         let opts = LoadOptions { dtype: candle_core::DType::F32, matrices };
         let model = BertEmbedder::load_dir(dir, opts, device)?;
         let tokenizer = Tokenizer::from_hf_dir(dir)?;
+        // Every id the tokenizer makes must have an embedding row.
+        if tokenizer.vocab_size() > model.config().vocab_size {
+            return Err(crate::Error::InvalidArgument {
+                param: "model",
+                message: format!(
+                    "its tokenizer has {} tokens, more than the model's {} embeddings",
+                    tokenizer.vocab_size(),
+                    model.config().vocab_size
+                ),
+            });
+        }
         // sentence-transformers truncates to `max_seq_length` (sentence_bert_config.json).
         let st_max = std::fs::read_to_string(dir.join("sentence_bert_config.json"))
             .ok()

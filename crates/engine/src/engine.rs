@@ -130,26 +130,26 @@ pub(crate) fn build(config: EngineConfig) -> Result<(EngineCore, InputProcessor)
             (vllm_models::load_hf_dir_with(dir, *opts, dev, registry)?, Tokenizer::from_hf_dir(dir)?)
         }
     };
-    // `--tokenizer`: another tokenizer, as long as its ids fit the model's vocabulary.
-    let tokenizer = match &args.tokenizer {
-        None => tokenizer,
+    // `--tokenizer`: another tokenizer. Either way its ids must fit the model's vocabulary.
+    let (tokenizer, param, name) = match &args.tokenizer {
+        None => (tokenizer, "model", "its tokenizer".to_string()),
         Some(spec) => {
             let at = crate::source::resolve_tokenizer(spec, &args.hub())?;
             let t = if at.is_file() { tokenizer_from_gguf(&at, *opts)? } else { Tokenizer::from_hf_dir(&at)? };
-            if t.vocab_size() > model.vocab_size() {
-                return Err(Error::InvalidArgument {
-                    param: "tokenizer",
-                    message: format!(
-                        "{spec} has {} tokens, more than the model's {} embeddings",
-                        t.vocab_size(),
-                        model.vocab_size()
-                    ),
-                });
-            }
             tracing::info!(tokenizer = %spec, "using a tokenizer other than the model's");
-            t
+            (t, "tokenizer", spec.clone())
         }
     };
+    if tokenizer.vocab_size() > model.vocab_size() {
+        return Err(Error::InvalidArgument {
+            param,
+            message: format!(
+                "{name} has {} tokens, more than the model's {} embeddings",
+                tokenizer.vocab_size(),
+                model.vocab_size()
+            ),
+        });
+    }
     let max_model_len = *max_model_len;
     if max_model_len > model.max_model_len() {
         return Err(Error::InvalidArgument {
@@ -157,7 +157,13 @@ pub(crate) fn build(config: EngineConfig) -> Result<(EngineCore, InputProcessor)
             message: format!("{max_model_len} (the model supports 1 to {})", model.max_model_len()),
         });
     }
-    let per_block = KvCache::bytes_per_token(model.attn_shape(), *kv_dtype) * model.num_layers() * block_size;
+    let per_block = KvCache::bytes_per_token(model.attn_shape(), *kv_dtype)
+        .checked_mul(model.num_layers())
+        .and_then(|b| b.checked_mul(*block_size))
+        .ok_or_else(|| Error::InvalidArgument {
+            param: "block_size",
+            message: format!("{block_size} tokens per block: one block's bytes overflow"),
+        })?;
     let num_blocks = match config.kv_budget {
         KvBudget::Bytes(bytes) => {
             let n = (bytes / per_block as u64) as usize;
@@ -180,6 +186,9 @@ pub(crate) fn build(config: EngineConfig) -> Result<(EngineCore, InputProcessor)
             crate::cuda::gpu_kv_blocks(mem, utilization, per_block as u64)?
         }
     };
+    // One token through the model (over a one-block cache) before the cache is allocated: a
+    // shape the file's headers did not reveal fails here, at start, not in every request.
+    crate::runner::warm_up(&*model, *block_size, *kv_dtype, dev)?;
     // No point in more blocks than max_num_seqs full-length sequences.
     let num_blocks = num_blocks.min(config.max_num_seqs.saturating_mul(max_model_len.div_ceil(*block_size))).max(1);
     let scheduler = Scheduler::new(SchedulerConfig {

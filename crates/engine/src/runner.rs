@@ -270,9 +270,8 @@ impl Logits {
 }
 
 /// The largest step the engine will run, run once before the KV cache is sized so that its
-/// activation peak can be measured (vLLM's profile run).
+/// activation peak can be measured (vLLM's profile run); and the one-token warm-up step.
 #[derive(Debug, Clone, Copy)]
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CPU sizes its cache by bytes
 pub(crate) struct ProfileStep {
     /// Prompt tokens in the step (`max_num_batched_tokens`, at most `max_model_len`).
     pub tokens: usize,
@@ -284,9 +283,31 @@ pub(crate) struct ProfileStep {
     pub kv_dtype: DType,
 }
 
-/// Runs `step` through `model` over a throwaway cache just large enough for it.
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-pub(crate) fn profile_step(model: &dyn CausalLM, step: ProfileStep, device: &Device) -> Result<()> {
+/// Runs one token through `model` (over a one-block throwaway cache) and checks that its
+/// logits are one row as wide as its vocabulary: the engine runs it at start, so a checkpoint
+/// whose shapes disagree fails there, not at each request.
+pub(crate) fn warm_up(model: &dyn CausalLM, block_size: usize, kv_dtype: DType, device: &Device) -> Result<()> {
+    let step = ProfileStep { tokens: 1, rows: 1, block_size, kv_dtype };
+    let dims = profile_step(model, step, device).map_err(|e| crate::Error::InvalidArgument {
+        param: "model",
+        message: format!("a first step fails ({e}); do the checkpoint's tensors match its configuration?"),
+    })?;
+    if dims != [1, model.vocab_size()] {
+        return Err(crate::Error::InvalidArgument {
+            param: "model",
+            message: format!(
+                "a first step gives logits of shape {dims:?}, not [1, {}] (the vocabulary): the checkpoint's tensors \
+                 disagree with its configuration",
+                model.vocab_size()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Runs `step` through `model` over a throwaway cache just large enough for it; returns the
+/// logits' shape.
+pub(crate) fn profile_step(model: &dyn CausalLM, step: ProfileStep, device: &Device) -> Result<Vec<usize>> {
     let n = step.tokens.max(1);
     let blocks = n.div_ceil(step.block_size);
     let caches = (0..model.num_layers())
@@ -308,7 +329,7 @@ pub(crate) fn profile_step(model: &dyn CausalLM, step: ProfileStep, device: &Dev
     let logits = model.forward(&input, &caches)?;
     // Wait for the device: the peak is read after the step has run.
     logits.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-    Ok(())
+    Ok(logits.dims().to_vec())
 }
 
 #[cfg(test)]
@@ -329,6 +350,7 @@ mod tests {
         let opts = vllm_models::LoadOptions::float32();
         let model = vllm_models::load_hf_dir(dir.as_ref(), opts, &Device::Cpu).unwrap();
         let step = ProfileStep { tokens: 100, rows: 8, block_size: 16, kv_dtype: DType::F16 };
-        profile_step(&*model, step, &Device::Cpu).unwrap();
+        assert_eq!(profile_step(&*model, step, &Device::Cpu).unwrap(), [8, model.vocab_size()]);
+        warm_up(&*model, 16, DType::F16, &Device::Cpu).unwrap();
     }
 }
