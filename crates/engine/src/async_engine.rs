@@ -65,6 +65,20 @@ pub struct EngineInfo {
     pub max_model_len: usize,
 }
 
+/// The LoRA adapters running and waiting (vLLM's `vllm:lora_requests_info`), as of the last
+/// step, and when the sets last changed.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LoraInfo {
+    /// `--max-loras`.
+    pub max_loras: usize,
+    /// Names of the adapters of running requests, sorted.
+    pub running: Vec<String>,
+    /// Names of the adapters of waiting requests, sorted.
+    pub waiting: Vec<String>,
+    /// Unix time (seconds) of the last change.
+    pub updated_at: f64,
+}
+
 /// Whether the engine core is alive.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EngineHealth {
@@ -100,6 +114,7 @@ pub struct AsyncEngine {
     input: InputProcessor,
     stats: Arc<Mutex<EngineStats>>,
     health: watch::Receiver<EngineHealth>,
+    lora_info: Arc<Mutex<Option<LoraInfo>>>,
     inflight: Arc<AtomicUsize>,
     max_inflight: usize,
     output_buffer: usize,
@@ -130,9 +145,11 @@ impl AsyncEngine {
         let (tx, rx) = std_mpsc::channel();
         let (health_tx, health) = watch::channel(EngineHealth::Alive);
         let st = stats.clone();
+        let lora_info = Arc::new(Mutex::new(None));
+        let lora = input.lora().cloned().map(|m| (m, lora_info.clone()));
         let thread = std::thread::Builder::new()
             .name("vllm-engine-core".into())
-            .spawn(move || run_core(core, rx, st, health_tx))
+            .spawn(move || run_core(core, rx, st, health_tx, lora))
             .map_err(|_| Error::Internal("cannot start the engine thread"))?;
         Ok(Self {
             tx,
@@ -140,6 +157,7 @@ impl AsyncEngine {
             input,
             stats,
             health,
+            lora_info,
             inflight: Arc::new(AtomicUsize::new(0)),
             max_inflight,
             output_buffer,
@@ -171,6 +189,11 @@ impl AsyncEngine {
     /// Whether the engine core is alive.
     pub fn health(&self) -> EngineHealth {
         self.health.borrow().clone()
+    }
+
+    /// The LoRA adapters running and waiting, with `--enable-lora`.
+    pub fn lora_info(&self) -> Option<LoraInfo> {
+        self.lora_info.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Resolves when the engine core dies (never, while it lives); gives the reason.
@@ -444,8 +467,12 @@ struct CoreLoop {
     fe: Frontend,
 }
 
+/// The adapters and where their running and waiting sets are published.
+type LoraPublish = (Arc<crate::lora::LoraManager>, Arc<Mutex<Option<LoraInfo>>>);
+
 /// The core thread's side of the requests: where outputs go, the stats.
 struct Frontend {
+    lora: Option<LoraPublish>,
     live: HashMap<String, mpsc::Sender<Result<CoreOutput>>>,
     stats: Arc<Mutex<EngineStats>>,
     /// A shutdown arrived while a step was suspended.
@@ -459,8 +486,9 @@ fn run_core(
     rx: std_mpsc::Receiver<Command>,
     stats: Arc<Mutex<EngineStats>>,
     health: watch::Sender<EngineHealth>,
+    lora: Option<LoraPublish>,
 ) {
-    let fe = Frontend { live: HashMap::new(), stats, stopping: false, fresh: false };
+    let fe = Frontend { lora, live: HashMap::new(), stats, stopping: false, fresh: false };
     let mut state = CoreLoop { core, fe };
     let run = std::panic::catch_unwind(AssertUnwindSafe(|| state.run(&rx)));
     match run {
@@ -642,6 +670,24 @@ impl Frontend {
         let s = EngineStats::of(core);
         crate::metrics::record_stats(&s);
         *self.stats.lock().unwrap_or_else(|p| p.into_inner()) = s;
+        if let Some((manager, info)) = &self.lora {
+            let (running, waiting) = core.scheduler.lora_sets();
+            let names = manager.names();
+            let named = |ids: std::collections::BTreeSet<u32>| -> Vec<String> {
+                let mut v: Vec<String> =
+                    ids.iter().map(|id| names.get(id).cloned().unwrap_or_else(|| id.to_string())).collect();
+                v.sort();
+                v
+            };
+            let (running, waiting) = (named(running), named(waiting));
+            let mut info = info.lock().unwrap_or_else(|p| p.into_inner());
+            let changed = info.as_ref().is_none_or(|i| i.running != running || i.waiting != waiting);
+            if changed {
+                let now =
+                    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+                *info = Some(LoraInfo { max_loras: manager.limits().max_loras, running, waiting, updated_at: now });
+            }
+        }
     }
 
     /// Sends a request its step output; a full channel (the consumer is not reading) or a

@@ -43,7 +43,7 @@ mod runner;
 mod source;
 
 pub use args::{parse_bytes, EngineArgs, KvCacheDtype, ModelDtype, Quantization, DEFAULT_MODEL};
-pub use async_engine::{AsyncEngine, EngineHealth, EngineInfo, OutputStream};
+pub use async_engine::{AsyncEngine, EngineHealth, EngineInfo, LoraInfo, OutputStream};
 pub use beam::{BeamSearchOutput, BeamSearchParams, BeamSequence, EarlyStopping};
 pub use config::{EngineConfig, KvBudget};
 pub use embed::{Embedder, EmbeddingOutput, EmbeddingRequestOutput};

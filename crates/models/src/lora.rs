@@ -115,8 +115,7 @@ impl LoraAdapter {
         let bytes = std::fs::read(&st_path).map_err(|e| bad(dir, format!("adapter_model.safetensors: {e}")))?;
         let st = SafeTensors::deserialize(&bytes)
             .map_err(|e| bad(dir, format!("adapter_model.safetensors is not a safetensors file: {e}")))?;
-        let mut parts: BTreeMap<String, (Option<(Vec<usize>, Vec<f32>)>, Option<(Vec<usize>, Vec<f32>)>)> =
-            BTreeMap::new();
+        let mut parts: BTreeMap<String, (Option<Matrix>, Option<Matrix>)> = BTreeMap::new();
         for (name, view) in st.tensors() {
             let (module, which) = if let Some(m) = name.strip_suffix(".lora_A.weight") {
                 (m, 0)
@@ -172,6 +171,9 @@ impl LoraAdapter {
         Ok(Self { rank: max, modules, base_model })
     }
 }
+
+/// A matrix read from a file: its shape and values.
+type Matrix = (Vec<usize>, Vec<f32>);
 
 /// A tensor's values as `f32` (F32, F16 or BF16 storage).
 fn floats(v: &safetensors::tensor::TensorView) -> std::result::Result<Vec<f32>, String> {

@@ -7,8 +7,8 @@ use serde_json::Value;
 use utoipa::{OpenApi, ToSchema};
 
 use crate::protocol::{
-    ChatRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, GenerateRequest, SamplingFields,
-    StreamOptions, TokenizeRequest,
+    ChatRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, GenerateRequest, LoadLoraRequest,
+    SamplingFields, StreamOptions, TokenizeRequest, UnloadLoraRequest,
 };
 
 /// OpenAI's error body.
@@ -363,6 +363,8 @@ pub struct EmbeddingResponse {
         crate::routes::generate,
         crate::routes::tokenize,
         crate::routes::detokenize,
+        crate::routes::load_lora_adapter,
+        crate::routes::unload_lora_adapter,
         crate::routes::health,
         crate::routes::version,
         crate::routes::metrics,
@@ -374,6 +376,8 @@ pub struct EmbeddingResponse {
         TokenizeRequest,
         DetokenizeRequest,
         EmbeddingRequest,
+        LoadLoraRequest,
+        UnloadLoraRequest,
         SamplingFields,
         StreamOptions,
         ErrorResponse,

@@ -31,6 +31,8 @@ pub(crate) fn router(state: Arc<AppState>, max_body: usize, crash_route: bool) -
         .route("/generate", post(routes::generate))
         .route("/tokenize", post(routes::tokenize))
         .route("/detokenize", post(routes::detokenize))
+        .route("/v1/load_lora_adapter", post(routes::load_lora_adapter))
+        .route("/v1/unload_lora_adapter", post(routes::unload_lora_adapter))
         .route("/health", get(routes::health))
         .route("/ping", get(routes::health).post(routes::health))
         .route("/invocations", post(routes::invocations))
@@ -72,6 +74,7 @@ pub(crate) async fn build_state(
     let reasoning_parser = args.reasoning_parser()?;
     let (default_guided_backend, constrain_reasoning) = args.structured_outputs_config()?;
     let model_names = args.model_names();
+    let lora_modules = args.lora_modules(&model_names)?;
     let engine_args = args.engine.clone();
     tracing::info!(model = %engine_args.model, cpu_kernels = vllm_engine::cpu_kernel_path(), "loading the model");
     // An embedding model (BertModel) gets an encoder and serves /v1/embeddings; any other
@@ -92,6 +95,26 @@ pub(crate) async fn build_state(
         Ok((Some(AsyncEngine::from_files(engine_args, files)?), None, defaults))
     })
     .await??;
+    // `--lora-modules` are loaded now: a bad adapter stops the start.
+    let mut adapters = std::collections::BTreeMap::new();
+    if let (Some(e), false) = (&engine, lora_modules.is_empty()) {
+        let manager = e.input_processor().lora().cloned().context("--lora-modules needs --enable-lora")?;
+        for (i, (name, path)) in lora_modules.into_iter().enumerate() {
+            let req = vllm_engine::LoraRequest::new(name.clone(), i as u32 + 1, path);
+            let m = manager.clone();
+            let r = req.clone();
+            tokio::task::spawn_blocking(move || m.load(&r)).await?.with_context(|| format!("--lora-modules {name}"))?;
+            adapters.insert(name, req);
+        }
+    } else if !lora_modules.is_empty() {
+        anyhow::bail!("--lora-modules: an embedding model serves no LoRA adapters");
+    }
+    let next_lora_id = adapters.len() as u32 + 1;
+    let runtime_lora_updates = std::env::var("VLLM_ALLOW_RUNTIME_LORA_UPDATING")
+        .is_ok_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes"));
+    if runtime_lora_updates {
+        tracing::warn!("VLLM_ALLOW_RUNTIME_LORA_UPDATING: LoRA adapters may be loaded and unloaded by requests");
+    }
     Ok(Arc::new(AppState {
         engine,
         embedder,
@@ -107,6 +130,9 @@ pub(crate) async fn build_state(
         default_guided_backend,
         sampling_defaults,
         max_logprobs: args.max_logprobs,
+        adapters: std::sync::RwLock::new(adapters),
+        next_lora_id: std::sync::atomic::AtomicU32::new(next_lora_id),
+        runtime_lora_updates,
     }))
 }
 

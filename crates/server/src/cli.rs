@@ -153,6 +153,11 @@ pub(crate) struct ServeArgs {
     /// (temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens).
     #[arg(long)]
     pub override_generation_config: Option<String>,
+    /// LoRA adapters served from the start (with --enable-lora): `name=path` each, or vLLM's
+    /// JSON form `{"name": .., "path": .., "base_model_name": ..}`; requests select one by
+    /// naming it as their `model`.
+    #[arg(long, num_args = 1..)]
+    pub lora_modules: Vec<String>,
     /// Chat template: a file path or the template text (overrides the model's).
     #[arg(long)]
     pub chat_template: Option<String>,
@@ -279,6 +284,44 @@ impl ServeArgs {
         } else {
             self.served_model_name.clone()
         }
+    }
+
+    /// `--lora-modules` as (name, path) pairs: a JSON form's `base_model_name` must be a served
+    /// name, names must be unique and not a served name.
+    pub fn lora_modules(&self, served: &[String]) -> Result<Vec<(String, PathBuf)>> {
+        let mut out: Vec<(String, PathBuf)> = Vec::new();
+        for m in &self.lora_modules {
+            let (name, path) = if m.trim_start().starts_with('{') {
+                let v: serde_json::Value =
+                    serde_json::from_str(m).with_context(|| format!("--lora-modules {m}: not JSON"))?;
+                let field = |k: &str| v.get(k).and_then(|x| x.as_str()).map(String::from);
+                let (Some(name), Some(path)) = (field("name"), field("path")) else {
+                    anyhow::bail!("--lora-modules {m}: the JSON form needs \"name\" and \"path\"");
+                };
+                if let Some(base) = field("base_model_name") {
+                    if !served.contains(&base) {
+                        anyhow::bail!(
+                            "--lora-modules {name}: base_model_name '{base}' is not the served model ({})",
+                            served.join(", ")
+                        );
+                    }
+                }
+                (name, PathBuf::from(path))
+            } else {
+                let Some((name, path)) = m.split_once('=') else {
+                    anyhow::bail!("--lora-modules {m}: give name=path or a JSON object");
+                };
+                (name.to_string(), PathBuf::from(path))
+            };
+            if name.is_empty() || served.contains(&name) || out.iter().any(|(n, _)| *n == name) {
+                anyhow::bail!("--lora-modules {name}: an adapter needs a name of its own (not empty, not a served name, not repeated)");
+            }
+            out.push((name, path));
+        }
+        if !out.is_empty() && !self.engine.enable_lora {
+            anyhow::bail!("--lora-modules needs --enable-lora");
+        }
+        Ok(out)
     }
 
     /// The `auto` tool-call parser, as vLLM requires it: both flags or neither.

@@ -206,6 +206,8 @@ pub struct ChatRequest {
 /// `POST /generate` (vLLM's simple API).
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct GenerateRequest {
+    /// A LoRA adapter's name selects it; the served name (or none) is the base model.
+    pub model: Option<String>,
     pub prompt: String,
     #[serde(default)]
     pub stream: bool,
@@ -215,6 +217,19 @@ pub struct GenerateRequest {
     #[serde(flatten)]
     #[schema(ignore)]
     pub extra: serde_json::Map<String, Value>,
+}
+
+/// `POST /v1/load_lora_adapter` (vLLM's, with `VLLM_ALLOW_RUNTIME_LORA_UPDATING`).
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct LoadLoraRequest {
+    pub lora_name: String,
+    pub lora_path: String,
+}
+
+/// `POST /v1/unload_lora_adapter`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct UnloadLoraRequest {
+    pub lora_name: String,
 }
 
 /// `POST /tokenize`.

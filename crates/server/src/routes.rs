@@ -71,6 +71,83 @@ pub async fn fail_step(State(s): State<Shared>) -> StatusCode {
     StatusCode::ACCEPTED
 }
 
+/// The runtime LoRA routes answer only with `VLLM_ALLOW_RUNTIME_LORA_UPDATING` set (vLLM's
+/// switch), and only for an engine started with `--enable-lora`.
+fn runtime_lora(s: &AppState) -> Result<std::sync::Arc<vllm_engine::lora::LoraManager>, ApiError> {
+    if !s.runtime_lora_updates {
+        return Err(ApiError::not_found("runtime LoRA updates are off (set VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)"));
+    }
+    s.engine()?
+        .input_processor()
+        .lora()
+        .cloned()
+        .ok_or_else(|| ApiError::bad_request("start the server with --enable-lora"))
+}
+
+/// `POST /v1/load_lora_adapter {"lora_name", "lora_path"}`: reads, checks and installs the
+/// adapter now (its first request is not slowed by it); a name taken or a bad adapter is a
+/// 400 and changes nothing.
+#[utoipa::path(post, path = "/v1/load_lora_adapter", request_body = LoadLoraRequest, responses(
+    (status = 200, description = "Loaded", content_type = "text/plain"),
+    (status = 400, body = ErrorResponse), (status = 401, body = ErrorResponse), (status = 404, body = ErrorResponse),
+    (status = 503, body = ErrorResponse),
+))]
+pub async fn load_lora_adapter(
+    State(s): State<Shared>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let manager = runtime_lora(&s)?;
+    let req: LoadLoraRequest = parse(body)?;
+    let name = req.lora_name.trim().to_string();
+    if name.is_empty() || name.len() > 256 || s.model_names.contains(&name) {
+        return Err(ApiError::invalid_param("lora_name", "an adapter needs a name of its own (1 to 256 bytes)"));
+    }
+    if s.adapters.read().unwrap_or_else(|p| p.into_inner()).contains_key(&name) {
+        return Err(ApiError::invalid_param(
+            "lora_name",
+            format!("The lora adapter '{name}' has already been loaded."),
+        ));
+    }
+    let id = s.next_lora_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let lora = vllm_engine::LoraRequest::new(name.clone(), id, req.lora_path);
+    let l = lora.clone();
+    tokio::task::spawn_blocking(move || manager.load(&l))
+        .await
+        .map_err(|_| ApiError::internal("loading the adapter failed"))?
+        .map_err(|e| match e {
+            vllm_engine::Error::InvalidArgument { message, .. } => ApiError::invalid_param("lora_path", message),
+            e => ApiError::from(e),
+        })?;
+    let mut adapters = s.adapters.write().unwrap_or_else(|p| p.into_inner());
+    if adapters.contains_key(&name) {
+        return Err(ApiError::invalid_param(
+            "lora_name",
+            format!("The lora adapter '{name}' has already been loaded."),
+        ));
+    }
+    adapters.insert(name.clone(), lora);
+    Ok(format!("Success: LoRA adapter '{name}' added successfully.").into_response())
+}
+
+/// `POST /v1/unload_lora_adapter {"lora_name"}`: new requests can no longer name it; those
+/// running with it finish with it.
+#[utoipa::path(post, path = "/v1/unload_lora_adapter", request_body = UnloadLoraRequest, responses(
+    (status = 200, description = "Unloaded", content_type = "text/plain"),
+    (status = 400, body = ErrorResponse), (status = 401, body = ErrorResponse), (status = 404, body = ErrorResponse),
+))]
+pub async fn unload_lora_adapter(
+    State(s): State<Shared>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let manager = runtime_lora(&s)?;
+    let req: UnloadLoraRequest = parse(body)?;
+    let Some(lora) = s.adapters.write().unwrap_or_else(|p| p.into_inner()).remove(&req.lora_name) else {
+        return Err(ApiError::not_found(format!("The lora adapter '{}' cannot be found.", req.lora_name)));
+    };
+    manager.unload(&lora.name);
+    Ok(format!("Success: LoRA adapter '{}' removed successfully.", lora.name).into_response())
+}
+
 /// Unknown routes: a 404 in the OpenAI error shape.
 pub async fn not_found(req: Request) -> ApiError {
     ApiError::not_found(format!("no route for {} {}", req.method(), req.uri().path()))
@@ -97,33 +174,34 @@ pub async fn version() -> Json<VersionResponse> {
 pub async fn models(State(s): State<Shared>) -> Json<ModelList> {
     let root = s.engine.as_ref().map_or_else(|| s.model_name.clone(), |e| e.info().model.clone());
     let created = now();
-    let data = s
-        .model_names
-        .iter()
-        .map(|name| ModelCard {
-            id: name.clone(),
-            object: "model".into(),
+    let card = |id: String, root: String, parent: Option<String>| ModelCard {
+        id,
+        object: "model".into(),
+        created,
+        owned_by: "vllm".into(),
+        root,
+        parent,
+        max_model_len: s.max_model_len(),
+        permission: vec![ModelPermission {
+            id: s.new_id("modelperm"),
+            object: "model_permission".into(),
             created,
-            owned_by: "vllm".into(),
-            root: root.clone(),
-            parent: None,
-            max_model_len: s.max_model_len(),
-            permission: vec![ModelPermission {
-                id: s.new_id("modelperm"),
-                object: "model_permission".into(),
-                created,
-                allow_create_engine: false,
-                allow_sampling: true,
-                allow_logprobs: true,
-                allow_search_indices: false,
-                allow_view: true,
-                allow_fine_tuning: false,
-                organization: "*".into(),
-                group: None,
-                is_blocking: false,
-            }],
-        })
-        .collect();
+            allow_create_engine: false,
+            allow_sampling: true,
+            allow_logprobs: true,
+            allow_search_indices: false,
+            allow_view: true,
+            allow_fine_tuning: false,
+            organization: "*".into(),
+            group: None,
+            is_blocking: false,
+        }],
+    };
+    let mut data: Vec<ModelCard> = s.model_names.iter().map(|name| card(name.clone(), root.clone(), None)).collect();
+    // LoRA adapters: their folder as the root, the base model as the parent (vLLM's cards).
+    for (name, l) in s.adapters.read().unwrap_or_else(|p| p.into_inner()).iter() {
+        data.push(card(name.clone(), l.path.display().to_string(), Some(s.model_name.clone())));
+    }
     Json(ModelList { object: "list".into(), data })
 }
 
@@ -138,6 +216,18 @@ pub async fn metrics(State(s): State<Shared>) -> Response {
             stats.num_running, stats.num_waiting, stats.kv_cache_usage
         );
     }
+    if let Some(info) = s.engine.as_ref().and_then(|e| e.lora_info()) {
+        // One series, its labels the current sets, as the Gateway API inference extension's
+        // endpoint picker reads it (comma-separated names, no spaces).
+        text.push_str(&format!(
+            "# HELP vllm:lora_requests_info Running stats on LoRA requests.\n# TYPE vllm:lora_requests_info gauge\n\
+             vllm:lora_requests_info{{max_lora=\"{}\",running_lora_adapters=\"{}\",waiting_lora_adapters=\"{}\"}} {}\n",
+            info.max_loras,
+            info.running.join(","),
+            info.waiting.join(","),
+            info.updated_at
+        ));
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
@@ -151,7 +241,8 @@ pub async fn tokenize(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<TokenizeResponse>, ApiError> {
     let req: TokenizeRequest = parse(body)?;
-    s.check_model(req.model.as_deref())?;
+    // An adapter shares the base model's tokenizer.
+    s.resolve_model(req.model.as_deref())?;
     if let Some(m) = &req.messages {
         validate::check_count("messages", m.len(), validate::chat::MAX_MESSAGES, "messages")?;
     }
@@ -198,7 +289,7 @@ pub async fn detokenize(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<DetokenizeResponse>, ApiError> {
     let req: DetokenizeRequest = parse(body)?;
-    s.check_model(req.model.as_deref())?;
+    s.resolve_model(req.model.as_deref())?;
     s.tokenizer().check_ids(&req.tokens).map_err(|e| ApiError::invalid_param("tokens", e.to_string()))?;
     let state = s.clone();
     let text = s.blocking(move || Ok(state.tokenizer().decode(&req.tokens, false)?)).await?;
@@ -212,10 +303,11 @@ async fn submit(
     id: &str,
     prompts: Vec<Prompt>,
     params: &SamplingParams,
+    lora: Option<&vllm_engine::LoraRequest>,
 ) -> Result<Vec<OutputStream>, ApiError> {
     let mut streams = Vec::with_capacity(prompts.len());
     for (i, p) in prompts.into_iter().enumerate() {
-        streams.push(s.engine()?.generate(format!("{id}-{i}"), p, params.clone()).await?);
+        streams.push(s.engine()?.generate_with_lora(format!("{id}-{i}"), p, params.clone(), lora.cloned()).await?);
     }
     Ok(streams)
 }
@@ -241,12 +333,15 @@ async fn collect(streams: Vec<OutputStream>) -> Result<Vec<RequestOutput>, ApiEr
 /// Runs a validated request and answers: a stream (server-sent events, or `/generate`'s
 /// NUL-separated objects), or the whole response.
 async fn respond(s: &AppState, v: ValidRequest) -> Result<Response, ApiError> {
+    if let Some(l) = &v.lora {
+        metrics::counter!("vllm:lora_requests_total", "lora_name" => l.name.clone()).increment(v.prompts.len() as u64);
+    }
     if let Some(beam) = v.beam {
-        let outs = beam_outputs(&v.id, s.engine()?.beam_search(v.prompts, beam).await?);
+        let outs = beam_outputs(&v.id, s.engine()?.beam_search_with_lora(v.prompts, beam, v.lora.clone()).await?);
         return Ok(full_response(&v.model, &v.render, &v.id, &outs));
     }
     // The engine's ids are the server's own: a client's `request_id` names only the response.
-    let streams = submit(s, &s.new_id("req"), v.prompts, &v.params).await?;
+    let streams = submit(s, &s.new_id("req"), v.prompts, &v.params, v.lora.as_ref()).await?;
     match v.stream {
         Some(opts) => Ok(stream_response(v.render, v.id, v.model, streams, opts)),
         None => Ok(full_response(&v.model, &v.render, &v.id, &collect(streams).await?)),

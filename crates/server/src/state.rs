@@ -45,6 +45,12 @@ pub struct AppState {
     /// `--max-logprobs`: the most `logprobs` / `top_logprobs` / `prompt_logprobs` a request
     /// may ask for.
     pub max_logprobs: usize,
+    /// The LoRA adapters served (`--lora-modules`, and those loaded at run time), by name.
+    pub adapters: std::sync::RwLock<std::collections::BTreeMap<String, vllm_engine::LoraRequest>>,
+    /// The next adapter id to give.
+    pub next_lora_id: std::sync::atomic::AtomicU32,
+    /// `VLLM_ALLOW_RUNTIME_LORA_UPDATING`: adapters may be loaded and unloaded by requests.
+    pub runtime_lora_updates: bool,
 }
 
 pub type Shared = Arc<AppState>;
@@ -125,11 +131,25 @@ impl AppState {
     }
 
     pub(crate) fn check_model(&self, model: Option<&str>) -> Result<(), ApiError> {
-        match model {
-            Some(m) if !self.model_names.iter().any(|n| n == m) => {
-                Err(ApiError::not_found(format!("The model `{m}` does not exist.")))
-            }
-            _ => Ok(()),
+        match self.resolve_model(model)? {
+            None => Ok(()),
+            Some(l) => Err(ApiError::invalid_param(
+                "model",
+                format!("the LoRA adapter `{}` is not served on this route (use the base model's name)", l.name),
+            )),
+        }
+    }
+
+    /// What a request's `model` names: the base model (a served name, or none given), or a
+    /// LoRA adapter; any other name is a 404.
+    pub(crate) fn resolve_model(&self, model: Option<&str>) -> Result<Option<vllm_engine::LoraRequest>, ApiError> {
+        let Some(m) = model else { return Ok(None) };
+        if self.model_names.iter().any(|n| n == m) {
+            return Ok(None);
+        }
+        match self.adapters.read().unwrap_or_else(|p| p.into_inner()).get(m) {
+            Some(l) => Ok(Some(l.clone())),
+            None => Err(ApiError::not_found(format!("The model `{m}` does not exist."))),
         }
     }
 }

@@ -16,21 +16,9 @@ fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/quant").join(name)
 }
 
-/// A copy of a fixture folder with a word-level tokenizer over its 256 token ids.
+/// A copy of a fixture folder the server can load (a word-level tokenizer over its ids).
 fn servable(name: &str, into: &Path) -> PathBuf {
-    let dir = into.join(name);
-    std::fs::create_dir_all(&dir).unwrap();
-    for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(fixture(name).join(f), dir.join(f)).unwrap();
-    }
-    let vocab: serde_json::Map<String, serde_json::Value> = (0..256).map(|i| (format!("t{i}"), json!(i))).collect();
-    let tok = json!({
-        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
-        "normalizer": null, "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": null,
-        "decoder": null, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"}
-    });
-    std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
-    dir
+    common::token_id_model(&fixture(name), 256, &into.join(name))
 }
 
 /// Runs the server until it exits (a start that must fail); its status and stderr.

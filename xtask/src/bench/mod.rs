@@ -3,6 +3,7 @@
 
 mod dataset;
 mod embed;
+mod lora;
 mod peer;
 mod plot;
 mod prefix;
@@ -35,6 +36,9 @@ pub enum Bench {
     PrefixCaching(prefix::PrefixArgs),
     /// Batched embedding throughput of `LLM::encode` (optionally against sentence-transformers).
     Embed(embed::EmbedArgs),
+    /// Concurrent requests spread over 1, 4 and 8 LoRA adapters (ranks 16 and 64) against the
+    /// same requests on the base model: output tokens per second, side by side.
+    Lora(lora::LoraArgs),
     /// Build llama.cpp's `llama-server` into the cache now (otherwise done on first `--peer`).
     BuildPeer,
     /// Time to first token of short requests on an idle server and while a long prompt
@@ -600,6 +604,7 @@ pub fn run(b: Bench) -> Result<()> {
         Bench::Serve(a) => serve(a),
         Bench::PrefixCaching(a) => prefix::run(a),
         Bench::Embed(a) => embed::run(a),
+        Bench::Lora(a) => lora::run(a),
         Bench::Stall(a) => stall::run(a),
         Bench::BuildPeer => {
             println!("{}", peer::llama_server()?.display());

@@ -24,7 +24,7 @@ const MAX_DOCUMENTS: usize = 1024;
 
 /// `POST /v1/chat/completions`.
 pub(crate) async fn chat(s: &AppState, req: ChatRequest, headers: &HeaderMap) -> Result<ValidRequest, ApiError> {
-    s.check_model(req.model.as_deref())?;
+    let lora = s.resolve_model(req.model.as_deref())?;
     check_extra_fields(&req.extra)?;
     if req.top_logprobs.is_some() && req.logprobs != Some(true) {
         return Err(ApiError::invalid_param("top_logprobs", "top_logprobs needs logprobs set to true"));
@@ -102,7 +102,8 @@ pub(crate) async fn chat(s: &AppState, req: ChatRequest, headers: &HeaderMap) ->
     };
     Ok(ValidRequest {
         id: s.response_id("chatcmpl", fields.request_id.as_deref(), headers)?,
-        model: s.model_name.clone(),
+        model: lora.as_ref().map_or_else(|| s.model_name.clone(), |l| l.name.clone()),
+        lora,
         prompts: vec![Prompt::TokenIds(ids)],
         beam,
         stream: req.stream.then(|| req.stream_options.clone().unwrap_or_default()),

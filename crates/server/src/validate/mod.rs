@@ -76,8 +76,10 @@ fn check_capacity(s: &AppState, prompts: usize, per_prompt: usize) -> Result<(),
 pub(crate) struct ValidRequest {
     /// The response's id (`<prefix>-<request_id>` when the client named the request).
     pub id: String,
-    /// The model name the response reports (the served name; a LoRA adapter's name later).
+    /// The model name the response reports (the served name, or the adapter's).
     pub model: String,
+    /// The LoRA adapter the request's `model` names, if any.
+    pub lora: Option<vllm_engine::LoraRequest>,
     /// One engine request per prompt.
     pub prompts: Vec<Prompt>,
     /// Complete engine parameters: output kind, log probabilities, the constraint with its
@@ -174,7 +176,7 @@ pub(crate) async fn completion(
     req: CompletionRequest,
     headers: &HeaderMap,
 ) -> Result<ValidRequest, ApiError> {
-    s.check_model(req.model.as_deref())?;
+    let lora = s.resolve_model(req.model.as_deref())?;
     check_extra_fields(&req.extra)?;
     if req.suffix.is_some() {
         return Err(ApiError::unsupported("suffix", "(fill-in-the-middle)"));
@@ -215,7 +217,8 @@ pub(crate) async fn completion(
     let f = &req.sampling;
     Ok(ValidRequest {
         id: s.response_id("cmpl", f.request_id.as_deref(), headers)?,
-        model: s.model_name.clone(),
+        model: lora.as_ref().map_or_else(|| s.model_name.clone(), |l| l.name.clone()),
+        lora,
         prompts,
         beam,
         stream: req.stream.then(|| req.stream_options.unwrap_or_default()),
@@ -236,6 +239,7 @@ pub(crate) async fn completion(
 
 /// `POST /generate` (vLLM's simple API): `{"text": [prompt + output, ...]}`.
 pub(crate) fn generate(s: &AppState, req: GenerateRequest) -> Result<ValidRequest, ApiError> {
+    let lora = s.resolve_model(req.model.as_deref())?;
     check_extra_fields(&req.extra)?;
     // `/generate` answers `{"text": [...]}`: the OpenAI routes' response options mean nothing.
     let f = &req.sampling;
@@ -253,7 +257,8 @@ pub(crate) fn generate(s: &AppState, req: GenerateRequest) -> Result<ValidReques
     s.engine()?;
     Ok(ValidRequest {
         id: s.new_id("gen"),
-        model: s.model_name.clone(),
+        model: lora.as_ref().map_or_else(|| s.model_name.clone(), |l| l.name.clone()),
+        lora,
         prompts: vec![Prompt::Text(req.prompt.clone())],
         beam,
         stream: req.stream.then(StreamOptions::default),

@@ -135,3 +135,21 @@ pub fn sse_chunks(text: &str) -> Vec<Value> {
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("chunk {l}: {e}")))
         .collect()
 }
+
+/// A copy of a token-id model folder (`config.json` + `model.safetensors`, no tokenizer: the
+/// fixtures' tiny models) with a word-level tokenizer over its `vocab` ids (`t0`, `t1`, ...),
+/// so the server can load it; prompts are given as token ids.
+pub fn token_id_model(src: &std::path::Path, vocab: usize, into: &std::path::Path) -> std::path::PathBuf {
+    std::fs::create_dir_all(into).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(src.join(f), into.join(f)).unwrap();
+    }
+    let words: serde_json::Map<String, Value> = (0..vocab).map(|i| (format!("t{i}"), Value::from(i))).collect();
+    let tok = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": null,
+        "decoder": null, "model": {"type": "WordLevel", "vocab": words, "unk_token": "t0"}
+    });
+    std::fs::write(into.join("tokenizer.json"), tok.to_string()).unwrap();
+    into.to_path_buf()
+}
