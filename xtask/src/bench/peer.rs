@@ -113,7 +113,7 @@ pub fn our_server() -> Result<PathBuf> {
             .current_dir(&root),
         "cargo build --release -p vllm-server",
     )?;
-    Ok(root.join("target").join("release").join("vllm-server"))
+    Ok(crate::target_dir().join("release").join("vllm-server"))
 }
 
 /// Both engines' versions for a report: ours (the workspace version and the checkout's commit,
