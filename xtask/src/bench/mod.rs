@@ -192,6 +192,10 @@ pub struct LatencyArgs {
     /// `auto`), in the same invocation.
     #[arg(long)]
     compare_dtype: Option<String>,
+    /// Also measure our engine on this checkpoint (repeatable; e.g. an AWQ folder beside a
+    /// GGUF file), with the same flags, in the same invocation.
+    #[arg(long)]
+    compare_model: Vec<String>,
     /// Write the results here.
     #[arg(long)]
     output_json: Option<PathBuf>,
@@ -330,38 +334,40 @@ fn our_latency(llm: &LLM, prompt: Vec<u32>, decode_prompt: Vec<u32>, output_len:
     })
 }
 
-fn latency(a: LatencyArgs) -> Result<()> {
-    let (llm, load_s) = load(&a.engine)?;
-    eprintln!("xtask bench: model loaded in {load_s:.2}s");
-    let iters = a.num_iters.max(1);
-    // Fresh random prompts every iteration: the prefix cache must not help.
-    let prompts = dataset::make(Dataset::Random, iters + 1, a.input_len, 1, 1);
-    let short = dataset::make(Dataset::Random, iters + 1, 8, 1, 2);
-    let mut pp = Vec::new();
-    let mut tg = Vec::new();
-    for i in 0..=iters {
-        let (p, d) = our_latency(&llm, prompts[i].prompt.clone(), short[i].prompt.clone(), a.output_len)?;
+/// Our single-request figures over the iterations (the first is a warm-up): medians of
+/// (prompt tokens/s, decode tokens/s), and the load time.
+fn our_medians(opts: &EngineOpts, prompts: &Prompts, short: &Prompts, output_len: usize) -> Result<(f64, f64, f64)> {
+    let (llm, load_s) = load(opts)?;
+    eprintln!("xtask bench: {} loaded in {load_s:.2}s", opts.model_path()?);
+    let (mut pp, mut tg) = (Vec::new(), Vec::new());
+    for i in 0..prompts.len() {
+        let (p, d) = our_latency(&llm, prompts[i].prompt.clone(), short[i].prompt.clone(), output_len)?;
         if i > 0 {
-            // iteration 0 is the warm-up
             pp.push(p);
             tg.push(d);
         }
     }
-    let ours = (summarize(&mut pp).median, summarize(&mut tg).median);
-    drop(llm);
-    let mut other = None;
+    Ok((summarize(&mut pp).median, summarize(&mut tg).median, load_s))
+}
+
+fn latency(a: LatencyArgs) -> Result<()> {
+    let iters = a.num_iters.max(1);
+    // Fresh random prompts every iteration: the prefix cache must not help.
+    let prompts = dataset::make(Dataset::Random, iters + 1, a.input_len, 1, 1);
+    let short = dataset::make(Dataset::Random, iters + 1, 8, 1, 2);
+    let (pp, tg, load_s) = our_medians(&a.engine, &prompts, &short, a.output_len)?;
+    let ours = (pp, tg);
+    // Other precisions or checkpoints of ours, measured the same way.
+    let mut others = Vec::new();
     if let Some(dtype) = &a.compare_dtype {
         let opts = EngineOpts { dtype: dtype.clone(), ..a.engine.clone() };
-        let (llm, _) = load(&opts)?;
-        let (mut pp, mut tg) = (Vec::new(), Vec::new());
-        for i in 0..=iters {
-            let (p, d) = our_latency(&llm, prompts[i].prompt.clone(), short[i].prompt.clone(), a.output_len)?;
-            if i > 0 {
-                pp.push(p);
-                tg.push(d);
-            }
-        }
-        other = Some((dtype.clone(), summarize(&mut pp).median, summarize(&mut tg).median));
+        let (p, d, _) = our_medians(&opts, &prompts, &short, a.output_len)?;
+        others.push((format!("vllm-rs --dtype {dtype}"), p, d));
+    }
+    for m in &a.compare_model {
+        let opts = EngineOpts { model: Some(m.clone()), ..a.engine.clone() };
+        let (p, d, _) = our_medians(&opts, &prompts, &short, a.output_len)?;
+        others.push((format!("vllm-rs {m}"), p, d));
     }
     let mut report = json!({
         "input_len": a.input_len, "output_len": a.output_len, "threads": a.engine.threads,
@@ -369,9 +375,8 @@ fn latency(a: LatencyArgs) -> Result<()> {
         "model": a.engine.model_path()?,
         "vllm-rs": {"prompt_tokens_per_second": ours.0, "decode_tokens_per_second": ours.1},
     });
-    if let Some((dtype, p, d)) = &other {
-        report[format!("vllm-rs --dtype {dtype}")] =
-            json!({"prompt_tokens_per_second": p, "decode_tokens_per_second": d});
+    for (label, p, d) in &others {
+        report[label.as_str()] = json!({"prompt_tokens_per_second": p, "decode_tokens_per_second": d});
     }
     let mut peer_fig = None;
     if let Some(peer) = a.peer {
@@ -394,9 +399,12 @@ fn latency(a: LatencyArgs) -> Result<()> {
     };
     row(&format!("prompt tok/s ({} tokens)", a.input_len), ours.0, peer_fig.map(|f| f.0));
     row(&format!("decode tok/s ({} tokens)", a.output_len), ours.1, peer_fig.map(|f| f.1));
-    if let Some((dtype, p, d)) = &other {
-        println!("vllm-rs --dtype {}: prompt {p:.1} tok/s, decode {d:.1} tok/s (--dtype {} / this: prompt {:.2}x, decode {:.2}x)",
-            dtype, a.engine.dtype, ours.0 / p, ours.1 / d);
+    for (label, p, d) in &others {
+        println!(
+            "{label}: prompt {p:.1} tok/s, decode {d:.1} tok/s (the first / this: prompt {:.2}x, decode {:.2}x)",
+            ours.0 / p,
+            ours.1 / d
+        );
     }
     // The bandwidth bound of one-stream decode: every step reads every weight once, about the
     // model file's size (a folder's safetensors files).
