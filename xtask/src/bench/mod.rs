@@ -188,6 +188,9 @@ pub struct LatencyArgs {
     /// How vLLM's CPU backend uses the cores (`--peer vllm`).
     #[arg(long, value_enum, default_value = "all")]
     vllm_cpu_bind: VllmBind,
+    /// Extra flags for `vllm serve` (`--peer vllm`; e.g. "--dtype float32").
+    #[arg(long, default_value = "", allow_hyphen_values = true)]
+    vllm_args: String,
     /// Also measure our engine with this `--dtype` (e.g. `float32` beside the default
     /// `auto`), in the same invocation.
     #[arg(long)]
@@ -218,6 +221,9 @@ pub struct ServeArgs {
     /// How vLLM's CPU backend uses the cores (`--peer vllm`).
     #[arg(long, value_enum, default_value = "all")]
     vllm_cpu_bind: VllmBind,
+    /// Extra flags for `vllm serve` (`--peer vllm`; e.g. "--dtype float32").
+    #[arg(long, default_value = "", allow_hyphen_values = true)]
+    vllm_args: String,
     /// Also run the identical workload against this vllm-server binary (a baseline build,
     /// e.g. the previous commit's), with the same --server-args.
     #[arg(long)]
@@ -490,7 +496,11 @@ async fn vllm_latency(
     short: &Prompts,
     a: &LatencyArgs,
 ) -> Result<(f64, f64, Vec<String>)> {
-    let engine = peer::Engine::Vllm { max_model_len: ctx, bind_all: a.vllm_cpu_bind == VllmBind::All };
+    let engine = peer::Engine::Vllm {
+        max_model_len: ctx,
+        bind_all: a.vllm_cpu_bind == VllmBind::All,
+        extra: a.vllm_args.split_whitespace().map(String::from).collect(),
+    };
     eprintln!("xtask bench: starting vLLM's CPU backend (about two minutes: it compiles the model)");
     let server = peer::start(&engine, model, threads, Duration::from_secs(900)).await?;
     eprintln!("xtask bench: vLLM up (cold start to first token {:.1}s)", server.cold_start);
@@ -639,6 +649,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         Some(Peer::Vllm) => engines.push(Some(peer::Engine::Vllm {
             max_model_len: (longest + 16).max(2048),
             bind_all: a.vllm_cpu_bind == VllmBind::All,
+            extra: a.vllm_args.split_whitespace().map(String::from).collect(),
         })),
         None => {}
     }

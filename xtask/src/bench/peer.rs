@@ -307,8 +307,8 @@ pub enum Engine {
     /// vLLM's CPU backend (`vllm serve`) on a Hugging Face folder, `max_model_len` tokens of
     /// context; `bind_all`: its compute threads on the benchmark's `threads` cores
     /// (`VLLM_CPU_OMP_THREADS_BIND=0-<threads - 1>`, no core reserved), else vLLM's default
-    /// (one core kept for its API server).
-    Vllm { max_model_len: usize, bind_all: bool },
+    /// (one core kept for its API server); `extra`: more `vllm serve` flags.
+    Vllm { max_model_len: usize, bind_all: bool, extra: Vec<String> },
 }
 
 /// The model name the vLLM peer serves under.
@@ -341,13 +341,14 @@ pub async fn start(engine: &Engine, model: &Path, threads: usize, limit: Duratio
             c.args(["-t", &threads.to_string(), "-tb", &threads.to_string()]);
             ("llama.cpp".to_string(), c)
         }
-        Engine::Vllm { max_model_len, bind_all } => {
+        Engine::Vllm { max_model_len, bind_all, extra } => {
             if !model.is_dir() {
                 bail!("vLLM's peer serves a Hugging Face folder; {} is not one", model.display());
             }
             let mut c = Command::new(vllm()?);
             c.arg("serve").arg(model).args(["--host", "127.0.0.1", "--port", &port.to_string()]);
             c.args(["--served-model-name", VLLM_SERVED_NAME, "--max-model-len", &max_model_len.to_string()]);
+            c.args(extra);
             c.env("HF_HUB_OFFLINE", "1").env("VLLM_CPU_KVCACHE_SPACE", "4");
             if *bind_all {
                 c.env("VLLM_CPU_OMP_THREADS_BIND", format!("0-{}", threads.max(1) - 1));
