@@ -10,10 +10,14 @@ pub const DEFAULT_MODEL: &str = "HuggingFaceTB/SmolLM2-135M-Instruct";
 /// Weight and activation precision (`--dtype`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum ModelDtype {
-    /// float32 on CPU; the checkpoint's own precision for safetensors on GPU.
+    /// The checkpoint's own precision where we have a kernel for it: on the CPU a bfloat16 /
+    /// float16 safetensors checkpoint keeps its matrices in their stored bits on our
+    /// half-precision kernel (activations float32, KV cache in the checkpoint's dtype), and
+    /// other checkpoints run in float32; on a GPU the checkpoint's half precision.
     #[default]
     Auto,
-    /// float32.
+    /// float32 (on the CPU, a half-precision checkpoint's matrices widened to float32 and run
+    /// densely: the reference path).
     #[value(alias = "float", alias = "f32")]
     Float32,
     /// float16.
@@ -79,7 +83,8 @@ impl Quantization {
 pub enum KvCacheDtype {
     /// float16 on the CPU for quantized weights (a GGUF file run on its own blocks, or
     /// `--quantization int8`: half the cache memory and attention traffic; llama.cpp's
-    /// default too); the model's dtype otherwise (float32 for the reference path).
+    /// default too); a half-precision checkpoint's own dtype on its half-precision kernel;
+    /// the model's dtype otherwise (float32 for the reference path).
     #[default]
     #[value(alias = "")]
     Auto,
@@ -142,8 +147,10 @@ pub struct EngineArgs {
     /// Model: a local folder, a .gguf file, or a Hugging Face id.
     #[arg(long, default_value = DEFAULT_MODEL)]
     pub model: String,
-    /// Weight and activation precision (auto: float32 on the CPU, the checkpoint's half
-    /// precision on a GPU).
+    /// Weight and activation precision (auto: the checkpoint's own precision: on the CPU a
+    /// bfloat16 / float16 checkpoint's matrices on our half-precision kernel with float32
+    /// activations, float32 otherwise; on a GPU the checkpoint's half precision). float32 is
+    /// the reference path.
     #[arg(long, value_enum, ignore_case = true, default_value = "auto")]
     pub dtype: ModelDtype,
     /// How weight matrices run: auto (the checkpoint's own quantization on our kernels: a GGUF
@@ -172,8 +179,9 @@ pub struct EngineArgs {
     /// Bytes of KV cache on the CPU, e.g. 4GiB.
     #[arg(long, value_parser = parse_bytes, default_value = "4GiB")]
     pub kv_cache_memory: u64,
-    /// What the KV cache holds: auto (float16 on the CPU for quantized weights, the model's
-    /// dtype otherwise), float32, float16, bfloat16.
+    /// What the KV cache holds: auto (float16 on the CPU for quantized weights, a half-precision
+    /// checkpoint's own dtype on the half-precision kernel, the model's dtype otherwise),
+    /// float32, float16, bfloat16.
     #[arg(long, value_enum, ignore_case = true, default_value = "auto")]
     pub kv_cache_dtype: KvCacheDtype,
     /// Reuse cached prompt prefixes (on by default; `--no-enable-prefix-caching` turns it off).

@@ -7,6 +7,7 @@
 use std::fmt;
 
 use candle_core::{DType, Device};
+use vllm_kernels::half::HalfFormat;
 use vllm_models::{LoadOptions, MatrixFormat, ModelInfo};
 
 use crate::args::{EngineArgs, KvCacheDtype, ModelDtype, Quantization};
@@ -89,9 +90,14 @@ impl EngineConfig {
         let info = vllm_models::inspect(&path)?;
         let dtype = resolve_dtype(args.dtype, device.is_cuda(), &info);
         check_quantization(args.quantization, &files, &info, &device)?;
+        // An unquantized safetensors checkpoint with a dtype asked for runs densely in it (with
+        // float32, the reference path); with `auto`, in its own precision (`Native`: a
+        // bfloat16 / float16 checkpoint's matrices on our half-precision kernel).
+        let plain_folder = matches!(files, ModelFiles::HfDir(_)) && info.quantization.is_none();
         let matrices = match args.quantization {
             Quantization::Int8 => MatrixFormat::Int8,
             Quantization::None => MatrixFormat::Dense,
+            _ if plain_folder && args.dtype != ModelDtype::Auto => MatrixFormat::Dense,
             // Our quantized kernels are CPU kernels; on CUDA, candle's quantized matmul.
             _ if device.is_cpu() => MatrixFormat::Native,
             _ => MatrixFormat::CandleQuantized,
@@ -107,8 +113,11 @@ impl EngineConfig {
             MatrixFormat::Native => matches!(files, ModelFiles::Gguf(_)),
             MatrixFormat::Dense | MatrixFormat::CandleQuantized => false,
         };
+        let own_half = half_weights(&files, &info, matrices);
         let kv_dtype = match args.kv_cache_dtype {
             KvCacheDtype::Auto if device.is_cpu() && quantized => DType::F16,
+            // The half-precision kernel: the cache in the checkpoint's own dtype too.
+            KvCacheDtype::Auto if own_half.is_some() => own_half.unwrap_or(dtype),
             KvCacheDtype::Auto => dtype,
             KvCacheDtype::Float32 => DType::F32,
             KvCacheDtype::Float16 => DType::F16,
@@ -193,6 +202,14 @@ impl EngineConfig {
                     vllm_kernels::cpu_kernel_path()
                 ),
             };
+        }
+        if let Some(half) = half_weights(&self.files, &self.info, self.load.matrices) {
+            let format = if half == DType::BF16 { HalfFormat::BF16 } else { HalfFormat::F16 };
+            return format!(
+                "matrices kept in {} on our half-precision kernel ({}), activations {dtype:?}",
+                format.name(),
+                vllm_kernels::half::kernel_name(format)
+            );
         }
         match self.load.matrices {
             MatrixFormat::Int8 => "every matrix requantized to int8".to_string(),
@@ -300,8 +317,19 @@ fn check_quantization(q: Quantization, files: &ModelFiles, info: &ModelInfo, dev
     }
 }
 
-/// The dtype weights and activations run in. `auto` is float32 on the CPU (quantized weights
-/// keep their own formats there); on a GPU it is the checkpoint's own half precision, as in
+/// The half precision an unquantized safetensors checkpoint is mostly stored in, when its
+/// matrices run on our half-precision kernel (`Native` on the CPU: `--dtype auto`).
+fn half_weights(files: &ModelFiles, info: &ModelInfo, matrices: MatrixFormat) -> Option<DType> {
+    if !matches!(files, ModelFiles::HfDir(_)) || info.quantization.is_some() || matrices != MatrixFormat::Native {
+        return None;
+    }
+    let count = |k: &str| info.dtypes.get(k).copied().unwrap_or(0);
+    let (bf16, f16) = (count("BF16"), count("F16"));
+    (bf16 + f16 > count("F32")).then_some(if f16 > bf16 { DType::F16 } else { DType::BF16 })
+}
+
+/// The dtype weights and activations run in. `auto` is float32 on the CPU (quantized and
+/// half-precision weights keep their own formats there, on our kernels); on a GPU it is the checkpoint's own half precision, as in
 /// vLLM: float16 for a float16 checkpoint, bfloat16 for bfloat16 and float32 ones and for
 /// GGUF files (whose float tensors are dequantized to it).
 pub(crate) fn resolve_dtype(requested: ModelDtype, cuda: bool, info: &ModelInfo) -> DType {
@@ -371,6 +399,22 @@ mod tests {
         assert_eq!(resolve_dtype(ModelDtype::Auto, true, &info(&[])), DType::BF16);
         assert_eq!(resolve_dtype(ModelDtype::Float16, true, &bf16), DType::F16);
         assert_eq!(resolve_dtype(ModelDtype::Float32, true, &bf16), DType::F32);
+    }
+
+    /// Which checkpoints run on the half-precision kernel: unquantized safetensors folders
+    /// mostly stored in bfloat16 / float16, with their matrices `Native`.
+    #[test]
+    fn half_precision_folders() {
+        let dir = ModelFiles::HfDir("m".into());
+        let native = MatrixFormat::Native;
+        assert_eq!(half_weights(&dir, &info(&[("BF16", 1000), ("F32", 10)]), native), Some(DType::BF16));
+        assert_eq!(half_weights(&dir, &info(&[("F16", 1000), ("F32", 10)]), native), Some(DType::F16));
+        assert_eq!(half_weights(&dir, &info(&[("F16", 10), ("F32", 1000)]), native), None);
+        assert_eq!(half_weights(&dir, &info(&[("BF16", 1000)]), MatrixFormat::Dense), None);
+        let gguf = ModelFiles::Gguf("m.gguf".into());
+        assert_eq!(half_weights(&gguf, &info(&[("F16", 1000)]), native), None);
+        let awq = ModelInfo { quantization: Some("awq".into()), ..info(&[("F16", 1000), ("I32", 100)]) };
+        assert_eq!(half_weights(&dir, &awq, native), None);
     }
 
     #[test]

@@ -7,67 +7,10 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::path::Path;
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::DType;
 use vllm_engine::{EngineArgs, Error, ModelDtype, ModelFiles, SamplingParams, LLM};
-use vllm_models::{llama::LlamaConfig, LoadOptions, MatrixFormat};
-
-/// llama.cpp stores Q/K rows permuted for interleaved rotary; undo it.
-fn unpermute(w: &Tensor, heads: usize) -> Tensor {
-    let (out, inp) = w.dims2().unwrap();
-    w.reshape((heads, out / heads / 2, 2, inp))
-        .unwrap()
-        .transpose(1, 2)
-        .unwrap()
-        .contiguous()
-        .unwrap()
-        .reshape((out, inp))
-        .unwrap()
-}
-
-fn write_hf_folder(gguf: &Path, dir: &Path) {
-    let opts = LoadOptions { dtype: DType::F32, matrices: MatrixFormat::Dense };
-    let w = vllm_models::Weights::from_gguf(gguf, opts, &Device::Cpu).unwrap();
-    let md = w.gguf_metadata().unwrap();
-    let cfg = LlamaConfig::from_gguf(md).unwrap();
-    let tok = vllm_tokenizer::Tokenizer::from_gguf(md).unwrap();
-    let mut tensors = HashMap::new();
-    let mut put = |name: String, t: Tensor| {
-        tensors.insert(name, t);
-    };
-    put("model.embed_tokens.weight".into(), w.get("model.embed_tokens.weight").unwrap());
-    put("model.norm.weight".into(), w.get("model.norm.weight").unwrap());
-    for i in 0..cfg.num_hidden_layers {
-        let p = format!("model.layers.{i}");
-        for n in ["input_layernorm", "post_attention_layernorm"] {
-            put(format!("{p}.{n}.weight"), w.get(&format!("{p}.{n}.weight")).unwrap());
-        }
-        for n in ["self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"] {
-            put(format!("{p}.{n}.weight"), w.get(&format!("{p}.{n}.weight")).unwrap());
-        }
-        let q = w.get(&format!("{p}.self_attn.q_proj.weight")).unwrap();
-        let k = w.get(&format!("{p}.self_attn.k_proj.weight")).unwrap();
-        put(format!("{p}.self_attn.q_proj.weight"), unpermute(&q, cfg.num_attention_heads));
-        put(format!("{p}.self_attn.k_proj.weight"), unpermute(&k, cfg.num_key_value_heads.unwrap()));
-    }
-    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
-    let config = serde_json::json!({
-        "architectures": ["LlamaForCausalLM"],
-        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads,
-        "num_key_value_heads": cfg.num_key_value_heads, "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": cfg.rope_theta, "vocab_size": cfg.vocab_size,
-        "max_position_embeddings": cfg.max_position_embeddings, "tie_word_embeddings": true,
-    });
-    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
-    std::fs::write(dir.join("tokenizer.json"), tok.inner().to_string(false).unwrap()).unwrap();
-    let tc = serde_json::json!({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "add_bos_token": false,
-        "chat_template": tok.chat_template()});
-    std::fs::write(dir.join("tokenizer_config.json"), tc.to_string()).unwrap();
-}
 
 fn generate(model: &str, dtype: ModelDtype, prompts: &[&str], n: usize) -> Vec<Vec<u32>> {
     let mut args = EngineArgs::new(model);
@@ -91,7 +34,7 @@ fn hf_folder_and_hf_cache_layout() {
     std::fs::create_dir_all(&snap).unwrap();
     std::fs::create_dir_all(repo.join("refs")).unwrap();
     std::fs::write(repo.join("refs").join("main"), rev).unwrap();
-    write_hf_folder(&gguf, &snap);
+    common::write_hf_folder(&gguf, &snap, DType::F32);
 
     let prompts = ["The capital of France is", "def fibonacci(n):", "Les mathématiques sont"];
     let from_gguf = generate(&gguf.to_string_lossy(), ModelDtype::Float32, &prompts, 16);

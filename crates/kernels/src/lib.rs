@@ -36,6 +36,7 @@ pub mod check;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+pub mod half;
 pub mod int8;
 pub mod kquant;
 pub mod lora;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
+use vllm_kernels::half::{HalfFormat, HalfMatrix};
 use vllm_kernels::int8::Int8Matrix;
 use vllm_kernels::kquant::{KFormat, KMatrix};
 use vllm_kernels::q4::{Q4Format, Q4Matrix};
@@ -49,6 +50,8 @@ enum LinearWeight {
     Q4(Arc<Q4Matrix>),
     /// A GGUF k-quant matrix (`Q4_K`, `Q5_K`, `Q6_K`) on our kernel.
     K(Arc<KMatrix>),
+    /// A bfloat16 or float16 matrix in its stored bits on our half-precision kernel.
+    Half(Arc<HalfMatrix>),
     /// A GGUF quantized matrix on candle's quantized matmul (CUDA).
     Quantized(QMatMul),
 }
@@ -62,6 +65,11 @@ impl Linear {
     /// A 4-bit matrix already packed (a quantized safetensors checkpoint's groups).
     pub fn q4(matrix: Q4Matrix, bias: Option<Tensor>) -> Self {
         Self { weight: LinearWeight::Q4(Arc::new(matrix)), bias, input_perm: None, lora: Vec::new() }
+    }
+
+    /// A bfloat16 / float16 matrix already packed (a half-precision checkpoint's own bits).
+    pub fn half(matrix: HalfMatrix, bias: Option<Tensor>) -> Self {
+        Self { weight: LinearWeight::Half(Arc::new(matrix)), bias, input_perm: None, lora: Vec::new() }
     }
 
     /// An int8 matrix already packed (an 8-bit checkpoint's blocks).
@@ -108,6 +116,8 @@ impl Linear {
             LinearWeight::Q4(m) if m.format() == Q4Format::Q4_0 => "4-bit kernel (Q4_0 blocks)",
             LinearWeight::Q4(_) => "4-bit kernel (Q4_1 blocks)",
             LinearWeight::K(_) => "k-quant kernel",
+            LinearWeight::Half(m) if m.format() == HalfFormat::BF16 => "bfloat16 kernel",
+            LinearWeight::Half(_) => "float16 kernel",
             LinearWeight::Quantized(_) => "candle quantized matmul",
         }
     }
@@ -160,10 +170,20 @@ impl Linear {
     /// matmul) rather than as a float matrix.
     pub fn is_quantized(&self) -> bool {
         match &self.weight {
-            LinearWeight::Dense(_) => false,
+            LinearWeight::Dense(_) | LinearWeight::Half(_) => false,
             LinearWeight::Quantized(q) => matches!(q, QMatMul::QTensor(_)),
             LinearWeight::Int8(_) | LinearWeight::Q4(_) | LinearWeight::K(_) => true,
         }
+    }
+
+    /// Whether [`Self::rows`] reads rows out of this weight (our CPU kernels' formats:
+    /// quantized or half precision), so a tied embedding need not also be held as floats.
+    pub fn has_rows(&self) -> bool {
+        self.input_perm.is_none()
+            && matches!(
+                self.weight,
+                LinearWeight::Int8(_) | LinearWeight::Q4(_) | LinearWeight::K(_) | LinearWeight::Half(_)
+            )
     }
 
     /// `(out_features, in_features)`.
@@ -176,6 +196,7 @@ impl Linear {
             LinearWeight::Int8(m) => (m.rows(), m.cols()),
             LinearWeight::Q4(m) => (m.rows(), m.cols()),
             LinearWeight::K(m) => (m.rows(), m.cols()),
+            LinearWeight::Half(m) => (m.rows(), m.cols()),
             LinearWeight::Quantized(QMatMul::QTensor(q)) => q.shape().dims2()?,
             LinearWeight::Quantized(QMatMul::Tensor(w) | QMatMul::TensorF16(w)) => w.dims2()?,
         })
@@ -193,7 +214,8 @@ impl Linear {
 
     /// One layer computing every part's outputs side by side (for projections of the same
     /// input), with each part's output width, when all parts are int8 (or all 4-bit, or all
-    /// k-quants, of one format) without bias and stack; `None` otherwise.
+    /// k-quants, or all half precision, of one format) without bias and stack; `None`
+    /// otherwise.
     pub fn fuse(parts: &[&Linear]) -> Option<(Linear, Vec<usize>)> {
         if parts.iter().any(|p| p.bias.is_some()) {
             return None;
@@ -219,6 +241,10 @@ impl Linear {
                 let mats = all_of(parts, |w| if let LinearWeight::Int8(m) = w { Some(&**m) } else { None })?;
                 (LinearWeight::Int8(Arc::new(Int8Matrix::concat(&mats)?)), mats.iter().map(|m| m.rows()).collect())
             }
+            LinearWeight::Half(_) => {
+                let mats = all_of(parts, |w| if let LinearWeight::Half(m) = w { Some(&**m) } else { None })?;
+                (LinearWeight::Half(Arc::new(HalfMatrix::concat(&mats)?)), mats.iter().map(|m| m.rows()).collect())
+            }
             LinearWeight::Dense(_) | LinearWeight::Quantized(_) => return None,
         };
         // Each part's adapters act on its own columns of the fused output.
@@ -231,9 +257,10 @@ impl Linear {
         Some((Linear { weight, bias: None, input_perm: parts.first()?.input_perm.clone(), lora }, widths))
     }
 
-    /// Rows `ids` of a weight on our quantized kernels as a float `[ids, in_features]` tensor
-    /// (embedding lookups in a tied output matrix, so the embedding is not also held
-    /// dequantized); `None` for other formats. An id past the rows is an error.
+    /// Rows `ids` of a weight on our quantized or half-precision kernels as a float
+    /// `[ids, in_features]` tensor (embedding lookups in a tied output matrix, so the
+    /// embedding is not also held as floats); `None` for other formats. An id past the rows is
+    /// an error.
     pub fn rows(&self, ids: &Tensor, dtype: DType) -> Result<Option<Tensor>> {
         type RowFn<'a> = &'a dyn Fn(usize, &mut [f32]);
         if self.input_perm.is_some() {
@@ -243,6 +270,7 @@ impl Linear {
             LinearWeight::Int8(m) => (m.rows(), m.cols(), &|r, o| m.row(r, o)),
             LinearWeight::Q4(m) => (m.rows(), m.cols(), &|r, o| m.row(r, o)),
             LinearWeight::K(m) => (m.rows(), m.cols(), &|r, o| m.row(r, o)),
+            LinearWeight::Half(m) => (m.rows(), m.cols(), &|r, o| m.row(r, o)),
             LinearWeight::Dense(_) | LinearWeight::Quantized(_) => return Ok(None),
         };
         let ids = ids.to_vec1::<u32>()?;
@@ -277,6 +305,7 @@ impl Linear {
             LinearWeight::Int8(m) => self.host_matmul(&base_x, out, fused_lora, |h, rows| m.matmul(h, rows))?,
             LinearWeight::Q4(m) => self.host_matmul(&base_x, out, fused_lora, |h, rows| m.matmul(h, rows))?,
             LinearWeight::K(m) => self.host_matmul(&base_x, out, fused_lora, |h, rows| m.matmul(h, rows))?,
+            LinearWeight::Half(m) => self.host_matmul(&base_x, out, fused_lora, |h, rows| m.matmul(h, rows))?,
             LinearWeight::Quantized(q) => {
                 if adapters.is_some() {
                     return Err(Error::Config(
@@ -426,6 +455,46 @@ mod tests {
         assert!(diff < 1e-6, "{diff}");
         assert!(Linear::dense(w, None).unwrap().rows(&ids, DType::F32).unwrap().is_none());
         assert!(l.rows(&Tensor::new(&[8u32], &Device::Cpu).unwrap(), DType::F32).is_err());
+    }
+
+    /// A half-precision layer: the product and rows of its stored weights widened, fusing
+    /// with half-precision parts of its format only, and `has_rows` (a tied embedding is
+    /// looked up in it).
+    #[test]
+    fn half_precision_layers() {
+        let (a, b) = (matrix(32, 256), matrix(48, 256));
+        let half = |m: &Tensor, format| {
+            let (rows, cols) = m.dims2().unwrap();
+            Linear::half(
+                HalfMatrix::from_f32(format, &m.flatten_all().unwrap().to_vec1().unwrap(), rows, cols).unwrap(),
+                None,
+            )
+        };
+        let (ha, hb) = (half(&a, HalfFormat::BF16), half(&b, HalfFormat::BF16));
+        assert_eq!(
+            (ha.out_features().unwrap(), ha.in_features().unwrap(), ha.kernel_name()),
+            (32, 256, "bfloat16 kernel")
+        );
+        assert!(!ha.is_quantized() && ha.has_rows() && !Linear::dense(a.clone(), None).unwrap().has_rows());
+        let widened = a.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap();
+        let x = matrix(3, 256);
+        let want = x.matmul(&widened.t().unwrap()).unwrap();
+        let diff =
+            (ha.forward(&x).unwrap() - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-4, "{diff}");
+        let ids = Tensor::new(&[31u32, 2], &Device::Cpu).unwrap();
+        assert_eq!(
+            ha.rows(&ids, DType::F32).unwrap().unwrap().to_vec2::<f32>().unwrap(),
+            widened.index_select(&ids, 0).unwrap().to_vec2::<f32>().unwrap()
+        );
+        let (fused, widths) = Linear::fuse(&[&ha, &hb]).unwrap();
+        assert_eq!(widths, [32, 48]);
+        let parts = Tensor::cat(&[ha.forward(&x).unwrap(), hb.forward(&x).unwrap()], 1).unwrap();
+        let diff =
+            (fused.forward(&x).unwrap() - parts).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(diff, 0.0);
+        assert!(Linear::fuse(&[&ha, &half(&b, HalfFormat::F16)]).is_none());
+        assert!(Linear::fuse(&[&ha, &Linear::int8(&b, None).unwrap().unwrap()]).is_none());
     }
 
     /// An input of the wrong width is an error in every format (the quantized kernels would

@@ -496,14 +496,14 @@ impl Llama {
         let model = w.pp("model");
         let tied = cfg.tie_word_embeddings || !w.contains("lm_head.weight");
         // Tied, on our kernels: the output matrix in the file's own form. When that is quantized
-        // the embedding is looked up in it, not also held dequantized.
+        // (or half precision) the embedding is looked up in it, not also held as floats.
         let native_head = if tied && w.options().matrices == MatrixFormat::Native && w.device().is_cpu() {
             Some(model.linear("embed_tokens")?)
         } else {
             None
         };
         let embed = match &native_head {
-            Some(head) if head.is_quantized() => None,
+            Some(head) if head.has_rows() => None,
             _ => Some(model.get("embed_tokens.weight")?),
         };
         // Layers load in parallel: dequantizing and repacking weights is most of a cold start.

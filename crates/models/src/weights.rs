@@ -48,10 +48,13 @@ pub enum MatrixFormat {
     /// Every matrix quantized to int8 (per block of 32, like `Q8_0`), every matmul on
     /// our int8 kernel ([`vllm_kernels::int8`]); the float copies are dropped. CPU only.
     Int8,
-    /// GGUF-quantized matrices on our own kernels in their own block format: `Q4_0` and `Q4_1`
-    /// on [`vllm_kernels::q4`], k-quants on [`vllm_kernels::kquant`], `Q8_0` on
-    /// [`vllm_kernels::int8`] (repacked, not requantized); other quantized types are
-    /// requantized to int8 for now. Float tensors stay float. CPU only.
+    /// Every matrix in the checkpoint's own precision on our kernels. GGUF-quantized matrices
+    /// in their own block format: `Q4_0` and `Q4_1` on [`vllm_kernels::q4`], k-quants on
+    /// [`vllm_kernels::kquant`], `Q8_0` on [`vllm_kernels::int8`] (repacked, not
+    /// requantized); other quantized types are requantized to int8 for now. A safetensors
+    /// checkpoint's bfloat16 / float16 matrices in their stored bits on
+    /// [`vllm_kernels::half`] (float32 activations); other float tensors (GGUF's, float32
+    /// ones) stay float in the load dtype. CPU only.
     Native,
     /// GGUF-quantized matrices kept quantized on candle's quantized matmul (what CUDA runs).
     CandleQuantized,
@@ -437,6 +440,9 @@ impl Weights {
             }
         }
         if self.opts.matrices == MatrixFormat::Native && self.device.is_cpu() {
+            if let Some(l) = self.half_linear(&w, &bias)? {
+                return Ok(l);
+            }
             if let Some(q) = self.qtensor(&self.full(&w))? {
                 if let Some(l) = Linear::native(&q, bias.clone())? {
                     return Ok(l);
@@ -460,6 +466,22 @@ impl Weights {
             }
         }
         self.linear_from(self.get_raw(&w)?, bias)
+    }
+
+    /// A safetensors matrix stored as bfloat16 or float16, in its stored bits on the
+    /// half-precision kernel; `None` for any other tensor (or a width the kernel does not take).
+    fn half_linear(&self, name: &str, bias: &Option<Tensor>) -> Result<Option<Linear>> {
+        use vllm_kernels::half::{HalfFormat, HalfMatrix};
+        let Source::Safetensors(st) = &*self.src else { return Ok(None) };
+        let full = self.full(name);
+        let view = st.get(&full).map_err(|_| Error::MissingTensor(full.clone()))?;
+        let format = match view.dtype() {
+            safetensors::Dtype::BF16 => HalfFormat::BF16,
+            safetensors::Dtype::F16 => HalfFormat::F16,
+            _ => return Ok(None),
+        };
+        let &[rows, cols] = view.shape() else { return Ok(None) };
+        Ok(HalfMatrix::from_le_bytes(format, view.data(), rows, cols).map(|m| Linear::half(m, bias.clone())))
     }
 
     /// A linear layer over an already loaded `[out, in]` weight (e.g. tied embeddings), in the

@@ -17,22 +17,33 @@ use vllm_models::{load_hf_dir, CausalLM, LoadOptions, MatrixFormat};
 mod common;
 use common::compare;
 
+fn fixture_dir(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models").join(name)
+}
+
+/// A copy of a fixture's checkpoint with every tensor stored in `dtype` (as f16/bf16
+/// checkpoints ship).
+fn half_copy(name: &str, dtype: DType) -> tempfile::TempDir {
+    let dir = fixture_dir(name);
+    let copy = tempfile::tempdir().unwrap();
+    std::fs::copy(dir.join("config.json"), copy.path().join("config.json")).unwrap();
+    let tensors = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    let converted: HashMap<String, Tensor> =
+        tensors.into_iter().map(|(k, t)| (k, t.to_dtype(dtype).unwrap())).collect();
+    candle_core::safetensors::save(&converted, copy.path().join("model.safetensors")).unwrap();
+    copy
+}
+
 /// Loads a fixture in `dtype`: float32 as committed; half precision from a copy of the
-/// checkpoint whose tensors are stored in that dtype (as f16/bf16 checkpoints ship).
+/// checkpoint whose tensors are stored in that dtype.
 fn fixture(name: &str, dtype: DType) -> (Box<dyn CausalLM>, Value) {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models").join(name);
+    let dir = fixture_dir(name);
     let text = std::fs::read_to_string(dir.join("reference.json")).unwrap();
     let opts = LoadOptions { dtype, matrices: MatrixFormat::Dense };
     let model = if dtype == DType::F32 {
         load_hf_dir(&dir, opts, &common::device())
     } else {
-        let copy = tempfile::tempdir().unwrap();
-        std::fs::copy(dir.join("config.json"), copy.path().join("config.json")).unwrap();
-        let tensors = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
-        let converted: HashMap<String, Tensor> =
-            tensors.into_iter().map(|(k, t)| (k, t.to_dtype(dtype).unwrap())).collect();
-        candle_core::safetensors::save(&converted, copy.path().join("model.safetensors")).unwrap();
-        load_hf_dir(copy.path(), opts, &common::device())
+        load_hf_dir(half_copy(name, dtype).path(), opts, &common::device())
     };
     let model = model.unwrap_or_else(|e| panic!("{name} ({dtype:?}): {e}"));
     (model, serde_json::from_str(&text).unwrap())
@@ -167,4 +178,70 @@ fn half_precision_checkpoints() {
             check_dtype(name, DType::BF16);
         }
     }
+}
+
+/// The f16 and bf16 copies in their own precision on the half-precision kernel (what `--dtype
+/// auto` runs on the CPU: `MatrixFormat::Native`, float32 activations): within the half
+/// dtype's bounds of the float32 reference (as above), and, since the weights are the stored
+/// values widened exactly, within float32 rounding (1e-4 of each row's largest logit) of the
+/// same copy widened to float32 and run densely.
+#[test]
+fn half_precision_checkpoints_on_the_half_kernel() {
+    if !common::device().is_cpu() {
+        return; // a CPU kernel
+    }
+    for name in [
+        "llama",
+        "llama_hd64",
+        "qwen3_hd128",
+        "mistral",
+        "qwen2",
+        "qwen3",
+        "phi3",
+        "gemma2",
+        "gemma3",
+        "mixtral",
+        "qwen3_moe",
+        "opt",
+        "gpt2",
+    ] {
+        let reference: Value =
+            serde_json::from_str(&std::fs::read_to_string(fixture_dir(name).join("reference.json")).unwrap()).unwrap();
+        let prompts: Vec<(Vec<u32>, usize)> = reference["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| (c["prompt"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect(), 0))
+            .collect();
+        for dtype in [DType::F16, DType::BF16] {
+            let copy = half_copy(name, dtype);
+            let load = |matrices| {
+                load_hf_dir(copy.path(), LoadOptions { dtype: DType::F32, matrices }, &Device::Cpu)
+                    .unwrap_or_else(|e| panic!("{name} ({dtype:?}, {matrices:?}): {e}"))
+            };
+            let (kernel, dense) = (load(MatrixFormat::Native), load(MatrixFormat::Dense));
+            let label = format!("{name} ({dtype:?} on the half kernel)");
+            // (The bf16 Qwen3 MoE copy is another model at one token, see above.)
+            if !(name == "qwen3_moe" && dtype == DType::BF16) {
+                compare(kernel.as_ref(), &reference, tolerance(dtype), true, &label);
+            }
+            let rows = |m: &dyn CausalLM| common::step(m, &common::caches(m, 64), &prompts, true);
+            let (ours, widened) = (rows(kernel.as_ref()), rows(dense.as_ref()));
+            for (a, b) in ours.iter().zip(&widened) {
+                let scale = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+                let err = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale;
+                assert!(err < 1e-4, "{label}: {err:e} from the same weights run densely in float32");
+            }
+        }
+    }
+    // The layers do run on it: a bf16 copy's projections and its tied output matrix.
+    let copy = half_copy("llama", DType::BF16);
+    let files = vllm_models::safetensors_files(copy.path()).unwrap();
+    let opts = LoadOptions { dtype: DType::F32, matrices: MatrixFormat::Native };
+    let w = vllm_models::Weights::from_safetensors(&files, opts, &Device::Cpu).unwrap();
+    for name in ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj", "model.embed_tokens"] {
+        assert_eq!(w.linear(name).unwrap().kernel_name(), "bfloat16 kernel", "{name}");
+    }
+    let dense = vllm_models::Weights::from_safetensors(&files, LoadOptions::float32(), &Device::Cpu).unwrap();
+    assert_eq!(dense.linear("model.layers.0.self_attn.q_proj").unwrap().kernel_name(), "dense matmul");
 }

