@@ -21,7 +21,8 @@ pub struct LoraRequest {
     pub name: String,
     /// Its id (`lora_int_id`): positive, one per adapter.
     pub id: u32,
-    /// A PEFT folder (`adapter_config.json` + `adapter_model.safetensors`).
+    /// A PEFT folder (`adapter_config.json` + `adapter_model.safetensors`), or a llama.cpp
+    /// GGUF adapter file.
     pub path: PathBuf,
 }
 
@@ -117,8 +118,7 @@ impl LoraManager {
         }
         // Read and checked without the lock (a large adapter takes a while); the registry
         // then takes it whole or refuses it whole.
-        let adapter =
-            LoraAdapter::from_peft_dir(&req.path, self.limits.max_rank).map_err(|e| invalid(e.to_string()))?;
+        let adapter = LoraAdapter::load(&req.path, self.limits.max_rank).map_err(|e| invalid(e.to_string()))?;
         let mut inner = self.lock();
         self.purge(&mut inner);
         if let Some(lease) = self.resident_locked(&mut inner, req)? {

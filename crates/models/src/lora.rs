@@ -12,6 +12,13 @@
 //! `bias: none`. A module name is the base checkpoint's (`model.layers.0.self_attn.q_proj`),
 //! so a PEFT adapter applies to the same model's GGUF file too (its layers are named the
 //! Hugging Face way).
+//!
+//! llama.cpp's adapter files (`convert_lora_to_gguf.py`: `general.type = adapter`,
+//! `adapter.lora.alpha`, `blk.N.<tensor>.weight.lora_a` / `.lora_b`) are read too
+//! ([`LoraAdapter::from_gguf`]), for the Llama family's GGUF architectures; their names map back
+//! to the checkpoint's through the architecture's tensor map. llama.cpp's converter permutes a
+//! `llama` adapter's query/key `B` rows as it permutes the base's, so such an adapter applies
+//! to a GGUF base only (whose rows are in the same order).
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
@@ -40,6 +47,9 @@ pub struct LoraWeights {
     pub b: Vec<f32>,
     /// `lora_alpha / r` (or `/ sqrt(r)` with rsLoRA), after the config's patterns.
     pub scale: f32,
+    /// `B`'s rows are in llama.cpp's interleaved-rotary order of the query/key heads (a
+    /// `llama` GGUF adapter's `q_proj` / `k_proj`), not the checkpoint's.
+    pub gguf_rows: bool,
 }
 
 /// An adapter read from disk: its modules (by the base checkpoint's module names).
@@ -67,6 +77,102 @@ fn pattern_matches(key: &str, module: &str) -> bool {
 }
 
 impl LoraAdapter {
+    /// Reads an adapter: a PEFT folder, or a llama.cpp GGUF adapter file.
+    pub fn load(path: &Path, max_rank: usize) -> Result<Self> {
+        if path.is_file() {
+            Self::from_gguf(path, max_rank)
+        } else {
+            Self::from_peft_dir(path, max_rank)
+        }
+    }
+
+    /// Reads a llama.cpp LoRA adapter (GGUF, `general.type = adapter`, `adapter.type = lora`):
+    /// `blk.N.<name>.weight.lora_a` (`[rank, in]`) and `.lora_b` (`[out, rank]`) pairs in F32,
+    /// F16, BF16 or Q8_0, scaled by `adapter.lora.alpha / rank` as llama.cpp does (1 when the
+    /// file has no alpha). The file's sizes are checked before any tensor is read (`gguf.rs`).
+    pub fn from_gguf(path: &Path, max_rank: usize) -> Result<Self> {
+        use candle_core::quantized::GgmlDType;
+        let crate::gguf::GgufFile { content, mut reader } = crate::gguf::open(path)?;
+        let meta = |k: &str| content.metadata.get(k);
+        let text = |k: &str| meta(k).and_then(|v| v.to_string().ok()).cloned();
+        if text("general.type").as_deref() != Some("adapter") {
+            return Err(bad(path, "not an adapter file (general.type is not 'adapter'): a model file?"));
+        }
+        if let Some(t) = text("adapter.type").filter(|t| t != "lora") {
+            return Err(bad(path, format!("adapter.type '{t}': only LoRA adapters are served")));
+        }
+        let arch = text("general.architecture").unwrap_or_else(|| "llama".into());
+        let Some(family) = crate::registry::by_gguf_name(&arch) else {
+            return Err(bad(path, format!("architecture '{arch}' is not one we read")));
+        };
+        if !matches!(arch.as_str(), "llama" | "qwen2" | "qwen3" | "phi3" | "gemma2" | "gemma3") {
+            return Err(bad(path, format!("GGUF adapters of '{arch}' are not read (the Llama family's are)")));
+        }
+        let alpha = match meta("adapter.lora.alpha") {
+            None => None,
+            Some(v) => Some(v.to_f32().map_err(|_| bad(path, "adapter.lora.alpha is not a float"))?),
+        };
+        let interleaved = family.rope == crate::attention::RopeStyle::Interleaved;
+        let mut pairs: BTreeMap<String, (Option<Matrix>, Option<Matrix>)> = BTreeMap::new();
+        for (name, info) in &content.tensor_infos {
+            let (tensor, which) = match (name.strip_suffix(".lora_a"), name.strip_suffix(".lora_b")) {
+                (Some(t), _) => (t, 0),
+                (_, Some(t)) => (t, 1),
+                _ => return Err(bad(path, format!("{name}: not a LoRA matrix (.lora_a / .lora_b)"))),
+            };
+            let module = gguf_module(&arch, tensor)
+                .ok_or_else(|| bad(path, format!("{name}: no layer of a {arch} model has this name")))?;
+            if !matches!(info.ggml_dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 | GgmlDType::Q8_0) {
+                return Err(bad(
+                    path,
+                    format!("{name}: {:?} matrices are not read (F32, F16, BF16, Q8_0)", info.ggml_dtype),
+                ));
+            }
+            let shape = info.shape.dims().to_vec();
+            if shape.len() != 2 || (which == 0 && shape[0] > max_rank) || (which == 1 && shape[1] > max_rank) {
+                return Err(bad(path, format!("{name}: {shape:?} is not a matrix of rank at most {max_rank}")));
+            }
+            let values = content
+                .tensor(&mut reader, name, &candle_core::Device::Cpu)
+                .and_then(|q| q.dequantize(&candle_core::Device::Cpu))
+                .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+                .map_err(|e| bad(path, format!("{name}: {e}")))?;
+            if let Some(v) = values.iter().find(|v| !v.is_finite()) {
+                return Err(bad(path, format!("{name}: a weight of {v}")));
+            }
+            let entry = pairs.entry(module).or_default();
+            let slot = if which == 0 { &mut entry.0 } else { &mut entry.1 };
+            *slot = Some((shape, values));
+        }
+        let mut modules = BTreeMap::new();
+        let mut max = 0;
+        for (module, (a, b)) in pairs {
+            let (Some((a_shape, a)), Some((b_shape, b))) = (a, b) else {
+                return Err(bad(path, format!("{module} has only one of lora_a and lora_b")));
+            };
+            let (&[rank, inp], &[out, rank_b]) = (&a_shape[..], &b_shape[..]) else { unreachable!("checked above") };
+            if rank != rank_b || rank == 0 {
+                return Err(bad(
+                    path,
+                    format!("{module}: lora_a {a_shape:?} and lora_b {b_shape:?} disagree on the rank"),
+                ));
+            }
+            // llama.cpp: `alpha / rank` when the file has an alpha, else 1.
+            let scale = alpha.filter(|&a| a != 0.0).map_or(1.0, |a| a / rank as f32);
+            if !scale.is_finite() {
+                return Err(bad(path, format!("{module}: scale {scale}")));
+            }
+            let gguf_rows =
+                interleaved && (module.ends_with("self_attn.q_proj") || module.ends_with("self_attn.k_proj"));
+            max = max.max(rank);
+            modules.insert(module, LoraWeights { rank, inp, out, a, b, scale, gguf_rows });
+        }
+        if modules.is_empty() {
+            return Err(bad(path, "it has no LoRA matrices"));
+        }
+        Ok(Self { rank: max, modules, base_model: text("general.base_model.0.name") })
+    }
+
     /// Reads a PEFT adapter folder; `max_rank` bounds every module's rank.
     pub fn from_peft_dir(dir: &Path, max_rank: usize) -> Result<Self> {
         if !dir.is_dir() {
@@ -163,13 +269,37 @@ impl LoraAdapter {
                 return Err(bad(dir, format!("{module}: scale {scale}")));
             }
             max = max.max(rank);
-            modules.insert(module, LoraWeights { rank, inp, out, a, b, scale });
+            modules.insert(module, LoraWeights { rank, inp, out, a, b, scale, gguf_rows: false });
         }
         if modules.is_empty() {
             return Err(bad(dir, "it has no LoRA matrices"));
         }
         Ok(Self { rank: max, modules, base_model })
     }
+}
+
+/// The checkpoint module a GGUF adapter tensor (`blk.3.attn_q.weight`) belongs to
+/// (`model.layers.3.self_attn.q_proj`): the Llama family's module whose GGUF name it is
+/// (Phi-3's fused projections first).
+fn gguf_module(arch: &str, tensor: &str) -> Option<String> {
+    const MODULES: [&str; 9] = [
+        "self_attn.qkv_proj",
+        "mlp.gate_up_proj",
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    ];
+    let layer: usize = tensor.strip_prefix("blk.")?.split_once('.')?.0.parse().ok()?;
+    let fused = arch == "phi3";
+    MODULES.iter().filter(|m| fused || !m.contains("qkv") && !m.contains("gate_up")).find_map(|m| {
+        let module = format!("model.layers.{layer}.{m}");
+        let g = crate::weights::gguf_name(arch, &format!("{module}.weight"))?;
+        (g.name == tensor && g.expert.is_none()).then_some(module)
+    })
 }
 
 /// A matrix read from a file: its shape and values.
@@ -262,8 +392,21 @@ impl LoraRegistry {
                     w.out, w.inp, slots.out, slots.inp
                 )));
             }
+            // The base's rows and the adapter's: both the checkpoint's order, both llama.cpp's
+            // (no permutation), or the checkpoint's on a GGUF base (permuted here).
+            let perm = match (&slots.out_perm, w.gguf_rows) {
+                (Some(perm), false) => Some(perm),
+                (_, true) if slots.out_perm.is_some() => None,
+                (_, true) => {
+                    return Err(Error::Config(format!(
+                        "{module}: this llama.cpp adapter's query/key rows are in llama.cpp's order, which \
+                         only a GGUF base shares: serve the GGUF model, or the adapter's PEFT folder"
+                    )))
+                }
+                (None, false) => None,
+            };
             let mut b: Vec<f32> = w.b.iter().map(|v| v * w.scale).collect();
-            if let Some(perm) = &slots.out_perm {
+            if let Some(perm) = perm {
                 let r = w.rank;
                 b = perm
                     .iter()

@@ -99,6 +99,37 @@ fn a_peft_adapter_on_the_gguf_base() {
     }
 }
 
+/// llama.cpp's own adapter file (convert_lora_to_gguf.py) of the same PEFT adapter, on the
+/// GGUF base: the same outputs (its query/key rows come permuted as the base's are); on the
+/// Hugging Face base it is refused (the rows' orders differ); a model file is not an adapter.
+#[test]
+fn a_llama_cpp_adapter_on_the_gguf_base() {
+    let registry = Arc::new(LoraRegistry::default());
+    let (model, _) = load_gguf_with(
+        &root().join("fixtures/models/llama/model.f32.gguf"),
+        LoadOptions { dtype: candle_core::DType::F32, matrices: MatrixFormat::Dense },
+        &candle_core::Device::Cpu,
+        Some(registry.clone()),
+    )
+    .unwrap();
+    let file = root().join("fixtures/lora/llama_r8_qv/adapter.gguf");
+    let adapter = LoraAdapter::load(&file, 64).unwrap();
+    let peft = LoraAdapter::from_peft_dir(&root().join("fixtures/lora/llama_r8_qv"), 64).unwrap();
+    assert_eq!(adapter.modules.keys().collect::<Vec<_>>(), peft.modules.keys().collect::<Vec<_>>());
+    assert!(adapter.modules.iter().all(|(m, w)| w.scale == peft.modules[m].scale && w.rank == 8));
+    registry.install(1, &adapter).unwrap();
+    let r = reference("llama_r8_qv");
+    compare_lora(model.as_ref(), &r, 1e-4, false, "adapter.gguf on the GGUF base", &[Some(1); 3]);
+
+    let (_, hf) = base_with("fixtures/models/llama", &[]);
+    let err = hf.install(1, &adapter).unwrap_err().to_string();
+    assert!(err.contains("llama.cpp's order"), "{err}");
+    let err = LoraAdapter::load(&root().join("fixtures/models/llama/model.f32.gguf"), 64).unwrap_err().to_string();
+    assert!(err.contains("not an adapter file"), "{err}");
+    let err = LoraAdapter::load(&file, 4).unwrap_err().to_string();
+    assert!(err.contains("rank at most 4"), "{err}");
+}
+
 #[test]
 fn bad_adapters_are_refused_whole() {
     let (model, registry) = base_with("fixtures/models/llama", &["llama_r8_qv"]);

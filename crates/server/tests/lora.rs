@@ -144,6 +144,12 @@ async fn adapters_are_served_vllms_way() {
             post(&c, &format!("{base}/v1/completions"), json!({"model": name, "prompt": [1], "max_tokens": 1})).await;
         assert_eq!(s, StatusCode::NOT_FOUND, "{name} must not be served");
     }
+    // llama.cpp's adapter file of a llama model permutes query/key rows as the GGUF base does:
+    // on this Hugging Face base it is refused (on the GGUF base it runs: crates/models/tests/lora.rs).
+    let gguf = root().join("fixtures/lora/llama_r8_qv/adapter.gguf").display().to_string();
+    let (s, text) = post(&c, &load, json!({"lora_name": "g", "lora_path": gguf})).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{text}");
+    assert!(text.contains("llama.cpp's order"), "{text}");
     let (s, text) = post(&c, &load, json!({"lora_name": "a", "lora_path": lora("llama_r4_all")})).await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{text}");
     assert!(text.contains("already been loaded"), "{text}");
