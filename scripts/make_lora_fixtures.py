@@ -29,6 +29,10 @@ Fixtures under fixtures/lora/<name>/:
   phi3_r8           phi3 (fused qkv_proj, gate_up_proj), r=8 alpha=16, qkv/o/gate_up/down
   gpt2_r8           gpt2 (Conv1D, fan_in_fan_out=True), r=8 alpha=16, c_attn c_proj c_fc
   llama_r8_qv_b     llama, another seed, r=8 alpha=16, q/v/o (to mix adapters in one batch)
+  qwen2_embed_head  qwen2 (tied embeddings), r=8 alpha=16, q_proj + embed_tokens (lora_embedding_A
+                    [r, vocab] / lora_embedding_B [hidden, r]) + lm_head (beyond vLLM)
+  llama_save_embed_head  llama, r=4 alpha=8, v_proj, modules_to_save [embed_tokens, lm_head]: the
+                    saved full copies perturbed by 0.05 * randn so they differ from the base
   smollm2_r8_qv     the real SmolLM2-135M-Instruct (~/.cache/vllm-rs/SmolLM2-135M-Instruct.Q4_1.gguf,
                     dequantised to a float32 Hugging Face folder under ~/.cache/vllm-rs/), r=8
                     alpha=16, q/v, weights 0.05 * randn stored as float16 (+ adapter.gguf, F32).
@@ -99,6 +103,11 @@ ADAPTERS = {
                 False),
     "llama_r8_qv_b": ("fixtures/models/llama", 8,
                       dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"]), False),
+    "qwen2_embed_head": ("fixtures/models/qwen2", 12,
+                         dict(r=8, lora_alpha=16, target_modules=["q_proj", "embed_tokens", "lm_head"]), False),
+    "llama_save_embed_head": ("fixtures/models/llama", 13,
+                              dict(r=4, lora_alpha=8, target_modules=["v_proj"],
+                                   modules_to_save=["embed_tokens", "lm_head"]), False),
 }
 BAD = ["bad_rank_64", "bad_target_missing", "bad_shape", "bad_nan", "bad_bin_only", "bad_not_safetensors"]
 ALL = list(ADAPTERS) + ["smollm2_r8_qv"] + BAD
@@ -110,12 +119,15 @@ def load_base(path):
 
 
 def randomize_lora(pm, seed, std):
-    """Overwrite every lora_A / lora_B with std * randn from a generator seeded with `seed`."""
+    """Overwrite every lora_A / lora_B (and lora_embedding_A / _B) with std * randn from a generator
+    seeded with `seed`; add 0.05 * randn to every modules_to_save copy."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for n, p in sorted(pm.named_parameters()):
-            if ".lora_A." in n or ".lora_B." in n:
+            if ".lora_A." in n or ".lora_B." in n or ".lora_embedding_" in n:
                 p.copy_(std * torch.randn(p.shape, generator=g, dtype=torch.float32))
+            elif ".modules_to_save." in n:
+                p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=torch.float32))
 
 
 def save_adapter(pm, d, base_name):

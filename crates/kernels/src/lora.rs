@@ -17,8 +17,11 @@ pub struct LoraPair {
     pub out: usize,
     /// `A`, `[rank, in]` row-major.
     pub a: Vec<f32>,
-    /// `B` times the adapter's scale, `[out, rank]` row-major.
+    /// `B` times the adapter's scale, `[out, rank]` row-major; with `replace`, the adapter's
+    /// own weight `W`, `[out, in]`.
     pub b: Vec<f32>,
+    /// The row's output is `x W^T` (`b`), not the base's plus a low-rank product.
+    pub replace: bool,
 }
 
 /// A dot product in a fixed order: eight running sums over the length, then added pairwise.
@@ -55,6 +58,12 @@ pub fn add_lora(x: &[f32], y: &mut [f32], y_width: usize, offset: usize, pairs: 
             return; // checked when the adapter was installed
         }
         let x_row = &x[r * inp..(r + 1) * inp];
+        if p.replace {
+            for (o, yo) in y_row[offset..offset + p.out].iter_mut().enumerate() {
+                *yo = dot(x_row, &p.b[o * inp..(o + 1) * inp]);
+            }
+            return;
+        }
         let mut t = [0f32; 512];
         let mut heap = Vec::new();
         let t: &mut [f32] = if p.rank <= t.len() {
@@ -79,7 +88,7 @@ mod tests {
     fn pair(rank: usize, inp: usize, out: usize, seed: f32) -> LoraPair {
         let a = (0..rank * inp).map(|i| ((i as f32 * 0.37 + seed).sin()) * 0.1).collect();
         let b = (0..out * rank).map(|i| ((i as f32 * 0.11 + seed).cos()) * 0.1).collect();
-        LoraPair { rank, inp, out, a, b }
+        LoraPair { rank, inp, out, a, b, replace: false }
     }
 
     /// Against a plain double-precision reference, and the same row alone or among others.
@@ -109,6 +118,17 @@ mod tests {
         let mut alone = vec![1f32; out];
         add_lora(&x[2 * inp..3 * inp], &mut alone, out, 0, &[Some(&p2)]);
         assert_eq!(&alone[..], &y[2 * out..3 * out]);
+        // A replacing pair overwrites its rows with x W^T and leaves the others alone.
+        let w: Vec<f32> = (0..out * inp).map(|i| (i as f32 * 0.07).cos() * 0.1).collect();
+        let full = LoraPair { rank: 0, inp, out, a: Vec::new(), b: w.clone(), replace: true };
+        let mut z = y.clone();
+        add_lora(&x, &mut z, out, 0, &[None, Some(&full), None, None, None]);
+        for o in 0..out {
+            let want: f64 = (0..inp).map(|i| x[inp + i] as f64 * w[o * inp + i] as f64).sum();
+            assert!((z[out + o] as f64 - want).abs() < 1e-5);
+        }
+        assert_eq!(&z[..out], &y[..out]);
+        assert_eq!(&z[2 * out..], &y[2 * out..]);
         // A layer whose outputs start at an offset of a fused output leaves the rest alone.
         let mut fused = vec![0f32; rows * (out + 8)];
         add_lora(&x, &mut fused, out + 8, 8, &which);

@@ -15,6 +15,7 @@
 //! `llama.*`, Q/K rows in llama.cpp's interleaved rotary order).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use candle_core::quantized::gguf_file::Value;
 use candle_core::{DType, Tensor};
@@ -484,6 +485,9 @@ pub struct Llama {
     layers: Vec<Layer>,
     norm: Tensor,
     lm_head: Linear,
+    /// The embedding's LoRA adapters (`embed_tokens` adapters and `modules_to_save` copies),
+    /// when loaded for adapters.
+    embed_lora: Option<Arc<crate::lora::LoraSlots>>,
     rotary: Rotary,
     spec: ModelSpec,
 }
@@ -498,7 +502,7 @@ impl Llama {
         // Tied, on our kernels: the output matrix in the file's own form. When that is quantized
         // (or half precision) the embedding is looked up in it, not also held as floats.
         let native_head = if tied && w.options().matrices == MatrixFormat::Native && w.device().is_cpu() {
-            Some(model.linear("embed_tokens")?)
+            Some(model.without_lora().linear("embed_tokens")?)
         } else {
             None
         };
@@ -515,11 +519,16 @@ impl Llama {
             (Some(l), _) => l,
             _ if !tied => w.linear("lm_head")?,
             // Tied: the embedding matrix, kept quantized when it is.
-            _ if w.options().matrices == MatrixFormat::CandleQuantized => model.linear("embed_tokens")?,
+            _ if w.options().matrices == MatrixFormat::CandleQuantized => {
+                model.without_lora().linear("embed_tokens")?
+            }
             // Tied: reuse the embedding tensor already loaded.
             (None, Some(e)) => w.linear_from(e.clone(), None)?,
             (None, None) => unreachable!("the embedding is loaded unless the output matrix is"),
         };
+        // Adapters name the output head `lm_head` whatever matrix it shares.
+        let lm_head = w.recorded_as("lm_head", lm_head)?;
+        let embed_lora = model.embedding_lora("embed_tokens", cfg.vocab_size, cfg.hidden_size);
         let dtype = w.options().dtype;
         let rotary = Rotary::from_inv_freq(&cfg.inv_freq(), rope, dtype, w.device())?;
         let spec = ModelSpec {
@@ -529,7 +538,7 @@ impl Llama {
             max_model_len: cfg.max_position_embeddings,
             dtype,
         };
-        Ok(Self { norm: model.get("norm.weight")?, embed, layers, lm_head, rotary, spec, cfg })
+        Ok(Self { norm: model.get("norm.weight")?, embed, layers, lm_head, embed_lora, rotary, spec, cfg })
     }
 
     /// The configuration.
@@ -548,6 +557,9 @@ impl CausalLM for Llama {
                 self.lm_head.rows(&input.input_ids, self.spec.dtype)?.ok_or(Error::Config("no embedding".into()))?
             }
         };
+        if let Some(slots) = &self.embed_lora {
+            x = crate::lora::add_embedding_adapters(slots, &input.input_ids, x)?;
+        }
         let (cos, sin) = self.rotary.for_positions(&input.positions)?;
         for (i, (layer, cache)) in self.layers.iter().zip(caches).enumerate() {
             input.before_layer(i);

@@ -32,9 +32,25 @@ pub use vllm_kernels::lora::LoraPair;
 
 use crate::{Error, Result};
 
+/// What an adapter does to one module.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoraKind {
+    /// A linear layer's low-rank product (`lora_A`, `lora_B`).
+    Linear,
+    /// An embedding's low-rank rows (`lora_embedding_A [rank, vocab]`, `lora_embedding_B
+    /// [hidden, rank]`): `a` holds `A` transposed, `[vocab, rank]`, so a token's row is
+    /// contiguous; `inp` is the vocabulary, `out` the hidden width.
+    Embedding,
+    /// PEFT's `modules_to_save` copy of `embed_tokens` or `lm_head`: the module's whole weight,
+    /// `b` `[out, inp]` as stored (`[vocab, hidden]` for both), `a` empty, rank 0.
+    Replace,
+}
+
 /// One module's matrices in an adapter file: `A [rank, in]`, `B [out, rank]`, and its scale.
 #[derive(Debug, Clone)]
 pub struct LoraWeights {
+    /// What it does to the module.
+    pub kind: LoraKind,
     /// The rank.
     pub rank: usize,
     /// Input width.
@@ -165,7 +181,7 @@ impl LoraAdapter {
             let gguf_rows =
                 interleaved && (module.ends_with("self_attn.q_proj") || module.ends_with("self_attn.k_proj"));
             max = max.max(rank);
-            modules.insert(module, LoraWeights { rank, inp, out, a, b, scale, gguf_rows });
+            modules.insert(module, LoraWeights { kind: LoraKind::Linear, rank, inp, out, a, b, scale, gguf_rows });
         }
         if modules.is_empty() {
             return Err(bad(path, "it has no LoRA matrices"));
@@ -221,40 +237,63 @@ impl LoraAdapter {
         let bytes = std::fs::read(&st_path).map_err(|e| bad(dir, format!("adapter_model.safetensors: {e}")))?;
         let st = SafeTensors::deserialize(&bytes)
             .map_err(|e| bad(dir, format!("adapter_model.safetensors is not a safetensors file: {e}")))?;
-        let mut parts: BTreeMap<String, (Option<Matrix>, Option<Matrix>)> = BTreeMap::new();
+        // Per module: lora_A, lora_B, lora_embedding_A, lora_embedding_B, a modules_to_save copy.
+        let mut parts: BTreeMap<String, [Option<Matrix>; 5]> = BTreeMap::new();
         for (name, view) in st.tensors() {
-            let (module, which) = if let Some(m) = name.strip_suffix(".lora_A.weight") {
-                (m, 0)
-            } else if let Some(m) = name.strip_suffix(".lora_B.weight") {
-                (m, 1)
-            } else if name.contains("lora_embedding_") || name.ends_with(".modules_to_save") {
-                return Err(bad(dir, format!("{name}: embedding adapters and modules_to_save are not served yet")));
-            } else {
-                return Err(bad(dir, format!("{name}: not a LoRA matrix (lora_A / lora_B)")));
+            let suffixes = [".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B"];
+            let (module, which) = match suffixes.iter().enumerate().find_map(|(i, s)| Some((name.strip_suffix(s)?, i)))
+            {
+                Some(found) => found,
+                // PEFT saves a targeted embedding's (and head's) base weight beside its adapter
+                // (`save_embedding_layers`): the served base's own is used.
+                None if name.ends_with(".base_layer.weight") => continue,
+                None => match name.strip_suffix(".weight") {
+                    Some(m) if m.ends_with("embed_tokens") || m.ends_with("lm_head") => (m, 4),
+                    Some(m) if !m.contains(".lora_") => {
+                        return Err(bad(
+                            dir,
+                            format!("{name}: modules_to_save of {m} is not served (embed_tokens and lm_head are)"),
+                        ))
+                    }
+                    _ => return Err(bad(dir, format!("{name}: not a LoRA matrix (lora_A / lora_B)"))),
+                },
             };
             let module = module.strip_prefix("base_model.model.").unwrap_or(module).to_string();
             let values = floats(&view).map_err(|m| bad(dir, format!("{name}: {m}")))?;
             if let Some(v) = values.iter().find(|v| !v.is_finite()) {
                 return Err(bad(dir, format!("{name}: a weight of {v}")));
             }
-            let entry = parts.entry(module).or_default();
-            let slot = if which == 0 { &mut entry.0 } else { &mut entry.1 };
-            *slot = Some((view.shape().to_vec(), values));
+            if view.shape().len() != 2 {
+                return Err(bad(dir, format!("{name}: {:?} is not a matrix", view.shape())));
+            }
+            parts.entry(module).or_default()[which] = Some((view.shape().to_vec(), values));
         }
         let mut modules = BTreeMap::new();
         let mut max = 0;
-        for (module, (a, b)) in parts {
-            let (Some((a_shape, a)), Some((b_shape, b))) = (a, b) else {
-                return Err(bad(dir, format!("{module} has only one of lora_A and lora_B")));
+        for (module, [a, b, ea, eb, full]) in parts {
+            let (kind, a, b) = match (a, b, ea, eb, full) {
+                (None, None, None, None, Some((shape, w))) => {
+                    let w = LoraWeights {
+                        kind: LoraKind::Replace,
+                        rank: 0,
+                        inp: shape[1],
+                        out: shape[0],
+                        a: Vec::new(),
+                        b: w,
+                        scale: 1.0,
+                        gguf_rows: false,
+                    };
+                    modules.insert(module, w);
+                    continue;
+                }
+                (Some(a), Some(b), None, None, None) => (LoraKind::Linear, a, b),
+                (None, None, Some(a), Some(b), None) => (LoraKind::Embedding, a, b),
+                _ => return Err(bad(dir, format!("{module}: not one lora_A/lora_B or lora_embedding_A/_B pair, or a modules_to_save copy with them"))),
             };
-            let (&[rank, inp], &[out, rank_b]) = (&a_shape[..], &b_shape[..]) else {
-                return Err(bad(dir, format!("{module}: lora_A {a_shape:?} and lora_B {b_shape:?} are not matrices")));
-            };
+            let ((a_shape, a), (b_shape, b)) = (a, b);
+            let (rank, inp, out, rank_b) = (a_shape[0], a_shape[1], b_shape[0], b_shape[1]);
             if rank != rank_b || rank == 0 {
-                return Err(bad(
-                    dir,
-                    format!("{module}: lora_A {a_shape:?} and lora_B {b_shape:?} disagree on the rank"),
-                ));
+                return Err(bad(dir, format!("{module}: A {a_shape:?} and B {b_shape:?} disagree on the rank")));
             }
             if rank > max_rank {
                 return Err(bad(dir, format!("{module} has rank {rank}, above --max-lora-rank {max_rank}")));
@@ -268,8 +307,14 @@ impl LoraAdapter {
             if !scale.is_finite() {
                 return Err(bad(dir, format!("{module}: scale {scale}")));
             }
+            // An embedding's A is kept transposed: a token's rank values side by side.
+            let a = if kind == LoraKind::Embedding {
+                (0..inp).flat_map(|t| (0..rank).map(move |k| (t, k))).map(|(t, k)| a[k * inp + t]).collect()
+            } else {
+                a
+            };
             max = max.max(rank);
-            modules.insert(module, LoraWeights { rank, inp, out, a, b, scale, gguf_rows: false });
+            modules.insert(module, LoraWeights { kind, rank, inp, out, a, b, scale, gguf_rows: false });
         }
         if modules.is_empty() {
             return Err(bad(dir, "it has no LoRA matrices"));
@@ -325,6 +370,8 @@ pub struct LoraSlots {
     /// stores a `llama` model's query and key rows permuted for interleaved rotary): an
     /// adapter's `B` rows are permuted the same way when installed.
     out_perm: Option<Vec<u32>>,
+    /// An embedding's slots (`inp` the vocabulary, `out` the hidden width), not a linear layer's.
+    embedding: bool,
     pairs: RwLock<HashMap<u32, Arc<LoraPair>>>,
 }
 
@@ -347,8 +394,15 @@ impl LoraRegistry {
         let mut layers = self.layers.lock().unwrap_or_else(|p| p.into_inner());
         layers
             .entry(module.to_string())
-            .or_insert_with(|| Arc::new(LoraSlots { out, inp, out_perm, pairs: RwLock::default() }))
+            .or_insert_with(|| Arc::new(LoraSlots { out, inp, out_perm, embedding: false, pairs: RwLock::default() }))
             .clone()
+    }
+
+    /// The slots of embedding `module` (`[vocab, hidden]`), created on first use (at load).
+    pub(crate) fn embedding(&self, module: &str, vocab: usize, hidden: usize) -> Arc<LoraSlots> {
+        let mut layers = self.layers.lock().unwrap_or_else(|p| p.into_inner());
+        let slots = LoraSlots { out: hidden, inp: vocab, out_perm: None, embedding: true, pairs: RwLock::default() };
+        layers.entry(module.to_string()).or_insert_with(|| Arc::new(slots)).clone()
     }
 
     /// The layer an adapter's module name means: the same name, or the one name that differs
@@ -386,10 +440,20 @@ impl LoraRegistry {
             if module.contains(".experts.") {
                 return Err(Error::Config(format!("{module}: adapters on a mixture's experts are not served")));
             }
-            if (w.out, w.inp) != (slots.out, slots.inp) {
+            // A modules_to_save copy of an embedding is stored [vocab, hidden], like its slots'
+            // (inp, out); every other matrix [out, in].
+            let shape = if slots.embedding && w.kind == LoraKind::Replace { (w.inp, w.out) } else { (w.out, w.inp) };
+            if shape != (slots.out, slots.inp) {
                 return Err(Error::Config(format!(
                     "the adapter's {module} is [{}, {}], the model's layer is [{}, {}]",
                     w.out, w.inp, slots.out, slots.inp
+                )));
+            }
+            if slots.embedding != (w.kind != LoraKind::Linear) && w.kind != LoraKind::Replace {
+                return Err(Error::Config(format!(
+                    "the adapter's {module} is {} adapter, the model's layer {}",
+                    if w.kind == LoraKind::Embedding { "an embedding" } else { "a linear" },
+                    if slots.embedding { "an embedding" } else { "a linear layer" }
                 )));
             }
             // The base's rows and the adapter's: both the checkpoint's order, both llama.cpp's
@@ -405,15 +469,19 @@ impl LoraRegistry {
                 }
                 (None, false) => None,
             };
-            let mut b: Vec<f32> = w.b.iter().map(|v| v * w.scale).collect();
-            if let Some(perm) = perm {
-                let r = w.rank;
-                b = perm
+            // B's rows (a replacing copy's rows: r = in) scaled, in the layer's row order.
+            let r = if w.kind == LoraKind::Replace { w.inp } else { w.rank };
+            let b: Vec<f32> = match perm {
+                Some(perm) => perm
                     .iter()
                     .flat_map(|&p| w.b[p as usize * r..(p as usize + 1) * r].iter().map(|v| v * w.scale))
-                    .collect();
-            }
-            plan.push((slots.clone(), LoraPair { rank: w.rank, inp: w.inp, out: w.out, a: w.a.clone(), b }));
+                    .collect(),
+                None => w.b.iter().map(|v| v * w.scale).collect(),
+            };
+            // (In the layer's terms: an embedding's `inp` is its vocabulary, whatever the file's layout.)
+            let (inp, out) = (slots.inp, slots.out);
+            let pair = LoraPair { rank: w.rank, inp, out, a: w.a.clone(), b, replace: w.kind == LoraKind::Replace };
+            plan.push((slots.clone(), pair));
         }
         for (slots, pair) in plan {
             slots.pairs.write().unwrap_or_else(|p| p.into_inner()).insert(id, Arc::new(pair));
@@ -427,6 +495,43 @@ impl LoraRegistry {
             slots.pairs.write().unwrap_or_else(|p| p.into_inner()).remove(&id);
         }
     }
+}
+
+/// Adds the adapters of an embedding lookup's rows to `x` (`[ids, hidden]`, the base's rows of
+/// tokens `ids`): `A^T[t] B^T` for a LoRA embedding, or the adapter's own row for a
+/// `modules_to_save` copy. Each row on its own, in a fixed order (batch-invariant).
+pub fn add_embedding_adapters(
+    slots: &LoraSlots,
+    ids: &candle_core::Tensor,
+    x: candle_core::Tensor,
+) -> Result<candle_core::Tensor> {
+    let pairs = slots.pairs();
+    if pairs.is_empty() {
+        return Ok(x);
+    }
+    let ids = ids.to_vec1::<u32>()?;
+    let Some(rows) = current_rows(ids.len())? else { return Ok(x) };
+    let used: Vec<Option<&LoraPair>> = rows.iter().map(|id| id.and_then(|id| pairs.get(&id)).map(|p| &**p)).collect();
+    if used.iter().all(Option::is_none) {
+        return Ok(x);
+    }
+    let (dtype, device, hidden) = (x.dtype(), x.device().clone(), slots.out);
+    let mut h = x.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    for ((&t, p), row) in ids.iter().zip(used).zip(h.chunks_exact_mut(hidden)) {
+        let (Some(p), t) = (p, t as usize) else { continue };
+        if t >= p.inp {
+            continue; // the base's lookup refused it already
+        }
+        if p.replace {
+            row.copy_from_slice(&p.b[t * hidden..(t + 1) * hidden]);
+            continue;
+        }
+        let a = &p.a[t * p.rank..(t + 1) * p.rank];
+        for (o, v) in row.iter_mut().enumerate() {
+            *v += a.iter().zip(&p.b[o * p.rank..(o + 1) * p.rank]).fold(0f32, |s, (x, y)| s + x * y);
+        }
+    }
+    Ok(candle_core::Tensor::from_vec(h, (ids.len(), hidden), &device)?.to_dtype(dtype)?)
 }
 
 /// Which adapter each row of a step uses: per token row (every layer's input) and per logits

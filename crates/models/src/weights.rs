@@ -387,6 +387,30 @@ impl Weights {
         self.recorded(name, linear)
     }
 
+    /// `linear` recorded as layer `name` for LoRA adapters (the output head, whatever matrix it
+    /// shares: PEFT names it `lm_head`), when the model is loaded for them.
+    pub(crate) fn recorded_as(&self, name: &str, linear: Linear) -> Result<Linear> {
+        self.recorded(name, linear)
+    }
+
+    /// This handle without LoRA recording (a matrix that is not a layer of its own name, such
+    /// as a tied embedding read as the output head).
+    pub(crate) fn without_lora(&self) -> Self {
+        Self { lora: None, ..self.clone() }
+    }
+
+    /// The adapter slots of embedding `name` (`[vocab, hidden]`), when the model is loaded for
+    /// LoRA adapters; the model adds its rows' adapters after the lookup
+    /// ([`crate::lora::add_embedding_adapters`]).
+    pub(crate) fn embedding_lora(
+        &self,
+        name: &str,
+        vocab: usize,
+        hidden: usize,
+    ) -> Option<Arc<crate::lora::LoraSlots>> {
+        self.lora.as_ref().map(|r| r.embedding(&self.full(name), vocab, hidden))
+    }
+
     /// `linear`, recorded as layer `name` when the model is loaded for LoRA adapters.
     fn recorded(&self, name: &str, linear: Linear) -> Result<Linear> {
         Ok(match &self.lora {

@@ -55,6 +55,8 @@ fn every_adapter_matches_peft() {
         "qwen2_r8",
         "phi3_r8",
         "gpt2_r8",
+        "qwen2_embed_head",
+        "llama_save_embed_head",
     ] {
         let r = reference(name);
         let base = r["base"].as_str().unwrap().to_string();
@@ -66,7 +68,8 @@ fn every_adapter_matches_peft() {
 
 #[test]
 fn adapters_and_the_base_share_a_batch() {
-    let (model, _) = base_with("fixtures/models/llama", &["llama_r8_qv", "llama_r8_qv_b", "llama_r4_all"]);
+    let (model, _) =
+        base_with("fixtures/models/llama", &["llama_r8_qv", "llama_r8_qv_b", "llama_r4_all", "llama_save_embed_head"]);
     let a = reference("llama_r8_qv");
     let b = reference("llama_r8_qv_b");
     let base: Value =
@@ -77,6 +80,10 @@ fn adapters_and_the_base_share_a_batch() {
     compare_lora(model.as_ref(), &mixed, 1e-4, false, "A + B + base in one batch", &[Some(1), Some(2), None]);
     let mixed = json!({"cases": [base["cases"][0], a["cases"][1], b["cases"][2]]});
     compare_lora(model.as_ref(), &mixed, 1e-4, false, "base + A + B in one batch", &[None, Some(1), Some(2)]);
+    // An adapter with its own embedding and output head beside one without and the base.
+    let save = reference("llama_save_embed_head");
+    let mixed = json!({"cases": [save["cases"][0], base["cases"][1], a["cases"][2]]});
+    compare_lora(model.as_ref(), &mixed, 1e-4, false, "own head + base + A", &[Some(4), None, Some(1)]);
 }
 
 /// The PEFT adapter on the base's GGUF file (llama.cpp's layout, its query and key rows
