@@ -7,6 +7,7 @@
 //! before the format's call tag streams and the rest is held; with a forced choice
 //! (`required`, named) all of it is held. Held text is read once the output ends, and each call
 //! is given as one [`Piece::CallStart`] and one [`Piece::CallArgs`] holding all its arguments.
+//! Whitespace before a call is not text.
 //!
 //! Incremental tool-call arguments (issue #32, item 5) plug in at [`Pieces::calls`]: a parser
 //! that reads calls as they are generated gives a `CallStart` once a call's name is known and a
@@ -119,6 +120,8 @@ impl Pieces {
                 }
                 None => self.held.len() - partial_tail(&self.held, m),
             };
+            // Trailing whitespace waits: before a call it is not part of the answer.
+            let cut = self.held[..cut].trim_end().len();
             if cut > 0 {
                 out.push(Piece::Text(self.held.drain(..cut).collect()));
             }
@@ -217,17 +220,32 @@ mod tests {
     }
 
     #[test]
+    fn whitespace_before_a_call_is_not_text() {
+        let r = render(Tools::Parse(crate::tools::parser("hermes").unwrap().into()));
+        let text = "\n\n<tool_call>{\"name\": \"f\", \"arguments\": {}}</tool_call>";
+        assert_eq!(both(&r, text)[0], Piece::CallStart { index: 0, name: "f".into() });
+        assert_eq!(both(&r, "Hi\n\nthere"), vec![Piece::Text("Hi\n\nthere".into())]);
+        assert_eq!(both(&r, &format!("Hi\n\n{text}"))[0], Piece::Text("Hi".into()));
+    }
+
+    #[test]
     fn forced_calls() {
         let r = render(Tools::Named("f".into()));
         assert_eq!(
             both(&r, "{\"x\": 2}"),
-            vec![Piece::CallStart { index: 0, name: "f".into() }, Piece::CallArgs { index: 0, delta: "{\"x\":2}".into() }]
+            vec![
+                Piece::CallStart { index: 0, name: "f".into() },
+                Piece::CallArgs { index: 0, delta: "{\"x\":2}".into() }
+            ]
         );
         let r = render(Tools::Required);
         let pieces = both(&r, "[{\"name\": \"f\", \"parameters\": {}}, {\"name\": \"g\", \"parameters\": {\"y\": 1}}]");
         assert_eq!(pieces.len(), 4);
         assert_eq!(pieces[2], Piece::CallStart { index: 1, name: "g".into() });
         // Cut short: the text is given as text, never a broken call.
-        assert_eq!(both(&Render { ..render(Tools::Named("f".into())) }, "{\"x\": "), vec![Piece::Text("{\"x\": ".into())]);
+        assert_eq!(
+            both(&Render { ..render(Tools::Named("f".into())) }, "{\"x\": "),
+            vec![Piece::Text("{\"x\": ".into())]
+        );
     }
 }

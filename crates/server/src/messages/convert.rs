@@ -53,7 +53,9 @@ fn tool_result_text(content: Option<&Value>, blocks: &mut usize) -> Result<Strin
                 .iter()
                 .map(|p| match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
                     (Some("text"), Some(t)) => Ok(t),
-                    (Some(kind), _) => Err(bad(format!("'{kind}' blocks in a tool_result are not supported (text only)"))),
+                    (Some(kind), _) => {
+                        Err(bad(format!("'{kind}' blocks in a tool_result are not supported (text only)")))
+                    }
                     _ => Err(bad("each tool_result block needs a 'type'")),
                 })
                 .collect();
@@ -206,6 +208,27 @@ fn thinking(thinking: &Option<Value>, kwargs: &mut Map<String, Value>) -> Result
     Ok(())
 }
 
+/// `output_config`: its `format` as chat's `response_format`, its `effort` as the template's
+/// `reasoning_effort`.
+fn output_config(config: &Option<Value>, kwargs: &mut Map<String, Value>) -> Result<Option<Value>, ApiError> {
+    let Some(c) = config.as_ref().filter(|c| !c.is_null()) else { return Ok(None) };
+    if let Some(effort) = c.get("effort").filter(|e| !e.is_null()) {
+        kwargs.entry("reasoning_effort").or_insert(effort.clone());
+    }
+    match c.get("format").filter(|f| !f.is_null()) {
+        None => Ok(None),
+        Some(f) => match (f.get("type").and_then(Value::as_str), f.get("schema")) {
+            (Some("json_schema"), Some(schema)) => {
+                Ok(Some(json!({"type": "json_schema", "json_schema": {"name": "output", "schema": schema}})))
+            }
+            _ => Err(ApiError::invalid_param(
+                "output_config",
+                "output_config.format is {\"type\": \"json_schema\", \"schema\"}",
+            )),
+        },
+    }
+}
+
 /// The fields both Messages routes build their prompt from.
 struct Parts<'a> {
     model: &'a Option<String>,
@@ -214,6 +237,7 @@ struct Parts<'a> {
     tools: &'a Option<Vec<Value>>,
     tool_choice: &'a Option<Value>,
     thinking: &'a Option<Value>,
+    output_config: &'a Option<Value>,
     kwargs: &'a Option<Map<String, Value>>,
     extra: &'a Map<String, Value>,
 }
@@ -224,8 +248,10 @@ impl Parts<'_> {
         check_extra_fields(self.extra)?;
         let mut kwargs = self.kwargs.clone().unwrap_or_default();
         thinking(self.thinking, &mut kwargs)?;
+        let response_format = output_config(self.output_config, &mut kwargs)?;
         let (tool_choice, parallel_tool_calls) = tool_choice(self.tool_choice)?;
         Ok(ChatRequest {
+            sampling: SamplingFields { response_format, ..SamplingFields::default() },
             model: self.model.clone(),
             messages: chat_messages(self.system, self.messages)?,
             tools: tools(self.tools)?,
@@ -246,6 +272,7 @@ pub(crate) fn chat_request(r: &MessagesRequest) -> Result<ChatRequest, ApiError>
         tools: &r.tools,
         tool_choice: &r.tool_choice,
         thinking: &r.thinking,
+        output_config: &r.output_config,
         kwargs: &r.chat_template_kwargs,
         extra: &r.extra,
     }
@@ -257,7 +284,7 @@ pub(crate) fn chat_request(r: &MessagesRequest) -> Result<ChatRequest, ApiError>
         top_p: r.top_p,
         top_k: r.top_k,
         stop: r.stop_sequences.as_ref().map(|s| json!(s)),
-        ..SamplingFields::default()
+        ..chat.sampling
     };
     Ok(chat)
 }
@@ -271,6 +298,7 @@ pub(crate) fn count_request(r: &CountTokensRequest) -> Result<ChatRequest, ApiEr
         tools: &r.tools,
         tool_choice: &r.tool_choice,
         thinking: &r.thinking,
+        output_config: &r.output_config,
         kwargs: &r.chat_template_kwargs,
         extra: &r.extra,
     }
@@ -284,6 +312,9 @@ pub(crate) fn rename_param(mut e: ApiError) -> ApiError {
     }
     if e.param.as_deref() == Some("prompt") {
         e.param = Some("messages".into());
+    }
+    if e.param.as_deref() == Some("response_format") {
+        e.param = Some("output_config".into());
     }
     e
 }
@@ -311,7 +342,10 @@ mod tests {
         assert_eq!(m[1], json!({"role": "user", "content": "Weather in Paris?"}));
         assert_eq!(m[2]["content"], "Checking.");
         assert_eq!(m[2]["reasoning"], "use the tool");
-        assert_eq!(m[2]["tool_calls"][0]["function"], json!({"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}));
+        assert_eq!(
+            m[2]["tool_calls"][0]["function"],
+            json!({"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"})
+        );
         assert_eq!(m[3], json!({"role": "tool", "tool_call_id": "toolu_1", "content": "sunny"}));
         // The tool result comes before the text of the turn that carries it.
         assert_eq!(m[4], json!({"role": "tool", "tool_call_id": "toolu_2", "content": "20C"}));
@@ -330,7 +364,8 @@ mod tests {
         let t = tools(&Some(vec![json!({"name": "w", "input_schema": {"properties": {}}})])).unwrap().unwrap();
         assert_eq!(t[0]["function"]["parameters"]["type"], "object");
         assert_eq!(tool_choice(&Some(json!({"type": "any"}))).unwrap(), (Some(json!("required")), None));
-        let (c, p) = tool_choice(&Some(json!({"type": "tool", "name": "w", "disable_parallel_tool_use": true}))).unwrap();
+        let (c, p) =
+            tool_choice(&Some(json!({"type": "tool", "name": "w", "disable_parallel_tool_use": true}))).unwrap();
         assert_eq!((c.unwrap()["function"]["name"].clone(), p), (json!("w"), Some(false)));
         assert!(tool_choice(&Some(json!({"type": "tool"}))).is_err());
     }

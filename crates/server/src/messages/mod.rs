@@ -18,7 +18,9 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use vllm_engine::Prompt;
 
-use self::protocol::{AnthropicErrorResponse, CountTokensRequest, CountTokensResponse, MessagesRequest, MessagesResponse};
+use self::protocol::{
+    AnthropicErrorResponse, CountTokensRequest, CountTokensResponse, MessagesRequest, MessagesResponse,
+};
 use crate::error::AnthropicError;
 use crate::routes::{collect, parse, submit};
 use crate::state::{random_id, Shared};
@@ -49,7 +51,8 @@ pub async fn create(State(s): State<Shared>, body: Result<Bytes, BytesRejection>
     let v = validate::chat::chat(&s, chat, &HeaderMap::new()).await.map_err(convert::rename_param)?;
     crate::routes::count_adapter(&v);
     let (id, prompt) = (random_id("msg"), prompt_tokens(&v));
-    let streams = submit(&s, &s.new_id("req"), v.prompts, &v.params, v.lora.as_ref()).await?;
+    let streams =
+        submit(&s, &s.new_id("req"), v.prompts, &v.params, v.lora.as_ref()).await.map_err(convert::rename_param)?;
     if req.stream {
         return Ok(stream::sse(id, v.model, v.render, streams, prompt));
     }

@@ -31,9 +31,14 @@ pub struct MessagesRequest {
     /// `any` and `tool` are enforced by guided decoding over the tools' schemas.
     #[schema(value_type = Option<Object>)]
     pub tool_choice: Option<Value>,
-    /// `{"type": "disabled"}` is accepted; thinking budgets are not supported (400).
+    /// `{"type": "enabled" | "adaptive" | "disabled"}`: given to the chat template as
+    /// `enable_thinking` (a `budget_tokens` is not enforced; `max_tokens` bounds the output).
     #[schema(value_type = Option<Object>)]
     pub thinking: Option<Value>,
+    /// `{"format": {"type": "json_schema", "schema"}, "effort"}`: structured output (guided
+    /// decoding), and the effort given to the chat template as `reasoning_effort`.
+    #[schema(value_type = Option<Object>)]
+    pub output_config: Option<Value>,
     /// vLLM's: extra variables for the chat template.
     pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
     /// Fields not named above (`metadata` and `service_tier` are accepted and ignored; others
@@ -56,6 +61,8 @@ pub struct CountTokensRequest {
     pub tool_choice: Option<Value>,
     #[schema(value_type = Option<Object>)]
     pub thinking: Option<Value>,
+    #[schema(value_type = Option<Object>)]
+    pub output_config: Option<Value>,
     pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
     #[serde(flatten)]
     #[schema(ignore)]
@@ -151,12 +158,16 @@ pub struct AnthropicErrorResponse {
 
 /// What a `content_block_delta` adds to its block.
 #[derive(Debug, Clone, Serialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+#[serde(tag = "type")]
 pub(crate) enum BlockDelta {
-    TextDelta { text: String },
-    InputJsonDelta { partial_json: String },
-    ThinkingDelta { thinking: String },
-    SignatureDelta { signature: String },
+    #[serde(rename = "text_delta")]
+    Text { text: String },
+    #[serde(rename = "input_json_delta")]
+    InputJson { partial_json: String },
+    #[serde(rename = "thinking_delta")]
+    Thinking { thinking: String },
+    #[serde(rename = "signature_delta")]
+    Signature { signature: String },
 }
 
 /// The end of the message: why it stopped.

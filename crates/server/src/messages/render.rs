@@ -66,14 +66,14 @@ impl Blocks {
                 self.open(|o| matches!(o, Open::Text { .. }), block, Open::Text { text: String::new() });
                 let Some(Open::Text { text }) = self.open.as_mut() else { return };
                 text.push_str(&t);
-                BlockDelta::TextDelta { text: t }
+                BlockDelta::Text { text: t }
             }
             Piece::Reasoning(t) => {
                 let block = ContentBlock::Thinking { thinking: String::new(), signature: String::new() };
                 self.open(|o| matches!(o, Open::Thinking { .. }), block, Open::Thinking { text: String::new() });
                 let Some(Open::Thinking { text }) = self.open.as_mut() else { return };
                 text.push_str(&t);
-                BlockDelta::ThinkingDelta { thinking: t }
+                BlockDelta::Thinking { thinking: t }
             }
             Piece::CallStart { index: call, name } => {
                 self.close();
@@ -88,7 +88,7 @@ impl Blocks {
                     return;
                 }
                 args.push_str(&delta);
-                BlockDelta::InputJsonDelta { partial_json: delta }
+                BlockDelta::InputJson { partial_json: delta }
             }
         };
         // The open block's index (blocks before it are finished).
@@ -105,7 +105,7 @@ impl Blocks {
             Some(Open::Thinking { text }) => {
                 let signature = random_id("sig");
                 let s = signature.clone();
-                self.emit(|| StreamEvent::ContentBlockDelta { index, delta: BlockDelta::SignatureDelta { signature: s } });
+                self.emit(|| StreamEvent::ContentBlockDelta { index, delta: BlockDelta::Signature { signature: s } });
                 ContentBlock::Thinking { thinking: text, signature }
             }
             Some(Open::ToolUse { id, name, args, .. }) => {
@@ -175,10 +175,6 @@ pub(crate) fn whole(id: &str, model: &str, render: &Render, o: &RequestOutput) -
     }
     let used_tools = blocks.used_tools();
     let mut content = blocks.finish();
-    if used_tools {
-        // Whitespace around a parsed call is not an answer.
-        content.retain(|b| !matches!(b, ContentBlock::Text { text } if text.trim().is_empty()));
-    }
     if content.is_empty() {
         // Anthropic's shape of an empty answer: one empty text block.
         content.push(ContentBlock::Text { text: String::new() });
@@ -186,4 +182,71 @@ pub(crate) fn whole(id: &str, model: &str, render: &Render, o: &RequestOutput) -
     let (stop_reason, stop_sequence) = stop_reason(c.finish_reason, c.stop_reason.as_ref(), used_tools);
     let usage = MessagesUsage::new(o.prompt_token_ids.len(), c.token_ids.len(), o.num_cached_tokens);
     MessagesResponse { content, stop_reason, stop_sequence, ..message(id, model, usage) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_and_the_events_announcing_them() {
+        let mut b = Blocks::new(true);
+        for p in [
+            Piece::Reasoning("a".into()),
+            Piece::Reasoning("b".into()),
+            Piece::Text("Hi".into()),
+            Piece::CallStart { index: 0, name: "f".into() },
+            Piece::CallArgs { index: 0, delta: "{\"x\":".into() },
+            Piece::CallArgs { index: 0, delta: "1}".into() },
+        ] {
+            b.piece(p);
+        }
+        b.close();
+        let events: Vec<Value> = b.events().into_iter().map(|e| serde_json::to_value(e).unwrap()).collect();
+        let kinds: Vec<String> = events
+            .iter()
+            .map(|e| match e["delta"]["type"].as_str() {
+                Some(d) => format!("{}:{d}@{}", e["type"].as_str().unwrap(), e["index"]),
+                None => format!("{}@{}", e["type"].as_str().unwrap(), e["index"]),
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "content_block_start@0",
+                "content_block_delta:thinking_delta@0",
+                "content_block_delta:thinking_delta@0",
+                "content_block_delta:signature_delta@0",
+                "content_block_stop@0",
+                "content_block_start@1",
+                "content_block_delta:text_delta@1",
+                "content_block_stop@1",
+                "content_block_start@2",
+                "content_block_delta:input_json_delta@2",
+                "content_block_delta:input_json_delta@2",
+                "content_block_stop@2",
+            ]
+        );
+        assert_eq!(
+            events[8]["content_block"],
+            json!({"type": "tool_use", "id": events[8]["content_block"]["id"], "name": "f", "input": {}})
+        );
+        assert!(b.used_tools());
+        let blocks = serde_json::to_value(b.finish()).unwrap();
+        assert_eq!(blocks[0]["thinking"], "ab");
+        assert_eq!(blocks[0]["signature"], events[3]["delta"]["signature"]);
+        assert_eq!(blocks[2]["input"], json!({"x": 1}));
+    }
+
+    #[test]
+    fn stop_reasons() {
+        let stop = StopReason::Text("END".into());
+        assert_eq!(stop_reason(Some(FinishReason::Length), None, true).0.as_deref(), Some("max_tokens"));
+        assert_eq!(stop_reason(Some(FinishReason::Stop), None, true).0.as_deref(), Some("tool_use"));
+        assert_eq!(
+            stop_reason(Some(FinishReason::Stop), Some(&stop), false),
+            (Some("stop_sequence".into()), Some("END".into()))
+        );
+        assert_eq!(stop_reason(Some(FinishReason::Stop), None, false).0.as_deref(), Some("end_turn"));
+    }
 }

@@ -27,12 +27,21 @@ async fn send(tx: &tokio::sync::mpsc::Sender<SseEvent>, event: StreamEvent) -> b
 
 /// Streams one request's output as Messages events. The task ends when the client goes away
 /// (the event channel closes), dropping the engine stream, which aborts the request.
-pub(crate) fn sse(id: String, model: String, render: Render, mut streams: Vec<OutputStream>, prompt: usize) -> Response {
+pub(crate) fn sse(
+    id: String,
+    model: String,
+    render: Render,
+    mut streams: Vec<OutputStream>,
+    prompt: usize,
+) -> Response {
     let (tx, rx) = tokio::sync::mpsc::channel::<SseEvent>(64);
-    let Some(mut stream) = streams.pop() else { return AnthropicError(ApiError::internal("no stream")).into_response() };
+    let Some(mut stream) = streams.pop() else {
+        return AnthropicError(ApiError::internal("no stream")).into_response();
+    };
     tokio::spawn(async move {
         let start = message(&id, &model, MessagesUsage::new(prompt, 0, 0));
-        if !send(&tx, StreamEvent::MessageStart { message: Box::new(start) }).await || !send(&tx, StreamEvent::Ping).await
+        if !send(&tx, StreamEvent::MessageStart { message: Box::new(start) }).await
+            || !send(&tx, StreamEvent::Ping).await
         {
             return;
         }

@@ -179,7 +179,10 @@ fn tools(tools: &[Value]) -> Result<Vec<Value>, ApiError> {
                 ));
             }
             let name = t.get("name").and_then(Value::as_str).ok_or_else(|| {
-                ApiError::invalid_param("tools", "a function tool is {\"type\": \"function\", \"name\", \"parameters\"}")
+                ApiError::invalid_param(
+                    "tools",
+                    "a function tool is {\"type\": \"function\", \"name\", \"parameters\"}",
+                )
             })?;
             let mut f = json!({"name": name});
             for k in ["description", "parameters", "strict"] {
@@ -203,13 +206,15 @@ fn tool_choice(choice: &Option<Value>) -> Result<Option<Value>, ApiError> {
             "none" | "required" => Ok(Some(json!(c))),
             other => Err(bad(format!("tool_choice '{other}' (none, auto, required or a function)"))),
         },
-        Some(Value::Object(o)) => match (o.get("type").and_then(Value::as_str), o.get("name").and_then(Value::as_str)) {
-            (Some("function"), Some(name)) => Ok(Some(json!({"type": "function", "function": {"name": name}}))),
-            (kind, _) => Err(bad(format!(
-                "tool_choice {{\"type\": {}}} is not supported (use {{\"type\": \"function\", \"name\"}})",
-                kind.unwrap_or("?")
-            ))),
-        },
+        Some(Value::Object(o)) => {
+            match (o.get("type").and_then(Value::as_str), o.get("name").and_then(Value::as_str)) {
+                (Some("function"), Some(name)) => Ok(Some(json!({"type": "function", "function": {"name": name}}))),
+                (kind, _) => Err(bad(format!(
+                    "tool_choice {{\"type\": {}}} is not supported (use {{\"type\": \"function\", \"name\"}})",
+                    kind.unwrap_or("?")
+                ))),
+            }
+        }
         Some(other) => Err(bad(format!("tool_choice {other} (none, auto, required or a function)"))),
     }
 }

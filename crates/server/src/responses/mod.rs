@@ -99,7 +99,8 @@ pub async fn create(
     let v = validate::chat::chat(&s, chat, &HeaderMap::new()).await.map_err(convert::rename_param)?;
     crate::routes::count_adapter(&v);
     let echo = render::Echo::new(random_id("resp"), v.model.clone(), &req, store);
-    let streams = submit(&s, &s.new_id("req"), v.prompts, &v.params, v.lora.as_ref()).await?;
+    let streams =
+        submit(&s, &s.new_id("req"), v.prompts, &v.params, v.lora.as_ref()).await.map_err(convert::rename_param)?;
     if req.stream {
         let store = store.then_some(stream::StoreAs { owner: scope, conversation });
         return Ok(stream::sse(s.clone(), echo, v.render, streams, store));
@@ -107,7 +108,8 @@ pub async fn create(
     if background {
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let running = echo.response("in_progress", Vec::new(), None);
-        let stored = Stored { owner: scope, response: running.clone(), conversation: Arc::default(), cancel: Some(stop) };
+        let stored =
+            Stored { owner: scope, response: running.clone(), conversation: Arc::default(), cancel: Some(stop) };
         if !s.responses.put(&echo.id, stored) {
             return Err(ApiError::invalid_param("background", "the response is too large for the response store"));
         }

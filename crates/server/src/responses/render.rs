@@ -56,7 +56,12 @@ impl Echo {
     }
 
     /// The response in `status` with `output`.
-    pub(crate) fn response(&self, status: &str, output: Vec<OutputItem>, usage: Option<ResponseUsage>) -> ResponseObject {
+    pub(crate) fn response(
+        &self,
+        status: &str,
+        output: Vec<OutputItem>,
+        usage: Option<ResponseUsage>,
+    ) -> ResponseObject {
         let e = self.clone();
         ResponseObject {
             id: e.id,
@@ -128,13 +133,26 @@ impl Builder {
         std::mem::take(&mut self.events)
     }
 
+    /// Finishes the item being built and opens `open`, announcing `item` (and its content
+    /// part, for items with content).
+    fn start(&mut self, open: Open, item: OutputItem, part: Option<ContentPart>) {
+        self.close();
+        let output_index = self.items.len();
+        let item_id = match &open {
+            Open::Message { id, .. } | Open::Reasoning { id, .. } | Open::Call { id, .. } => id.clone(),
+        };
+        self.emit(|| Event::ItemAdded { output_index, item });
+        if let Some(part) = part {
+            self.emit(|| Event::PartAdded { item_id, output_index, content_index: 0, part });
+        }
+        self.open = Some(open);
+    }
+
     /// The next piece of the output.
     pub(crate) fn piece(&mut self, piece: Piece) {
-        let output_index = self.items.len();
         match piece {
             Piece::Text(delta) => {
                 if !matches!(self.open, Some(Open::Message { .. })) {
-                    self.close();
                     let id = random_id("msg");
                     let item = OutputItem::Message {
                         id: id.clone(),
@@ -142,12 +160,10 @@ impl Builder {
                         status: "in_progress".into(),
                         content: Vec::new(),
                     };
-                    self.emit(|| Event::ItemAdded { output_index, item });
-                    let item_id = id.clone();
                     let part = ContentPart::output_text(String::new());
-                    self.emit(|| Event::PartAdded { item_id, output_index, content_index: 0, part });
-                    self.open = Some(Open::Message { id, text: String::new() });
+                    self.start(Open::Message { id, text: String::new() }, item, Some(part));
                 }
+                let output_index = self.items.len();
                 let Some(Open::Message { id, text }) = self.open.as_mut() else { return };
                 text.push_str(&delta);
                 let item_id = id.clone();
@@ -155,7 +171,6 @@ impl Builder {
             }
             Piece::Reasoning(delta) => {
                 if !matches!(self.open, Some(Open::Reasoning { .. })) {
-                    self.close();
                     let id = random_id("rs");
                     let item = OutputItem::Reasoning {
                         id: id.clone(),
@@ -163,19 +178,16 @@ impl Builder {
                         content: Vec::new(),
                         status: "in_progress".into(),
                     };
-                    self.emit(|| Event::ItemAdded { output_index, item });
-                    let item_id = id.clone();
                     let part = ContentPart::ReasoningText { text: String::new() };
-                    self.emit(|| Event::PartAdded { item_id, output_index, content_index: 0, part });
-                    self.open = Some(Open::Reasoning { id, text: String::new() });
+                    self.start(Open::Reasoning { id, text: String::new() }, item, Some(part));
                 }
+                let output_index = self.items.len();
                 let Some(Open::Reasoning { id, text }) = self.open.as_mut() else { return };
                 text.push_str(&delta);
                 let item_id = id.clone();
                 self.emit(|| Event::ReasoningDelta { item_id, output_index, content_index: 0, delta });
             }
             Piece::CallStart { index, name } => {
-                self.close();
                 let (id, call_id) = (random_id("fc"), random_id("call"));
                 let item = OutputItem::FunctionCall {
                     id: id.clone(),
@@ -184,10 +196,10 @@ impl Builder {
                     arguments: String::new(),
                     status: "in_progress".into(),
                 };
-                self.emit(|| Event::ItemAdded { output_index, item });
-                self.open = Some(Open::Call { id, call_id, name, index, args: String::new() });
+                self.start(Open::Call { id, call_id, name, index, args: String::new() }, item, None);
             }
             Piece::CallArgs { index, delta } => {
+                let output_index = self.items.len();
                 let Some(Open::Call { id, index: open, args, .. }) = self.open.as_mut() else { return };
                 if *open != index {
                     return;
@@ -206,7 +218,13 @@ impl Builder {
             None => return,
             Some(Open::Message { id, text }) => {
                 let (item_id, done) = (id.clone(), text.clone());
-                self.emit(|| Event::TextDone { item_id, output_index, content_index: 0, text: done, logprobs: Vec::new() });
+                self.emit(|| Event::TextDone {
+                    item_id,
+                    output_index,
+                    content_index: 0,
+                    text: done,
+                    logprobs: Vec::new(),
+                });
                 let part = ContentPart::output_text(text);
                 let (item_id, p) = (id.clone(), part.clone());
                 self.emit(|| Event::PartDone { item_id, output_index, content_index: 0, part: p });
@@ -261,16 +279,7 @@ pub(crate) fn whole(echo: &Echo, render: &Render, o: &RequestOutput) -> Response
     for piece in Pieces::split_all(render, &c.text) {
         b.piece(piece);
     }
-    let mut items = b.finish();
-    // Whitespace around a parsed call is not an answer.
-    if items.iter().any(|i| matches!(i, OutputItem::FunctionCall { .. })) {
-        items.retain(|i| !matches!(i, OutputItem::Message { content, .. } if content.iter().all(blank)));
-    }
-    echo.response(status(c.finish_reason), items, Some(usage(o)))
-}
-
-fn blank(part: &ContentPart) -> bool {
-    matches!(part, ContentPart::OutputText { text, .. } if text.trim().is_empty())
+    echo.response(status(c.finish_reason), b.finish(), Some(usage(o)))
 }
 
 /// The assistant message a continuation (`previous_response_id`) sees for `output`: its text
@@ -294,4 +303,68 @@ pub(crate) fn assistant_message(output: &[OutputItem]) -> Value {
         }
     }
     super::convert::output_message(&text, &calls)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pieces() -> Vec<Piece> {
+        vec![
+            Piece::Reasoning("a".into()),
+            Piece::Reasoning("b".into()),
+            Piece::Text("Hi".into()),
+            Piece::CallStart { index: 0, name: "f".into() },
+            Piece::CallArgs { index: 0, delta: "{\"x\":".into() },
+            Piece::CallArgs { index: 0, delta: "1}".into() },
+        ]
+    }
+
+    #[test]
+    fn items_and_the_events_announcing_them() {
+        let mut b = Builder::new(true);
+        for p in pieces() {
+            b.piece(p);
+        }
+        b.close();
+        let events: Vec<Value> = b.events().into_iter().map(|e| serde_json::to_value(e).unwrap()).collect();
+        let names: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+        let item = ["response.output_item.added", "response.content_part.added"];
+        let done = ["response.content_part.done", "response.output_item.done"];
+        let mut want = item.to_vec();
+        want.extend(["response.reasoning_text.delta", "response.reasoning_text.delta", "response.reasoning_text.done"]);
+        want.extend(done);
+        want.extend(item);
+        want.extend(["response.output_text.delta", "response.output_text.done"]);
+        want.extend(done);
+        want.extend(["response.output_item.added", "response.function_call_arguments.delta"]);
+        want.extend(["response.function_call_arguments.delta", "response.function_call_arguments.done"]);
+        want.push("response.output_item.done");
+        assert_eq!(names, want);
+        let indexes: Vec<u64> = events.iter().map(|e| e["output_index"].as_u64().unwrap()).collect();
+        assert_eq!(indexes, [0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2]);
+        assert_eq!(events[16]["arguments"], "{\"x\":1}");
+
+        // Not streamed: the same items, no events.
+        let mut whole = Builder::new(false);
+        for p in pieces() {
+            whole.piece(p);
+        }
+        assert!(whole.events().is_empty());
+        let items = serde_json::to_value(whole.finish()).unwrap();
+        assert_eq!(items[0]["content"][0], serde_json::json!({"type": "reasoning_text", "text": "ab"}));
+        assert_eq!(items[1]["content"][0]["text"], "Hi");
+        assert_eq!((&items[2]["name"], &items[2]["arguments"]), (&json!("f"), &json!("{\"x\":1}")));
+        let msg = assistant_message(&whole_items());
+        assert_eq!(msg["content"], "Hi");
+        assert_eq!(msg["tool_calls"][0]["function"]["arguments"], "{\"x\":1}");
+    }
+
+    fn whole_items() -> Vec<OutputItem> {
+        let mut b = Builder::new(false);
+        for p in pieces() {
+            b.piece(p);
+        }
+        b.finish()
+    }
 }

@@ -60,7 +60,9 @@ pub(crate) fn sse(
     tokio::spawn(async move {
         let mut out = Sender { tx, seq: 0 };
         let start = Box::new(echo.response("in_progress", Vec::new(), None));
-        if !out.send(Event::Created { response: start.clone() }).await || !out.send(Event::InProgress { response: start }).await {
+        if !out.send(Event::Created { response: start.clone() }).await
+            || !out.send(Event::InProgress { response: start }).await
+        {
             return;
         }
         let mut pieces = Pieces::new(&render);
@@ -104,7 +106,8 @@ pub(crate) fn sse(
         let response = echo.response(status(finish), items, Some(ResponseUsage::new(prompt, generated, cached)));
         if let Some(StoreAs { owner, mut conversation }) = store {
             conversation.push(assistant_message(&response.output));
-            let stored = Stored { owner, response: response.clone(), conversation: Arc::new(conversation), cancel: None };
+            let stored =
+                Stored { owner, response: response.clone(), conversation: Arc::new(conversation), cancel: None };
             s.responses.put(&response.id, stored);
         }
         let _ = out.send(Event::Completed { response: Box::new(response) }).await;
