@@ -195,22 +195,18 @@ pub struct ResponseObject {
     pub error: Option<ResponseError>,
     pub incomplete_details: Option<IncompleteDetails>,
     pub instructions: Option<String>,
-    #[schema(value_type = Option<Object>)]
     pub metadata: Option<Value>,
     pub parallel_tool_calls: bool,
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,
     /// As requested (`auto` when not given).
-    #[schema(value_type = Object)]
     pub tool_choice: Value,
     #[schema(value_type = Vec<Object>)]
     pub tools: Vec<Value>,
     pub max_output_tokens: Option<usize>,
     pub previous_response_id: Option<String>,
-    #[schema(value_type = Option<Object>)]
     pub reasoning: Option<Value>,
     /// As requested (`{"format": {"type": "text"}}` when not given).
-    #[schema(value_type = Object)]
     pub text: Value,
     /// `disabled`.
     pub truncation: String,
