@@ -9,7 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap};
 use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use metrics_exporter_prometheus::PrometheusHandle;
 use subtle::ConstantTimeEq;
 use vllm_engine::{AsyncEngine, Embedder};
@@ -217,7 +217,10 @@ pub async fn auth(State(s): State<Shared>, mut req: Request, next: Next) -> Resp
     let span = tracing::info_span!("http", %method, %path);
     let response = match std::panic::AssertUnwindSafe(next.run(req).instrument(span.clone())).catch_unwind().await {
         Ok(r) => r,
-        Err(_) => ApiError::internal("the request failed unexpectedly (a bug, reported in the log)").into_response(),
+        Err(_) => crate::error::for_path(
+            &path,
+            ApiError::internal("the request failed unexpectedly (a bug, reported in the log)"),
+        ),
     };
     let (status, ms) = (response.status().as_u16(), started.elapsed().as_millis() as u64);
     if response.status().is_server_error() {
