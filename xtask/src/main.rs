@@ -1,8 +1,8 @@
 //! `cargo xtask <task>`: project chores.
 //!
 //! - `fetch-model`: make sure the default model is on disk (prints where).
-//! - `test`: fetch what the tests need (the default model, the `openai` Python client in
-//!   `.venv`), then run every test (release profile).
+//! - `test`: fetch what the tests need (the default model, the `openai` and `anthropic` Python
+//!   clients in `.venv`), then run every test (release profile).
 //! - `ci`: formatting check, clippy with warnings as errors, then `test`.
 //! - `fuzz-api`: schemathesis over every route of the release server (the last step of `test`).
 //! - `fuzz <gguf|safetensors|config|tokenizer> --time <s>`: one model-file fuzz target run longer
@@ -155,7 +155,7 @@ fn fetch_model() -> Result<()> {
 }
 
 /// The Python clients the end-to-end tests drive the server with, in a project-local venv.
-const PY_CLIENTS: &[&str] = &["openai==3.54.0", "schemathesis==4.32.5"];
+const PY_CLIENTS: &[&str] = &["openai==3.54.0", "anthropic==2.17.0", "schemathesis==4.32.5"];
 
 fn python_clients() -> Result<()> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");

@@ -353,13 +353,19 @@ pub struct EmbeddingResponse {
 #[openapi(
     info(
         title = "vllm-rs",
-        description = "vLLM's OpenAI-compatible API, served by vllm-rs. With --api-key, every route but /health, /version and /metrics needs `Authorization: Bearer <key>`. Streamed responses are server-sent events whose data are `CompletionChunk`s or `ChatCompletionChunk`s, then `[DONE]`."
+        description = "vLLM's OpenAI-compatible API, served by vllm-rs, with OpenAI's Responses API (/v1/responses) and Anthropic's Messages API (/v1/messages). With --api-key, every route but /health, /ping, /version, /metrics and /openapi.json needs `Authorization: Bearer <key>` (or `x-api-key: <key>`). Streamed completions are server-sent events whose data are `CompletionChunk`s or `ChatCompletionChunk`s, then `[DONE]`; streamed Responses and Messages are their APIs' typed events. Errors have OpenAI's shape, except on /v1/messages, where they have Anthropic's (`AnthropicErrorResponse`)."
     ),
     paths(
         crate::routes::models,
         crate::routes::completions,
         crate::routes::chat,
         crate::routes::embeddings,
+        crate::responses::create,
+        crate::responses::retrieve,
+        crate::responses::delete,
+        crate::responses::cancel,
+        crate::messages::create,
+        crate::messages::count_tokens,
         crate::routes::generate,
         crate::routes::tokenize,
         crate::routes::detokenize,
@@ -392,6 +398,14 @@ pub struct EmbeddingResponse {
         GenerateResponse,
         VersionResponse,
         EmbeddingResponse,
+        crate::responses::protocol::ResponsesRequest,
+        crate::responses::protocol::ResponseObject,
+        crate::responses::protocol::ResponseDeleted,
+        crate::messages::protocol::MessagesRequest,
+        crate::messages::protocol::MessagesResponse,
+        crate::messages::protocol::CountTokensRequest,
+        crate::messages::protocol::CountTokensResponse,
+        crate::messages::protocol::AnthropicErrorResponse,
     ))
 )]
 pub struct ApiDoc;

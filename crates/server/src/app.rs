@@ -28,6 +28,11 @@ pub(crate) fn router(state: Arc<AppState>, max_body: usize, crash_route: bool) -
         .route("/v1/completions", post(routes::completions))
         .route("/v1/chat/completions", post(routes::chat))
         .route("/v1/embeddings", post(routes::embeddings))
+        .route("/v1/responses", post(crate::responses::create))
+        .route("/v1/responses/{response_id}", get(crate::responses::retrieve).delete(crate::responses::delete))
+        .route("/v1/responses/{response_id}/cancel", post(crate::responses::cancel))
+        .route("/v1/messages", post(crate::messages::create))
+        .route("/v1/messages/count_tokens", post(crate::messages::count_tokens))
         .route("/generate", post(routes::generate))
         .route("/tokenize", post(routes::tokenize))
         .route("/detokenize", post(routes::detokenize))
@@ -133,6 +138,10 @@ pub(crate) async fn build_state(
         adapters: std::sync::RwLock::new(adapters),
         next_lora_id: std::sync::atomic::AtomicU32::new(next_lora_id),
         runtime_lora_updates,
+        responses: crate::responses::store::ResponseStore::new(
+            args.responses_store_max_entries,
+            usize::try_from(args.responses_store_max_bytes).unwrap_or(usize::MAX),
+        ),
     }))
 }
 

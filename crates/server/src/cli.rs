@@ -168,6 +168,14 @@ pub(crate) struct ServeArgs {
     /// Largest accepted request body, in bytes.
     #[arg(long, default_value_t = 32 << 20)]
     pub max_body_bytes: usize,
+    /// Most responses kept for `GET /v1/responses/{id}` and `previous_response_id` (the
+    /// oldest evicted first); 0 stores none (`store` is then ignored, `background` refused).
+    #[arg(long, default_value_t = 10_000)]
+    pub responses_store_max_entries: usize,
+    /// Most bytes of stored responses (their output and conversation as JSON), e.g. 256MiB;
+    /// the oldest are evicted first.
+    #[arg(long, value_parser = vllm_engine::parse_bytes, default_value = "256MiB")]
+    pub responses_store_max_bytes: u64,
     /// On SIGTERM/Ctrl-C, seconds to let in-flight requests finish before exiting anyway.
     #[arg(long, default_value_t = 30.0)]
     pub shutdown_timeout: f64,

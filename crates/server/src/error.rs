@@ -1,4 +1,5 @@
-//! Errors as OpenAI's error shape, mapped to HTTP status in one place.
+//! Errors as OpenAI's error shape (Anthropic's on the Messages routes), mapped to HTTP status
+//! in one place.
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -7,6 +8,7 @@ use serde_json::json;
 use vllm_engine::GuideError;
 
 use crate::api::{ErrorBody, ErrorResponse};
+use crate::messages::protocol::{AnthropicErrorBody, AnthropicErrorResponse};
 
 /// An error answered as `{"error": {"message", "type", "param", "code"}}`.
 #[derive(Debug, Clone)]
@@ -92,6 +94,68 @@ impl IntoResponse for ApiError {
                 .insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static(RETRY_AFTER_SECONDS));
         }
         r
+    }
+}
+
+/// The same error answered in Anthropic's shape, `{"type": "error", "error": {"type",
+/// "message"}}`, for the Messages routes (`/v1/messages*`).
+#[derive(Debug, Clone)]
+pub struct AnthropicError(pub ApiError);
+
+impl From<ApiError> for AnthropicError {
+    fn from(e: ApiError) -> Self {
+        Self(e)
+    }
+}
+
+impl AnthropicError {
+    /// Anthropic's error type for the status.
+    fn kind(&self) -> &'static str {
+        match self.0.status {
+            StatusCode::UNAUTHORIZED => "authentication_error",
+            StatusCode::FORBIDDEN => "permission_error",
+            StatusCode::NOT_FOUND => "not_found_error",
+            StatusCode::PAYLOAD_TOO_LARGE => "request_too_large",
+            StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
+            StatusCode::SERVICE_UNAVAILABLE => "overloaded_error",
+            s if s.is_client_error() => "invalid_request_error",
+            _ => "api_error",
+        }
+    }
+
+    /// The typed body (also sent as a stream's `error` event).
+    pub fn response(&self) -> AnthropicErrorResponse {
+        let message = match &self.0.param {
+            Some(p) if !self.0.message.contains(p.as_str()) => format!("{p}: {}", self.0.message),
+            _ => self.0.message.clone(),
+        };
+        AnthropicErrorResponse { kind: "error", error: AnthropicErrorBody { kind: self.kind().into(), message } }
+    }
+}
+
+impl IntoResponse for AnthropicError {
+    fn into_response(self) -> Response {
+        let mut r = (self.0.status, Json(self.response())).into_response();
+        if self.0.status == StatusCode::SERVICE_UNAVAILABLE {
+            r.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static(RETRY_AFTER_SECONDS));
+        }
+        r
+    }
+}
+
+/// Whether a path is one of Anthropic's routes, whose errors take Anthropic's shape.
+pub fn is_anthropic_path(path: &str) -> bool {
+    path == "/v1/messages" || path.starts_with("/v1/messages/")
+}
+
+/// An error answered in the shape of the route family `path` belongs to (for the layers and
+/// fallbacks that run before a handler: keys, unknown routes, wrong methods).
+pub fn for_path(path: &str, e: ApiError) -> Response {
+    if is_anthropic_path(path) {
+        AnthropicError(e).into_response()
+    } else {
+        e.into_response()
     }
 }
 

@@ -12,6 +12,8 @@
 //! | `validate` | each route family's one conversion from its wire request to the engine's |
 //! | `routes` | thin handlers: validate, submit, render |
 //! | `render` | engine outputs as responses and server-sent events |
+//! | `responses`, `messages` | OpenAI's Responses API and Anthropic's Messages API, converted into chat requests |
+//! | `pieces` | a chat output as typed pieces (reasoning, text, tool calls), what those two render |
 //! | `protocol`, `api` | the wire types (requests; responses and stream chunks) and the OpenAPI document |
 //! | `tools`, `reasoning` | the tool-call and reasoning parser registries |
 
@@ -22,10 +24,13 @@ mod cli;
 mod conn;
 mod error;
 mod logging;
+mod messages;
 mod net;
+mod pieces;
 mod protocol;
 mod reasoning;
 mod render;
+mod responses;
 mod routes;
 mod state;
 mod tools;

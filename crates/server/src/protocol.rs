@@ -170,8 +170,8 @@ pub fn parse_prompts(v: &Value) -> Result<Vec<WirePrompt>, ApiError> {
     Ok(out)
 }
 
-/// `POST /v1/chat/completions`.
-#[derive(Debug, Clone, Deserialize, ToSchema)]
+/// `POST /v1/chat/completions` (also what the Responses and Messages routes convert into).
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 pub struct ChatRequest {
     pub model: Option<String>,
     pub messages: Vec<Value>,

@@ -26,7 +26,7 @@ pub use crate::state::{auth, AppState, Shared};
 
 /// Parses a JSON body, turning every failure (too large, malformed, wrong types) into an
 /// OpenAI-shaped error.
-fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+pub(crate) fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
     serde_json::from_slice(&body_bytes(body)?).map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
 }
 
@@ -148,18 +148,22 @@ pub async fn unload_lora_adapter(
     Ok(format!("Success: LoRA adapter '{}' removed successfully.", lora.name).into_response())
 }
 
-/// Unknown routes: a 404 in the OpenAI error shape.
-pub async fn not_found(req: Request) -> ApiError {
-    ApiError::not_found(format!("no route for {} {}", req.method(), req.uri().path()))
+/// Unknown routes: a 404 in the OpenAI error shape (Anthropic's under `/v1/messages`).
+pub async fn not_found(req: Request) -> Response {
+    let path = req.uri().path();
+    crate::error::for_path(path, ApiError::not_found(format!("no route for {} {path}", req.method())))
 }
 
-/// Known routes with the wrong method: a 405 in the OpenAI error shape.
-pub async fn method_not_allowed(req: Request) -> ApiError {
-    ApiError {
+/// Known routes with the wrong method: a 405 in the OpenAI error shape (Anthropic's under
+/// `/v1/messages`).
+pub async fn method_not_allowed(req: Request) -> Response {
+    let path = req.uri().path();
+    let e = ApiError {
         status: StatusCode::METHOD_NOT_ALLOWED,
-        message: format!("{} is not allowed on {}", req.method(), req.uri().path()),
+        message: format!("{} is not allowed on {path}", req.method()),
         param: None,
-    }
+    };
+    crate::error::for_path(path, e)
 }
 
 #[utoipa::path(get, path = "/version", responses((status = 200, body = VersionResponse)))]
@@ -298,7 +302,7 @@ pub async fn detokenize(
 
 /// Submits one request per prompt; on any rejection the already-submitted streams are dropped,
 /// which aborts them.
-async fn submit(
+pub(crate) async fn submit(
     s: &AppState,
     id: &str,
     prompts: Vec<Prompt>,
@@ -313,7 +317,7 @@ async fn submit(
 }
 
 /// Waits for each stream's final output (the streams were submitted final-only).
-async fn collect(streams: Vec<OutputStream>) -> Result<Vec<RequestOutput>, ApiError> {
+pub(crate) async fn collect(streams: Vec<OutputStream>) -> Result<Vec<RequestOutput>, ApiError> {
     let mut finals = Vec::with_capacity(streams.len());
     for mut rx in streams {
         let mut last = None;
@@ -330,12 +334,17 @@ async fn collect(streams: Vec<OutputStream>) -> Result<Vec<RequestOutput>, ApiEr
     Ok(finals)
 }
 
-/// Runs a validated request and answers: a stream (server-sent events, or `/generate`'s
-/// NUL-separated objects), or the whole response.
-async fn respond(s: &AppState, v: ValidRequest) -> Result<Response, ApiError> {
+/// Counts a request's prompts for its LoRA adapter (`vllm:lora_requests_total`).
+pub(crate) fn count_adapter(v: &ValidRequest) {
     if let Some(l) = &v.lora {
         metrics::counter!("vllm:lora_requests_total", "lora_name" => l.name.clone()).increment(v.prompts.len() as u64);
     }
+}
+
+/// Runs a validated request and answers: a stream (server-sent events, or `/generate`'s
+/// NUL-separated objects), or the whole response.
+async fn respond(s: &AppState, v: ValidRequest) -> Result<Response, ApiError> {
+    count_adapter(&v);
     if let Some(beam) = v.beam {
         let outs = beam_outputs(&v.id, s.engine()?.beam_search_with_lora(v.prompts, beam, v.lora.clone()).await?);
         return Ok(full_response(&v.model, &v.render, &v.id, &outs));

@@ -9,7 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap};
 use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use metrics_exporter_prometheus::PrometheusHandle;
 use subtle::ConstantTimeEq;
 use vllm_engine::{AsyncEngine, Embedder};
@@ -51,12 +51,29 @@ pub struct AppState {
     pub next_lora_id: std::sync::atomic::AtomicU32,
     /// `VLLM_ALLOW_RUNTIME_LORA_UPDATING`: adapters may be loaded and unloaded by requests.
     pub runtime_lora_updates: bool,
+    /// Stored Responses (`/v1/responses`), bounded in count and bytes.
+    pub(crate) responses: crate::responses::store::ResponseStore,
 }
 
 pub type Shared = Arc<AppState>;
 
 pub(crate) fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// An id no client can guess: `<prefix>_` and 128 random bits in hex (the ids of stored
+/// responses and of messages).
+pub(crate) fn random_id(prefix: &str) -> String {
+    use std::hash::{BuildHasher, Hasher};
+    // Each `RandomState` is keyed from the operating system's randomness (per thread, then
+    // incremented): hashing a counter with it gives unpredictable bits.
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let bits = |salt: u64| {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed) ^ salt);
+        h.finish()
+    };
+    format!("{prefix}_{:016x}{:016x}", bits(0), bits(u64::MAX))
 }
 
 impl AppState {
@@ -159,23 +176,40 @@ impl AppState {
 /// needs the key.
 const OPEN_ROUTES: &[&str] = &["/health", "/ping", "/version", "/metrics", "/openapi.json"];
 
-/// `Authorization: Bearer <key>` on every route but [`OPEN_ROUTES`] when an API key is set
-/// (constant-time). Also turns a panic while handling one request into a 500 for it alone.
-pub async fn auth(State(s): State<Shared>, req: Request, next: Next) -> Response {
+/// Which `--api-key` a request presented (its position among the keys), set by [`auth`] on
+/// every request that needed one; `None` when the server has no key. Stored responses are
+/// scoped by it: one key cannot read another's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct KeyScope(pub Option<u64>);
+
+/// `Authorization: Bearer <key>` (or Anthropic's `x-api-key: <key>`) on every route but
+/// [`OPEN_ROUTES`] when an API key is set (constant-time); the key's position goes into the
+/// request as its [`KeyScope`]. Also turns a panic while handling one request into a 500 for
+/// it alone.
+pub async fn auth(State(s): State<Shared>, mut req: Request, next: Next) -> Response {
     use futures::FutureExt;
+    use subtle::ConditionallySelectable;
+    let mut scope = KeyScope(None);
     if !s.api_keys.is_empty() && !OPEN_ROUTES.contains(&req.uri().path()) {
-        let given = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|h| h.to_str().ok())
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .unwrap_or("");
+        let headers = req.headers();
+        let bearer = headers.get(header::AUTHORIZATION).and_then(|h| h.to_str().ok());
+        let given = match bearer {
+            Some(h) => h.strip_prefix("Bearer ").unwrap_or(""),
+            None => headers.get("x-api-key").and_then(|h| h.to_str().ok()).unwrap_or(""),
+        };
         // Every key is compared (constant time each), so timing tells nothing about which.
-        let ok = s.api_keys.iter().fold(false, |ok, key| ok | bool::from(given.as_bytes().ct_eq(key.as_bytes())));
-        if !ok {
-            return ApiError::unauthorized().into_response();
+        let (mut ok, mut index) = (subtle::Choice::from(0), 0u64);
+        for (i, key) in s.api_keys.iter().enumerate() {
+            let eq = given.as_bytes().ct_eq(key.as_bytes());
+            index.conditional_assign(&(i as u64), eq);
+            ok |= eq;
         }
+        if !bool::from(ok) {
+            return crate::error::for_path(req.uri().path(), ApiError::unauthorized());
+        }
+        scope = KeyScope(Some(index));
     }
+    req.extensions_mut().insert(scope);
     use tracing::Instrument;
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
     let started = std::time::Instant::now();
@@ -183,7 +217,10 @@ pub async fn auth(State(s): State<Shared>, req: Request, next: Next) -> Response
     let span = tracing::info_span!("http", %method, %path);
     let response = match std::panic::AssertUnwindSafe(next.run(req).instrument(span.clone())).catch_unwind().await {
         Ok(r) => r,
-        Err(_) => ApiError::internal("the request failed unexpectedly (a bug, reported in the log)").into_response(),
+        Err(_) => crate::error::for_path(
+            &path,
+            ApiError::internal("the request failed unexpectedly (a bug, reported in the log)"),
+        ),
     };
     let (status, ms) = (response.status().as_u16(), started.elapsed().as_millis() as u64);
     if response.status().is_server_error() {

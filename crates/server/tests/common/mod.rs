@@ -108,8 +108,9 @@ pub async fn wait_idle(c: &Client, base: &str, within: Duration) {
     }
 }
 
-/// Runs `tests/<script>` with the official `openai` client's Python (`.venv`, made by
-/// `cargo xtask test`) and `args`; panics with its output unless it succeeds. Returns the output.
+/// Runs `tests/<script>` with the Python of the official `openai` and `anthropic` clients
+/// (`.venv`, made by `cargo xtask test`) and `args`; panics with its output unless it succeeds.
+/// Returns the output.
 pub fn openai_script(script: &str, args: &[&str]) -> String {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
     let python = format!("{root}/.venv/bin/python");
