@@ -2,7 +2,9 @@
 //! - `auto` with each `--tool-call-parser`: the model is made to write a fixture in that
 //!   family's real format (forced with a one-choice `structured_outputs`), and the response
 //!   carries the parsed `tool_calls` (ids, `finish_reason: "tool_calls"`), streamed and not,
-//!   read with reqwest and with the official `openai` client;
+//!   read with reqwest and with the official `openai` client; streamed, each call's name comes
+//!   first and its arguments in several chunks as they are generated, assembling to the same
+//!   text as the non-streamed call's;
 //! - `required` and a named function, enforced by guided decoding: the arguments parse and
 //!   have the schema's required fields;
 //! - a full loop: the call, the tool's result as a `tool` message, a final answer; sent back
@@ -24,11 +26,23 @@ fn weather_tool() -> Value {
                        "required": ["city"], "additionalProperties": false}}}])
 }
 
-/// A streamed chat response's tool calls, assembled from their deltas as OpenAI clients do.
+/// A streamed chat response's tool calls, assembled from their deltas as OpenAI clients do,
+/// with the number of argument fragments each call came in; checks each call's first delta
+/// carries its id, type and name with empty arguments, and the later ones only fragments.
 async fn streamed_calls(c: &reqwest::Client, url: &str, body: Value) -> (Vec<(String, String)>, String, String) {
+    let (calls, content, finish, _) = streamed_calls_counted(c, url, body).await;
+    (calls, content, finish)
+}
+
+async fn streamed_calls_counted(
+    c: &reqwest::Client,
+    url: &str,
+    body: Value,
+) -> (Vec<(String, String)>, String, String, Vec<usize>) {
     let text = c.post(url).json(&body).send().await.unwrap().text().await.unwrap();
     let (mut calls, mut content, mut finish): (Vec<(String, String)>, String, String) =
         (Vec::new(), String::new(), String::new());
+    let mut fragments = Vec::new();
     for v in common::sse_chunks(&text) {
         for ch in v["choices"].as_array().unwrap() {
             let d = &ch["delta"];
@@ -38,18 +52,25 @@ async fn streamed_calls(c: &reqwest::Client, url: &str, body: Value) -> (Vec<(St
             for tc in d["tool_calls"].as_array().into_iter().flatten() {
                 let i = tc["index"].as_u64().unwrap() as usize;
                 if calls.len() <= i {
-                    calls.resize(i + 1, Default::default());
+                    // A call's first delta: id, type, name, no arguments yet.
+                    assert_eq!(calls.len(), i, "{tc}");
+                    assert!(tc["id"].as_str().is_some_and(|id| !id.is_empty()), "{tc}");
+                    assert_eq!(tc["type"], "function", "{tc}");
+                    assert_eq!(tc["function"]["arguments"], "", "{tc}");
+                    calls.push((tc["function"]["name"].as_str().unwrap().to_string(), String::new()));
+                    fragments.push(0);
+                    continue;
                 }
-                assert!(tc["id"].as_str().is_some_and(|id| !id.is_empty()), "{tc}");
-                calls[i].0.push_str(tc["function"]["name"].as_str().unwrap_or(""));
-                calls[i].1.push_str(tc["function"]["arguments"].as_str().unwrap_or(""));
+                assert!(tc.get("id").is_none() && tc["function"].get("name").is_none(), "{tc}");
+                calls[i].1.push_str(tc["function"]["arguments"].as_str().unwrap());
+                fragments[i] += 1;
             }
             if let Some(f) = ch["finish_reason"].as_str() {
                 finish = f.to_string();
             }
         }
     }
-    (calls, content, finish)
+    (calls, content, finish, fragments)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -82,12 +103,15 @@ async fn every_parser_reads_its_format_streamed_and_not() {
         assert!(choice["message"]["content"].is_null(), "{parser}: {v}");
         let mut stream = body.clone();
         stream["stream"] = json!(true);
-        let (scalls, content, finish) = streamed_calls(&c, &url, stream).await;
+        let (scalls, content, finish, fragments) = streamed_calls_counted(&c, &url, stream).await;
         assert_eq!(finish, "tool_calls", "{parser}");
         assert_eq!(content, "", "{parser}");
         assert_eq!(scalls.len(), 1, "{parser}");
         assert_eq!(scalls[0].0, "get_weather");
-        assert_eq!(serde_json::from_str::<Value>(&scalls[0].1).unwrap(), json!({"city": "Paris"}), "{parser}");
+        // The arguments came as they were generated, in several chunks, and assemble to the
+        // very text of the non-streamed call.
+        assert!(fragments[0] > 1, "{parser}: the arguments came in {} chunk(s)", fragments[0]);
+        assert_eq!(scalls[0].1, calls[0]["function"]["arguments"].as_str().unwrap(), "{parser}");
         // The official openai client reads the same calls, streamed and not.
         common::openai_script("openai_tools.py", &[&server.base, common::KEY, fixture]);
     }
