@@ -383,13 +383,11 @@ pub(super) struct CallsReader {
     list_depth: Option<usize>,
     call: Option<Call>,
     toks: Vec<(Tok, usize)>,
-    /// An item or value that is not a call was found: the text is not calls.
-    pub(super) invalid: bool,
 }
 
 impl CallsReader {
     pub(super) fn new(shape: Shape) -> Self {
-        Self { lexer: Lexer::new(), shape, list_depth: None, call: None, toks: Vec::new(), invalid: false }
+        Self { lexer: Lexer::new(), shape, list_depth: None, call: None, toks: Vec::new() }
     }
 
     /// Whether the whole value is read.
@@ -404,9 +402,6 @@ impl CallsReader {
         let toks = std::mem::take(&mut self.toks);
         let r = toks.iter().try_for_each(|(t, d)| self.token(t, *d, out));
         self.toks = toks;
-        if r.is_err() {
-            self.invalid = true;
-        }
         r
     }
 
