@@ -114,12 +114,9 @@ pub struct ChatMessage {
 }
 
 /// One tool call in a response: `{"id", "type": "function", "function": {"name",
-/// "arguments"}}`, with its position among the choice's calls when streamed.
+/// "arguments"}}` (streamed: [`ToolCallDelta`]s).
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ToolCallOut {
-    /// The call's position in the choice (streamed deltas only).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub index: Option<usize>,
     pub id: String,
     /// `function`.
     #[serde(rename = "type")]
@@ -202,6 +199,28 @@ pub struct CompletionChunk {
     pub usage: Option<Usage>,
 }
 
+/// A streamed piece of a tool call: its first carries `id`, `type` and the function's `name`
+/// (with `arguments: ""`), the next ones only argument fragments (OpenAI's and vLLM's chunks).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ToolCallDelta {
+    /// The call's position in the choice.
+    pub index: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// `function`, in the call's first piece.
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<&'static str>,
+    pub function: FunctionCallDelta,
+}
+
+/// A tool call piece's function: the name in the first, then argument fragments.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct FunctionCallDelta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub arguments: String,
+}
+
 /// What a chat chunk adds to its choice's message.
 #[derive(Debug, Clone, Default, Serialize, ToSchema)]
 pub struct ChatDelta {
@@ -217,7 +236,7 @@ pub struct ChatDelta {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reasoning_content: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub tool_calls: Vec<ToolCallOut>,
+    pub tool_calls: Vec<ToolCallDelta>,
 }
 
 /// One streamed choice of a chat completion.

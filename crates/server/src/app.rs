@@ -120,6 +120,20 @@ pub(crate) async fn build_state(
     if runtime_lora_updates {
         tracing::warn!("VLLM_ALLOW_RUNTIME_LORA_UPDATING: LoRA adapters may be loaded and unloaded by requests");
     }
+    let content_format = args.chat_template_content_format.forced();
+    if let Some(tpl) = engine.as_ref().and_then(|e| e.tokenizer().chat_template_for(chat_template.as_deref()).ok()) {
+        let detected = tpl.content_format().as_str();
+        match content_format {
+            None => tracing::info!(
+                "the chat template's content format is '{detected}' (detected; --chat-template-content-format overrides it)"
+            ),
+            Some(f) if f.as_str() != detected => tracing::warn!(
+                "--chat-template-content-format {} differs from the format detected in the chat template ('{detected}')",
+                f.as_str()
+            ),
+            Some(_) => {}
+        }
+    }
     Ok(Arc::new(AppState {
         engine,
         embedder,
@@ -127,6 +141,7 @@ pub(crate) async fn build_state(
         model_names,
         api_keys: args.api_key.clone(),
         chat_template,
+        content_format,
         metrics,
         next_id: AtomicU64::new(0),
         tool_parser,

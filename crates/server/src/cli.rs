@@ -22,6 +22,29 @@ pub(crate) struct Cli {
     pub serve: ServeArgs,
 }
 
+/// `--chat-template-content-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum ContentFormatArg {
+    /// Detected from the template, as vLLM detects it.
+    #[default]
+    Auto,
+    /// One string per message (text parts joined with newlines).
+    String,
+    /// OpenAI's list of `{"type": "text", "text"}` parts per message.
+    Openai,
+}
+
+impl ContentFormatArg {
+    /// The forced format (`None`: each template's own).
+    pub fn forced(self) -> Option<vllm_tokenizer::ContentFormat> {
+        match self {
+            Self::Auto => None,
+            Self::String => Some(vllm_tokenizer::ContentFormat::String),
+            Self::Openai => Some(vllm_tokenizer::ContentFormat::OpenAi),
+        }
+    }
+}
+
 #[derive(Subcommand)]
 #[allow(clippy::large_enum_variant)] // parsed once, at start-up
 pub(crate) enum Command {
@@ -161,6 +184,11 @@ pub(crate) struct ServeArgs {
     /// Chat template: a file path or the template text (overrides the model's).
     #[arg(long)]
     pub chat_template: Option<String>,
+    /// How message content is given to the chat template (vLLM's flag): `auto` detects it
+    /// from the template (one that loops over a message's content gets OpenAI's list of
+    /// parts, any other one string), `string` or `openai` forces one.
+    #[arg(long, value_enum, ignore_case = true, default_value = "auto")]
+    pub chat_template_content_format: ContentFormatArg,
     /// Reuse cached prompt prefixes: on by default (`--no-enable-prefix-caching` turns it off;
     /// of the two, the last given wins).
     #[arg(long = "enable-prefix-caching", overrides_with = "enable_prefix_caching")]

@@ -3,19 +3,14 @@
 //! fed at once, then finished), so both protocols split outputs exactly as chat does.
 //!
 //! What a piece of text is follows the chat request's [`Render`]: `--reasoning-parser`'s split
-//! first, then the tool mode's (`Tools`): plain text streams as it comes; with a parser, text
-//! before the format's call tag streams and the rest is held; with a forced choice
-//! (`required`, named) all of it is held. Held text is read once the output ends, and each call
-//! is given as one [`Piece::CallStart`] and one [`Piece::CallArgs`] holding all its arguments.
-//! Whitespace before a call is not text.
-//!
-//! Incremental tool-call arguments (issue #32, item 5) plug in at [`Pieces::calls`]: a parser
-//! that reads calls as they are generated gives a `CallStart` once a call's name is known and a
-//! `CallArgs` per argument fragment from [`Pieces::feed`]; the renderers already handle any
-//! number of `CallArgs` per call.
+//! first, then the tool mode's (`Tools`). Streamed, the tool mode's incremental reader
+//! (`Tools::stream`, the one chat's stream uses) gives text as soon as it cannot be a call, a
+//! [`Piece::CallStart`] once a call's name is complete and a [`Piece::CallArgs`] per argument
+//! fragment as generated. A whole output is read as chat's non-streamed response reads it.
 
 use crate::reasoning::Splitter;
-use crate::render::{partial_tail, Render, Tools};
+use crate::render::{Render, Tools};
+use crate::tools::{ToolStream, ToolStreamEvent};
 
 /// One piece of an output, in the order generated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,32 +28,41 @@ pub(crate) enum Piece {
 /// One output's split, fed as it streams.
 pub(crate) struct Pieces {
     tools: Tools,
+    /// The tool mode's incremental reader (streaming; `None` without tools or for a whole
+    /// output).
+    stream: Option<Box<dyn ToolStream>>,
     reasoning: Option<Splitter>,
     include_reasoning: bool,
-    /// Text withheld while it may hold tool calls.
+    /// A whole output's answer text, read at the end as chat's non-streamed response reads it.
     held: String,
-    /// The format's call tag was seen: everything from it on is held.
-    in_call: bool,
+    /// Whole-output mode ([`Pieces::split_all`]).
+    whole: bool,
     /// Calls given so far.
     calls: usize,
+    /// Whitespace the tool reader gave as text, held until text follows (before a call, or
+    /// at the end of an output with calls, it is not part of the answer).
+    pending_ws: String,
 }
 
 impl Pieces {
-    /// A split for one output of a chat request rendered by `render`.
+    /// A split for one streamed output of a chat request rendered by `render`.
     pub(crate) fn new(render: &Render) -> Self {
         Self {
             tools: render.tools.clone(),
+            stream: render.tools.stream(),
             reasoning: render.reasoning.clone(),
             include_reasoning: render.include_reasoning,
             held: String::new(),
-            in_call: false,
+            whole: false,
             calls: 0,
+            pending_ws: String::new(),
         }
     }
 
-    /// A whole output, split at once (the same pieces as streaming it would give).
+    /// A whole output, split at once: its calls read as chat's non-streamed response reads
+    /// them (streaming gives the same calls, argument fragments concatenated).
     pub(crate) fn split_all(render: &Render, text: &str) -> Vec<Piece> {
-        let mut p = Self::new(render);
+        let mut p = Self { stream: None, whole: true, ..Self::new(render) };
         let mut out = p.feed(text);
         out.extend(p.finish());
         out
@@ -91,50 +95,64 @@ impl Pieces {
             }
             self.content(rest.content, &mut out);
         }
+        if let Some(stream) = self.stream.as_mut() {
+            let events = stream.finish();
+            self.events(events, &mut out);
+        }
+        let ws = std::mem::take(&mut self.pending_ws);
+        if self.calls == 0 && !ws.is_empty() {
+            out.push(Piece::Text(ws));
+        }
         let held = std::mem::take(&mut self.held);
-        if self.tools.buffers() && !held.is_empty() {
+        if self.whole && !held.is_empty() {
             self.calls(&held, &mut out);
         }
         out
     }
 
-    /// Answer text: given at once without tools; with them, held from the call tag on (all of
-    /// it, for formats without a tag and forced choices).
+    /// Answer text: given at once without tools; with them, through the tool mode's reader
+    /// (streaming) or held whole.
     fn content(&mut self, text: String, out: &mut Vec<Piece>) {
-        if !self.tools.buffers() {
-            if !text.is_empty() {
-                out.push(Piece::Text(text));
-            }
+        if self.whole && !matches!(self.tools, Tools::Off) {
+            self.held.push_str(&text);
             return;
         }
-        self.held.push_str(&text);
-        let marker = match &self.tools {
-            Tools::Parse(p) => p.start_marker(),
-            _ => None,
-        };
-        if let (Some(m), false) = (marker, self.in_call) {
-            let cut = match self.held.find(m) {
-                Some(at) => {
-                    self.in_call = true;
-                    at
+        match self.stream.as_mut() {
+            Some(stream) => {
+                let events = stream.feed(&text);
+                self.events(events, out);
+            }
+            None if !text.is_empty() => out.push(Piece::Text(text)),
+            None => {}
+        }
+    }
+
+    /// A tool reader's events as pieces (a call's end is implied by what follows).
+    fn events(&mut self, events: Vec<ToolStreamEvent>, out: &mut Vec<Piece>) {
+        for e in events {
+            match e {
+                ToolStreamEvent::Content(t) if t.trim().is_empty() => self.pending_ws.push_str(&t),
+                ToolStreamEvent::Content(t) => {
+                    let ws = std::mem::take(&mut self.pending_ws);
+                    out.push(Piece::Text(ws + &t));
                 }
-                None => self.held.len() - partial_tail(&self.held, m),
-            };
-            // Trailing whitespace waits: before a call it is not part of the answer.
-            let cut = self.held[..cut].trim_end().len();
-            if cut > 0 {
-                out.push(Piece::Text(self.held.drain(..cut).collect()));
+                ToolStreamEvent::End { .. } => {}
+                ToolStreamEvent::Start { index, name } => {
+                    self.pending_ws.clear();
+                    self.calls += 1;
+                    out.push(Piece::CallStart { index, name });
+                }
+                ToolStreamEvent::Arguments { index, fragment } => out.push(Piece::CallArgs { index, delta: fragment }),
             }
         }
     }
 
-    /// The seam for incremental tool-call events: today the held text is read once it is
-    /// complete, and each call goes out as its name and then all of its arguments in one
-    /// fragment (text outside the calls, or an output the mode could not read as calls, as
-    /// text).
+    /// A whole output's held text read as chat's non-streamed response reads it: each call as
+    /// its name and all of its arguments (text outside the calls, or an output the mode could
+    /// not read as calls, as text).
     fn calls(&mut self, held: &str, out: &mut Vec<Piece>) {
         let (content, calls) = self.tools.split(held, "");
-        if let Some(c) = content.filter(|c| !c.is_empty()) {
+        if let Some(c) = content.filter(|c| !c.trim().is_empty()) {
             out.push(Piece::Text(c));
         }
         for call in calls {
@@ -242,10 +260,13 @@ mod tests {
         let pieces = both(&r, "[{\"name\": \"f\", \"parameters\": {}}, {\"name\": \"g\", \"parameters\": {\"y\": 1}}]");
         assert_eq!(pieces.len(), 4);
         assert_eq!(pieces[2], Piece::CallStart { index: 1, name: "g".into() });
-        // Cut short: the text is given as text, never a broken call.
-        assert_eq!(
-            both(&Render { ..render(Tools::Named("f".into())) }, "{\"x\": "),
-            vec![Piece::Text("{\"x\": ".into())]
-        );
+        // Cut short (max_tokens): whole, the text is given as text; streamed, what was
+        // generated of the call has gone out (as vLLM streams it).
+        let r = render(Tools::Named("f".into()));
+        assert_eq!(Pieces::split_all(&r, "{\"x\": "), vec![Piece::Text("{\"x\": ".into())]);
+        let mut p = Pieces::new(&r);
+        let mut streamed = p.feed("{\"x\": ");
+        streamed.extend(p.finish());
+        assert_eq!(streamed[0], Piece::CallStart { index: 0, name: "f".into() });
     }
 }

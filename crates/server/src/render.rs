@@ -14,11 +14,13 @@ use vllm_engine::{CompletionOutput, Logprob, OutputStream, PositionLogprobs, Req
 
 use crate::api::{
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse, ChatDelta, ChatMessage, CompletionChoice,
-    CompletionChunk, CompletionChunkChoice, CompletionResponse, FunctionCallOut, GenerateResponse, ToolCallOut, Usage,
+    CompletionChunk, CompletionChunkChoice, CompletionResponse, FunctionCallDelta, FunctionCallOut, GenerateResponse,
+    ToolCallDelta, ToolCallOut, Usage,
 };
 use crate::error::ApiError;
 use crate::protocol::StreamOptions;
 use crate::routes::now;
+use crate::tools::{ToolStream, ToolStreamEvent};
 
 pub(crate) fn usage(outs: &[RequestOutput]) -> Usage {
     let p: usize = outs.iter().map(|o| o.prompt_token_ids.len()).sum();
@@ -72,16 +74,13 @@ pub(crate) enum Tools {
 }
 
 impl Tools {
-    /// Whether text is withheld while streaming and sent once the choice ends.
-    pub(crate) fn buffers(&self) -> bool {
-        !matches!(self, Tools::Off)
-    }
-
-    /// While streaming, the tag that starts the calls: text before it goes out as it comes.
-    fn marker(&self) -> Option<&'static str> {
+    /// The incremental reader of one streamed choice's calls (`None`: plain text).
+    pub(crate) fn stream(&self) -> Option<Box<dyn ToolStream>> {
         match self {
-            Tools::Parse(p) => p.start_marker(),
-            _ => None,
+            Tools::Off => None,
+            Tools::Parse(p) => Some(p.stream()),
+            Tools::Named(name) => Some(crate::tools::named_stream(name)),
+            Tools::Required => Some(crate::tools::required_stream()),
         }
     }
 
@@ -119,14 +118,46 @@ impl Tools {
             .iter()
             .enumerate()
             .map(|(k, c)| ToolCallOut {
-                index: None,
-                id: format!("chatcmpl-tool-{id}-{k}"),
+                id: tool_call_id(id, k),
                 kind: "function".into(),
                 function: FunctionCallOut { name: c.name.clone(), arguments: c.arguments.clone() },
             })
             .collect();
         (parsed.content, calls)
     }
+}
+
+/// The id of a choice's `k`th call (`choice`: the response id and the choice's index).
+fn tool_call_id(choice: &str, k: usize) -> String {
+    format!("chatcmpl-tool-{choice}-{k}")
+}
+
+/// A streamed choice's tool-call events as chat deltas: content as content; a call's start
+/// with its id, type and name (arguments `""`), then its argument fragments, as vLLM sends
+/// them.
+fn tool_deltas(events: Vec<ToolStreamEvent>, choice: &str) -> Vec<ChatDelta> {
+    events
+        .into_iter()
+        .filter_map(|e| {
+            let call = |index, id: Option<String>, name: Option<String>, arguments: String| ChatDelta {
+                tool_calls: vec![ToolCallDelta {
+                    index,
+                    kind: id.as_ref().map(|_| "function"),
+                    id,
+                    function: FunctionCallDelta { name, arguments },
+                }],
+                ..Default::default()
+            };
+            match e {
+                ToolStreamEvent::Content(c) => Some(ChatDelta { content: Some(c), ..Default::default() }),
+                ToolStreamEvent::Start { index, name } => {
+                    Some(call(index, Some(tool_call_id(choice, index)), Some(name), String::new()))
+                }
+                ToolStreamEvent::Arguments { index, fragment } => Some(call(index, None, None, fragment)),
+                ToolStreamEvent::End { .. } => None,
+            }
+        })
+        .collect()
 }
 
 /// OpenAI's completions `logprobs` object for a run of positions; `offset` is the text offset
@@ -299,15 +330,16 @@ pub(crate) fn full_response(model: &str, render: &Render, id: &str, outs: &[Requ
     }
 }
 
-/// Per streamed choice: characters already sent, whether its first chunk went out, and the
-/// text held back while tool calls may be in it.
-#[derive(Clone, Default)]
+/// Per streamed choice: characters already sent, whether its first chunk went out, and its
+/// readers of reasoning and tool calls.
+#[derive(Default)]
 struct Sent {
     chars: usize,
     started: bool,
-    held: String,
-    /// The call tag was seen: everything from it on is held.
-    in_call: bool,
+    /// The tool-call reader (a chat request with tools).
+    tools: Option<Box<dyn ToolStream>>,
+    /// Calls started.
+    calls: usize,
     /// The reasoning split, with `--reasoning-parser`.
     reasoning: Option<crate::reasoning::Splitter>,
 }
@@ -446,7 +478,9 @@ fn sse(render: Render, chunker: Chunker, streams: Vec<OutputStream>, options: St
         }
         let mut merged =
             select_all(streams.into_iter().enumerate().map(|(i, rx)| rx.into_stream().map(move |o| (i, o)).boxed()));
-        let mut sent = vec![Sent { reasoning: render.reasoning.clone(), ..Sent::default() }; num_prompts * n];
+        let mut sent: Vec<Sent> = (0..num_prompts * n)
+            .map(|_| Sent { reasoning: render.reasoning.clone(), tools: render.tools.stream(), ..Sent::default() })
+            .collect();
         let (mut prompt_tokens, mut completion_tokens, mut cached) = (0, 0, 0);
         while let Some((i, res)) = merged.next().await {
             let o = match res {
@@ -493,43 +527,28 @@ fn sse(render: Render, chunker: Chunker, streams: Vec<OutputStream>, options: St
                     }
                     delta = format!("{echo}{}", split.content);
                 }
-                if render.tools.buffers() {
-                    // Tool calls are read from the text once the choice ends: content before the
-                    // format's call tag streams as it comes (less any tail that could begin the
-                    // tag); from the tag on (or all of it, for formats without one) the text is
-                    // held, then sent as content and OpenAI-shaped tool-call deltas.
-                    st.held.push_str(&delta);
-                    if let (Some(m), false) = (render.tools.marker(), st.in_call) {
-                        let cut = match st.held.find(m) {
-                            Some(at) => {
-                                st.in_call = true;
-                                at
-                            }
-                            None => st.held.len() - partial_tail(&st.held, m),
-                        };
-                        if cut > 0 {
-                            let out: String = st.held.drain(..cut).collect();
-                            let d = ChatDelta { content: Some(out), ..Default::default() };
-                            if tx.send(emit(chat_choice(k, d, None, None))).await.is_err() {
-                                return;
-                            }
+                if let Some(reader) = st.tools.as_mut() {
+                    // Tool calls are read as the text comes (`tools::ToolStream`): text that
+                    // cannot be part of a call goes out as content, a call as its name, then
+                    // its argument fragments.
+                    let mut events = reader.feed(&delta);
+                    if c.finished() {
+                        events.extend(reader.finish());
+                    }
+                    st.calls += events.iter().filter(|e| matches!(e, ToolStreamEvent::Start { .. })).count();
+                    for d in tool_deltas(events, &format!("{}-{k}", chunker.id)) {
+                        if tx.send(emit(chat_choice(k, d, None, None))).await.is_err() {
+                            return;
                         }
                     }
                     if c.finished() {
-                        let (content, calls) = render.tools.split(&st.held, &format!("{}-{k}", chunker.id));
-                        let tool_calls: Vec<ToolCallOut> = calls
-                            .into_iter()
-                            .enumerate()
-                            .map(|(x, call)| ToolCallOut { index: Some(x), ..call })
-                            .collect();
-                        let reason = if tool_calls.is_empty() {
+                        let reason = if st.calls == 0 {
                             c.finish_reason.map(|r| r.as_str().to_string())
                         } else {
                             Some("tool_calls".to_string())
                         };
-                        let d = ChatDelta { content, tool_calls, ..Default::default() };
                         let stop = c.stop_reason.as_ref().map(|r| json!(r));
-                        if tx.send(emit(chat_choice(k, d, reason, stop))).await.is_err() {
+                        if tx.send(emit(chat_choice(k, ChatDelta::default(), reason, stop))).await.is_err() {
                             return;
                         }
                     }

@@ -258,12 +258,13 @@ pub async fn tokenize(
             let text = match (&req.prompt, &req.messages) {
                 (Some(p), None) => p.clone(),
                 (None, Some(m)) => {
-                    let msgs = validate::chat::normalize_messages(m)?;
+                    validate::chat::check_messages(m)?;
                     validate::chat::render_conversation(
                         tok,
                         state.chat_template.as_deref(),
+                        state.content_format,
                         &TemplateRequest {
-                            messages: &msgs,
+                            messages: m,
                             add_generation_prompt: req.add_generation_prompt,
                             ..Default::default()
                         },

@@ -29,6 +29,8 @@ pub struct AppState {
     /// `--api-key`s (any one of them is accepted); empty: no key needed.
     pub api_keys: Vec<String>,
     pub chat_template: Option<String>,
+    /// `--chat-template-content-format string|openai` (`None`: detected per template).
+    pub content_format: Option<vllm_tokenizer::ContentFormat>,
     pub metrics: Option<PrometheusHandle>,
     pub next_id: AtomicU64,
     /// `--enable-auto-tool-choice --tool-call-parser <name>`: how `auto` tool calls are read.

@@ -2,10 +2,16 @@
 //! - `auto` with each `--tool-call-parser`: the model is made to write a fixture in that
 //!   family's real format (forced with a one-choice `structured_outputs`), and the response
 //!   carries the parsed `tool_calls` (ids, `finish_reason: "tool_calls"`), streamed and not,
-//!   read with reqwest and with the official `openai` client;
+//!   read with reqwest and with the official `openai` client; streamed, each call's name comes
+//!   first and its arguments in several chunks as they are generated, assembling to the same
+//!   text as the non-streamed call's;
 //! - `required` and a named function, enforced by guided decoding: the arguments parse and
 //!   have the schema's required fields;
-//! - a full loop: the call, the tool's result as a `tool` message, a final answer;
+//! - a full loop: the call, the tool's result as a `tool` message, a final answer; sent back
+//!   as agent frameworks do (assistant `content: null`, `arguments` a JSON string) on the
+//!   default model's template with the official `openai` client, and on every template of
+//!   fixtures/tool_loop.json (both content formats, forced either way by
+//!   `--chat-template-content-format`);
 //! - `auto` on a server without a parser is a 400 naming `tool_choice`.
 
 mod common;
@@ -20,11 +26,23 @@ fn weather_tool() -> Value {
                        "required": ["city"], "additionalProperties": false}}}])
 }
 
-/// A streamed chat response's tool calls, assembled from their deltas as OpenAI clients do.
+/// A streamed chat response's tool calls, assembled from their deltas as OpenAI clients do,
+/// with the number of argument fragments each call came in; checks each call's first delta
+/// carries its id, type and name with empty arguments, and the later ones only fragments.
 async fn streamed_calls(c: &reqwest::Client, url: &str, body: Value) -> (Vec<(String, String)>, String, String) {
+    let (calls, content, finish, _) = streamed_calls_counted(c, url, body).await;
+    (calls, content, finish)
+}
+
+async fn streamed_calls_counted(
+    c: &reqwest::Client,
+    url: &str,
+    body: Value,
+) -> (Vec<(String, String)>, String, String, Vec<usize>) {
     let text = c.post(url).json(&body).send().await.unwrap().text().await.unwrap();
     let (mut calls, mut content, mut finish): (Vec<(String, String)>, String, String) =
         (Vec::new(), String::new(), String::new());
+    let mut fragments = Vec::new();
     for v in common::sse_chunks(&text) {
         for ch in v["choices"].as_array().unwrap() {
             let d = &ch["delta"];
@@ -34,18 +52,25 @@ async fn streamed_calls(c: &reqwest::Client, url: &str, body: Value) -> (Vec<(St
             for tc in d["tool_calls"].as_array().into_iter().flatten() {
                 let i = tc["index"].as_u64().unwrap() as usize;
                 if calls.len() <= i {
-                    calls.resize(i + 1, Default::default());
+                    // A call's first delta: id, type, name, no arguments yet.
+                    assert_eq!(calls.len(), i, "{tc}");
+                    assert!(tc["id"].as_str().is_some_and(|id| !id.is_empty()), "{tc}");
+                    assert_eq!(tc["type"], "function", "{tc}");
+                    assert_eq!(tc["function"]["arguments"], "", "{tc}");
+                    calls.push((tc["function"]["name"].as_str().unwrap().to_string(), String::new()));
+                    fragments.push(0);
+                    continue;
                 }
-                assert!(tc["id"].as_str().is_some_and(|id| !id.is_empty()), "{tc}");
-                calls[i].0.push_str(tc["function"]["name"].as_str().unwrap_or(""));
-                calls[i].1.push_str(tc["function"]["arguments"].as_str().unwrap_or(""));
+                assert!(tc.get("id").is_none() && tc["function"].get("name").is_none(), "{tc}");
+                calls[i].1.push_str(tc["function"]["arguments"].as_str().unwrap());
+                fragments[i] += 1;
             }
             if let Some(f) = ch["finish_reason"].as_str() {
                 finish = f.to_string();
             }
         }
     }
-    (calls, content, finish)
+    (calls, content, finish, fragments)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -78,12 +103,15 @@ async fn every_parser_reads_its_format_streamed_and_not() {
         assert!(choice["message"]["content"].is_null(), "{parser}: {v}");
         let mut stream = body.clone();
         stream["stream"] = json!(true);
-        let (scalls, content, finish) = streamed_calls(&c, &url, stream).await;
+        let (scalls, content, finish, fragments) = streamed_calls_counted(&c, &url, stream).await;
         assert_eq!(finish, "tool_calls", "{parser}");
         assert_eq!(content, "", "{parser}");
         assert_eq!(scalls.len(), 1, "{parser}");
         assert_eq!(scalls[0].0, "get_weather");
-        assert_eq!(serde_json::from_str::<Value>(&scalls[0].1).unwrap(), json!({"city": "Paris"}), "{parser}");
+        // The arguments came as they were generated, in several chunks, and assemble to the
+        // very text of the non-streamed call.
+        assert!(fragments[0] > 1, "{parser}: the arguments came in {} chunk(s)", fragments[0]);
+        assert_eq!(scalls[0].1, calls[0]["function"]["arguments"].as_str().unwrap(), "{parser}");
         // The official openai client reads the same calls, streamed and not.
         common::openai_script("openai_tools.py", &[&server.base, common::KEY, fixture]);
     }
@@ -168,4 +196,70 @@ async fn required_and_named_tool_choice_are_enforced_and_the_loop_closes() {
         assert_eq!(s, StatusCode::BAD_REQUEST, "{choice}: {v}");
         assert_eq!(v["error"]["param"], "tool_choice", "{v}");
     }
+}
+
+/// The loop of fixtures/tool_loop.json as a client sends it: the assistant's call with
+/// `content: null` and string arguments, then the tool's result.
+fn agent_loop() -> Value {
+    json!([{"role": "user", "content": "What is the weather in Paris?"},
+        {"role": "assistant", "content": null, "refusal": null, "tool_calls": [{"id": "call12345", "type": "function",
+            "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+        {"role": "tool", "tool_call_id": "call12345", "content": [{"type": "text", "text": "{\"temperature\": 21}"}]}])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_loop_closes_on_the_default_model_and_every_fixture_template() {
+    let server = start(&["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]).await;
+    let (c, url) = (client(), format!("{}/v1/chat/completions", server.base));
+    // The default model's own (ChatML) template: the reported 400 ("tried to use + operator on
+    // unsupported types string and none") is a 200 with an answer.
+    let body = json!({"messages": agent_loop(), "tools": weather_tool(), "max_tokens": 8});
+    let (s, v) = post(&c, &url, body).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert!(v["choices"][0]["message"]["content"].as_str().is_some_and(|t| !t.is_empty()), "{v}");
+    // The official client, its assistant message sent back as `model_dump()` gives it.
+    common::openai_script("openai_tool_loop.py", &[&server.base, common::KEY]);
+    // Every template of the fixtures, each in the content format it reads.
+    let fx: Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/tool_loop.json")).unwrap(),
+    )
+    .unwrap();
+    let mut answered = 0;
+    for (name, source) in fx["sources"].as_object().unwrap() {
+        let body = json!({"messages": agent_loop(), "tools": weather_tool(), "max_tokens": 2, "ignore_eos": true,
+            "chat_template": source});
+        let (s, v) = post(&c, &url, body).await;
+        if name == "devstral-small" {
+            // Its template indexes the first part of the assistant's content, which a null
+            // content does not have: vLLM's rendering fails the same way.
+            assert_eq!(s, StatusCode::BAD_REQUEST, "{name}: {v}");
+            assert_eq!(v["error"]["param"], "messages", "{v}");
+            continue;
+        }
+        assert_eq!(s, StatusCode::OK, "{name}: {v}");
+        assert_eq!(v["usage"]["completion_tokens"], 2, "{name}: {v}");
+        answered += 1;
+    }
+    assert_eq!(answered, 15);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_content_format_flag_forces_one_shape() {
+    // A template that prints each message's content as the template receives it.
+    let echo = "{% for m in messages %}[{{ m.role }}:{{ m.content }}]{% endfor %}";
+    let parts = json!([{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+        {"role": "assistant", "content": null}]);
+    let mut seen = Vec::new();
+    for flag in ["auto", "string", "openai"] {
+        let server = start(&["--chat-template", echo, "--chat-template-content-format", flag]).await;
+        let (c, url) = (client(), format!("{}/tokenize", server.base));
+        let (s, v) = post(&c, &url, json!({"messages": parts})).await;
+        assert_eq!(s, StatusCode::OK, "{flag}: {v}");
+        let (s, d) = post(&c, &format!("{}/detokenize", server.base), json!({"tokens": v["tokens"]})).await;
+        assert_eq!(s, StatusCode::OK, "{d}");
+        seen.push(d["prompt"].as_str().unwrap().to_string());
+    }
+    assert_eq!(seen[0], "[user:a\nb][assistant:]", "auto: the template reads strings");
+    assert_eq!(seen[1], seen[0]);
+    assert_eq!(seen[2], "[user:[{'type': 'text', 'text': 'a'}, {'type': 'text', 'text': 'b'}]][assistant:[]]");
 }

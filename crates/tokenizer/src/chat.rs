@@ -1,8 +1,17 @@
 //! Chat templates: the model's Jinja template rendered with `minijinja` the way Hugging Face
 //! `apply_chat_template` does (`trim_blocks`, `lstrip_blocks`, `raise_exception`, `tojson`,
-//! `strftime_now`, Python string methods through minijinja-contrib's pycompat).
+//! `strftime_now`, Python string methods through minijinja-contrib's pycompat), after the
+//! messages are normalized the way vLLM does (`messages.rs`) for the content format the
+//! template reads (`format.rs`).
+
+mod format;
+mod messages;
+
+pub use format::ContentFormat;
+pub use messages::normalize_messages;
 
 use minijinja::value::Kwargs;
+use minijinja::value::ValueKind;
 use minijinja::{Environment, ErrorKind, Value};
 use serde_json::Value as Json;
 
@@ -11,7 +20,8 @@ use crate::{Error, Result};
 /// What to render.
 #[derive(Debug, Clone, Default)]
 pub struct ChatRequest<'a> {
-    /// The conversation: a list of `{"role", "content", ...}` objects.
+    /// The conversation: a list of `{"role", "content", ...}` objects, as a client sent them
+    /// (normalized before rendering: see [`normalize_messages`]).
     pub messages: &'a [Json],
     /// Append the assistant turn's opening.
     pub add_generation_prompt: bool,
@@ -41,6 +51,7 @@ pub struct ChatTemplate {
     bos_token: String,
     eos_token: String,
     max_bytes: usize,
+    content_format: ContentFormat,
 }
 
 /// A writer that refuses to grow past its limit.
@@ -76,7 +87,21 @@ impl ChatTemplate {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.set_formatter(|out, state, value| match value.kind() {
+            // Jinja prints a list or a dict as Python's `str()` does.
+            ValueKind::Seq | ValueKind::Map => out.write_str(&python_repr(value)).map_err(minijinja::Error::from),
+            _ => minijinja::escape_formatter(out, state, value),
+        });
         env.add_filter("tojson", tojson);
+        // Jinja's `string` and `trim` turn a list or dict into Python's `str()` of it.
+        env.add_filter("string", |v: Value| if v.kind() == ValueKind::String { v } else { Value::from(py_str(&v)) });
+        env.add_filter("trim", |v: Value, chars: Option<String>| -> String {
+            let s = py_str(&v);
+            match chars {
+                Some(c) => s.trim_matches(|x| c.contains(x)).to_string(),
+                None => s.trim().to_string(),
+            }
+        });
         env.add_function("raise_exception", |msg: String| -> std::result::Result<Value, minijinja::Error> {
             Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
         });
@@ -91,6 +116,7 @@ impl ChatTemplate {
             bos_token: bos_token.unwrap_or_default(),
             eos_token: eos_token.unwrap_or_default(),
             max_bytes: MAX_RENDERED_BYTES,
+            content_format: ContentFormat::detect(source),
         })
     }
 
@@ -101,7 +127,20 @@ impl ChatTemplate {
         self
     }
 
-    /// Renders a conversation to the prompt text.
+    /// The content format messages are given in: detected from the source, unless set.
+    pub fn content_format(&self) -> ContentFormat {
+        self.content_format
+    }
+
+    /// Gives messages' content in `format` whatever the source reads
+    /// (`--chat-template-content-format string|openai`).
+    pub fn with_content_format(mut self, format: ContentFormat) -> Self {
+        self.content_format = format;
+        self
+    }
+
+    /// Renders a conversation to the prompt text: the messages normalized for the template's
+    /// content format (see [`normalize_messages`]), then the template run under its budgets.
     pub fn render(&self, req: &ChatRequest) -> Result<String> {
         if req.add_generation_prompt && req.continue_final_message {
             return Err(Error::Template("add_generation_prompt and continue_final_message cannot both be set".into()));
@@ -111,7 +150,9 @@ impl ChatTemplate {
         if let Some(kw) = req.kwargs {
             ctx.extend(kw.clone());
         }
-        ctx.insert("messages".into(), Json::Array(req.messages.to_vec()));
+        let messages = normalize_messages(req.messages, self.content_format)?;
+        let final_text = messages.last().and_then(|m| messages::final_text(m.get("content"))).map(str::to_string);
+        ctx.insert("messages".into(), Json::Array(messages));
         ctx.insert("add_generation_prompt".into(), Json::Bool(req.add_generation_prompt));
         ctx.insert("bos_token".into(), Json::String(self.bos_token.clone()));
         ctx.insert("eos_token".into(), Json::String(self.eos_token.clone()));
@@ -132,7 +173,7 @@ impl ChatTemplate {
         let mut text =
             String::from_utf8(out.buf).map_err(|_| Error::Template("the template wrote invalid UTF-8".into()))?;
         if req.continue_final_message {
-            let last = req.messages.last().and_then(|m| m.get("content")).and_then(|c| c.as_str()).unwrap_or("");
+            let last = final_text.as_deref().unwrap_or("");
             match text.rfind(last.trim()) {
                 Some(i) if !last.trim().is_empty() => text.truncate(i + last.trim().len()),
                 _ => {
@@ -143,6 +184,60 @@ impl ChatTemplate {
             }
         }
         Ok(text)
+    }
+}
+
+/// A value as Python's `str()` writes it: a string as is, a list or dict as its `repr`, other
+/// values as minijinja prints them.
+fn py_str(v: &Value) -> String {
+    match v.kind() {
+        ValueKind::String => v.as_str().unwrap_or_default().to_string(),
+        ValueKind::Seq | ValueKind::Map | ValueKind::None | ValueKind::Bool => python_repr(v),
+        ValueKind::Undefined => String::new(),
+        _ => v.to_string(),
+    }
+}
+
+/// A value as Python's `repr` writes it (lists, dicts, strings in quotes, `None`, `True`).
+fn python_repr(v: &Value) -> String {
+    match v.kind() {
+        ValueKind::None | ValueKind::Undefined => "None".into(),
+        ValueKind::Bool => if v.is_true() { "True" } else { "False" }.into(),
+        ValueKind::String => {
+            let s = v.as_str().unwrap_or_default();
+            let quote = if s.contains('\'') && !s.contains('"') { '"' } else { '\'' };
+            let mut out = String::from(quote);
+            for c in s.chars() {
+                match c {
+                    '\\' => out.push_str("\\\\"),
+                    '\n' => out.push_str("\\n"),
+                    '\r' => out.push_str("\\r"),
+                    '\t' => out.push_str("\\t"),
+                    c if c == quote => {
+                        out.push('\\');
+                        out.push(c);
+                    }
+                    c if (c as u32) < 0x20 || c as u32 == 0x7f => out.push_str(&format!("\\x{:02x}", c as u32)),
+                    c => out.push(c),
+                }
+            }
+            out.push(quote);
+            out
+        }
+        ValueKind::Seq => {
+            let items: Vec<String> = v.try_iter().into_iter().flatten().map(|x| python_repr(&x)).collect();
+            format!("[{}]", items.join(", "))
+        }
+        ValueKind::Map => {
+            let items: Vec<String> = v
+                .try_iter()
+                .into_iter()
+                .flatten()
+                .map(|k| format!("{}: {}", python_repr(&k), python_repr(&v.get_item(&k).unwrap_or_default())))
+                .collect();
+            format!("{{{}}}", items.join(", "))
+        }
+        _ => v.to_string(),
     }
 }
 
@@ -307,6 +402,25 @@ mod tests {
         let bad = [json!({"role": "system", "content": "x"})];
         let e = t.render(&ChatRequest { messages: &bad, ..Default::default() }).unwrap_err();
         assert!(e.to_string().contains("first must be user"));
+    }
+
+    #[test]
+    fn lists_and_dicts_print_as_python_does() {
+        let t = ChatTemplate::new("{{ messages[0]['content'] }}|{{ messages[0] }}", None, None).unwrap();
+        let msgs = [json!({"role": "user", "content": [{"type": "text", "text": "it's \"x\"\n"}]})];
+        let s = t.with_content_format(ContentFormat::OpenAi);
+        let got = s.render(&ChatRequest { messages: &msgs, ..Default::default() }).unwrap();
+        assert_eq!(
+            got,
+            "[{'type': 'text', 'text': 'it\\'s \"x\"\\n'}]|{'role': 'user', 'content': [{'type': 'text', 'text': 'it\\'s \"x\"\\n'}]}"
+        );
+        let t =
+            ChatTemplate::new("{{ messages[0]['content']|trim }}|{{ none|string }}|{{ [true, 1]|string }}", None, None)
+                .unwrap()
+                .with_content_format(ContentFormat::OpenAi);
+        let msgs = [json!({"role": "user", "content": "a"})];
+        let got = t.render(&ChatRequest { messages: &msgs, ..Default::default() }).unwrap();
+        assert_eq!(got, "[{'type': 'text', 'text': 'a'}]|None|[True, 1]");
     }
 
     #[test]

@@ -26,7 +26,10 @@ use std::str::FromStr;
 
 use candle_core::quantized::gguf_file::Value;
 
-pub use chat::{ChatRequest, ChatTemplate, CHAT_TEMPLATE_FUEL, CHAT_TEMPLATE_RECURSION_LIMIT, MAX_RENDERED_BYTES};
+pub use chat::{
+    normalize_messages, ChatRequest, ChatTemplate, ContentFormat, CHAT_TEMPLATE_FUEL, CHAT_TEMPLATE_RECURSION_LIMIT,
+    MAX_RENDERED_BYTES,
+};
 pub use detok::IncrementalDetokenizer;
 
 /// Tokenizer errors.
@@ -55,6 +58,15 @@ pub enum Error {
     /// The chat template failed to compile or render, or the model has none.
     #[error("chat template: {0}")]
     Template(String),
+    /// A chat message cannot be given to a template (a media content part, a tool call that
+    /// is not a function, a message that is not an object with a role).
+    #[error("messages[{index}]: {reason}")]
+    InvalidMessage {
+        /// The message's position in the conversation.
+        index: usize,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A token id outside the vocabulary.
     #[error("token id {id} is outside the vocabulary (size {vocab_size})")]
     InvalidTokenId {

@@ -5,7 +5,7 @@
 use axum::http::HeaderMap;
 use serde_json::{json, Value};
 use vllm_engine::{Prompt, SamplingParams};
-use vllm_tokenizer::ChatRequest as TemplateRequest;
+use vllm_tokenizer::{ChatRequest as TemplateRequest, ContentFormat};
 
 use super::{check_count, default_backend, engine_params, Family, ValidRequest};
 use crate::error::ApiError;
@@ -42,7 +42,7 @@ pub(crate) async fn chat(s: &AppState, req: ChatRequest, headers: &HeaderMap) ->
             check_count(param, list.len(), max, param)?;
         }
     }
-    let messages = normalize_messages(&req.messages)?;
+    check_messages(&req.messages)?;
     let mut fields = req.sampling.clone();
     fields.max_tokens = req.max_completion_tokens.or(fields.max_tokens);
     let top_logprobs = (req.logprobs == Some(true)).then(|| req.top_logprobs.unwrap_or(0));
@@ -51,18 +51,19 @@ pub(crate) async fn chat(s: &AppState, req: ChatRequest, headers: &HeaderMap) ->
     default_backend(s, &mut params);
     // The template runs on the blocking pool under its instruction and output budgets.
     let engine = s.engine()?.clone();
-    let server_template = s.chat_template.clone();
+    let (server_template, content_format) = (s.chat_template.clone(), s.content_format);
     let reasoning_parser = s.reasoning_parser;
     let add_special = fields.add_special_tokens.unwrap_or(false);
-    let (msgs, r) = (messages.clone(), req.clone());
+    let r = req.clone();
     let (ids, thinking) = s
         .blocking(move || {
             let template = r.chat_template.as_deref().or(server_template.as_deref());
             let text = render_conversation(
                 engine.tokenizer(),
                 template,
+                content_format,
                 &TemplateRequest {
-                    messages: &msgs,
+                    messages: &r.messages,
                     add_generation_prompt: r.add_generation_prompt.unwrap_or(!r.continue_final_message),
                     continue_final_message: r.continue_final_message,
                     tools: r.tools.as_ref(),
@@ -94,10 +95,8 @@ pub(crate) async fn chat(s: &AppState, req: ChatRequest, headers: &HeaderMap) ->
         _ => None,
     };
     // vLLM's `echo`: the new message starts with the last message when it has the same role.
-    let echo = match messages.last() {
-        Some(m) if req.echo && m.get("role").and_then(|r| r.as_str()) == Some("assistant") => {
-            m.get("content").and_then(|c| c.as_str()).unwrap_or_default().to_string()
-        }
+    let echo = match req.messages.last() {
+        Some(m) if req.echo && m.get("role").and_then(|r| r.as_str()) == Some("assistant") => content_text(m),
         _ => String::new(),
     };
     Ok(ValidRequest {
@@ -123,56 +122,45 @@ pub(crate) async fn chat(s: &AppState, req: ChatRequest, headers: &HeaderMap) ->
 }
 
 /// A conversation rendered by `template` (a request's or the server's, else the model's),
-/// as text; errors name the field at fault. Runs under the template's budgets: call it on the
-/// blocking pool.
+/// as text, its messages' content given in `format` (`--chat-template-content-format`; `None`:
+/// the format detected in the template); errors name the field at fault. Runs under the
+/// template's budgets: call it on the blocking pool.
 pub(crate) fn render_conversation(
     tok: &vllm_engine::Tokenizer,
     template: Option<&str>,
+    format: Option<ContentFormat>,
     req: &TemplateRequest,
 ) -> Result<String, ApiError> {
-    let tpl = tok.chat_template_for(template).map_err(|e| ApiError::invalid_param("chat_template", e.to_string()))?;
+    let mut tpl =
+        tok.chat_template_for(template).map_err(|e| ApiError::invalid_param("chat_template", e.to_string()))?;
+    if let Some(f) = format {
+        tpl = tpl.with_content_format(f);
+    }
     tpl.render(req).map_err(|e| ApiError::invalid_param("messages", e.to_string()))
 }
 
-/// Messages with list-of-parts content flattened to text (only text parts are accepted).
-pub(crate) fn normalize_messages(messages: &[Value]) -> Result<Vec<Value>, ApiError> {
+/// A conversation's first check: it has a message. Each message is read, checked and
+/// normalized for its template's content format as the template renders
+/// (`vllm_tokenizer::normalize_messages`, vLLM's rules).
+pub(crate) fn check_messages(messages: &[Value]) -> Result<(), ApiError> {
     if messages.is_empty() {
         return Err(ApiError::invalid_param("messages", "messages must not be empty"));
     }
-    messages
-        .iter()
-        .map(|m| {
-            let mut m = m.clone();
-            let obj = m
-                .as_object_mut()
-                .ok_or_else(|| ApiError::invalid_param("messages", "each message must be an object"))?;
-            if !obj.get("role").is_some_and(|r| r.is_string()) {
-                return Err(ApiError::invalid_param("messages", "each message needs a string 'role'"));
-            }
-            match obj.get("content") {
-                None | Some(Value::Null) | Some(Value::String(_)) => {}
-                Some(Value::Array(parts)) => {
-                    let mut text = String::new();
-                    for p in parts {
-                        match (p.get("type").and_then(|t| t.as_str()), p.get("text").and_then(|t| t.as_str())) {
-                            (Some("text"), Some(t)) => text.push_str(t),
-                            _ => {
-                                return Err(ApiError::invalid_param(
-                                    "messages",
-                                    "only text content parts are supported",
-                                ))
-                            }
-                        }
-                    }
-                    obj.insert("content".into(), Value::String(text));
-                }
-                Some(_) => {
-                    return Err(ApiError::invalid_param("messages", "content must be a string or a list of parts"))
-                }
-            }
-            Ok(m)
-        })
-        .collect()
+    Ok(())
+}
+
+/// The text of a message's content (its text parts joined with newlines, as a string-format
+/// template reads them).
+fn content_text(message: &Value) -> String {
+    match message.get("content") {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .filter_map(|p| p.as_str().or_else(|| p.get("text").and_then(Value::as_str)))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        _ => String::new(),
+    }
 }
 
 /// How a chat request's tools are honoured, as vLLM does: `none` (or no tools) is plain text;
