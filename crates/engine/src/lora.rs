@@ -197,3 +197,65 @@ impl LoraManager {
         self.lock().residents.iter().map(|(&id, r)| (id, r.request.name.clone())).collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn root() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+    }
+
+    /// The tiny Llama fixture's layers recorded for adapters, and a manager over them.
+    fn manager(max_cpu_loras: usize) -> (Box<dyn vllm_models::CausalLM>, LoraManager) {
+        let registry = Arc::new(LoraRegistry::default());
+        let model = vllm_models::load_hf_dir_with(
+            &root().join("fixtures/models/llama"),
+            vllm_models::LoadOptions::float32(),
+            &candle_core::Device::Cpu,
+            Some(registry.clone()),
+        )
+        .unwrap();
+        (model, LoraManager::new(registry, LoraLimits { max_loras: 2, max_rank: 64, max_cpu_loras }))
+    }
+
+    fn adapter(name: &str, id: u32, fixture: &str) -> LoraRequest {
+        LoraRequest::new(name, id, root().join("fixtures/lora").join(fixture))
+    }
+
+    #[test]
+    fn residents_are_bounded_and_leases_keep_adapters_installed() {
+        let (_model, m) = manager(1);
+        let a = m.acquire(&adapter("a", 1, "llama_r8_qv")).unwrap();
+        // Every resident adapter in use and --max-cpu-loras reached: capacity (a 503), not a 400.
+        let err = m.acquire(&adapter("b", 2, "llama_r8_qv_b")).unwrap_err();
+        assert!(matches!(err, Error::Overloaded(_)), "{err}");
+        assert_eq!(m.names().into_values().collect::<Vec<_>>(), ["a"]);
+        // Once a's request finishes, b evicts it (least recently used, not in use).
+        drop(a);
+        let _b = m.acquire(&adapter("b", 2, "llama_r8_qv_b")).unwrap();
+        assert_eq!(m.names().into_values().collect::<Vec<_>>(), ["b"]);
+        // The same id under another name, or a name under another id, is refused.
+        let err = m.acquire(&adapter("c", 2, "llama_r4_all")).unwrap_err().to_string();
+        assert!(err.contains("id 2 is adapter 'b'"), "{err}");
+        assert!(m.acquire(&adapter("x", 0, "llama_r8_qv")).is_err(), "id 0 is the base model");
+    }
+
+    #[test]
+    fn unloading_lets_running_requests_finish() {
+        let (_model, m) = manager(4);
+        let lease = m.acquire(&adapter("a", 1, "llama_r8_qv")).unwrap();
+        assert!(m.unload("a"));
+        assert!(!m.unload("a"), "already unloaded");
+        assert!(m.names().is_empty());
+        // Its id still belongs to it while its request runs.
+        let err = m.acquire(&adapter("a2", 1, "llama_r4_all")).unwrap_err().to_string();
+        assert!(err.contains("still finishing"), "{err}");
+        drop(lease);
+        m.load(&adapter("a2", 1, "llama_r4_all")).unwrap();
+        assert_eq!(m.names().into_values().collect::<Vec<_>>(), ["a2"]);
+        // A bad adapter changes nothing.
+        assert!(m.load(&adapter("bad", 3, "bad_nan")).is_err());
+        assert_eq!(m.names().len(), 1);
+    }
+}
