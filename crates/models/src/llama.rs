@@ -526,8 +526,9 @@ impl Llama {
             (None, Some(e)) => w.linear_from(e.clone(), None)?,
             (None, None) => unreachable!("the embedding is loaded unless the output matrix is"),
         };
-        // Adapters name the output head `lm_head` whatever matrix it shares.
-        let lm_head = w.recorded_as("lm_head", lm_head)?;
+        // Adapters name the output head `lm_head` whatever matrix it shares (an untied head was
+        // recorded under that name as it loaded).
+        let lm_head = if tied { w.recorded("lm_head", lm_head)? } else { lm_head };
         let embed_lora = model.embedding_lora("embed_tokens", cfg.vocab_size, cfg.hidden_size);
         let dtype = w.options().dtype;
         let rotary = Rotary::from_inv_freq(&cfg.inv_freq(), rope, dtype, w.device())?;

@@ -387,12 +387,6 @@ impl Weights {
         self.recorded(name, linear)
     }
 
-    /// `linear` recorded as layer `name` for LoRA adapters (the output head, whatever matrix it
-    /// shares: PEFT names it `lm_head`), when the model is loaded for them.
-    pub(crate) fn recorded_as(&self, name: &str, linear: Linear) -> Result<Linear> {
-        self.recorded(name, linear)
-    }
-
     /// This handle without LoRA recording (a matrix that is not a layer of its own name, such
     /// as a tied embedding read as the output head).
     pub(crate) fn without_lora(&self) -> Self {
@@ -411,8 +405,9 @@ impl Weights {
         self.lora.as_ref().map(|r| r.embedding(&self.full(name), vocab, hidden))
     }
 
-    /// `linear`, recorded as layer `name` when the model is loaded for LoRA adapters.
-    fn recorded(&self, name: &str, linear: Linear) -> Result<Linear> {
+    /// `linear`, recorded as layer `name` when the model is loaded for LoRA adapters (also a
+    /// matrix read under another name, such as a tied output head PEFT calls `lm_head`).
+    pub(crate) fn recorded(&self, name: &str, linear: Linear) -> Result<Linear> {
         Ok(match &self.lora {
             Some(registry) => {
                 let (full, out, inp) = (self.full(name), linear.out_features()?, linear.in_features()?);
