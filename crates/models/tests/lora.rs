@@ -86,10 +86,8 @@ fn adapters_and_the_base_share_a_batch() {
     compare_lora(model.as_ref(), &mixed, 1e-4, false, "own head + base + A", &[Some(4), None, Some(1)]);
 }
 
-/// The PEFT adapter on the base's GGUF file (llama.cpp's layout, its query and key rows
-/// permuted for interleaved rotary): the same outputs.
-#[test]
-fn a_peft_adapter_on_the_gguf_base() {
+/// The tiny Llama's float32 GGUF file, loaded for adapters.
+fn gguf_base() -> (Box<dyn CausalLM>, Arc<LoraRegistry>) {
     let registry = Arc::new(LoraRegistry::default());
     let (model, _) = load_gguf_with(
         &root().join("fixtures/models/llama/model.f32.gguf"),
@@ -98,6 +96,14 @@ fn a_peft_adapter_on_the_gguf_base() {
         Some(registry.clone()),
     )
     .unwrap();
+    (model, registry)
+}
+
+/// The PEFT adapter on the base's GGUF file (llama.cpp's layout, its query and key rows
+/// permuted for interleaved rotary): the same outputs.
+#[test]
+fn a_peft_adapter_on_the_gguf_base() {
+    let (model, registry) = gguf_base();
     for (id, name) in [(1, "llama_r8_qv"), (2, "llama_r4_all")] {
         let adapter = LoraAdapter::from_peft_dir(&root().join("fixtures/lora").join(name), 64).unwrap();
         registry.install(id, &adapter).unwrap();
@@ -111,14 +117,7 @@ fn a_peft_adapter_on_the_gguf_base() {
 /// Hugging Face base it is refused (the rows' orders differ); a model file is not an adapter.
 #[test]
 fn a_llama_cpp_adapter_on_the_gguf_base() {
-    let registry = Arc::new(LoraRegistry::default());
-    let (model, _) = load_gguf_with(
-        &root().join("fixtures/models/llama/model.f32.gguf"),
-        LoadOptions { dtype: candle_core::DType::F32, matrices: MatrixFormat::Dense },
-        &candle_core::Device::Cpu,
-        Some(registry.clone()),
-    )
-    .unwrap();
+    let (model, registry) = gguf_base();
     let file = root().join("fixtures/lora/llama_r8_qv/adapter.gguf");
     let adapter = LoraAdapter::load(&file, 64).unwrap();
     let peft = LoraAdapter::from_peft_dir(&root().join("fixtures/lora/llama_r8_qv"), 64).unwrap();
