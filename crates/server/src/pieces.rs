@@ -164,6 +164,31 @@ impl Pieces {
     }
 }
 
+/// The stream events a protocol's renderer announces its pieces with: kept only when the
+/// response streams, handed out by [`Events::take`].
+pub(crate) struct Events<E> {
+    stream: bool,
+    pending: Vec<E>,
+}
+
+impl<E> Events<E> {
+    pub(crate) fn new(stream: bool) -> Self {
+        Self { stream, pending: Vec::new() }
+    }
+
+    /// Records the event `event` makes, when streaming (a whole response makes none).
+    pub(crate) fn emit(&mut self, event: impl FnOnce() -> E) {
+        if self.stream {
+            self.pending.push(event());
+        }
+    }
+
+    /// The events since the last call.
+    pub(crate) fn take(&mut self) -> Vec<E> {
+        std::mem::take(&mut self.pending)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

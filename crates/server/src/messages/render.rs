@@ -21,24 +21,21 @@ enum Open {
 pub(crate) struct Blocks {
     blocks: Vec<ContentBlock>,
     open: Option<Open>,
-    stream: bool,
-    events: Vec<StreamEvent>,
+    events: crate::pieces::Events<StreamEvent>,
 }
 
 impl Blocks {
     pub(crate) fn new(stream: bool) -> Self {
-        Self { blocks: Vec::new(), open: None, stream, events: Vec::new() }
+        Self { blocks: Vec::new(), open: None, events: crate::pieces::Events::new(stream) }
     }
 
     fn emit(&mut self, event: impl FnOnce() -> StreamEvent) {
-        if self.stream {
-            self.events.push(event());
-        }
+        self.events.emit(event)
     }
 
     /// The events since the last call.
     pub(crate) fn events(&mut self) -> Vec<StreamEvent> {
-        std::mem::take(&mut self.events)
+        self.events.take()
     }
 
     /// Whether a `tool_use` block was made.

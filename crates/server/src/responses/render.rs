@@ -113,24 +113,21 @@ enum Open {
 pub(crate) struct Builder {
     items: Vec<OutputItem>,
     open: Option<Open>,
-    stream: bool,
-    events: Vec<Event>,
+    events: crate::pieces::Events<Event>,
 }
 
 impl Builder {
     pub(crate) fn new(stream: bool) -> Self {
-        Self { items: Vec::new(), open: None, stream, events: Vec::new() }
+        Self { items: Vec::new(), open: None, events: crate::pieces::Events::new(stream) }
     }
 
     fn emit(&mut self, event: impl FnOnce() -> Event) {
-        if self.stream {
-            self.events.push(event());
-        }
+        self.events.emit(event)
     }
 
     /// The events since the last call.
     pub(crate) fn events(&mut self) -> Vec<Event> {
-        std::mem::take(&mut self.events)
+        self.events.take()
     }
 
     /// Finishes the item being built and opens `open`, announcing `item` (and its content
