@@ -265,6 +265,21 @@ impl KvCacheManager {
         }
     }
 
+    /// Shrinks `seq` to `num_tokens` tokens, freeing its blocks past them (the slots of
+    /// rejected draft tokens). Blocks registered in the prefix cache are kept.
+    pub fn trim(&mut self, seq: SeqId, num_tokens: usize) {
+        let keep = self.blocks_for(num_tokens);
+        let Some(entry) = self.seqs.get_mut(&seq) else {
+            return;
+        };
+        let keep = keep.max(entry.hashes.len());
+        entry.num_tokens = entry.num_tokens.min(num_tokens.max(entry.hashes.len() * self.block_size));
+        if entry.blocks.len() > keep {
+            let freed = entry.blocks.split_off(keep);
+            self.pool.free(freed.into_iter().rev());
+        }
+    }
+
     /// Releases every block of `seq` (last block first, so it is evicted first).
     pub fn free(&mut self, seq: SeqId) {
         if let Some(s) = self.seqs.remove(&seq) {

@@ -248,6 +248,13 @@ pub struct EngineArgs {
     /// The dtype adapters compute in: auto (float32 here, whatever the base's dtype), float32.
     #[arg(long, default_value = "auto", value_parser = ["auto", "float32", "float16", "bfloat16"])]
     pub lora_dtype: String,
+    /// Speculative decoding, as vLLM's JSON: `{"method": "ngram", "num_speculative_tokens": 4,
+    /// "prompt_lookup_max": 4}` or `{"method": "suffix"}` (keys: method, num_speculative_tokens,
+    /// prompt_lookup_min/max, model, draft_tensor_parallel_size, disable_by_batch_size,
+    /// suffix_decoding_max_tree_depth/_max_spec_factor/_min_token_prob/_max_cached_requests).
+    /// Outputs are the same as without it; it pays off where the output repeats the input.
+    #[arg(long, value_parser = parse_speculative_config)]
+    pub speculative_config: Option<crate::spec::SpeculativeConfig>,
     /// A tokenizer other than the model's: a folder with `tokenizer.json` (and
     /// `tokenizer_config.json`), that file, or a Hugging Face id (vLLM's `--tokenizer`).
     #[arg(long)]
@@ -286,6 +293,10 @@ impl EngineArgs {
 }
 
 pub use vllm_sampler::parse_bytes;
+
+fn parse_speculative_config(s: &str) -> Result<crate::spec::SpeculativeConfig, String> {
+    s.parse().map_err(|e: Error| e.to_string())
+}
 
 #[cfg(test)]
 mod tests {

@@ -479,6 +479,8 @@ struct Frontend {
     stopping: bool,
     /// A request arrived while a step was suspended and has not had a step yet.
     fresh: bool,
+    /// The periodic statistics line.
+    log: crate::metrics::PeriodicLog,
 }
 
 fn run_core(
@@ -488,7 +490,7 @@ fn run_core(
     health: watch::Sender<EngineHealth>,
     lora: Option<LoraPublish>,
 ) {
-    let fe = Frontend { lora, live: HashMap::new(), stats, stopping: false, fresh: false };
+    let fe = Frontend { lora, live: HashMap::new(), stats, stopping: false, fresh: false, log: Default::default() };
     let mut state = CoreLoop { core, fe };
     let run = std::panic::catch_unwind(AssertUnwindSafe(|| state.run(&rx)));
     match run {
@@ -666,9 +668,10 @@ impl Frontend {
         self.publish_stats(core);
     }
 
-    fn publish_stats(&self, core: &EngineCore) {
+    fn publish_stats(&mut self, core: &EngineCore) {
         let s = EngineStats::of(core);
         crate::metrics::record_stats(&s);
+        self.log.tick(&s);
         *self.stats.lock().unwrap_or_else(|p| p.into_inner()) = s;
         if let Some((manager, info)) = &self.lora {
             let (running, waiting) = core.scheduler.lora_sets();

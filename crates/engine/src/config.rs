@@ -59,6 +59,8 @@ pub struct EngineConfig {
     pub device_sampling: bool,
     /// LoRA adapters (`--enable-lora`): their limits.
     pub lora: Option<crate::lora::LoraLimits>,
+    /// Speculative decoding (`--speculative-config`).
+    pub speculative: Option<crate::spec::SpeculativeConfig>,
     /// The arguments it was resolved from (seed, tokenizer, limits are read from them).
     pub args: EngineArgs,
 }
@@ -186,6 +188,7 @@ impl EngineConfig {
             fixed_shape_decode,
             device_sampling: args.device_sampling.unwrap_or(on_gpu),
             lora,
+            speculative: args.speculative_config.clone(),
             args: args.clone(),
         })
     }

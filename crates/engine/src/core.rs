@@ -6,7 +6,7 @@
 //! processor's ([`crate::input`]).
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::ops::Range;
 use std::sync::Arc;
@@ -101,6 +101,8 @@ pub(crate) struct EngineCore {
     pub(crate) device_sampled_tokens: u64,
     /// Test hook: the next step panics midway (after scheduling), as a bug would.
     pub(crate) panic_next_step: bool,
+    /// Speculative decoding (`--speculative-config`), if on.
+    pub(crate) spec: Option<crate::spec::Speculator>,
 }
 
 impl EngineCore {
@@ -117,6 +119,7 @@ impl EngineCore {
             device_sampling: false,
             device_sampled_tokens: 0,
             panic_next_step: false,
+            spec: None,
         }
     }
 
@@ -213,8 +216,13 @@ impl EngineCore {
     fn end_seq(&mut self, first: SeqId, index: usize, free: bool) {
         let Some(r) = self.requests.get_mut(&first) else { return };
         if let Some(seq) = r.seqs.get_mut(index) {
-            if seq.sampler.take().is_some() && free {
-                self.scheduler.abort(seq.id);
+            if seq.sampler.take().is_some() {
+                if free {
+                    self.scheduler.abort(seq.id);
+                }
+                if let Some(spec) = self.spec.as_mut() {
+                    spec.finished(seq.id);
+                }
             }
         }
         if r.finished() {
@@ -288,6 +296,9 @@ impl EngineCore {
     }
 
     fn run_step(&mut self, between: Option<&mut dyn FnMut(&mut EngineCore)>) -> Result<Vec<CoreOutput>> {
+        if let Some(spec) = self.spec.as_mut() {
+            spec.propose(&mut self.scheduler);
+        }
         let out = self.scheduler.schedule();
         if out.is_empty() {
             return Ok(Vec::new());
@@ -343,11 +354,17 @@ impl EngineCore {
             }
         }
         let sample_ids: Vec<SeqId> = out.sampling_ids().collect();
+        // Sequences verifying a draft: their index in the step.
+        let drafting: HashMap<SeqId, usize> =
+            out.seqs.iter().enumerate().filter(|(_, s)| s.num_draft > 0).map(|(i, s)| (s.id, i)).collect();
         // A sequence aborted while its step was suspended has no sampler: it gets no row, and
         // a placeholder token that the scheduler drops.
         let live: Vec<bool> = sample_ids.iter().map(|&id| self.sampler(id).is_some()).collect();
-        let live_ids: Vec<SeqId> = sample_ids.iter().zip(&live).filter(|(_, &l)| l).map(|(&id, _)| id).collect();
-        // Each live sampling sequence's logits row: its last, once per sequence drawing from it
+        // The live sequences drawing one token from their last row, batched (drafting ones
+        // draw position by position below).
+        let batched: Vec<bool> = sample_ids.iter().zip(&live).map(|(id, &l)| l && !drafting.contains_key(id)).collect();
+        let live_ids: Vec<SeqId> = sample_ids.iter().zip(&batched).filter(|(_, &l)| l).map(|(&id, _)| id).collect();
+        // Each batched sequence's logits row: its last, once per sequence drawing from it
         // (forks draw from their parent's row, each with its own sampler).
         let sample_rows: Vec<usize> = out
             .seqs
@@ -355,11 +372,12 @@ impl EngineCore {
             .zip(&ranges)
             .filter(|(s, _)| s.sample)
             .flat_map(|(s, r)| std::iter::repeat_n(r.end - 1, s.forks.len() + 1))
-            .zip(&live)
+            .zip(&batched)
             .filter_map(|(row, &l)| l.then_some(row))
             .collect();
         // On the device, when every row's draw can happen there: only token ids come back.
         let on_device = self.device_sampling
+            && drafting.is_empty()
             && !live_ids.is_empty()
             && !out.seqs.iter().any(|s| s.all_logits)
             && live_ids.iter().all(|&id| self.sampler(id).is_some_and(|s| s.device_eligible()));
@@ -398,14 +416,16 @@ impl EngineCore {
                 for &last in &sample_rows {
                     rows.extend_from_slice(logits_row(&logits, last, vocab)?);
                 }
-                drop(logits);
                 sample_batch(&mut rows, vocab, &mut samplers)
             }
         };
-        let mut drawn = samples.iter().map(|s| s.token);
-        let token_ids: Vec<u32> = live.iter().map(|&l| if l { drawn.next().unwrap_or(0) } else { 0 }).collect();
-        let mut sample_of: HashMap<SeqId, vllm_sampler::Sample> = live_ids.into_iter().zip(samples).collect();
-        for u in self.scheduler.update_from_output(&out, &token_ids) {
+        let mut sample_of: HashMap<SeqId, VecDeque<vllm_sampler::Sample>> =
+            live_ids.into_iter().zip(samples).map(|(id, s)| (id, VecDeque::from([s]))).collect();
+        let accepted = self.verify_drafts(&out, &ranges, &drafting, &logits, vocab, &mut sample_of)?;
+        drop(logits);
+        let token_ids: Vec<u32> =
+            sample_ids.iter().map(|id| sample_of.get(id).and_then(|s| s.back()).map_or(0, |s| s.token)).collect();
+        for u in self.scheduler.update_from_drafts(&out, &token_ids, &accepted) {
             let Some((first, index)) = self.owner(u.id) else { continue };
             let Some(r) = self.requests.get(&first) else { continue };
             if r.seqs[index].sampler.is_none() {
@@ -419,7 +439,7 @@ impl EngineCore {
                 vllm_scheduler::FinishReason::Abort => (FinishReason::Abort, None),
             });
             let i = output_for(&mut outputs, first, r);
-            let logprobs = sample_of.remove(&u.id).and_then(|s| s.logprobs);
+            let logprobs = sample_of.get_mut(&u.id).and_then(|s| s.pop_front()).and_then(|s| s.logprobs);
             outputs[i].seqs.push(SeqDelta { index, token: Some(u.new_token), logprobs, finish: finish.clone() });
             if finish.is_some() {
                 // The scheduler already freed the sequence.
@@ -430,6 +450,54 @@ impl EngineCore {
             o.finished = !self.ids.contains_key(&o.request_id);
         }
         Ok(outputs)
+    }
+
+    /// Draws the tokens of the sequences that verify a draft, position by position with each
+    /// one's own sampler, up to the first draw that differs from the draft (see
+    /// [`crate::spec`]); their samples go to `sample_of`. Returns the accepted draft tokens per
+    /// scheduled sequence.
+    fn verify_drafts(
+        &mut self,
+        out: &SchedulerOutput,
+        ranges: &[Range<usize>],
+        drafting: &HashMap<SeqId, usize>,
+        logits: &[f32],
+        vocab: usize,
+        sample_of: &mut HashMap<SeqId, VecDeque<vllm_sampler::Sample>>,
+    ) -> Result<Vec<usize>> {
+        let mut accepted = vec![0; out.seqs.len()];
+        if drafting.is_empty() {
+            return Ok(accepted);
+        }
+        let mut row = vec![0f32; vocab];
+        for (&id, &i) in drafting {
+            let s = &out.seqs[i];
+            let Some((first, index)) = self.owner(id) else { continue };
+            let Some(sampler) = self.requests.get_mut(&first).and_then(|r| r.seqs[index].sampler.as_mut()) else {
+                continue; // aborted while its step was suspended
+            };
+            let draft = &s.token_ids[s.token_ids.len() - s.num_draft..];
+            let rows = ranges[i].clone();
+            if rows.len() != s.num_draft + 1 {
+                return Err(Error::Internal("a drafting sequence without a row per position"));
+            }
+            let mut samples = VecDeque::with_capacity(rows.len());
+            for (j, r) in rows.enumerate() {
+                row.copy_from_slice(logits_row(logits, r, vocab)?);
+                let sample = sampler.sample(&mut row);
+                let agrees = draft.get(j) == Some(&sample.token);
+                samples.push_back(sample);
+                if !agrees {
+                    break;
+                }
+            }
+            accepted[i] = samples.len() - 1;
+            if let Some(spec) = self.spec.as_mut() {
+                spec.record(s.num_draft, accepted[i]);
+            }
+            sample_of.insert(id, samples);
+        }
+        Ok(accepted)
     }
 
     /// Prompt log probabilities from the rows of prompt chunks that asked for every row: the

@@ -55,6 +55,8 @@ pub struct EngineStats {
     pub num_device_sampled_tokens: u64,
     /// Decode steps run in fixed shapes (replayed CUDA graphs on a GPU) so far.
     pub num_graph_steps: u64,
+    /// Speculative decoding's counters (`None` without `--speculative-config`).
+    pub spec: Option<crate::spec::SpecStats>,
 }
 
 impl EngineStats {
@@ -77,6 +79,7 @@ impl EngineStats {
             kv_memory: kv.memory_usage(),
             num_device_sampled_tokens: core.device_sampled_tokens,
             num_graph_steps: core.runner.fixed_shape_steps(),
+            spec: core.spec.as_ref().map(|s| s.stats),
         }
     }
 }
@@ -216,6 +219,10 @@ pub(crate) fn build(config: EngineConfig) -> Result<(EngineCore, InputProcessor)
     let eos = input.tokenizer().eos_token_ids().to_vec();
     let mut core = EngineCore::new(scheduler, runner, args.seed, eos);
     core.device_sampling = config.device_sampling;
+    if let Some(spec) = &config.speculative {
+        core.spec = Some(crate::spec::Speculator::new(spec.clone())?);
+        tracing::info!(method = spec.method.name(), k = spec.num_speculative_tokens, "speculative decoding");
+    }
     Ok((core, input))
 }
 

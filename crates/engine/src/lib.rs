@@ -41,6 +41,7 @@ mod output;
 mod output_processor;
 mod runner;
 mod source;
+pub mod spec;
 
 pub use args::{parse_bytes, EngineArgs, KvCacheDtype, ModelDtype, Quantization, DEFAULT_MODEL};
 pub use async_engine::{AsyncEngine, EngineHealth, EngineInfo, LoraInfo, OutputStream};
@@ -57,6 +58,7 @@ pub use source::{
     resolve_tokenizer, resolve_with, HubOptions, ModelFiles, DEFAULT_MODEL_PYPI, EMBEDDING_MODEL, EMBEDDING_MODEL_PYPI,
     GEMMA3_GGUF_PYPI,
 };
+pub use spec::{SpecMethod, SpecStats, SpeculativeConfig};
 pub use vllm_kernels::cpu_kernel_path;
 pub use vllm_sampler::{
     CompiledGuide, Constraint, Guide, GuideBackendKind, GuideCompiler, GuideError, GuideLimits, GuidedDecodingParams,

@@ -205,7 +205,7 @@ impl ModelRunner {
         for s in &out.seqs {
             let len = s.token_ids.len();
             let first_row = rows.len();
-            if s.all_logits {
+            if s.all_logits || s.num_draft > 0 {
                 rows.extend((ids.len()..ids.len() + len).map(|r| r as u32));
             } else if s.sample {
                 rows.push((ids.len() + len - 1) as u32);

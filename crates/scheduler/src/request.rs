@@ -69,6 +69,9 @@ pub struct Request {
     pub all_logits: bool,
     /// The LoRA adapter the request runs with (its id), if any.
     pub lora: Option<u32>,
+    /// Proposed next tokens (speculative decoding) that the next step verifies along with the
+    /// last token; set by [`crate::Scheduler::propose`], consumed by the next schedule.
+    pub draft: Vec<u32>,
 }
 
 impl Request {
@@ -87,6 +90,7 @@ impl Request {
             forks: Vec::new(),
             all_logits: false,
             lora: None,
+            draft: Vec::new(),
         }
     }
 

@@ -101,6 +101,10 @@ pub struct ScheduledSeq {
     pub all_logits: bool,
     /// The LoRA adapter the sequence runs with, if any.
     pub lora: Option<u32>,
+    /// The last `num_draft` of `token_ids` are proposed tokens (speculative decoding): the step
+    /// computes logits for every token of the sequence, and [`Scheduler::update_from_drafts`]
+    /// learns how many of them were accepted.
+    pub num_draft: usize,
 }
 
 /// What to compute in one step: plain data for the model runner.
@@ -368,6 +372,7 @@ impl Scheduler {
         self.running.retain(|&r| r != id);
         if let Some(r) = self.requests.get_mut(&id) {
             r.num_computed_tokens = 0;
+            r.draft.clear();
             r.status = Status::Waiting;
             r.num_preemptions += 1;
             self.reserved -= r.forks.len();
@@ -376,23 +381,57 @@ impl Scheduler {
         self.num_preemptions += 1;
     }
 
-    fn scheduled(&mut self, id: SeqId, num_new: usize) -> ScheduledSeq {
+    /// `num_new` tokens of `id` from its first uncomputed one, then `num_draft` of its draft.
+    fn scheduled(&mut self, id: SeqId, num_new: usize, num_draft: usize) -> ScheduledSeq {
         let r = &self.requests[&id];
         let start = r.num_computed_tokens;
         let sample = start + num_new == r.token_ids.len();
         let prompt = (start + num_new).min(r.num_prompt_tokens).saturating_sub(start);
-        self.computed.0 += num_new as u64;
+        self.computed.0 += (num_new + num_draft) as u64;
         self.computed.1 += prompt as u64;
+        let mut token_ids = r.token_ids[start..start + num_new].to_vec();
+        token_ids.extend_from_slice(&r.draft[..num_draft]);
         ScheduledSeq {
             id,
-            token_ids: r.token_ids[start..start + num_new].to_vec(),
+            token_ids,
             start_pos: start,
             block_ids: self.kv.block_ids(id).to_vec(),
             sample,
             forks: if sample { r.forks.clone() } else { Vec::new() },
             all_logits: r.all_logits && start < r.num_prompt_tokens,
             lora: r.lora,
+            num_draft,
         }
+    }
+
+    /// Proposes `draft` as the next tokens of running sequence `id` (speculative decoding):
+    /// the next step verifies them with its last token, if the sequence is decoding (all but
+    /// its last token computed), has no pending parallel samples, and the budget and blocks
+    /// allow; otherwise (or in part) they are dropped. Returns whether it was taken.
+    pub fn propose(&mut self, id: SeqId, mut draft: Vec<u32>) -> bool {
+        let max_model_len = self.config.max_model_len;
+        let Some(r) = self.requests.get_mut(&id) else { return false };
+        let decoding = r.status == Status::Running && r.num_computed_tokens + 1 == r.token_ids.len();
+        if !decoding || !r.forks.is_empty() {
+            return false;
+        }
+        // Every accepted draft token and the token after them must fit the output and the
+        // context: at most `max_tokens - outputs - 1` and `max_model_len - len - 1` drafts.
+        let room = r
+            .stop
+            .max_tokens
+            .saturating_sub(r.num_output_tokens() + 1)
+            .min(max_model_len.saturating_sub(r.token_ids.len() + 1));
+        draft.truncate(room);
+        r.draft = draft;
+        !r.draft.is_empty()
+    }
+
+    /// Running sequences that may take a draft: decoding, with no pending parallel samples.
+    pub fn draftable(&self) -> impl Iterator<Item = &Request> + '_ {
+        self.running.iter().filter_map(|id| self.requests.get(id)).filter(|r| {
+            r.status == Status::Running && r.num_computed_tokens + 1 == r.token_ids.len() && r.forks.is_empty()
+        })
     }
 
     /// Registers the blocks this step fills in the prefix cache right away, so that a request
@@ -440,9 +479,14 @@ impl Scheduler {
                 i += 1;
                 continue;
             }
+            // A draft rides along with the last token, within the budget; without blocks for
+            // it, it is dropped before anyone is preempted.
+            let mut num_draft =
+                if computed + num_new == total { self.requests[&id].draft.len().min(budget - num_new) } else { 0 };
             let copy = loop {
-                match self.kv.allocate_slots(id, computed, computed + num_new, &CacheHit::default()) {
+                match self.kv.allocate_slots(id, computed, computed + num_new + num_draft, &CacheHit::default()) {
                     Ok(copy) => break Some(copy),
+                    Err(NoFreeBlocks) if num_draft > 0 => num_draft = 0,
                     Err(NoFreeBlocks) => {
                         let victim = *self.running.last().expect("running is not empty");
                         out.preempted.push(victim);
@@ -456,8 +500,9 @@ impl Scheduler {
             let Some(copy) = copy else { break };
             out.block_copies.extend(copy);
             self.cache_scheduled_blocks(id, computed + num_new);
-            out.seqs.push(self.scheduled(id, num_new));
-            budget -= num_new;
+            out.seqs.push(self.scheduled(id, num_new, num_draft));
+            self.requests.get_mut(&id).expect("running is tracked").draft.clear();
+            budget -= num_new + num_draft;
             i += 1;
         }
 
@@ -514,8 +559,14 @@ impl Scheduler {
                 self.reserved += r.forks.len();
                 self.running.push(id);
                 self.cache_scheduled_blocks(id, computed + num_new);
-                out.seqs.push(self.scheduled(id, num_new));
+                out.seqs.push(self.scheduled(id, num_new, 0));
                 budget -= num_new;
+            }
+        }
+        // Drafts are for one step: those of sequences left out of it are dropped.
+        for id in &self.running {
+            if let Some(r) = self.requests.get_mut(id) {
+                r.draft.clear();
             }
         }
         out.num_batched_tokens = self.config.max_num_batched_tokens - budget;
@@ -537,10 +588,20 @@ impl Scheduler {
     /// and frees finished sequences. `sampled` holds one token per sequence of
     /// [`SchedulerOutput::sampling_ids`], in that order (a sampling sequence, then its forks).
     pub fn update_from_output(&mut self, out: &SchedulerOutput, sampled: &[u32]) -> Vec<SeqUpdate> {
+        self.update_from_drafts(out, sampled, &[])
+    }
+
+    /// [`Self::update_from_output`] for a step that verified drafts: `accepted[i]` is how many
+    /// of `out.seqs[i]`'s draft tokens were accepted (missing entries: none), which land before
+    /// its sampled token (each checked against the stop rules, so a stop among them ends the
+    /// sequence there). The K/V slots of rejected draft tokens are given up: their blocks
+    /// beyond the accepted tokens are freed.
+    pub fn update_from_drafts(&mut self, out: &SchedulerOutput, sampled: &[u32], accepted: &[usize]) -> Vec<SeqUpdate> {
         let mut updates = Vec::with_capacity(sampled.len());
         let mut finished_ids = Vec::new();
         let mut tokens = sampled.iter().copied();
-        for s in &out.seqs {
+        for (i, s) in out.seqs.iter().enumerate() {
+            let accepted = accepted.get(i).copied().unwrap_or(0).min(s.num_draft);
             let mut next = |sample: bool| if sample { tokens.next() } else { None };
             let token = next(s.sample);
             let fork_tokens: Vec<Option<u32>> = s.forks.iter().map(|_| next(s.sample)).collect();
@@ -551,7 +612,10 @@ impl Scheduler {
                 continue; // preempted or aborted after scheduling
             }
             // The blocks this step filled were registered in the prefix cache when scheduled.
-            r.num_computed_tokens = s.start_pos + s.token_ids.len();
+            r.num_computed_tokens = s.start_pos + s.token_ids.len() - (s.num_draft - accepted);
+            if s.num_draft > 0 {
+                self.kv.trim(s.id, r.num_computed_tokens);
+            }
             let Some(token) = token else { continue };
             // Parallel samples fork before their parent's token lands (and before the parent
             // may finish and free the blocks they share).
@@ -572,6 +636,18 @@ impl Scheduler {
                     self.requests.insert(f, Request { id: f, num_preemptions: 0, ..template.clone() });
                     self.running.push(f);
                 }
+            }
+            let drafted = &s.token_ids[s.token_ids.len() - s.num_draft..][..accepted];
+            for &t in drafted {
+                let finished = self.append_token(s.id, t);
+                updates.push(SeqUpdate { id: s.id, new_token: t, finished });
+                if finished.is_some() {
+                    finished_ids.push(s.id);
+                    break;
+                }
+            }
+            if finished_ids.last() == Some(&s.id) {
+                continue; // it stopped on a draft token: its sampled token is dropped
             }
             for (id, token) in std::iter::once((s.id, token)).chain(forks) {
                 let finished = self.append_token(id, token);

@@ -266,9 +266,10 @@ pub(crate) struct CompatArgs {
     /// (vLLM) Chunked prefill: always on here (--long-prefill-token-threshold tunes it).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     enable_chunked_prefill: Option<bool>,
-    /// (vLLM) Do not log engine statistics: no periodic statistics are logged here.
+    /// (vLLM) Do not log the periodic engine statistics line (throughput, running and waiting
+    /// requests, KV cache usage, speculative decoding's acceptance).
     #[arg(long)]
-    disable_log_stats: bool,
+    pub disable_log_stats: bool,
     /// (vLLM) Uvicorn's log level: sets this server's log level (RUST_LOG still wins).
     #[arg(long)]
     pub uvicorn_log_level: Option<String>,
@@ -301,7 +302,6 @@ impl CompatArgs {
             ("--distributed-executor-backend", self.distributed_executor_backend.is_some()),
             ("--disable-custom-all-reduce", self.disable_custom_all_reduce),
             ("--trust-remote-code", self.trust_remote_code),
-            ("--disable-log-stats", self.disable_log_stats),
         ];
         for (flag, set) in unused {
             if set {

@@ -4,10 +4,10 @@
 use anyhow::{bail, Result};
 use tracing_subscriber::EnvFilter;
 
-/// Installs the global subscriber; `log_requests: false` silences the per-request lines;
-/// `level` (vLLM's `--uvicorn-log-level`: critical, error, warning, info, debug, trace) sets
+/// Installs the global subscriber; `log_requests: false` silences the per-request lines and
+/// `log_stats: false` the periodic statistics line; `level` (vLLM's `--uvicorn-log-level`: critical, error, warning, info, debug, trace) sets
 /// the level.
-pub fn init(format: &str, log_requests: bool, level: Option<&str>) -> Result<()> {
+pub fn init(format: &str, log_requests: bool, log_stats: bool, level: Option<&str>) -> Result<()> {
     let level = match level.map(str::to_ascii_lowercase).as_deref() {
         None | Some("info") => "info",
         Some("critical" | "error") => "error",
@@ -16,11 +16,13 @@ pub fn init(format: &str, log_requests: bool, level: Option<&str>) -> Result<()>
         Some("trace") => "trace",
         Some(other) => bail!("--uvicorn-log-level: '{other}' (critical, error, warning, info, debug, trace)"),
     };
-    let default = if log_requests {
-        level.to_string()
-    } else {
-        format!("{level},vllm_engine::requests=off,vllm_server::requests=off")
-    };
+    let mut default = level.to_string();
+    if !log_requests {
+        default.push_str(",vllm_engine::requests=off,vllm_server::requests=off");
+    }
+    if !log_stats {
+        default.push_str(",vllm_engine::stats=off");
+    }
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let installed = match format {

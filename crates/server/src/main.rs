@@ -83,7 +83,7 @@ fn run() -> Result<()> {
     let sub_matches = matches.subcommand().map_or(&matches, |(_, m)| m);
     let command = match cli.command {
         Some(Command::GpuCheck(a)) => {
-            logging::init("text", false, None)?;
+            logging::init("text", false, false, None)?;
             return gpu_check(a);
         }
         Some(Command::Serve(c)) => Command::Serve(ServeCmd { model_tag: None, args: c.into_args() }),
@@ -98,6 +98,7 @@ fn run() -> Result<()> {
     logging::init(
         &serve_args.log_format,
         !serve_args.disable_log_requests,
+        !serve_args.compat.disable_log_stats,
         serve_args.compat.uvicorn_log_level.as_deref(),
     )?;
     serve_args.compat.check(&serve_args.engine, sub_matches)?;

@@ -1,0 +1,152 @@
+//! Speculative decoding: a proposer guesses each decoding sequence's next tokens, the next
+//! step feeds them after the sequence's last token (more query rows of the same paged
+//! attention), and the sampler keeps the ones the model agrees with.
+//!
+//! Verification is exact for every sampling parameter: the core draws each position's token
+//! from the target model's logits with the sequence's own sampler (processors, penalties,
+//! guide, seeded generator), in order, and stops at the first position where the draw differs
+//! from the draft. Every emitted token is thus drawn from exactly the distribution plain
+//! decoding would use, with the same random numbers, so outputs (greedy or seeded) are the
+//! same with and without speculation; a draft only decides how many positions one step gets to.
+//! This is the accept rule for deterministic proposers (n-gram, suffix, a greedy draft model).
+//!
+//! The scheduler carries the drafts ([`vllm_scheduler::Scheduler::propose`]) and rolls back
+//! the slots of rejected tokens ([`vllm_scheduler::Scheduler::update_from_drafts`]).
+
+mod config;
+mod ngram;
+mod suffix;
+
+pub use config::{SpecMethod, SpeculativeConfig, MAX_SPECULATIVE_TOKENS};
+pub use suffix::SUFFIX_MAX_CACHED_TOKENS;
+
+use vllm_block::SeqId;
+use vllm_scheduler::Scheduler;
+
+use crate::{Error, Result};
+
+/// With no `disable_by_batch_size`, a step gets drafts only while its decode rows plus draft
+/// tokens stay within this many rows: below it a CPU step is bound by reading the weights, so
+/// extra rows come almost free; beyond it each row costs its share of compute (measured with
+/// `cargo xtask bench spec`, docs/benchmarks.md).
+pub const AUTO_ROW_BUDGET: usize = 16;
+
+/// Proposes draft tokens for a sequence.
+pub(crate) trait Proposer: Send {
+    /// Up to `k` tokens proposed to follow `tokens` (prompt, then output) of sequence `seq`.
+    fn propose(&mut self, seq: SeqId, tokens: &[u32], num_prompt: usize, k: usize) -> Vec<u32>;
+    /// The sequence ended (proposers that learn from outputs keep it; others forget it).
+    fn finished(&mut self, _seq: SeqId) {}
+}
+
+/// Speculative-decoding counters (vLLM's `vllm:spec_decode_*`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SpecStats {
+    /// Sequence-steps that verified a draft.
+    pub num_drafts: u64,
+    /// Draft tokens verified.
+    pub num_draft_tokens: u64,
+    /// Draft tokens accepted.
+    pub num_accepted_tokens: u64,
+    /// Draft tokens accepted at each position of the draft.
+    pub accepted_per_pos: [u64; MAX_SPECULATIVE_TOKENS],
+}
+
+impl Default for SpecStats {
+    fn default() -> Self {
+        Self {
+            num_drafts: 0,
+            num_draft_tokens: 0,
+            num_accepted_tokens: 0,
+            accepted_per_pos: [0; MAX_SPECULATIVE_TOKENS],
+        }
+    }
+}
+
+impl SpecStats {
+    /// Accepted draft tokens per draft token (0 before any draft).
+    pub fn acceptance_rate(&self) -> f64 {
+        if self.num_draft_tokens == 0 {
+            0.0
+        } else {
+            self.num_accepted_tokens as f64 / self.num_draft_tokens as f64
+        }
+    }
+
+    /// Tokens emitted per verifying sequence-step (accepted drafts plus the sampled token).
+    pub fn mean_acceptance_length(&self) -> f64 {
+        if self.num_drafts == 0 {
+            0.0
+        } else {
+            1.0 + self.num_accepted_tokens as f64 / self.num_drafts as f64
+        }
+    }
+}
+
+/// The engine core's speculation: the configuration, its proposer and the counters.
+pub(crate) struct Speculator {
+    config: SpeculativeConfig,
+    proposer: Box<dyn Proposer>,
+    pub stats: SpecStats,
+}
+
+impl Speculator {
+    pub(crate) fn new(config: SpeculativeConfig) -> Result<Self> {
+        let proposer: Box<dyn Proposer> = match config.method {
+            SpecMethod::Ngram => {
+                Box::new(ngram::NgramProposer { min: config.prompt_lookup_min, max: config.prompt_lookup_max })
+            }
+            SpecMethod::Suffix => Box::new(suffix::SuffixProposer::new(&config)),
+            SpecMethod::DraftModel => {
+                return Err(Error::InvalidArgument {
+                    param: "speculative_config",
+                    message: "method draft_model is not supported yet (use ngram or suffix)".into(),
+                })
+            }
+        };
+        Ok(Self { config, proposer, stats: SpecStats::default() })
+    }
+
+    /// Proposes drafts for the decoding sequences of the next step.
+    pub(crate) fn propose(&mut self, scheduler: &mut Scheduler) {
+        let running = scheduler.num_running();
+        let mut rows_left = match self.config.disable_by_batch_size {
+            Some(b) if running >= b => return,
+            Some(_) => usize::MAX,
+            None => AUTO_ROW_BUDGET.saturating_sub(running),
+        };
+        let k = self.config.num_speculative_tokens;
+        let mut drafts = Vec::new();
+        for r in scheduler.draftable() {
+            if rows_left == 0 {
+                break;
+            }
+            let draft = self.proposer.propose(r.id, &r.token_ids, r.num_prompt_tokens, k.min(rows_left));
+            if !draft.is_empty() {
+                rows_left -= draft.len().min(rows_left);
+                drafts.push((r.id, draft));
+            }
+        }
+        for (id, draft) in drafts {
+            scheduler.propose(id, draft);
+        }
+    }
+
+    /// A sequence ended.
+    pub(crate) fn finished(&mut self, seq: SeqId) {
+        self.proposer.finished(seq);
+    }
+
+    /// Counts one verified draft of `drafted` tokens of which `accepted` were kept.
+    pub(crate) fn record(&mut self, drafted: usize, accepted: usize) {
+        if drafted == 0 {
+            return;
+        }
+        self.stats.num_drafts += 1;
+        self.stats.num_draft_tokens += drafted as u64;
+        self.stats.num_accepted_tokens += accepted as u64;
+        for c in self.stats.accepted_per_pos.iter_mut().take(accepted) {
+            *c += 1;
+        }
+    }
+}
