@@ -58,7 +58,8 @@ impl ShadowCache {
         }
     }
 
-    /// The step's K/V writes, then every scheduled sequence's context checked.
+    /// The step's K/V writes, then every scheduled sequence's context checked (its draft
+    /// tokens, not yet its own, sit after it).
     fn write(&mut self, s: &Scheduler, out: &SchedulerOutput) {
         for q in &out.seqs {
             for (i, &t) in q.token_ids.iter().enumerate() {
@@ -70,7 +71,9 @@ impl ShadowCache {
             // A held step's sequences may have been aborted while it was suspended.
             let Some(r) = s.request(q.id) else { continue };
             let tokens = &r.token_ids;
-            for (pos, &t) in tokens[..q.start_pos + q.token_ids.len()].iter().enumerate() {
+            assert_eq!(q.start_pos + q.token_ids.len() - q.num_draft, tokens.len().min(q.start_pos + q.token_ids.len()));
+            let end = q.start_pos + q.token_ids.len() - q.num_draft;
+            for (pos, &t) in tokens[..end].iter().enumerate() {
                 let held = self.slots[self.slot(&q.block_ids, pos)];
                 assert_eq!(held, Some(t), "sequence {} position {pos} reads a wrong K/V slot", q.id);
             }
@@ -327,6 +330,9 @@ enum Op {
     },
     Abort(usize),
     Step,
+    /// A step where each decoding sequence proposes `len` draft tokens, the first `right` of
+    /// them what the fake model then samples.
+    SpecStep { len: usize, right: usize },
     /// A step suspended while the inner ops run (they must not touch it), its K/V written last.
     Held(Vec<Op>),
     /// Inside `Held`: aborts one of the held step's sequences.
@@ -356,7 +362,13 @@ fn plain_op() -> impl Strategy<Value = Op> {
         Just(Op::Step),
         Just(Op::Step),
         Just(Op::Step),
+        (1usize..6, 0usize..7).prop_map(|(len, right)| Op::SpecStep { len, right }),
     ]
+}
+
+/// The fake model's token for a sequence with `n` tokens (so drafts can agree with it).
+fn truth(id: u64, n: usize) -> u32 {
+    1 + ((id as usize * 3 + n) % 7) as u32
 }
 
 fn apply_op(s: &mut Scheduler, shadow: &mut ShadowCache, next: &mut u64, op: Op) {
@@ -380,6 +392,47 @@ fn apply_op(s: &mut Scheduler, shadow: &mut ShadowCache, next: &mut u64, op: Op)
             shadow.apply(s, &out);
             let sampled: Vec<u32> = out.sampling_ids().map(|id| 1 + (id % 7) as u32).collect();
             s.update_from_output(&out, &sampled);
+        }
+        Op::SpecStep { len, right } => {
+            let proposals: Vec<(u64, usize)> = s.draftable().map(|r| (r.id, r.token_ids.len())).collect();
+            for (id, n) in proposals {
+                let draft = (0..len).map(|j| if j < right { truth(id, n + j) } else { 90 + j as u32 }).collect();
+                s.propose(id, draft);
+            }
+            let out = s.schedule();
+            check_limits(s, &out);
+            shadow.apply(s, &out);
+            // Verify: the model's token at each drafted position, up to the first disagreement.
+            let mut accepted = Vec::new();
+            let mut sampled = Vec::new();
+            for q in &out.seqs {
+                let n = q.start_pos + q.token_ids.len() - q.num_draft;
+                let draft = &q.token_ids[q.token_ids.len() - q.num_draft..];
+                let a = (0..q.num_draft).take_while(|&j| draft[j] == truth(q.id, n + j)).count();
+                accepted.push(a);
+                if q.sample {
+                    sampled.push(truth(q.id, n + a));
+                    sampled.extend(q.forks.iter().map(|&f| truth(f, n)));
+                }
+            }
+            let before: Vec<(u64, usize)> = out
+                .seqs
+                .iter()
+                .filter(|q| q.sample)
+                .filter_map(|q| Some((q.id, s.request(q.id)?.token_ids.len())))
+                .collect();
+            let updates = s.update_from_drafts(&out, &sampled, &accepted);
+            for (id, n) in before {
+                let got: Vec<u32> = updates.iter().filter(|u| u.id == id).map(|u| u.new_token).collect();
+                let want: Vec<u32> = (0..got.len()).map(|j| truth(id, n + j)).collect();
+                assert_eq!(got, want, "sequence {id} gets the model's tokens");
+                if let Some(r) = s.request(id) {
+                    // Its known tokens but the last are computed; no block past them.
+                    assert_eq!(r.num_computed_tokens + 1, r.token_ids.len());
+                    let bs = s.config().block_size;
+                    assert!(s.kv_cache().block_ids(id).len() <= r.token_ids.len().div_ceil(bs).max(1) + 1);
+                }
+            }
         }
         Op::Held(_) | Op::AbortHeld(_) => unreachable!("only a held step's inner ops"),
     }
