@@ -71,7 +71,10 @@ impl ShadowCache {
             // A held step's sequences may have been aborted while it was suspended.
             let Some(r) = s.request(q.id) else { continue };
             let tokens = &r.token_ids;
-            assert_eq!(q.start_pos + q.token_ids.len() - q.num_draft, tokens.len().min(q.start_pos + q.token_ids.len()));
+            assert_eq!(
+                q.start_pos + q.token_ids.len() - q.num_draft,
+                tokens.len().min(q.start_pos + q.token_ids.len())
+            );
             let end = q.start_pos + q.token_ids.len() - q.num_draft;
             for (pos, &t) in tokens[..end].iter().enumerate() {
                 let held = self.slots[self.slot(&q.block_ids, pos)];
@@ -332,7 +335,10 @@ enum Op {
     Step,
     /// A step where each decoding sequence proposes `len` draft tokens, the first `right` of
     /// them what the fake model then samples.
-    SpecStep { len: usize, right: usize },
+    SpecStep {
+        len: usize,
+        right: usize,
+    },
     /// A step suspended while the inner ops run (they must not touch it), its K/V written last.
     Held(Vec<Op>),
     /// Inside `Held`: aborts one of the held step's sequences.
