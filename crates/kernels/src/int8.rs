@@ -353,8 +353,8 @@ pub(crate) fn vnni_available() -> bool {
 pub(crate) enum KernelPath {
     /// AVX-512 VNNI (`vpdpbusd`).
     Vnni,
-    /// AVX2 with FMA and F16C (`vpmaddubsw` + `vpmaddwd` doing `vpdpbusd`'s work), for the
-    /// 4-bit and k-quant kernels; the int8 kernel runs its portable version.
+    /// AVX2 with FMA and F16C (`vpmaddubsw` + `vpmaddwd` doing `vpdpbusd`'s work in the 4-bit
+    /// and k-quant kernels, `vpmaddwd` on widened bytes in the int8 kernel).
     Avx2,
     /// Plain loops compiled by `multiversion` for what the CPU has.
     Portable,
@@ -396,7 +396,7 @@ pub(crate) fn kernel_path() -> KernelPath {
     })
 }
 
-/// Whether the 4-bit and k-quant kernels run their AVX2 versions.
+/// Whether the quantized kernels run their AVX2 versions.
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn avx2_selected() -> bool {
     kernel_path() == KernelPath::Avx2
@@ -423,8 +423,16 @@ fn groups_times_activations(w: &Int8Matrix, g0: usize, ng: usize, a: &Activation
     if vnni_available() {
         return vnni::groups(w, g0, ng, a, m, out);
     }
+    #[cfg(target_arch = "x86_64")]
+    if avx2_selected() {
+        return avx2::groups(w, g0, ng, a, m, out);
+    }
     groups_portable(w, g0, ng, a, m, out);
 }
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod avx2;
 
 #[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
 fn groups_portable(w: &Int8Matrix, g0: usize, ng: usize, a: &Activations, m: usize, out: &mut [f32]) {
@@ -690,6 +698,33 @@ mod tests {
             for (i, v) in xb.iter().enumerate() {
                 let back = m[b] + s[b] * q[b * BLOCK + i] as f32;
                 assert!((back - v).abs() <= 0.5001 * s[b], "{v} came back as {back}");
+            }
+        }
+    }
+
+    /// The AVX2 kernel, whatever path is selected, against the portable one: integer sums are
+    /// exact, so only the float scaling's rounding differs. Odd row counts and a partial group.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_kernel_matches_the_portable_one() {
+        if !avx2_present() {
+            return;
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let (rows, cols) = (56, 96);
+        let w: Vec<f32> = (0..rows * cols).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect();
+        let q = Int8Matrix::from_f32(&w, rows, cols).unwrap();
+        for m in [1, 2, 3, 6] {
+            // Large activations: every byte near 0 or 255 against weights near +-127.
+            let x: Vec<f32> =
+                (0..m * cols).map(|i| if i % 3 == 0 { -40.0 } else { 40.0 * rng.random::<f32>() }).collect();
+            let a = Activations::quantize(&x, cols);
+            let mut fast = vec![0f32; 4 * m * LANES];
+            let mut portable = vec![0f32; 4 * m * LANES];
+            avx2::groups(&q, 0, 4, &a, m, &mut fast);
+            groups_portable(&q, 0, 4, &a, m, &mut portable);
+            for (f, p) in fast.iter().zip(&portable) {
+                assert!((f - p).abs() <= 1e-4 * p.abs().max(1.0), "m={m}: {f} vs {p}");
             }
         }
     }

@@ -1,4 +1,4 @@
-//! `cargo xtask bench throughput | serve | latency | prefix-caching | embed`: vLLM's benchmark commands, with llama.cpp
+//! `cargo xtask bench throughput | serve | latency | prefix-caching | embed | lora | spec`: vLLM's benchmark commands, with llama.cpp
 //! (`--peer llama.cpp`) or vLLM's CPU backend (`--peer vllm`) run side by side in the same invocation.
 
 mod dataset;
@@ -9,6 +9,7 @@ mod peer;
 mod plot;
 mod prefix;
 mod serve;
+mod spec;
 mod stall;
 
 use std::path::PathBuf;
@@ -40,6 +41,9 @@ pub enum Bench {
     /// Concurrent requests spread over 1, 4 and 8 LoRA adapters (ranks 16 and 64) against the
     /// same requests on the base model: output tokens per second, side by side.
     Lora(lora::LoraArgs),
+    /// Speculative decoding (`ngram`, `suffix`) against plain decoding: one stream on
+    /// input-grounded and ordinary prompts and many concurrent streams, side by side.
+    Spec(spec::SpecArgs),
     /// Build llama.cpp's `llama-server` (or install vLLM's CPU backend) into the cache now
     /// (otherwise done on first `--peer`).
     BuildPeer(BuildPeerArgs),
@@ -501,6 +505,7 @@ pub fn run(b: Bench) -> Result<()> {
         Bench::PrefixCaching(a) => prefix::run(a),
         Bench::Embed(a) => embed::run(a),
         Bench::Lora(a) => lora::run(a),
+        Bench::Spec(a) => spec::run_bench(a),
         Bench::Stall(a) => stall::run(a),
         Bench::BuildPeer(a) => {
             let bin = match a.peer {
