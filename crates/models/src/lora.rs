@@ -431,6 +431,20 @@ impl LoraRegistry {
     /// the same shape; experts of a mixture are not targets), then each layer gets its pair.
     /// Nothing changes on error.
     pub fn install(&self, id: u32, adapter: &LoraAdapter) -> Result<()> {
+        for (slots, pair) in self.plan(adapter)? {
+            slots.pairs.write().unwrap_or_else(|p| p.into_inner()).insert(id, Arc::new(pair));
+        }
+        Ok(())
+    }
+
+    /// Whether [`Self::install`] would take `adapter` (every module checked), installing
+    /// nothing: a store makes room for an adapter only once it knows it fits the model.
+    pub fn check(&self, adapter: &LoraAdapter) -> Result<()> {
+        self.plan(adapter).map(drop)
+    }
+
+    /// Each module's layer and the pair it gets there, every module checked first.
+    fn plan(&self, adapter: &LoraAdapter) -> Result<Vec<(Arc<LoraSlots>, LoraPair)>> {
         let layers = self.layers.lock().unwrap_or_else(|p| p.into_inner());
         let mut plan = Vec::with_capacity(adapter.modules.len());
         for (module, w) in &adapter.modules {
@@ -483,10 +497,7 @@ impl LoraRegistry {
             let pair = LoraPair { rank: w.rank, inp, out, a: w.a.clone(), b, replace: w.kind == LoraKind::Replace };
             plan.push((slots.clone(), pair));
         }
-        for (slots, pair) in plan {
-            slots.pairs.write().unwrap_or_else(|p| p.into_inner()).insert(id, Arc::new(pair));
-        }
-        Ok(())
+        Ok(plan)
     }
 
     /// Removes adapter `id` from every layer.
