@@ -39,6 +39,14 @@ Fixtures under fixtures/lora/<name>/:
                     Its reference.json has no full logit rows: per prompt (token ids of English
                     sentences, no BOS) the base and adapted greedy continuations and the top-5
                     (token, logprob) of the last prompt position, base and adapted.
+  mixtral_experts   mixtral (4 experts, 2 per token), r=4 alpha=8, q_proj and PEFT's
+                    target_parameters [experts.gate_up_proj, experts.down_proj]: transformers 5
+                    stores a mixture's experts fused ([experts, 2 * width, hidden] and [experts,
+                    hidden, width]), so PEFT adapts them as parameters (lora.ParamWrapper):
+                    lora_A [experts * r, in], lora_B [out, experts * r] (expert e's A rows
+                    e*r..(e+1)*r, its B columns e, e + experts, ...), the second parameter's
+                    wrapper nested as `experts.base_layer`
+  qwen3_moe_experts qwen3_moe, r=4 alpha=8, o_proj and target_parameters [experts.down_proj]
   bert_r4           the tiny BERT embedder (fixtures/embedding/bert, written by
                     make_model_fixtures.py), task FEATURE_EXTRACTION, r=4 alpha=8, target_modules
                     [query, key, value, dense, word_embeddings]: every linear layer (the pooler's
@@ -116,6 +124,12 @@ ADAPTERS = {
     "llama_save_embed_head": ("fixtures/models/llama", 13,
                               dict(r=4, lora_alpha=8, target_modules=["v_proj"],
                                    modules_to_save=["embed_tokens", "lm_head"]), False),
+    "mixtral_experts": ("fixtures/models/mixtral", 15,
+                        dict(r=4, lora_alpha=8, target_modules=["q_proj"],
+                             target_parameters=["experts.gate_up_proj", "experts.down_proj"]), False),
+    "qwen3_moe_experts": ("fixtures/models/qwen3_moe", 16,
+                          dict(r=4, lora_alpha=8, target_modules=["o_proj"],
+                               target_parameters=["experts.down_proj"]), False),
 }
 BAD = ["bad_rank_64", "bad_target_missing", "bad_shape", "bad_nan", "bad_bin_only", "bad_not_safetensors"]
 ALL = list(ADAPTERS) + ["smollm2_r8_qv", "bert_r4"] + BAD

@@ -3,7 +3,8 @@
 //! on the base model's layers and run through the paged batched path: float32 logits within the
 //! parity tests' bound, greedy continuations equal; several adapters and the base model mixed
 //! in one batch give each sequence its own reference; the same adapter on the base's GGUF file;
-//! bad adapters refused whole.
+//! bad adapters refused whole. A mixture's fused experts (PEFT's `target_parameters`) are
+//! installed on each expert's layers.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -57,6 +58,8 @@ fn every_adapter_matches_peft() {
         "gpt2_r8",
         "qwen2_embed_head",
         "llama_save_embed_head",
+        "mixtral_experts",
+        "qwen3_moe_experts",
     ] {
         let r = reference(name);
         let base = r["base"].as_str().unwrap().to_string();
@@ -234,4 +237,29 @@ fn an_embedding_models_adapter_matches_peft() {
     let (_, llama_registry) = base_with("fixtures/models/llama", &[]);
     let err = llama_registry.install(1, &adapter).unwrap_err().to_string();
     assert!(err.contains("which this model does not have"), "{err}");
+}
+
+/// PEFT's adapters of a mixture's fused experts (`target_parameters`, fixtures/lora/
+/// mixtral_experts and qwen3_moe_experts) on each expert's layers: in one batch with base-model
+/// sequences each sequence gets its own reference (an expert's rows run with their own
+/// adapters); experts of another shape or count, or a model without experts, refuse them.
+#[test]
+fn adapters_of_a_mixtures_experts() {
+    let (model, _) = base_with("fixtures/models/mixtral", &["mixtral_experts"]);
+    let a = reference("mixtral_experts");
+    let base: Value =
+        serde_json::from_str(&std::fs::read_to_string(root().join("fixtures/models/mixtral/reference.json")).unwrap())
+            .unwrap();
+    let mixed = json!({"cases": [a["cases"][0], base["cases"][1], a["cases"][2]]});
+    compare_lora(model.as_ref(), &mixed, 1e-4, false, "experts + base in one batch", &[Some(1), None, Some(1)]);
+
+    let adapter = LoraAdapter::from_peft_dir(&root().join("fixtures/lora/mixtral_experts"), 64).unwrap();
+    let (_, qwen3_moe) = base_with("fixtures/models/qwen3_moe", &[]);
+    let err = qwen3_moe.install(1, &adapter).unwrap_err().to_string();
+    assert!(err.contains("neither the model's gate_up_proj [128, 64] nor its down_proj [64, 64]"), "{err}");
+    let (_, llama) = base_with("fixtures/models/llama", &[]);
+    let err = llama.install(1, &adapter).unwrap_err().to_string();
+    assert!(err.contains("the experts of model.layers.0.mlp.experts, which this model does not have"), "{err}");
+    let err = LoraAdapter::from_peft_dir(&root().join("fixtures/lora/mixtral_experts"), 2).unwrap_err().to_string();
+    assert!(err.contains("has rank 4, above --max-lora-rank 2"), "{err}");
 }
