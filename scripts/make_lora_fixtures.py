@@ -39,6 +39,22 @@ Fixtures under fixtures/lora/<name>/:
                     Its reference.json has no full logit rows: per prompt (token ids of English
                     sentences, no BOS) the base and adapted greedy continuations and the top-5
                     (token, logprob) of the last prompt position, base and adapted.
+  mixtral_experts   mixtral (4 experts, 2 per token), r=4 alpha=8, q_proj and PEFT's
+                    target_parameters [experts.gate_up_proj, experts.down_proj]: transformers 5
+                    stores a mixture's experts fused ([experts, 2 * width, hidden] and [experts,
+                    hidden, width]), so PEFT adapts them as parameters (lora.ParamWrapper):
+                    lora_A [experts * r, in], lora_B [out, experts * r] (expert e's A rows
+                    e*r..(e+1)*r, its B columns e, e + experts, ...), the second parameter's
+                    wrapper nested as `experts.base_layer`
+  qwen3_moe_experts qwen3_moe, r=4 alpha=8, o_proj and target_parameters [experts.down_proj]
+  bert_r4           the tiny BERT embedder (fixtures/embedding/bert, written by
+                    make_model_fixtures.py), task FEATURE_EXTRACTION, r=4 alpha=8, target_modules
+                    [query, key, value, dense, word_embeddings]: every linear layer (the pooler's
+                    dense too, which sentence-transformers' pooling never runs) and the word
+                    embeddings (lora_embedding_A / _B). Its reference.json holds per text the
+                    token ids and the pooled vector with the adapter ("embedding") and without it
+                    ("base_embedding"): transformers' last hidden state in float32, mean over the
+                    tokens, unit length (sentence-transformers' Pooling + Normalize).
   bad_rank_64 bad_target_missing bad_shape bad_nan bad_bin_only bad_not_safetensors: broken
                     adapters on llama that loading must reject (no reference).
 
@@ -108,9 +124,15 @@ ADAPTERS = {
     "llama_save_embed_head": ("fixtures/models/llama", 13,
                               dict(r=4, lora_alpha=8, target_modules=["v_proj"],
                                    modules_to_save=["embed_tokens", "lm_head"]), False),
+    "mixtral_experts": ("fixtures/models/mixtral", 15,
+                        dict(r=4, lora_alpha=8, target_modules=["q_proj"],
+                             target_parameters=["experts.gate_up_proj", "experts.down_proj"]), False),
+    "qwen3_moe_experts": ("fixtures/models/qwen3_moe", 16,
+                          dict(r=4, lora_alpha=8, target_modules=["o_proj"],
+                               target_parameters=["experts.down_proj"]), False),
 }
 BAD = ["bad_rank_64", "bad_target_missing", "bad_shape", "bad_nan", "bad_bin_only", "bad_not_safetensors"]
-ALL = list(ADAPTERS) + ["smollm2_r8_qv"] + BAD
+ALL = list(ADAPTERS) + ["smollm2_r8_qv", "bert_r4"] + BAD
 
 
 def load_base(path):
@@ -208,6 +230,58 @@ def write_reference(name, base, seed, kw):
         json.dump(ref, f)
     changed = sum(c["greedy"] != c["base_greedy"] for c in cases)
     return d, f"greedy {cases[0]['greedy']}, {changed}/{len(cases)} continuations differ from the base"
+
+
+# ---------------------------------------------------------------- an embedding model (BERT)
+
+BERT_BASE = "fixtures/embedding/bert"
+
+
+def write_bert(name="bert_r4", seed=14):
+    from tokenizers import Tokenizer
+    base_ref = json.load(open(os.path.join(BERT_BASE, "reference.json")))
+    tok = Tokenizer.from_file(os.path.join(BERT_BASE, "tokenizer.json"))
+
+    def pooled(model, ids):  # mean over the tokens, unit length (float32)
+        h = model(input_ids=torch.tensor([ids])).last_hidden_state[0]
+        return torch.nn.functional.normalize(h.mean(0), dim=0)
+
+    def load():
+        return tf.AutoModel.from_pretrained(BERT_BASE, dtype=torch.float32).eval()
+
+    torch.manual_seed(seed)
+    kw = dict(r=4, lora_alpha=8, target_modules=["query", "key", "value", "dense", "word_embeddings"])
+    pm = get_peft_model(load(), LoraConfig(task_type="FEATURE_EXTRACTION", **kw))
+    randomize_lora(pm, seed, 0.2)
+    d = os.path.join(OUT, name)
+    save_adapter(pm, d, BERT_BASE)
+    sd = load_file(os.path.join(d, "adapter_model.safetensors"))
+    assert sd and all(t.abs().sum() > 0 for t in sd.values()), "adapter has all-zero tensors"
+    model = PeftModel.from_pretrained(load(), d).eval()
+    plain = load()
+    cases = []
+    with torch.no_grad():
+        for c in base_ref["cases"]:
+            ids = tok.encode(c["text"]).ids
+            assert ids == c["prompt"], (ids, c["prompt"])
+            adapted, base = pooled(model, ids), pooled(plain, ids)
+            assert torch.allclose(base, torch.tensor(c["embedding"]), atol=1e-6), "base differs from its fixture"
+            assert torch.allclose(adapted, pooled(pm, ids), atol=1e-5), "saved adapter differs from the in-memory one"
+            cases.append({"text": c["text"], "prompt": ids,
+                          "embedding": [round(v, 7) for v in adapted.tolist()],
+                          "base_embedding": [round(v, 7) for v in base.tolist()]})
+    cfg = model.peft_config["default"]
+    ref = {
+        "architecture": "BertModel", "transformers": tf.__version__, "torch": torch.__version__,
+        "peft": peft.__version__, "base": BERT_BASE, "pooling": "mean, normalize",
+        "adapter": {"r": cfg.r, "lora_alpha": cfg.lora_alpha, "target_modules": sorted(cfg.target_modules),
+                    "use_rslora": cfg.use_rslora, "scales": scales(model)},
+        "cases": cases,
+    }
+    with open(os.path.join(d, "reference.json"), "w") as f:
+        json.dump(ref, f)
+    cos = min(float(torch.dot(torch.tensor(c["embedding"]), torch.tensor(c["base_embedding"]))) for c in cases)
+    return d, f"{len(sd)} tensors, lowest cosine between adapted and base vectors {cos:.4f}"
 
 
 # ---------------------------------------------------------------- bad adapters
@@ -379,6 +453,8 @@ def main():
             if gg:
                 p = write_gguf(d, base)
                 note += "\n" + describe_gguf(p)
+        elif name == "bert_r4":
+            d, note = write_bert(name)
         elif name == "smollm2_r8_qv":
             d, note = write_smollm2(name)
             p = write_gguf(d, SMOL_HF)

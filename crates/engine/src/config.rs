@@ -138,33 +138,7 @@ impl EngineConfig {
             }
             KvBudget::GpuFraction(u)
         };
-        let lora = if args.enable_lora {
-            if device.is_cuda() {
-                return Err(invalid("enable_lora", "LoRA adapters run on the CPU; on CUDA they are not supported yet"));
-            }
-            if args.max_loras == 0 || args.max_lora_rank == 0 {
-                return Err(invalid("max_loras", "--max-loras and --max-lora-rank must be positive"));
-            }
-            if args.max_lora_rank > 1024 {
-                return Err(invalid("max_lora_rank", format!("{} (at most 1024)", args.max_lora_rank)));
-            }
-            let max_cpu_loras = args.max_cpu_loras.unwrap_or(args.max_loras);
-            if max_cpu_loras < args.max_loras {
-                return Err(invalid(
-                    "max_cpu_loras",
-                    format!(
-                        "{max_cpu_loras} is fewer than --max-loras {} (every adapter of a step is loaded)",
-                        args.max_loras
-                    ),
-                ));
-            }
-            if matches!(args.lora_dtype.as_str(), "float16" | "bfloat16") {
-                tracing::info!("--lora-dtype {}: adapters compute in float32 here", args.lora_dtype);
-            }
-            Some(crate::lora::LoraLimits { max_loras: args.max_loras, max_rank: args.max_lora_rank, max_cpu_loras })
-        } else {
-            None
-        };
+        let lora = crate::lora::LoraLimits::from_args(args, &device)?;
         let on_gpu = device.is_cuda();
         let fixed_shape_decode = (args.cuda_graphs.unwrap_or(on_gpu && !args.enforce_eager)
             && args.max_seq_len_to_capture > 0)

@@ -140,11 +140,7 @@ impl InputProcessor {
 
     /// A lease on `req`'s adapter (loading it on first use); an error without `--enable-lora`.
     pub fn lora_lease(&self, req: Option<&crate::lora::LoraRequest>) -> Result<Option<crate::lora::LoraLease>> {
-        let Some(req) = req else { return Ok(None) };
-        match &self.inner.lora {
-            Some(m) => m.acquire(req).map(Some),
-            None => Err(invalid("lora_request", "this engine serves no LoRA adapters (start it with --enable-lora)")),
-        }
+        crate::lora::lease(self.inner.lora.as_deref(), req)
     }
 
     /// The tokenizer.

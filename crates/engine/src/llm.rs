@@ -73,6 +73,22 @@ impl From<Vec<Option<LoraRequest>>> for LoraList {
     }
 }
 
+impl LoraList {
+    /// One entry per prompt of `n`; a per-prompt list of another length is an error naming
+    /// `lora_request`.
+    fn per_prompt(self, n: usize) -> Result<Vec<Option<LoraRequest>>> {
+        match self {
+            LoraList::None => Ok(vec![None; n]),
+            LoraList::One(l) => Ok(vec![Some(l); n]),
+            LoraList::PerPrompt(v) if v.len() == n => Ok(v),
+            LoraList::PerPrompt(v) => Err(Error::InvalidArgument {
+                param: "lora_request",
+                message: format!("{} adapters for {n} prompts", v.len()),
+            }),
+        }
+    }
+}
+
 /// One conversation (a list of `{"role", "content", ...}` messages) or a batch of them.
 #[derive(Debug, Clone)]
 pub enum Conversations {
@@ -200,6 +216,17 @@ impl LLM {
     /// in input order. Texts longer than the model's `max_seq_length` are truncated like
     /// sentence-transformers does. A generative model is an error naming `model`.
     pub fn encode<P: Into<Prompt>>(&self, prompts: impl IntoIterator<Item = P>) -> Result<Vec<EmbeddingRequestOutput>> {
+        self.encode_with_lora(prompts, LoraList::None)
+    }
+
+    /// [`Self::encode`] with LoRA adapters (vLLM's `lora_request`): one for every prompt, or
+    /// one (or none) per prompt; the engine needs `enable_lora`. Prompts of different adapters
+    /// and of the base model are embedded in the same batches.
+    pub fn encode_with_lora<P: Into<Prompt>>(
+        &self,
+        prompts: impl IntoIterator<Item = P>,
+        loras: impl Into<LoraList>,
+    ) -> Result<Vec<EmbeddingRequestOutput>> {
         let Some(embedder) = &self.embedder else {
             return Err(Error::InvalidArgument {
                 param: "model",
@@ -211,7 +238,8 @@ impl LLM {
             });
         };
         let prompts: Vec<Prompt> = prompts.into_iter().map(Into::into).collect();
-        embedder.encode(&prompts)
+        let loras = loras.into().per_prompt(prompts.len())?;
+        embedder.encode_with_lora(&prompts, &loras)
     }
 
     /// The same as [`Self::encode`] (vLLM's `LLM.embed`).
@@ -329,17 +357,7 @@ impl LLM {
         loras: impl Into<LoraList>,
     ) -> Result<Vec<RequestOutput>> {
         let prompts: Vec<Prompt> = prompts.into_iter().map(Into::into).collect();
-        let loras: Vec<Option<LoraRequest>> = match loras.into() {
-            LoraList::None => vec![None; prompts.len()],
-            LoraList::One(l) => vec![Some(l); prompts.len()],
-            LoraList::PerPrompt(v) if v.len() == prompts.len() => v,
-            LoraList::PerPrompt(v) => {
-                return Err(Error::InvalidArgument {
-                    param: "lora_request",
-                    message: format!("{} adapters for {} prompts", v.len(), prompts.len()),
-                })
-            }
-        };
+        let loras = loras.into().per_prompt(prompts.len())?;
         let params = match params.into() {
             ParamsList::One(p) => vec![*p; prompts.len()],
             ParamsList::PerPrompt(v) if v.len() == prompts.len() => v,

@@ -44,6 +44,58 @@ pub struct LoraLimits {
     pub max_cpu_loras: usize,
 }
 
+impl LoraLimits {
+    /// The limits `--enable-lora` asks for (`None` without it), checked: LoRA runs on the CPU,
+    /// `--max-loras` and `--max-lora-rank` positive, the rank at most 1024, `--max-cpu-loras`
+    /// at least `--max-loras`. One check for the generation engine and the embedder.
+    pub(crate) fn from_args(args: &crate::EngineArgs, device: &candle_core::Device) -> Result<Option<Self>> {
+        let invalid = |param, message: String| Error::InvalidArgument { param, message };
+        if !args.enable_lora {
+            return Ok(None);
+        }
+        if device.is_cuda() {
+            return Err(invalid(
+                "enable_lora",
+                "LoRA adapters run on the CPU; on CUDA they are not supported yet".into(),
+            ));
+        }
+        if args.max_loras == 0 || args.max_lora_rank == 0 {
+            return Err(invalid("max_loras", "--max-loras and --max-lora-rank must be positive".into()));
+        }
+        if args.max_lora_rank > 1024 {
+            return Err(invalid("max_lora_rank", format!("{} (at most 1024)", args.max_lora_rank)));
+        }
+        let max_cpu_loras = args.max_cpu_loras.unwrap_or(args.max_loras);
+        if max_cpu_loras < args.max_loras {
+            return Err(invalid(
+                "max_cpu_loras",
+                format!(
+                    "{max_cpu_loras} is fewer than --max-loras {} (every adapter of a step is loaded)",
+                    args.max_loras
+                ),
+            ));
+        }
+        if matches!(args.lora_dtype.as_str(), "float16" | "bfloat16") {
+            tracing::info!("--lora-dtype {}: adapters compute in float32 here", args.lora_dtype);
+        }
+        Ok(Some(Self { max_loras: args.max_loras, max_rank: args.max_lora_rank, max_cpu_loras }))
+    }
+}
+
+/// A lease on `req`'s adapter from `manager` (loading it on first use); no adapter asked for
+/// is none, an adapter asked of an engine without `--enable-lora` an error naming
+/// `lora_request`.
+pub(crate) fn lease(manager: Option<&LoraManager>, req: Option<&LoraRequest>) -> Result<Option<LoraLease>> {
+    let Some(req) = req else { return Ok(None) };
+    match manager {
+        Some(m) => m.acquire(req).map(Some),
+        None => Err(Error::InvalidArgument {
+            param: "lora_request",
+            message: "this engine serves no LoRA adapters (start it with --enable-lora)".into(),
+        }),
+    }
+}
+
 /// A request's hold on its adapter: while any lease lives, the adapter stays installed.
 #[derive(Debug, Clone)]
 pub struct LoraLease {
@@ -119,6 +171,8 @@ impl LoraManager {
         // Read and checked without the lock (a large adapter takes a while); the registry
         // then takes it whole or refuses it whole.
         let adapter = LoraAdapter::load(&req.path, self.limits.max_rank).map_err(|e| invalid(e.to_string()))?;
+        // Checked against the model before room is made for it: a bad adapter evicts nothing.
+        self.registry.check(&adapter).map_err(|e| invalid(format!("adapter '{}': {e}", req.name)))?;
         let mut inner = self.lock();
         self.purge(&mut inner);
         if let Some(lease) = self.resident_locked(&mut inner, req)? {
@@ -257,5 +311,15 @@ mod tests {
         // A bad adapter changes nothing.
         assert!(m.load(&adapter("bad", 3, "bad_nan")).is_err());
         assert_eq!(m.names().len(), 1);
+    }
+
+    #[test]
+    fn an_adapter_the_model_refuses_evicts_nothing() {
+        let (_model, m) = manager(1);
+        m.load(&adapter("a", 1, "llama_r8_qv")).unwrap();
+        // Read fine, but for modules the model lacks: refused before a's room is taken.
+        let err = m.load(&adapter("missing", 2, "bad_target_missing")).unwrap_err().to_string();
+        assert!(err.contains("which this model does not have"), "{err}");
+        assert_eq!(m.names().into_values().collect::<Vec<_>>(), ["a"]);
     }
 }

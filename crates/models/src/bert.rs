@@ -8,8 +8,15 @@
 //!
 //! Encoders do not use the paged cache: a batch is padded to its longest sequence and run
 //! in one pass.
+//!
+//! LoRA adapters: loaded with a [`LoraRegistry`], every linear layer is recorded under its
+//! checkpoint name (`encoder.layer.0.attention.self.query`, ...), the word embeddings as an
+//! embedding, and the pooler's `dense` (never run) so that PEFT's `target_modules=["dense"]`,
+//! which matches it too, installs; [`BertEmbedder::embed_with_adapters`] runs each sequence
+//! with its adapter.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, D};
 use serde::Deserialize;
@@ -19,6 +26,7 @@ use vllm_kernels::AttnShape;
 use crate::info::KvLayout;
 use crate::layers::LayerNorm;
 use crate::linear::Linear;
+use crate::lora::{LoraRegistry, LoraSlots, StepAdapters};
 use crate::validate::{Names, Summary, TensorNames};
 use crate::weights::{LoadOptions, Weights};
 use crate::{registry, safetensors_files, Error, Result};
@@ -170,6 +178,8 @@ struct Layer {
 pub struct BertEmbedder {
     cfg: BertConfig,
     word: Tensor,
+    /// The word embeddings' adapter slots (a model loaded for LoRA adapters).
+    word_lora: Option<Arc<LoraSlots>>,
     position: Tensor,
     token_type: Tensor,
     emb_norm: LayerNorm,
@@ -182,6 +192,16 @@ impl BertEmbedder {
     /// Loads a folder (`config.json` with `BertModel`, safetensors, sentence-transformers
     /// pooling files).
     pub fn load_dir(dir: &Path, opts: LoadOptions, device: &Device) -> Result<Self> {
+        Self::load_dir_with(dir, opts, device, None)
+    }
+
+    /// [`Self::load_dir`], recording every layer in `lora` for LoRA adapters.
+    pub fn load_dir_with(
+        dir: &Path,
+        opts: LoadOptions,
+        device: &Device,
+        lora: Option<Arc<LoraRegistry>>,
+    ) -> Result<Self> {
         let (raw, arch) = crate::read_hf_config(dir)?;
         if !registry::by_hf_class(&arch).is_some_and(|a| a.is_encoder()) {
             let supported = registry::encoder_classes().collect::<Vec<_>>().join(", ");
@@ -192,9 +212,10 @@ impl BertEmbedder {
         summary.validate()?;
         // Encoders run in float32 (their cost is small; pooling is sensitive).
         let opts = LoadOptions { dtype: DType::F32, ..opts };
-        let w = Weights::from_safetensors(&safetensors_files(dir)?, opts, device)?;
+        let w = Weights::from_safetensors(&safetensors_files(dir)?, opts, device)?.with_lora(lora);
         summary.check_tensors(&w)?;
         let w = if w.contains("bert.embeddings.word_embeddings.weight") { w.pp("bert") } else { w };
+        w.record_unused("pooler.dense");
         let e = w.pp("embeddings");
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| {
@@ -211,8 +232,11 @@ impl BertEmbedder {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        let word = e.get("word_embeddings.weight")?;
+        let word_lora = e.embedding_lora("word_embeddings", word.dim(0)?, word.dim(1)?);
         Ok(Self {
-            word: e.get("word_embeddings.weight")?,
+            word,
+            word_lora,
             position: e.get("position_embeddings.weight")?,
             token_type: e.get("token_type_embeddings.weight")?,
             emb_norm: LayerNorm::load(&e, "LayerNorm")?,
@@ -241,6 +265,26 @@ impl BertEmbedder {
     /// Encodes a batch of token-id sequences (each at most `max_position_embeddings`, none
     /// empty) into one vector each.
     pub fn embed(&self, batch: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+        self.embed_with_adapters(batch, &[])
+    }
+
+    /// [`Self::embed`] with sequence `i` run with LoRA adapter `adapters[i]`: an id installed
+    /// in the model's registry, or `None` for the base model (`adapters` empty: the base for
+    /// every sequence). Sequences of several adapters and of the base share the pass.
+    pub fn embed_with_adapters(&self, batch: &[Vec<u32>], adapters: &[Option<u32>]) -> Result<Vec<Vec<f32>>> {
+        if !adapters.is_empty() && adapters.len() != batch.len() {
+            return Err(Error::Config(format!("{} adapters for {} sequences", adapters.len(), batch.len())));
+        }
+        let len = batch.iter().map(Vec::len).max().unwrap_or(0);
+        // Every row of the padded batch (each sequence's padding too) runs with its sequence's.
+        let step = adapters.iter().any(Option::is_some).then(|| {
+            let tokens = adapters.iter().flat_map(|&a| std::iter::repeat_n(a, len)).collect();
+            Arc::new(StepAdapters { tokens, logits: Vec::new() })
+        });
+        crate::lora::with_step_adapters(step, || self.forward(batch))
+    }
+
+    fn forward(&self, batch: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
@@ -263,7 +307,12 @@ impl BertEmbedder {
         // Padded keys get -inf-like scores: [b, 1, 1, len].
         let bias = ((mask.clone() - 1.0)? * 1e9)?.reshape((b, 1, 1, len))?;
         let pos = self.position.narrow(0, 0, len)?.repeat((b, 1))?;
-        let x = (self.word.index_select(&ids, 0)? + pos)?.broadcast_add(&self.token_type.get(0)?)?;
+        let words = self.word.index_select(&ids, 0)?;
+        let words = match &self.word_lora {
+            Some(slots) => crate::lora::add_embedding_adapters(slots, &ids, words)?,
+            None => words,
+        };
+        let x = (words + pos)?.broadcast_add(&self.token_type.get(0)?)?;
         let mut x = self.emb_norm.forward(&x, eps)?;
         let heads_of =
             |t: Tensor| -> Result<Tensor> { Ok(t.reshape((b, len, heads, d))?.transpose(1, 2)?.contiguous()?) };

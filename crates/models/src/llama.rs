@@ -384,14 +384,22 @@ impl Mlp {
         };
         let logits = router.forward(&x.to_dtype(DType::F32)?)?.to_vec2::<f32>()?;
         let routes = route(&logits, experts.len(), top_k, norm);
+        // Each token row's LoRA adapter, when the step has any: an expert's layers see only its
+        // tokens' rows, so they run with those rows' adapters.
+        let adapters = crate::lora::current_rows(x.dim(0)?)?;
         let mut out = x.zeros_like()?;
         for (expert, (tokens, weights)) in experts.iter().zip(routes) {
             if tokens.is_empty() {
                 continue;
             }
             let n = tokens.len();
+            let step = adapters.as_ref().map(|rows| {
+                let tokens = tokens.iter().map(|&t| rows.get(t as usize).copied().flatten()).collect();
+                std::sync::Arc::new(crate::lora::StepAdapters { tokens, logits: Vec::new() })
+            });
             let idx = Tensor::from_vec(tokens, n, x.device())?;
-            let y = expert.forward(&x.index_select(&idx, 0)?)?;
+            let xs = x.index_select(&idx, 0)?;
+            let y = crate::lora::with_step_adapters(step, || expert.forward(&xs))?;
             let w = Tensor::from_vec(weights, (n, 1), x.device())?.to_dtype(y.dtype())?;
             out = out.index_add(&idx, &y.broadcast_mul(&w)?, 0)?;
         }

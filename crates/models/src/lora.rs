@@ -9,6 +9,7 @@
 //! Adapters are read from PEFT folders (`adapter_config.json` + `adapter_model.safetensors`):
 //! `r`, `lora_alpha`, `use_rslora` (scale `alpha / sqrt(r)`), `rank_pattern` / `alpha_pattern`,
 //! `target_modules` and `layers_to_transform` (the file's tensors say which modules it has),
+//! `target_parameters` on a mixture's fused experts (installed on each expert's layers),
 //! `bias: none`. A module name is the base checkpoint's (`model.layers.0.self_attn.q_proj`),
 //! so a PEFT adapter applies to the same model's GGUF file too (its layers are named the
 //! Hugging Face way).
@@ -32,6 +33,8 @@ pub use vllm_kernels::lora::LoraPair;
 
 use crate::{Error, Result};
 
+mod experts;
+
 /// What an adapter does to one module.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LoraKind {
@@ -44,6 +47,10 @@ pub enum LoraKind {
     /// PEFT's `modules_to_save` copy of `embed_tokens` or `lm_head`: the module's whole weight,
     /// `b` `[out, inp]` as stored (`[vocab, hidden]` for both), `a` empty, rank 0.
     Replace,
+    /// A mixture's fused experts (PEFT's `target_parameters` on transformers 5's stacked
+    /// `gate_up_proj` / `down_proj`) of this many experts: `a` `[experts * rank, in]`, `b`
+    /// `[out, experts * rank]`, `rank` each expert's (see `lora/experts.rs`).
+    Experts(usize),
 }
 
 /// One module's matrices in an adapter file: `A [rank, in]`, `B [out, rank]`, and its scale.
@@ -291,15 +298,26 @@ impl LoraAdapter {
                 _ => return Err(bad(dir, format!("{module}: not one lora_A/lora_B or lora_embedding_A/_B pair, or a modules_to_save copy with them"))),
             };
             let ((a_shape, a), (b_shape, b)) = (a, b);
-            let (rank, inp, out, rank_b) = (a_shape[0], a_shape[1], b_shape[0], b_shape[1]);
-            if rank != rank_b || rank == 0 {
+            let (rows, inp, out, cols) = (a_shape[0], a_shape[1], b_shape[0], b_shape[1]);
+            if rows != cols || rows == 0 {
                 return Err(bad(dir, format!("{module}: A {a_shape:?} and B {b_shape:?} disagree on the rank")));
-            }
-            if rank > max_rank {
-                return Err(bad(dir, format!("{module} has rank {rank}, above --max-lora-rank {max_rank}")));
             }
             let key_rank = rank_pattern.iter().find(|(k, _)| pattern_matches(k, &module)).map_or(r as f64, |p| p.1);
             let key_alpha = alpha_pattern.iter().find(|(k, _)| pattern_matches(k, &module)).map_or(alpha, |p| p.1);
+            // A mixture's fused experts: A holds every expert's rows of rank r, one after another.
+            let (kind, rank) = match experts::owner(&module) {
+                Some(_) if kind == LoraKind::Linear => {
+                    let r = key_rank as usize;
+                    if r == 0 || rows % r != 0 {
+                        return Err(bad(dir, format!("{module}: A {a_shape:?} is not experts of rank {key_rank}")));
+                    }
+                    (LoraKind::Experts(rows / r), r)
+                }
+                _ => (kind, rows),
+            };
+            if rank > max_rank {
+                return Err(bad(dir, format!("{module} has rank {rank}, above --max-lora-rank {max_rank}")));
+            }
             if key_rank as usize != rank {
                 return Err(bad(dir, format!("{module}: rank {rank} in the file, {key_rank} in adapter_config.json")));
             }
@@ -428,18 +446,33 @@ impl LoraRegistry {
     }
 
     /// Installs `adapter` under `id`: every module is checked first (a layer of the model, of
-    /// the same shape; experts of a mixture are not targets), then each layer gets its pair.
+    /// the same shape), then each layer gets its pair.
     /// Nothing changes on error.
     pub fn install(&self, id: u32, adapter: &LoraAdapter) -> Result<()> {
+        for (slots, pair) in self.plan(adapter)? {
+            slots.pairs.write().unwrap_or_else(|p| p.into_inner()).insert(id, Arc::new(pair));
+        }
+        Ok(())
+    }
+
+    /// Whether [`Self::install`] would take `adapter` (every module checked), installing
+    /// nothing: a store makes room for an adapter only once it knows it fits the model.
+    pub fn check(&self, adapter: &LoraAdapter) -> Result<()> {
+        self.plan(adapter).map(drop)
+    }
+
+    /// Each module's layer and the pair it gets there, every module checked first.
+    fn plan(&self, adapter: &LoraAdapter) -> Result<Vec<(Arc<LoraSlots>, LoraPair)>> {
         let layers = self.layers.lock().unwrap_or_else(|p| p.into_inner());
         let mut plan = Vec::with_capacity(adapter.modules.len());
         for (module, w) in &adapter.modules {
+            if let LoraKind::Experts(count) = w.kind {
+                plan.extend(experts::plan(&layers, module, w, count)?);
+                continue;
+            }
             let Some(slots) = Self::find(&layers, module) else {
                 return Err(Error::Config(format!("the adapter targets {module}, which this model does not have")));
             };
-            if module.contains(".experts.") {
-                return Err(Error::Config(format!("{module}: adapters on a mixture's experts are not served")));
-            }
             // A modules_to_save copy of an embedding is stored [vocab, hidden], like its slots'
             // (inp, out); every other matrix [out, in].
             let shape = if slots.embedding && w.kind == LoraKind::Replace { (w.inp, w.out) } else { (w.out, w.inp) };
@@ -483,10 +516,7 @@ impl LoraRegistry {
             let pair = LoraPair { rank: w.rank, inp, out, a: w.a.clone(), b, replace: w.kind == LoraKind::Replace };
             plan.push((slots.clone(), pair));
         }
-        for (slots, pair) in plan {
-            slots.pairs.write().unwrap_or_else(|p| p.into_inner()).insert(id, Arc::new(pair));
-        }
-        Ok(())
+        Ok(plan)
     }
 
     /// Removes adapter `id` from every layer.

@@ -405,6 +405,16 @@ impl Weights {
         self.lora.as_ref().map(|r| r.embedding(&self.full(name), vocab, hidden))
     }
 
+    /// Records checkpoint layer `name` for LoRA adapters without building it: a layer the
+    /// model never runs (BERT's pooler, which sentence-transformers' pooling skips), so an
+    /// adapter that targets it too (PEFT's `dense` matches it) installs, and changes nothing
+    /// there, as in the reference. Nothing when the checkpoint has no such matrix.
+    pub(crate) fn record_unused(&self, name: &str) {
+        if let (Some(registry), Some(&[out, inp])) = (&self.lora, self.shape(&format!("{name}.weight")).as_deref()) {
+            registry.layer(&self.full(name), out, inp, None);
+        }
+    }
+
     /// `linear`, recorded as layer `name` when the model is loaded for LoRA adapters (also a
     /// matrix read under another name, such as a tied output head PEFT calls `lm_head`).
     pub(crate) fn recorded(&self, name: &str, linear: Linear) -> Result<Linear> {

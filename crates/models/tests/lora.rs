@@ -3,7 +3,8 @@
 //! on the base model's layers and run through the paged batched path: float32 logits within the
 //! parity tests' bound, greedy continuations equal; several adapters and the base model mixed
 //! in one batch give each sequence its own reference; the same adapter on the base's GGUF file;
-//! bad adapters refused whole.
+//! bad adapters refused whole. A mixture's fused experts (PEFT's `target_parameters`) are
+//! installed on each expert's layers.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -57,6 +58,8 @@ fn every_adapter_matches_peft() {
         "gpt2_r8",
         "qwen2_embed_head",
         "llama_save_embed_head",
+        "mixtral_experts",
+        "qwen3_moe_experts",
     ] {
         let r = reference(name);
         let base = r["base"].as_str().unwrap().to_string();
@@ -166,4 +169,97 @@ fn bad_adapters_are_refused_whole() {
         serde_json::from_str(&std::fs::read_to_string(root().join("fixtures/models/llama/reference.json")).unwrap())
             .unwrap();
     compare_lora(model.as_ref(), &json!({"cases": [base["cases"][0]]}), 1e-4, false, "id 9 is empty", &[Some(9)]);
+}
+
+/// A reference vector of the BERT adapter fixture (`embedding` or `base_embedding`).
+fn vector(case: &Value, key: &str) -> Vec<f32> {
+    case[key].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect()
+}
+
+/// Cosine similarity and largest difference of two vectors.
+fn closeness(a: &[f32], b: &[f32]) -> (f64, f32) {
+    assert_eq!(a.len(), b.len());
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    let n = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    (dot / (n(a) * n(b)), a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max))
+}
+
+/// An embedding model's adapter (PEFT on the tiny BERT, every linear layer, the pooler's and
+/// the word embeddings): the pooled vectors equal peft's (cosine >= 0.99999, within 1e-4), one
+/// sequence at a time and in one padded batch with base-model sequences, whose vectors stay
+/// the base's; modules the BERT lacks, and a rank above the limit, are refused.
+#[test]
+fn an_embedding_models_adapter_matches_peft() {
+    use vllm_models::bert::BertEmbedder;
+    let r = reference("bert_r4");
+    let registry = Arc::new(LoraRegistry::default());
+    let model = BertEmbedder::load_dir_with(
+        &root().join(r["base"].as_str().unwrap()),
+        LoadOptions::float32(),
+        &candle_core::Device::Cpu,
+        Some(registry.clone()),
+    )
+    .unwrap();
+    let adapter = LoraAdapter::from_peft_dir(&root().join("fixtures/lora/bert_r4"), 8).unwrap();
+    assert_eq!(adapter.modules.len(), 2 * 6 + 2, "6 linear layers a layer, the pooler, the word embeddings");
+    registry.install(1, &adapter).unwrap();
+    let cases = r["cases"].as_array().unwrap();
+    let prompts: Vec<Vec<u32>> = cases
+        .iter()
+        .map(|c| c["prompt"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect())
+        .collect();
+    let check = |got: &[f32], want: &[f32], what: &str| {
+        let (cos, diff) = closeness(got, want);
+        assert!(cos >= 0.99999 && diff <= 1e-4, "{what}: cosine {cos}, largest difference {diff}");
+    };
+    for (c, p) in cases.iter().zip(&prompts) {
+        let alone = model.embed_with_adapters(std::slice::from_ref(p), &[Some(1)]).unwrap();
+        check(&alone[0], &vector(c, "embedding"), &format!("{:?} alone", c["text"]));
+        let base = model.embed(std::slice::from_ref(p)).unwrap();
+        check(&base[0], &vector(c, "base_embedding"), &format!("{:?} base", c["text"]));
+        assert!(closeness(&alone[0], &base[0]).0 < 0.999, "{:?}: the adapter changes the vector", c["text"]);
+    }
+    // One padded batch, adapter and base sequences alternating.
+    let adapters: Vec<Option<u32>> = (0..prompts.len()).map(|i| (i % 2 == 0).then_some(1)).collect();
+    let batch = model.embed_with_adapters(&prompts, &adapters).unwrap();
+    for ((c, got), a) in cases.iter().zip(&batch).zip(&adapters) {
+        let key = if a.is_some() { "embedding" } else { "base_embedding" };
+        check(got, &vector(c, key), &format!("{:?} in a mixed batch", c["text"]));
+    }
+
+    // A Llama adapter names modules a BERT lacks; the rank is checked on reading.
+    let llama = LoraAdapter::from_peft_dir(&root().join("fixtures/lora/llama_r8_qv"), 64).unwrap();
+    let err = registry.install(2, &llama).unwrap_err().to_string();
+    assert!(err.contains("model.layers.0.self_attn.q_proj, which this model does not have"), "{err}");
+    let err = LoraAdapter::from_peft_dir(&root().join("fixtures/lora/bert_r4"), 2).unwrap_err().to_string();
+    assert!(err.contains("has rank 4, above --max-lora-rank 2"), "{err}");
+    // And a BERT adapter on a Llama.
+    let (_, llama_registry) = base_with("fixtures/models/llama", &[]);
+    let err = llama_registry.install(1, &adapter).unwrap_err().to_string();
+    assert!(err.contains("which this model does not have"), "{err}");
+}
+
+/// PEFT's adapters of a mixture's fused experts (`target_parameters`, fixtures/lora/
+/// mixtral_experts and qwen3_moe_experts) on each expert's layers: in one batch with base-model
+/// sequences each sequence gets its own reference (an expert's rows run with their own
+/// adapters); experts of another shape or count, or a model without experts, refuse them.
+#[test]
+fn adapters_of_a_mixtures_experts() {
+    let (model, _) = base_with("fixtures/models/mixtral", &["mixtral_experts"]);
+    let a = reference("mixtral_experts");
+    let base: Value =
+        serde_json::from_str(&std::fs::read_to_string(root().join("fixtures/models/mixtral/reference.json")).unwrap())
+            .unwrap();
+    let mixed = json!({"cases": [a["cases"][0], base["cases"][1], a["cases"][2]]});
+    compare_lora(model.as_ref(), &mixed, 1e-4, false, "experts + base in one batch", &[Some(1), None, Some(1)]);
+
+    let adapter = LoraAdapter::from_peft_dir(&root().join("fixtures/lora/mixtral_experts"), 64).unwrap();
+    let (_, qwen3_moe) = base_with("fixtures/models/qwen3_moe", &[]);
+    let err = qwen3_moe.install(1, &adapter).unwrap_err().to_string();
+    assert!(err.contains("neither the model's gate_up_proj [128, 64] nor its down_proj [64, 64]"), "{err}");
+    let (_, llama) = base_with("fixtures/models/llama", &[]);
+    let err = llama.install(1, &adapter).unwrap_err().to_string();
+    assert!(err.contains("the experts of model.layers.0.mlp.experts, which this model does not have"), "{err}");
+    let err = LoraAdapter::from_peft_dir(&root().join("fixtures/lora/mixtral_experts"), 2).unwrap_err().to_string();
+    assert!(err.contains("has rank 4, above --max-lora-rank 2"), "{err}");
 }

@@ -102,8 +102,9 @@ pub(crate) async fn build_state(
     .await??;
     // `--lora-modules` are loaded now: a bad adapter stops the start.
     let mut adapters = std::collections::BTreeMap::new();
-    if let (Some(e), false) = (&engine, lora_modules.is_empty()) {
-        let manager = e.input_processor().lora().cloned().context("--lora-modules needs --enable-lora")?;
+    if !lora_modules.is_empty() {
+        let manager = crate::state::lora_manager(engine.as_ref(), embedder.as_deref())
+            .context("--lora-modules needs --enable-lora")?;
         for (i, (name, path)) in lora_modules.into_iter().enumerate() {
             let req = vllm_engine::LoraRequest::new(name.clone(), i as u32 + 1, path);
             let m = manager.clone();
@@ -111,8 +112,6 @@ pub(crate) async fn build_state(
             tokio::task::spawn_blocking(move || m.load(&r)).await?.with_context(|| format!("--lora-modules {name}"))?;
             adapters.insert(name, req);
         }
-    } else if !lora_modules.is_empty() {
-        anyhow::bail!("--lora-modules: an embedding model serves no LoRA adapters");
     }
     let next_lora_id = adapters.len() as u32 + 1;
     let runtime_lora_updates = std::env::var("VLLM_ALLOW_RUNTIME_LORA_UPDATING")

@@ -72,16 +72,12 @@ pub async fn fail_step(State(s): State<Shared>) -> StatusCode {
 }
 
 /// The runtime LoRA routes answer only with `VLLM_ALLOW_RUNTIME_LORA_UPDATING` set (vLLM's
-/// switch), and only for an engine started with `--enable-lora`.
+/// switch), and only for an engine (or embedder) started with `--enable-lora`.
 fn runtime_lora(s: &AppState) -> Result<std::sync::Arc<vllm_engine::lora::LoraManager>, ApiError> {
     if !s.runtime_lora_updates {
         return Err(ApiError::not_found("runtime LoRA updates are off (set VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)"));
     }
-    s.engine()?
-        .input_processor()
-        .lora()
-        .cloned()
-        .ok_or_else(|| ApiError::bad_request("start the server with --enable-lora"))
+    s.lora().ok_or_else(|| ApiError::bad_request("start the server with --enable-lora"))
 }
 
 /// `POST /v1/load_lora_adapter {"lora_name", "lora_path"}`: reads, checks and installs the
@@ -440,7 +436,15 @@ pub async fn embeddings(
     let v = validate::embedding(&s, &req)?;
     let embedder = s.embedder.clone().ok_or_else(|| ApiError::internal("no embedder"))?;
     let prompts = v.prompts;
-    let outs = tokio::task::spawn_blocking(move || embedder.encode(&prompts))
+    let loras = match &v.lora {
+        Some(l) => {
+            metrics::counter!("vllm:lora_requests_total", "lora_name" => l.name.clone())
+                .increment(prompts.len() as u64);
+            vec![Some(l.clone()); prompts.len()]
+        }
+        None => Vec::new(),
+    };
+    let outs = tokio::task::spawn_blocking(move || embedder.encode_with_lora(&prompts, &loras))
         .await
         .map_err(|e| ApiError { status: StatusCode::INTERNAL_SERVER_ERROR, message: e.to_string(), param: None })?
         .map_err(|e| match e {
@@ -466,7 +470,7 @@ pub async fn embeddings(
         object: "list".into(),
         id: s.new_id("embd"),
         created: now(),
-        model: s.model_name.clone(),
+        model: v.model,
         data,
         usage: EmbeddingUsage { prompt_tokens: tokens, total_tokens: tokens },
     }))

@@ -114,6 +114,11 @@ impl AppState {
         })
     }
 
+    /// The LoRA adapters of the engine or the embedder, with `--enable-lora`.
+    pub(crate) fn lora(&self) -> Option<Arc<vllm_engine::lora::LoraManager>> {
+        lora_manager(self.engine.as_ref(), self.embedder.as_deref())
+    }
+
     pub(crate) fn tokenizer(&self) -> &vllm_engine::Tokenizer {
         match (&self.engine, &self.embedder) {
             (Some(e), _) => e.tokenizer(),
@@ -149,16 +154,6 @@ impl AppState {
         }
     }
 
-    pub(crate) fn check_model(&self, model: Option<&str>) -> Result<(), ApiError> {
-        match self.resolve_model(model)? {
-            None => Ok(()),
-            Some(l) => Err(ApiError::invalid_param(
-                "model",
-                format!("the LoRA adapter `{}` is not served on this route (use the base model's name)", l.name),
-            )),
-        }
-    }
-
     /// What a request's `model` names: the base model (a served name, or none given), or a
     /// LoRA adapter; any other name is a 404.
     pub(crate) fn resolve_model(&self, model: Option<&str>) -> Result<Option<vllm_engine::LoraRequest>, ApiError> {
@@ -170,6 +165,18 @@ impl AppState {
             Some(l) => Ok(Some(l.clone())),
             None => Err(ApiError::not_found(format!("The model `{m}` does not exist."))),
         }
+    }
+}
+
+/// The LoRA adapters of a server's engine or embedder, with `--enable-lora`.
+pub(crate) fn lora_manager(
+    engine: Option<&AsyncEngine>,
+    embedder: Option<&Embedder>,
+) -> Option<Arc<vllm_engine::lora::LoraManager>> {
+    match (engine, embedder) {
+        (Some(e), _) => e.input_processor().lora().cloned(),
+        (None, Some(m)) => m.lora().cloned(),
+        (None, None) => None,
     }
 }
 

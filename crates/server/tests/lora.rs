@@ -3,7 +3,8 @@
 //! adapters in `/v1/models`, requests naming an adapter as their `model` (alone and mixed with
 //! other adapters and the base model in the same steps) giving peft's greedy output, runtime
 //! loading and unloading, every bad adapter refused with a 400 that changes nothing, and the
-//! `vllm:lora_requests_info` line as the Gateway API inference extension reads it.
+//! `vllm:lora_requests_info` line as the Gateway API inference extension reads it. An
+//! embedding model (the tiny BERT fixture) serves adapters on `/v1/embeddings` the same way.
 
 mod common;
 
@@ -179,6 +180,101 @@ async fn adapters_are_served_vllms_way() {
     assert_eq!(long.await.unwrap(), StatusCode::OK);
     let text = c.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(text.contains("vllm:lora_requests_total{lora_name=\"a\"}"), "{text}");
+}
+
+/// Cosine similarity of two vectors.
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    let n = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    dot / (n(a) * n(b))
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+}
+
+/// An embedding model with `--enable-lora`: `/v1/embeddings` with an adapter's name as its
+/// `model` gives peft's vectors (fixtures/lora/bert_r4), the served name (or none) the base
+/// model's, an unknown name a 404; adapters load at run time and a Llama adapter is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_embedding_model_serves_adapters() {
+    let tmp = tempfile::tempdir().unwrap();
+    let port = common::free_port();
+    let log = tmp.path().join("server.log");
+    let child = Command::new(env!("CARGO_BIN_EXE_vllm-server"))
+        .arg("serve")
+        .arg(root().join("fixtures/embedding/bert"))
+        .args(["--port", &port.to_string(), "--served-model-name", "tiny-bert"])
+        .args(["--enable-lora", "--max-lora-rank", "8", "--max-cpu-loras", "2"])
+        .args(["--lora-modules", &format!("bert={}", lora("bert_r4"))])
+        .env("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("start vllm-server");
+    let _server = common::Server { child, base: format!("http://127.0.0.1:{port}"), port };
+    let base = format!("http://127.0.0.1:{port}");
+    let t = Instant::now();
+    while reqwest::get(format!("{base}/health")).await.map(|r| r.status()).ok() != Some(StatusCode::OK) {
+        assert!(t.elapsed() < Duration::from_secs(60), "{}", std::fs::read_to_string(&log).unwrap());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let c = Client::new();
+    let models: Value = c.get(format!("{base}/v1/models")).send().await.unwrap().json().await.unwrap();
+    let card = models["data"].as_array().unwrap().iter().find(|m| m["id"] == "bert").cloned();
+    assert_eq!(card.map(|m| m["parent"].clone()), Some(json!("tiny-bert")), "{models}");
+
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(root().join("fixtures/lora/bert_r4/reference.json")).unwrap())
+            .unwrap();
+    let cases = r["cases"].as_array().unwrap();
+    let texts: Vec<&str> = cases.iter().map(|c| c["text"].as_str().unwrap()).collect();
+    let embed = |model: Option<&str>| {
+        let mut body = json!({"input": texts});
+        if let Some(m) = model {
+            body["model"] = json!(m);
+        }
+        let req = c.post(format!("{base}/v1/embeddings")).json(&body);
+        async move {
+            let r = req.send().await.unwrap();
+            (r.status(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let vectors = |v: &Value| v["data"].as_array().unwrap().iter().map(|d| floats(&d["embedding"])).collect::<Vec<_>>();
+    let (s, adapted) = embed(Some("bert")).await;
+    assert_eq!(s, StatusCode::OK, "{adapted}");
+    assert_eq!(adapted["model"], "bert");
+    let (s, served) = embed(Some("tiny-bert")).await;
+    assert_eq!(s, StatusCode::OK, "{served}");
+    assert_eq!(served["model"], "tiny-bert");
+    let (s, unnamed) = embed(None).await;
+    assert_eq!(s, StatusCode::OK, "{unnamed}");
+    for (i, c) in cases.iter().enumerate() {
+        let (a, b) = (&vectors(&adapted)[i], &vectors(&served)[i]);
+        let (want_a, want_b) = (floats(&c["embedding"]), floats(&c["base_embedding"]));
+        for (got, want, what) in [(a, &want_a, "adapter"), (b, &want_b, "base")] {
+            let diff = got.iter().zip(want).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            assert!(cosine(got, want) >= 0.99999 && diff <= 1e-4, "{what} {:?}: difference {diff}", texts[i]);
+        }
+        assert!(cosine(a, b) < 0.999, "{:?}: the adapter's vector is the base's", texts[i]);
+        assert_eq!(&vectors(&unnamed)[i], b, "no model named: the base model");
+    }
+    let (s, v) = embed(Some("nope")).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+
+    // Runtime loading: the same folder under another name; a Llama adapter is a 400.
+    let load = format!("{base}/v1/load_lora_adapter");
+    let (s, text) = post(&c, &load, json!({"lora_name": "bert2", "lora_path": lora("bert_r4")})).await;
+    assert_eq!(s, StatusCode::OK, "{text}");
+    let (s, again) = embed(Some("bert2")).await;
+    assert_eq!(s, StatusCode::OK, "{again}");
+    assert_eq!(vectors(&again), vectors(&adapted));
+    let (s, text) = post(&c, &load, json!({"lora_name": "llama", "lora_path": lora("llama_r8_qv")})).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{text}");
+    assert!(text.contains("which this model does not have"), "{text}");
+    assert_eq!(embed(Some("llama")).await.0, StatusCode::NOT_FOUND);
+    let text = c.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(text.contains("vllm:lora_requests_total{lora_name=\"bert\"}"), "{text}");
 }
 
 /// The labels of a `vllm:lora_requests_info` line, split the way the endpoint picker does.

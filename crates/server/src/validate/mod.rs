@@ -283,12 +283,17 @@ pub(crate) struct ValidEmbedding {
     pub prompts: Vec<Prompt>,
     /// `encoding_format: base64`.
     pub base64: bool,
+    /// The LoRA adapter the request's `model` names, if any.
+    pub lora: Option<vllm_engine::LoraRequest>,
+    /// The model name to answer with (the adapter's, or the served name).
+    pub model: String,
 }
 
 /// `POST /v1/embeddings`: a string, a list of strings, token ids or lists of token ids;
-/// `encoding_format` `float` (default) or `base64`.
+/// `encoding_format` `float` (default) or `base64`; `model` the served name or a LoRA
+/// adapter's (any other is a 404).
 pub(crate) fn embedding(s: &AppState, req: &EmbeddingRequest) -> Result<ValidEmbedding, ApiError> {
-    s.check_model(req.model.as_deref())?;
+    let lora = s.resolve_model(req.model.as_deref())?;
     let Some(embedder) = &s.embedder else {
         return Err(ApiError::bad_request(format!(
             "The model `{}` does not support embeddings (serve an embedding model such as {}).",
@@ -311,5 +316,6 @@ pub(crate) fn embedding(s: &AppState, req: &EmbeddingRequest) -> Result<ValidEmb
             format!("this model's embeddings have {} dimensions", embedder.dimensions()),
         ));
     }
-    Ok(ValidEmbedding { prompts, base64 })
+    let model = lora.as_ref().map_or_else(|| s.model_name.clone(), |l| l.name.clone());
+    Ok(ValidEmbedding { prompts, base64, lora, model })
 }
