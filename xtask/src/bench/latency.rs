@@ -119,6 +119,24 @@ pub(super) fn latency(a: LatencyArgs) -> Result<()> {
         report["model_file_bytes"] = json!(file_bytes);
         report["decode_bound_tokens_per_second"] = json!(bound);
     }
+    // The prompt pass is bound by arithmetic: about one multiply-add per weight per token,
+    // against this CPU's int8 peak (`bench roofline`).
+    let params = vllm_models::inspect(std::path::Path::new(&a.engine.model_path()?)).map_or(0, |i| i.parameters) as f64;
+    if params > 0.0 {
+        let roof = super::roofline::measure(a.engine.threads);
+        let share = |tps: f64| 100.0 * tps * params / roof.int8_macs;
+        println!(
+            "int8 peak ({}, {} threads) {:.0} G multiply-adds/s; {:.0}M parameters: prompt at {:.1}% of it{}",
+            roof.int8_isa,
+            a.engine.threads,
+            roof.int8_macs / 1e9,
+            params / 1e6,
+            share(ours.0),
+            peer_fig.map(|f| format!(", {peer_name} at {:.1}%", share(f.0))).unwrap_or_default()
+        );
+        report["int8_peak_macs_per_second"] = json!(roof.int8_macs);
+        report["prompt_share_of_int8_peak"] = json!(share(ours.0) / 100.0);
+    }
     report["cpu"] = json!(stall::cpu_model());
     report["cpu_details"] = stall::cpu_details();
     report["versions"] = peer::versions();
@@ -251,7 +269,7 @@ fn weight_bytes(path: &std::path::Path) -> u64 {
 /// On a core whose reads are bound by the misses it can keep in flight (Sapphire/Emerald
 /// Rapids: 9.7 GB/s a core plainly, 13.6 with prefetches), the plain figure understates what
 /// a kernel that prefetches (ours) can read; the bound takes the better of the two.
-fn read_bandwidth(threads: usize) -> f64 {
+pub(super) fn read_bandwidth(threads: usize) -> f64 {
     let words = (1usize << 30) / 8;
     let buf: Vec<u64> = (0..words as u64).collect();
     let threads = threads.max(1);

@@ -1,4 +1,4 @@
-//! `cargo xtask bench throughput | serve | latency | prefix-caching | embed | lora | spec`: vLLM's benchmark commands, with llama.cpp
+//! `cargo xtask bench throughput | serve | latency | prefix-caching | embed | lora | spec | roofline`: vLLM's benchmark commands, with llama.cpp
 //! (`--peer llama.cpp`) or vLLM's CPU backend (`--peer vllm`) run side by side in the same invocation.
 
 mod dataset;
@@ -8,6 +8,7 @@ mod lora;
 mod peer;
 mod plot;
 mod prefix;
+mod roofline;
 mod serve;
 mod spec;
 mod stall;
@@ -41,6 +42,9 @@ pub enum Bench {
     /// Concurrent requests spread over 1, 4 and 8 LoRA adapters (ranks 16 and 64) against the
     /// same requests on the base model: output tokens per second, side by side.
     Lora(lora::LoraArgs),
+    /// This CPU's peaks (int8 dot products, float FMAs, streaming reads; 1 and N threads), the
+    /// roofs other reports state their share of.
+    Roofline(roofline::RooflineArgs),
     /// Speculative decoding (`ngram`, `suffix`) against plain decoding: one stream on
     /// input-grounded and ordinary prompts and many concurrent streams, side by side.
     Spec(spec::SpecArgs),
@@ -506,6 +510,7 @@ pub fn run(b: Bench) -> Result<()> {
         Bench::Embed(a) => embed::run(a),
         Bench::Lora(a) => lora::run(a),
         Bench::Spec(a) => spec::run_bench(a),
+        Bench::Roofline(a) => roofline::run(a),
         Bench::Stall(a) => stall::run(a),
         Bench::BuildPeer(a) => {
             let bin = match a.peer {

@@ -19,19 +19,35 @@ impl Proposer for NgramProposer {
     }
 }
 
+/// Token comparisons one lookup may make beyond the scan itself.
+const SEARCH_BUDGET: usize = 1 << 16;
+
 /// Up to `k` tokens following the latest earlier occurrence of the longest n-gram (`min..=max`
-/// tokens) that ends `tokens`.
+/// tokens) that ends `tokens`. Occurrences followed by `k` tokens are preferred (in a
+/// repeating sequence the latest occurrence is followed by too few); the others are looked at
+/// only when none of those matches.
 pub(crate) fn lookup(tokens: &[u32], min: usize, max: usize, k: usize) -> Vec<u32> {
     let n = tokens.len();
     if k == 0 || n < min + 1 {
         return Vec::new();
     }
+    let full = (n - 1).saturating_sub(k);
+    let best = search(tokens, min, max, (0..full).rev()).or_else(|| search(tokens, min, max, (full..n - 1).rev()));
+    let Some((_, end)) = best else { return Vec::new() };
+    tokens[end + 1..].iter().take(k).copied().collect()
+}
+
+/// The longest match (`min..=max` tokens) of the n-gram ending `tokens` that ends at one of
+/// `ends` (latest first: on equal lengths the first found wins): (length, end position).
+fn search(tokens: &[u32], min: usize, max: usize, ends: impl Iterator<Item = usize>) -> Option<(usize, usize)> {
+    let n = tokens.len();
     let max = max.min(n - 1);
     let last = tokens[n - 1];
-    // `best`: (match length, end position of the earlier occurrence).
     let mut best: Option<(usize, usize)> = None;
-    // Latest occurrences first, so on equal lengths the latest wins.
-    for end in (0..n - 1).rev() {
+    // A budget of comparisons bounds a step's work on degenerate sequences (one token
+    // repeated: every position matches up to `max`); past it the best match so far stands.
+    let mut budget = SEARCH_BUDGET;
+    for end in ends {
         if tokens[end] != last {
             continue;
         }
@@ -45,9 +61,12 @@ pub(crate) fn lookup(tokens: &[u32], min: usize, max: usize, k: usize) -> Vec<u3
                 break;
             }
         }
+        budget = budget.saturating_sub(len);
+        if budget == 0 {
+            break;
+        }
     }
-    let Some((_, end)) = best else { return Vec::new() };
-    tokens[end + 1..].iter().take(k).copied().collect()
+    best
 }
 
 #[cfg(test)]
@@ -69,6 +88,14 @@ mod tests {
         let t = [3, 1, 3, 2, 3];
         assert_eq!(lookup(&t, 1, 1, 1), vec![2]);
         assert!(lookup(&[1], 1, 1, 3).is_empty());
+        // A repeating sequence: the latest occurrence with a whole continuation.
+        assert_eq!(lookup(&[1, 2, 3, 1, 2, 3, 1, 2, 3], 3, 3, 5), vec![1, 2, 3, 1, 2]);
+        // One token repeated 100,000 times with the longest n-gram allowed: bounded work, and
+        // still a proposal.
+        let same = vec![7u32; 100_000];
+        let t = std::time::Instant::now();
+        assert_eq!(lookup(&same, 1, 1024, 4), vec![7; 4]);
+        assert!(t.elapsed() < std::time::Duration::from_millis(200), "{:?}", t.elapsed());
         assert!(lookup(&[1, 2, 3], 1, 2, 3).is_empty());
     }
 }
