@@ -181,6 +181,34 @@ fn parallel_samples_stop_strings_guides_prefix_hits_and_preemption_are_unchanged
     }
 }
 
+/// A model drafting for itself keeps its draft cache right through preemption (its blocks are
+/// gone, none comes back from the prefix cache: the draft starts over) and through catch-ups chunked by a small step budget: greedy
+/// drafts are still almost all accepted, and outputs unchanged.
+#[test]
+fn a_draft_model_stays_in_step_through_preemption_and_chunked_catch_up() {
+    let prompts = prompts();
+    let params = SamplingParams { ignore_eos: true, ..SamplingParams::greedy(48) };
+    let small = |blocks: u64| {
+        move |a: &mut EngineArgs| {
+            a.kv_cache_memory = blocks * common::BLOCK_BYTES;
+            a.max_num_batched_tokens = Some(32);
+            // A preempted sequence's blocks do not come back from the prefix cache.
+            a.enable_prefix_caching = false;
+        }
+    };
+    let want = keys(&with_spec(None, small(24)).generate(&prompts, &params).unwrap());
+    // Every sequence drafts (no row budget), so preemption hits drafting sequences.
+    let mut spec = draft(&common::default_gguf(), 4);
+    spec.disable_by_batch_size = Some(64);
+    let llm = with_spec(Some(spec), small(48));
+    assert_eq!(keys(&llm.generate(&prompts, &params).unwrap()), want);
+    let stats = llm.with_engine(|e| e.stats());
+    let spec = stats.spec.unwrap();
+    assert!(stats.num_preemptions > 0, "{stats:?}");
+    assert!(spec.num_drafts > 10 && spec.acceptance_rate() > 0.9, "{spec:?}");
+    assert_clean(&llm);
+}
+
 /// Token-id prompts for a fixture model (a word-level tokenizer `t0 t1 ...` over its vocabulary).
 fn fixture_llm(arch: &str, spec: Option<SpeculativeConfig>, tmp: &std::path::Path) -> LLM {
     let mut llm = LLM::new(fixture_args(arch, spec, tmp)).unwrap();
