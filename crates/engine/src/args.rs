@@ -249,10 +249,12 @@ pub struct EngineArgs {
     #[arg(long, default_value = "auto", value_parser = ["auto", "float32", "float16", "bfloat16"])]
     pub lora_dtype: String,
     /// Speculative decoding, as vLLM's JSON: `{"method": "ngram", "num_speculative_tokens": 4,
-    /// "prompt_lookup_max": 4}` or `{"method": "suffix"}` (keys: method, num_speculative_tokens,
-    /// prompt_lookup_min/max, model, draft_tensor_parallel_size, disable_by_batch_size,
-    /// suffix_decoding_max_tree_depth/_max_spec_factor/_min_token_prob/_max_cached_requests).
-    /// Outputs are the same as without it; it pays off where the output repeats the input.
+    /// "prompt_lookup_max": 4}`, `{"method": "suffix"}` or `{"model": "<draft>",
+    /// "num_speculative_tokens": 4}` (a smaller model with the same vocabulary drafts) (keys:
+    /// method, num_speculative_tokens, prompt_lookup_min/max, model, draft_tensor_parallel_size,
+    /// disable_by_batch_size, suffix_decoding_max_tree_depth/_max_spec_factor/_min_token_prob/
+    /// _max_cached_requests). Outputs are the same as without it; n-gram and suffix pay off
+    /// where the output repeats the input, a draft model where it predicts the target well.
     #[arg(long, value_parser = parse_speculative_config)]
     pub speculative_config: Option<crate::spec::SpeculativeConfig>,
     /// A tokenizer other than the model's: a folder with `tokenizer.json` (and

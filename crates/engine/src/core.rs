@@ -297,9 +297,12 @@ impl EngineCore {
 
     fn run_step(&mut self, between: Option<&mut dyn FnMut(&mut EngineCore)>) -> Result<Vec<CoreOutput>> {
         if let Some(spec) = self.spec.as_mut() {
-            spec.propose(&mut self.scheduler);
+            spec.propose(&mut self.scheduler)?;
         }
         let out = self.scheduler.schedule();
+        if let Some(spec) = self.spec.as_mut() {
+            spec.scheduled(&out)?;
+        }
         if out.is_empty() {
             return Ok(Vec::new());
         }
@@ -425,7 +428,11 @@ impl EngineCore {
         drop(logits);
         let token_ids: Vec<u32> =
             sample_ids.iter().map(|id| sample_of.get(id).and_then(|s| s.back()).map_or(0, |s| s.token)).collect();
-        for u in self.scheduler.update_from_drafts(&out, &token_ids, &accepted) {
+        let updates = self.scheduler.update_from_drafts(&out, &token_ids, &accepted);
+        if let Some(spec) = self.spec.as_mut() {
+            spec.updated(&self.scheduler, &out);
+        }
+        for u in updates {
             let Some((first, index)) = self.owner(u.id) else { continue };
             let Some(r) = self.requests.get(&first) else { continue };
             if r.seqs[index].sampler.is_none() {

@@ -120,19 +120,8 @@ pub(crate) fn build(config: EngineConfig) -> Result<(EngineCore, InputProcessor)
     // With LoRA, every linear layer is recorded so adapters can be installed on it.
     let lora = config.lora.map(|limits| (Arc::new(vllm_models::lora::LoraRegistry::default()), limits));
     let registry = lora.as_ref().map(|(r, _)| r.clone());
-    let (model, tokenizer) = match files {
-        ModelFiles::Gguf(path) => {
-            let (model, w) = vllm_models::load_gguf_with(path, *opts, dev, registry)?;
-            let md = w.gguf_metadata().ok_or_else(|| Error::InvalidArgument {
-                param: "model",
-                message: format!("{}: GGUF without metadata", path.display()),
-            })?;
-            (model, Tokenizer::from_gguf(md)?)
-        }
-        ModelFiles::HfDir(dir) => {
-            (vllm_models::load_hf_dir_with(dir, *opts, dev, registry)?, Tokenizer::from_hf_dir(dir)?)
-        }
-    };
+    let (model, tokenizer) = load_model(files, *opts, dev, registry, true)?;
+    let tokenizer = tokenizer.ok_or(Error::Internal("a tokenizer was asked for"))?;
     // `--tokenizer`: another tokenizer. Either way its ids must fit the model's vocabulary.
     let (tokenizer, param, name) = match &args.tokenizer {
         None => (tokenizer, "model", "its tokenizer".to_string()),
@@ -160,13 +149,27 @@ pub(crate) fn build(config: EngineConfig) -> Result<(EngineCore, InputProcessor)
             message: format!("{max_model_len} (the model supports 1 to {})", model.max_model_len()),
         });
     }
-    let per_block = KvCache::bytes_per_token(model.attn_shape(), *kv_dtype)
-        .checked_mul(model.num_layers())
-        .and_then(|b| b.checked_mul(*block_size))
-        .ok_or_else(|| Error::InvalidArgument {
+    // A draft model (speculative decoding) is loaded before the cache is sized: its weights
+    // take memory, and its own cache shares the target's blocks, so a block costs both.
+    let draft = crate::spec::draft::load(&config, &*model)?;
+    let block_bytes = |model: &dyn vllm_models::CausalLM, kv_dtype| {
+        KvCache::bytes_per_token(model.attn_shape(), kv_dtype)
+            .checked_mul(model.num_layers())
+            .and_then(|b| b.checked_mul(*block_size))
+            .ok_or_else(|| Error::InvalidArgument {
+                param: "block_size",
+                message: format!("{block_size} tokens per block: one block's bytes overflow"),
+            })
+    };
+    let mut per_block = block_bytes(&*model, *kv_dtype)?;
+    if let Some(d) = &draft {
+        let draft_bytes = block_bytes(&*d.model, d.kv_dtype)?;
+        tracing::info!(target_bytes = per_block, draft_bytes, "KV block of the target and the draft model");
+        per_block = per_block.checked_add(draft_bytes).ok_or_else(|| Error::InvalidArgument {
             param: "block_size",
             message: format!("{block_size} tokens per block: one block's bytes overflow"),
         })?;
+    }
     let num_blocks = match config.kv_budget {
         KvBudget::Bytes(bytes) => {
             let n = (bytes / per_block as u64) as usize;
@@ -220,10 +223,42 @@ pub(crate) fn build(config: EngineConfig) -> Result<(EngineCore, InputProcessor)
     let mut core = EngineCore::new(scheduler, runner, args.seed, eos);
     core.device_sampling = config.device_sampling;
     if let Some(spec) = &config.speculative {
-        core.spec = Some(crate::spec::Speculator::new(spec.clone())?);
+        let draft =
+            draft.map(|d| d.into_proposer(num_blocks, *block_size, config.max_num_batched_tokens)).transpose()?;
+        core.spec = Some(crate::spec::Speculator::new(spec.clone(), draft)?);
         tracing::info!(method = spec.method.name(), k = spec.num_speculative_tokens, "speculative decoding");
     }
     Ok((core, input))
+}
+
+/// Loads a checkpoint's model (its linear layers recorded in `lora` for adapters), and its
+/// tokenizer when `with_tokenizer`.
+pub(crate) fn load_model(
+    files: &ModelFiles,
+    opts: LoadOptions,
+    dev: &Device,
+    lora: Option<Arc<vllm_models::lora::LoraRegistry>>,
+    with_tokenizer: bool,
+) -> Result<(Box<dyn vllm_models::CausalLM>, Option<Tokenizer>)> {
+    Ok(match files {
+        ModelFiles::Gguf(path) => {
+            let (model, w) = vllm_models::load_gguf_with(path, opts, dev, lora)?;
+            let tokenizer = if with_tokenizer {
+                let md = w.gguf_metadata().ok_or_else(|| Error::InvalidArgument {
+                    param: "model",
+                    message: format!("{}: GGUF without metadata", path.display()),
+                })?;
+                Some(Tokenizer::from_gguf(md)?)
+            } else {
+                None
+            };
+            (model, tokenizer)
+        }
+        ModelFiles::HfDir(dir) => {
+            let model = vllm_models::load_hf_dir_with(dir, opts, dev, lora)?;
+            (model, if with_tokenizer { Some(Tokenizer::from_hf_dir(dir)?) } else { None })
+        }
+    })
 }
 
 /// The tokenizer stored in a GGUF file (opening it reads the metadata only).

@@ -179,6 +179,17 @@ impl ModelRunner {
         &*self.model
     }
 
+    /// Copies blocks in every layer's cache (copy-on-write of shared partial blocks).
+    pub(crate) fn copy_blocks(&self, copies: &[vllm_scheduler::BlockCopy]) -> Result<()> {
+        if !copies.is_empty() {
+            let pairs: Vec<(u32, u32)> = copies.iter().map(|c| (c.src, c.dst)).collect();
+            for cache in &self.caches {
+                cache.copy_blocks(&pairs)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Runs one step; returns `[rows, vocab]` f32 logits flattened and, per scheduled
     /// sequence, its rows: every token's with `all_logits`, else the last token's with
     /// `sample`, else none. `between_layers` runs before each decoder layer but the first.
@@ -187,12 +198,7 @@ impl ModelRunner {
         out: &SchedulerOutput,
         between_layers: Option<&dyn Fn(usize)>,
     ) -> Result<(Logits, Vec<Range<usize>>)> {
-        if !out.block_copies.is_empty() {
-            let pairs: Vec<(u32, u32)> = out.block_copies.iter().map(|c| (c.src, c.dst)).collect();
-            for cache in &self.caches {
-                cache.copy_blocks(&pairs)?;
-            }
-        }
+        self.copy_blocks(&out.block_copies)?;
         if let Some(bucket) = self.graph_shape(out, between_layers.is_some()) {
             return self.execute_fixed_shape(out, bucket);
         }

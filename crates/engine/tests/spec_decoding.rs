@@ -1,6 +1,6 @@
 //! Speculative decoding changes no output: greedy and seeded sampled requests give the same
-//! tokens, log probabilities and finish reasons with `ngram` and `suffix` speculation as
-//! without it, alone and mixed with other requests in one step, with every sampling
+//! tokens, log probabilities and finish reasons with `ngram`, `suffix` and `draft_model`
+//! speculation as without it, alone and mixed with other requests in one step, with every sampling
 //! parameter, `n`, stop strings, guided decoding, prefix caching and preemption; drafts are
 //! accepted where the output repeats the input, and no KV block is left behind.
 
@@ -10,9 +10,14 @@ use std::collections::HashMap;
 
 use common::{assert_clean, llm_with};
 use vllm_engine::{
-    CompletionOutput, EngineArgs, GuidedDecodingParams, Prompt, RequestOutput, SamplingParams, SpecStats,
+    CompletionOutput, EngineArgs, GuidedDecodingParams, Prompt, RequestOutput, SamplingParams, SpecMethod, SpecStats,
     SpeculativeConfig, LLM,
 };
+
+/// `draft_model` with `model` drafting `k` tokens.
+fn draft(model: &std::path::Path, k: usize) -> SpeculativeConfig {
+    serde_json::json!({"model": model.to_string_lossy(), "num_speculative_tokens": k}).to_string().parse().unwrap()
+}
 
 fn methods() -> Vec<SpeculativeConfig> {
     vec![
@@ -21,6 +26,8 @@ fn methods() -> Vec<SpeculativeConfig> {
             .parse()
             .unwrap(),
         SpeculativeConfig::suffix(),
+        // The default model as its own draft.
+        draft(&common::default_gguf(), 4),
     ]
 }
 
@@ -75,6 +82,12 @@ fn greedy_outputs_are_identical_with_each_method_alone_and_mixed() {
         }
         let alone = spec_stats(&llm);
         assert!(alone.num_accepted_tokens > 0, "{spec:?}: no draft token accepted on input-grounded prompts");
+        if spec.method == SpecMethod::DraftModel {
+            // The model drafting for itself agrees with itself (up to rounding between batch shapes).
+            assert!(alone.acceptance_rate() > 0.9, "{alone:?}");
+            // Full drafts of k = 4 but near max_tokens (the room left cuts them).
+            assert!(alone.num_draft_tokens > alone.num_drafts * 3, "{alone:?}");
+        }
         // Mixed: drafting and plain sequences (prefilling, or with no match) in the same steps.
         let got = keys(&llm.generate(&prompts, &params).unwrap());
         assert_eq!(got, want, "{spec:?}: mixed batch");
@@ -157,14 +170,54 @@ fn parallel_samples_stop_strings_guides_prefix_hits_and_preemption_are_unchanged
     let want = run(&base);
     assert!(base.with_engine(|e| e.stats()).num_preemptions > 0, "the small cache preempts");
     for spec in methods() {
-        let llm = with_spec(Some(spec.clone()), small);
+        // A draft model's cache takes as much per block again: 24 blocks too.
+        let blocks = if spec.method == SpecMethod::DraftModel { 48 } else { 24 };
+        let llm = with_spec(Some(spec.clone()), |a| a.kv_cache_memory = blocks * common::BLOCK_BYTES);
         assert_eq!(run(&llm), want, "{spec:?}");
+        let stats = llm.with_engine(|e| e.stats());
+        assert_eq!(stats.num_blocks, 24, "{spec:?}");
+        assert!(stats.num_preemptions > 0 && stats.spec.unwrap().num_accepted_tokens > 0, "{spec:?}: {stats:?}");
         assert_clean(&llm);
     }
 }
 
+/// A model drafting for itself keeps its draft cache right through preemption (its blocks are
+/// gone, none comes back from the prefix cache: the draft starts over) and through catch-ups chunked by a small step budget: greedy
+/// drafts are still almost all accepted, and outputs unchanged.
+#[test]
+fn a_draft_model_stays_in_step_through_preemption_and_chunked_catch_up() {
+    let prompts = prompts();
+    let params = SamplingParams { ignore_eos: true, ..SamplingParams::greedy(48) };
+    let small = |blocks: u64| {
+        move |a: &mut EngineArgs| {
+            a.kv_cache_memory = blocks * common::BLOCK_BYTES;
+            a.max_num_batched_tokens = Some(32);
+            // A preempted sequence's blocks do not come back from the prefix cache.
+            a.enable_prefix_caching = false;
+        }
+    };
+    let want = keys(&with_spec(None, small(24)).generate(&prompts, &params).unwrap());
+    // Every sequence drafts (no row budget), so preemption hits drafting sequences.
+    let mut spec = draft(&common::default_gguf(), 4);
+    spec.disable_by_batch_size = Some(64);
+    let llm = with_spec(Some(spec), small(48));
+    assert_eq!(keys(&llm.generate(&prompts, &params).unwrap()), want);
+    let stats = llm.with_engine(|e| e.stats());
+    let spec = stats.spec.unwrap();
+    assert!(stats.num_preemptions > 0, "{stats:?}");
+    assert!(spec.num_drafts > 10 && spec.acceptance_rate() > 0.9, "{spec:?}");
+    assert_clean(&llm);
+}
+
 /// Token-id prompts for a fixture model (a word-level tokenizer `t0 t1 ...` over its vocabulary).
 fn fixture_llm(arch: &str, spec: Option<SpeculativeConfig>, tmp: &std::path::Path) -> LLM {
+    let mut llm = LLM::new(fixture_args(arch, spec, tmp)).unwrap();
+    llm.set_use_tqdm(false);
+    llm
+}
+
+/// The arguments of [`fixture_llm`], whose folder (with a tokenizer) is `tmp/arch`.
+fn fixture_args(arch: &str, spec: Option<SpeculativeConfig>, tmp: &std::path::Path) -> EngineArgs {
     let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models").join(arch);
     let dir = tmp.join(arch);
     std::fs::create_dir_all(&dir).unwrap();
@@ -185,9 +238,7 @@ fn fixture_llm(arch: &str, spec: Option<SpeculativeConfig>, tmp: &std::path::Pat
     let mut args = EngineArgs::new(dir.to_string_lossy());
     args.kv_cache_memory = 64 << 20;
     args.speculative_config = spec;
-    let mut llm = LLM::new(args).unwrap();
-    llm.set_use_tqdm(false);
-    llm
+    args
 }
 
 fn fixture_prompts() -> Vec<Prompt> {
@@ -220,7 +271,8 @@ fn every_fixture_architecture_decodes_identically_with_speculation() {
     let mut drafted = HashMap::new();
     for arch in archs {
         let want = keys(&fixture_llm(arch, None, tmp.path()).generate(fixture_prompts(), &greedy).unwrap());
-        for spec in [SpeculativeConfig::ngram(3), SpeculativeConfig::suffix()] {
+        let itself = draft(&tmp.path().join(arch), 3);
+        for spec in [SpeculativeConfig::ngram(3), SpeculativeConfig::suffix(), itself] {
             let llm = fixture_llm(arch, Some(spec.clone()), tmp.path());
             // Batched, then each prompt alone.
             assert_eq!(keys(&llm.generate(fixture_prompts(), &greedy).unwrap()), want, "{arch} {spec:?}");
@@ -267,7 +319,8 @@ fn sampled_distribution_is_preserved() {
     };
     let base = draws(None);
     let hb = hist(&base);
-    for spec in [SpeculativeConfig::ngram(3), SpeculativeConfig::suffix()] {
+    let itself = draft(&tmp.path().join("llama"), 3);
+    for spec in [SpeculativeConfig::ngram(3), SpeculativeConfig::suffix(), itself] {
         let got = draws(Some(spec.clone()));
         let hs = hist(&got);
         let keys: std::collections::HashSet<&Vec<u32>> = hb.keys().chain(hs.keys()).collect();
@@ -278,10 +331,35 @@ fn sampled_distribution_is_preserved() {
     }
 }
 
+/// Another architecture drafts (the llama fixture for qwen3, same vocabulary): outputs are the
+/// same whatever the draft proposes, and its agreement is counted.
+#[test]
+fn another_architecture_drafts_without_changing_outputs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let greedy = SamplingParams { ignore_eos: true, ..SamplingParams::greedy(24) };
+    let want = keys(&fixture_llm("qwen3", None, tmp.path()).generate(fixture_prompts(), &greedy).unwrap());
+    let llama = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models/llama");
+    let llm = fixture_llm("qwen3", Some(draft(&llama, 5)), tmp.path());
+    assert_eq!(keys(&llm.generate(fixture_prompts(), &greedy).unwrap()), want);
+    let s = spec_stats(&llm);
+    assert!(s.num_draft_tokens > 0 && s.num_accepted_tokens < s.num_draft_tokens, "{s:?}");
+    assert_clean(&llm);
+}
+
 #[test]
 fn a_bad_speculative_config_is_refused_at_start() {
-    let mut args = EngineArgs::new(common::default_gguf().to_string_lossy());
-    args.speculative_config = Some(r#"{"model": "some/draft", "num_speculative_tokens": 3}"#.parse().unwrap());
-    let e = LLM::new(args).err().expect("draft_model is refused").to_string();
-    assert!(e.contains("draft_model"), "{e}");
+    let refused = |args: EngineArgs| LLM::new(args).err().expect("refused").to_string();
+    let gguf = common::default_gguf();
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures");
+    // A draft that is not there, one with another vocabulary, an encoder.
+    for (draft_model, why) in [
+        (std::path::PathBuf::from("/no/such/draft"), "not found"),
+        (fixtures.join("models/llama"), "vocabulary of 256 tokens"),
+        (fixtures.join("embedding/bert"), "encoder"),
+    ] {
+        let mut args = EngineArgs::new(gguf.to_string_lossy());
+        args.speculative_config = Some(draft(&draft_model, 3));
+        let e = refused(args);
+        assert!(e.contains("speculative_config") && e.contains(why), "{e}");
+    }
 }

@@ -164,6 +164,9 @@ pub struct Scheduler {
     held: Option<Held>,
     /// Most distinct LoRA adapters in one step (`--max-loras`); 0: no limit.
     max_loras: usize,
+    /// Copies made by [`Self::reserve_slots`] since the last step: the next step's output
+    /// carries them.
+    pending_copies: Vec<BlockCopy>,
 }
 
 /// The sequences of a suspended step and what they keep until it completes.
@@ -195,6 +198,7 @@ impl Scheduler {
             computed: (0, 0),
             held: None,
             max_loras: 0,
+            pending_copies: Vec::new(),
         }
     }
 
@@ -409,22 +413,48 @@ impl Scheduler {
     /// its last token computed), has no pending parallel samples, and the budget and blocks
     /// allow; otherwise (or in part) they are dropped. Returns whether it was taken.
     pub fn propose(&mut self, id: SeqId, mut draft: Vec<u32>) -> bool {
-        let max_model_len = self.config.max_model_len;
-        let Some(r) = self.requests.get_mut(&id) else { return false };
+        let Some(r) = self.requests.get(&id) else { return false };
         let decoding = r.status == Status::Running && r.num_computed_tokens + 1 == r.token_ids.len();
         if !decoding || !r.forks.is_empty() {
             return false;
         }
-        // Every accepted draft token and the token after them must fit the output and the
-        // context: at most `max_tokens - outputs - 1` and `max_model_len - len - 1` drafts.
-        let room = r
-            .stop
-            .max_tokens
-            .saturating_sub(r.num_output_tokens() + 1)
-            .min(max_model_len.saturating_sub(r.token_ids.len() + 1));
-        draft.truncate(room);
+        draft.truncate(self.draft_room(r));
+        let Some(r) = self.requests.get_mut(&id) else { return false };
         r.draft = draft;
         !r.draft.is_empty()
+    }
+
+    /// Most draft tokens a request may take: every accepted draft token and the token after
+    /// them must fit the output and the context (`max_tokens - outputs - 1` and
+    /// `max_model_len - len - 1`).
+    pub fn draft_room(&self, r: &Request) -> usize {
+        r.stop
+            .max_tokens
+            .saturating_sub(r.num_output_tokens() + 1)
+            .min(self.config.max_model_len.saturating_sub(r.token_ids.len() + 1))
+    }
+
+    /// Gives decoding sequence `id` K/V slots for its first `total_tokens` tokens now, ahead
+    /// of the next step (a draft model writes its draft's K/V in the same blocks of its own
+    /// cache). A copy-on-write of a shared partial block is returned, to be applied to the
+    /// other caches now; the next step's [`SchedulerOutput::block_copies`] carries it too.
+    /// Fails, changing nothing, for a sequence that is not decoding, or when taking the blocks
+    /// would leave fewer free blocks than running sequences (each may need one for its next
+    /// token). Slots the next step does not use are given back after it.
+    pub fn reserve_slots(&mut self, id: SeqId, total_tokens: usize) -> Result<Option<BlockCopy>, NoFreeBlocks> {
+        let r = self.requests.get(&id).ok_or(NoFreeBlocks)?;
+        let computed = r.num_computed_tokens;
+        if r.status != Status::Running || computed + 1 != r.token_ids.len() {
+            return Err(NoFreeBlocks);
+        }
+        // Counting a possible copy-on-write block.
+        let needed = self.kv.blocks_for(total_tokens).saturating_sub(self.kv.block_ids(id).len()) + 1;
+        if self.kv.pool().num_free() < needed + self.running.len() {
+            return Err(NoFreeBlocks);
+        }
+        let copy = self.kv.allocate_slots(id, computed, total_tokens, &CacheHit::default())?;
+        self.pending_copies.extend(copy);
+        Ok(copy)
     }
 
     /// Running sequences that may take a draft: decoding, with no pending parallel samples.
@@ -445,7 +475,7 @@ impl Scheduler {
 
     /// Plans the next step.
     pub fn schedule(&mut self) -> SchedulerOutput {
-        let mut out = SchedulerOutput::default();
+        let mut out = SchedulerOutput { block_copies: std::mem::take(&mut self.pending_copies), ..Default::default() };
         let mut budget = self.config.max_num_batched_tokens;
         // Prompt chunks stay short, so that a request arriving during a long prefill waits at
         // most one short step for its own turn.
@@ -612,10 +642,9 @@ impl Scheduler {
                 continue; // preempted or aborted after scheduling
             }
             // The blocks this step filled were registered in the prefix cache when scheduled.
+            // Slots past the computed tokens (rejected drafts', or reserved and unused) go back.
             r.num_computed_tokens = s.start_pos + s.token_ids.len() - (s.num_draft - accepted);
-            if s.num_draft > 0 {
-                self.kv.trim(s.id, r.num_computed_tokens);
-            }
+            self.kv.trim(s.id, r.num_computed_tokens);
             let Some(token) = token else { continue };
             // Parallel samples fork before their parent's token lands (and before the parent
             // may finish and free the blocks they share).

@@ -227,6 +227,37 @@ fn parallel_samples_fork_after_the_prompt_and_copy_the_shared_block() {
     assert_eq!(s.kv_cache().pool().num_free(), 16);
 }
 
+/// A draft model's reservation: a prefilling sequence gets none; a sample writing into its
+/// shared partial block gets its copy now and in the next step's copies; unused slots go back
+/// after the step; a reservation leaves a free block per running sequence.
+#[test]
+fn reserved_draft_slots_copy_shared_blocks_and_go_back_unused() {
+    let mut s = Scheduler::new(config(8, 64, 4));
+    let mut shadow = ShadowCache::new(&s);
+    s.add_request(Request::new(1, (1..=6).collect(), stop(20)).with_forks(vec![2])).unwrap();
+    assert!(s.reserve_slots(1, 9).is_err(), "not decoding yet");
+    let out = s.schedule();
+    shadow.apply(&s, &out);
+    s.update_from_output(&out, &[10, 20]);
+    let shared = s.kv_cache().block_ids(2)[1];
+    // Sample 2 reserves slots for 7 tokens and 3 drafts: its partial block is copied now.
+    let copy = s.reserve_slots(2, 10).unwrap().expect("a copy of the shared block");
+    assert_eq!(copy.src, shared);
+    assert_eq!(s.kv_cache().block_ids(2).len(), 3);
+    s.kv_cache().check_invariants();
+    // Two running sequences: a reservation leaving fewer than two free blocks is refused.
+    assert!(s.reserve_slots(1, 6 + 4 * 4).is_err());
+    let out = s.schedule();
+    assert_eq!(out.block_copies, vec![copy]);
+    shadow.apply(&s, &out);
+    s.update_from_output(&out, &[11, 21]);
+    assert_eq!(s.kv_cache().block_ids(2).len(), 2, "the unused reserved block went back");
+    s.kv_cache().check_invariants();
+    let done = drive_with(&mut s, &mut shadow, |id, n| (id * 10 + n as u64) as u32);
+    assert_eq!(done.len(), 2);
+    assert_eq!(s.kv_cache().pool().num_free(), 8);
+}
+
 #[test]
 fn a_request_and_its_samples_must_fit_in_max_num_seqs() {
     let mut s = Scheduler::new(config(64, 64, 3));
@@ -334,10 +365,12 @@ enum Op {
     Abort(usize),
     Step,
     /// A step where each decoding sequence proposes `len` draft tokens, the first `right` of
-    /// them what the fake model then samples.
+    /// them what the fake model then samples; with `reserve`, their slots are reserved first
+    /// (as a draft model does, to write its own K/V there).
     SpecStep {
         len: usize,
         right: usize,
+        reserve: bool,
     },
     /// A step suspended while the inner ops run (they must not touch it), its K/V written last.
     Held(Vec<Op>),
@@ -368,7 +401,7 @@ fn plain_op() -> impl Strategy<Value = Op> {
         Just(Op::Step),
         Just(Op::Step),
         Just(Op::Step),
-        (1usize..6, 0usize..7).prop_map(|(len, right)| Op::SpecStep { len, right }),
+        (1usize..6, 0usize..7, any::<bool>()).prop_map(|(len, right, reserve)| Op::SpecStep { len, right, reserve }),
     ]
 }
 
@@ -399,9 +432,13 @@ fn apply_op(s: &mut Scheduler, shadow: &mut ShadowCache, next: &mut u64, op: Op)
             let sampled: Vec<u32> = out.sampling_ids().map(|id| 1 + (id % 7) as u32).collect();
             s.update_from_output(&out, &sampled);
         }
-        Op::SpecStep { len, right } => {
+        Op::SpecStep { len, right, reserve } => {
             let proposals: Vec<(u64, usize)> = s.draftable().map(|r| (r.id, r.token_ids.len())).collect();
             for (id, n) in proposals {
+                // A refused reservation (short of blocks) leaves the draft to the step's own.
+                if reserve && s.reserve_slots(id, n - 1 + len).is_ok() {
+                    assert!(s.kv_cache().block_ids(id).len() * s.config().block_size >= n - 1 + len);
+                }
                 let draft = (0..len).map(|j| if j < right { truth(id, n + j) } else { 90 + j as u32 }).collect();
                 s.propose(id, draft);
             }

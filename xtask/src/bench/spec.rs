@@ -4,6 +4,11 @@
 //! each with and without speculation (`ngram` and `suffix`). Greedy, so every configuration
 //! emits the same tokens (checked); the figures are output tokens per second of decoding
 //! (from each request's first token on) and the acceptance rates.
+//!
+//! A draft model is one more configuration, e.g. SmolLM2-135M drafting for SmolLM2-1.7B
+//! (same vocabulary): `cargo xtask bench spec --model <1.7B> --configs '{"model": "<135M>",
+//! "num_speculative_tokens": 4}'`. The draft's prompt pass runs at the first decoding step,
+//! so it counts as decoding time here.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -23,7 +28,8 @@ pub struct SpecArgs {
     /// Concurrent streams in the batched runs (one run per value).
     #[arg(long, value_delimiter = ',', default_value = "4,32")]
     concurrency: Vec<usize>,
-    /// Speculative configurations (vLLM's JSON), separated by `;`.
+    /// Speculative configurations (vLLM's JSON), separated by `;` (`ngram`, `suffix`, or
+    /// `draft_model` with `"model"` naming the draft).
     #[arg(
         long,
         value_delimiter = ';',

@@ -14,6 +14,7 @@
 //! the slots of rejected tokens ([`vllm_scheduler::Scheduler::update_from_drafts`]).
 
 mod config;
+pub(crate) mod draft;
 mod ngram;
 mod suffix;
 
@@ -21,7 +22,7 @@ pub use config::{SpecMethod, SpeculativeConfig, MAX_SPECULATIVE_TOKENS};
 pub use suffix::SUFFIX_MAX_CACHED_TOKENS;
 
 use vllm_block::SeqId;
-use vllm_scheduler::Scheduler;
+use vllm_scheduler::{Scheduler, SchedulerOutput};
 
 use crate::{Error, Result};
 
@@ -83,58 +84,99 @@ impl SpecStats {
     }
 }
 
+/// Where drafts come from.
+enum Drafter {
+    /// A proposer that looks at each sequence's tokens (n-gram, suffix).
+    Lookup(Box<dyn Proposer>),
+    /// A draft model, run over all the drafting sequences at once.
+    Model(Box<draft::DraftModel>),
+}
+
 /// The engine core's speculation: the configuration, its proposer and the counters.
 pub(crate) struct Speculator {
     config: SpeculativeConfig,
-    proposer: Box<dyn Proposer>,
+    drafter: Drafter,
     pub stats: SpecStats,
 }
 
 impl Speculator {
-    pub(crate) fn new(config: SpeculativeConfig) -> Result<Self> {
-        let proposer: Box<dyn Proposer> = match config.method {
-            SpecMethod::Ngram => {
-                Box::new(ngram::NgramProposer { min: config.prompt_lookup_min, max: config.prompt_lookup_max })
-            }
-            SpecMethod::Suffix => Box::new(suffix::SuffixProposer::new(&config)),
-            SpecMethod::DraftModel => {
-                return Err(Error::InvalidArgument {
-                    param: "speculative_config",
-                    message: "method draft_model is not supported yet (use ngram or suffix)".into(),
-                })
-            }
+    /// The speculation of `config`; `draft` is the draft model of `draft_model`.
+    pub(crate) fn new(config: SpeculativeConfig, draft: Option<draft::DraftModel>) -> Result<Self> {
+        let drafter = match (config.method, draft) {
+            (SpecMethod::Ngram, _) => Drafter::Lookup(Box::new(ngram::NgramProposer {
+                min: config.prompt_lookup_min,
+                max: config.prompt_lookup_max,
+            })),
+            (SpecMethod::Suffix, _) => Drafter::Lookup(Box::new(suffix::SuffixProposer::new(&config))),
+            (SpecMethod::DraftModel, Some(d)) => Drafter::Model(Box::new(d)),
+            (SpecMethod::DraftModel, None) => return Err(Error::Internal("draft_model without a loaded draft")),
         };
-        Ok(Self { config, proposer, stats: SpecStats::default() })
+        Ok(Self { config, drafter, stats: SpecStats::default() })
     }
 
     /// Proposes drafts for the decoding sequences of the next step.
-    pub(crate) fn propose(&mut self, scheduler: &mut Scheduler) {
+    pub(crate) fn propose(&mut self, scheduler: &mut Scheduler) -> Result<()> {
         let running = scheduler.num_running();
         let mut rows_left = match self.config.disable_by_batch_size {
-            Some(b) if running >= b => return,
+            Some(b) if running >= b => return Ok(()),
             Some(_) => usize::MAX,
             None => AUTO_ROW_BUDGET.saturating_sub(running),
         };
         let k = self.config.num_speculative_tokens;
         let mut drafts = Vec::new();
-        for r in scheduler.draftable() {
-            if rows_left == 0 {
-                break;
+        match &mut self.drafter {
+            Drafter::Lookup(proposer) => {
+                for r in scheduler.draftable() {
+                    if rows_left == 0 {
+                        break;
+                    }
+                    let draft = proposer.propose(r.id, &r.token_ids, r.num_prompt_tokens, k.min(rows_left));
+                    if !draft.is_empty() {
+                        rows_left -= draft.len().min(rows_left);
+                        drafts.push((r.id, draft));
+                    }
+                }
             }
-            let draft = self.proposer.propose(r.id, &r.token_ids, r.num_prompt_tokens, k.min(rows_left));
-            if !draft.is_empty() {
-                rows_left -= draft.len().min(rows_left);
-                drafts.push((r.id, draft));
+            Drafter::Model(model) => {
+                // Each draft token costs a draft step: only as many as the sequence may take.
+                let mut wants = Vec::new();
+                for r in scheduler.draftable() {
+                    let k = k.min(rows_left).min(scheduler.draft_room(r));
+                    if k > 0 {
+                        rows_left -= k;
+                        wants.push((r.id, k));
+                    }
+                }
+                drafts = model.propose(scheduler, &wants)?;
             }
         }
         for (id, draft) in drafts {
             scheduler.propose(id, draft);
         }
+        Ok(())
+    }
+
+    /// The next step was scheduled: its block copies go to the draft model's cache too.
+    pub(crate) fn scheduled(&mut self, out: &SchedulerOutput) -> Result<()> {
+        match &mut self.drafter {
+            Drafter::Model(model) => model.after_schedule(&out.block_copies),
+            Drafter::Lookup(_) => Ok(()),
+        }
+    }
+
+    /// A step's results were applied to the scheduler.
+    pub(crate) fn updated(&mut self, scheduler: &Scheduler, out: &SchedulerOutput) {
+        if let Drafter::Model(model) = &mut self.drafter {
+            model.after_step(scheduler, out);
+        }
     }
 
     /// A sequence ended.
     pub(crate) fn finished(&mut self, seq: SeqId) {
-        self.proposer.finished(seq);
+        match &mut self.drafter {
+            Drafter::Lookup(proposer) => proposer.finished(seq),
+            Drafter::Model(model) => model.finished(seq),
+        }
     }
 
     /// Counts one verified draft of `drafted` tokens of which `accepted` were kept.
