@@ -500,7 +500,7 @@ impl EngineCore {
             }
             accepted[i] = samples.len() - 1;
             if let Some(spec) = self.spec.as_mut() {
-                spec.record(s.num_draft, accepted[i]);
+                spec.record(id, s.num_draft, accepted[i]);
             }
             sample_of.insert(id, samples);
         }

@@ -21,6 +21,8 @@ mod suffix;
 pub use config::{SpecMethod, SpeculativeConfig, MAX_SPECULATIVE_TOKENS};
 pub use suffix::SUFFIX_MAX_CACHED_TOKENS;
 
+use std::collections::HashMap;
+
 use vllm_block::SeqId;
 use vllm_scheduler::{Scheduler, SchedulerOutput};
 
@@ -97,7 +99,14 @@ pub(crate) struct Speculator {
     config: SpeculativeConfig,
     drafter: Drafter,
     pub stats: SpecStats,
+    /// Sequences whose last draft was wholly rejected: steps left before they draft again,
+    /// and the current wait (doubled by each wholly rejected draft, up to [`MAX_BACKOFF`]),
+    /// so text the proposer cannot predict costs few verification rows.
+    backoff: HashMap<SeqId, (u32, u32)>,
 }
+
+/// Longest wait, in steps, of a sequence whose drafts keep being rejected.
+const MAX_BACKOFF: u32 = 8;
 
 impl Speculator {
     /// The speculation of `config`; `draft` is the draft model of `draft_model`.
@@ -111,7 +120,7 @@ impl Speculator {
             (SpecMethod::DraftModel, Some(d)) => Drafter::Model(Box::new(d)),
             (SpecMethod::DraftModel, None) => return Err(Error::Internal("draft_model without a loaded draft")),
         };
-        Ok(Self { config, drafter, stats: SpecStats::default() })
+        Ok(Self { config, drafter, stats: SpecStats::default(), backoff: HashMap::new() })
     }
 
     /// Proposes drafts for the decoding sequences of the next step.
@@ -130,6 +139,9 @@ impl Speculator {
                     if rows_left == 0 {
                         break;
                     }
+                    if waits(&mut self.backoff, r.id) {
+                        continue;
+                    }
                     let draft = proposer.propose(r.id, &r.token_ids, r.num_prompt_tokens, k.min(rows_left));
                     if !draft.is_empty() {
                         rows_left -= draft.len().min(rows_left);
@@ -141,6 +153,9 @@ impl Speculator {
                 // Each draft token costs a draft step: only as many as the sequence may take.
                 let mut wants = Vec::new();
                 for r in scheduler.draftable() {
+                    if waits(&mut self.backoff, r.id) {
+                        continue;
+                    }
                     let k = k.min(rows_left).min(scheduler.draft_room(r));
                     if k > 0 {
                         rows_left -= k;
@@ -173,16 +188,24 @@ impl Speculator {
 
     /// A sequence ended.
     pub(crate) fn finished(&mut self, seq: SeqId) {
+        self.backoff.remove(&seq);
         match &mut self.drafter {
             Drafter::Lookup(proposer) => proposer.finished(seq),
             Drafter::Model(model) => model.finished(seq),
         }
     }
 
-    /// Counts one verified draft of `drafted` tokens of which `accepted` were kept.
-    pub(crate) fn record(&mut self, drafted: usize, accepted: usize) {
+    /// Counts one verified draft of `seq` of `drafted` tokens of which `accepted` were kept.
+    pub(crate) fn record(&mut self, seq: SeqId, drafted: usize, accepted: usize) {
         if drafted == 0 {
             return;
+        }
+        if accepted == 0 {
+            let (left, wait) = self.backoff.entry(seq).or_insert((0, 0));
+            *wait = (*wait * 2).clamp(1, MAX_BACKOFF);
+            *left = *wait;
+        } else {
+            self.backoff.remove(&seq);
         }
         self.stats.num_drafts += 1;
         self.stats.num_draft_tokens += drafted as u64;
@@ -190,5 +213,16 @@ impl Speculator {
         for c in self.stats.accepted_per_pos.iter_mut().take(accepted) {
             *c += 1;
         }
+    }
+}
+
+/// Whether `seq` waits this step (and counts the step).
+fn waits(backoff: &mut HashMap<SeqId, (u32, u32)>, seq: SeqId) -> bool {
+    match backoff.get_mut(&seq) {
+        Some((left, _)) if *left > 0 => {
+            *left -= 1;
+            true
+        }
+        _ => false,
     }
 }
