@@ -63,7 +63,10 @@ fn key(c: &CompletionOutput) -> (Vec<u32>, String, Option<vllm_engine::FinishRea
     (c.token_ids.clone(), c.text.clone(), c.finish_reason, format!("{:?}{:?}", c.logprobs, c.cumulative_logprob))
 }
 
-fn keys(outs: &[RequestOutput]) -> Vec<Vec<(Vec<u32>, String, Option<vllm_engine::FinishReason>, String)>> {
+/// [`key`] of every sample of every request.
+type Keys = Vec<Vec<(Vec<u32>, String, Option<vllm_engine::FinishReason>, String)>>;
+
+fn keys(outs: &[RequestOutput]) -> Keys {
     outs.iter().map(|o| o.outputs.iter().map(key).collect()).collect()
 }
 
