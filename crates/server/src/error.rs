@@ -181,6 +181,18 @@ impl From<vllm_engine::Error> for ApiError {
     }
 }
 
+impl ApiError {
+    /// An engine error whose message already says what is wrong with its field (the
+    /// embedder's, the scoring pairs'): a 400 naming the field with that message alone, or
+    /// the usual mapping for any other error.
+    pub fn from_field_error(e: vllm_engine::Error) -> Self {
+        match e {
+            vllm_engine::Error::InvalidArgument { param, message } => Self::invalid_param(param, message),
+            e => Self::from(e),
+        }
+    }
+}
+
 impl From<vllm_tokenizer::Error> for ApiError {
     fn from(e: vllm_tokenizer::Error) -> Self {
         Self::bad_request(e.to_string())

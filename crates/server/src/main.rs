@@ -32,6 +32,7 @@ mod reasoning;
 mod render;
 mod responses;
 mod routes;
+mod score;
 mod state;
 mod tools;
 mod validate;

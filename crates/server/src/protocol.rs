@@ -267,6 +267,33 @@ pub struct EmbeddingRequest {
     pub dimensions: Option<usize>,
 }
 
+/// `POST /score`, `/v1/score` (vLLM's `ScoreRequest`): `text_1` one string and `text_2` one
+/// or a list (1:1, 1:N), or two lists of the same length (N:N).
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct ScoreRequest {
+    pub model: Option<String>,
+    /// A string or a list of strings.
+    pub text_1: Value,
+    /// A string or a list of strings.
+    pub text_2: Value,
+}
+
+/// `POST /rerank`, `/v1/rerank`, `/v2/rerank` (vLLM's `RerankRequest`, Jina's and Cohere's
+/// shape): the documents ranked by their score against the query.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct RerankRequest {
+    pub model: Option<String>,
+    /// A string.
+    pub query: Value,
+    /// A list of strings.
+    pub documents: Value,
+    /// The most results, best first; 0 (the default) returns every document.
+    #[serde(default)]
+    pub top_n: i64,
+    /// Whether each result carries its document's text (default true, as vLLM does).
+    pub return_documents: Option<bool>,
+}
+
 impl EmbeddingRequest {
     /// The inputs as engine prompts (`input` errors name `input`).
     pub fn prompts(&self) -> Result<Vec<vllm_engine::Prompt>, ApiError> {

@@ -447,10 +447,7 @@ pub async fn embeddings(
     let outs = tokio::task::spawn_blocking(move || embedder.encode_with_lora(&prompts, &loras))
         .await
         .map_err(|e| ApiError { status: StatusCode::INTERNAL_SERVER_ERROR, message: e.to_string(), param: None })?
-        .map_err(|e| match e {
-            vllm_engine::Error::InvalidArgument { param, message } => ApiError::invalid_param(param, message),
-            e => ApiError::from(e),
-        })?;
+        .map_err(ApiError::from_field_error)?;
     let tokens: usize = outs.iter().map(|o| o.prompt_token_ids.len()).sum();
     let data: Vec<EmbeddingData> = outs
         .iter()

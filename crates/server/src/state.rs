@@ -20,7 +20,7 @@ use crate::error::ApiError;
 pub struct AppState {
     /// The generation engine (`None` when serving an embedding model).
     pub engine: Option<AsyncEngine>,
-    /// The encoder of an embedding model (`/v1/embeddings`).
+    /// The encoder of an embedding model (`/v1/embeddings`, `/score`, `/rerank`).
     pub embedder: Option<Arc<Embedder>>,
     /// The first `--served-model-name`: what responses report.
     pub model_name: String,
@@ -108,7 +108,7 @@ impl AppState {
     pub(crate) fn engine(&self) -> Result<&AsyncEngine, ApiError> {
         self.engine.as_ref().ok_or_else(|| {
             ApiError::bad_request(format!(
-                "The model `{}` is an embedding model: it serves /v1/embeddings only.",
+                "The model `{}` is an embedding model: it serves /v1/embeddings, /score and /rerank only.",
                 self.model_name
             ))
         })

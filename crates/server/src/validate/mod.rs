@@ -9,12 +9,14 @@
 //! | `/v1/chat/completions` | [`chat::chat`] | the rest of the context |
 //! | `/generate` | [`generate`] | [`DEFAULT_MAX_TOKENS`] |
 //! | `/v1/embeddings` | [`embedding`] | (no generation) |
+//! | `/score`, `/rerank` | [`score::score`], [`score::rerank`] | (no generation) |
 //!
 //! (The model's `generation_config.json` and `--override-generation-config` come first: a
 //! `max_new_tokens` there is the default for every route.)
 
 pub(crate) mod chat;
 mod sampling;
+pub(crate) mod score;
 
 use axum::http::HeaderMap;
 use vllm_engine::{BeamSearchParams, Prompt, RequestOutputKind, SamplingParams};
