@@ -2,6 +2,8 @@
 //! inputs, float and base64 encodings, usage, the OpenAI error shape, and generation routes
 //! refused on an embedding model.
 
+mod common;
+
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -15,16 +17,6 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.0.kill();
     }
-}
-
-fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
-    let n = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-    dot / (n(a) * n(b))
-}
-
-fn floats(v: &Value) -> Vec<f32> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -58,8 +50,8 @@ async fn embeddings_endpoint() {
         "/../../fixtures/minilm_embeddings.json"
     )))
     .unwrap();
-    let (t0, e0) = (fixture["cases"][0]["text"].as_str().unwrap(), floats(&fixture["cases"][0]["embedding"]));
-    let (t1, e1) = (fixture["cases"][1]["text"].as_str().unwrap(), floats(&fixture["cases"][1]["embedding"]));
+    let (t0, e0) = (fixture["cases"][0]["text"].as_str().unwrap(), common::floats(&fixture["cases"][0]["embedding"]));
+    let (t1, e1) = (fixture["cases"][1]["text"].as_str().unwrap(), common::floats(&fixture["cases"][1]["embedding"]));
 
     // One string.
     let (s, v) = post("/v1/embeddings", json!({"model": "minilm", "input": t0})).await;
@@ -67,7 +59,7 @@ async fn embeddings_endpoint() {
     assert_eq!(v["object"], "list");
     assert_eq!(v["model"], "minilm");
     assert_eq!(v["data"][0]["object"], "embedding");
-    assert!(cosine(&floats(&v["data"][0]["embedding"]), &e0) >= 0.9999, "{v}");
+    assert!(common::cosine(&common::floats(&v["data"][0]["embedding"]), &e0) >= 0.9999, "{v}");
     let tokens = v["usage"]["prompt_tokens"].as_u64().unwrap();
     assert!(tokens > 2 && v["usage"]["total_tokens"] == tokens, "{v}");
 
@@ -81,7 +73,7 @@ async fn embeddings_endpoint() {
         let bytes = base64::engine::general_purpose::STANDARD.decode(d["embedding"].as_str().unwrap()).unwrap();
         let got: Vec<f32> = bytes.chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
         assert_eq!(got.len(), 384);
-        assert!(cosine(&got, want) >= 0.9999);
+        assert!(common::cosine(&got, want) >= 0.9999);
     }
 
     // Errors: OpenAI shape, the parameter named.

@@ -9,7 +9,7 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use reqwest::{Client, StatusCode};
@@ -56,24 +56,15 @@ async fn adapters_are_served_vllms_way() {
     let port = common::free_port();
     let log = tmp.path().join("server.log");
     let b_json = json!({"name": "b", "path": lora("llama_r8_qv_b"), "base_model_name": "tiny"}).to_string();
-    let child = Command::new(env!("CARGO_BIN_EXE_vllm-server"))
-        .arg("serve")
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vllm-server"));
+    cmd.arg("serve")
         .arg(&model)
         .args(["--port", &port.to_string(), "--served-model-name", "tiny", "--max-model-len", "128"])
         .args(["--enable-lora", "--max-loras", "2", "--max-lora-rank", "32", "--max-cpu-loras", "4"])
         .args(["--lora-modules", &format!("a={}", lora("llama_r8_qv")), &b_json])
-        .env("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("start vllm-server");
-    let _server = common::Server { child, base: format!("http://127.0.0.1:{port}"), port };
-    let base = format!("http://127.0.0.1:{port}");
-    let t = Instant::now();
-    while reqwest::get(format!("{base}/health")).await.map(|r| r.status()).ok() != Some(StatusCode::OK) {
-        assert!(t.elapsed() < Duration::from_secs(60), "{}", std::fs::read_to_string(&log).unwrap());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        .env("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True");
+    let server = common::spawn_healthy(cmd, port, &log).await;
+    let base = server.base.clone();
     let c = Client::new();
 
     // The adapters are listed with their folder and the base model.
@@ -182,17 +173,6 @@ async fn adapters_are_served_vllms_way() {
     assert!(text.contains("vllm:lora_requests_total{lora_name=\"a\"}"), "{text}");
 }
 
-/// Cosine similarity of two vectors.
-fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
-    let n = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-    dot / (n(a) * n(b))
-}
-
-fn floats(v: &Value) -> Vec<f32> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
-}
-
 /// An embedding model with `--enable-lora`: `/v1/embeddings` with an adapter's name as its
 /// `model` gives peft's vectors (fixtures/lora/bert_r4), the served name (or none) the base
 /// model's, an unknown name a 404; adapters load at run time and a Llama adapter is refused.
@@ -201,24 +181,15 @@ async fn an_embedding_model_serves_adapters() {
     let tmp = tempfile::tempdir().unwrap();
     let port = common::free_port();
     let log = tmp.path().join("server.log");
-    let child = Command::new(env!("CARGO_BIN_EXE_vllm-server"))
-        .arg("serve")
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vllm-server"));
+    cmd.arg("serve")
         .arg(root().join("fixtures/embedding/bert"))
         .args(["--port", &port.to_string(), "--served-model-name", "tiny-bert"])
         .args(["--enable-lora", "--max-lora-rank", "8", "--max-cpu-loras", "2"])
         .args(["--lora-modules", &format!("bert={}", lora("bert_r4"))])
-        .env("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("start vllm-server");
-    let _server = common::Server { child, base: format!("http://127.0.0.1:{port}"), port };
-    let base = format!("http://127.0.0.1:{port}");
-    let t = Instant::now();
-    while reqwest::get(format!("{base}/health")).await.map(|r| r.status()).ok() != Some(StatusCode::OK) {
-        assert!(t.elapsed() < Duration::from_secs(60), "{}", std::fs::read_to_string(&log).unwrap());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        .env("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True");
+    let server = common::spawn_healthy(cmd, port, &log).await;
+    let base = server.base.clone();
     let c = Client::new();
     let models: Value = c.get(format!("{base}/v1/models")).send().await.unwrap().json().await.unwrap();
     let card = models["data"].as_array().unwrap().iter().find(|m| m["id"] == "bert").cloned();
@@ -240,7 +211,8 @@ async fn an_embedding_model_serves_adapters() {
             (r.status(), r.json::<Value>().await.unwrap())
         }
     };
-    let vectors = |v: &Value| v["data"].as_array().unwrap().iter().map(|d| floats(&d["embedding"])).collect::<Vec<_>>();
+    let vectors =
+        |v: &Value| v["data"].as_array().unwrap().iter().map(|d| common::floats(&d["embedding"])).collect::<Vec<_>>();
     let (s, adapted) = embed(Some("bert")).await;
     assert_eq!(s, StatusCode::OK, "{adapted}");
     assert_eq!(adapted["model"], "bert");
@@ -251,12 +223,12 @@ async fn an_embedding_model_serves_adapters() {
     assert_eq!(s, StatusCode::OK, "{unnamed}");
     for (i, c) in cases.iter().enumerate() {
         let (a, b) = (&vectors(&adapted)[i], &vectors(&served)[i]);
-        let (want_a, want_b) = (floats(&c["embedding"]), floats(&c["base_embedding"]));
+        let (want_a, want_b) = (common::floats(&c["embedding"]), common::floats(&c["base_embedding"]));
         for (got, want, what) in [(a, &want_a, "adapter"), (b, &want_b, "base")] {
             let diff = got.iter().zip(want).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-            assert!(cosine(got, want) >= 0.99999 && diff <= 1e-4, "{what} {:?}: difference {diff}", texts[i]);
+            assert!(common::cosine(got, want) >= 0.99999 && diff <= 1e-4, "{what} {:?}: difference {diff}", texts[i]);
         }
-        assert!(cosine(a, b) < 0.999, "{:?}: the adapter's vector is the base's", texts[i]);
+        assert!(common::cosine(a, b) < 0.999, "{:?}: the adapter's vector is the base's", texts[i]);
         assert_eq!(&vectors(&unnamed)[i], b, "no model named: the base model");
     }
     let (s, v) = embed(Some("nope")).await;

@@ -154,3 +154,29 @@ pub fn token_id_model(src: &std::path::Path, vocab: usize, into: &std::path::Pat
     std::fs::write(into.join("tokenizer.json"), tok.to_string()).unwrap();
     into.to_path_buf()
 }
+
+/// Spawns `cmd` (a `vllm-server` command line; stdout discarded, stderr into `log`) and waits
+/// until `/health` on `port` answers 200, showing the log if it does not within 60 s.
+pub async fn spawn_healthy(mut cmd: Command, port: u16, log: &std::path::Path) -> Server {
+    let child =
+        cmd.stdout(Stdio::null()).stderr(std::fs::File::create(log).unwrap()).spawn().expect("start vllm-server");
+    let server = Server { child, base: format!("http://127.0.0.1:{port}"), port };
+    let t = Instant::now();
+    while reqwest::get(format!("{}/health", server.base)).await.map(|r| r.status()).ok() != Some(StatusCode::OK) {
+        assert!(t.elapsed() < Duration::from_secs(60), "{}", std::fs::read_to_string(log).unwrap());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    server
+}
+
+/// Cosine similarity of two vectors.
+pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    let n = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    dot / (n(a) * n(b))
+}
+
+/// A JSON array of numbers as `f32`s.
+pub fn floats(v: &Value) -> Vec<f32> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+}
